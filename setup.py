@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-dpsl",
+    version="0.1.0",
+    description="Dirichlet-Prior Shaping Loss (DPSL) for Megatron-Core mixture-of-experts routers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_dpsl", "megatron_dpsl.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "numpy",
+        "tqdm",
+        "packaging",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "scipy", "matplotlib", "tensorboard", "safetensors", "psutil", "transformers", "einops"],
+        "plots": ["matplotlib", "tensorboard"],
+        "hf": ["safetensors"],
+        # Transformer Engine builds only with CUDA (see scripts/install_gpu.sh); apex is not on the index.
+        "te": ["transformer-engine[pytorch]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "megatron-dpsl-upcycle=megatron_dpsl.upcycle.cli:main",
+            "megatron-dpsl-train=megatron_dpsl.train.trainer:main",
+        ]
+    },
+)
