@@ -16,7 +16,9 @@ setup(
         "packaging",
     ],
     extras_require={
-        "test": ["pytest>=8", "scipy", "matplotlib", "tensorboard", "safetensors", "psutil", "transformers", "einops"],
+        "test": ["pytest>=8", "scipy", "matplotlib", "tensorboard", "safetensors", "psutil", "transformers", "einops",
+                 # six: imported by Megatron-LM core_v0.16.1 megatron/training (tests/test_patches.py)
+                 "six"],
         "plots": ["matplotlib", "tensorboard"],
         "hf": ["safetensors"],
         # Transformer Engine builds only with CUDA (see scripts/install_gpu.sh); apex is not on the index.

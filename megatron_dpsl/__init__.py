@@ -6,3 +6,25 @@ from megatron_dpsl.loss import dpsl_loss
 __version__ = "0.1.0"
 
 __all__ = ["beta_cdf", "dpsl_loss", "__version__"]
+
+# Megatron-dependent names load on first use, so `import megatron_dpsl` works without megatron-core.
+_LAZY = {
+    "DPSLTransformerConfig": "megatron_dpsl.config",
+    "DPSLRouter": "megatron_dpsl.router",
+    "get_dpsl_layer_spec": "megatron_dpsl.specs",
+    "get_dpsl_decoder_block_spec": "megatron_dpsl.specs",
+    "dpsl_token_groups": "megatron_dpsl.token_groups",
+    "set_dpsl_token_groups": "megatron_dpsl.token_groups",
+    "gather_for_loss": "megatron_dpsl.distributed",
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'megatron_dpsl' has no attribute {name!r}")

@@ -1,0 +1,67 @@
+"""Build the ``DPSLTransformerConfig`` from the parsed flags and a Megatron-Core ``GPTModel`` from it.
+
+The config is filled by dataclass field name (``dpsl_config_from_args``, as Megatron-LM's
+``core_transformer_config_from_args`` does); the few values Megatron-LM derives rather than copies
+(``--swiglu``, dtypes, CPU initialisation) are passed as overrides. MoE models use the DPSL layer spec
+(``megatron_dpsl.specs.get_dpsl_layer_spec``: Megatron's GPT layer with ``DPSLRouter``), dense models
+Megatron's own local (or Transformer Engine) spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+
+def config_from_args(args: argparse.Namespace, *, use_cpu_initialization: bool):
+    """``DPSLTransformerConfig`` for ``args`` (validated by ``arguments.validate_args``)."""
+    from megatron_dpsl.megatron_lm.args import dpsl_config_from_args
+
+    overrides = dict(
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        use_cpu_initialization=use_cpu_initialization,
+        # Megatron-LM's core_transformer_config_from_args translation of --swiglu
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        bias_activation_fusion=False,
+        num_query_groups=args.num_query_groups,
+    )
+    if args.num_experts is None:
+        # a dense model: the MoE flags (defaults included) must not reach the config
+        overrides.update(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None)
+    return dpsl_config_from_args(args, **overrides)
+
+
+def layer_spec(args: argparse.Namespace, config):
+    """The transformer-layer spec: DPSL's for MoE, Megatron's for dense models."""
+    use_te = args.transformer_impl == "transformer_engine"
+    if args.num_experts is not None:
+        from megatron_dpsl.specs import get_dpsl_layer_spec
+
+        kw = {} if use_te else {"normalization": args.normalization}
+        return get_dpsl_layer_spec(config, use_transformer_engine=use_te, **kw)
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(num_experts=None)
+    return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=None, normalization=args.normalization)
+
+
+def build_model(args: argparse.Namespace, config):
+    """A ``GPTModel`` (pre- and post-process: the trainer has no pipeline parallelism)."""
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(args, config),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+    )

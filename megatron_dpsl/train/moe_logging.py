@@ -1,0 +1,53 @@
+"""Router aux-loss logging through Megatron's aux-loss tracker (``moe_utils``).
+
+Megatron's routers and ``DPSLRouter`` (``dpsl_loss`` and its diagnostics ``dpsl_cov``,
+``dpsl_entropy``, ``dpsl_prior_distance``) write per-layer values into
+``get_moe_layer_wise_logging_tracker()``. After every step the trainer calls Megatron's own
+``track_moe_metrics``, as Megatron-LM's ``training_log`` does: it reduces the values across ranks,
+writes ``name`` (mean over MoE layers) to TensorBoard, adds it to the console's loss dict and clears
+the tracker. Unlike Megatron-LM's whitelist, every tracked name is passed in ``track_names``, so
+``dpsl_loss`` is reduced across pipeline and data-parallel ranks too (MEGATRON_LM_INTEGRATION.md §4).
+
+``force_initialize`` stays False: it would allocate missing entries with ``device="cuda"``; every name
+passed is already in the tracker. (gloo in torch >= 2.13 supports ``ReduceOp.AVG``, which the function
+uses for the DP average.)
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+
+def track_moe_metrics(*, loss_scale: float, iteration: int, writer, total_loss_dict: Dict, per_layer_logging: bool,
+                      num_layers: int) -> None:
+    """Reduce, log and clear Megatron's aux-loss tracker (no-op when nothing was tracked)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    if not tracker:
+        return
+    moe_utils.track_moe_metrics(
+        loss_scale=loss_scale,
+        iteration=iteration,
+        writer=writer,
+        total_loss_dict=total_loss_dict,
+        per_layer_logging=per_layer_logging,
+        force_initialize=False,
+        track_names=sorted(tracker),  # same order on every rank
+        num_layers=num_layers,
+        moe_layer_freq=1,
+    )
+
+
+def clear_tracker() -> None:
+    """Zero every tracked value (after forward-only evaluation, whose router losses are not logged)."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    clear_aux_losses_tracker()
+
+
+def reset_tracker() -> None:
+    """Drop every tracker entry (between runs in one process: Megatron's tracker is module-global)."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()

@@ -1,0 +1,92 @@
+"""One training step's forward/backward over the micro-batches of a global batch.
+
+On a GPU the trainer calls Megatron's own schedule (``get_forward_backward_func()``: with no pipeline
+parallelism, ``forward_backward_no_pipelining``). On a CPU that schedule cannot run: megatron-core
+0.16.1 allocates its token counter with ``device="cuda"``. :func:`forward_backward_no_pipelining`
+reproduces the path this trainer takes through it, step for step:
+
+* ``MoEAuxLossAutoScaler.set_loss_scale(loss_scale / num_microbatches)`` after each forward, so the
+  router aux losses (Megatron's and DPSL) are averaged over micro-batches exactly like the LM loss;
+* the loss returned by ``loss_func`` divided by ``num_microbatches``, then ``backward()``;
+* every micro-batch but the last under DDP's ``no_sync`` (the grad all-reduce fires once);
+* ``finalize_model_grads`` (DDP grad sync, layernorm/embedding grads) after the last backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from typing import Callable, Dict, Iterator, List
+
+import torch
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron-LM ``pretrain_gpt.loss_func`` (per-micro-batch mean form): mean LM loss over unmasked tokens.
+
+    ``output_tensor`` ``[b, s]`` per-token cross entropy; returns ``(loss, {"lm loss": loss.detach()})``.
+    """
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(losses * mask) / mask.sum().clamp(min=1)
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def make_forward_step(group_ids_context: Callable):
+    """``forward_step(data_iterator, model)`` as Megatron's schedules call it.
+
+    ``group_ids_context(group_ids [b, s])`` returns the context that hands per-token group ids to the
+    DPSL router (``megatron_dpsl.token_groups.dpsl_token_groups``) or a null context.
+    """
+
+    def forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
+        batch = next(data_iterator)
+        with group_ids_context(batch["group_ids"]):
+            output_tensor = model(
+                batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
+            )
+        return output_tensor, partial(loss_func, batch["loss_mask"])
+
+    return forward_step
+
+
+def forward_backward_no_pipelining(
+    *, forward_step_func, data_iterator, model, num_microbatches: int, forward_only: bool = False, **_ignored
+) -> List[dict]:
+    """CPU reproduction of Megatron's ``forward_backward_no_pipelining`` (see module docstring)."""
+    from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
+    from megatron.core.utils import get_model_config
+
+    if isinstance(model, list):
+        (model,) = model
+    config = get_model_config(model)
+    no_sync = config.no_sync_func or contextlib.nullcontext
+    loss_scale = 1.0  # fp32 training: no grad scaler (Megatron uses config.grad_scale_func(1) when set)
+    forward_data_store = []
+
+    def one(microbatch: int):
+        output_tensor, loss_fn = forward_step_func(data_iterator, model)
+        loss, reduced = loss_fn(output_tensor)
+        forward_data_store.append(reduced)
+        if getattr(config, "num_moe_experts", None) is not None:
+            # as Megatron's forward_step: the aux losses' backward is scaled like the main loss
+            MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=loss.device) * loss_scale / num_microbatches)
+        if not forward_only:
+            (loss / num_microbatches).backward()
+
+    with no_sync():
+        for m in range(num_microbatches - 1):
+            one(m)
+    one(num_microbatches - 1)
+    if config.finalize_model_grads_func is not None and not forward_only:
+        config.finalize_model_grads_func([model], None)
+    return forward_data_store
+
+
+def get_forward_backward(on_cuda: bool):
+    """Megatron's schedule on GPU, the CPU reproduction otherwise; both take Megatron's keywords."""
+    if on_cuda:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        return get_forward_backward_func()
+    return forward_backward_no_pipelining

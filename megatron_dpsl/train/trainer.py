@@ -1,0 +1,379 @@
+"""The embedded trainer: GPT / MoE-with-DPSL pretraining on megatron-core, Megatron-LM's flag names.
+
+Single process (CPU laptop)::
+
+    python -m megatron_dpsl.train.trainer --data-path outputs/corpus --num-experts 8 --moe-router-topk 2 \\
+        --moe-router-load-balancing-type dpsl --moe-dpsl-alpha 1.0 --train-iters 100 --micro-batch-size 4
+
+Several ranks, one node / several nodes (see examples/pretrain_gpt_dpsl.sh)::
+
+    torchrun --nproc-per-node 2 -m megatron_dpsl.train.trainer ... --expert-model-parallel-size 2
+    torchrun --nnodes 2 --node-rank $NODE_RANK --nproc-per-node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint $MASTER_ADDR:$MASTER_PORT -m megatron_dpsl.train.trainer ...
+
+What is Megatron's and what is not (docs/trainer.md has the measured reasons): the model
+(``GPTModel`` + ``get_dpsl_layer_spec``), ``initialize_model_parallel``, ``DistributedDataParallel`` +
+``finalize_model_grads``, ``OptimizerParamScheduler``, ``dist_checkpointing`` and the aux-loss tracker
+are Megatron-Core's everywhere. The optimizer and the micro-batch schedule are Megatron's on GPU and
+plain-torch reproductions on CPU (``optimizer.py``, ``schedule.py``), where megatron-core allocates on
+"cuda". On CPU, ``cpu_platform.enable()`` answers Megatron's remaining CUDA-only calls.
+
+This module's top level imports nothing heavy: ``dist_checkpointing`` spawns helper processes that
+re-import the main module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+
+@dataclass
+class TrainResult:
+    """What ``pretrain`` returns (for the quickstart and tests)."""
+
+    args: argparse.Namespace
+    model: object  # the unwrapped GPTModel
+    iteration: int
+    train_losses: List[float] = field(default_factory=list)  # lm loss per iteration (DP mean)
+    valid_losses: List[tuple] = field(default_factory=list)  # (iteration, lm loss)
+    aux_losses: dict = field(default_factory=dict)  # name -> [(iteration, value)]
+    routing_history: list = field(default_factory=list)  # rank 0: per evaluation, routing_stats.summarize()
+    optimizer_impl: str = ""
+    schedule_impl: str = ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def print_rank_0(message: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def initialize_distributed(args: argparse.Namespace):
+    """torch.distributed from torchrun's environment (or a one-rank world); returns (device, backend)."""
+    import torch
+    import torch.distributed as dist
+
+    on_cuda = {"auto": torch.cuda.is_available(), "cuda": True, "cpu": False}[args.device]
+    if on_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if not on_cuda:
+        from megatron_dpsl.train import cpu_platform
+
+        cpu_platform.enable()
+    backend = args.distributed_backend or ("nccl" if on_cuda else "gloo")
+    if backend == "nccl" and not on_cuda:
+        raise ValueError("--distributed-backend nccl: needs --device cuda")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python -m ...`: a one-rank world
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if on_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    return device, backend
+
+
+def _set_random_seed(seed: int) -> None:
+    """Megatron-LM's ``_set_random_seed`` (no pipeline parallelism: the offset 100 * pp_rank is 0)."""
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _reduce_dp_mean(values: List[float], device) -> List[float]:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    group = parallel_state.get_data_parallel_group()
+    dist.all_reduce(t, group=group)
+    return (t / dist.get_world_size(group=group)).tolist()
+
+
+def _group_context(model_config):
+    import contextlib
+
+    if getattr(model_config, "num_moe_experts", None) is None:
+        return lambda group_ids: contextlib.nullcontext()
+    from megatron_dpsl.token_groups import dpsl_token_groups
+
+    return dpsl_token_groups
+
+
+def _stats_prior(config):
+    """The prior distances are measured to: the run's DPSL prior, else the symmetric Dir(1) reference."""
+    import torch
+
+    if getattr(config, "moe_dpsl_enabled", False):
+        return config.dpsl_alpha()
+    return torch.ones(config.num_moe_experts, dtype=torch.float64)
+
+
+def evaluate(args, ddp_model, sampler, forward_backward, forward_step, device, stats=None) -> float:
+    """Mean validation lm loss over ``--eval-iters`` global batches (DP mean), Megatron-LM's ``evaluate``."""
+    import torch
+
+    from megatron_dpsl.train import moe_logging
+
+    ddp_model.eval()
+    if stats is not None:
+        stats.reset()
+        stats.enabled = True
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for it in range(args.eval_iters):
+            out = forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=sampler.iterator(it),
+                model=[ddp_model],
+                num_microbatches=sampler.num_microbatches,
+                seq_length=args.seq_length,
+                micro_batch_size=args.micro_batch_size,
+                forward_only=True,
+            )
+            total += sum(float(d["lm loss"]) for d in out)
+            count += len(out)
+    if stats is not None:
+        stats.enabled = False
+    if args.num_experts is not None:
+        moe_logging.clear_tracker()  # eval-time router losses are not training losses
+    ddp_model.train()
+    return _reduce_dp_mean([total / max(count, 1)], device)[0]
+
+
+def pretrain(args: argparse.Namespace) -> TrainResult:
+    """Train per ``args`` (parsed by ``arguments.parse_args``); callable several times in one process."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_dpsl.train.arguments import validate_args
+
+    device, backend = initialize_distributed(args)
+    validate_args(args, dist.get_world_size())
+    if backend == "gloo" and args.moe_token_dispatcher_type != "allgather" and args.num_experts is not None:
+        raise ValueError(
+            f"--moe-token-dispatcher-type {args.moe_token_dispatcher_type}: only allgather runs on CPU/gloo "
+            "(megatron-core's alltoall dispatcher creates a torch.cuda.Stream)"
+        )
+
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from megatron_dpsl.train import checkpoint, moe_logging
+    from megatron_dpsl.train.data import BatchSampler, ByteCorpus
+    from megatron_dpsl.train.model import build_model, config_from_args
+    from megatron_dpsl.train.optimizer import build_optimizer, build_scheduler
+    from megatron_dpsl.train.routing_stats import RoutingStats, summarize
+    from megatron_dpsl.train.schedule import get_forward_backward, make_forward_step
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=1,
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+    )
+    _set_random_seed(args.seed)
+    moe_logging.reset_tracker()
+
+    config = config_from_args(args, use_cpu_initialization=device.type == "cpu")
+    model = build_model(args, config).to(device)
+    ddp_model = DistributedDataParallel(
+        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False), model
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp_model.no_sync
+    optimizer, optimizer_impl = build_optimizer(args, ddp_model, model, on_cuda=device.type == "cuda")
+    scheduler = build_scheduler(args, optimizer)
+
+    iteration = 0
+    if args.load:
+        iteration, loaded_from = checkpoint.load_checkpoint(args, model, optimizer, scheduler)
+        print_rank_0(f" loaded checkpoint from {loaded_from} (resuming at iteration {iteration})")
+        if iteration:
+            scheduler.step(increment=0)
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    if args.mock_data:
+        train_data = ByteCorpus.mock(1 << 20, args.seed)
+        valid_data = ByteCorpus.mock(1 << 16, args.seed + 1)
+    else:
+        train_data = ByteCorpus.load(args.data_path, "train")
+        valid_data = ByteCorpus.load(args.data_path, "valid")
+    kw = dict(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+              dp_rank=dp_rank, dp_size=dp_size, seed=args.seed, device=device)
+    train_sampler = BatchSampler(train_data, "train", **kw)
+    valid_sampler = BatchSampler(valid_data, "valid", **kw)
+
+    forward_backward = get_forward_backward(on_cuda=device.type == "cuda")
+    forward_step = make_forward_step(_group_context(config))
+    stats = RoutingStats(model) if args.num_experts is not None else None
+    stats_prior = _stats_prior(config) if stats is not None else None
+    num_groups = max(2, int(stats_prior.shape[0]) if stats_prior is not None and stats_prior.dim() == 2 else 2)
+
+    writer = None
+    if args.tensorboard_dir and dist.get_rank() == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=1000)
+
+    result = TrainResult(args=args, model=model, iteration=iteration, optimizer_impl=optimizer_impl,
+                         schedule_impl="megatron" if device.type == "cuda" else "torch")
+    print_rank_0(
+        f" > megatron-dpsl trainer: world {dist.get_world_size()} ({backend}, {device.type}) | TP {args.tensor_model_parallel_size}"
+        f" EP {args.expert_model_parallel_size} DP {dp_size} | micro-batches {args.num_microbatches} | "
+        f"parameters on rank 0: {sum(p.numel() for p in model.parameters())} | optimizer {optimizer_impl} | "
+        f"schedule {result.schedule_impl}"
+    )
+
+    def run_eval(it: int) -> None:
+        loss = evaluate(args, ddp_model, valid_sampler, forward_backward, forward_step, device, stats)
+        result.valid_losses.append((it, loss))
+        ppl = math.exp(min(20.0, loss))
+        print_rank_0(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | ")
+        if writer is not None:
+            writer.add_scalar("lm loss validation", loss, it)
+            writer.add_scalar("lm loss validation ppl", ppl, it)
+        if stats is not None:
+            layers = stats.gather()
+            if layers is not None:
+                summary = summarize(layers, stats_prior, num_groups)
+                summary["iteration"] = it
+                result.routing_history.append(summary)
+                if writer is not None:
+                    for key in ("cov", "entropy", "prior_distance", "ks_distance"):
+                        writer.add_scalar(f"routing/{key}", summary[key], it)
+                if args.routing_stats_path:
+                    torch.save({"history": result.routing_history, "prior": stats_prior,
+                                "valid_losses": result.valid_losses}, args.routing_stats_path)
+
+    total_loss_dict: dict = {}
+    interval_iters, interval_time, grad_norm = 0, 0.0, 0.0
+    num_moe_layers = args.num_layers
+    t_last = time.time()
+    while iteration < args.train_iters:
+        ddp_model.zero_grad_buffer()
+        optimizer.zero_grad()
+        out = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=train_sampler.iterator(iteration),
+            model=[ddp_model],
+            num_microbatches=args.num_microbatches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            forward_only=False,
+        )
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        iteration += 1
+        lm_loss = _reduce_dp_mean([sum(float(d["lm loss"]) for d in out) / len(out)], device)[0]
+        if not math.isfinite(lm_loss):
+            raise FloatingPointError(f"lm loss is {lm_loss} at iteration {iteration}")
+        result.train_losses.append(lm_loss)
+        total_loss_dict["lm loss"] = total_loss_dict.get("lm loss", 0.0) + lm_loss
+        if args.num_experts is not None:
+            moe_dict: dict = {}
+            moe_logging.track_moe_metrics(
+                loss_scale=1.0 / args.num_microbatches, iteration=iteration, writer=writer, total_loss_dict=moe_dict,
+                per_layer_logging=args.moe_per_layer_logging, num_layers=num_moe_layers,
+            )
+            for name, value in moe_dict.items():
+                value = float(value)
+                result.aux_losses.setdefault(name, []).append((iteration, value))
+                total_loss_dict[name] = total_loss_dict.get(name, 0.0) + value
+        interval_iters += 1
+        lr = optimizer.param_groups[0]["lr"]
+        if writer is not None:
+            writer.add_scalar("lm loss", lm_loss, iteration)
+            writer.add_scalar("learning-rate", lr, iteration)
+            writer.add_scalar("grad-norm", grad_norm, iteration)
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            now = time.time()
+            interval_time, t_last = now - t_last, now
+            ms = 1000.0 * interval_time / interval_iters
+            line = (
+                f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{args.train_iters:8d} |"
+                f" consumed samples: {iteration * args.global_batch_size:12d} |"
+                f" elapsed time per iteration (ms): {ms:.1f} | learning rate: {lr:.6E} |"
+                f" global batch size: {args.global_batch_size:5d} |"
+            )
+            for name, value in total_loss_dict.items():
+                if value:  # Megatron-LM prints the non-zero entries
+                    line += f" {name}: {value / interval_iters:.6E} |"
+            line += f" grad norm: {grad_norm:.3f} |"
+            print_rank_0(line)
+            if writer is not None:
+                writer.add_scalar("iteration-time", ms / 1000.0, iteration)
+            total_loss_dict, interval_iters = {}, 0
+        if args.eval_interval and iteration % args.eval_interval == 0:
+            run_eval(iteration)
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            checkpoint.save_checkpoint(args, iteration, model, optimizer, scheduler)
+            print_rank_0(f" saved checkpoint at iteration {iteration} to {args.save}")
+
+    if not result.valid_losses or result.valid_losses[-1][0] != iteration:
+        run_eval(iteration)
+    if args.save and not (args.save_interval and iteration % args.save_interval == 0):
+        checkpoint.save_checkpoint(args, iteration, model, optimizer, scheduler)
+        print_rank_0(f" saved checkpoint at iteration {iteration} to {args.save}")
+    if writer is not None:
+        writer.flush()
+        writer.close()
+    result.iteration = iteration
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console entry point ``megatron-dpsl-train``: parse Megatron-LM-style flags and train."""
+    from megatron_dpsl.train.arguments import parse_args
+
+    args = parse_args(argv)
+    try:
+        pretrain(args)
+    except ValueError as err:  # flag errors: one clear line, exit code 2 like argparse
+        print(f"megatron-dpsl-train: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        shutdown()
+
+
+def shutdown() -> None:
+    """Tear down Megatron's model-parallel state and the process group."""
+    import torch.distributed as dist
+
+    try:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+    except ImportError:
+        pass
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

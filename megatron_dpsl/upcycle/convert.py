@@ -1,0 +1,216 @@
+"""``upcycle(src, dst, **options)``: dense checkpoint -> Megatron-LM-layout MoE ``torch_dist`` checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import sys
+from pathlib import Path
+
+
+from megatron_dpsl.upcycle.errors import UpcycleError
+from megatron_dpsl.upcycle.hf import HFDenseSource, is_hf_checkpoint
+from megatron_dpsl.upcycle.layers import LayerPlan, layer_pieces
+from megatron_dpsl.upcycle.options import UpcycleOptions
+from megatron_dpsl.upcycle.pieces import Piece, describe
+from megatron_dpsl.upcycle.source import DenseModelInfo
+from megatron_dpsl.upcycle.summary import Counts, format_table, summary_rows
+from megatron_dpsl.upcycle.transforms import weight_scales
+from megatron_dpsl.upcycle.writer import atomic_directory, write_torch_dist
+
+CONFIG_JSON = "upcycle_config.json"
+STEP = "release"  # Megatron-LM loads a 'release' checkpoint from iteration 0 without optimizer/RNG state
+
+
+@dataclasses.dataclass
+class UpcycleResult:
+    """What ``upcycle`` did: the output path (None for a dry run), counts, the JSON record."""
+
+    output: Path | None
+    counts: Counts
+    record: dict
+    table: str
+    pieces: list[str] = dataclasses.field(default_factory=list)
+
+
+def open_source(src: Path, activation: str | None = None):
+    """A Megatron ``torch_dist`` or HF checkpoint, picked by what the directory holds."""
+    src = Path(src)
+    if src.is_dir() and is_hf_checkpoint(src):
+        if activation not in (None, "silu"):
+            raise UpcycleError(f"--activation {activation!r} conflicts with the HF config (silu)")
+        return HFDenseSource(src)
+    from megatron_dpsl.upcycle.readers import MegatronDenseSource
+
+    return MegatronDenseSource(src, activation=activation)
+
+
+def moe_args(info: DenseModelInfo, opts: UpcycleOptions) -> object:
+    """The source's Megatron-LM args with the MoE fields set (what ``--load`` will compare against)."""
+    args = copy.deepcopy(info.args)
+    freq = opts.moe_layer_freq
+    if isinstance(freq, list) and all(freq):
+        freq = 1  # an all-ones list would switch Megatron to the per-layer key layout
+    updates = dict(
+        num_experts=opts.num_experts,
+        moe_ffn_hidden_size=info.ffn_hidden_size // opts.granularity,
+        moe_router_topk=opts.moe_router_topk,
+        moe_layer_freq=freq,
+        moe_shared_expert_intermediate_size=info.ffn_hidden_size if opts.shared_expert else None,
+        moe_router_pre_softmax=opts.moe_router_pre_softmax,
+        moe_router_score_function=opts.moe_router_score_function,
+        moe_upcycling_granularity=opts.granularity,
+        moe_use_upcycling=False,
+        ckpt_format="torch_dist",
+    )
+    for k, v in updates.items():
+        setattr(args, k, v)
+    return args
+
+
+def _record(info, opts, src_hash, counts) -> dict:
+    return {
+        "tool": "megatron-dpsl-upcycle",
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {
+            "kind": info.source_kind,
+            "path": str(info.path),
+            "sha256": src_hash,
+            "iteration": info.iteration,
+        },
+        "options": dataclasses.asdict(opts),
+        "dense": {
+            "num_layers": info.num_layers,
+            "hidden_size": info.hidden_size,
+            "ffn_hidden_size": info.ffn_hidden_size,
+            "gated_linear_unit": info.gated_linear_unit,
+            "activation": info.activation,
+            "dtype": str(info.dtype).replace("torch.", ""),
+        },
+        "counts": dataclasses.asdict(counts) | {"active_params": counts.active_params},
+    }
+
+
+def upcycle(src, dst=None, **options) -> UpcycleResult:
+    """Convert the dense checkpoint at ``src`` into an MoE checkpoint at ``dst``.
+
+    ``options`` are the fields of :class:`UpcycleOptions`. Output (Megatron-LM layout):
+    ``dst/latest_checkpointed_iteration.txt`` ("release"), ``dst/release/`` (torch_dist: model
+    tensors + ``common.pt`` with the updated ``args``), ``dst/upcycle_config.json``.
+    Raises :class:`UpcycleError` for bad input; ``dst`` is created atomically.
+    """
+    opts = UpcycleOptions(**options)
+    if dst is None and not opts.dry_run:
+        raise UpcycleError("an output directory is required (or --dry-run)")
+    source = open_source(Path(src), activation=opts.activation)
+    try:
+        return _run(source, Path(dst) if dst is not None else None, opts)
+    finally:
+        source.close()
+
+
+def convert_dense(src, dst, *, force: bool = False, progress: bool = True) -> UpcycleResult:
+    """Write ``src`` (HF or Megatron) unchanged as a dense Megatron-LM-layout ``torch_dist`` checkpoint.
+
+    The G=1, no-expert path of the same reader/writer: checks the HF -> Megatron mapping on its own.
+    """
+    opts = UpcycleOptions(num_experts=1, moe_router_topk=1, force=force, progress=progress)
+    source = open_source(Path(src))
+    try:
+        return _run(source, Path(dst), opts, dense=True)
+    finally:
+        source.close()
+
+
+def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResult:
+    from tqdm import tqdm
+
+    info: DenseModelInfo = source.info
+    opts.check_source(info)
+    moe_layers = [False] * info.num_layers if dense else opts.moe_layers(info.num_layers)
+    stacked = dense or (all(moe_layers) and isinstance(opts.moe_layer_freq, int))
+    scales = weight_scales(
+        opts.weight_scaling, num_experts=opts.num_experts, granularity=opts.granularity,
+        topk=opts.moe_router_topk, gated=info.gated_linear_unit, activation=info.activation,
+        pre_softmax=opts.moe_router_pre_softmax, shared_expert=opts.shared_expert,
+    )
+    router_std = opts.router_init_std
+    if router_std is None:
+        router_std = float(getattr(info.args, "init_method_std", None) or 0.02)
+    counts = Counts()
+    F, G, H = info.ffn_hidden_size, opts.granularity, info.hidden_size
+    fc1_rows = (2 if info.gated_linear_unit else 1) * F // G
+    counts.expert_params = fc1_rows * H + H * F // G + fc1_rows * info.fc1_bias + H * info.fc2_bias
+
+    def pieces_for(group, meta: bool) -> list[Piece]:
+        if group == "global":
+            return source.global_pieces(meta=meta)
+        w = source.read_layer(group, meta=meta)
+        if meta:
+            counts.dense_params += sum(t.numel() for t in (*w.other.values(), *w.mlp.values()))
+        plan = LayerPlan(
+            layer=group, num_layers=info.num_layers, stacked=stacked, moe=moe_layers[group],
+            num_experts=opts.num_experts, granularity=G, gated=info.gated_linear_unit,
+            scales=scales, router_init=opts.router_init, router_std=router_std,
+            noise_std=opts.expert_noise_std, drop_ratio=opts.drop_upcycling_ratio,
+            shared_expert=opts.shared_expert, seed=opts.seed,
+            router_bias=bool(getattr(info.args, "add_bias_linear", info.fc2_bias)),
+        )
+        return layer_pieces(plan, w)
+
+    # plan every chunk from shapes (meta tensors): keys, shapes and counts without reading weights
+    planned = []
+    for group in ["global", *range(info.num_layers)]:
+        pieces = pieces_for(group, meta=True)
+        planned.append((group, pieces))
+        for p in pieces:
+            # pre_mlp_layernorm.* aliases mlp.linear_fc1.layer_norm_* (see layers.py): count once
+            if not p.is_object and ".pre_mlp_layernorm." not in p.key:
+                counts.moe_params += p.numel
+                if group == "global":
+                    counts.dense_params += p.numel
+        if group != "global":
+            if moe_layers[group]:
+                counts.moe_layers += 1
+                counts.inactive_params += (opts.num_experts - opts.moe_router_topk) * counts.expert_params
+            else:
+                counts.dense_layers += 1
+
+    if opts.dry_run:
+        if dst is not None and dst.exists() and not opts.force:
+            print(f"note: {dst} exists; a real run needs --force", file=sys.stderr)
+        lines = _merge_lines([describe(p) for _, ps in planned for p in ps if not p.is_object])
+        table = format_table(summary_rows(info, opts, counts))
+        return UpcycleResult(None, counts, _record(info, opts, None, counts), table, lines)
+
+    src_hash = source.content_hash()
+    common = {
+        "args": copy.deepcopy(info.args) if dense else moe_args(info, opts),
+        "checkpoint_version": 3.0,
+        "iteration": 0,
+        "num_floating_point_operations_so_far": 0,
+    }
+    with atomic_directory(dst, force=opts.force) as tmp:
+        bar = tqdm(total=info.num_layers, desc="upcycling layers", unit="layer",
+                   disable=not opts.progress, file=sys.stderr)
+        with bar:
+            counts.bytes_written = write_torch_dist(
+                tmp / STEP, planned, lambda g: pieces_for(g, meta=False), common,
+                on_group=lambda g: bar.update(1) if g != "global" else None,
+            )
+        (tmp / "latest_checkpointed_iteration.txt").write_text(STEP)
+        record = _record(info, opts, src_hash, counts)
+        (tmp / CONFIG_JSON).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    table = format_table(summary_rows(info, opts, counts))
+    return UpcycleResult(dst, counts, record, table)
+
+
+def _merge_lines(lines: list[str]) -> list[str]:
+    """Collapse the per-layer/per-expert chunks of one key into one line with its global shape."""
+    seen: dict[str, str] = {}
+    for line in lines:
+        key = line.split("  ", 1)[0]
+        seen[key] = line
+    return list(seen.values())

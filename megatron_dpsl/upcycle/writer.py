@@ -1,0 +1,125 @@
+"""Writing the upcycled ``torch_dist`` checkpoint layer by layer, and placing it atomically.
+
+All chunks are planned first from shapes (a pass over meta tensors); DCP then asks for each chunk
+in plan order and the chunks of one layer are computed when the first of them is asked for. Peak
+memory is one source layer plus that layer's output pieces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+from megatron_dpsl.upcycle.dcp_io import piece_payload, save_lazily, write_item_for, write_megatron_common
+from megatron_dpsl.upcycle.errors import UpcycleError
+from megatron_dpsl.upcycle.pieces import Piece
+
+# What Megatron-LM 0.16 passes as content metadata (training/checkpointing.py
+# _build_sharded_state_dict_metadata): loaders rebuild their sharded state dict with these flags.
+CONTENT_METADATA = {
+    "distrib_optim_sharding_type": "dp_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
+
+
+def write_torch_dist(
+    step_dir: Path,
+    planned: list[tuple[Hashable, list[Piece]]],
+    materialise: Callable[[Hashable], list[Piece]],
+    common: dict[str, Any],
+    on_group: Callable[[Hashable], None] | None = None,
+) -> int:
+    """Write a Megatron ``torch_dist`` checkpoint into the new directory ``step_dir``.
+
+    ``planned``: ``(group, pieces)`` with meta tensors (shapes/dtypes) in write order; objects carry
+    their real payloads. ``materialise(group)`` returns the same pieces with real tensors.
+    Returns the bytes written.
+    """
+    step_dir = Path(step_dir)
+    step_dir.mkdir(parents=True)
+    items, where = [], {}
+    objects: dict[Any, Any] = {}
+    for group, pieces in planned:
+        for pos, piece in enumerate(pieces):
+            item = write_item_for(piece)
+            if item.index in where or item.index in objects:
+                raise UpcycleError(f"internal: chunk {item.index} planned twice")
+            if piece.is_object:
+                objects[item.index] = piece_payload(piece)
+            else:
+                where[item.index] = (group, pos)
+            items.append(item)
+    cache: dict[str, Any] = {"group": object(), "pieces": None}
+
+    def produce(index):
+        try:
+            return _produce(index)
+        except BaseException as exc:
+            cache["error"] = exc  # DCP wraps it in CheckpointException; re-raised as itself below
+            raise
+
+    def _produce(index):
+        if index in objects:
+            return objects[index]
+        group, pos = where[index]
+        if cache["group"] != group:
+            cache["pieces"] = None  # release the previous layer before building the next
+            cache["pieces"] = materialise(group)
+            cache["group"] = group
+            if on_group is not None:
+                on_group(group)
+        piece = cache["pieces"][pos]
+        expected = planned_shapes[index]
+        if tuple(piece.data.shape) != expected:
+            raise UpcycleError(f"internal: {index.fqn} planned {expected}, produced {tuple(piece.data.shape)}")
+        return piece_payload(piece)
+
+    planned_shapes = {
+        write_item_for(p).index: tuple(p.data.shape) for _, pieces in planned for p in pieces if not p.is_object
+    }
+    try:
+        save_lazily(step_dir, items, produce)
+    except BaseException:  # DCP's CheckpointException derives from BaseException
+        if "error" in cache:  # e.g. KeyboardInterrupt or an UpcycleError while building a layer
+            raise cache["error"] from None
+        raise
+    cache["pieces"] = None
+    write_megatron_common(step_dir, common, CONTENT_METADATA)
+    return sum(f.stat().st_size for f in step_dir.iterdir() if f.is_file())
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, force: bool = False):
+    """Yield a fresh temporary directory next to ``target``; rename it to ``target`` on success.
+
+    On any exception (KeyboardInterrupt included) the temporary directory is removed and
+    ``target`` is untouched. An existing ``target`` is replaced only with ``force``: it is renamed
+    aside first and deleted after the new one is in place, so no moment leaves a half-written target.
+    """
+    target = Path(target).absolute()
+    if target.exists() and not force:
+        raise UpcycleError(f"output {target} exists; pass --force to overwrite it")
+    if not target.parent.is_dir():
+        raise UpcycleError(f"output parent directory {target.parent} does not exist")
+    tmp = target.parent / f".{target.name}.upcycle-tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.parent / f".{target.name}.upcycle-old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+        os.replace(tmp, target)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        os.replace(tmp, target)
