@@ -9,7 +9,8 @@ Function whose backward is ``scipy.stats.beta.pdf`` (also on the host), results 
     python benchmarks/loss.py --device cuda --dtype bfloat16
 
 Prints one row per (B, N): ms per forward+backward (median of --repeats after a warm-up that also builds
-the CDF table; CPU: process CPU time, robust to other jobs on a shared core), the baseline/ours ratio, and peak memory of ours (CUDA: max_memory_allocated; CPU: peak RSS
+the CDF table; CPU: process CPU time, robust to other jobs on a shared core), the baseline/ours ratio
+(median of per-repeat ratios, ours and the baseline interleaved), and peak memory of ours (CUDA: max_memory_allocated; CPU: peak RSS
 growth over the run's start, psutil, which includes the allocator's caching).
 """
 
@@ -65,19 +66,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time(fn, device, repeats: int) -> float:
-    """Median ms per call. On CPU this is the process's CPU time (time.process_time), which other
-    processes sharing the core cannot inflate; on CUDA wall time between synchronizations."""
+def _time(fn, device) -> float:
+    """ms for one call. On CPU the process's CPU time (time.process_time), which other processes sharing
+    the core inflate far less than wall time; on CUDA wall time between synchronizations."""
     clock = time.perf_counter if device.type == "cuda" else time.process_time
-    fn()  # warm-up (builds the CDF table once per alpha)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = clock()
-        fn()
-        _sync(device)
-        times.append(clock() - t0)
-    return statistics.median(times) * 1e3
+    _sync(device)
+    t0 = clock()
+    fn()
+    _sync(device)
+    return (clock() - t0) * 1e3
 
 
 def _rss() -> int:
@@ -105,10 +102,19 @@ def bench(num_tokens: int, num_experts: int, device, dtype, repeats: int, baseli
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
     rss0 = _rss()
-    t_ours = _time(ours, device, repeats)
+    ours()  # warm-up: builds the CDF table once per alpha
     peak = (torch.cuda.max_memory_allocated() - base_mem) if device.type == "cuda" else (_rss() - rss0)
-    t_base = _time(theirs, device, max(1, repeats // 2)) if baseline else float("nan")
-    return t_ours, t_base, peak
+    # Interleave ours and the baseline so both see the same machine load; ratio = median of per-pair ratios.
+    t_ours, t_base = [], []
+    for _ in range(repeats):
+        t_ours.append(_time(ours, device))
+        if baseline:
+            t_base.append(_time(theirs, device))
+    med_ours = statistics.median(t_ours)
+    if not baseline:
+        return med_ours, float("nan"), float("nan"), peak
+    ratio = statistics.median(b / o for b, o in zip(t_base, t_ours))
+    return med_ours, statistics.median(t_base), ratio, peak
 
 
 def main(argv=None):
@@ -119,7 +125,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     parser.add_argument("--alpha", type=float, default=1.0, help="symmetric prior value")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the SciPy baseline")
     args = parser.parse_args(argv)
@@ -132,10 +138,9 @@ def main(argv=None):
     print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} alpha={args.alpha}")
     print(f"{'B':>8} {'N':>4} {'ours ms':>10} {'baseline ms':>12} {'ratio':>7} {'peak MiB':>9}")
     for num_tokens, num_experts in grid:
-        t_ours, t_base, peak = bench(
+        t_ours, t_base, ratio, peak = bench(
             num_tokens, num_experts, device, dtype, args.repeats, not args.no_baseline, args.alpha
         )
-        ratio = t_base / t_ours
         print(f"{num_tokens:>8} {num_experts:>4} {t_ours:>10.2f} {t_base:>12.2f} {ratio:>7.2f} {peak / 2**20:>9.1f}")
 
 

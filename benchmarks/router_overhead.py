@@ -44,19 +44,38 @@ def build(router_cls, num_experts, hidden, ffn, dpsl, device):
     return layer
 
 
-def time_layer(layer, x, iters, warmup):
-    times = []
+def _step(layer, x):
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out, _ = layer(x)
+    out.float().pow(2).mean().backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+class _RouterOnly(torch.nn.Module):
+    """The router as a layer: returns (probs, None) so _step can time it like the MoE layer."""
+
+    def __init__(self, router):
+        super().__init__()
+        self.router = router
+
+    def forward(self, x):
+        probs, _ = self.router(x)
+        return probs, None
+
+
+def time_pair(base, dpsl, x, iters, warmup):
+    """Median fwd+bwd seconds of both layers, interleaved so machine load hits both alike."""
+    tb, td = [], []
     for i in range(warmup + iters):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out, _ = layer(x)
-        out.float().pow(2).mean().backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
+        b, d = _step(base, x), _step(dpsl, x)
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            tb.append(b)
+            td.append(d)
+    return statistics.median(tb), statistics.median(td)
 
 
 def main():
@@ -73,18 +92,22 @@ def main():
     from megatron_dpsl.router import DPSLRouter
 
     grid = [(1024, 8)] if args.quick else [(1024, 8), (4096, 8), (4096, 64), (8192, 64)]
-    iters = 3 if args.quick else args.iters
+    iters = 5 if args.quick else args.iters
     hidden, ffn = 256, 512
     print(f"device={args.device} hidden={hidden} ffn={ffn} topk=2, median of {iters} fwd+bwd")
-    print(f"{'tokens':>7} {'experts':>7} {'TopKRouter ms':>14} {'DPSLRouter ms':>14} {'ratio':>7}")
+    print("layer = MoELayer fwd+bwd; router = the router module alone (probs.sum() backward)")
+    print(f"{'tokens':>7} {'experts':>7} {'layer TopK ms':>14} {'layer DPSL ms':>14} {'ratio':>7} "
+          f"{'router TopK ms':>15} {'router DPSL ms':>15} {'DPSL share':>11}")
     for tokens, experts in grid:
         x = torch.randn(tokens // 4, 4, hidden, device=args.device)
         base = build(TopKRouter, experts, hidden, ffn, False, args.device)
         dpsl = build(DPSLRouter, experts, hidden, ffn, True, args.device)
         dpsl.load_state_dict(base.state_dict())
-        tb = time_layer(base, x, iters, 2)
-        td = time_layer(dpsl, x, iters, 2)
-        print(f"{tokens:>7} {experts:>7} {tb * 1e3:>14.2f} {td * 1e3:>14.2f} {td / tb:>7.3f}")
+        tb, td = time_pair(base, dpsl, x, iters, warmup=3)
+        rb, rd = time_pair(_RouterOnly(base.router), _RouterOnly(dpsl.router), x, iters, warmup=3)
+        # DPSL share: the extra router time as a fraction of the stock layer's fwd+bwd
+        print(f"{tokens:>7} {experts:>7} {tb * 1e3:>14.2f} {td * 1e3:>14.2f} {td / tb:>7.3f} "
+              f"{rb * 1e3:>15.2f} {rd * 1e3:>15.2f} {(rd - rb) / tb:>11.3f}")
 
 
 if __name__ == "__main__":

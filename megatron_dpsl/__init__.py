@@ -1,11 +1,12 @@
 """megatron-dpsl: the Dirichlet-Prior Shaping Loss for Megatron-Core mixture-of-experts routers."""
 
 from megatron_dpsl.beta import beta_cdf
-from megatron_dpsl.loss import dpsl_loss
+from megatron_dpsl.loss import dpsl_loss, dpsl_loss_per_expert
+from megatron_dpsl import metrics, priors  # torch-only: importable without megatron-core
 
 __version__ = "0.1.0"
 
-__all__ = ["beta_cdf", "dpsl_loss", "__version__"]
+__all__ = ["beta_cdf", "dpsl_loss", "dpsl_loss_per_expert", "metrics", "priors", "__version__"]
 
 # Megatron-dependent names load on first use, so `import megatron_dpsl` works without megatron-core.
 _LAZY = {

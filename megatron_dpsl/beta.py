@@ -35,10 +35,13 @@ Two evaluators, both plain torch (no SciPy, no host round trip, no data-dependen
   per alpha (``beta_cdf_table`` caches it; the router builds it at init).
 
 Gradient at the endpoints: the pdf is infinite at x = 0 when a < 1 (at x = 1 when b < 1). Both evaluators
-return the derivative at ``x`` clamped into ``[tiny, 1 - eps/2]`` of x's dtype (the smallest normal number
-and the largest number below 1). That equals the exact pdf everywhere except at x = 0, x = 1 and
-subnormal x, and is finite for every a, b > 0 (pdf(tiny) <= max(a, 1) / tiny with 1 / B(a, b) ~ a for small
-a). The gradient with respect to ``a`` and ``b`` is not provided (None): alpha is a fixed prior.
+return d/dx = x^a (1-x)^b / (B(a, b) * max(x (1-x), tiny)), tiny = the smallest normal number of x's dtype.
+That is the exact pdf for every x with x (1-x) >= tiny (all normal x in (0, 1)), and it is finite for every
+a, b > 0: 0 at exactly x = 0 and x = 1 (x^a or (1-x)^b vanishes), and below the pdf (<= ~a / tiny, still
+representable) at subnormal x. Routing probabilities reach 0 or 1 only by underflow in the softmax, which
+passes no gradient there anyway, so the choice never steers training; it only keeps gradients finite.
+Outside [0, 1] ``beta_cdf`` is flat (gradient 0). The gradient with respect to ``a`` and ``b`` is not
+provided (None): alpha is a fixed prior, not a parameter.
 
 Domain: ``beta_cdf`` follows CDF semantics (x < 0 -> 0, x > 1 -> 1, NaN -> NaN). The table path returns
 NaN for x outside [0, 1] (including +-inf), so invalid probabilities surface in the loss.
@@ -116,10 +119,12 @@ def beta_log_pdf_f64(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch
     return (a - 1.0) * torch.log(x) + (b - 1.0) * torch.log1p(-x) - _log_beta(a, b)
 
 
-def _endpoint_clamp(x: torch.Tensor) -> torch.Tensor:
-    """x clamped into [smallest normal, largest float below 1] of its dtype (see "Gradient at the endpoints")."""
-    fi = torch.finfo(x.dtype)
-    return x.clamp(fi.tiny, 1.0 - fi.eps / 2)
+def _beta_pdf_f64(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tiny: float) -> torch.Tensor:
+    """x^a (1-x)^b / (B(a, b) max(x (1-x), tiny)) in float64: the pdf for every x with x (1-x) >= tiny,
+    finite everywhere (0 at x = 0 and x = 1; see "Gradient at the endpoints")."""
+    x = x.double()
+    num = torch.exp(a * torch.log(x) + b * torch.log1p(-x) - _log_beta(a, b))
+    return num / (x * (1.0 - x)).clamp(min=tiny)
 
 
 class _BetaCDF(torch.autograd.Function):
@@ -131,8 +136,10 @@ class _BetaCDF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, a, b = ctx.saved_tensors
-        # d I_x / dx = pdf(x), in log space; at x = 0 / 1 the pdf at the nearest normal float inside.
-        pdf = torch.exp(beta_log_pdf_f64(_endpoint_clamp(x).double(), a, b))
+        # d I_x / dx = pdf(x), from logs; the clamp uses x's dtype so the result fits that dtype.
+        inside = (x >= 0) & (x <= 1)  # CDF semantics: flat (zero slope) outside [0, 1]
+        pdf = _beta_pdf_f64(x.double().clamp(0.0, 1.0), a, b, torch.finfo(x.dtype).tiny)
+        pdf = torch.where(inside, pdf, torch.zeros_like(pdf))
         g = (grad.double() * pdf).to(x.dtype)
         if g.shape != x.shape:
             g = g.sum_to_size(x.shape)
@@ -149,7 +156,7 @@ def beta_cdf(x: torch.Tensor, a, b) -> torch.Tensor:
 
     Returns:
         Tensor of the broadcast shape in ``x.dtype``, computed in float64 (exact continued fraction).
-        Its gradient in ``x`` is the Beta pdf (finite at x = 0 and x = 1, see the module docstring).
+        Its gradient in ``x`` is the Beta pdf (finite at x = 0 and x = 1: see the module docstring).
     """
     a = torch.as_tensor(a, dtype=torch.float64, device=x.device)
     b = torch.as_tensor(b, dtype=torch.float64, device=x.device)
@@ -343,8 +350,9 @@ class BetaCDFTable:
         f = torch.addcmul(c0, t, f, out=f)
         if not need_grad:
             return f, None
-        d = torch.addcmul(c2.mul_(2.0), t, c3, value=3.0)
-        d = torch.addcmul(c1, t, d, out=d).div_(x * y).mul_(inv_h)
+        # dp/dt = c1 + 2 t (c2 + 1.5 t c3); dF/dx = dp/dt / (h x (1 - x))
+        d = c2.addcmul_(t, c3, value=1.5)
+        d = torch.addcmul(c1, t, d, value=2.0, out=d).div_(x.mul(y)).mul_(inv_h)
         return f, d
 
 

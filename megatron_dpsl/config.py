@@ -188,7 +188,7 @@ class DPSLTransformerConfig(TransformerConfig):
             return resolve_alpha(**kwargs)
         except ValueError as err:
             msg = str(err)
-            for arg, flag in flag_of.items():
-                if msg.startswith(arg) or f"'{arg}'" in msg or f"`{arg}`" in msg or f" {arg}" in msg:
-                    raise ValueError(f"{flag}: {msg}") from err
+            arg = msg.split(":", 1)[0].strip()  # priors' errors start with the argument's name
+            if arg in flag_of:
+                raise ValueError(f"{flag_of[arg]}: {msg.split(':', 1)[1].strip()}") from err
             raise ValueError(f"DPSL prior (moe_dpsl_alpha*/moe_dpsl_group_alphas): {msg}") from err

@@ -125,6 +125,7 @@ def gather_for_loss(
     """
     if plan is None:
         plan = plan_gather(tensor.shape[0], group, device=tensor.device)
-    if plan.sizes[plan.my_slot] != tensor.shape[0] and plan.my_slot == (group.rank() if group else 0):
-        raise ValueError(f"gather_for_loss: plan says {plan.sizes[plan.my_slot]} rows, tensor has {tensor.shape[0]}")
+    me = 0 if group is None or group.size() == 1 else group.rank()
+    if plan.sizes[me] != tensor.shape[0]:
+        raise ValueError(f"gather_for_loss: the plan says this rank has {plan.sizes[me]} rows, tensor has {tensor.shape[0]}")
     return _GatherForLoss.apply(tensor, group, plan, float(grad_scale))

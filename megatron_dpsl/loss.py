@@ -26,7 +26,7 @@ import torch
 
 from megatron_dpsl.beta import BetaCDFTable, beta_cdf_table
 
-_CHUNK = 1 << 16  # elements per CPU chunk: temporaries stay in L2 and reuse the allocator's blocks
+_CHUNK = 1 << 15  # elements per CPU chunk: temporaries stay in L2 and reuse the allocator's blocks
 _VALUE_BITS = 30  # float32 bit patterns of [0, 1] are < 2**30 (1.0 == 0x3F800000)
 _MAX_BITS = 0x3F800001  # key for anything above 1.0 (+inf, NaN): F is NaN or 1 there, order is irrelevant
 
@@ -164,12 +164,12 @@ def _eq4_cpu(p: torch.Tensor, table: BetaCDFTable, num_groups: int, group_ids, n
     """CPU path: per group and expert, sort the row and split it at the table's junctions.
 
     The bulk (usually all points) uses the interpolant alone with Python-scalar constants in cache-sized
-    chunks; the few points beyond the junctions use the full evaluator. Data-dependent slicing is free
-    on the host. Returns (loss per expert [E], dL_k/dp in token order [T, E] or None).
+    chunks; the few points beyond the junctions of all rows go through the full evaluator in one call.
+    Data-dependent slicing is free on the host. Returns (loss per expert [E], dL_k/dp [T, E] or None).
     """
     num_tokens, num_experts = p.shape
     cdt = p.dtype
-    per_expert = [p.new_zeros(()) for _ in range(num_experts)]
+    per_expert = torch.zeros(num_experts, dtype=cdt)
     if group_ids is None:
         groups = [(0, None)]
         grad = None
@@ -182,37 +182,48 @@ def _eq4_cpu(p: torch.Tensor, table: BetaCDFTable, num_groups: int, group_ids, n
         if n == 0:
             continue  # empty group: contributes 0
         pt = pg.t().contiguous()  # [E, n]: each expert's probabilities contiguous
-        grad_t = torch.empty_like(pt) if need_grad else None
+        gs = torch.empty_like(pt) if need_grad else None  # [E, n] in sorted order
+        order = torch.empty(pt.shape, dtype=torch.int64)
         ranks = torch.arange(1, n + 1, dtype=cdt) / n  # j / B
+        tails = []  # (expert, start, stop) beyond the junctions
         for k in range(num_experts):
             r = g * num_experts + k
-            x, idx = _sort_row(pt[k])
+            x, order[k] = _sort_row(pt[k])
             lo = int(torch.searchsorted(x, table.x_lo[r : r + 1]))  # x[:lo] < x_lo: lower tail
             hi = max(lo, int(torch.searchsorted(x, table.x_hi[r : r + 1], right=True)))  # x[hi:] > x_hi
-            gs = torch.empty_like(x) if need_grad else None
-            segs = [(0, lo, False)] + [(i, min(i + _CHUNK, hi), True) for i in range(lo, hi, _CHUNK)]
-            segs.append((hi, n, False))
+            pt[k] = x  # keep the sorted row for the tail pass
+            tails += [(k, 0, lo), (k, hi, n)]
             acc = p.new_zeros(())
-            for i0, i1, bulk in segs:
-                if i1 <= i0:
-                    continue
-                if bulk:
-                    f, d = table.evaluate_bulk(x[i0:i1], r, need_grad)
-                else:
-                    f, d = table.evaluate(x[i0:i1], r, need_grad)
+            for i0 in range(lo, hi, _CHUNK):
+                i1 = min(i0 + _CHUNK, hi)
+                f, d = table.evaluate_bulk(x[i0:i1], r, need_grad)
                 diff = torch.sub(ranks[i0:i1], f, out=f)  # j/B - F
                 if need_grad:
-                    torch.mul(diff, d, out=gs[i0:i1])
+                    torch.mul(diff, d, out=gs[k, i0:i1])
                 acc = acc + torch.dot(diff, diff)
-            per_expert[k] = per_expert[k] + acc / n
+            per_expert[k] += acc / n
+        tails = [t for t in tails if t[2] > t[1]]
+        if tails:
+            xt = torch.cat([pt[k, i0:i1] for k, i0, i1 in tails])
+            kt = torch.cat([torch.full((i1 - i0,), k, dtype=torch.int64) for k, i0, i1 in tails])
+            jt = torch.cat([ranks[i0:i1] for k, i0, i1 in tails])
+            f, d = table.evaluate(xt, kt + g * num_experts, need_grad)
+            diff = jt - f
+            per_expert.index_add_(0, kt, diff * diff / n)
             if need_grad:
-                grad_t[k].scatter_(0, idx, gs.mul_(-2.0 / n))  # back to token order
+                pieces = (diff * d).split([i1 - i0 for _, i0, i1 in tails])
+                for (k, i0, i1), piece in zip(tails, pieces):
+                    gs[k, i0:i1] = piece
         if need_grad:
+            gs *= -2.0 / n
+            grad_g = torch.empty_like(pg)  # [n, E], token order: scatter each row through its permutation
+            for k in range(num_experts):
+                grad_g[:, k].scatter_(0, order[k], gs[k])
             if sel is None:
-                grad = grad_t.t()
+                grad = grad_g
             else:
-                grad.index_copy_(0, sel, grad_t.t())
-    return torch.stack(per_expert), grad
+                grad.index_copy_(0, sel, grad_g)
+    return per_expert, grad
 
 
 def _eq4_device(p: torch.Tensor, table: BetaCDFTable, num_groups: int, group_ids, need_grad: bool):

@@ -154,7 +154,7 @@ class DPSLRouter(TopKRouter):
             replicas = group.size() // tp_cp.size()
             # every rank computes the loss on the whole global micro-batch; DDP divides by dp*cp and
             # the schedule's aux-loss scale multiplies by cp, so each rank's slice needs ×dp
-            return gather_for_loss(rows, group, grad_scale=1.0), replicas
+            return gather_for_loss(rows, group, grad_scale=replicas), replicas
         gathered = gather_for_loss(rows, tp_cp)
         ep = self.ep_group
         if ep is None or ep.size() == 1 or set(_group_ranks(ep)) <= set(_group_ranks(tp_cp)):
@@ -162,7 +162,7 @@ class DPSLRouter(TopKRouter):
         # EP ranks outside this TP×CP group hold other data-parallel replicas' tokens: gather those
         # micro-batches too, once each (EP peers inside the same TP×CP group hold the same rows)
         plan = plan_gather(gathered.shape[0], ep, replica_id=min(_group_ranks(tp_cp)), device=rows.device)
-        return gather_for_loss(gathered, ep, plan=plan, grad_scale=1.0), plan.num_replicas
+        return gather_for_loss(gathered, ep, plan=plan, grad_scale=plan.num_replicas), plan.num_replicas
 
     def _maintain_dpsl_alpha(self, device):
         # Float16Module casts floating buffers to bf16/fp16: restore the exact float64 prior

@@ -10,7 +10,7 @@
 # Transformer Engine: stage .whl/te-core first (docs/gpu.md, "Transformer Engine"); without it the
 # TE/FP8 tests skip with that reason and everything else runs.
 #
-# Overrides: DPSL_STAGES (install,tests,bench), DPSL_BUDGET_S (570), PYTEST_ARGS, plus those of
+# Overrides: DPSL_STAGES (install,tests,bench), DPSL_BUDGET_S (570), PYTEST_ARGS, PYTHON, plus those of
 # scripts/install_gpu.sh (DPSL_PREFIX, DPSL_TE, ...).
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,6 +18,7 @@ cd "$repo"
 out="${OUT:-$repo/outputs/gpu}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+py="${PYTHON:-python3}" # on the device: /opt/torch/.venv/bin/python3 (torch 2.11.0+cu130)
 prefix="${DPSL_PREFIX:-/tmp/dpsl-prefix}"
 export DPSL_PREFIX="$prefix"
 stages=",${DPSL_STAGES:-install,tests,bench},"
@@ -55,10 +56,10 @@ if [[ $stages == *,tests,* ]]; then
   s=$(date +%s)
   # half of what is left, at most 240 s: the benchmarks need the rest
   lim=$(($(left) / 2)); [ "$lim" -gt 240 ] && lim=240; [ "$lim" -lt 30 ] && lim=30
-  timeout "$lim" python -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider \
+  timeout "$lim" "$py" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider \
     --junitxml="$out/gpu_tests.xml" ${PYTEST_ARGS:-} 2>&1 | tee "$out/gpu_tests.log"
   tests_rc=${PIPESTATUS[0]}
-  note "tests: rc=$tests_rc in $(($(date +%s) - s)) s (limit $lim s): $(grep -E '^[=]+ .*(passed|failed|skipped|error)' "$out/gpu_tests.log" | tail -1)"
+  note "tests: rc=$tests_rc in $(($(date +%s) - s)) s (limit $lim s): $(grep -E '[0-9]+ (passed|failed|skipped|errors?|deselected)' "$out/gpu_tests.log" | tail -1)"
 fi
 
 bench_rc=skipped

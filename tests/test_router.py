@@ -420,3 +420,46 @@ def test_moe_layer_padding_mask_reaches_dpsl():
     out, _ = layer(x, padding_mask=pad_bs)
     ref = reference_dpsl(layer.router.weight.detach(), x[:-1], 0.3, torch.ones(E, dtype=torch.float64))
     torch.testing.assert_close(tracker("dpsl_loss")[0], ref, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- token groups and the gather, one rank
+def test_token_groups_context_and_setter():
+    from megatron_dpsl.token_groups import dpsl_token_groups, get_dpsl_token_groups, set_dpsl_token_groups
+
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    assert get_dpsl_token_groups() is None
+    with dpsl_token_groups(ids):
+        assert get_dpsl_token_groups().group_ids is ids
+        with dpsl_token_groups(ids + 1, cp_sliced=True):
+            assert get_dpsl_token_groups().cp_sliced
+        assert get_dpsl_token_groups().group_ids is ids
+    assert get_dpsl_token_groups() is None
+    set_dpsl_token_groups(ids)
+    assert get_dpsl_token_groups().group_ids is ids
+    set_dpsl_token_groups(None)
+    assert get_dpsl_token_groups() is None
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        set_dpsl_token_groups(torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="int tensor"):
+        set_dpsl_token_groups(torch.zeros(2, 4))
+
+
+def test_token_group_ids_flatten_like_router_logits():
+    """[b, s] ids -> [s*b] in the order of logits [s, b, E].view(-1, E)."""
+    from megatron_dpsl.token_groups import TokenGroups, shard_token_group_ids
+
+    b, s = 3, 5
+    ids = torch.arange(b * s).reshape(b, s)  # id = b_index * s + s_index
+    flat = shard_token_group_ids(TokenGroups(ids))
+    s_idx, b_idx = torch.meshgrid(torch.arange(s), torch.arange(b), indexing="ij")  # logits order
+    assert torch.equal(flat, (b_idx * s + s_idx).reshape(-1))
+
+
+def test_gather_for_loss_single_rank_is_identity_with_grad_scale():
+    from megatron_dpsl.distributed import gather_for_loss
+
+    x = torch.randn(5, 3, requires_grad=True)
+    y = gather_for_loss(x, None, grad_scale=2.0)
+    assert torch.equal(y, x)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))

@@ -260,7 +260,8 @@ def test_train_log_tensorboard_checkpoint_resume(tmp_path, capsys):
 
     save = str(tmp_path / "ckpt")
     tb = str(tmp_path / "tb")
-    straight = _train(tmp_path, "--train-iters", "6", "--tensorboard-dir", tb, "--eval-interval", "3")
+    sched = ["--lr-decay-iters", "6", "--lr-warmup-iters", "1"]  # one schedule for the 3- and 6-iteration runs
+    straight = _train(tmp_path, *sched, "--train-iters", "6", "--tensorboard-dir", tb, "--eval-interval", "3")
     log = capsys.readouterr().out
     assert "iteration        6/       6" in log and "lm loss:" in log
     assert "dpsl_loss:" in log and "load_balancing_loss:" in log
@@ -277,7 +278,7 @@ def test_train_log_tensorboard_checkpoint_resume(tmp_path, capsys):
     tags = set(events.Tags()["scalars"])
     assert {"lm loss", "dpsl_loss", "load_balancing_loss", "learning-rate", "lm loss validation", "routing/cov"} <= tags
 
-    first = _train(tmp_path, "--train-iters", "3", "--save", save)
+    first = _train(tmp_path, *sched, "--train-iters", "3", "--save", save)
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "3"
     step_dir = os.path.join(save, "iter_0000003")
     common = dist_checkpointing.load_common_state_dict(step_dir)
@@ -288,7 +289,7 @@ def test_train_log_tensorboard_checkpoint_resume(tmp_path, capsys):
     assert "decoder.layers.mlp.router.weight" in keys  # layers stacked, as Megatron shards them
     assert any(k.startswith("optimizer.state.exp_avg.") for k in keys)
 
-    resumed = _train(tmp_path, "--train-iters", "6", "--load", save)
+    resumed = _train(tmp_path, *sched, "--train-iters", "6", "--load", save)
     assert resumed.iteration == 6 and len(resumed.train_losses) == 3
     # same data, same ops in the same order on CPU, optimizer + scheduler restored: equal up to
     # fp32 reassociation-free determinism (observed bitwise; 1e-6 leaves room for BLAS threading)

@@ -59,7 +59,7 @@ def transformer_config(args, *, router_dtype=None, **overrides):
     return TransformerConfig(**kw)
 
 
-def build_gpt(args, config=None, layer_spec=None):
+def build_gpt(args, config=None, layer_spec=None, **kwargs):
     """A GPTModel (local spec) for ``args``; model-parallel state must be initialised."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
@@ -75,6 +75,7 @@ def build_gpt(args, config=None, layer_spec=None):
         config=config, transformer_layer_spec=layer_spec, vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings, position_embedding_type="rope",
         rotary_base=args.rotary_base, share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        **kwargs,
     )
 
 
@@ -83,12 +84,19 @@ def save_megatron_lm(model, save_dir, args, iteration=7):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
+    import torch.distributed as dist
+
     step = os.path.join(save_dir, f"iter_{iteration:07d}")
-    os.makedirs(step)
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        os.makedirs(step)
+    dist.barrier()
     state = {"model": model.sharded_state_dict(), "args": args, "checkpoint_version": 3.0, "iteration": iteration}
     dist_checkpointing.save(state, step, sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1))
-    with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
-        f.write(str(iteration))
+    if rank0:
+        with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(str(iteration))
+    dist.barrier()
     return step
 
 
@@ -118,7 +126,7 @@ def gpt_logits(model, tokens):
     return model(tokens, pos, causal_mask(s)).float()
 
 
-def moe_training_model(args):
+def moe_training_model(args, dpsl_coeff=0.01, **kwargs):
     """An MoE GPTModel for training: DPSLRouter via megatron_dpsl.specs when available, else TopKRouter.
 
     Returns (model, router class name)."""
@@ -130,16 +138,16 @@ def moe_training_model(args):
 
         base = transformer_config(args)
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
-        fields.update(moe_router_load_balancing_type="dpsl", moe_dpsl_coeff=0.01, moe_dpsl_alpha=1.0)
+        fields.update(moe_router_load_balancing_type="dpsl", moe_dpsl_coeff=dpsl_coeff, moe_dpsl_alpha=1.0)
         config = DPSLTransformerConfig(**fields)
         spec = get_dpsl_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization)
     except ImportError:  # the DPSL router package is not (fully) present: Megatron's TopKRouter
-        return build_gpt(args), "TopKRouter"
-    model = build_gpt(args, config=config, layer_spec=spec)
+        return build_gpt(args, **kwargs), "TopKRouter"
+    model = build_gpt(args, config=config, layer_spec=spec, **kwargs)
     return model, type(model.decoder.layers[0].mlp.router).__name__
 
 
-def train_steps(model, tokens, steps=4, lr=3e-3, grad_hook=None):
+def train_steps(model, tokens, steps=4, lr=3e-3, grad_hook=None, loss_hook=None):
     """Adam on next-token loss over ``tokens`` (same batch each step); returns the losses."""
     model.train()
     b, s = tokens.shape
@@ -154,5 +162,5 @@ def train_steps(model, tokens, steps=4, lr=3e-3, grad_hook=None):
         if grad_hook is not None:
             grad_hook(model)
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss_hook(loss.detach()) if loss_hook is not None else loss.item())
     return losses

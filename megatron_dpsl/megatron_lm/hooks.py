@@ -116,10 +116,11 @@ class DatasetTokenGroups:
         """Context manager around the model forward: ``dpsl_token_groups(group_ids)``, or nothing."""
         if not self.enabled:
             return contextlib.nullcontext()
-        if tokens is None:
+        if tokens is None or getattr(self.args, "pipeline_model_parallel_size", 1) > 1:
+            # middle stages get no batch, and the last stage's non-source TP ranks get no tokens
             raise ValueError(
-                "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: middle pipeline stages get no batch in Megatron-LM, "
-                "so their routers get no group ids; use --pipeline-model-parallel-size 1 with group priors"
+                "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: Megatron-LM's pipeline stages after the first get "
+                "no tokens, so their routers get no group ids; use --pipeline-model-parallel-size 1 with group priors"
             )
         if packed_seq_params is not None:
             raise ValueError(

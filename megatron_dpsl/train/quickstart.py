@@ -7,7 +7,7 @@
    licence/copyright prose (group 1, "prose"), every byte tagged with its document's group
    (``megatron_dpsl.train.corpus``);
 2. trains a tiny dense GPT (2 ranks, data parallel) and saves it in Megatron-LM's layout;
-3. upcycles it with ``megatron-dpsl-upcycle`` into 8 experts, granularity 2, top-4, virtual-group
+3. upcycles it with the converter (``megatron-dpsl-upcycle``) into 8 experts, granularity 2, top-4, virtual-group
    router, exact weight scaling (the MoE starts as the dense function);
 4. trains the MoE three times under one ``torchrun`` launch with 2 ranks (EP=2): Megatron's
    ``aux_loss``; DPSL with a symmetric prior; DPSL with modality priors (α_b, α_s per group);
@@ -17,6 +17,10 @@
 
 All training happens in one ``torchrun`` launch (``--worker``): each launch costs ~15 s of
 megatron-core import on a laptop, so the stages run one after another in the same two processes.
+While the workers import, this (launcher) process builds the corpus; once the workers have saved the
+dense checkpoint it runs the converter (``megatron_dpsl.upcycle.upcycle``, a single-process tool)
+and hands over through marker files (``moe_init.done`` / ``moe_init.failed``). If the converter is
+missing or fails, the MoE runs start from a random initialisation and the report says so.
 """
 
 from __future__ import annotations
@@ -32,6 +36,14 @@ import time
 from typing import List
 
 GROUP_NAMES = ("code", "prose")
+
+
+_T0 = time.time()
+
+
+def _stamp() -> str:
+    """Seconds since the quickstart started (progress lines)."""
+    return f"[{time.time() - _T0:6.1f} s]"
 
 
 def _free_port() -> int:
@@ -65,11 +77,11 @@ def build_plan(a: argparse.Namespace) -> dict:
         "--eval-interval", dense_iters, "--save", os.path.join(out, "dense", "checkpoint"),
         "--tensorboard-dir", os.path.join(out, "dense", "tensorboard"),
     ]
-    upcycle = [
-        "--source", os.path.join(out, "dense", "checkpoint"), "--output", os.path.join(out, "moe_init"),
-        "--num-experts", E, "--granularity", G, "--moe-router-topk", K, "--router-init", "virtual-group",
-        "--weight-scaling", "exact", "--seed", a.seed, "--force", "--no-progress",
-    ]
+    upcycle = dict(
+        src=os.path.join(out, "dense", "checkpoint"), dst=os.path.join(out, "moe_init"), num_experts=E,
+        granularity=G, moe_router_topk=K, router_init="virtual-group", weight_scaling="exact", seed=a.seed,
+        force=True, progress=False,
+    )
     moe_common = common + [
         "--num-experts", E, "--moe-router-topk", K, "--moe-ffn-hidden-size", ffn // G,
         "--expert-model-parallel-size", 2, "--train-iters", moe_iters, "--lr", 1e-3, "--min-lr", 1e-4,
@@ -86,7 +98,7 @@ def build_plan(a: argparse.Namespace) -> dict:
                           "--moe-dpsl-num-groups", len(GROUP_NAMES)],
     }
     stages = [{"kind": "train", "name": "dense", "argv": dense, "dir": os.path.join(out, "dense")},
-              {"kind": "upcycle", "argv": upcycle, "dir": os.path.join(out, "moe_init")}]
+              {"kind": "upcycle", "options": upcycle, "dir": os.path.join(out, "moe_init")}]
     for name, extra in runs.items():
         d = os.path.join(out, "runs", name)
         stages.append({
@@ -95,8 +107,22 @@ def build_plan(a: argparse.Namespace) -> dict:
                                           "--routing-stats-path", os.path.join(d, "routing_stats.pt")],
         })
     for s in stages:
-        s["argv"] = [str(x) for x in s["argv"]]
-    return {"out": out, "stages": stages}
+        if "argv" in s:
+            s["argv"] = [str(x) for x in s["argv"]]
+    return {"out": out, "stages": stages, "corpus_meta": os.path.join(out, "corpus", "meta.json")}
+
+
+def _wait_for(paths: List[str], timeout: float, alive=lambda: True) -> str:
+    """The first of ``paths`` to exist (polling; the stages hand over through files)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for path in paths:
+            if os.path.exists(path):
+                return path
+        if not alive():
+            raise RuntimeError(f"quickstart: gave up waiting for {paths[0]}: the other side exited")
+        time.sleep(0.2)
+    raise TimeoutError(f"quickstart: {paths[0]} did not appear within {timeout:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,21 +135,23 @@ def _worker(plan_path: str) -> None:
     from megatron_dpsl.train.arguments import parse_args
     from megatron_dpsl.train.trainer import initialize_distributed, pretrain, print_rank_0, shutdown
 
+    global _T0
     with open(plan_path, encoding="utf-8") as f:
         plan = json.load(f)
+    _T0 = plan.get("t0", _T0)  # progress stamps count from the launcher's start
     initialize_distributed(argparse.Namespace(device="cpu", distributed_backend="gloo"))
     rank = dist.get_rank()
+    _wait_for([plan["corpus_meta"]], timeout=600)  # the launcher builds it while we import
     upcycled = True
     try:
         for stage in plan["stages"]:
             t0 = time.time()
             if stage["kind"] == "upcycle":
-                print_rank_0(f"\n=== upcycle: megatron-dpsl-upcycle {' '.join(stage['argv'])}")
+                # the launcher process converts (the converter is single-process); wait for its verdict
                 ok = [True]
                 if rank == 0:
-                    # the converter is a single-process tool: rank 0 runs it while the other rank waits
-                    proc = subprocess.run([sys.executable, "-m", "megatron_dpsl.train.quickstart", "--upcycle", "--", *stage["argv"]])
-                    ok = [proc.returncode == 0]
+                    done = _wait_for([stage["dir"] + ".done", stage["dir"] + ".failed"], timeout=1200)
+                    ok = [done.endswith(".done")]
                 dist.broadcast_object_list(ok, src=0)
                 upcycled = ok[0]
                 if not upcycled:
@@ -134,7 +162,7 @@ def _worker(plan_path: str) -> None:
                 i = argv.index("--load")
                 del argv[i : i + 2]
                 argv.remove("--finetune")
-            print_rank_0(f"\n=== {stage['name']}: megatron-dpsl-train {' '.join(argv)}")
+            print_rank_0(f"\n=== {_stamp()} {stage['name']}: megatron-dpsl-train {' '.join(argv)}")
             result = pretrain(parse_args(argv))
             if rank == 0:
                 os.makedirs(stage["dir"], exist_ok=True)
@@ -240,43 +268,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus-bytes", type=int, default=None, help="bytes per modality (default 1 MB, tiny 200 kB)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--upcycle", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("upcycle_argv", nargs="*", help=argparse.SUPPRESS)
     return p
 
 
-def _upcycle(argv: List[str]) -> int:
-    """``megatron-dpsl-upcycle argv`` on this CPU: the converter's dist_checkpointing save calls
-    ``torch.cuda.synchronize()``, which ``cpu_platform`` answers (the converter itself stays CUDA-agnostic)."""
-    from megatron_dpsl.train import cpu_platform
+def _run_upcycle(plan: dict, alive) -> None:
+    """Upcycle the dense checkpoint once the workers have saved it (here: the converter is single-process).
 
-    cpu_platform.enable()
-    from megatron_dpsl.upcycle.cli import main as upcycle_main
-
-    return upcycle_main(argv) or 0
+    Writes ``moe_init.done`` or ``moe_init.failed`` next to the output for the workers to read.
+    """
+    stage = next(s for s in plan["stages"] if s["kind"] == "upcycle")
+    opts = dict(stage["options"])
+    try:
+        from megatron_dpsl.upcycle import upcycle
+    except Exception as err:  # noqa: BLE001 - any import failure means: fall back, loudly
+        print(f"!!! quickstart: the upcycler is unavailable ({err!r}); MoE runs start from scratch", flush=True)
+        open(stage["dir"] + ".failed", "w").close()
+        return
+    tracker = os.path.join(opts["src"], "latest_checkpointed_iteration.txt")
+    _wait_for([tracker], timeout=1800, alive=alive)
+    src, dst = opts.pop("src"), opts.pop("dst")
+    print(f"\n=== {_stamp()} upcycle (megatron_dpsl.upcycle): {src} -> {dst} {opts}", flush=True)
+    try:
+        upcycle(src, dst, **opts)
+    except Exception as err:  # noqa: BLE001
+        print(f"!!! quickstart: upcycling failed ({err!r}); MoE runs start from scratch", flush=True)
+        open(stage["dir"] + ".failed", "w").close()
+        return
+    open(stage["dir"] + ".done", "w").close()
 
 
 def main(argv=None) -> dict:
     a = build_parser().parse_args(argv)
-    if a.upcycle:
-        raise SystemExit(_upcycle(a.upcycle_argv))
     if a.worker:
         _worker(a.worker)
         return {}
-    t_start = time.time()
+    t_start = _T0
     out = os.path.abspath(a.out)
-    for sub in ("dense", "moe_init", "runs"):
+    for sub in ("dense", "moe_init", "runs", "corpus"):
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+    for marker in ("moe_init.done", "moe_init.failed"):
+        if os.path.exists(os.path.join(out, marker)):
+            os.remove(os.path.join(out, marker))
     os.makedirs(out, exist_ok=True)
 
-    from megatron_dpsl.train.corpus import build_corpus
-
-    print(f"=== corpus: {os.path.join(out, 'corpus')}", flush=True)
-    meta = build_corpus(os.path.join(out, "corpus"), a.corpus_bytes or (200_000 if a.tiny else 1_000_000), seed=a.seed)
-    for split, m in meta["splits"].items():
-        print(f"    {split}: {m['num_tokens']} byte tokens, per group {dict(zip(GROUP_NAMES, m['tokens_per_group']))}")
-
     plan = build_plan(a)
+    plan["t0"] = _T0
     plan_path = os.path.join(out, "plan.json")
     with open(plan_path, "w", encoding="utf-8") as f:
         json.dump(plan, f, indent=1)
@@ -285,11 +321,27 @@ def main(argv=None) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc), "--nnodes", "1",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            "-m", "megatron_dpsl.train.quickstart", "--worker", plan_path]
-    print(f"=== torchrun (one launch, {a.nproc} ranks): {' '.join(cmd[1:])}", flush=True)
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"quickstart: the torchrun workers failed (exit {proc.returncode}); see the log above")
+    # The workers spend ~15 s importing megatron-core: build the corpus and import the converter meanwhile.
+    print(f"=== {_stamp()} torchrun (one launch, {a.nproc} ranks, all training stages): {' '.join(cmd[1:])}", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        from megatron_dpsl.train.corpus import build_corpus
 
+        print(f"=== {_stamp()} corpus: {os.path.join(out, 'corpus')}", flush=True)
+        meta = build_corpus(os.path.join(out, "corpus"), a.corpus_bytes or (200_000 if a.tiny else 1_000_000), seed=a.seed)
+        for split, m in meta["splits"].items():
+            print(f"    {split}: {m['num_tokens']} byte tokens, per group {dict(zip(GROUP_NAMES, m['tokens_per_group']))}",
+                  flush=True)
+        _run_upcycle(plan, alive=lambda: proc.poll() is None)
+        returncode = proc.wait()
+    except BaseException:
+        proc.terminate()
+        proc.wait()
+        raise
+    if returncode != 0:
+        raise SystemExit(f"quickstart: the torchrun workers failed (exit {returncode}); see the log above")
+
+    print(f"=== {_stamp()} figures and table", flush=True)
     from megatron_dpsl.train import plots
 
     names = [s["name"] for s in plan["stages"] if s["kind"] == "train" and s["name"] != "dense"]

@@ -48,6 +48,7 @@ CASES = {
         dict(name="dp2_micro_batch", padding=True),
         dict(name="dp2_global_batch", gather="global_batch", groups=True, padding=True),
         dict(name="tp2_sp_per_token_loss", tp=2, per_token=True),
+        dict(name="gather_for_loss_variable_sizes", kind="gather_unit"),
     ],
     4: [
         dict(name="tp2_ep2_etp2", tp=2, ep=2, etp=2, groups=True, padding=True),
@@ -145,7 +146,40 @@ def _shard(case, x, ids, pad, tp_group, cp_group):
     return x_local, ids_given, pad_local
 
 
+def run_gather_unit(case):
+    """gather_for_loss alone: different row counts per rank, de-duplication, and the backward slice."""
+    from megatron_dpsl.distributed import gather_for_loss, plan_gather
+
+    init_torchrun()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(list(range(world)))
+    rows = [r + 2 for r in range(world)]  # 2, 3, ... rows: unequal on purpose
+    full = torch.arange(sum(rows) * 3, dtype=torch.float32).reshape(-1, 3)
+    start = sum(rows[:rank])
+    mine = full[start : start + rows[rank]].clone().requires_grad_(True)
+    weights = torch.linspace(-1, 1, full.numel()).reshape(full.shape)
+    errors = []
+    out = gather_for_loss(mine, group, grad_scale=3.0)
+    errors.append((out - full).abs().max().item())
+    (out * weights).sum().backward()
+    # every rank holds the whole loss: its rows get their own slice of the gradient, times 3, no sum
+    errors.append((mine.grad - 3.0 * weights[start : start + rows[rank]]).abs().max().item())
+    # all ranks claim the same replica: only rank 0's rows are kept; each rank's grad is that slice
+    same = full[: rows[0]].clone().requires_grad_(True)
+    plan = plan_gather(rows[0], group, replica_id=7)
+    out2 = gather_for_loss(same, group, plan=plan)
+    errors.append(float(plan.num_replicas != 1) + (out2 - full[: rows[0]]).abs().max().item())
+    (out2 * weights[: rows[0]]).sum().backward()
+    errors.append((same.grad - weights[: rows[0]]).abs().max().item())
+    err = torch.tensor(max(errors), dtype=torch.float64)
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    # exact: copies and one multiply by 3 of fp32 values
+    return dict(name=case["name"], world=world, max_grad_diff=err.item(), max_loss_diff=0.0, ref_grad_max=1.0, gather_groups=[])
+
+
 def run_case(case, singleton_pg):
+    if case.get("kind") == "gather_unit":
+        return run_gather_unit(case)
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss

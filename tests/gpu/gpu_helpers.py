@@ -129,6 +129,8 @@ def build_moe_layer(config, use_te: bool = True):
 
     spec = get_dpsl_layer_spec(config, use_transformer_engine=use_te)
     layer = MoELayer(config, spec.submodules.mlp.submodules, layer_number=1)
+    # a TransformerLayer does this for its MLP; without a layer number the tracker records nothing
+    layer.set_layer_number(1)
     return layer.cuda()
 
 
@@ -139,20 +141,38 @@ def fp8_context(config):
     return get_fp8_context(config)
 
 
-def dpsl_tracker_value(layer_number: int = 1) -> torch.Tensor | None:
-    """The ``dpsl_loss`` entry Megatron's aux-loss tracker holds for a layer (None if absent)."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+def tracker_values(name: str = "dpsl_loss") -> torch.Tensor | None:
+    """Per-layer values ``[num_layers]`` Megatron's aux-loss tracker holds under ``name`` (None if absent).
 
-    entry = get_moe_layer_wise_logging_tracker().get("dpsl_loss")
-    if entry is None:
-        return None
-    return entry["values"][layer_number - 1].detach().clone()
+    megatron-core >= 0.16 keeps them in ``get_moe_metrics_tracker()`` (0.19 deprecates the older
+    ``get_moe_layer_wise_logging_tracker`` dict view); 0.16.1 has only the dict.
+    """
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        entry = get_moe_layer_wise_logging_tracker().get(name)
+        return None if entry is None else entry["values"].detach().clone()
+    entry = get_moe_metrics_tracker().metrics.get(name)
+    return None if entry is None else entry.values.detach().clone()
+
+
+def dpsl_tracker_value(layer_number: int = 1) -> torch.Tensor | None:
+    """The ``dpsl_loss`` value Megatron's aux-loss tracker holds for one layer (None if absent)."""
+    values = tracker_values("dpsl_loss")
+    return None if values is None else values[layer_number - 1]
 
 
 def clear_tracker() -> None:
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-    clear_aux_losses_tracker()
+        clear_aux_losses_tracker()
+        return
+    get_moe_metrics_tracker().clear()
 
 
 def reference_dpsl(layer, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -160,15 +180,13 @@ def reference_dpsl(layer, hidden_states: torch.Tensor) -> torch.Tensor:
     megatron_dpsl/router.py): fp32 softmax over all experts of the logits, which are computed here
     in float64 from the same bf16 input and weight (the router: bf16 x bf16 -> fp32 GEMM)."""
     from megatron_dpsl import dpsl_loss
-    from megatron_dpsl.priors import resolve_alpha
 
     cfg = layer.config
     with torch.no_grad():
         x = hidden_states.reshape(-1, hidden_states.shape[-1]).double()
         logits = (x @ layer.router.weight.double().t()).float()  # [num_tokens, num_experts]
         probs = torch.softmax(logits, dim=-1)
-        alpha = resolve_alpha(cfg.num_moe_experts, alpha=cfg.moe_dpsl_alpha).to(probs.device)
-        return cfg.moe_dpsl_coeff * dpsl_loss(probs, alpha)
+        return cfg.moe_dpsl_coeff * dpsl_loss(probs, cfg.dpsl_alpha())  # prior from the config, on the CPU
 
 
 def record_dpsl_inputs(monkeypatch) -> list:

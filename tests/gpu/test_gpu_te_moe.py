@@ -24,6 +24,7 @@ from gpu_helpers import (
     reference_dpsl,
     require_fp8,
     require_te,
+    tracker_values,
 )
 
 pytestmark = pytest.mark.gpu
@@ -113,9 +114,8 @@ def test_te_gpt_model_bf16_forward_backward(megatron_cuda, dispatcher):
     loss.backward()
 
     assert torch.isfinite(loss)
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-    values = get_moe_layer_wise_logging_tracker()["dpsl_loss"]["values"]
+    values = tracker_values("dpsl_loss")
+    assert values is not None, "router did not record dpsl_loss in Megatron's aux-loss tracker"
     assert values.numel() >= 2 and torch.isfinite(values[:2]).all() and (values[:2] > 0).all()
     routers = [m for m in model.modules() if type(m).__name__ == "DPSLRouter"]
     assert len(routers) == 2
