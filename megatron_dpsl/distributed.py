@@ -127,5 +127,7 @@ def gather_for_loss(
         plan = plan_gather(tensor.shape[0], group, device=tensor.device)
     me = 0 if group is None or group.size() == 1 else group.rank()
     if plan.sizes[me] != tensor.shape[0]:
-        raise ValueError(f"gather_for_loss: the plan says this rank has {plan.sizes[me]} rows, tensor has {tensor.shape[0]}")
+        raise ValueError(
+            f"gather_for_loss: the plan says this rank has {plan.sizes[me]} rows, tensor has {tensor.shape[0]}"
+        )
     return _GatherForLoss.apply(tensor, group, plan, float(grad_scale))

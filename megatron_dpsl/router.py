@@ -59,6 +59,7 @@ class DPSLRouter(TopKRouter):
         self.dpsl_coeff = float(config.moe_dpsl_coeff)
         self._dpsl_calls = 0  # Python-side counter for the diagnostics interval (no sync)
         if enabled:
+            self._check_micro_batch_layout(pg_collection)
             alpha = config.dpsl_alpha().to(torch.float64)
             self._dpsl_alpha_values = alpha.clone()
             # non-persistent: the state_dict stays TopKRouter's
@@ -67,6 +68,23 @@ class DPSLRouter(TopKRouter):
         else:
             self.dpsl_alpha = None
             self._dpsl_uses_groups = False
+
+    def _check_micro_batch_layout(self, pg_collection) -> None:
+        """"micro_batch" over EP needs gather groups that partition the ranks (docs/parallelism.md)."""
+        ep, etp_group = self.ep_group, getattr(pg_collection, "expt_tp", None)
+        if self.config.moe_dpsl_gather != "micro_batch" or ep is None or ep.size() == 1 or etp_group is None:
+            return
+        block, etp = self.tp_cp_group.size(), etp_group.size()
+        span = etp * ep.size()
+        # TP×CP groups are aligned blocks of tp·cp ranks and an EP group strides etp within an
+        # aligned block of etp·ep ranks: when these sizes divide one another, the TP×CP blocks an
+        # EP group touches are the same for every rank they contain
+        if (block % etp and etp % block) or (block % span and span % block):
+            raise ValueError(
+                f"moe_dpsl_gather='micro_batch' with tp*cp={block}, expert_tensor_parallel={etp}, "
+                f"expert_model_parallel={ep.size()}: these sizes must divide one another for the EP "
+                "gather to form consistent groups; use moe_dpsl_gather='global_batch'"
+            )
 
     # ---- gating: device-agnostic, works without Transformer Engine ----
     def gating(self, input: torch.Tensor) -> torch.Tensor:
@@ -143,7 +161,9 @@ class DPSLRouter(TopKRouter):
         num_groups = self.dpsl_alpha.shape[0]
         # range check once (a host sync): group ids come from the data pipeline, not the model
         if self._dpsl_calls == 0 and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_groups):
-            raise ValueError(f"dpsl_token_groups: group ids must lie in [0, {num_groups}), got {ids.min()}..{ids.max()}")
+            raise ValueError(
+                f"dpsl_token_groups: group ids must lie in [0, {num_groups}), got {ids.min()}..{ids.max()}"
+            )
         return ids.to(device)
 
     def _gather(self, rows: torch.Tensor):

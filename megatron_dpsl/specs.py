@@ -81,7 +81,7 @@ def get_dpsl_layer_spec(config, use_transformer_engine: bool = False, **kwargs) 
 
 
 def get_dpsl_decoder_block_spec(config, use_transformer_engine: bool = False, **kwargs):
-    """``get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs)`` with ``DPSLRouter`` in its MoE layers."""
+    """``get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs)``, ``DPSLRouter`` in its MoE layers."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     _require_te(use_transformer_engine)

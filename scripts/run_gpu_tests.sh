@@ -34,17 +34,20 @@ note "commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --
 
 if [[ $stages == *,install,* ]]; then
   stamp="$prefix/.installed-$(cat scripts/install_gpu.sh setup.py | cksum | cut -d' ' -f1)"
-  te_now=$(bash scripts/install_gpu.sh --stage >/dev/null 2>&1 && echo te || echo no-te)
-  if [ -f "$stamp" ] && grep -qx "$te_now" "$stamp"; then
-    note "install: already done on this machine ($te_now), skipped"
+  want="$(bash scripts/install_gpu.sh --stage >/dev/null 2>&1 && echo te || echo no-te) megatron-core ${DPSL_MCORE_VERSION:-0.19.2}"
+  if [ -f "$stamp" ] && grep -qx "$want" "$stamp"; then
+    note "install: already done on this machine ($want), skipped"
   else
+    # another TE/megatron-core choice: start clean rather than overlay two versions (only a prefix
+    # this script made, recognisable by its env.sh)
+    [ -f "$prefix/env.sh" ] && rm -rf "$prefix"
     s=$(date +%s)
     # a TE build can take most of a call; a second call then finds the stamp and goes on to tests
     lim=$(($(left) - 30)); [ "$lim" -lt 60 ] && lim=60
     timeout "$lim" bash scripts/install_gpu.sh 2>&1 | tee "$out/install.log"
     rc=${PIPESTATUS[0]}
-    note "install: rc=$rc in $(($(date +%s) - s)) s ($te_now; log install.log)"
-    [ "$rc" = 0 ] && echo "$te_now" >"$stamp"
+    note "install: rc=$rc in $(($(date +%s) - s)) s ($want; log install.log)"
+    [ "$rc" = 0 ] && echo "$want" >"$stamp"
     [ "$rc" = 0 ] || { note "install failed: see install.log"; exit "$rc"; }
   fi
 fi

@@ -55,8 +55,9 @@ def test_shaping_ks_matches_scipy(shaped):
         a = alpha[s].numpy()
         for k in range(alpha.shape[1]):
             ref = stats.kstest(probs[gid == s, k].numpy(), stats.beta(a[k], a.sum() - a[k]).cdf).statistic
-            # float64 CDF vs SciPy's: both ~1e-12, far below any KS value of interest
-            assert abs(float(shaped["ks_final"][s, k]) - ref) < 1e-9
+            # measured ~5e-12 in float64; 1e-6 leaves room for a tabulated CDF and is far below the KS
+            # values that matter here (>= 1e-3)
+            assert abs(float(shaped["ks_final"][s, k]) - ref) < 1e-6
 
 
 def test_shaping_final_sample_is_dirichlet_like(shaped):

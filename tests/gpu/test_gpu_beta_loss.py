@@ -49,6 +49,13 @@ def test_beta_cdf_cuda_vs_scipy_and_cpu():
     assert out32.dtype == torch.float32
     err32 = (out32.double().cpu() - _scipy_betainc(x32.double(), a, b)).abs().max().item()
     assert err32 <= 2e-6, f"float32 max abs error vs SciPy {err32:.3g}"
+    # bfloat16 x: computed in float64 (<= 1e-9), rounded once to bf16: half a bf16 spacing on
+    # [0.5, 1] is 2^-9 (the CPU reaches 0.0019516 of the 0.0019531 bound on this grid)
+    x16 = x.bfloat16()
+    out16 = beta_cdf(x16, a, b)
+    assert out16.dtype == torch.bfloat16
+    err16 = (out16.double().cpu() - _scipy_betainc(x16.double(), a, b)).abs().max().item()
+    assert err16 <= 2.0**-9 + 1e-9, f"bfloat16 max abs error vs SciPy {err16:.3g}"
     # same algorithm on both devices; CUDA's lgamma/exp/log differ from the CPU's by a few ulp, and
     # exp(a*log x + ...) turns an exponent of magnitude <= ~1.5e3 into ~1e-13 absolute at most
     torch.testing.assert_close(out64.cpu(), beta_cdf(x.cpu(), a.cpu(), b.cpu()), rtol=0.0, atol=1e-12)

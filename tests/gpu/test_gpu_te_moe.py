@@ -6,6 +6,8 @@ Run: ``pytest -m gpu tests/gpu`` (on the device: ``bash scripts/run_gpu_tests.sh
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -49,7 +51,7 @@ def _dispatcher_overrides(dispatcher: str) -> dict:
         pytest.skip(reason)
     from megatron_dpsl.config import DPSLTransformerConfig
 
-    names = {f.name for f in __import__("dataclasses").fields(DPSLTransformerConfig)}
+    names = {f.name for f in dataclasses.fields(DPSLTransformerConfig)}
     # megatron-core 0.16 selects DeepEP with moe_enable_deepep; newer ones with a backend name
     if "moe_flex_dispatcher_backend" in names:
         return {"moe_flex_dispatcher_backend": "deepep"}
