@@ -60,7 +60,7 @@ def test_cf_gradient_is_pdf_and_gradcheck():
     a = torch.tensor([[0.3], [1.0], [7.0]], dtype=torch.float64)
     b = torch.tensor([[0.5, 2.0, 300.0]], dtype=torch.float64)
     x = (torch.rand(3, 3, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: beta_cdf(t, a, b), (x,))
+    assert torch.autograd.gradcheck(lambda t: beta_cdf(t, a, b), (x,), fast_mode=True)
     (g,) = torch.autograd.grad(beta_cdf(x, a, b).sum(), x)
     pdf = scipy.stats.beta.pdf(x.detach().numpy(), a.numpy(), b.numpy())
     np.testing.assert_allclose(g.numpy(), pdf, rtol=1e-10, atol=0)  # same formula, float64 rounding only
@@ -139,7 +139,7 @@ def test_table_derivative_is_derivative_of_value():
     # points in the bulk and in both tails of every row
     x = torch.sigmoid(torch.rand(3, 200, generator=g, dtype=torch.float64) * 60 - 40)
     f, d = t64.evaluate(x)
-    h = 1e-7 * x
+    h = 1e-6 * torch.minimum(x, 1 - x)  # stays inside (0, 1)
     fp, _ = t64.evaluate(x + h)
     fm, _ = t64.evaluate(x - h)
     fd = (fp - fm) / (2 * h)
