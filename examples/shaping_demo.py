@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from megatron_dpsl import dpsl_loss
-from megatron_dpsl.beta import betainc_f64
+from megatron_dpsl.metrics import ks_distance
 
 PRESETS = {
     # Appendix C.1 / Fig. 6
@@ -37,22 +37,9 @@ PRESETS = {
 
 
 def ks_per_category(probs: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """KS distance of each column of ``probs`` ``[num_points, num_categories]`` to Beta(α_k, A−α_k).
-
-    Returns ``[num_categories]`` float64. Uses ``megatron_dpsl.metrics.ks_distance`` when the package has it.
-    """
-    try:
-        from megatron_dpsl.metrics import ks_distance
-    except ImportError:  # metrics module not in this checkout: same statistic, computed here
-        ks_distance = None
-    if ks_distance is not None:
-        return ks_distance(probs.double(), alpha.double()).double()
-    x, _ = torch.sort(probs.double(), dim=0)  # [n, K]
-    n = x.shape[0]
-    a = alpha.double()
-    cdf = betainc_f64(x, a, a.sum() - a)
-    j = torch.arange(1, n + 1, dtype=torch.float64).unsqueeze(1)
-    return torch.maximum(j / n - cdf, cdf - (j - 1) / n).amax(dim=0)
+    """KS distance of each column of ``probs`` ``[num_points, num_categories]`` to Beta(α_k, A−α_k), float64
+    ``[num_categories]`` (``megatron_dpsl.metrics.ks_distance``)."""
+    return ks_distance(probs.double(), alpha.double()).double()
 
 
 def run_shaping(
@@ -73,7 +60,9 @@ def run_shaping(
     ``[S, K]`` (KS distance per source and category).
     """
     if steps < 0 or num_points < 2:
-        raise ValueError(f"run_shaping: need steps >= 0 and num_points >= 2, got steps={steps}, num_points={num_points}")
+        raise ValueError(
+            f"run_shaping: need steps >= 0 and num_points >= 2, got steps={steps}, num_points={num_points}"
+        )
     alpha = torch.tensor(alphas, dtype=torch.float64)  # [num_sources, num_categories]
     num_sources, num_categories = alpha.shape
     gen = torch.Generator().manual_seed(seed)
@@ -127,7 +116,8 @@ def plot_shaping(result: dict, path: str, dpi: int = 80) -> str:
     num_sources, num_categories = alpha.shape
     colors = ["tab:green", "tab:purple", "tab:orange", "tab:blue"]
     grid = np.linspace(1e-4, 1 - 1e-4, 400)
-    fig, axes = plt.subplots(2 + num_sources, num_categories + 1, figsize=(3.2 * (num_categories + 1), 2.6 * (2 + num_sources)))
+    rows, cols = 2 + num_sources, num_categories + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows))
 
     for row, (key, ks_key, title) in enumerate(
         [("probs_init", "ks_init", "initialisation"), ("probs_final", "ks_final", "after training")]

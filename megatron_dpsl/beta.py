@@ -169,7 +169,7 @@ def beta_cdf(x: torch.Tensor, a, b) -> torch.Tensor:
 
 
 def _quantile_u(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per row, a u = logit(x) with F(u) <= eps < F(u + 0.02): coarse-to-fine grid search, float64 [R]."""
+    """Per row, a u = logit(x) with F(u) <= eps < F(u + 0.013) (or -745): coarse-to-fine grid search, float64 [R]."""
     lo = torch.full_like(a, -745.0)
     step = 790.0 / 255
     for _ in range(2):  # 790 / 255^2 = 0.012 in u: plenty for a junction
@@ -211,10 +211,10 @@ class BetaCDFTable:
         u_hi = torch.minimum(-_logit(y_ser), -_quantile_u(b, a, _QUANTILE_EPS))
         u_hi = torch.maximum(u_hi, u_lo + 1e-3)
         scale = torch.sqrt(torch.polygamma(1, a) + torch.polygamma(1, b)).clamp(max=1.0)
-        nodes = int(torch.ceil(((u_hi - u_lo) / (_GRID_H * scale)).max()).item()) + 1
-        nodes = max(8, min(nodes, _MAX_NODES))
+        # Per-row node count: a row's table depends on its own (a, b) only, not on the other rows.
+        m1 = torch.ceil((u_hi - u_lo) / (_GRID_H * scale)).clamp(7, _MAX_NODES - 1)  # intervals per row [R]
+        nodes = int(m1.max().item()) + 1
         self.num_nodes = nodes
-        m1 = nodes - 1
         h = (u_hi - u_lo) / m1  # [R]
 
         # Reference node near the mode of logit X (x = a / (a + b)). Points are located through
@@ -223,7 +223,7 @@ class BetaCDFTable:
         u_mode = torch.minimum(torch.maximum(torch.log(a / b), u_lo), u_hi).clamp(-80.0, 80.0)
         k_c = torch.exp(-u_mode).to(dtype).double()
         u_c = -torch.log(k_c)
-        i_c = torch.round((u_c - u_lo) / h).clamp(0, m1)
+        i_c = torch.minimum(torch.round((u_c - u_lo) / h).clamp(min=0), m1)
         u_lo = u_c - i_c * h  # grid shifted by < h/2 so that u_c is a node
 
         u = u_lo[:, None] + h[:, None] * torch.arange(nodes, dtype=torch.float64)  # [R, M]
@@ -234,8 +234,9 @@ class BetaCDFTable:
         f0, f1 = f[:, :-1], f[:, 1:]
         d0, d1 = dfdu[:, :-1] * h[:, None], dfdu[:, 1:] * h[:, None]
         coefs = (f0, d0, 3.0 * (f1 - f0) - 2.0 * d0 - d1, 2.0 * (f0 - f1) + d0 + d1)
+        used = torch.arange(nodes - 1, dtype=torch.float64) < m1[:, None]  # [R, M - 1]: row r's intervals
         kw = dict(dtype=dtype, device=self.device)
-        self.c0, self.c1, self.c2, self.c3 = (c.reshape(-1).to(**kw) for c in coefs)  # [R * (M - 1)] each
+        self.c0, self.c1, self.c2, self.c3 = (c[used].to(**kw) for c in coefs)  # [sum_r m1_r] each
 
         q1 = (a + b) / (a + 1.0)
         r1 = (a + b) / (b + 1.0)
@@ -253,7 +254,7 @@ class BetaCDFTable:
             "inv_h": 1.0 / h,
             "s_lo": -i_c,  # grid coordinate relative to the reference node
             "s_hi": m1 - i_c,
-            "offset": torch.arange(self.num_rows, dtype=torch.float64) * m1 + i_c,
+            "offset": torch.cumsum(m1, 0) - m1 + i_c,  # flat index of row r's reference interval
         }
         self.rows = {k: v.to(**kw) for k, v in rows.items()}  # each [R]
         self.h = h.to(**kw)

@@ -8,9 +8,11 @@ gradient of its own slice, multiplied by ``grad_scale``, which the caller choose
 router-weight gradient after Megatron's reductions equals the single-process reference (see
 docs/parallelism.md for the derivation).
 
-Token counts may differ between ranks: the sizes are all-gathered first (one tiny collective)
-and the data is padded to the largest size. Buffers are allocated on ``tensor.device``, so the
-same code runs on NCCL/GPU and gloo/CPU.
+Megatron's micro-batches have a fixed shape, so every rank of a gather group holds the same number
+of tokens: :func:`equal_plan` builds the plan with no communication and no host sync (the router's
+path). Where counts may differ, :func:`plan_gather` all-gathers the sizes first (one tiny collective
+and a host sync) and the data is padded to the largest size. Buffers are allocated on
+``tensor.device``, so the same code runs on NCCL/GPU and gloo/CPU.
 """
 
 from __future__ import annotations
@@ -71,6 +73,24 @@ def plan_gather(num_tokens: int, group, replica_id: Optional[int] = None, device
     return GatherPlan(sizes=sizes, keep=keep, my_slot=first_of[rid])
 
 
+def equal_plan(num_tokens: int, group, keep: Optional[List[int]] = None, my_slot: Optional[int] = None) -> GatherPlan:
+    """Plan for ``num_tokens`` rows on every rank of ``group``: no communication, no host sync.
+
+    Args:
+        num_tokens: rows on this rank (and, by Megatron's fixed micro-batch shape, on every rank).
+        group: the process group (``None`` or size 1: no communication).
+        keep, my_slot: the replica structure of an earlier :func:`plan_gather` on the same group
+            (topology is static); default: every rank holds different rows.
+    """
+    size = 1 if group is None else group.size()
+    rank = 0 if group is None else group.rank()
+    return GatherPlan(
+        sizes=[num_tokens] * size,
+        keep=list(range(size)) if keep is None else list(keep),
+        my_slot=rank if my_slot is None else my_slot,
+    )
+
+
 class _GatherForLoss(torch.autograd.Function):
     """All-gather along dim 0 (variable sizes, optional de-duplication); backward = own slice × scale."""
 
@@ -81,10 +101,13 @@ class _GatherForLoss(torch.autograd.Function):
         if len(plan.sizes) == 1:
             return tensor.clone()
         max_rows = max(plan.sizes)
-        padded = tensor.new_zeros((max_rows,) + tuple(tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
+        if min(plan.sizes) == max_rows:
+            padded = tensor.contiguous()
+        else:
+            padded = tensor.new_zeros((max_rows,) + tuple(tensor.shape[1:]))
+            padded[: tensor.shape[0]] = tensor
         chunks = [torch.empty_like(padded) for _ in plan.sizes]
-        dist.all_gather(chunks, padded.contiguous(), group=group)
+        dist.all_gather(chunks, padded, group=group)
         return torch.cat([chunks[i][: plan.sizes[i]] for i in plan.keep], dim=0)
 
     @staticmethod

@@ -19,7 +19,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_t
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_dpsl.config import split_dpsl_load_balancing
-from megatron_dpsl.distributed import gather_for_loss, plan_gather
+from megatron_dpsl.distributed import equal_plan, gather_for_loss, plan_gather
 from megatron_dpsl.loss import dpsl_loss
 from megatron_dpsl.token_groups import get_dpsl_token_groups, shard_token_group_ids
 
@@ -58,6 +58,7 @@ class DPSLRouter(TopKRouter):
         self.dp_group = getattr(pg_collection, "dp", None)
         self.dpsl_coeff = float(config.moe_dpsl_coeff)
         self._dpsl_calls = 0  # Python-side counter for the diagnostics interval (no sync)
+        self._ep_replicas = None  # (keep, my_slot) of the EP gather: exchanged once, topology is static
         if enabled:
             self._check_micro_batch_layout(pg_collection)
             alpha = config.dpsl_alpha().to(torch.float64)
@@ -167,21 +168,30 @@ class DPSLRouter(TopKRouter):
         return ids.to(device)
 
     def _gather(self, rows: torch.Tensor):
-        """Gather ``rows`` ``[num_tokens, C]`` over the configured ranks; returns (gathered, num_replicas)."""
+        """Gather ``rows`` ``[num_tokens, C]`` over the configured ranks; returns (gathered, num_replicas).
+
+        Every rank of a gather group holds the same number of tokens (Megatron's micro-batches have
+        a fixed shape and SP/CP split them evenly), so the plans need no size exchange: after the
+        first call, the loss costs no collective but the data all-gathers and no host sync.
+        """
         tp_cp = self.tp_cp_group
+        num_tokens = rows.shape[0]
         if self.config.moe_dpsl_gather == "global_batch":
             group = self.tp_dp_cp_group
             replicas = group.size() // tp_cp.size()
             # every rank computes the loss on the whole global micro-batch; DDP divides by dp*cp and
             # the schedule's aux-loss scale multiplies by cp, so each rank's slice needs ×dp
-            return gather_for_loss(rows, group, grad_scale=replicas), replicas
-        gathered = gather_for_loss(rows, tp_cp)
+            return gather_for_loss(rows, group, plan=equal_plan(num_tokens, group), grad_scale=replicas), replicas
+        gathered = gather_for_loss(rows, tp_cp, plan=equal_plan(num_tokens, tp_cp))
         ep = self.ep_group
         if ep is None or ep.size() == 1 or set(_group_ranks(ep)) <= set(_group_ranks(tp_cp)):
             return gathered, 1
         # EP ranks outside this TP×CP group hold other data-parallel replicas' tokens: gather those
         # micro-batches too, once each (EP peers inside the same TP×CP group hold the same rows)
-        plan = plan_gather(gathered.shape[0], ep, replica_id=min(_group_ranks(tp_cp)), device=rows.device)
+        if self._ep_replicas is None:
+            first = plan_gather(gathered.shape[0], ep, replica_id=min(_group_ranks(tp_cp)), device=rows.device)
+            self._ep_replicas = (first.keep, first.my_slot)
+        plan = equal_plan(gathered.shape[0], ep, *self._ep_replicas)
         return gather_for_loss(gathered, ep, plan=plan, grad_scale=plan.num_replicas), plan.num_replicas
 
     def _maintain_dpsl_alpha(self, device):

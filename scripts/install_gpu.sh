@@ -104,12 +104,58 @@ te_core_wheel() {
     while read -r p; do parts+=("$stage/$p"); done <"$whl/base/te-core.parts"
     cat "${parts[@]}" >"$out.tmp" && mv "$out.tmp" "$out"
   fi
-  (cd "$stage" && sha256sum -c --quiet "$whl/base/te-core.sha256") >&2
+  if ! (cd "$stage" && sha256sum -c --quiet "$whl/base/te-core.sha256") >&2; then
+    rm -f "$out" # re-assembled from freshly staged parts next time
+    return 1
+  fi
   echo "$out"
 }
 
-pip_in() { "$py" -m pip install -q --no-index --no-deps --no-build-isolation --ignore-installed \
-  --no-warn-script-location --prefix "$prefix" "$@"; }
+# pip_in DIR FILE...: install carried files into the prefix DIR, nothing from an index, no deps
+pip_in() {
+  local dir="$1"
+  shift
+  "$py" -m pip install -q --no-index --no-deps --no-build-isolation --ignore-installed \
+    --no-warn-script-location --prefix "$dir" "$@"
+}
+
+site_dirs() { find "$1" -maxdepth 5 -type d \( -name site-packages -o -name dist-packages \) | paste -sd:; }
+
+install_te() {
+  # Into its own prefix ($prefix/te), used only if `import transformer_engine.pytorch` works in the
+  # end: a failed build must leave a clean TE-less install (megatron-core imports TE when present).
+  # Returns non-zero on any failure; callers decide whether that is fatal.
+  local te_prefix="$prefix/te" core archs
+  rm -rf "$te_prefix"
+  step "TE runtime deps: pydantic, nvdlfw-inspect, typing-extensions"
+  pip_in "$te_prefix" "$whl"/base/{pydantic,pydantic_core,annotated_types,typing_inspection,typing_extensions,nvdlfw_inspect}-*.whl || return 1
+  done_step
+  step "transformer-engine-$TE_CUDA $TE_VERSION (core library, reassembled from parts)"
+  core=$(te_core_wheel) || { echo "TE core wheel: SHA-256 mismatch (a part is damaged): stage again" >&2; return 1; }
+  pip_in "$te_prefix" "$core" || return 1
+  done_step
+  step "transformer-engine $TE_VERSION (python package)"
+  pip_in "$te_prefix" "$whl/base/transformer_engine-$TE_VERSION-py3-none-any.whl" || return 1
+  done_step
+  archs="${NVTE_CUDA_ARCHS:-$("$py" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')}" || return 1
+  step "transformer_engine_torch $TE_VERSION: build from sdist (NVTE_CUDA_ARCHS=$archs MAX_JOBS=${MAX_JOBS:-$(nproc)})"
+  # FORCE_BUILD: skip setup.py's attempt to fetch a prebuilt wheel from GitHub (no network here).
+  # NCCL EP off: only EP>1 kernels use it and it needs NCCL's symmetric-memory headers.
+  # cudnn.h: the sources include it, and the build looks only in the CUDA toolkit's include dir,
+  # which has no cuDNN; the image's cuDNN comes as a pip package (nvidia-cudnn-cu13), add its headers.
+  local cudnn_inc
+  cudnn_inc=$("$py" -c 'import glob, os, sys
+print(":".join(sorted({os.path.dirname(h) for p in sys.path if p
+    for h in glob.glob(os.path.join(p, "nvidia", "**", "include", "cudnn.h"), recursive=True)})))')
+  echo "   cudnn.h from: ${cudnn_inc:-(not found in the Python env; hoping for the toolkit)}"
+  CPLUS_INCLUDE_PATH="$cudnn_inc${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}" \
+    NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_FRAMEWORK=pytorch NVTE_CUDA_ARCHS="$archs" NVTE_WITH_NCCL_EP=0 \
+    MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip_in "$te_prefix" "$whl/base/transformer_engine_torch-$TE_VERSION.tar.gz" || return 1
+  done_step
+  step "import transformer_engine.pytorch"
+  PYTHONPATH="$(site_dirs "$te_prefix")${PYTHONPATH:+:$PYTHONPATH}" "$py" -c 'import transformer_engine.pytorch' || return 1
+  done_step
+}
 
 install() {
   local t_all
@@ -122,17 +168,25 @@ install() {
   done_step
 
   step "megatron-core $MCORE_VERSION (carried wheel)"
-  pip_in "$whl"/base/megatron_core-"$MCORE_VERSION"-*.whl
+  pip_in "$prefix" "$whl"/base/megatron_core-"$MCORE_VERSION"-*.whl
   done_step
 
   step "megatron-dpsl (this checkout)"
-  pip_in "$repo"
+  pip_in "$prefix" "$repo"
   done_step
 
   local want_te="${DPSL_TE:-auto}" te_ok=0
   if [ "$want_te" != 0 ]; then
     if stage_parts >/dev/null; then
-      te_ok=1
+      if install_te; then
+        te_ok=1
+      elif [ "$want_te" = 1 ]; then
+        echo "DPSL_TE=1 and the Transformer Engine install failed (above)" >&2
+        exit 1
+      else
+        echo "== Transformer Engine install FAILED (above): going on without it (TE tests will skip)"
+        rm -rf "$prefix/te"
+      fi
     elif [ "$want_te" = 1 ]; then
       stage_parts || true
       echo "DPSL_TE=1 but TE-core parts are missing (above): stage them first (docs/gpu.md)" >&2
@@ -141,29 +195,12 @@ install() {
       echo "== TE-core parts not all staged: skipping Transformer Engine (TE tests will skip)"
     fi
   fi
-  if [ "$te_ok" = 1 ]; then
-    step "TE runtime deps: pydantic, nvdlfw-inspect, typing-extensions"
-    pip_in "$whl"/base/{pydantic,pydantic_core,annotated_types,typing_inspection,typing_extensions,nvdlfw_inspect}-*.whl
-    done_step
-    step "transformer-engine-$TE_CUDA $TE_VERSION (core library, reassembled from parts)"
-    pip_in "$(te_core_wheel)"
-    done_step
-    step "transformer-engine $TE_VERSION (python package)"
-    pip_in "$whl/base/transformer_engine-$TE_VERSION-py3-none-any.whl"
-    done_step
-    local archs
-    archs="${NVTE_CUDA_ARCHS:-$("$py" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')}"
-    step "transformer_engine_torch $TE_VERSION: build from sdist (NVTE_CUDA_ARCHS=$archs MAX_JOBS=${MAX_JOBS:-$(nproc)})"
-    # FORCE_BUILD: skip setup.py's attempt to fetch a prebuilt wheel from GitHub (no network here).
-    # NCCL EP off: only EP>1 kernels use it and it needs NCCL's symmetric-memory headers.
-    NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_FRAMEWORK=pytorch NVTE_CUDA_ARCHS="$archs" NVTE_WITH_NCCL_EP=0 \
-      MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip_in "$whl/base/transformer_engine_torch-$TE_VERSION.tar.gz"
-    done_step
-  fi
 
-  # where pip put them (lib/python3.X/site-packages, or dist-packages on Debian-patched pythons)
+  # where pip put them (lib/python3.X/site-packages, or dist-packages on Debian-patched pythons);
+  # TE's prefix only when it imported
   local site
-  site=$(find "$prefix" -maxdepth 5 -type d \( -name site-packages -o -name dist-packages \) | paste -sd:)
+  site=$(site_dirs "$prefix")
+  if [ "$te_ok" = 0 ]; then site=$(echo "$site" | tr ':' '\n' | grep -v "^$prefix/te/" | paste -sd:); fi
   cat >"$prefix/env.sh" <<EOF
 export PYTHONPATH="$site\${PYTHONPATH:+:\$PYTHONPATH}"
 export PATH="$prefix/bin:\$PATH"

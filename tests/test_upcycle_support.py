@@ -91,7 +91,16 @@ def save_megatron_lm(model, save_dir, args, iteration=7):
     if rank0:
         os.makedirs(step)
     dist.barrier()
-    state = {"model": model.sharded_state_dict(), "args": args, "checkpoint_version": 3.0, "iteration": iteration}
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+    model_sd = model.sharded_state_dict()
+    emb = model_sd["embedding.word_embeddings.weight"]
+    # training state a Megatron-LM checkpoint also holds (the converter must skip it)
+    optimizer = {"exp_avg": make_sharded_optimizer_tensor(emb, torch.zeros_like(emb.data), "optimizer.state.exp_avg")}
+    rng = ShardedObject(f"rng_state", {"seed": 1}, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+    state = {"model": model_sd, "optimizer": optimizer, "rng_state": rng, "args": args,
+             "checkpoint_version": 3.0, "iteration": iteration}
     dist_checkpointing.save(state, step, sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1))
     if rank0:
         with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
