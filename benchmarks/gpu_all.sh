@@ -48,8 +48,10 @@ EOF
 t=$(date +%s)
 echo "== dpsl_loss forward+backward (benchmarks/loss.py)"
 loss_cmd="python benchmarks/loss.py --device $device --dtype bfloat16 ${loss_grid[*]} ${LOSS_ARGS:-}"
+failed=()
 # shellcheck disable=SC2086
-"$py" benchmarks/loss.py --device "$device" --dtype bfloat16 "${loss_grid[@]}" ${LOSS_ARGS:-} | tee "$out/loss_gpu.txt"
+"$py" benchmarks/loss.py --device "$device" --dtype bfloat16 "${loss_grid[@]}" ${LOSS_ARGS:-} | tee "$out/loss_gpu.txt" ||
+  failed+=(loss.py) # keep going: the layer benchmark is independent
 {
   echo "#### dpsl_loss forward+backward"
   echo
@@ -76,12 +78,17 @@ echo "   $(($(date +%s) - t)) s"
 t=$(date +%s)
 echo "== MoE layer step (benchmarks/moe_layer.py)"
 # shellcheck disable=SC2086
-"$py" benchmarks/moe_layer.py --device "$device" "${moe_quick[@]}" --markdown "$out/moe_layer_gpu.md" --json "$out/moe_layer.json" ${MOE_ARGS:-}
+"$py" benchmarks/moe_layer.py --device "$device" "${moe_quick[@]}" --markdown "$out/moe_layer_gpu.md" \
+  --json "$out/moe_layer.json" ${MOE_ARGS:-} || failed+=(moe_layer.py)
 {
   echo "#### MoE layer step"
   echo
-  cat "$out/moe_layer_gpu.md"
+  cat "$out/moe_layer_gpu.md" 2>/dev/null || echo "(benchmarks/moe_layer.py failed: see bench.log)"
 } >>"$md"
 rm -f "$out/moe_layer_gpu.md"
 echo "   $(($(date +%s) - t)) s"
 echo "== wrote $md"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED: ${failed[*]}" | tee -a "$md"
+  exit 1
+fi

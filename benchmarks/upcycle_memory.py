@@ -47,8 +47,11 @@ def dense_layer(s, dtype, meta, gen):
         "mlp.linear_fc1.weight": (2 * F, H),
         "mlp.linear_fc2.weight": (H, F),
     }
-    make = (lambda sh: torch.empty(sh, dtype=dtype, device="meta")) if meta else (
-        lambda sh: (torch.randn(sh, generator=gen) * 0.02).to(dtype))
+    make = (
+        (lambda sh: torch.empty(sh, dtype=dtype, device="meta"))
+        if meta
+        else (lambda sh: (torch.randn(sh, generator=gen) * 0.02).to(dtype))
+    )
     return {n: make(sh) for n, sh in shapes.items()}
 
 
@@ -60,23 +63,42 @@ def write_dense(root: Path, s, dtype):
 
     def pieces(group, meta):
         if group == "global":
-            mk = (lambda sh: torch.empty(sh, dtype=dtype, device="meta")) if meta else (
-                lambda sh: (torch.randn(sh, generator=gen) * 0.02).to(dtype))
-            return [Piece("embedding.word_embeddings.weight", mk((s["vocab"], s["hidden"]))),
-                    Piece("decoder.final_layernorm.weight", mk((s["hidden"],))),
-                    Piece("output_layer.weight", mk((s["vocab"], s["hidden"])))]
+            mk = (
+                (lambda sh: torch.empty(sh, dtype=dtype, device="meta"))
+                if meta
+                else (lambda sh: (torch.randn(sh, generator=gen) * 0.02).to(dtype))
+            )
+            return [
+                Piece("embedding.word_embeddings.weight", mk((s["vocab"], s["hidden"]))),
+                Piece("decoder.final_layernorm.weight", mk((s["hidden"],))),
+                Piece("output_layer.weight", mk((s["vocab"], s["hidden"]))),
+            ]
         ps = [Piece(f"decoder.layers.{n}", t, ((group, L),)) for n, t in dense_layer(s, dtype, meta, gen).items()]
         for n in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
             ps.append(Piece(f"decoder.layers.{n}._extra_state", None, ((group, L),), is_object=True))
         return ps
 
-    args = ap.Namespace(num_layers=L, hidden_size=s["hidden"], ffn_hidden_size=s["ffn"],
-                        num_attention_heads=s["heads"], group_query_attention=True, num_query_groups=s["groups"],
-                        swiglu=True, normalization="RMSNorm", padded_vocab_size=s["vocab"],
-                        untie_embeddings_and_output_weights=True, add_bias_linear=False, num_experts=None)
+    args = ap.Namespace(
+        num_layers=L,
+        hidden_size=s["hidden"],
+        ffn_hidden_size=s["ffn"],
+        num_attention_heads=s["heads"],
+        group_query_attention=True,
+        num_query_groups=s["groups"],
+        swiglu=True,
+        normalization="RMSNorm",
+        padded_vocab_size=s["vocab"],
+        untie_embeddings_and_output_weights=True,
+        add_bias_linear=False,
+        num_experts=None,
+    )
     planned = [(g, pieces(g, True)) for g in ["global", *range(L)]]
-    write_torch_dist(root / "iter_0000001", planned, lambda g: pieces(g, False),
-                     {"args": args, "iteration": 1, "checkpoint_version": 3.0})
+    write_torch_dist(
+        root / "iter_0000001",
+        planned,
+        lambda g: pieces(g, False),
+        {"args": args, "iteration": 1, "checkpoint_version": 3.0},
+    )
     (root / "latest_checkpointed_iteration.txt").write_text("1")
     n = sum(p.numel for _, ps in planned for p in ps)
     layer_bytes = sum(p.nbytes for p in planned[1][1])
@@ -84,15 +106,26 @@ def write_dense(root: Path, s, dtype):
     return n, layer_bytes, global_bytes
 
 
-def run_measured(cmd, env) -> tuple[int, str, str, int]:
-    """Run ``cmd``; return (rc, stdout, stderr, peak RSS bytes of that child alone via wait4)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return proc.returncode, out.read(), err.read(), usage.ru_maxrss * 1024  # Linux: KiB
+# Runs a module as __main__ and reports the process's own peak RSS. VmHWM (/proc/self/status) belongs
+# to the address space created by exec, unlike ru_maxrss, which Linux carries over from the forking
+# parent (this script, which has just written the dense checkpoint).
+_PEAK = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    if sys.argv[0] != '-':
+        runpy.run_module(sys.argv[0], run_name='__main__')
+finally:
+    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
+    print('PEAK_RSS_KB', hwm, file=sys.stderr)
+"""
+
+
+def run_measured(module_argv, env) -> tuple[int, str, str, int]:
+    """Run ``python -m module_argv``; return (rc, stdout, stderr, that process's peak RSS in bytes)."""
+    proc = subprocess.run([sys.executable, "-c", _PEAK, *module_argv], env=env, capture_output=True, text=True)
+    peak = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
+    return proc.returncode, proc.stdout, proc.stderr, int(peak[-1].split()[1]) * 1024 if peak else -1
 
 
 def du(path: Path) -> int:
@@ -113,7 +146,9 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="upcycle-bench-", dir=a.workdir))
     try:
         esz = torch.tensor([], dtype=dtype).element_size()
-        dense_est = (2 * s["vocab"] * s["hidden"] + s["layers"] * (3 * s["hidden"] * s["ffn"] + 4 * s["hidden"] ** 2)) * esz
+        dense_est = (
+            2 * s["vocab"] * s["hidden"] + s["layers"] * (3 * s["hidden"] * s["ffn"] + 4 * s["hidden"] ** 2)
+        ) * esz
         need = dense_est * (2 + a.num_experts // a.granularity)
         free = shutil.disk_usage(work).free
         if free < need:
@@ -121,9 +156,20 @@ def main():
         t0 = time.perf_counter()
         n, layer_bytes, global_bytes = write_dense(work / "dense", s, dtype)
         t_write = time.perf_counter() - t0
-        cmd = [sys.executable, "-m", "megatron_dpsl.upcycle", "--source", str(work / "dense"),
-               "--output", str(work / "moe"), "--num-experts", str(a.num_experts), "--granularity",
-               str(a.granularity), "--moe-router-topk", str(a.topk), "--no-progress"]
+        cmd = [
+            "megatron_dpsl.upcycle",
+            "--source",
+            str(work / "dense"),
+            "--output",
+            str(work / "moe"),
+            "--num-experts",
+            str(a.num_experts),
+            "--granularity",
+            str(a.granularity),
+            "--moe-router-topk",
+            str(a.topk),
+            "--no-progress",
+        ]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         t0 = time.perf_counter()
         rc, out, err, peak = run_measured(cmd, env)
@@ -132,17 +178,24 @@ def main():
             sys.exit(f"conversion failed:\n{err[-3000:]}")
         # baseline: the same interpreter importing the converter (torch, safetensors, tqdm), converting nothing
         t0 = time.perf_counter()
-        _, _, _, base_rss = run_measured([sys.executable, "-c", "import megatron_dpsl.upcycle.convert, tqdm"], env)
+        _, _, _, base_rss = run_measured(["megatron_dpsl.upcycle.convert"], env)  # imports only
         t_import = time.perf_counter() - t0
         dense_size, moe_size = du(work / "dense"), du(work / "moe")
-        out_layer = layer_bytes - s["hidden"] * 2 * esz + (a.num_experts // a.granularity - 1) * 3 * s["hidden"] * s["ffn"] * esz
+        out_layer = (
+            layer_bytes
+            - s["hidden"] * 2 * esz
+            + (a.num_experts // a.granularity - 1) * 3 * s["hidden"] * s["ffn"] * esz
+        )
         print(out)
         rows = [
             ("dense params", f"{n / 1e9:.3f} B ({a.dtype})"),
             ("dense on disk", f"{dense_size / 2**30:.2f} GiB (written in {t_write:.1f} s)"),
             ("MoE on disk", f"{moe_size / 2**30:.2f} GiB"),
-            ("conversion wall time", f"{t_conv:.1f} s  ({dense_size / 2**20 / t_conv:.0f} MiB/s read, "
-                                     f"{moe_size / 2**20 / t_conv:.0f} MiB/s written)"),
+            (
+                "conversion wall time",
+                f"{t_conv:.1f} s  ({dense_size / 2**20 / t_conv:.0f} MiB/s read, "
+                f"{moe_size / 2**20 / t_conv:.0f} MiB/s written)",
+            ),
             ("interpreter + imports alone", f"{base_rss / 2**30:.2f} GiB RSS, {t_import:.1f} s"),
             ("peak RSS (conversion)", f"{peak / 2**30:.2f} GiB"),
             ("peak RSS - imports", f"{(peak - base_rss) / 2**30:.2f} GiB"),
@@ -153,7 +206,7 @@ def main():
         ]
         width = max(len(k) for k, _ in rows)
         print("\n".join(f"{k.ljust(width)} | {v}" for k, v in rows))
-        print("command:", " ".join(cmd))
+        print("command: python -m", " ".join(cmd))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -6,7 +6,7 @@
 # Embedded trainer (megatron-core + DPSL router), Megatron-LM flag names. Named overrides (environment):
 #   NNODES (1)  NODE_RANK (0)  NPROC_PER_NODE (2)  MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500)  RDZV_ID (dpsl)
 #   DATA_PATH (outputs/corpus; built here if missing)  SAVE (outputs/pretrain_gpt_dpsl)  LOAD (unset)
-#   TP (1)  EP (2)  NUM_EXPERTS (8)  TOPK (2)  TRAIN_ITERS (200)  MBS (4)  GBS (16)
+#   TP (1)  EP (2)  NUM_EXPERTS (8)  TOPK (2)  TRAIN_ITERS (200)  WARMUP (TRAIN_ITERS/20)  MBS (4)  GBS (16)
 #   LB_TYPE (dpsl)  DPSL_COEFF (0.01)  DPSL_ALPHA (1.0)  EXTRA_ARGS (appended verbatim)
 # On GPU nodes the trainer picks nccl + CUDA; on CPU, gloo (one process per core is plenty).
 set -euo pipefail
@@ -30,6 +30,7 @@ GBS=${GBS:-16}
 LB_TYPE=${LB_TYPE:-dpsl}
 DPSL_COEFF=${DPSL_COEFF:-0.01}
 DPSL_ALPHA=${DPSL_ALPHA:-1.0}
+WARMUP=${WARMUP:-$(( TRAIN_ITERS / 20 ))}
 
 if [ ! -f "${DATA_PATH}/train_tokens.bin" ] && [ "${NODE_RANK}" = "0" ]; then
   python -m megatron_dpsl.train.corpus --out "${DATA_PATH}"
@@ -43,7 +44,7 @@ ARGS=(
   --moe-token-dispatcher-type allgather
   --tensor-model-parallel-size "${TP}" --expert-model-parallel-size "${EP}"
   --micro-batch-size "${MBS}" --global-batch-size "${GBS}" --train-iters "${TRAIN_ITERS}"
-  --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 10
+  --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters "${WARMUP}"
   --data-path "${DATA_PATH}" --save "${SAVE}" --save-interval 100
   --tensorboard-dir "${SAVE}/tensorboard" --log-interval 10 --eval-interval 50 --eval-iters 4
 )

@@ -119,6 +119,13 @@ pip_in() {
     --no-warn-script-location --prefix "$dir" "$@"
 }
 
+write_env() { # write_env SITE_DIRS: the file callers source to use the install
+  cat >"$prefix/env.sh" <<EOF
+export PYTHONPATH="$1\${PYTHONPATH:+:\$PYTHONPATH}"
+export PATH="$prefix/bin:\$PATH"
+EOF
+}
+
 site_dirs() { find "$1" -maxdepth 5 -type d \( -name site-packages -o -name dist-packages \) | paste -sd:; }
 
 install_te() {
@@ -174,6 +181,7 @@ install() {
   step "megatron-dpsl (this checkout)"
   pip_in "$prefix" "$repo"
   done_step
+  write_env "$(site_dirs "$prefix" | tr ':' '\n' | grep -v "^$prefix/te/" | paste -sd:)" # usable even if TE fails
 
   local want_te="${DPSL_TE:-auto}" te_ok=0
   if [ "$want_te" != 0 ]; then
@@ -201,10 +209,7 @@ install() {
   local site
   site=$(site_dirs "$prefix")
   if [ "$te_ok" = 0 ]; then site=$(echo "$site" | tr ':' '\n' | grep -v "^$prefix/te/" | paste -sd:); fi
-  cat >"$prefix/env.sh" <<EOF
-export PYTHONPATH="$site\${PYTHONPATH:+:\$PYTHONPATH}"
-export PATH="$prefix/bin:\$PATH"
-EOF
+  write_env "$site"
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 
   step "versions"

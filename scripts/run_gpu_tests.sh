@@ -48,7 +48,12 @@ if [[ $stages == *,install,* ]]; then
     rc=${PIPESTATUS[0]}
     note "install: rc=$rc in $(($(date +%s) - s)) s ($want; log install.log)"
     [ "$rc" = 0 ] && echo "$want" >"$stamp"
-    [ "$rc" = 0 ] || { note "install failed: see install.log"; exit "$rc"; }
+    if [ "$rc" != 0 ]; then
+      # killed in the TE build (timeout) or TE failed hard: megatron-core and the project are in
+      # already (env.sh is written before TE), so the rest still runs; DPSL_TE=0 skips TE next time
+      [ -f "$prefix/env.sh" ] || { note "install failed before megatron-core was in: see install.log"; exit "$rc"; }
+      note "install incomplete (rc=$rc): going on with what is installed (TE tests will skip); see install.log"
+    fi
   fi
 fi
 # shellcheck disable=SC1091

@@ -31,7 +31,8 @@ def _ref_per_expert(probs, alpha, with_grad=False):
         f = scipy.special.betainc(alpha[k], total - alpha[k], x)
         loss[k] = ((j - f) ** 2).sum() / num_tokens
         pdf = scipy.stats.beta.pdf(x, alpha[k], total - alpha[k])
-        grad[order, k] = -2.0 / num_tokens * (j - f) * pdf
+        with np.errstate(invalid="ignore"):  # 0 * inf at exact 0/1 (the loss defines 0 there)
+            grad[order, k] = -2.0 / num_tokens * (j - f) * pdf
     return (loss, grad) if with_grad else loss
 
 
@@ -50,17 +51,17 @@ def test_matches_scipy_reference_float64_value_and_gradient():
 
 def test_matches_exact_continued_fraction():
     # the fast path against the same Eq. 4 evaluated with the exact continued fraction (beta_cdf)
-    probs = _probs(500, 4, seed=1, scale=4.0)  # scale 4: many probabilities in the tails
+    probs = _probs(200, 4, seed=1, scale=4.0)  # scale 4: many probabilities in the tails
     alpha = torch.tensor([0.05, 0.5, 3.0, 40.0], dtype=torch.float64)
     x, _ = torch.sort(probs.t(), dim=-1, stable=True)
     a, b = alpha[:, None], alpha.sum() - alpha[:, None]
-    j = torch.arange(1, 501, dtype=torch.float64) / 500
-    exact = ((j - beta_cdf(x, a, b)) ** 2).sum(-1) / 500
+    j = torch.arange(1, 201, dtype=torch.float64) / 200
+    exact = ((j - beta_cdf(x, a, b)) ** 2).sum(-1) / 200
     torch.testing.assert_close(dpsl_loss_per_expert(probs, alpha), exact, rtol=0, atol=4e-10)  # 2 x 2e-10
     # float32 path: the same values rounded to float32 (per-CDF error <= 5e-7 -> <= 1e-6 per expert)
     p32 = probs.float()
     x32, _ = torch.sort(p32.double().t(), dim=-1, stable=True)
-    exact32 = ((j - beta_cdf(x32, a, b)) ** 2).sum(-1) / 500
+    exact32 = ((j - beta_cdf(x32, a, b)) ** 2).sum(-1) / 200
     out32 = dpsl_loss_per_expert(p32, alpha)
     assert out32.dtype == torch.float32
     torch.testing.assert_close(out32.double(), exact32, rtol=0, atol=2e-6)  # + float32 summation rounding
@@ -83,16 +84,16 @@ def test_float32_and_bfloat16_inputs():
 
 
 def test_gradcheck_dense_groups_padding():
-    probs = _probs(40, 3, seed=3).requires_grad_()
+    probs = _probs(24, 3, seed=3).requires_grad_()
     alpha = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
     alpha2 = torch.tensor([[0.5, 1.0, 3.0], [2.0, 0.3, 0.3]], dtype=torch.float64)
-    gids = torch.randint(0, 2, (40,), generator=torch.Generator().manual_seed(0))
-    pad = torch.zeros(40, dtype=torch.bool)
+    gids = torch.randint(0, 2, (24,), generator=torch.Generator().manual_seed(0))
+    pad = torch.zeros(24, dtype=torch.bool)
     pad[::7] = True
     assert torch.autograd.gradcheck(lambda p: dpsl_loss(p, alpha), (probs,))
-    assert torch.autograd.gradcheck(lambda p: dpsl_loss(p, alpha2, gids), (probs,))
     assert torch.autograd.gradcheck(lambda p: dpsl_loss(p, alpha2, gids, pad), (probs,))
-    assert torch.autograd.gradcheck(lambda p: dpsl_loss(p, alpha, padding_mask=pad), (probs,))
+    for fn in (lambda p: dpsl_loss(p, alpha2, gids), lambda p: dpsl_loss(p, alpha, padding_mask=pad)):
+        assert torch.autograd.gradcheck(fn, (probs,), fast_mode=True)
 
 
 def test_groups_are_sum_of_separate_losses():

@@ -7,7 +7,8 @@ suite's). The multi-node test launches two torchrun agents joined by the c10d re
 
 from __future__ import annotations
 
-import glob
+import importlib.util
+import json
 import math
 import os
 import socket
@@ -26,7 +27,7 @@ TINY = [
     "--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
     "--ffn-hidden-size", "64", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
     "--lr", "1e-2", "--hidden-dropout", "0", "--attention-dropout", "0", "--disable-bias-linear",
-    "--log-interval", "1", "--eval-iters", "1", "--seed", "7",
+    "--log-interval", "1", "--eval-iters", "1", "--seed", "7", "--device", "cpu",
 ]
 # Megatron's aux loss and DPSL (modality priors from per-token group ids) together, list form
 MOE = [
@@ -58,6 +59,7 @@ def test_megatron_flag_names_parse_and_derive():
             "--save", "/tmp/x", "--load", "/tmp/y", "--save-interval", "50", "--tensorboard-dir", "/tmp/tb",
             "--log-interval", "5", "--eval-interval", "20", "--eval-iters", "2", "--disable-bias-linear",
             "--moe-dpsl-alpha", "0.75", "--moe-dpsl-gather", "global_batch", "--mock-data",
+            "--transformer-impl", "transformer_engine",
         ]),
         world_size=8,
     )
@@ -81,6 +83,8 @@ def test_megatron_flag_names_parse_and_derive():
         (["--num-attention-heads", "5"], 1, "--num-attention-heads"),
         (["--seq-length", "64", "--max-position-embeddings", "32"], 1, "--seq-length"),
         (["--tensor-model-parallel-size", "2", "--num-experts", "4"], 2, "--sequence-parallel"),
+        pytest.param(["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2, "--sequence-parallel",
+                     marks=pytest.mark.skipif(importlib.util.find_spec("apex") is not None, reason="apex norm supports SP")),
         (["--expert-model-parallel-size", "2"], 2, "--expert-model-parallel-size"),
         (["--min-lr", "1"], 1, "--min-lr"),
     ],
@@ -114,7 +118,7 @@ def _setup(argv):
     from megatron_dpsl.train.trainer import _set_random_seed, initialize_distributed
 
     args = parse_args(argv)
-    initialize_distributed(args)
+    initialize_distributed(args)  # --device cpu: gloo + cpu_platform
     validate_args(args, 1)
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel()
@@ -347,7 +351,14 @@ def test_data_parallel_ranks_split_the_global_batch():
 # ---------------------------------------------------------------------------------------------
 # multi-node: two torchrun agents (1 process each) joined by the c10d rendezvous on 127.0.0.1
 
-MULTINODE = [*TINY, *MOE, "--train-iters", "3", "--micro-batch-size", "2", "--global-batch-size", "4"]
+# phase "dp": DPSL with modality priors, experts replicated (EP 1, DP 2);
+# phase "ep": Megatron's aux loss + z-loss, experts split over the two nodes (EP 2)
+PHASES = {
+    "dp": [*TINY, *MOE, "--train-iters", "3"],
+    "ep": [*TINY, "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
+           "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001", "--expert-model-parallel-size", "2",
+           "--train-iters", "3"],
+}
 
 
 def _free_port():
@@ -356,17 +367,28 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _global_expert_name(name: str, ep_rank: int, local_experts: int) -> str:
+    """``...local_experts.{i}...`` on EP rank r is expert ``r * local_experts + i`` of the unsharded model."""
+    parts = name.split(".")
+    if "local_experts" in parts:
+        k = parts.index("local_experts") + 1
+        parts[k] = str(ep_rank * local_experts + int(parts[k]))
+    return ".".join(parts)
+
+
 @pytest.mark.distributed
 def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    phases_path = tmp_path / "phases.json"
+    phases_path.write_text(json.dumps(PHASES))
     worker = os.path.join(REPO, "tests", "distributed", "trainer_multinode_worker.py")
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
              "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-             "--rdzv-id", "trainer-multinode-test", worker, str(tmp_path), "--", *MULTINODE],
+             "--rdzv-id", "trainer-multinode-test", worker, str(tmp_path), str(phases_path)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for node in range(2)
@@ -374,22 +396,59 @@ def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["world_size"] == 2 for r in ranks)
-    a, b = ranks
-    assert len(a["train_losses"]) == 3 and all(math.isfinite(x) for x in a["train_losses"])
-    assert a["train_losses"] == b["train_losses"]  # the DP-averaged loss is one number on every rank
-    assert a["params"].keys() == b["params"].keys()
-    for name in a["params"]:
-        # data-parallel replicas after identical all-reduced updates: bitwise equal
-        assert torch.equal(a["params"][name], b["params"][name]), name
 
-    # a one-process run over the same global batches (2 micro-batches instead of 2 DP ranks)
     from megatron_dpsl.train.trainer import pretrain
 
-    ref = pretrain(parse_args(MULTINODE))
-    # DP mean of per-rank means vs mean over accumulated micro-batches: fp32 reassociation only
-    np.testing.assert_allclose(a["train_losses"], ref.train_losses, rtol=1e-5)
-    for name, p in ref.model.named_parameters():
-        # three Adam steps (lr 1e-2) amplify fp32 reassociation of tiny grads: 1e-5 absolute
-        torch.testing.assert_close(a["params"][name], p.detach(), rtol=0, atol=1e-5, msg=name)
+    for phase, argv in PHASES.items():
+        ranks = [torch.load(tmp_path / f"{phase}_rank{r}.pt", weights_only=False) for r in range(2)]
+        assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+        a, b = ranks
+        assert len(a["train_losses"]) == 3 and all(math.isfinite(x) for x in a["train_losses"]), phase
+        assert a["train_losses"] == b["train_losses"], phase  # the DP-averaged loss is one number everywhere
+        if phase == "dp":
+            assert "dpsl_loss" in a["aux_losses"]
+            for name in a["params"]:
+                # data-parallel replicas after identical all-reduced updates: bitwise equal
+                assert torch.equal(a["params"][name], b["params"][name]), name
+        else:
+            assert {"load_balancing_loss", "z_loss"} <= set(a["aux_losses"])
+            assert sorted(r["ep_rank"] for r in ranks) == [0, 1]
+            for name in a["params"]:
+                if "local_experts" not in name:  # the non-expert part is replicated over the 2 nodes
+                    assert torch.equal(a["params"][name], b["params"][name]), name
+
+        # one process over the same global batches (2 micro-batches instead of 2 DP ranks, all experts)
+        ref = pretrain(parse_args(argv))
+        ref_params = {n: p.detach() for n, p in ref.model.named_parameters()}
+        # DP mean of per-rank means vs mean over accumulated micro-batches: fp32 reassociation only
+        np.testing.assert_allclose(a["train_losses"], ref.train_losses, rtol=1e-5, err_msg=phase)
+        for r in ranks:
+            for name, p in r["params"].items():
+                # three Adam steps (lr 1e-2) from the same grads up to fp32 reassociation: 1e-5 absolute
+                torch.testing.assert_close(p, ref_params[_global_expert_name(name, r["ep_rank"], 2)],
+                                           rtol=0, atol=1e-5, msg=f"{phase} {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: Megatron's own optimizer and schedule (skipped without CUDA)
+
+
+@pytest.mark.gpu
+def test_gpu_path_uses_megatron_optimizer_and_schedule(tmp_path):
+    """``--device cuda`` on one GPU: NCCL, get_megatron_optimizer, get_forward_backward_func, save/resume."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    argv = [a for a in [*TINY, *MOE] if a not in ("--device", "cpu")] + [
+        "--device", "cuda", "--lr-decay-iters", "4", "--save", str(tmp_path / "ckpt"),
+        "--tensorboard-dir", str(tmp_path / "tb"),
+    ]
+    runs = []
+    for iters in ("2", "4"):
+        load = ["--load", str(tmp_path / "ckpt")] if iters == "4" else []
+        proc = subprocess.run([sys.executable, "-m", "megatron_dpsl.train.trainer", *argv, "--train-iters", iters, *load],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        runs.append(proc.stdout)
+    assert "optimizer megatron | schedule megatron" in runs[0] and "(nccl, cuda)" in runs[0]
+    assert "dpsl_loss:" in runs[0] and "load_balancing_loss:" in runs[0]
+    assert "resuming at iteration 2" in runs[1] and "iteration        4/       4" in runs[1]

@@ -29,8 +29,20 @@ def _free_port():
 
 def test_upcycled_checkpoint_under_ep2(tmp_path):
     out = tmp_path / "result.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           os.path.join(HERE, "test_upcycle_ep_worker.py"), "--workdir", str(tmp_path), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        os.path.join(HERE, "test_upcycle_ep_worker.py"),
+        "--workdir",
+        str(tmp_path),
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not out.exists():

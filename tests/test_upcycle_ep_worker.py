@@ -27,7 +27,13 @@ def main():
 
     from megatron_cpu import init_torchrun
     from test_upcycle_support import (
-        build_gpt, causal_mask, dense_args, gpt_logits, load_megatron_lm, moe_training_model, save_megatron_lm,
+        build_gpt,
+        causal_mask,
+        dense_args,
+        gpt_logits,
+        load_megatron_lm,
+        moe_training_model,
+        save_megatron_lm,
         train_steps,
     )
 
@@ -86,7 +92,7 @@ def main():
     ep, _ = moe_training_model(margs, dpsl_coeff=0.0)
     load_megatron_lm(ep, dst)
     ep_logits = gpt_logits(ep, tokens)
-    half = tokens[rank:rank + 1]
+    half = tokens[rank : rank + 1]
     ep_loss, ep_grads = loss_and_grads(ep, half)
 
     def expert_global(name):
@@ -106,8 +112,11 @@ def main():
         return out
 
     synced = sync(ep_grads)
-    local = (max((synced[n] - ref_grads[n]).abs().max().item() for n in synced),
-             min(ref_grads[n].abs().max().item() for n in synced), sorted(synced))
+    local = (
+        max((synced[n] - ref_grads[n]).abs().max().item() for n in synced),
+        min(ref_grads[n].abs().max().item() for n in synced),
+        sorted(synced),
+    )
     gathered = [None, None]
     dist.all_gather_object(gathered, local)  # each rank holds half of the experts
     grad_diff = max(g[0] for g in gathered)

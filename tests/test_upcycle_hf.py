@@ -27,9 +27,17 @@ def megatron():
 
 def _tiny_hf(kind, path):
     torch.manual_seed({"llama": 0, "qwen2": 1}[kind])
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
-                  initializer_range=0.15)  # large enough that any mapping error shows
+    common = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        initializer_range=0.15,
+    )  # large enough that any mapping error shows
     if kind == "llama":
         cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False)
         model = transformers.LlamaForCausalLM(cfg)
@@ -60,8 +68,15 @@ def test_hf_dense_round_trip_and_exact_upcycling(megatron, tmp_path, kind):
     load_megatron_lm(dense, str(tmp_path / "dense"))
     d_dense = (gpt_logits(dense, TOKENS) - ref).abs().max().item()
 
-    upcycle(tmp_path / "hf", tmp_path / "moe", num_experts=8, granularity=2, moe_router_topk=4,
-            weight_scaling="exact", progress=False)
+    upcycle(
+        tmp_path / "hf",
+        tmp_path / "moe",
+        num_experts=8,
+        granularity=2,
+        moe_router_topk=4,
+        weight_scaling="exact",
+        progress=False,
+    )
     margs = torch.load(tmp_path / "moe" / "release" / "common.pt", weights_only=False)["args"]
     moe = build_gpt(margs)
     load_megatron_lm(moe, str(tmp_path / "moe"))

@@ -19,7 +19,6 @@ from test_upcycle_support import (  # noqa: E402
     gpt_logits,
     load_megatron_lm,
     save_megatron_lm,
-    transformer_config,
 )
 
 # fp32 on CPU: the MoE path sums k weighted expert outputs whose probabilities sum to one up to
@@ -105,15 +104,33 @@ def test_mixed_layers_shared_expert_and_bare_dir(megatron, swiglu_ckpt, tmp_path
     _, args, dense = swiglu_ckpt
     bare = tmp_path / "bare"
     bare.mkdir()
-    dist_checkpointing.save(dense.sharded_state_dict(), str(bare),
-                            sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1))
-    _upcycle(bare, tmp_path / "moe", num_experts=4, granularity=2, moe_router_topk=2, weight_scaling="exact",
-             shared_expert=True, moe_layer_freq="[0,1]")
+    dist_checkpointing.save(
+        dense.sharded_state_dict(),
+        str(bare),
+        sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1),
+    )
+    _upcycle(
+        bare,
+        tmp_path / "moe",
+        num_experts=4,
+        granularity=2,
+        moe_router_topk=2,
+        weight_scaling="exact",
+        shared_expert=True,
+        moe_layer_freq="[0,1]",
+    )
     out_args = _args_of(tmp_path / "moe")
     assert out_args.moe_layer_freq == [0, 1] and out_args.moe_shared_expert_intermediate_size == 64
     full = dense_args()  # the bare dir has no args: attention shapes come from the test's config
-    for name in ("num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_layer_freq",
-                 "moe_shared_expert_intermediate_size", "moe_router_pre_softmax", "moe_router_score_function"):
+    for name in (
+        "num_experts",
+        "moe_ffn_hidden_size",
+        "moe_router_topk",
+        "moe_layer_freq",
+        "moe_shared_expert_intermediate_size",
+        "moe_router_pre_softmax",
+        "moe_router_score_function",
+    ):
         setattr(full, name, getattr(out_args, name))
     moe = build_gpt(full)
     load_megatron_lm(moe, str(tmp_path / "moe"))
@@ -127,8 +144,8 @@ def _sharded_shapes(model):
 
     out = {}
     for v in model.sharded_state_dict(metadata={"singleton_local_shards": False}).values():
-        for sh in (v.build() if isinstance(v, ShardedTensorFactory) else [v]):
-            for sh in (sh if isinstance(sh, (list, tuple)) else [sh]):
+        for sh in v.build() if isinstance(v, ShardedTensorFactory) else [v]:
+            for sh in sh if isinstance(sh, (list, tuple)) else [sh]:
                 name = sh.unique_key if isinstance(sh, ShardedObject) else sh.key
                 out[name] = None if isinstance(sh, ShardedObject) else tuple(sh.global_shape)
     return out
@@ -195,13 +212,48 @@ def test_record_json_dry_run_and_hash(swiglu_ckpt, tmp_path, capsys):
     from megatron_dpsl.upcycle.readers import MegatronDenseSource
 
     src, _, _ = swiglu_ckpt
-    assert main(["--source", str(src), "--output", str(tmp_path / "moe"), "--num-experts", "16", "--granularity", "4",
-                 "--moe-router-topk", "8", "--dry-run", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--source",
+                str(src),
+                "--output",
+                str(tmp_path / "moe"),
+                "--num-experts",
+                "16",
+                "--granularity",
+                "4",
+                "--moe-router-topk",
+                "8",
+                "--dry-run",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "decoder.layers.mlp.experts.experts.linear_fc1.weight  [2, 16, 32, 32] float32" in out
     assert "params MoE (active/token)" in out and not (tmp_path / "moe").exists()
-    assert main(["--source", str(src), "--output", str(tmp_path / "moe"), "--num-experts", "4",
-                 "--expert-noise-std", "0.01", "--drop-upcycling-ratio", "0.5", "--seed", "7", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--source",
+                str(src),
+                "--output",
+                str(tmp_path / "moe"),
+                "--num-experts",
+                "4",
+                "--expert-noise-std",
+                "0.01",
+                "--drop-upcycling-ratio",
+                "0.5",
+                "--seed",
+                "7",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "moe" / "upcycle_config.json").read_text())
     assert record["options"]["expert_noise_std"] == 0.01 and record["options"]["drop_upcycling_ratio"] == 0.5
     assert record["options"]["seed"] == 7
@@ -244,10 +296,10 @@ def test_atomic_write_force_and_interrupt(swiglu_ckpt, tmp_path, monkeypatch):
 
     real = convert.layer_pieces
 
-    def interrupted(plan, w):
+    def interrupted(plan, w, part="all"):
         if plan.layer == 1 and w.mlp["linear_fc1.weight"].device.type != "meta":
             raise KeyboardInterrupt  # Ctrl-C in the middle of writing layer 1
-        return real(plan, w)
+        return real(plan, w, part)
 
     monkeypatch.setattr(convert, "layer_pieces", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -260,3 +312,22 @@ def test_atomic_write_force_and_interrupt(swiglu_ckpt, tmp_path, monkeypatch):
     _upcycle(src, dst, num_experts=4, seed=4, force=True)
     assert json.loads((dst / "upcycle_config.json").read_text())["options"]["seed"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]
+
+
+def test_keys_under_a_model_prefix(megatron, swiglu_ckpt, tmp_path):
+    """On-disk keys under a prefix (``model.decoder...``) are found; output keys are Megatron's own."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    _, args, dense = swiglu_ckpt
+    src = tmp_path / "prefixed"
+    src.mkdir()
+    dist_checkpointing.save(
+        {"model": dense.sharded_state_dict(prefix="model."), "args": args},
+        str(src),
+        sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1),
+    )
+    _upcycle(src, tmp_path / "moe", num_experts=4, moe_router_topk=2, weight_scaling="exact")
+    moe = build_gpt(_args_of(tmp_path / "moe"))
+    load_megatron_lm(moe, str(tmp_path / "moe"))
+    assert (gpt_logits(moe, TOKENS) - gpt_logits(dense, TOKENS)).abs().max().item() <= EXACT_ATOL

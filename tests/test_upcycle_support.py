@@ -15,17 +15,45 @@ sys.path.insert(0, os.path.dirname(__file__))
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 
 
-def dense_args(*, glu=True, activation="silu", bias=False, layers=2, hidden=32, ffn=64, heads=4, groups=2,
-               vocab=96, tied=False, normalization="RMSNorm") -> argparse.Namespace:
+def dense_args(
+    *,
+    glu=True,
+    activation="silu",
+    bias=False,
+    layers=2,
+    hidden=32,
+    ffn=64,
+    heads=4,
+    groups=2,
+    vocab=96,
+    tied=False,
+    normalization="RMSNorm",
+) -> argparse.Namespace:
     """A Megatron-LM-style args namespace for a tiny dense GPT."""
     return argparse.Namespace(
-        num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
-        group_query_attention=groups != heads, num_query_groups=groups, kv_channels=hidden // heads,
-        max_position_embeddings=64, seq_length=64, position_embedding_type="rope", rotary_base=10000.0,
-        normalization=normalization, norm_epsilon=1e-5, swiglu=glu and activation == "silu",
-        squared_relu=False, quick_geglu=False, untie_embeddings_and_output_weights=not tied,
-        add_bias_linear=bias, add_qkv_bias=bias, padded_vocab_size=vocab, init_method_std=0.02,
-        num_experts=None, params_dtype=torch.float32,
+        num_layers=layers,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_attention_heads=heads,
+        group_query_attention=groups != heads,
+        num_query_groups=groups,
+        kv_channels=hidden // heads,
+        max_position_embeddings=64,
+        seq_length=64,
+        position_embedding_type="rope",
+        rotary_base=10000.0,
+        normalization=normalization,
+        norm_epsilon=1e-5,
+        swiglu=glu and activation == "silu",
+        squared_relu=False,
+        quick_geglu=False,
+        untie_embeddings_and_output_weights=not tied,
+        add_bias_linear=bias,
+        add_qkv_bias=bias,
+        padded_vocab_size=vocab,
+        init_method_std=0.02,
+        num_experts=None,
+        params_dtype=torch.float32,
     )
 
 
@@ -35,25 +63,39 @@ def transformer_config(args, *, router_dtype=None, **overrides):
 
     act = "silu" if args.swiglu else ("gelu" if not getattr(args, "squared_relu", False) else None)
     kw = dict(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups if getattr(args, "group_query_attention", False) else None,
         kv_channels=getattr(args, "kv_channels", None),
-        gated_linear_unit=bool(args.swiglu), activation_func=ACTIVATIONS[act],
-        normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
-        add_bias_linear=args.add_bias_linear, add_qkv_bias=getattr(args, "add_qkv_bias", False),
-        use_cpu_initialization=True, bias_activation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
-        init_method_std=args.init_method_std, params_dtype=torch.float32,
-        persist_layer_norm=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
+        gated_linear_unit=bool(args.swiglu),
+        activation_func=ACTIVATIONS[act],
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=getattr(args, "add_qkv_bias", False),
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=args.init_method_std,
+        params_dtype=torch.float32,
+        persist_layer_norm=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
     )
     if getattr(args, "num_experts", None):
         kw.update(
-            num_moe_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-            moe_router_topk=args.moe_router_topk, moe_layer_freq=args.moe_layer_freq,
+            num_moe_experts=args.num_experts,
+            moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+            moe_router_topk=args.moe_router_topk,
+            moe_layer_freq=args.moe_layer_freq,
             moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
             moe_router_pre_softmax=args.moe_router_pre_softmax,
             moe_router_score_function=args.moe_router_score_function,
-            moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0,
+            moe_token_dispatcher_type="allgather",
+            moe_aux_loss_coeff=0.0,
         )
     kw.update(overrides)
     return TransformerConfig(**kw)
@@ -67,14 +109,19 @@ def build_gpt(args, config=None, layer_spec=None, **kwargs):
     config = config or transformer_config(args)
     if layer_spec is None:
         if config.num_moe_experts:
-            layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
-                                                    normalization=args.normalization)
+            layer_spec = get_gpt_decoder_block_spec(
+                config, use_transformer_engine=False, normalization=args.normalization
+            )
         else:
             layer_spec = get_gpt_layer_local_spec(normalization=args.normalization)
     return GPTModel(
-        config=config, transformer_layer_spec=layer_spec, vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings, position_embedding_type="rope",
-        rotary_base=args.rotary_base, share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=args.rotary_base,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         **kwargs,
     )
 
@@ -98,9 +145,15 @@ def save_megatron_lm(model, save_dir, args, iteration=7):
     emb = model_sd["embedding.word_embeddings.weight"]
     # training state a Megatron-LM checkpoint also holds (the converter must skip it)
     optimizer = {"exp_avg": make_sharded_optimizer_tensor(emb, torch.zeros_like(emb.data), "optimizer.state.exp_avg")}
-    rng = ShardedObject(f"rng_state", {"seed": 1}, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
-    state = {"model": model_sd, "optimizer": optimizer, "rng_state": rng, "args": args,
-             "checkpoint_version": 3.0, "iteration": iteration}
+    rng = ShardedObject("rng_state", {"seed": 1}, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+    state = {
+        "model": model_sd,
+        "optimizer": optimizer,
+        "rng_state": rng,
+        "args": args,
+        "checkpoint_version": 3.0,
+        "iteration": iteration,
+    }
     dist_checkpointing.save(state, step, sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1))
     if rank0:
         with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:

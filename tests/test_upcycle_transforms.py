@@ -50,7 +50,7 @@ def moe_forward(x, router, experts, topk, gated, act):
     for t in range(x.shape[0]):
         for p, e in zip(probs[t], idx[t]):
             ex = experts[int(e)]
-            out[t] += p * ffn(x[t:t + 1], ex.fc1, ex.fc2, gated, act, ex.fc1_bias, ex.fc2_bias)[0]
+            out[t] += p * ffn(x[t : t + 1], ex.fc1, ex.fc2, gated, act, ex.fc1_bias, ex.fc2_bias)[0]
     return out
 
 
@@ -71,11 +71,25 @@ def test_exact_scaling_preserves_the_dense_function(gated, act, bias, G, E, k):
     mlp = {n: t.double() for n, t in dense_mlp(gated, bias).items()}
     scales = weight_scales("exact", num_experts=E, granularity=G, topk=k, gated=gated, activation="silu")
     experts = upcycle_experts(mlp, num_experts=E, granularity=G, gated=gated, scales=scales)
-    router = init_router("virtual-group", num_experts=E, granularity=G, hidden_size=H, std=1.0,
-                         generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    router = init_router(
+        "virtual-group",
+        num_experts=E,
+        granularity=G,
+        hidden_size=H,
+        std=1.0,
+        generator=torch.Generator().manual_seed(1),
+        dtype=torch.float64,
+    )
     x = torch.randn(7, H, dtype=torch.float64)
-    dense = ffn(x, mlp["linear_fc1.weight"], mlp["linear_fc2.weight"], gated, act,
-                mlp.get("linear_fc1.bias"), mlp.get("linear_fc2.bias"))
+    dense = ffn(
+        x,
+        mlp["linear_fc1.weight"],
+        mlp["linear_fc2.weight"],
+        gated,
+        act,
+        mlp.get("linear_fc1.bias"),
+        mlp.get("linear_fc2.bias"),
+    )
     # float64: only summation-order rounding separates the two
     torch.testing.assert_close(moe_forward(x, router, experts, k, gated, act), dense, rtol=0, atol=1e-10)
 
@@ -84,18 +98,36 @@ def test_without_scaling_granular_moe_is_dense_over_G():
     """The reason for --weight-scaling: unscaled, a granular MoE outputs FFN(x)/G (He et al. 2024)."""
     G, E, k = 4, 16, 8
     mlp = {n: t.double() for n, t in dense_mlp(True).items()}
-    experts = upcycle_experts(mlp, num_experts=E, granularity=G, gated=True,
-                              scales=weight_scales("none", num_experts=E, granularity=G, topk=k, gated=True, activation="silu"))
-    router = init_router("virtual-group", num_experts=E, granularity=G, hidden_size=H, std=1.0,
-                         generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    experts = upcycle_experts(
+        mlp,
+        num_experts=E,
+        granularity=G,
+        gated=True,
+        scales=weight_scales("none", num_experts=E, granularity=G, topk=k, gated=True, activation="silu"),
+    )
+    router = init_router(
+        "virtual-group",
+        num_experts=E,
+        granularity=G,
+        hidden_size=H,
+        std=1.0,
+        generator=torch.Generator().manual_seed(2),
+        dtype=torch.float64,
+    )
     x = torch.randn(3, H, dtype=torch.float64)
     dense = ffn(x, mlp["linear_fc1.weight"], mlp["linear_fc2.weight"], True, F.silu)
     torch.testing.assert_close(moe_forward(x, router, experts, k, True, F.silu), dense / G, rtol=0, atol=1e-10)
 
 
 def test_virtual_group_router_rows():
-    r = init_router("virtual-group", num_experts=12, granularity=3, hidden_size=H, std=0.02,
-                    generator=torch.Generator().manual_seed(0))
+    r = init_router(
+        "virtual-group",
+        num_experts=12,
+        granularity=3,
+        hidden_size=H,
+        std=0.02,
+        generator=torch.Generator().manual_seed(0),
+    )
     groups = r.view(4, 3, H)
     assert torch.equal(groups, groups[:, :1].expand_as(groups))  # the G experts of a copy share a row
     assert torch.unique(r, dim=0).shape[0] == 4
@@ -104,19 +136,27 @@ def test_virtual_group_router_rows():
 
 def test_expert_e_gets_shard_e_mod_G():
     mlp = dense_mlp(True)
-    experts = upcycle_experts(mlp, num_experts=8, granularity=4, gated=True,
-                              scales=weight_scales("none", num_experts=8, granularity=4, topk=4, gated=True, activation="silu"))
+    experts = upcycle_experts(
+        mlp,
+        num_experts=8,
+        granularity=4,
+        gated=True,
+        scales=weight_scales("none", num_experts=8, granularity=4, topk=4, gated=True, activation="silu"),
+    )
     shards = split_fc1(mlp["linear_fc1.weight"], 4, True)
     for e, ex in enumerate(experts):
         assert torch.equal(ex.fc1, shards[e % 4])
 
 
-@pytest.mark.parametrize("mode,gated,act,pre,expect", [
-    ("he2024", True, "silu", False, 4 ** (1 / 3)),  # a = G = 4, GLU -> cube root
-    ("he2024", False, "gelu", False, 2.0),  # a = G = 4, sqrt
-    ("he2024", False, "squared_relu", False, 4 ** (1 / 3)),
-    ("he2024", True, "silu", True, (16 * 4 / 8) ** (1 / 3)),  # pre-softmax: a = E*G/k
-])
+@pytest.mark.parametrize(
+    "mode,gated,act,pre,expect",
+    [
+        ("he2024", True, "silu", False, 4 ** (1 / 3)),  # a = G = 4, GLU -> cube root
+        ("he2024", False, "gelu", False, 2.0),  # a = G = 4, sqrt
+        ("he2024", False, "squared_relu", False, 4 ** (1 / 3)),
+        ("he2024", True, "silu", True, (16 * 4 / 8) ** (1 / 3)),  # pre-softmax: a = E*G/k
+    ],
+)
 def test_he2024_factors(mode, gated, act, pre, expect):
     s = weight_scales(mode, num_experts=16, granularity=4, topk=8, gated=gated, activation=act, pre_softmax=pre)
     assert math.isclose(s.fc1, expect) and math.isclose(s.fc2, expect) and s.fc2_bias == 1.0
@@ -147,27 +187,40 @@ def test_drop_upcycling_reinitialises_the_requested_units():
 def test_noise_std_and_independent_experts():
     mlp = dense_mlp(True)
     gens = [torch.Generator().manual_seed(i) for i in range(4)]
-    experts = upcycle_experts(mlp, num_experts=4, granularity=1, gated=True, scales=weight_scales(
-        "none", num_experts=4, granularity=1, topk=2, gated=True, activation="silu"), noise_std=0.01, generators=gens)
+    experts = upcycle_experts(
+        mlp,
+        num_experts=4,
+        granularity=1,
+        gated=True,
+        scales=weight_scales("none", num_experts=4, granularity=1, topk=2, gated=True, activation="silu"),
+        noise_std=0.01,
+        generators=gens,
+    )
     deltas = [ex.fc1 - mlp["linear_fc1.weight"] for ex in experts]
     for d in deltas:  # 1024 samples: the std estimate is within ~10%
         assert abs(d.std().item() / 0.01 - 1) < 0.1
     assert not torch.equal(deltas[0], deltas[1])
 
 
-@pytest.mark.parametrize("kwargs,flag", [
-    (dict(num_experts=6, granularity=4), "--granularity"),
-    (dict(num_experts=4, moe_router_topk=5), "--moe-router-topk"),
-    (dict(num_experts=4, router_init="uniform"), "--router-init"),
-    (dict(num_experts=4, weight_scaling="magic"), "--weight-scaling"),
-    (dict(num_experts=4, drop_upcycling_ratio=1.0), "--drop-upcycling-ratio"),
-    (dict(num_experts=4, activation="relu6"), "unknown activation"),
-    (dict(num_experts=8, granularity=2, moe_router_topk=3, weight_scaling="exact"), "multiple of --granularity"),
-    (dict(num_experts=8, granularity=2, moe_router_topk=4, weight_scaling="exact", router_init="normal"), "virtual-group"),
-    (dict(num_experts=4, weight_scaling="exact", moe_router_pre_softmax=True), "pre-softmax"),
-    (dict(num_experts=4, weight_scaling="exact", expert_noise_std=0.01), "--expert-noise-std"),
-    (dict(num_experts=4, moe_layer_freq="[1,2]"), "--moe-layer-freq"),
-])
+@pytest.mark.parametrize(
+    "kwargs,flag",
+    [
+        (dict(num_experts=6, granularity=4), "--granularity"),
+        (dict(num_experts=4, moe_router_topk=5), "--moe-router-topk"),
+        (dict(num_experts=4, router_init="uniform"), "--router-init"),
+        (dict(num_experts=4, weight_scaling="magic"), "--weight-scaling"),
+        (dict(num_experts=4, drop_upcycling_ratio=1.0), "--drop-upcycling-ratio"),
+        (dict(num_experts=4, activation="relu6"), "unknown activation"),
+        (dict(num_experts=8, granularity=2, moe_router_topk=3, weight_scaling="exact"), "multiple of --granularity"),
+        (
+            dict(num_experts=8, granularity=2, moe_router_topk=4, weight_scaling="exact", router_init="normal"),
+            "virtual-group",
+        ),
+        (dict(num_experts=4, weight_scaling="exact", moe_router_pre_softmax=True), "pre-softmax"),
+        (dict(num_experts=4, weight_scaling="exact", expert_noise_std=0.01), "--expert-noise-std"),
+        (dict(num_experts=4, moe_layer_freq="[1,2]"), "--moe-layer-freq"),
+    ],
+)
 def test_option_errors_name_the_flag(kwargs, flag):
     with pytest.raises(UpcycleError, match=flag.replace("-", r"\-") if flag.startswith("--") else flag):
         UpcycleOptions(**kwargs)

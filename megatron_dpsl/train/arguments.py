@@ -10,6 +10,7 @@ Megatron-LM's ``pretrain_gpt.py``. The DPSL flags come from
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 from typing import Optional, Sequence
 
@@ -178,6 +179,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _error("--expert-model-parallel-size", f"EP {ep} x ETP {args.expert_tensor_parallel_size} must divide the world size {world_size}")
     if tp == 1 and args.sequence_parallel:
         args.sequence_parallel = False  # Megatron-LM drops it silently too
+    if args.sequence_parallel and args.transformer_impl == "local" and importlib.util.find_spec("apex") is None:
+        # megatron-core's WrappedTorchNorm (the local spec's norm without apex) asserts not sequence_parallel
+        _error("--sequence-parallel", "needs --transformer-impl transformer_engine or NVIDIA apex (the local spec's "
+               "torch LayerNorm does not support sequence parallelism); on CPU use EP or DP instead of TP+SP")
     if cp > 1 and args.transformer_impl != "transformer_engine":
         _error("--context-parallel-size", "context parallelism needs --transformer-impl transformer_engine (a GPU)")
 

@@ -15,7 +15,6 @@ import argparse
 import os
 from typing import Optional, Tuple
 
-import torch
 import torch.distributed as dist
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"

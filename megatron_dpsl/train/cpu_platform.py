@@ -3,8 +3,9 @@
 Why this module exists: the embedded trainer must run on a laptop CPU (the quickstart, CI), but
 megatron-core 0.16.1 asks CUDA for a device or an RNG state in a handful of places even when every
 tensor lives on the CPU. :func:`enable` answers exactly those calls. Only the trainer calls it, and
-only when it runs on CPU (``--device cpu`` or no GPU); the library modules (router, loss, upcycle)
-never import it, and on a machine with CUDA it does nothing. The test suite has its own copy of the
+only when it runs on CPU (``--device cpu``, or ``auto`` without a GPU); the library modules (router,
+loss, upcycle) never import it. It changes process-wide ``torch.cuda`` functions, so a process that
+enabled it must not also use a GPU. The test suite has its own copy of the
 shims (``tests/megatron_cpu.py``) so library tests never depend on this file.
 
 Each adaptation below names the Megatron call it answers.
@@ -20,9 +21,9 @@ _ENABLED = False
 
 
 def enable() -> None:
-    """Install the CPU stand-ins (idempotent; a no-op when CUDA is available)."""
+    """Install the CPU stand-ins (idempotent)."""
     global _ENABLED
-    if _ENABLED or torch.cuda.is_available():
+    if _ENABLED:
         return
     _ENABLED = True
 

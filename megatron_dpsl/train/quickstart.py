@@ -26,6 +26,7 @@ missing or fails, the MoE runs start from a random initialisation and the report
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -71,6 +72,7 @@ def build_plan(a: argparse.Namespace) -> dict:
         "--hidden-dropout", 0.0, "--attention-dropout", 0.0, "--micro-batch-size", 4 if tiny else 8,
         "--global-batch-size", 8 if tiny else 16, "--data-path", os.path.join(out, "corpus"), "--seed", a.seed,
         "--lr-decay-style", "cosine", "--log-interval", 5 if tiny else 20, "--eval-iters", 1 if tiny else 4,
+        "--device", "cpu",  # the quickstart is the laptop demo: CPU + gloo even where a GPU exists
     ]
     dense = common + [
         "--train-iters", dense_iters, "--lr", 3e-3, "--min-lr", 3e-4, "--lr-warmup-iters", max(1, dense_iters // 10),
@@ -285,7 +287,10 @@ def _run_upcycle(plan: dict, alive) -> None:
         open(stage["dir"] + ".failed", "w").close()
         return
     tracker = os.path.join(opts["src"], "latest_checkpointed_iteration.txt")
-    _wait_for([tracker], timeout=1800, alive=alive)
+    try:
+        _wait_for([tracker], timeout=1800, alive=alive)
+    except RuntimeError:
+        return  # the workers died before saving the dense model: main() reports their exit status
     src, dst = opts.pop("src"), opts.pop("dst")
     print(f"\n=== {_stamp()} upcycle (megatron_dpsl.upcycle): {src} -> {dst} {opts}", flush=True)
     try:
@@ -303,6 +308,10 @@ def main(argv=None) -> dict:
         _worker(a.worker)
         return {}
     t_start = _T0
+    missing = [m for m in ("matplotlib", "tensorboard") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"quickstart: needs {', '.join(missing)}: pip install 'megatron-dpsl[plots]' "
+                         "(or run bash scripts/quickstart.sh, which installs the test extras)")
     out = os.path.abspath(a.out)
     for sub in ("dense", "moe_init", "runs", "corpus"):
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)

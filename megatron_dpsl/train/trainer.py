@@ -272,6 +272,7 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
                                 "valid_losses": result.valid_losses}, args.routing_stats_path)
 
     total_loss_dict: dict = {}
+    loss_counts: dict = {}
     interval_iters, interval_time, grad_norm = 0, 0.0, 0.0
     num_moe_layers = args.num_layers
     t_last = time.time()
@@ -295,6 +296,7 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
             raise FloatingPointError(f"lm loss is {lm_loss} at iteration {iteration}")
         result.train_losses.append(lm_loss)
         total_loss_dict["lm loss"] = total_loss_dict.get("lm loss", 0.0) + lm_loss
+        loss_counts["lm loss"] = loss_counts.get("lm loss", 0) + 1
         if args.num_experts is not None:
             moe_dict: dict = {}
             moe_logging.track_moe_metrics(
@@ -303,8 +305,11 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
             )
             for name, value in moe_dict.items():
                 value = float(value)
+                if value == 0.0:
+                    continue  # diagnostics (dpsl_cov, ...) are tracked only every --moe-dpsl-log-interval calls
                 result.aux_losses.setdefault(name, []).append((iteration, value))
                 total_loss_dict[name] = total_loss_dict.get(name, 0.0) + value
+                loss_counts[name] = loss_counts.get(name, 0) + 1
         interval_iters += 1
         lr = optimizer.param_groups[0]["lr"]
         if writer is not None:
@@ -322,13 +327,13 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
                 f" global batch size: {args.global_batch_size:5d} |"
             )
             for name, value in total_loss_dict.items():
-                if value:  # Megatron-LM prints the non-zero entries
-                    line += f" {name}: {value / interval_iters:.6E} |"
+                # mean over the iterations that reported it (Megatron-LM prints the non-zero entries)
+                line += f" {name}: {value / loss_counts[name]:.6E} |"
             line += f" grad norm: {grad_norm:.3f} |"
             print_rank_0(line)
             if writer is not None:
                 writer.add_scalar("iteration-time", ms / 1000.0, iteration)
-            total_loss_dict, interval_iters = {}, 0
+            total_loss_dict, loss_counts, interval_iters = {}, {}, 0
         if args.eval_interval and iteration % args.eval_interval == 0:
             run_eval(iteration)
         if args.save and args.save_interval and iteration % args.save_interval == 0:

@@ -32,29 +32,58 @@ def build_parser() -> argparse.ArgumentParser:
         "torch_dist checkpoint in the Megatron-LM layout.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--source", "--load", dest="source", required=True,
-                   help="Megatron-LM save dir, torch_dist step dir, or HF directory (config.json + safetensors)")
+    p.add_argument(
+        "--source",
+        "--load",
+        dest="source",
+        required=True,
+        help="Megatron-LM save dir, torch_dist step dir, or HF directory (config.json + safetensors)",
+    )
     p.add_argument("--output", "--save", dest="output", help="output directory (created atomically)")
     p.add_argument("--num-experts", type=int, required=True, help="routed experts per MoE layer (E)")
-    p.add_argument("--granularity", type=int, default=1,
-                   help="split each dense FFN into G experts of F/G units (8in16 = E 16, G 4, top-k 8)")
+    p.add_argument(
+        "--granularity",
+        type=int,
+        default=1,
+        help="split each dense FFN into G experts of F/G units (8in16 = E 16, G 4, top-k 8)",
+    )
     p.add_argument("--moe-router-topk", type=int, default=2)
     p.add_argument("--router-init", choices=ROUTER_INITS, default="virtual-group")
-    p.add_argument("--router-init-std", type=float, default=None,
-                   help="std of the router init (default: source init_method_std or 0.02)")
-    p.add_argument("--weight-scaling", choices=WEIGHT_SCALINGS, default="none",
-                   help="none (paper); he2024 = Megatron's runtime upcycling rule; exact = MoE equals dense")
-    p.add_argument("--expert-noise-std", type=float, default=0.0,
-                   help="additive N(0, std^2) noise on expert weights (paper: 0.01)")
-    p.add_argument("--drop-upcycling-ratio", type=float, default=0.0,
-                   help="Drop-Upcycling re-init fraction (paper: 0.5 for 4 experts, 0.2 for 16)")
+    p.add_argument(
+        "--router-init-std",
+        type=float,
+        default=None,
+        help="std of the router init (default: source init_method_std or 0.02)",
+    )
+    p.add_argument(
+        "--weight-scaling",
+        choices=WEIGHT_SCALINGS,
+        default="none",
+        help="none (paper); he2024 = Megatron's runtime upcycling rule; exact = MoE equals dense",
+    )
+    p.add_argument(
+        "--expert-noise-std", type=float, default=0.0, help="additive N(0, std^2) noise on expert weights (paper: 0.01)"
+    )
+    p.add_argument(
+        "--drop-upcycling-ratio",
+        type=float,
+        default=0.0,
+        help="Drop-Upcycling re-init fraction (paper: 0.5 for 4 experts, 0.2 for 16)",
+    )
     p.add_argument("--shared-expert", action="store_true", help="keep the dense FFN as a shared expert")
-    p.add_argument("--moe-layer-freq", default="1",
-                   help="int N (every N-th layer) or a 0/1 list per layer, e.g. [1,0,1,0] or ([1]*2+[0])*4")
+    p.add_argument(
+        "--moe-layer-freq",
+        default="1",
+        help="int N (every N-th layer) or a 0/1 list per layer, e.g. [1,0,1,0] or ([1]*2+[0])*4",
+    )
     p.add_argument("--moe-router-pre-softmax", action="store_true", help="recorded in args (not exact)")
     p.add_argument("--moe-router-score-function", choices=SCORE_FUNCTIONS, default="softmax")
-    p.add_argument("--activation", choices=("silu", "gelu", "squared_relu", "quick_gelu"), default=None,
-                   help="activation for sources whose args do not say (default: from args / shapes)")
+    p.add_argument(
+        "--activation",
+        choices=("silu", "gelu", "squared_relu", "quick_gelu"),
+        default=None,
+        help="activation for sources whose args do not say (default: from args / shapes)",
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     p.add_argument("--dry-run", action="store_true", help="print the output tensors and summary; write nothing")
@@ -74,14 +103,25 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = upcycle(
-            args.source, args.output,
-            num_experts=args.num_experts, granularity=args.granularity, moe_router_topk=args.moe_router_topk,
-            router_init=args.router_init, router_init_std=args.router_init_std,
-            weight_scaling=args.weight_scaling, expert_noise_std=args.expert_noise_std,
-            drop_upcycling_ratio=args.drop_upcycling_ratio, shared_expert=args.shared_expert,
-            moe_layer_freq=args.moe_layer_freq, moe_router_pre_softmax=args.moe_router_pre_softmax,
-            moe_router_score_function=args.moe_router_score_function, activation=args.activation,
-            seed=args.seed, force=args.force, dry_run=args.dry_run, progress=not args.no_progress,
+            args.source,
+            args.output,
+            num_experts=args.num_experts,
+            granularity=args.granularity,
+            moe_router_topk=args.moe_router_topk,
+            router_init=args.router_init,
+            router_init_std=args.router_init_std,
+            weight_scaling=args.weight_scaling,
+            expert_noise_std=args.expert_noise_std,
+            drop_upcycling_ratio=args.drop_upcycling_ratio,
+            shared_expert=args.shared_expert,
+            moe_layer_freq=args.moe_layer_freq,
+            moe_router_pre_softmax=args.moe_router_pre_softmax,
+            moe_router_score_function=args.moe_router_score_function,
+            activation=args.activation,
+            seed=args.seed,
+            force=args.force,
+            dry_run=args.dry_run,
+            progress=not args.no_progress,
         )
     except UpcycleError as exc:
         print(f"megatron-dpsl-upcycle: error: {exc}", file=sys.stderr)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from megatron_dpsl.upcycle.errors import UpcycleError
 from megatron_dpsl.upcycle.hf import HFDenseSource, is_hf_checkpoint
-from megatron_dpsl.upcycle.layers import LayerPlan, layer_pieces
+from megatron_dpsl.upcycle.layers import LayerPlan, layer_parts, layer_pieces
 from megatron_dpsl.upcycle.options import UpcycleOptions
 from megatron_dpsl.upcycle.pieces import Piece, describe
 from megatron_dpsl.upcycle.source import DenseModelInfo
@@ -129,12 +129,19 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
 
     info: DenseModelInfo = source.info
     opts.check_source(info)
+    if not opts.dry_run and dst.exists() and not opts.force:  # fail before hashing/planning
+        raise UpcycleError(f"output {dst} exists; pass --force to overwrite it")
     moe_layers = [False] * info.num_layers if dense else opts.moe_layers(info.num_layers)
     stacked = dense or (all(moe_layers) and isinstance(opts.moe_layer_freq, int))
     scales = weight_scales(
-        opts.weight_scaling, num_experts=opts.num_experts, granularity=opts.granularity,
-        topk=opts.moe_router_topk, gated=info.gated_linear_unit, activation=info.activation,
-        pre_softmax=opts.moe_router_pre_softmax, shared_expert=opts.shared_expert,
+        opts.weight_scaling,
+        num_experts=opts.num_experts,
+        granularity=opts.granularity,
+        topk=opts.moe_router_topk,
+        gated=info.gated_linear_unit,
+        activation=info.activation,
+        pre_softmax=opts.moe_router_pre_softmax,
+        shared_expert=opts.shared_expert,
     )
     router_std = opts.router_init_std
     if router_std is None:
@@ -144,35 +151,63 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
     fc1_rows = (2 if info.gated_linear_unit else 1) * F // G
     counts.expert_params = fc1_rows * H + H * F // G + fc1_rows * info.fc1_bias + H * info.fc2_bias
 
-    def pieces_for(group, meta: bool) -> list[Piece]:
-        if group == "global":
-            return source.global_pieces(meta=meta)
-        w = source.read_layer(group, meta=meta)
-        if meta:
-            counts.dense_params += sum(t.numel() for t in (*w.other.values(), *w.mlp.values()))
-        plan = LayerPlan(
-            layer=group, num_layers=info.num_layers, stacked=stacked, moe=moe_layers[group],
-            num_experts=opts.num_experts, granularity=G, gated=info.gated_linear_unit,
-            scales=scales, router_init=opts.router_init, router_std=router_std,
-            noise_std=opts.expert_noise_std, drop_ratio=opts.drop_upcycling_ratio,
-            shared_expert=opts.shared_expert, seed=opts.seed,
+    layer_cache: dict = {"key": None, "weights": None}
+
+    def layer_weights(layer: int, meta: bool):
+        # the parts of one layer are written back to back: read each source layer once per pass
+        if layer_cache["key"] != (layer, meta):
+            layer_cache["weights"] = None
+            layer_cache["weights"] = source.read_layer(layer, meta=meta)
+            layer_cache["key"] = (layer, meta)
+        return layer_cache["weights"]
+
+    def plan_of(layer: int) -> LayerPlan:
+        return LayerPlan(
+            layer=layer,
+            num_layers=info.num_layers,
+            stacked=stacked,
+            moe=moe_layers[layer],
+            num_experts=opts.num_experts,
+            granularity=G,
+            gated=info.gated_linear_unit,
+            scales=scales,
+            router_init=opts.router_init,
+            router_std=router_std,
+            noise_std=opts.expert_noise_std,
+            drop_ratio=opts.drop_upcycling_ratio,
+            shared_expert=opts.shared_expert,
+            seed=opts.seed,
             router_bias=bool(getattr(info.args, "add_bias_linear", info.fc2_bias)),
         )
-        return layer_pieces(plan, w)
+
+    def pieces_for(group, meta: bool) -> list[Piece]:
+        """Write unit ``group``: ("global", key) one non-layer tensor, ("objects",) all non-layer
+        objects, (layer, part) one part of a layer (layers.layer_parts)."""
+        if group[0] == "global":
+            return source.global_pieces(meta=meta, key=group[1])
+        if group[0] == "objects":
+            return [p for p in source.global_pieces(meta=True) if p.is_object]
+        layer, part = group
+        return layer_pieces(plan_of(layer), layer_weights(layer, meta), part)
 
     # plan every chunk from shapes (meta tensors): keys, shapes and counts without reading weights
+    groups = [("global", p.key) for p in source.global_pieces(meta=True) if not p.is_object] + [("objects",)]
+    for layer in range(info.num_layers):
+        groups += [(layer, part) for part in layer_parts(plan_of(layer))]
     planned = []
-    for group in ["global", *range(info.num_layers)]:
+    for group in groups:
         pieces = pieces_for(group, meta=True)
         planned.append((group, pieces))
         for p in pieces:
             # pre_mlp_layernorm.* aliases mlp.linear_fc1.layer_norm_* (see layers.py): count once
             if not p.is_object and ".pre_mlp_layernorm." not in p.key:
                 counts.moe_params += p.numel
-                if group == "global":
+                if group[0] == "global":
                     counts.dense_params += p.numel
-        if group != "global":
-            if moe_layers[group]:
+        if isinstance(group[0], int) and group[1] == "base":
+            w = layer_weights(group[0], True)
+            counts.dense_params += sum(t.numel() for t in (*w.other.values(), *w.mlp.values()))
+            if moe_layers[group[0]]:
                 counts.moe_layers += 1
                 counts.inactive_params += (opts.num_experts - opts.moe_router_topk) * counts.expert_params
             else:
@@ -193,12 +228,16 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
         "num_floating_point_operations_so_far": 0,
     }
     with atomic_directory(dst, force=opts.force) as tmp:
-        bar = tqdm(total=info.num_layers, desc="upcycling layers", unit="layer",
-                   disable=not opts.progress, file=sys.stderr)
+        bar = tqdm(
+            total=info.num_layers, desc="upcycling layers", unit="layer", disable=not opts.progress, file=sys.stderr
+        )
         with bar:
             counts.bytes_written = write_torch_dist(
-                tmp / STEP, planned, lambda g: pieces_for(g, meta=False), common,
-                on_group=lambda g: bar.update(1) if g != "global" else None,
+                tmp / STEP,
+                planned,
+                lambda g: pieces_for(g, meta=False),
+                common,
+                on_group=lambda g: bar.update(1) if isinstance(g[0], int) and g[1] == "base" else None,
             )
         (tmp / "latest_checkpointed_iteration.txt").write_text(STEP)
         record = _record(info, opts, src_hash, counts)

@@ -83,15 +83,26 @@ class _ChunkLoadPlanner(LoadPlanner):
             # dest_index names our request; storage_index (set by the helper) names the stored chunk
             for item in create_read_items_for_chunk_list(fqn, md, [chunk]):
                 items.append(
-                    ReadItem(type=item.type, dest_index=MetadataIndex(name, item.dest_index.offset),
-                             dest_offsets=item.dest_offsets, storage_index=item.storage_index,
-                             storage_offsets=item.storage_offsets, lengths=item.lengths)
+                    ReadItem(
+                        type=item.type,
+                        dest_index=MetadataIndex(name, item.dest_index.offset),
+                        dest_offsets=item.dest_offsets,
+                        storage_index=item.storage_index,
+                        storage_offsets=item.storage_offsets,
+                        lengths=item.lengths,
+                    )
                 )
             self._dest[name] = dest
         for name, fqn in self.objects.items():
             items.append(
-                ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex(name), dest_offsets=torch.Size((0,)),
-                         storage_index=MetadataIndex(fqn), storage_offsets=torch.Size((0,)), lengths=torch.Size((0,)))
+                ReadItem(
+                    type=LoadItemType.BYTE_IO,
+                    dest_index=MetadataIndex(name),
+                    dest_offsets=torch.Size((0,)),
+                    storage_index=MetadataIndex(fqn),
+                    storage_offsets=torch.Size((0,)),
+                    lengths=torch.Size((0,)),
+                )
             )
         return LoadPlan(items)
 
@@ -193,7 +204,8 @@ def write_item_for(piece: Piece) -> WriteItem:
         index=MetadataIndex(piece.key, offsets),
         type=WriteItemType.SHARD,
         tensor_data=TensorWriteData(
-            chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes), properties=props,
+            chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
+            properties=props,
             size=torch.Size(piece.global_shape),
         ),
     )
@@ -213,8 +225,12 @@ def save_lazily(path: Path, items: list[WriteItem], produce: Callable[[MetadataI
     """One DCP save into ``path`` (a single data file, written in ``items`` order)."""
     from torch.distributed.checkpoint import save
 
+    import warnings
+
     writer = FileSystemWriter(str(path), single_file_per_rank=True, thread_count=1, sync_files=False)
-    save({}, storage_writer=writer, planner=_LazySavePlanner(items, produce), no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        save({}, storage_writer=writer, planner=_LazySavePlanner(items, produce), no_dist=True)
 
 
 def write_megatron_common(path: Path, common: dict, content_metadata: dict) -> None:

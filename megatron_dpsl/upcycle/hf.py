@@ -161,7 +161,9 @@ class HFDenseSource:
             return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
         return handle.get_tensor(name)
 
-    def global_pieces(self, meta: bool = False) -> list[Piece]:
+    def global_pieces(self, meta: bool = False, key: str | None = None) -> list[Piece]:
+        if key is not None:  # one tensor alone
+            return [Piece(key, self._get(self._hf_name(key), meta))]
         pieces = [
             Piece("embedding.word_embeddings.weight", self._get("model.embed_tokens.weight", meta)),
             Piece("decoder.final_layernorm.weight", self._get("model.norm.weight", meta)),
@@ -169,6 +171,13 @@ class HFDenseSource:
         if not self.tied:
             pieces.append(Piece("output_layer.weight", self._get("lm_head.weight", meta)))
         return pieces
+
+    def _hf_name(self, key: str) -> str:
+        return {
+            "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+            "decoder.final_layernorm.weight": "model.norm.weight",
+            "output_layer.weight": "lm_head.weight",
+        }[key]
 
     def fuse_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """HF q ``[nh*d, ...]``, k/v ``[ng*d, ...]`` -> Megatron ``[(nh+2ng)*d, ...]`` grouped per query group."""

@@ -10,7 +10,7 @@ import torch
 
 from megatron_dpsl.upcycle.pieces import Piece
 from megatron_dpsl.upcycle.source import LayerWeights
-from megatron_dpsl.upcycle.transforms import ScaleFactors, init_router, shared_expert, upcycle_experts
+from megatron_dpsl.upcycle.transforms import ScaleFactors, expert_weights, init_router, shared_expert
 
 EXPERTS = "mlp.experts.experts."
 SHARED = "mlp.shared_experts."
@@ -49,8 +49,17 @@ def _generator(seed: int, *stream: int) -> torch.Generator:
     return g
 
 
-def layer_pieces(plan: LayerPlan, w: LayerWeights) -> list[Piece]:
-    """All pieces of one output layer. Shapes: see transforms.py; expert pieces carry the expert axis."""
+def layer_parts(plan: LayerPlan) -> list:
+    """The write units of one layer: ``"base"`` (everything but the routed experts), then each expert
+    index. Materialising one part at a time keeps one expert, not E, in memory."""
+    return ["base", *range(plan.num_experts)] if plan.moe else ["base"]
+
+
+def layer_pieces(plan: LayerPlan, w: LayerWeights, part="all") -> list[Piece]:
+    """Pieces of one output layer: ``part`` is ``"base"``, an expert index, or ``"all"``.
+
+    Shapes: see transforms.py; expert pieces carry the expert axis after the layer axis.
+    """
     meta = w.mlp["linear_fc1.weight"].device.type == "meta"
     if plan.stacked:
         key = lambda name: f"decoder.layers.{name}"  # noqa: E731
@@ -65,46 +74,63 @@ def layer_pieces(plan: LayerPlan, w: LayerWeights) -> list[Piece]:
         shape, offset = (obj_shape, obj_offset) if not extra else ((), ())
         return Piece(key(name), payload, lead + extra, is_object=True, obj_shape=shape, obj_offset=offset)
 
-    pieces = [Piece(key(n), t, lead) for n, t in w.other.items()]
-    pieces += [obj(n, p) for n, p in w.other_objects.items()]
-    norms = {n: t for n, t in w.mlp.items() if n.startswith("linear_fc1.layer_norm_")}
-    if not plan.moe:
-        pieces += [Piece(key("mlp." + n), t, lead) for n, t in w.mlp.items()]
-        pieces += [obj("mlp.linear_fc1._extra_state"), obj("mlp.linear_fc2._extra_state")]
-        return pieces
-    for n, t in norms.items():
-        # The local MoE spec saves the pre-MLP norm as mlp.linear_fc1.layer_norm_* (its
-        # sharded_state_dict_keys_map), the TE MoE spec as pre_mlp_layernorm.*; write both so the
-        # checkpoint loads under either --transformer-impl (unexpected keys are ignored on load).
-        pieces.append(Piece(key("mlp." + n), t, lead))
-        pieces.append(Piece(key("pre_mlp_layernorm." + n[len("linear_fc1.layer_norm_"):]), t, lead))
+    if part == "all":
+        return [p for part_ in layer_parts(plan) for p in layer_pieces(plan, w, part_)]
     E, H = plan.num_experts, w.mlp["linear_fc2.weight"].shape[0]
     dtype = w.mlp["linear_fc1.weight"].dtype
-    if meta:
-        router = torch.empty(E, H, dtype=dtype, device="meta")
-    else:
-        router = init_router(
-            plan.router_init, num_experts=E, granularity=plan.granularity, hidden_size=H,
-            std=plan.router_std, generator=_generator(plan.seed, plan.layer, -1), dtype=dtype,
+    if part != "base":
+        e = int(part)
+        ex = expert_weights(
+            w.mlp,
+            e,
+            granularity=plan.granularity,
+            gated=plan.gated,
+            scales=plan.scales,
+            noise_std=0.0 if meta else plan.noise_std,
+            drop_ratio=0.0 if meta else plan.drop_ratio,
+            generator=None if meta else _generator(plan.seed, plan.layer, e),
         )
-    pieces.append(Piece(key("mlp.router.weight"), router, lead))
-    if plan.router_bias:  # Megatron's Router has a bias with add_bias_linear; zero keeps virtual groups tied
-        pieces.append(Piece(key("mlp.router.bias"), torch.zeros(E, dtype=dtype, device=router.device), lead))
-    gens = None if meta else [_generator(plan.seed, plan.layer, e) for e in range(E)]
-    experts = upcycle_experts(
-        w.mlp, num_experts=E, granularity=plan.granularity, gated=plan.gated, scales=plan.scales,
-        noise_std=0.0 if meta else plan.noise_std, drop_ratio=0.0 if meta else plan.drop_ratio, generators=gens,
-    )
-    for e, ex in enumerate(experts):
         slot = lead + ((e, E),)
-        pieces.append(Piece(key(EXPERTS + "linear_fc1.weight"), ex.fc1, slot))
-        pieces.append(Piece(key(EXPERTS + "linear_fc2.weight"), ex.fc2, slot))
+        pieces = [
+            Piece(key(EXPERTS + "linear_fc1.weight"), ex.fc1, slot),
+            Piece(key(EXPERTS + "linear_fc2.weight"), ex.fc2, slot),
+        ]
         if ex.fc1_bias is not None:
             pieces.append(Piece(key(EXPERTS + "linear_fc1.bias"), ex.fc1_bias, slot))
         if ex.fc2_bias is not None:
             pieces.append(Piece(key(EXPERTS + "linear_fc2.bias"), ex.fc2_bias, slot))
         pieces.append(obj(EXPERTS + "linear_fc1._extra_state", None, ((e, E),)))
         pieces.append(obj(EXPERTS + "linear_fc2._extra_state", None, ((e, E),)))
+        return pieces
+
+    pieces = [Piece(key(n), t, lead) for n, t in w.other.items()]
+    pieces += [obj(n, p) for n, p in w.other_objects.items()]
+    if not plan.moe:
+        pieces += [Piece(key("mlp." + n), t, lead) for n, t in w.mlp.items()]
+        pieces += [obj("mlp.linear_fc1._extra_state"), obj("mlp.linear_fc2._extra_state")]
+        return pieces
+    for n, t in w.mlp.items():
+        if n.startswith("linear_fc1.layer_norm_"):
+            # The local MoE spec saves the pre-MLP norm as mlp.linear_fc1.layer_norm_* (its
+            # sharded_state_dict_keys_map), the TE MoE spec as pre_mlp_layernorm.*; write both so the
+            # checkpoint loads under either --transformer-impl (unexpected keys are ignored on load).
+            pieces.append(Piece(key("mlp." + n), t, lead))
+            pieces.append(Piece(key("pre_mlp_layernorm." + n[len("linear_fc1.layer_norm_") :]), t, lead))
+    if meta:
+        router = torch.empty(E, H, dtype=dtype, device="meta")
+    else:
+        router = init_router(
+            plan.router_init,
+            num_experts=E,
+            granularity=plan.granularity,
+            hidden_size=H,
+            std=plan.router_std,
+            generator=_generator(plan.seed, plan.layer, -1),
+            dtype=dtype,
+        )
+    pieces.append(Piece(key("mlp.router.weight"), router, lead))
+    if plan.router_bias:  # Megatron's Router has a bias with add_bias_linear; zero keeps virtual groups tied
+        pieces.append(Piece(key("mlp.router.bias"), torch.zeros(E, dtype=dtype, device=router.device), lead))
     if plan.shared_expert:
         for n, t in shared_expert(w.mlp, plan.scales).items():
             pieces.append(Piece(key(SHARED + n), t, lead))

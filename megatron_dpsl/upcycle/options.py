@@ -87,7 +87,9 @@ class UpcycleOptions:
         if self.weight_scaling not in WEIGHT_SCALINGS:
             raise UpcycleError(f"--weight-scaling {self.weight_scaling!r}: allowed {WEIGHT_SCALINGS}")
         if self.moe_router_score_function not in SCORE_FUNCTIONS:
-            raise UpcycleError(f"--moe-router-score-function {self.moe_router_score_function!r}: allowed {SCORE_FUNCTIONS}")
+            raise UpcycleError(
+                f"--moe-router-score-function {self.moe_router_score_function!r}: allowed {SCORE_FUNCTIONS}"
+            )
         if self.expert_noise_std < 0:
             raise UpcycleError(f"--expert-noise-std must be >= 0, got {self.expert_noise_std}")
         if not 0 <= self.drop_upcycling_ratio < 1:
@@ -111,17 +113,25 @@ class UpcycleOptions:
         G, k = self.granularity, self.moe_router_topk
         why = []
         if self.moe_router_pre_softmax:
-            why.append("--moe-router-pre-softmax: top-k of a softmax over all experts is not renormalised, "
-                       "so the selected probabilities sum to less than one (a token-dependent factor)")
+            why.append(
+                "--moe-router-pre-softmax: top-k of a softmax over all experts is not renormalised, "
+                "so the selected probabilities sum to less than one (a token-dependent factor)"
+            )
         if self.moe_router_score_function != "softmax":
-            why.append("--moe-router-score-function sigmoid: Megatron renormalises sigmoid scores only for k > 1, "
-                       "with an epsilon; use softmax")
+            why.append(
+                "--moe-router-score-function sigmoid: Megatron renormalises sigmoid scores only for k > 1, "
+                "with an epsilon; use softmax"
+            )
         if G > 1 and self.router_init != "virtual-group":
-            why.append(f"--router-init {self.router_init}: with --granularity {G} the G shards of one copy must share "
-                       "a router row (virtual-group) so top-k selects whole copies")
+            why.append(
+                f"--router-init {self.router_init}: with --granularity {G} the G shards of one copy must share "
+                "a router row (virtual-group) so top-k selects whole copies"
+            )
         if k % G:
-            why.append(f"--moe-router-topk {k} is not a multiple of --granularity {G}: top-k would select partial "
-                       "copies of the FFN")
+            why.append(
+                f"--moe-router-topk {k} is not a multiple of --granularity {G}: top-k would select partial "
+                "copies of the FFN"
+            )
         if self.expert_noise_std:
             why.append("--expert-noise-std > 0 perturbs the experts")
         if self.drop_upcycling_ratio:

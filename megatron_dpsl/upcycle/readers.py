@@ -82,7 +82,7 @@ def _activation_from_args(args: argparse.Namespace | None, glu: bool) -> str:
     if glu:
         raise UpcycleError(
             "unknown activation: fc1 is gated (2x ffn_hidden_size rows) but the checkpoint args set "
-            f"none of swiglu/quick_geglu; supported: silu (swiglu), quick_gelu, gelu, squared_relu"
+            "none of swiglu/quick_geglu; supported: silu (swiglu), quick_gelu, gelu, squared_relu"
         )
     return "gelu"
 
@@ -124,7 +124,7 @@ class MegatronDenseSource:
         def model_key(k: str) -> str | None:
             if not k.startswith(self.prefix):
                 return None
-            rel = k[len(self.prefix):]
+            rel = k[len(self.prefix) :]
             return rel if rel.startswith(MODEL_ROOTS) else None
 
         # stacked: 'decoder.layers.<name>' with a leading [num_layers] axis;
@@ -147,16 +147,18 @@ class MegatronDenseSource:
         everything = [*self.stacked, *self.per_layer.get(0, {}), *self.stacked_obj]
         moe = [k for k in everything if k.startswith(("mlp.experts", "mlp.router", "mlp.shared_experts"))]
         if moe:
-            raise UpcycleError(f"source is already an MoE checkpoint (found decoder.layers.{moe[0]}); upcycle a dense model")
+            raise UpcycleError(
+                f"source is already an MoE checkpoint (found decoder.layers.{moe[0]}); upcycle a dense model"
+            )
 
     @staticmethod
     def _place(rel, entry, stacked, per_layer, globals_, append=False):
         if rel.startswith(LAYERS):
-            head, _, name = rel[len(LAYERS):].partition(".")
+            head, _, name = rel[len(LAYERS) :].partition(".")
             if head.isdigit():
                 target, name = per_layer.setdefault(int(head), {}), name
             else:
-                target, name = stacked, rel[len(LAYERS):]
+                target, name = stacked, rel[len(LAYERS) :]
         else:
             target, name = globals_, rel
         if append:
@@ -213,11 +215,19 @@ class MegatronDenseSource:
         return None if entry is None else (entry[1], entry[2])
 
     # -- reading --------------------------------------------------------------------------------
-    def global_pieces(self, meta: bool = False) -> list[Piece]:
+    def global_pieces(self, meta: bool = False, key: str | None = None) -> list[Piece]:
+        if key is not None:  # one tensor alone (the writer materialises non-layer tensors one by one)
+            fqn, size, dtype = self.globals[key]
+            if meta:
+                return [Piece(key, torch.empty(size, dtype=dtype, device="meta"))]
+            tensors, _ = self._dcp.read({key: (fqn, (0,) * len(size), size)}, {})
+            return [Piece(key, tensors[key])]
         request = {rel: (key, (0,) * len(size), size) for rel, (key, size, _) in self.globals.items()}
         objects = {name: name for shards in self.global_obj.values() for name, _, _ in shards}
         if meta:
-            tensors = {rel: torch.empty(size, dtype=dtype, device="meta") for rel, (_, size, dtype) in self.globals.items()}
+            tensors = {
+                rel: torch.empty(size, dtype=dtype, device="meta") for rel, (_, size, dtype) in self.globals.items()
+            }
             _, payloads = self._dcp.read({}, objects)
         else:
             tensors, payloads = self._dcp.read(request, objects)

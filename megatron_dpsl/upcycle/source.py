@@ -68,8 +68,9 @@ class DenseSource(Protocol):
 
     info: DenseModelInfo
 
-    def global_pieces(self, meta: bool = False) -> list[Piece]:
-        """Non-layer entries (embedding, final norm, output layer, ...) as full pieces."""
+    def global_pieces(self, meta: bool = False, key: str | None = None) -> list[Piece]:
+        """Non-layer entries (embedding, final norm, output layer, ...) as full pieces; with ``key``
+        only that tensor."""
 
     def read_layer(self, layer: int, meta: bool = False) -> LayerWeights:
         """Layer ``layer`` (0-based, global); ``meta=True`` returns meta tensors (shapes only)."""

@@ -34,8 +34,11 @@ def summary_rows(info, opts, counts: Counts) -> list[tuple[str, str]]:
     rows = [
         ("source", f"{info.source_kind}: {info.path}"),
         ("layers", f"{info.num_layers} ({counts.moe_layers} MoE, {counts.dense_layers} dense)"),
-        ("experts", f"{opts.num_experts} per MoE layer, top-{opts.moe_router_topk}, granularity {G} "
-                    f"({opts.num_experts // G} copies of the dense FFN)"),
+        (
+            "experts",
+            f"{opts.num_experts} per MoE layer, top-{opts.moe_router_topk}, granularity {G} "
+            f"({opts.num_experts // G} copies of the dense FFN)",
+        ),
         ("expert size", f"ffn hidden {F // G} (dense {F}), {_fmt(counts.expert_params)} params each"),
         ("shared expert", f"ffn hidden {F}" if opts.shared_expert else "none"),
         ("router init", opts.router_init),

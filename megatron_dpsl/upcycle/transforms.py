@@ -138,6 +138,63 @@ class ExpertWeights:
     fc2_bias: torch.Tensor | None = None
 
 
+def _scaled_copy(t: torch.Tensor, scale: float, compute: torch.dtype) -> torch.Tensor:
+    """A fresh ``compute``-dtype copy of ``t`` times ``scale`` (never a view of the source)."""
+    out = t.to(compute, copy=True)
+    if scale != 1.0:
+        out.mul_(scale)
+    return out
+
+
+def _fc1_shard(t: torch.Tensor, s: int, granularity: int, gated: bool) -> torch.Tensor:
+    """Shard ``s`` of fc1 weight ``[R, H]`` or bias ``[R]`` (see ``split_fc1``), possibly a view."""
+    if gated:
+        gate, up = torch.chunk(t, 2, dim=0)
+        return torch.cat(
+            [torch.tensor_split(gate, granularity, dim=0)[s], torch.tensor_split(up, granularity, dim=0)[s]]
+        )
+    return torch.tensor_split(t, granularity, dim=0)[s]
+
+
+def expert_weights(
+    mlp: dict[str, torch.Tensor],
+    e: int,
+    *,
+    granularity: int,
+    gated: bool,
+    scales: ScaleFactors,
+    noise_std: float = 0.0,
+    drop_ratio: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> ExpertWeights:
+    """Expert ``e`` (shard ``e mod G``) from the dense MLP tensors (keys ``linear_fc1.weight``,
+    ``linear_fc2.weight``, optional ``.bias``), built alone so only one expert is in memory.
+
+    Math runs in float32 and is cast back to the source dtype; ``generator`` drives this expert's
+    Drop-Upcycling and noise. Meta tensors pass through (shapes only) when noise and drop are 0.
+    """
+    w1, w2 = mlp["linear_fc1.weight"], mlp["linear_fc2.weight"]
+    dtype = w1.dtype
+    compute = torch.float32 if w1.device.type != "meta" else dtype
+    s = e % granularity
+    fc1 = _scaled_copy(_fc1_shard(w1, s, granularity, gated), scales.fc1, compute)
+    fc2 = _scaled_copy(torch.tensor_split(w2, granularity, dim=1)[s], scales.fc2, compute)
+    if drop_ratio > 0:
+        drop_upcycle_(fc1, fc2, drop_ratio, gated, generator)
+    if noise_std > 0:
+        fc1 += torch.randn(fc1.shape, generator=generator) * noise_std
+        fc2 += torch.randn(fc2.shape, generator=generator) * noise_std
+    b1, b2 = mlp.get("linear_fc1.bias"), mlp.get("linear_fc2.bias")
+    return ExpertWeights(
+        fc1=fc1.to(dtype),
+        fc2=fc2.to(dtype),
+        fc1_bias=None
+        if b1 is None
+        else _scaled_copy(_fc1_shard(b1, s, granularity, gated), scales.fc1, compute).to(dtype),
+        fc2_bias=None if b2 is None else _scaled_copy(b2, scales.fc2_bias, compute).to(dtype),
+    )
+
+
 def upcycle_experts(
     mlp: dict[str, torch.Tensor],
     *,
@@ -149,40 +206,20 @@ def upcycle_experts(
     drop_ratio: float = 0.0,
     generators: list[torch.Generator] | None = None,
 ) -> list[ExpertWeights]:
-    """Dense MLP tensors (keys ``linear_fc1.weight``, ``linear_fc2.weight``, optional ``.bias``) -> E experts.
-
-    Math runs in float32 and is cast back to the source dtype. ``generators[e]`` drives expert e's
-    drop-upcycling and noise (one per expert so results do not depend on processing order).
-    Meta tensors pass through (shapes only) when ``noise_std == drop_ratio == 0``.
-    """
-    w1, w2 = mlp["linear_fc1.weight"], mlp["linear_fc2.weight"]
-    dtype = w1.dtype
-    compute = torch.float32 if w1.device.type != "meta" else dtype
-    fc1_shards = split_fc1(w1.to(compute) * scales.fc1, granularity, gated)
-    fc2_shards = split_fc2(w2.to(compute) * scales.fc2, granularity)
-    b1 = mlp.get("linear_fc1.bias")
-    b1_shards = split_fc1(b1.to(compute) * scales.fc1, granularity, gated) if b1 is not None else None
-    b2 = mlp.get("linear_fc2.bias")
-    b2_scaled = b2.to(compute) * scales.fc2_bias if b2 is not None else None
-    experts = []
-    for e in range(num_experts):
-        s = e % granularity
-        fc1, fc2 = fc1_shards[s].clone(), fc2_shards[s].clone()
-        gen = generators[e] if generators is not None else None
-        if drop_ratio > 0:
-            drop_upcycle_(fc1, fc2, drop_ratio, gated, gen)
-        if noise_std > 0:
-            fc1 += torch.randn(fc1.shape, generator=gen) * noise_std
-            fc2 += torch.randn(fc2.shape, generator=gen) * noise_std
-        experts.append(
-            ExpertWeights(
-                fc1=fc1.to(dtype),
-                fc2=fc2.to(dtype),
-                fc1_bias=b1_shards[s].clone().to(dtype) if b1_shards is not None else None,
-                fc2_bias=b2_scaled.clone().to(dtype) if b2_scaled is not None else None,
-            )
+    """All E experts (``expert_weights`` for e = 0..E-1; ``generators[e]`` per expert)."""
+    return [
+        expert_weights(
+            mlp,
+            e,
+            granularity=granularity,
+            gated=gated,
+            scales=scales,
+            noise_std=noise_std,
+            drop_ratio=drop_ratio,
+            generator=None if generators is None else generators[e],
         )
-    return experts
+        for e in range(num_experts)
+    ]
 
 
 def shared_expert(mlp: dict[str, torch.Tensor], scales: ScaleFactors) -> dict[str, torch.Tensor]:

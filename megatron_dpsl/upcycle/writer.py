@@ -1,8 +1,9 @@
 """Writing the upcycled ``torch_dist`` checkpoint layer by layer, and placing it atomically.
 
 All chunks are planned first from shapes (a pass over meta tensors); DCP then asks for each chunk
-in plan order and the chunks of one layer are computed when the first of them is asked for. Peak
-memory is one source layer plus that layer's output pieces.
+in plan order, and the chunks of one write unit ("group": one non-layer tensor, a layer's
+non-expert part, or one expert) are computed when the first of them is asked for. Peak memory is
+one source layer plus one group's pieces.
 """
 
 from __future__ import annotations

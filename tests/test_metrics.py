@@ -1,0 +1,74 @@
+"""Routing diagnostics against direct NumPy / SciPy computations."""
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from megatron_dpsl import dpsl_loss, metrics
+
+
+def _probs(num_tokens, num_experts, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(num_tokens, num_experts, generator=g, dtype=torch.float64) * 2, -1).to(dtype)
+
+
+def test_expert_load_cov():
+    counts = torch.tensor([1, 2, 3, 4])
+    assert metrics.expert_load_cov(counts).item() == pytest.approx(np.std([1, 2, 3, 4]) / 2.5, rel=1e-6)
+    routing_map = torch.zeros(6, 3, dtype=torch.bool)
+    routing_map[:, 0] = True
+    routing_map[:3, 1] = True
+    expected = np.std([6, 3, 0]) / 3.0
+    assert metrics.expert_load_cov(routing_map).item() == pytest.approx(expected, rel=1e-6)
+    assert metrics.expert_load_cov(torch.full((4,), 7)).item() == 0  # balanced
+    assert metrics.expert_load_cov(torch.zeros(4)).item() == 0  # no tokens: 0, not NaN
+    with pytest.raises(ValueError, match="expert_load_cov"):
+        metrics.expert_load_cov(torch.zeros(2, 2, 2))
+
+
+def test_entropy_and_max_prob():
+    p = _probs(100, 5)
+    ent = -(p.numpy() * np.log(p.numpy())).sum(1).mean()
+    assert metrics.routing_entropy(p).item() == pytest.approx(ent, rel=1e-12)
+    assert metrics.mean_max_prob(p).item() == pytest.approx(p.numpy().max(1).mean(), rel=1e-12)
+    uniform = torch.full((10, 4), 0.25)
+    assert metrics.routing_entropy(uniform).item() == pytest.approx(np.log(4), rel=1e-6)
+    one_hot = torch.eye(4)
+    assert metrics.routing_entropy(one_hot).item() == 0 and metrics.mean_max_prob(one_hot).item() == 1
+    assert metrics.routing_entropy(torch.zeros(0, 4)).item() == 0
+
+
+def test_prior_distance_is_per_expert_loss():
+    p = _probs(300, 4, seed=1).requires_grad_()
+    alpha2 = torch.tensor([[1.5, 1.5, 0.5, 0.5], [0.5, 0.5, 1.5, 1.5]], dtype=torch.float64)
+    gids = torch.arange(300) % 2
+    pad = torch.arange(300) % 5 == 0
+    d = metrics.prior_distance(p, alpha2, gids, pad)
+    assert d.shape == (4,) and not d.requires_grad
+    torch.testing.assert_close(d.sum(), dpsl_loss(p, alpha2, gids, pad).detach(), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ks_distance_matches_scipy(dtype):
+    p = _probs(400, 4, seed=2, dtype=dtype)
+    alpha = [0.5, 1.0, 1.0, 2.0]
+    ks = metrics.ks_distance(p, alpha)
+    ref = [
+        scipy.stats.kstest(p[:, k].double().numpy(), scipy.stats.beta(alpha[k], sum(alpha) - alpha[k]).cdf).statistic
+        for k in range(4)
+    ]
+    np.testing.assert_allclose(ks.double().numpy(), ref, atol=1e-6)  # table CDF error <= 5e-7 in float32
+
+
+def test_ks_distance_groups_padding_nan():
+    p = _probs(400, 3, seed=3)
+    alpha2 = torch.tensor([[1.0, 1.0, 1.0], [0.3, 0.3, 2.0]], dtype=torch.float64)
+    gids = torch.arange(400) % 2
+    pad = torch.arange(400) % 7 == 0
+    ks = metrics.ks_distance(p, alpha2, gids, pad)
+    per_group = [metrics.ks_distance(p[(gids == g) & ~pad], alpha2[g]) for g in range(2)]
+    torch.testing.assert_close(ks, torch.maximum(*per_group), rtol=0, atol=1e-12)  # worst group
+    p[5, 1] = float("nan")
+    out = metrics.ks_distance(p, alpha2, gids)
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
