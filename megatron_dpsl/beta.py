@@ -333,7 +333,7 @@ class BetaCDFTable:
             self._scalars = list(zip(*cols))
         return self._scalars[row]
 
-    def evaluate_bulk(self, x: torch.Tensor, row, need_grad: bool = True):
+    def evaluate_bulk(self, x: torch.Tensor, row, need_grad: bool = True, grad_scale: float = 1.0):
         """Like ``evaluate``, for points inside the grid [x_lo, x_hi] of their row only.
 
         The interpolant alone (the CPU loss path splits each sorted row at the junctions and sends the few
@@ -342,6 +342,7 @@ class BetaCDFTable:
         Args:
             x: ``[n]`` with ``row`` an int (Python-scalar constants), or ``[R', n]`` with ``row`` a slice of
                 ``R'`` rows (per-row constants broadcast).
+            grad_scale: returned derivative is multiplied by it (saves the caller a pass).
         """
         if isinstance(row, int):
             k_c, inv_h, s_lo, s_hi, offset = self.row_scalars(row)
@@ -360,7 +361,7 @@ class BetaCDFTable:
             return f, None
         # dp/dt = c1 + 2 t (c2 + 1.5 t c3); dF/dx = dp/dt / (h x (1 - x))
         d = c2.addcmul_(t, c3, value=1.5)
-        d = torch.addcmul(c1, t, d, value=2.0, out=d).div_(x.mul(y)).mul_(inv_h)
+        d = torch.addcmul(c1, t, d, value=2.0, out=d).div_(x.mul(y)).mul_(inv_h * grad_scale)
         return f, d
 
 

@@ -184,7 +184,8 @@ def _eq4_cpu(p: torch.Tensor, table: BetaCDFTable, num_groups: int, group_ids, n
             continue  # empty group: contributes 0
         pt = pg.t().contiguous()  # [E, n]: each expert's probabilities contiguous
         gs = torch.empty_like(pt) if need_grad else None  # [E, n] in sorted order
-        order = torch.empty(pt.shape, dtype=torch.int64)
+        xs, order = [], []  # per expert: sorted row, its permutation
+        scale = -2.0 / n  # dL/dF = -(2/B)(j/B - F)
         ranks = torch.arange(1, n + 1, dtype=cdt) / n  # j / B
         tails = []  # (expert, start, stop) beyond the junctions
         has_nan = torch.isnan(pt).any(1).tolist()  # NaN breaks searchsorted; the row's loss is NaN anyway
@@ -192,19 +193,21 @@ def _eq4_cpu(p: torch.Tensor, table: BetaCDFTable, num_groups: int, group_ids, n
             r = g * num_experts + k
             if has_nan[k]:
                 per_expert[k] = float("nan")
-                order[k] = torch.arange(n)
+                xs.append(pt[k])
+                order.append(torch.arange(n))
                 if need_grad:
                     gs[k] = float("nan")
                 continue
-            x, order[k] = _sort_row(pt[k])
+            x, idx = _sort_row(pt[k])
+            xs.append(x)
+            order.append(idx)
             lo = int(torch.searchsorted(x, table.x_lo[r : r + 1]))  # x[:lo] < x_lo: lower tail
             hi = max(lo, int(torch.searchsorted(x, table.x_hi[r : r + 1], right=True)))  # x[hi:] > x_hi
-            pt[k] = x  # keep the sorted row for the tail pass
             tails += [(k, 0, lo), (k, hi, n)]
             acc = p.new_zeros(())
             for i0 in range(lo, hi, _CHUNK):
                 i1 = min(i0 + _CHUNK, hi)
-                f, d = table.evaluate_bulk(x[i0:i1], r, need_grad)
+                f, d = table.evaluate_bulk(x[i0:i1], r, need_grad, scale)
                 diff = torch.sub(ranks[i0:i1], f, out=f)  # j/B - F
                 if need_grad:
                     torch.mul(diff, d, out=gs[k, i0:i1])
@@ -212,18 +215,17 @@ def _eq4_cpu(p: torch.Tensor, table: BetaCDFTable, num_groups: int, group_ids, n
             per_expert[k] += acc / n
         tails = [t for t in tails if t[2] > t[1]]
         if tails:
-            xt = torch.cat([pt[k, i0:i1] for k, i0, i1 in tails])
+            xt = torch.cat([xs[k][i0:i1] for k, i0, i1 in tails])
             kt = torch.cat([torch.full((i1 - i0,), k, dtype=torch.int64) for k, i0, i1 in tails])
             jt = torch.cat([ranks[i0:i1] for k, i0, i1 in tails])
             f, d = table.evaluate(xt, kt + g * num_experts, need_grad)
             diff = jt - f
             per_expert.index_add_(0, kt, diff * diff / n)
             if need_grad:
-                pieces = (diff * d).split([i1 - i0 for _, i0, i1 in tails])
+                pieces = (diff * d * scale).split([i1 - i0 for _, i0, i1 in tails])
                 for (k, i0, i1), piece in zip(tails, pieces):
                     gs[k, i0:i1] = piece
         if need_grad:
-            gs *= -2.0 / n
             grad_g = torch.empty_like(pg)  # [n, E], token order: scatter each row through its permutation
             for k in range(num_experts):
                 grad_g[:, k].scatter_(0, order[k], gs[k])

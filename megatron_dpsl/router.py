@@ -216,7 +216,11 @@ class DPSLRouter(TopKRouter):
         all_scores = gathered[:, :num_experts]
         all_groups = gathered[:, num_experts].long() if group_ids is not None else None
         all_pad = gathered[:, num_experts + 1] > 0.5 if padding_mask is not None else None
-        loss = self.dpsl_coeff * dpsl_loss(all_scores, self.dpsl_alpha, group_ids=all_groups, padding_mask=all_pad)
+        # the host copy of α: dpsl_loss caches its CDF table by α's values, so a device tensor would
+        # cost a device-to-host copy (and a sync) per call
+        loss = self.dpsl_coeff * dpsl_loss(
+            all_scores, self._dpsl_alpha_values, group_ids=all_groups, padding_mask=all_pad
+        )
         if getattr(self, "is_mtp_layer", False) and getattr(self.config, "mtp_use_repeated_layer", False):
             # newer Megatron runs one repeated MTP layer mtp_num_layers times (as its aux losses do)
             loss = loss / self.config.mtp_num_layers
@@ -258,7 +262,7 @@ class DPSLRouter(TopKRouter):
                 "dpsl_cov": metrics.expert_load_cov(load),
                 "dpsl_entropy": metrics.routing_entropy(scores),
                 "dpsl_prior_distance": metrics.prior_distance(
-                    all_scores, self.dpsl_alpha, group_ids=all_groups, padding_mask=all_pad
+                    all_scores, self._dpsl_alpha_values, group_ids=all_groups, padding_mask=all_pad
                 ).max(),
             }
         for name, value in values.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import inspect
 
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -65,19 +66,22 @@ def get_dpsl_layer_spec(config, use_transformer_engine: bool = False, **kwargs) 
     if not config.num_moe_experts:
         raise ValueError("get_dpsl_layer_spec: config.num_moe_experts must be set (an MoE layer spec)")
     _require_te(use_transformer_engine)
+    make = (
+        gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec
+        if use_transformer_engine
+        else gpt_layer_specs.get_gpt_layer_local_spec
+    )
     args = dict(
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=config.moe_grouped_gemm,
         qk_layernorm=config.qk_layernorm,
         multi_latent_attention=config.multi_latent_attention,
-        moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
     )
+    # megatron-core 0.19 removed the legacy grouped GEMM (config field and spec parameter)
+    if "moe_use_legacy_grouped_gemm" in inspect.signature(make).parameters:
+        args["moe_use_legacy_grouped_gemm"] = getattr(config, "moe_use_legacy_grouped_gemm", False)
     args.update(kwargs)
-    if use_transformer_engine:
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**args)
-    else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(**args)
-    return with_router(spec)
+    return with_router(make(**args))
 
 
 def get_dpsl_decoder_block_spec(config, use_transformer_engine: bool = False, **kwargs):

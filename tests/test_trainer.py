@@ -351,14 +351,16 @@ def test_data_parallel_ranks_split_the_global_batch():
 # ---------------------------------------------------------------------------------------------
 # multi-node: two torchrun agents (1 process each) joined by the c10d rendezvous on 127.0.0.1
 
-# phase "dp": DPSL with modality priors, experts replicated (EP 1, DP 2);
-# phase "ep": Megatron's aux loss + z-loss, experts split over the two nodes (EP 2)
-PHASES = {
-    "dp": [*TINY, *MOE, "--train-iters", "3"],
-    "ep": [*TINY, "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
-           "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001", "--expert-model-parallel-size", "2",
-           "--train-iters", "3"],
-}
+def _phases(ckpt: str) -> dict:
+    """phase "dp": DPSL with modality priors, experts replicated (EP 1, DP 2), saved to ``ckpt``;
+    phase "ep": Megatron's aux loss + z-loss, experts split over the two nodes (EP 2), starting from
+    ``ckpt`` (saved under EP 1: resharded on load; also gives the reference the same initial weights)."""
+    return {
+        "dp": [*TINY, *MOE, "--train-iters", "3", "--save", ckpt],
+        "ep": [*TINY, "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
+               "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001", "--expert-model-parallel-size", "2",
+               "--train-iters", "3", "--load", ckpt, "--finetune"],
+    }
 
 
 def _free_port():
@@ -381,8 +383,9 @@ def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    phases = _phases(str(tmp_path / "ckpt_dp"))
     phases_path = tmp_path / "phases.json"
-    phases_path.write_text(json.dumps(PHASES))
+    phases_path.write_text(json.dumps(phases))
     worker = os.path.join(REPO, "tests", "distributed", "trainer_multinode_worker.py")
     procs = [
         subprocess.Popen(
@@ -399,7 +402,7 @@ def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
 
     from megatron_dpsl.train.trainer import pretrain
 
-    for phase, argv in PHASES.items():
+    for phase, argv in phases.items():
         ranks = [torch.load(tmp_path / f"{phase}_rank{r}.pt", weights_only=False) for r in range(2)]
         assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["world_size"] == 2 for r in ranks)
         a, b = ranks
@@ -419,9 +422,10 @@ def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
 
         # one process over the same global batches (2 micro-batches instead of 2 DP ranks, all experts)
         ref_argv = list(argv)
-        if "--expert-model-parallel-size" in ref_argv:
-            i = ref_argv.index("--expert-model-parallel-size")
-            del ref_argv[i : i + 2]
+        for flag in ("--expert-model-parallel-size", "--save"):  # one process; keep the agents' checkpoint
+            if flag in ref_argv:
+                i = ref_argv.index(flag)
+                del ref_argv[i : i + 2]
         ref = pretrain(parse_args(ref_argv))
         ref_params = {n: p.detach() for n, p in ref.model.named_parameters()}
         # DP mean of per-rank means vs mean over accumulated micro-batches: fp32 reassociation only
