@@ -1,38 +1,42 @@
 """Regularized incomplete beta function I_x(a, b) on the device, with its exact derivative.
 
-Two evaluators, both plain torch (no SciPy, no host round trip, no data-dependent Python control flow):
+Two evaluators, both plain torch (no SciPy, no host round trip, no data-dependent Python control flow in
+the evaluation itself):
 
-* ``beta_cdf(x, a, b)`` / ``betainc_f64``: the exact path. Continued fraction (modified Lentz) with the
-  symmetry swap at ``x > (a + 1) / (a + b + 2)``, float64, a fixed count of 48 iterations (CUDA-graph
-  friendly). Max abs error against ``scipy.special.betainc`` over a in [0.05, 50], b in [0.05, 2000],
-  x in [0, 1] (incl. 0, 1e-12, 1 - 1e-12, 1): about 2.4e-12 in float64; float32 output adds only its
-  rounding (<= 6e-8). Cost: ~700 float64 elementwise ops per element, ~2 s for 1.2M elements on one
-  CPU core: fine for arbitrary broadcast (x, a, b), far too slow for the loss.
+* ``beta_cdf(x, a, b)`` / ``betainc_f64``: the exact path for arbitrary broadcast (x, a, b). Continued
+  fraction (modified Lentz) with the symmetry swap at ``x > (a + 1) / (a + b + 2)``, float64, a fixed
+  count of 48 iterations (CUDA-graph friendly). Max abs error against ``scipy.special.betainc`` over
+  a in [0.05, 50], b in [0.05, 2000], x uniform in [0, 1] and in logit(x) in [-40, 40], plus
+  x in {0, 1e-300, 1e-12, 1e-6, 0.5, 1 - 1e-6, 1 - 1e-12, 1} (tests/test_beta.py): 3.5e-11 in float64,
+  3.0e-8 for float32 output (its rounding). Cost: ~700 float64 elementwise ops per element, i.e. seconds
+  for the 1.2M values of one B = 73,728, N = 16 loss on a CPU core: too slow for the loss.
 
-* ``BetaCDFTable``: the fast path ``dpsl_loss`` uses. In the loss every (group, expert) row has ONE
-  (a, b) = (alpha_k, A - alpha_k) and ~B points, so the CDF is tabulated once per alpha in logit space
+* ``BetaCDFTable``: the loss's fast path. In Eq. 4 every (group, expert) row has ONE (a, b) =
+  (alpha_k, A - alpha_k) and ~B points, so I_x(a, b) is tabulated once per alpha in logit space
   u = log(x / (1 - x)) on a per-row uniform grid and evaluated by cubic Hermite interpolation whose node
   values AND node derivatives dF/du = pdf(x) x (1 - x) come from the exact continued fraction / log-pdf.
-  In u the CDF is smooth even where the pdf is infinite (a or b < 1), so one grid resolves every shape.
-  Beyond the grid the analytic tails take over:
+  In u the CDF is smooth even where the pdf is infinite (a or b < 1), so one grid design resolves every
+  shape. Beyond the grid the analytic tails take over:
       I_x(a, b)     = x^a (1-x)^b / (a B(a,b)) * (1 + q1 x + q1 q2 x^2 + ...),  q_n = (a+b+n-1)/(a+n)
-      1 - I_x(a, b) = mirrored with (b, a, 1 - x),
-  truncated after three terms and used only where the truncation error (~ (3e-4)^3 relative) or the CDF
-  itself (< 1e-14) is negligible. Grid: spacing h = 0.02 * min(1, sd(logit X)) (sd = sqrt(psi1(a) +
-  psi1(b)): the narrowest feature of F(u)), range from the tail junctions; ~10^3 nodes per row.
-  The gradient is the derivative of the interpolant itself (and of the tail formulas), so the function
-  that is differentiated is exactly the one evaluated (gradcheck passes); it differs from the pdf by
-  O(h^3) relative.
+      1 - I_x(a, b) = the same with (b, a, 1 - x),
+  truncated after three terms and used only where the truncation (~ (3e-4)^3 relative) or the CDF itself
+  (< 1e-14) is negligible. Grid: spacing h = 0.012 * min(1, sd(logit X)) (sd = sqrt(psi1(a) + psi1(b)),
+  the narrowest feature of F(u)) between the tail junctions; ~300-1700 nodes per row. Points are located
+  by log(x / (1 - x) * k_c) relative to a node at the mode, small in the bulk, so float32 stays accurate.
+  The gradient is the derivative of the interpolant itself (and of the tail formulas): the function that
+  is differentiated is exactly the one evaluated (gradcheck passes); it differs from the pdf by O(h^3).
 
-  Measured (tests/test_beta.py, benchmarks/loss.py; one contended CPU core, B = 73,728, N = 16):
-      table vs exact CF, float64 evaluation:  max abs error <= 1e-10 over a in [0.05, 50], b in [0.05, 2000]
-      table, float32 evaluation:              max abs error <= 2e-6 (rounding of u = logit(x) in float32
-                                              times the steepest dF/du ~ 3 at a = 50, b = 2000; ~1e-7 for
-                                              alpha ~ 1)
-      forward+backward of the CDF part:       ~25 ms in float32 (~30 elementwise ops + 4 gathers per
-                                              element) against ~2.5 s for the 48-iteration CF in float64.
-  Building a table costs a few exact-CF evaluations of ~10^3 points per row (tens of ms) and happens once
-  per alpha (``beta_cdf_table`` caches it; the router builds it at init).
+  Measured (tests/test_beta.py, same (a, b, x) grid as above):
+      table, float64 evaluation:  max abs error 7.6e-11 vs SciPy (bound tested: 2e-10)
+      table, float32 evaluation:  max abs error 2.5e-7 (float32 rounding of the grid coordinate times the
+                                  steepest dF/du; bound tested: 5e-7)
+      table derivative vs pdf:    max relative error 2.2e-5 where pdf > 1e-3 (bound tested: 5e-5)
+  Speed (benchmarks/loss.py, one contended CPU core, B = 73,728, N = 16, alpha = 1, float32): the CDF
+  part of forward+backward costs ~20 ms (~25 float32 ops + 4 gathers per element) against seconds for
+  the continued fraction, which is why the loss uses the table; the whole loss runs ~6x faster than the
+  paper's SciPy approach (docs/loss.md). Building a table is a few exact-CF evaluations of ~10^3 points
+  per row (~0.1 s of CPU for 16 rows) and happens once per alpha: ``beta_cdf_table`` caches tables keyed
+  on the alpha values, dtype and device (the router builds its table on the first call).
 
 Gradient at the endpoints: the pdf is infinite at x = 0 when a < 1 (at x = 1 when b < 1). Both evaluators
 return d/dx = x^a (1-x)^b / (B(a, b) * max(x (1-x), tiny)), tiny = the smallest normal number of x's dtype.
@@ -49,13 +53,12 @@ NaN for x outside [0, 1] (including +-inf), so invalid probabilities surface in 
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Optional, Tuple
 
 import torch
 
-_CF_ITERS = 48  # fixed count (max err 2.4e-12 vs SciPy over a<=50, b<=2000): CUDA-graph friendly
+_CF_ITERS = 48  # fixed count (max err 3.5e-11 vs SciPy over a<=50, b<=2000, test_beta.py): CUDA-graph friendly
 _TINY = 1e-300
 
 # Table design constants (see the module docstring for the measurements behind them).
@@ -365,6 +368,7 @@ class BetaCDFTable:
         return f, d
 
 
+# A bounded LRU of immutable tables, not state: results never depend on whether a table was cached.
 _TABLE_CACHE: "OrderedDict[tuple, BetaCDFTable]" = OrderedDict()
 
 

@@ -1,6 +1,6 @@
 """The quickstart: dense GPT -> granular upcycling -> three MoE runs (aux loss, DPSL, DPSL modality priors).
 
-    python -m megatron_dpsl.train.quickstart --out outputs/quickstart          # ~5 min on 2 CPU cores
+    python -m megatron_dpsl.train.quickstart --out outputs/quickstart          # 3-5 min on 2 CPU cores
     python -m megatron_dpsl.train.quickstart --out /tmp/qs --tiny              # smoke run, ~1 min
 
 1. builds a byte-level corpus from text on this machine: Python stdlib sources (group 0, "code") and
