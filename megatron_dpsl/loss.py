@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from megatron_dpsl.beta import BetaCDFTable, beta_cdf_table
 
@@ -281,6 +282,7 @@ class _DPSLPerExpert(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the saved dL/dp is a constant: no double backward
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         return (grad * grad_out.to(grad.dtype)).to(ctx.in_dtype), None, None, None, None

@@ -31,7 +31,7 @@ swav = _load("swav_clustering")
 # ±0.002; always the sparse Dir(0.2) source, whose lower tail needs p ~ 1e-8 that 100 steps do not fully reach;
 # Dir(5,5,5) ends at <= 0.007). At initialisation the worst KS is 0.47, so the check fails if shaping breaks.
 # 0.10 leaves ~0.025 over the worst seed, > 10 seed-spreads. For scale: the 5% KS critical value for n = 1000
-# is 1.358/sqrt(1000) = 0.043, which the sparse source only passes after ~200 steps (measured 0.039-0.043).
+# is 1.358/sqrt(1000) = 0.043, which the sparse source reaches at about 200 steps (measured 0.038-0.044).
 KS_THRESHOLD = 0.10
 
 
