@@ -5,9 +5,10 @@ parallelism, ``forward_backward_no_pipelining``). On a CPU that schedule cannot 
 0.16.1 allocates its token counter with ``device="cuda"``. :func:`forward_backward_no_pipelining`
 reproduces the path this trainer takes through it, step for step:
 
-* ``MoEAuxLossAutoScaler.set_loss_scale(loss_scale / num_microbatches)`` after each forward, so the
+* ``MoEAuxLossAutoScaler.set_loss_scale(loss_scale * cp / num_microbatches)`` after each forward, so the
   router aux losses (Megatron's and DPSL) are averaged over micro-batches exactly like the LM loss;
-* the loss returned by ``loss_func`` divided by ``num_microbatches``, then ``backward()``;
+* the loss returned by ``loss_func`` (the 2-tuple form) times ``cp`` divided by ``num_microbatches``
+  (DDP averages over dp×cp), then ``backward()``;
 * every micro-batch but the last under DDP's ``no_sync`` (the grad all-reduce fires once);
 * ``finalize_model_grads`` (DDP grad sync, layernorm/embedding grads) after the last backward.
 """
@@ -62,6 +63,9 @@ def forward_backward_no_pipelining(
     config = get_model_config(model)
     no_sync = config.no_sync_func or contextlib.nullcontext
     loss_scale = 1.0  # fp32 training: no grad scaler (Megatron uses config.grad_scale_func(1) when set)
+    from megatron.core import parallel_state
+
+    cp = parallel_state.get_context_parallel_world_size()  # Megatron's cp_group_size
     forward_data_store = []
 
     def one(microbatch: int):
@@ -70,9 +74,9 @@ def forward_backward_no_pipelining(
         forward_data_store.append(reduced)
         if getattr(config, "num_moe_experts", None) is not None:
             # as Megatron's forward_step: the aux losses' backward is scaled like the main loss
-            MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=loss.device) * loss_scale / num_microbatches)
+            MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=loss.device) * loss_scale * cp / num_microbatches)
         if not forward_only:
-            (loss / num_microbatches).backward()
+            (loss * cp / num_microbatches).backward()
 
     with no_sync():
         for m in range(num_microbatches - 1):
