@@ -29,8 +29,12 @@ def clean_tracker():
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
     get_moe_layer_wise_logging_tracker().clear()
+    # the scale is class state shared by the whole pytest process: start fresh, leave it as found
+    previous = MoEAuxLossAutoScaler.main_loss_backward_scale
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     yield
+    MoEAuxLossAutoScaler.main_loss_backward_scale = previous
     clear_aux_losses_tracker()
 
 
