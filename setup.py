@@ -19,7 +19,7 @@ setup(
         "test": ["pytest>=8", "scipy", "matplotlib", "tensorboard", "safetensors", "psutil", "transformers", "einops",
                  # six: imported by Megatron-LM core_v0.16.1 megatron/training (tests/test_patches.py)
                  "six"],
-        "plots": ["matplotlib", "tensorboard"],
+        "plots": ["matplotlib", "tensorboard", "scipy"],
         "hf": ["safetensors"],
         # Transformer Engine builds only with CUDA (see scripts/install_gpu.sh); apex is not on the index.
         "te": ["transformer-engine[pytorch]"],

@@ -50,7 +50,7 @@ def run_shaping(
     lr: float = 0.1,
     init_std: float = 0.5,
 ) -> dict:
-    """Train ``2 * num_points`` learnable logit vectors with DPSL alone.
+    """Train ``num_sources * num_points`` learnable logit vectors with DPSL alone.
 
     Args:
         alphas: one Dirichlet concentration vector per source (``[num_sources][num_categories]``).

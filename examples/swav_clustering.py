@@ -148,13 +148,15 @@ def train_swav(
     eps: float = 0.05,
     sinkhorn_iters: int = 3,
     aug_std: float = 0.1,
-) -> np.ndarray:
+    return_probs: bool = False,
+):
     """Full-batch SwAV (one Adam step per epoch); with ``alpha``, + ``dpsl_lambda`` · DPSL from ``dpsl_start``.
 
     Args:
         x: ``[N, 2]`` raw points (standardised here).
         alpha: ``[3]`` Dirichlet prior, or None for SwAV alone.
-    Returns the predicted cluster of each point, ``[N]`` int.
+    Returns the predicted cluster of each point, ``[N]`` int; with ``return_probs``, the final
+    ``softmax(scores/τ)`` of the points instead, ``[N, 3]``.
     """
     if prior_order not in ("aligned", "fixed"):
         raise ValueError(f"train_swav: prior_order must be 'aligned' or 'fixed', got {prior_order!r}")
@@ -185,7 +187,8 @@ def train_swav(
         opt.step()
         net.normalize_prototypes()
     with torch.no_grad():
-        return net(x).argmax(1).numpy()
+        scores = net(x)
+    return torch.softmax(scores / tau, dim=1) if return_probs else scores.argmax(1).numpy()
 
 
 def _sorted_fractions(pred: np.ndarray, num_clusters: int = 3) -> list:

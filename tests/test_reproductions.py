@@ -114,14 +114,20 @@ def test_sinkhorn_equipartition():
     torch.testing.assert_close(q.sum(0), torch.full((3,), 100.0), rtol=1e-3, atol=0)
 
 
-def test_dpsl_moves_cluster_sizes_toward_prior():
-    # wiring check: with a strong λ, DPSL pulls SwAV's near-equipartition toward the prior's mean proportions
-    # (α=(2,1,1): largest cluster 0.5 of the points). λ=1 so the effect is far above seed noise.
+def test_dpsl_term_shapes_swav_probabilities():
+    # wiring check: adding λ·DPSL for the last 10 epochs lowers Eq. 4 (the distance of the final cluster
+    # probabilities to the prior) below SwAV alone. Measured for this seed: 0.372 (SwAV) -> 0.181 (λ=1). Over
+    # seeds 0-2 and all settings λ=1 gives 0.49-0.93x of SwAV's value, except one run (0.996x) where the fixed
+    # prior order meets a mismatched cluster index; λ=0.01 gives 0.992-1.0x, hence the strong λ here.
+    from megatron_dpsl import dpsl_loss
+
+    alpha = swav.SETTINGS["non-overlapping"].alpha
     x, _ = swav.make_data("non-overlapping", seed=0)
-    base = swav.train_swav(x, None, seed=0)
-    shaped_pred = swav.train_swav(x, (2.0, 1.0, 1.0), seed=0, dpsl_lambda=1.0)
-    largest = [max(np.bincount(p, minlength=3)) / len(p) for p in (base, shaped_pred)]
-    assert abs(largest[1] - 0.5) < abs(largest[0] - 0.5) - 0.03, largest
+    base = swav.train_swav(x, None, seed=0, return_probs=True)
+    shaped_probs = swav.train_swav(x, alpha, seed=0, dpsl_lambda=1.0, prior_order="fixed", return_probs=True)
+    assert base.shape == shaped_probs.shape == (1500, 3)
+    d_base, d_shaped = (float(dpsl_loss(p, torch.tensor(alpha))) for p in (base, shaped_probs))
+    assert d_shaped < 0.75 * d_base, (d_base, d_shaped)
 
 
 def test_swav_quick_one_setting(capsys):
