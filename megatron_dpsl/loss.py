@@ -230,6 +230,8 @@ def _eq4_cpu(p: torch.Tensor, table: BetaCDFTable, num_groups: int, group_ids, n
                 grad = grad_g
             else:
                 grad.index_copy_(0, sel, grad_g)
+    if need_grad and grad is None:  # an empty batch: nothing to sort, zero gradient
+        grad = torch.zeros_like(p)
     return per_expert, grad
 
 

@@ -214,6 +214,10 @@ def test_standalone_parser_gets_no_load_balancing_flag_from_add_dpsl_args():
          "--moe-dpsl-num-groups 3", "--moe-dpsl-num-groups: must be >= 1 and divide --num-experts 4, got 3"),
         ("--moe-router-load-balancing-type dpsl --moe-dpsl-log-interval -1", "--moe-dpsl-log-interval: must be >= 0"),
         ("--moe-router-load-balancing-type dpsl --moe-dpsl-coeff -0.1", "--moe-dpsl-coeff: must be >= 0"),
+        ("--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01 -0.02",
+         "--moe-aux-loss-coeff: the value in dpsl's slot is λ and must be >= 0, got -0.02"),
+        ("--moe-router-load-balancing-type dpsl --moe-dpsl-alpha-base 1 --moe-dpsl-alpha-shift -0.5 "
+         "--moe-dpsl-num-groups 2", "--moe-dpsl-alpha-shift: must be >= 0, got -0.5"),
         ("--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01",
          "--moe-aux-loss-coeff: expected 2 values (one per --moe-router-load-balancing-type aux_loss dpsl), got 1"),
         ("--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01 0.02 --moe-dpsl-coeff 0.03",

@@ -314,6 +314,53 @@ def test_atomic_write_force_and_interrupt(swiglu_ckpt, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]
 
 
+def test_output_that_is_or_contains_the_source_is_refused(swiglu_ckpt, tmp_path):
+    """--force on an output that is (or contains) the source would replace, i.e. delete, the source."""
+    import shutil
+
+    from megatron_dpsl.upcycle import UpcycleError
+
+    src = tmp_path / "ckpts" / "dense"
+    shutil.copytree(swiglu_ckpt[0], src)
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    for dst in (src, src.parent, tmp_path):
+        with pytest.raises(UpcycleError, match="is or contains --source"):
+            _upcycle(src, dst, num_experts=4, force=True)
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before  # the source is untouched
+
+
+def test_atomic_directory_dangling_symlink_and_failed_commit(tmp_path, monkeypatch):
+    """A dangling symlink counts as an existing target; a failed final rename leaves the target as it was."""
+    import os
+
+    from megatron_dpsl.upcycle import UpcycleError
+    from megatron_dpsl.upcycle.writer import atomic_directory
+
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UpcycleError, match="exists; pass --force"):
+        with atomic_directory(link):
+            pass
+    with atomic_directory(link, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (link / "new.txt").read_text() == "new" and not link.is_symlink()
+
+    real_replace = os.replace
+
+    def failing_replace(a, b):
+        if ".upcycle-tmp-" in str(a):  # the new checkpoint's final rename fails
+            raise OSError(18, "Invalid cross-device link")
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(UpcycleError, match="could not move the new checkpoint into place"):
+        with atomic_directory(link, force=True) as tmp:
+            (tmp / "newer.txt").write_text("newer")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (link / "new.txt").read_text() == "new"  # the old target is back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or aside copy left
+
+
 def test_keys_under_a_model_prefix(megatron, swiglu_ckpt, tmp_path):
     """On-disk keys under a prefix (``model.decoder...``) are found; output keys are Megatron's own."""
     from megatron.core import dist_checkpointing

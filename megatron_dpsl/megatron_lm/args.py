@@ -239,6 +239,8 @@ def _resolve_coeff(args: argparse.Namespace) -> Optional[float]:
         slot = float(coeffs[types.index(DPSL_TYPE)])
     elif types == [DPSL_TYPE] and len(coeffs) == 1:
         slot = float(coeffs[0])
+    if slot is not None and slot < 0:
+        raise ValueError(f"{AUX_LOSS_COEFF_FLAG}: the value in dpsl's slot is λ and must be >= 0, got {slot}")
     if slot is not None and slot != 0.0:
         if explicit is not None and float(explicit) != slot:
             raise ValueError(
@@ -323,8 +325,8 @@ def validate_dpsl_args(args: argparse.Namespace) -> None:
             )
         if not base > 0:
             raise ValueError(f"--moe-dpsl-alpha-base: must be > 0, got {base}")
-        if not base + shift > 0:
-            raise ValueError(f"--moe-dpsl-alpha-shift: α_b + α_s must be > 0, got {base} + {shift}")
+        if not shift >= 0:  # as priors.group_alpha: the shift raises a group's own block
+            raise ValueError(f"--moe-dpsl-alpha-shift: must be >= 0, got {shift}")
         if groups < 1 or num_experts % groups:
             raise ValueError(
                 f"--moe-dpsl-num-groups: must be >= 1 and divide --num-experts {num_experts}, got {groups}"

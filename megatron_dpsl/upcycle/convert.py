@@ -6,9 +6,10 @@ import copy
 import dataclasses
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
-
+from typing import Optional
 
 from megatron_dpsl.upcycle.errors import UpcycleError
 from megatron_dpsl.upcycle.hf import HFDenseSource, is_hf_checkpoint
@@ -104,6 +105,7 @@ def upcycle(src, dst=None, **options) -> UpcycleResult:
     opts = UpcycleOptions(**options)
     if dst is None and not opts.dry_run:
         raise UpcycleError("an output directory is required (or --dry-run)")
+    _check_output_keeps_source(Path(src), None if dst is None else Path(dst))
     source = open_source(Path(src), activation=opts.activation)
     try:
         return _run(source, Path(dst) if dst is not None else None, opts)
@@ -117,6 +119,7 @@ def convert_dense(src, dst, *, force: bool = False, progress: bool = True) -> Up
     The G=1, no-expert path of the same reader/writer: checks the HF -> Megatron mapping on its own.
     """
     opts = UpcycleOptions(num_experts=1, moe_router_topk=1, force=force, progress=progress)
+    _check_output_keeps_source(Path(src), Path(dst))
     source = open_source(Path(src))
     try:
         return _run(source, Path(dst), opts, dense=True)
@@ -124,12 +127,24 @@ def convert_dense(src, dst, *, force: bool = False, progress: bool = True) -> Up
         source.close()
 
 
+def _check_output_keeps_source(src: Path, dst: Optional[Path]) -> None:
+    """Refuse an output that is, or contains, the source: replacing it (``--force``) would delete the source."""
+    if dst is None:
+        return
+    src_r, dst_r = src.resolve(), dst.resolve()
+    if src_r == dst_r or dst_r in src_r.parents:
+        raise UpcycleError(
+            f"--output {dst} is or contains --source {src}: writing there would replace the source; "
+            "choose another output directory"
+        )
+
+
 def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResult:
     from tqdm import tqdm
 
     info: DenseModelInfo = source.info
     opts.check_source(info)
-    if not opts.dry_run and dst.exists() and not opts.force:  # fail before hashing/planning
+    if not opts.dry_run and os.path.lexists(dst) and not opts.force:  # fail before hashing/planning
         raise UpcycleError(f"output {dst} exists; pass --force to overwrite it")
     moe_layers = [False] * info.num_layers if dense else opts.moe_layers(info.num_layers)
     stacked = dense or (all(moe_layers) and isinstance(opts.moe_layer_freq, int))
@@ -214,7 +229,7 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
                 counts.dense_layers += 1
 
     if opts.dry_run:
-        if dst is not None and dst.exists() and not opts.force:
+        if dst is not None and os.path.lexists(dst) and not opts.force:
             print(f"note: {dst} exists; a real run needs --force", file=sys.stderr)
         lines = _merge_lines([describe(p) for _, ps in planned for p in ps if not p.is_object])
         table = format_table(summary_rows(info, opts, counts))

@@ -103,7 +103,7 @@ def atomic_directory(target: Path, force: bool = False):
     aside first and deleted after the new one is in place, so no moment leaves a half-written target.
     """
     target = Path(target).absolute()
-    if target.exists() and not force:
+    if os.path.lexists(target) and not force:  # lexists: a dangling symlink is an existing target too
         raise UpcycleError(f"output {target} exists; pass --force to overwrite it")
     if not target.parent.is_dir():
         raise UpcycleError(f"output parent directory {target.parent} does not exist")
@@ -114,13 +114,22 @@ def atomic_directory(target: Path, force: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
-        old = target.parent / f".{target.name}.upcycle-old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
+    old = None
+    try:
+        if os.path.lexists(target):
+            old = target.parent / f".{target.name}.upcycle-old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
         os.replace(tmp, target)
-        if old.is_dir():
+    except BaseException as exc:
+        # put the old target back and drop the new checkpoint: the target stays as it was
+        if old is not None and os.path.lexists(old) and not os.path.lexists(target):
+            os.replace(old, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise UpcycleError(f"could not move the new checkpoint into place at {target}: {exc}") from exc
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink()
-    else:
-        os.replace(tmp, target)
