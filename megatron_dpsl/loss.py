@@ -141,12 +141,6 @@ def _rank_ragged(p: torch.Tensor, group_ids: torch.Tensor, num_groups: int):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _chunks(numel: int, device: torch.device, chunk: int):
-    if device.type != "cpu" or numel <= chunk:
-        return [(0, numel)]
-    return [(i, min(i + chunk, numel)) for i in range(0, numel, chunk)]
-
-
 def _sort_row(row: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Stable ascending sort of one contiguous row of probabilities: (values, token index)."""
     if row.dtype == torch.float32:
