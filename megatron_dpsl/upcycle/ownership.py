@@ -105,7 +105,7 @@ def write_owner(tmp: Path, target: Path) -> None:
     record = json.dumps(dataclasses.asdict(Owner.current(target)))
     side = tmp / f"{OWNER_FILE}.{uuid.uuid4().hex[:8]}"
     side.write_text(record)
-    os.replace(side, tmp / OWNER_FILE)
+    os.rename(side, tmp / OWNER_FILE)
 
 
 def read_owner(tmp: Path) -> Owner | None:
