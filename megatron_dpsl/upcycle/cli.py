@@ -182,8 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("megatron-dpsl-upcycle: interrupted; no output was written", file=sys.stderr)
         return 130
-    for leftover in result.leftovers:
-        print(f"megatron-dpsl-upcycle: {leftover.message()}", file=sys.stderr)
     if args.dry_run:
         print("\n".join(result.pieces))
     print(result.table)

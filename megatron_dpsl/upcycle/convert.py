@@ -251,6 +251,8 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
     args, filled = output_args(source, opts, dense)
     # temporary directories of earlier runs of this output that were killed too hard to clean up
     leftovers = sweep(dst, remove=not opts.dry_run) if dst is not None else []
+    for leftover in leftovers:  # now, not at the end: the conversion may take hours, or fail
+        print(f"megatron-dpsl-upcycle: {leftover.message()}", file=sys.stderr)
     if opts.dry_run:
         if dst is not None and os.path.lexists(dst) and not opts.force:
             print(f"note: {dst} exists; a real run needs --force", file=sys.stderr)

@@ -11,9 +11,9 @@ at core_v0.16.1 and core_v0.19.0):
   ``--phase-transition-iterations`` ``global_batch_size``. A missing field is an AttributeError,
   and a missing ``add_position_embedding`` stops every RoPE run that passes
   ``--no-position-embedding`` (Megatron-LM's Llama and Mixtral examples).
-* ``load_args_from_checkpoint`` (``--use-checkpoint-args``) copies the architecture fields
-  (:data:`ARCHITECTURE` and the MoE fields), most of them forcibly: a value overrides the run's
-  flag, ``None`` leaves the flag alone.
+* ``load_args_from_checkpoint`` (``--use-checkpoint-args``) copies the architecture (shape,
+  positions, norms, biases, MoE, tokenizer, parallel sizes), most of it forcibly: a value
+  overrides the run's flag, ``None`` leaves the flag alone.
 
 So the converter writes every one of these fields: the source's value where its args have one;
 otherwise what the checkpoint's tensors show (:func:`complete_args`); otherwise Megatron-LM's
@@ -73,20 +73,6 @@ MEGATRON_DEFAULTS: dict[str, Any] = {
     "mtp_use_repeated_layer": False,
 }
 
-# What load_args_from_checkpoint copies besides the MoE fields (core_v0.16.1 and core_v0.19.0).
-ARCHITECTURE = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads", "num_query_groups",
-    "group_query_attention", "kv_channels", "max_position_embeddings", "position_embedding_type",
-    "add_position_embedding", "use_rotary_position_embeddings", "rotary_base", "rotary_percent",
-    "rotary_interleaved", "add_bias_linear", "add_qkv_bias", "squared_relu", "swiglu",
-    "untie_embeddings_and_output_weights", "apply_layernorm_1p", "normalization",
-    "apply_query_key_layer_scaling", "attention_dropout", "hidden_dropout", "padded_vocab_size",
-    "make_vocab_size_divisible_by", "tokenizer_type", "tokenizer_model", "tiktoken_pattern", "ckpt_format",
-    "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-    "num_layers_per_virtual_pipeline_stage", "expert_model_parallel_size", "data_parallel_random_init",
-    "global_batch_size", "params_dtype",
-)  # fmt: skip
-
 ATTN = "layer.self_attention."
 
 
@@ -114,8 +100,9 @@ def complete_args(
     ``layer.`` (``layer.self_attention.linear_qkv.weight``, ``layer.mlp.linear_fc1.weight``, ...).
     A field the source does not have comes from the shapes where they decide it, else from
     :data:`MEGATRON_DEFAULTS`. ``num_attention_heads`` cannot be read from shapes (the fused QKV
-    is ``(heads + 2 groups) * head_dim`` rows); without it, it and the fields derived from it are
-    ``None`` (Megatron-LM then names the mismatch instead of raising AttributeError).
+    is ``(heads + 2 groups) * head_dim`` rows): without it, it and the fields derived from it stay
+    absent rather than guessed (loaders that skip absent fields, like the embedded trainer's, still
+    load; Megatron-LM's check needs ``--finetune``).
     """
     out = copy.deepcopy(args) if args is not None else argparse.Namespace()
     filled: dict[str, Any] = {}
@@ -139,8 +126,6 @@ def complete_args(
             groups = (qkv[0] // out.kv_channels - heads) // 2
             fill("num_query_groups", groups)
             fill("group_query_attention", groups != heads)
-    for name in ("num_attention_heads", "kv_channels", "num_query_groups", "group_query_attention"):
-        fill(name, None)  # unknowable from shapes without the head count
     learned = shapes.get("embedding.position_embeddings.weight")
     fill("position_embedding_type", "learned_absolute" if learned is not None else "rope")
     fill("add_position_embedding", out.position_embedding_type == "learned_absolute")
