@@ -132,11 +132,13 @@ def main(argv=None) -> int:
     tensor_parallel.model_parallel_cuda_manual_seed(1234)  # Megatron-LM's _set_random_seed (dropout streams)
     try:
         model, ckpt_args = load_upcycled(args.load)
-        tokens = torch.randint(0, ckpt_args.padded_vocab_size, (2, args.seq_length), generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, ckpt_args.padded_vocab_size, (2, args.seq_length), generator=generator)
         out = logits(model, tokens)
         params = sum(p.numel() for p in model.parameters())
         print(f"loaded {args.load} (strict): {params} parameters, {ckpt_args.num_experts} experts, "
-              f"top-{ckpt_args.moe_router_topk}; logits {list(out.shape)}, finite: {bool(out.isfinite().all())}")  # fmt: skip
+              f"top-{ckpt_args.moe_router_topk}; logits {list(out.shape)}, "
+              f"finite: {bool(out.isfinite().all())}")
         if args.compare_hf is not None:
             from transformers import AutoModelForCausalLM
 

@@ -34,7 +34,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 GIT_ENV = "MEGATRON_LM_GIT_DIR"
-TAGS = {"0.16": "core_v0.16.1", "0.19": "core_v0.19.0"}  # megatron-core series -> the Megatron-LM tag it runs with
+# megatron-core series -> the Megatron-LM tag it runs with. Each tree imports only against its own
+# series (0.19.0's training needs megatron.core.tokenizers.utils, 0.16.1's the 0.16 datasets
+# package), so a venv tests one tag: the default CI leg 0.16.1, the second leg 0.19.0.
+TAGS = {"0.16": "core_v0.16.1", "0.19": "core_v0.19.0"}
 # Megatron-LM's training package and what it imports at each tag (core_v0.19.0 has no megatron/legacy).
 TREES = ("megatron/training", "megatron/legacy", "megatron/rl")
 

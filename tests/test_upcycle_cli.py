@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +14,6 @@ from test_upcycle_support import write_tiny_hf_llama  # noqa: E402
 
 from megatron_dpsl.upcycle.cli import build_parser, main  # noqa: E402
 from megatron_dpsl.upcycle.summary import format_bytes  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _help_blocks(text: str) -> dict[str, str]:
@@ -37,12 +33,13 @@ def _help_blocks(text: str) -> dict[str, str]:
     return blocks
 
 
-def test_help_shows_a_text_and_the_default_of_every_flag():
-    # the real console entry point's output, as a user sees it (wide terminal: no wrapping inside values)
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    text = subprocess.run([sys.executable, "-m", "megatron_dpsl.upcycle", "--help"], capture_output=True,
-                          text=True, env=env, check=True).stdout  # fmt: skip
-    blocks = _help_blocks(text)
+def test_help_shows_a_text_and_the_default_of_every_flag(monkeypatch, capsys):
+    # the console entry point's output, as a user sees it (wide terminal: no wrapping inside values)
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    blocks = _help_blocks(capsys.readouterr().out)
     actions = [a for a in build_parser()._actions if not isinstance(a, argparse._HelpAction)]
     assert set(blocks) == {"-h"} | {a.option_strings[0] for a in actions}
     for action in actions:

@@ -33,8 +33,8 @@ def _hidden(parent: Path, name: str = "moe") -> list[Path]:
 def _start_stuck_conversion(src: Path, out: Path, ready: Path) -> subprocess.Popen:
     """A real CLI run in its own process, stopped while writing layer 1 (layer 0 is on disk)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(ready), "--source", str(src), "--output", str(out), *ARGS],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    cmd = [sys.executable, str(WORKER), str(ready), "--source", str(src), "--output", str(out), *ARGS]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while not ready.exists():
         if proc.poll() is not None:

@@ -250,10 +250,12 @@ def write_tiny_hf_llama(path, *, layers=2, hidden=32, ffn=64, heads=4, groups=2,
             p + "mlp.down_proj.weight": (hidden, ffn),
         })  # fmt: skip
     os.makedirs(path, exist_ok=True)
-    save_file({k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}, os.path.join(path, "model.safetensors"))
+    weights = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+    save_file(weights, os.path.join(path, "model.safetensors"))
     config = dict(model_type="llama", hidden_act="silu", hidden_size=hidden, intermediate_size=ffn,
                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=groups,
-                  max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False, vocab_size=vocab)  # fmt: skip
+                  max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  vocab_size=vocab)  # fmt: skip
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     return path

@@ -193,16 +193,16 @@ def sweep(target: Path, remove: bool = True) -> list[Leftover]:
     for entry in sorted(parent.iterdir()):
         name = entry.name
         if name.startswith(f".{target.name}{OLD_INFIX}"):
-            found.append(Leftover(entry, tree_size(entry), False,
-                                  f"a previous {target.name} moved aside by --force; restore or delete it by hand"))  # fmt: skip
+            why = f"a previous {target.name} moved aside by --force; restore or delete it by hand"
+            found.append(Leftover(entry, tree_size(entry), False, why))
             continue
         if not name.startswith(f".{target.name}{TMP_INFIX}") or entry.is_symlink() or not entry.is_dir():
             continue
         owner = read_owner(entry)
         if owner is None:
-            found.append(Leftover(entry, tree_size(entry), False,
-                                  "no owner record (an older megatron-dpsl, or a conversion starting now); "
-                                  "delete it by hand if no conversion of this output runs"))  # fmt: skip
+            why = ("no owner record (an older megatron-dpsl, or a conversion starting now); "
+                   "delete it by hand if no conversion of this output runs")
+            found.append(Leftover(entry, tree_size(entry), False, why))
             continue
         size = tree_size(entry)
         if owner.target != canonical(target):

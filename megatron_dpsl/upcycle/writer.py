@@ -101,8 +101,9 @@ def atomic_directory(target: Path, force: bool = False):
 
     On any exception (KeyboardInterrupt included) the temporary directory is removed and
     ``target`` is untouched; while it exists it holds an owner record (ownership.py) so that a run
-    killed too hard to clean up is recognised and swept by the next one. An existing ``target`` is replaced only with ``force``: it is renamed
-    aside first and deleted after the new one is in place, so no moment leaves a half-written target.
+    killed too hard to clean up is recognised and swept by the next one. An existing ``target`` is
+    replaced only with ``force``: it is renamed aside first and deleted after the new one is in
+    place, so no moment leaves a half-written target.
     """
     target = Path(target).absolute()
     if os.path.lexists(target) and not force:  # lexists: a dangling symlink is an existing target too
