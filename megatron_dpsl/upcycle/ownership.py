@@ -55,7 +55,10 @@ def process_start_ticks(pid: int) -> int | None:
     if stat is None:
         return None
     # the command name (field 2) may hold spaces and parentheses: split after its last ')'
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    try:
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
 
 
 def canonical(target: Path) -> str:
