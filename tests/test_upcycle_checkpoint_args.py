@@ -208,6 +208,37 @@ def test_written_values_for_rope_models(report):
     assert "add_position_embedding" in partial["filled"] and "num_attention_heads" not in partial["filled"]
 
 
+def test_complete_args_reads_what_the_shapes_decide():
+    """A GPT-2-like source (learned positions, LayerNorm, biases, tied, GELU) whose args give only the
+    head count: the rest comes from the tensors; present values are kept, nothing is guessed."""
+    import argparse
+
+    from megatron_dpsl.upcycle.megatron_args import complete_args
+
+    shapes = {
+        "embedding.word_embeddings.weight": (50304, 32), "embedding.position_embeddings.weight": (1024, 32),
+        "decoder.final_layernorm.weight": (32,), "decoder.final_layernorm.bias": (32,),
+        "layer.self_attention.linear_qkv.weight": (96, 32), "layer.self_attention.linear_qkv.bias": (96,),
+        "layer.self_attention.linear_proj.weight": (32, 32), "layer.self_attention.linear_proj.bias": (32,),
+        "layer.mlp.linear_fc1.weight": (64, 32), "layer.mlp.linear_fc2.weight": (32, 64),
+    }  # fmt: skip
+    source = argparse.Namespace(num_attention_heads=4, seq_length=77)
+    args, filled = complete_args(source, shapes, num_layers=3, activation="gelu", dtype=torch.bfloat16)
+    assert not hasattr(source, "kv_channels")  # the source's namespace is not modified
+    expected = dict(num_layers=3, hidden_size=32, ffn_hidden_size=64, kv_channels=8, num_query_groups=4,
+                    group_query_attention=False, position_embedding_type="learned_absolute",
+                    add_position_embedding=True, max_position_embeddings=1024, add_bias_linear=True,
+                    add_qkv_bias=True, swiglu=False, squared_relu=False, untie_embeddings_and_output_weights=False,
+                    normalization="LayerNorm", padded_vocab_size=50304, make_vocab_size_divisible_by=128,
+                    params_dtype=torch.bfloat16, bf16=True, seq_length=77)  # fmt: skip
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert "seq_length" not in filled and "num_attention_heads" not in filled and filled["kv_channels"] == 8
+    rope, _ = complete_args(None, {k: v for k, v in shapes.items() if "position_embeddings" not in k},
+                            num_layers=3, activation="squared_relu", dtype=torch.float32)  # fmt: skip
+    assert (rope.position_embedding_type, rope.add_position_embedding, rope.rotary_base) == ("rope", False, 10000)
+    assert rope.squared_relu is True and not hasattr(rope, "num_attention_heads") and not hasattr(rope, "kv_channels")
+
+
 # ------------------------------------------------------------------------------------------- child
 
 

@@ -38,8 +38,6 @@ MEGATRON_DEFAULTS: dict[str, Any] = {
     "apply_layernorm_1p": False,  # the name load_args_from_checkpoint reads ...
     "layernorm_zero_centered_gamma": False,  # ... and --apply-layernorm-1p's dest at both tags
     "apply_query_key_layer_scaling": False,
-    "squared_relu": False,
-    "quick_geglu": False,
     "data_parallel_random_init": False,
     "tensor_model_parallel_size": 1,
     "pipeline_model_parallel_size": 1,
@@ -121,9 +119,10 @@ def complete_args(
     heads = getattr(out, "num_attention_heads", None)
     qkv, proj = shapes.get(ATTN + "linear_qkv.weight"), shapes.get(ATTN + "linear_proj.weight")
     if heads and proj is not None and proj[1] % heads == 0:
-        fill("kv_channels", proj[1] // heads)
-        if qkv is not None and (qkv[0] // out.kv_channels - heads) % 2 == 0:
-            groups = (qkv[0] // out.kv_channels - heads) // 2
+        head_dim = getattr(out, "kv_channels", None) or proj[1] // heads  # linear_proj is [H, heads * d]
+        fill("kv_channels", head_dim)
+        if qkv is not None and (qkv[0] // head_dim - heads) % 2 == 0:  # linear_qkv: (heads + 2 groups) * d rows
+            groups = (qkv[0] // head_dim - heads) // 2
             fill("num_query_groups", groups)
             fill("group_query_attention", groups != heads)
     learned = shapes.get("embedding.position_embeddings.weight")
@@ -135,6 +134,8 @@ def complete_args(
     fill("add_bias_linear", ATTN + "linear_proj.bias" in shapes)
     fill("add_qkv_bias", ATTN + "linear_qkv.bias" in shapes)
     fill("swiglu", gated and activation == "silu")
+    fill("squared_relu", activation == "squared_relu")
+    fill("quick_geglu", gated and activation == "quick_gelu")
     fill("untie_embeddings_and_output_weights", "output_layer.weight" in shapes)
     fill("normalization", "LayerNorm" if "decoder.final_layernorm.bias" in shapes else "RMSNorm")
     fill("padded_vocab_size", vocab)
@@ -145,10 +146,6 @@ def complete_args(
     fill("ckpt_format", "torch_dist")
     for name, value in MEGATRON_DEFAULTS.items():
         fill(name, value)
-    if activation == "squared_relu" and filled.get("squared_relu") is False:
-        out.squared_relu = filled["squared_relu"] = True
-    if activation == "quick_gelu" and gated and filled.get("quick_geglu") is False:
-        out.quick_geglu = filled["quick_geglu"] = True
     return out, filled
 
 
