@@ -7,7 +7,9 @@ For every (group g, expert k) "row", the valid tokens of group g are sorted by `
 
     L_k = sum_g (1/B_g) sum_{j=1..B_g} (j/B_g - I_{p_(j)}(alpha_gk, A_g - alpha_gk))^2,   A_g = sum_k alpha_gk.
 
-Pipeline (O(num_tokens * num_experts) memory, no B x B intermediate):
+Implementations (``impl=`` or $MEGATRON_DPSL_LOSS_IMPL; "auto" picks the fused one for CUDA float32/bf16/fp16
+when Triton imports): ``fused_loss.py`` (one sort + Triton kernels), and the torch path here (CPU, float64,
+accelerators without Triton). The torch path (O(num_tokens * num_experts) memory, no B x B intermediate):
   1. rank (``ranking.py``: validation, the row layout, the sorts; ties keep token order). CPU: per group
      (tokens selected on the host) and per expert, a stable 1-D sort of the float32 bit patterns of the
      contiguous [E, B] transpose. Accelerators: a branch-free, fixed-shape path (one [E, B] sort, or one
@@ -24,14 +26,19 @@ Pipeline (O(num_tokens * num_experts) memory, no B x B intermediate):
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from megatron_dpsl.ranking import Eq4Inputs, prepare, rank_dense, ranked_cdf, sort_rows
+from megatron_dpsl import fused_loss
+from megatron_dpsl.ranking import Eq4Inputs, rank_dense, ranked_cdf, row_layout, sort_rows, table_for
 
 _CHUNK = 1 << 17  # elements per CPU chunk (measured: fewer, larger ops beat cache-sized ones here)
+IMPL_ENV = "MEGATRON_DPSL_LOSS_IMPL"
+IMPLS = ("auto", "torch", "triton")
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _eq4_cpu(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool):
@@ -165,17 +172,47 @@ class _DPSLPerExpert(torch.autograd.Function):
         return (grad * grad_out.to(grad.dtype)).to(ctx.in_dtype), None, None
 
 
+def _per_expert_or_sum(probs, alpha, group_ids, padding_mask, impl: Optional[str], reduce: bool):
+    table, num_groups = table_for(probs, alpha, group_ids, padding_mask)
+    need_grad = torch.is_grad_enabled()
+    if selected_impl(probs, impl) == "triton":
+        return fused_loss.FusedDPSL.apply(probs, table, num_groups, group_ids, padding_mask, reduce, need_grad)
+    out = _DPSLPerExpert.apply(probs, row_layout(probs, table, num_groups, group_ids, padding_mask), need_grad)
+    return out.sum() if reduce else out
+
+
+def selected_impl(probs: torch.Tensor, impl: Optional[str] = None) -> str:
+    """"triton" or "torch": what ``dpsl_loss(probs, ..., impl=impl)`` runs (``impl``, else
+    $MEGATRON_DPSL_LOSS_IMPL, else "auto"; module docstring). Raises ValueError for an unusable choice."""
+    impl = impl if impl is not None else os.environ.get(IMPL_ENV, "auto")
+    if impl not in IMPLS:
+        raise ValueError(f"dpsl_loss: impl (or ${IMPL_ENV}) must be one of {IMPLS}, got {impl!r}")
+    fusable = probs.dtype in _FUSED_DTYPES and 0 < probs.numel() < 2**31
+    if impl == "triton":
+        if not fused_loss.runs_on(probs.device):
+            raise ValueError(f"dpsl_loss: impl='triton' needs Triton (pip install triton) and a CUDA device, or "
+                             f"TRITON_INTERPRET=1 for CPU tensors; got {probs.device}. Use impl='torch'")
+        if probs.dtype not in _FUSED_DTYPES:
+            raise ValueError(f"dpsl_loss: impl='triton' takes float32/bfloat16/float16 probs, got {probs.dtype} "
+                             f"(float64: impl='torch')")
+    elif impl == "auto":
+        fusable = fusable and probs.is_cuda and fused_loss.runs_on(probs.device)
+    return "triton" if impl != "torch" and fusable else "torch"  # an empty batch takes the torch path
+
+
 def dpsl_loss_per_expert(
     probs: torch.Tensor,
     alpha,
     group_ids: Optional[torch.Tensor] = None,
     padding_mask: Optional[torch.Tensor] = None,
+    *,
+    impl: Optional[str] = None,
 ) -> torch.Tensor:
     """Eq. 4 (without λ) for each expert: ``[num_experts]``, summed over groups. ``dpsl_loss`` sums it.
 
     Same arguments as ``dpsl_loss``. Output dtype float32 (float64 for float64 ``probs``).
     """
-    return _DPSLPerExpert.apply(probs, prepare(probs, alpha, group_ids, padding_mask), torch.is_grad_enabled())
+    return _per_expert_or_sum(probs, alpha, group_ids, padding_mask, impl, reduce=False)
 
 
 def dpsl_loss(
@@ -183,6 +220,8 @@ def dpsl_loss(
     alpha: torch.Tensor,
     group_ids: Optional[torch.Tensor] = None,
     padding_mask: Optional[torch.Tensor] = None,
+    *,
+    impl: Optional[str] = None,
 ) -> torch.Tensor:
     """Eq. 4 without λ: sum over experts k of (1/B) Σ_j (j/B − F_Beta(p_k,(j); α_k, A−α_k))².
 
@@ -195,6 +234,9 @@ def dpsl_loss(
         group_ids: ``[num_tokens]`` int in ``[0, num_groups)``, each token's group (required with a 2-D
             ``alpha`` of more than one row).
         padding_mask: ``[num_tokens]`` bool, True = padding (excluded, Megatron's convention).
+        impl: ``"auto"`` (default; or ``$MEGATRON_DPSL_LOSS_IMPL``): the fused Triton kernels for CUDA
+            float32/bf16/fp16 ``probs`` when Triton imports, the torch implementation otherwise;
+            ``"triton"`` or ``"torch"`` to force one (module docstring).
 
     Returns:
         Scalar float32 (float64 for float64 ``probs``); with groups, the sum over groups of Eq. 4
@@ -202,6 +244,6 @@ def dpsl_loss(
 
     Raises:
         ValueError: wrong ranks/shapes/dtypes, ``num_experts`` mismatch, alpha <= 0 or NaN, group id out of
-        range (checked on the host for CPU tensors, by a device-side assert elsewhere).
+        range (checked on the host for CPU tensors, by a device-side assert elsewhere), unknown ``impl``.
     """
-    return dpsl_loss_per_expert(probs, alpha, group_ids, padding_mask).sum()
+    return _per_expert_or_sum(probs, alpha, group_ids, padding_mask, impl, reduce=True)

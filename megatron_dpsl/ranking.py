@@ -16,6 +16,7 @@ float sort.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -31,7 +32,7 @@ class Eq4Inputs(NamedTuple):
 
     table: BetaCDFTable  # rows g * E + k, evaluation dtype float32 (float64 for float64 probs)
     num_groups: int  # rows of alpha
-    group_ids: Optional[torch.Tensor]  # [T] int64 in [0, num_groups], num_groups = padding; None = one group, no padding
+    group_ids: Optional[torch.Tensor]  # [T] int64 in [0, num_groups] (num_groups = padding); None: 1 group, no padding
 
 
 def _check_inputs(probs, alpha, group_ids, padding_mask):
@@ -69,23 +70,49 @@ def _alpha_2d(alpha, num_experts: int) -> torch.Tensor:
     return a.reshape(-1, num_experts)
 
 
-def prepare(probs, alpha, group_ids=None, padding_mask=None) -> Eq4Inputs:
-    """Validate ``dpsl_loss``'s arguments and look up (or build) the cached CDF table for alpha.
+def table_for(probs, alpha, group_ids=None, padding_mask=None) -> Tuple[BetaCDFTable, int]:
+    """Validate ``dpsl_loss``'s arguments and return (the cached CDF table, num_groups).
 
-    Args: as ``dpsl_loss``. Group ids are range-checked on the host for CPU tensors, by a device-side
-    assert elsewhere (no host sync). With padding, padded tokens get group ``num_groups``; a single group
-    without padding returns ``group_ids=None`` (the dense layout).
+    Args: as ``dpsl_loss``. Checks types, shapes and alpha's values; not the group-id values (each
+    implementation checks those without a host sync). The table's rows are g * E + k.
     """
     if not isinstance(alpha, torch.Tensor):
         alpha = torch.as_tensor(alpha, dtype=torch.float64)
     _check_inputs(probs, alpha, group_ids, padding_mask)
     num_tokens, num_experts = probs.shape
-    alpha2d = _alpha_2d(alpha, num_experts)
-    num_groups = alpha2d.shape[0]
+    cdt = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    # alpha's values key the cache: read on the host (free for a CPU alpha), no device work per call
+    table, num_groups = _cached_table(tuple(alpha.reshape(-1).tolist()), num_experts, cdt, probs.device)
     if num_groups > 1 and group_ids is None:
         raise ValueError(
             f"dpsl_loss: alpha has {num_groups} rows (one prior per token group); pass group_ids [{num_tokens}]"
         )
+    return table, num_groups
+
+
+# A bounded memo of immutable tables (like beta.beta_cdf_table's), not state: the result never depends on
+# whether it was cached. Errors are not cached, so invalid alpha raises on every call.
+@functools.lru_cache(maxsize=16)
+def _cached_table(values: tuple, num_experts: int, dtype: torch.dtype, device: torch.device):
+    alpha2d = _alpha_2d(torch.tensor(values, dtype=torch.float64), num_experts)
+    b = alpha2d.sum(-1, keepdim=True) - alpha2d
+    return beta_cdf_table(alpha2d.reshape(-1), b.reshape(-1), dtype, device), alpha2d.shape[0]
+
+
+def prepare(probs, alpha, group_ids=None, padding_mask=None) -> Eq4Inputs:
+    """``table_for`` plus the tokens' row layout (``row_layout``): what the torch implementation takes."""
+    table, num_groups = table_for(probs, alpha, group_ids, padding_mask)
+    return row_layout(probs, table, num_groups, group_ids, padding_mask)
+
+
+def row_layout(probs, table, num_groups: int, group_ids, padding_mask) -> Eq4Inputs:
+    """Checked, merged group ids for ``table_for``'s validated arguments.
+
+    Group ids are range-checked on the host for CPU tensors, by a device-side assert elsewhere (no host
+    sync). With padding, padded tokens get group ``num_groups``; a single group without padding returns
+    ``group_ids=None`` (the dense layout).
+    """
+    num_tokens = probs.shape[0]
     if group_ids is not None:
         group_ids = group_ids.to(device=probs.device, dtype=torch.int64)
         bad = (group_ids < 0) | (group_ids >= num_groups)
@@ -103,9 +130,6 @@ def prepare(probs, alpha, group_ids=None, padding_mask=None) -> Eq4Inputs:
         group_ids = torch.where(padding_mask, num_groups, base)
     elif group_ids is not None and num_groups == 1:
         group_ids = None  # a single group and no padding: the dense path
-    cdt = torch.float64 if probs.dtype == torch.float64 else torch.float32
-    b = alpha2d.sum(-1, keepdim=True) - alpha2d
-    table = beta_cdf_table(alpha2d.reshape(-1), b.reshape(-1), cdt, probs.device)
     return Eq4Inputs(table, num_groups, group_ids)
 
 
