@@ -146,8 +146,7 @@ if triton is not None:
             c_b = tl.load(consts_ptr + roff + 1)
             y = 1.0 - x
             lx = tl.log(x)
-            u1 = 1.0 - x  # log1p(-x) = log(u1) * -x / (u1 - 1) (exact 1 - x for tiny x; Goldberg)
-            l1x = tl.where(u1 == 1.0, -x, tl.log(u1) * (-x / (u1 - 1.0)))
+            l1x = tl.where(y == 1.0, -x, tl.log(y) * (-x / (y - 1.0)))  # log1p(-x), accurate for tiny x (Goldberg)
             s_lo = tl.load(consts_ptr + roff + 11)
             s_hi = tl.load(consts_ptr + roff + 12)
             inv_h = tl.load(consts_ptr + roff + 10)
