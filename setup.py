@@ -18,7 +18,10 @@ setup(
     extras_require={
         "test": ["pytest>=8", "scipy", "matplotlib", "tensorboard", "safetensors", "psutil", "transformers", "einops",
                  # six: imported by Megatron-LM core_v0.16.1 megatron/training (tests/test_patches.py)
-                 "six"],
+                 "six",
+                 # triton: the fused loss kernels (megatron_dpsl/fused_loss.py) are tested on CPU under
+                 # Triton's interpreter (tests/test_fused_loss.py); CUDA builds of torch ship it already
+                 "triton"],
         "plots": ["matplotlib", "tensorboard", "scipy"],
         "hf": ["safetensors"],
         # Transformer Engine builds only with CUDA (see scripts/install_gpu.sh); apex is not on the index.
