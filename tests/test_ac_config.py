@@ -165,3 +165,14 @@ def test_bad_flag_values_are_argparse_errors(cmdline, message, capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(f"{FLAGS} {cmdline}".split())
     assert message in capsys.readouterr().err
+
+
+def test_python_api_is_exported_lazily():
+    import megatron_dpsl
+    from megatron_dpsl.ac_clustering import adaptive_clustering_weights
+    from megatron_dpsl.ac_router import ACRouter
+    from megatron_dpsl.ac_state import ACRoutingState
+
+    assert megatron_dpsl.ACRouter is ACRouter and megatron_dpsl.ACRoutingState is ACRoutingState
+    assert megatron_dpsl.adaptive_clustering_weights is adaptive_clustering_weights
+    assert {"ACRouter", "ACRoutingState", "adaptive_clustering_weights"} <= set(megatron_dpsl.__all__)

@@ -186,8 +186,8 @@ def test_ac_with_dpsl_shapes_the_ac_probabilities():
     r2(x2)
     logits = scaled_input(x2, expected_top1(p1, m1), cfg).reshape(-1, H) @ r2.weight.detach().t()
     ref = 0.3 * dpsl_loss(torch.softmax(logits.float(), -1), torch.full((E,), 0.75, dtype=torch.float64))
-    # tracker sums layers 1 and 2; layer 2's entry is its own (per-layer tracker rows)
-    torch.testing.assert_close(tracker("dpsl_loss")[1], ref, rtol=1e-6, atol=1e-7)  # same fp32 math, matmul kernel
+    # the tracker keeps one row per layer (row 1: layer 2); same fp32 math, another matmul kernel
+    torch.testing.assert_close(tracker("dpsl_loss")[1], ref, rtol=1e-6, atol=1e-7)
     assert tracker("load_balancing_loss")[1] > 0
 
 
