@@ -17,6 +17,9 @@ _LAZY = {
     "dpsl_token_groups": "megatron_dpsl.token_groups",
     "set_dpsl_token_groups": "megatron_dpsl.token_groups",
     "gather_for_loss": "megatron_dpsl.distributed",
+    "ACRouter": "megatron_dpsl.ac_router",
+    "ACRoutingState": "megatron_dpsl.ac_state",
+    "adaptive_clustering_weights": "megatron_dpsl.ac_clustering",
 }
 __all__ += list(_LAZY)
 

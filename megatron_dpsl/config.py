@@ -22,6 +22,8 @@ from typing import List, Optional, Union
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_dpsl.ac_clustering import WEIGHT_NORMS
+from megatron_dpsl.ac_state import moe_layer_numbers
 from megatron_dpsl.load_balancing import (
     AUX_LOSS_COEFF_FIELD,
     DPSL_TYPE,
@@ -33,6 +35,9 @@ from megatron_dpsl.load_balancing import (
 from megatron_dpsl.priors import num_prior_groups, resolve_alpha
 
 DEFAULT_DPSL_COEFF = 0.01
+
+# cuda_graph_scope values whose graphs contain the MoE router (megatron-core's CudaGraphScope names)
+_ROUTER_GRAPH_SCOPES = {"full", "full_iteration", "moe", "moe_router", "moe_preprocess"}
 
 # priors' argument names -> this config's fields, so the prior's errors name the field (and, through
 # megatron_lm.args.translate_config_error, the flag)
@@ -89,6 +94,26 @@ class DPSLTransformerConfig(TransformerConfig):
     """Log the DPSL diagnostics (expert-load CoV, routing entropy, distance to the prior) to
     Megatron's aux-loss tracker every this many router forward calls (per layer). 0 = never."""
 
+    # ---- Adaptive Clustering (AC) router (megatron_dpsl.ac_router, docs/ac_router.md) ----
+    moe_ac_layers: Optional[List[int]] = None
+    """Layer numbers (1-based, over the whole model, Megatron's ``layer_number``) of the MoE layers whose
+    router scores tokens with Adaptive Clustering (Nielsen et al., ICLR 2025): each token's features are
+    reweighted by the tightness of the cluster the previous MoE layer put it in. Each must be an MoE layer
+    (``moe_layer_freq``) with an earlier MoE layer; the paper keeps the first MoE layers standard. ``None``
+    or empty: off. With it set, the specs put ``ACRouter`` into every MoE layer."""
+
+    moe_ac_eps: float = 1e-4
+    """Added to each cluster's per-feature mean absolute deviation before inverting it (official code: 1e-4)."""
+
+    moe_ac_clip: Optional[float] = 10.0
+    """Cap on the AC feature weights, as a multiple of their mean (official language-model code: 10; Swin
+    code: 1.5). ``None``: no cap."""
+
+    moe_ac_weight_norm: str = "feature"
+    """How the AC weights are normalised: ``"feature"`` (each feature has mean weight 1 over the clusters;
+    official language-model code), ``"cluster"`` (each cluster's weights have mean 1 over the features) or
+    ``"global"`` (overall mean 1; official Swin code)."""
+
     def __post_init__(self):
         split = split_load_balancing(self.moe_router_load_balancing_type, self.moe_aux_loss_coeff)
         user_type, user_coeff = self.moe_router_load_balancing_type, self.moe_aux_loss_coeff
@@ -102,6 +127,7 @@ class DPSLTransformerConfig(TransformerConfig):
             self.moe_aux_loss_coeff = user_coeff
         self.moe_dpsl_coeff = _resolve_dpsl_coeff(self.moe_dpsl_coeff, split.plugin_coeffs.get(DPSL_TYPE, 0.0))
         self._validate_dpsl(split)
+        self._validate_ac()
 
     @property
     def moe_dpsl_enabled(self) -> bool:
@@ -134,6 +160,56 @@ class DPSLTransformerConfig(TransformerConfig):
             # sinkhorn asserts moe_aux_loss_coeff == 0 and replaces top-k routing altogether
             raise ValueError(f"{LOAD_BALANCING_FIELD}: 'dpsl' cannot be combined with 'sinkhorn'")
 
+    @property
+    def moe_ac_enabled(self) -> bool:
+        """True when ``moe_ac_layers`` names at least one layer (the specs then use ``ACRouter``)."""
+        return bool(self.moe_ac_layers)
+
+    def _validate_ac(self) -> None:
+        eps, clip = self.moe_ac_eps, self.moe_ac_clip
+        if not _positive_number(eps):
+            raise ValueError(f"moe_ac_eps: must be > 0 and finite, got {eps!r}")
+        if clip is not None and not _positive_number(clip):
+            raise ValueError(f"moe_ac_clip: must be > 0 and finite (or None: no cap), got {clip!r}")
+        if self.moe_ac_weight_norm not in WEIGHT_NORMS:
+            raise ValueError(f"moe_ac_weight_norm must be one of {list(WEIGHT_NORMS)}, got {self.moe_ac_weight_norm!r}")
+        layers = self.moe_ac_layers
+        if not layers:
+            return
+        if not isinstance(layers, (list, tuple)) or not all(isinstance(n, int) and not isinstance(n, bool) for n in layers):
+            raise ValueError(f"moe_ac_layers: expected a list of layer numbers (ints), got {layers!r}")
+        if not self.num_moe_experts:
+            raise ValueError("moe_ac_layers: the AC router needs MoE layers (num_moe_experts)")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"moe_ac_layers lists a layer more than once: {list(layers)}")
+        moe_layers = moe_layer_numbers(self.num_layers, self.moe_layer_freq)
+        for n in layers:
+            if not 1 <= n <= self.num_layers:
+                raise ValueError(f"moe_ac_layers: layer {n} is outside 1..num_layers={self.num_layers}")
+            if n not in moe_layers:
+                raise ValueError(f"moe_ac_layers: layer {n} is not an MoE layer (MoE layers: {moe_layers})")
+        if moe_layers[0] in layers:
+            raise ValueError(
+                f"moe_ac_layers: layer {moe_layers[0]} is the first MoE layer; AC routes by the previous MoE layer's "
+                f"assignment, so the first MoE layer must stay standard (MoE layers: {moe_layers})"
+            )
+        if self.moe_input_jitter_eps is not None:
+            raise ValueError(
+                f"moe_input_jitter_eps={self.moe_input_jitter_eps} cannot be combined with moe_ac_layers: the AC "
+                "router must be deterministic (an activation-recompute pass must route like the original)"
+            )
+        # a CUDA graph that captures the router replays its kernels without the Python hand-over;
+        # graphs of attention or dense MLPs only leave the router alone (cuda_graph_scope in 0.16,
+        # renamed cuda_graph_modules in 0.19)
+        listed = getattr(self, "cuda_graph_modules", None) or getattr(self, "cuda_graph_scope", None) or []
+        scopes = {getattr(scope, "name", scope) for scope in listed}
+        if getattr(self, "cuda_graph_impl", "none") != "none" and (not scopes or scopes & _ROUTER_GRAPH_SCOPES):
+            raise ValueError(
+                f"moe_ac_layers cannot be combined with cuda_graph_impl={self.cuda_graph_impl!r} capturing the router "
+                f"(cuda_graph_scope={sorted(scopes) or 'whole layer'}): the AC router hands assignments between layers "
+                "in Python, which a replayed CUDA graph skips; capture only attn/mlp, or set cuda_graph_impl='none'"
+            )
+
     def dpsl_alpha(self):
         """The prior as a float64 CPU tensor: ``[num_experts]`` or ``[num_groups, num_experts]``."""
         shortcut = dict(
@@ -144,6 +220,10 @@ class DPSLTransformerConfig(TransformerConfig):
         kwargs = dict(num_experts=self.num_moe_experts, group_alphas=self.moe_dpsl_group_alphas, names=_PRIOR_FIELDS,
                       alpha=None if grouped else self.moe_dpsl_alpha, **shortcut)
         return resolve_alpha(**kwargs)
+
+
+def _positive_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def _resolve_dpsl_coeff(coeff, slot: float) -> float:

@@ -1,5 +1,9 @@
 """Megatron's GPT layer/block specs with ``DPSLRouter`` in ``MoESubmodules.router`` (no patching).
 
+With ``config.moe_ac_layers`` set, the router is ``ACRouter`` bound to one ``ACRoutingState`` per spec
+call: build one spec per model chunk (Megatron-LM's ``model_provider`` does), so that the routers of a
+chunk share it and different chunks do not (megatron_dpsl/ac_state.py).
+
     from megatron_dpsl import DPSLTransformerConfig, get_dpsl_decoder_block_spec
     config = DPSLTransformerConfig(..., num_moe_experts=8, moe_router_load_balancing_type="dpsl")
     model = GPTModel(config, transformer_layer_spec=get_dpsl_decoder_block_spec(config), ...)
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib.util
 import inspect
 
@@ -37,6 +42,8 @@ def _swap(node, router, seen) -> int:
     count = 0
     if isinstance(node, ModuleSpec):
         return _swap(node.submodules, router, seen)
+    if isinstance(node, functools.partial):  # megatron-core 0.19: partial(MoELayer, submodules=...)
+        return sum(_swap(x, router, seen) for x in (*node.args, *node.keywords.values()))
     if isinstance(node, (list, tuple)):
         return sum(_swap(x, router, seen) for x in node)
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
@@ -50,6 +57,17 @@ def with_router(spec, router=DPSLRouter):
     spec = copy.deepcopy(spec)
     _swap(spec, router, set())
     return spec
+
+
+def router_for(config):
+    """The router class for ``config``'s MoE layers: ``ACRouter`` (bound to a fresh ``ACRoutingState``, one per
+    call, i.e. per model chunk) when ``config.moe_ac_layers`` is set, else ``DPSLRouter``."""
+    if not getattr(config, "moe_ac_enabled", False):
+        return DPSLRouter
+    from megatron_dpsl.ac_router import ACRouter
+    from megatron_dpsl.ac_state import ACRoutingState
+
+    return functools.partial(ACRouter, ac_state=ACRoutingState())
 
 
 def get_dpsl_layer_spec(config, use_transformer_engine: bool = False, **kwargs) -> ModuleSpec:
@@ -81,7 +99,7 @@ def get_dpsl_layer_spec(config, use_transformer_engine: bool = False, **kwargs) 
     if "moe_use_legacy_grouped_gemm" in inspect.signature(make).parameters:
         args["moe_use_legacy_grouped_gemm"] = getattr(config, "moe_use_legacy_grouped_gemm", False)
     args.update(kwargs)
-    return with_router(make(**args))
+    return with_router(make(**args), router_for(config))
 
 
 def get_dpsl_decoder_block_spec(config, use_transformer_engine: bool = False, **kwargs):
@@ -89,4 +107,4 @@ def get_dpsl_decoder_block_spec(config, use_transformer_engine: bool = False, **
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     _require_te(use_transformer_engine)
-    return with_router(get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs))
+    return with_router(get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs), router_for(config))

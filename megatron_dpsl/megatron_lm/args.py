@@ -46,6 +46,9 @@ DPSL_FIELDS = (
     "moe_dpsl_log_interval",
 )
 
+AC_FIELDS = ("moe_ac_layers", "moe_ac_eps", "moe_ac_clip", "moe_ac_weight_norm")
+"""The Adaptive-Clustering router's fields (``--moe-ac-*``, docs/ac_router.md)."""
+
 # Config field -> flag, for fields whose flag is not simply "--" + name.replace("_", "-").
 _FIELD_FLAGS = {"num_moe_experts": "--num-experts"}
 
@@ -120,7 +123,8 @@ def add_moe_load_balancing_args(parser: argparse.ArgumentParser) -> argparse.Arg
 
 
 def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron-LM ``extra_args_provider``: add the DPSL flags and accept ``dpsl`` as a load-balancing type.
+    """Megatron-LM ``extra_args_provider``: add the DPSL flags (and the ``--moe-ac-*`` flags of the Adaptive
+    Clustering router) and accept ``dpsl`` as a load-balancing type.
 
     If ``parser`` defines ``--moe-router-load-balancing-type`` (Megatron-LM's parser does), ``dpsl`` is
     appended to its choices; if it does not, nothing is added for it (call
@@ -128,6 +132,7 @@ def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     Megatron-LM adds the flags itself and a launcher may pass this provider too). Returns ``parser``.
     """
     if _find_action(parser, "moe_dpsl_coeff") is not None:
+        _add_ac_args(parser)  # a parser that got the DPSL flags before the AC router existed
         return parser
     action = _find_action(parser, "moe_router_load_balancing_type")
     missing = [t for t in PLUGIN_LOAD_BALANCING_TYPES if action is not None and action.choices is not None
@@ -202,7 +207,65 @@ def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Steps between routing diagnostics (expert-load CoV, entropy, distance to prior); 0 disables. "
         "Other steps add no communication.",
     )
+    _add_ac_args(parser)
     return parser
+
+
+def _clip(value: str):
+    """argparse type of ``--moe-ac-clip``: a number, or ``none`` for no cap."""
+    if value.strip().lower() == "none":
+        return "none"
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {value!r}") from None
+
+
+def _add_ac_args(parser: argparse.ArgumentParser) -> None:
+    """The Adaptive-Clustering router flags (idempotent); values are checked by the config."""
+    if _find_action(parser, "moe_ac_layers") is not None:
+        return
+    from megatron_dpsl.ac_clustering import WEIGHT_NORMS
+
+    group = parser.add_argument_group(
+        title="adaptive clustering router",
+        description="The Adaptive Clustering (AC) router of Nielsen et al., ICLR 2025 (megatron-dpsl, "
+        "docs/ac_router.md). On when --moe-ac-layers names layers; combines with every load-balancing type.",
+    )
+    group.add_argument(
+        "--moe-ac-layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Layer numbers (1-based, whole model) of the MoE layers whose router uses AC: tokens are scored "
+        "after reweighting their features by the tightness of the cluster (expert) the previous MoE layer "
+        "put them in. Each must be an MoE layer with an earlier MoE layer (the paper keeps the first MoE "
+        "layers standard). The first AC layer of a pipeline stage whose previous MoE layer is on another "
+        "stage routes without AC.",
+    )
+    group.add_argument(
+        "--moe-ac-eps",
+        type=float,
+        default=None,
+        help="Added to each cluster's per-feature mean absolute deviation before inverting it (config default 1e-4).",
+    )
+    group.add_argument(
+        "--moe-ac-clip",
+        type=_clip,
+        default=None,
+        metavar="FLOAT_OR_NONE",
+        help="Cap on the AC feature weights as a multiple of their mean (config default 10, the official "
+        "language-model code; its Swin code uses 1.5); 'none' disables the cap.",
+    )
+    group.add_argument(
+        "--moe-ac-weight-norm",
+        type=str,
+        choices=list(WEIGHT_NORMS),
+        default=None,
+        help="Normalisation of the AC weights (config default feature): feature = each feature's weights "
+        "average 1 over the clusters (official language-model code); cluster = each cluster's weights "
+        "average 1 over the features; global = overall mean 1 (official Swin code).",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +312,9 @@ def check_given_flags(args: argparse.Namespace) -> None:
     priors = [flag for flag in given if flag != "--moe-dpsl-coeff"]
     if len(priors) > 1:
         raise ValueError(f"{priors[1].split('/')[0]}: give only one prior, got {' and '.join(priors)}")
+    ac_given = [flag_for_field(n) for n in AC_FIELDS[1:] if getattr(args, n, None) is not None]
+    if ac_given and not getattr(args, "moe_ac_layers", None):
+        raise ValueError(f"{ac_given[0]}: the Adaptive Clustering flags need --moe-ac-layers (the layers that use AC)")
 
 
 def translate_config_error(message: str) -> str:
@@ -288,6 +354,11 @@ def dpsl_namespace(args: argparse.Namespace) -> argparse.Namespace:
     for name in DPSL_FIELDS:
         if name != "moe_dpsl_coeff" and getattr(ns, name, None) is None and hasattr(ns, name):
             delattr(ns, name)
+    for name in AC_FIELDS:
+        if getattr(ns, name, None) is None and hasattr(ns, name):
+            delattr(ns, name)
+    if getattr(ns, "moe_ac_clip", None) == "none":
+        ns.moe_ac_clip = None
     return ns
 
 

@@ -21,7 +21,8 @@ in the embedded trainer (`megatron-dpsl-train`). Each `--moe-dpsl-*` flag fills 
 `DPSLTransformerConfig` field of the same name (dashes to underscores), the way Megatron-LM's
 `core_transformer_config_from_args` copies arguments onto `TransformerConfig`. Errors name the flag.
 
-DPSL is on when `--moe-router-load-balancing-type` includes `dpsl`.
+DPSL is on when `--moe-router-load-balancing-type` includes `dpsl`. The `--moe-ac-*` flags configure
+the Adaptive Clustering router (docs/ac_router.md), on when `--moe-ac-layers` names layers.
 """
 
 FOOTER = """
@@ -68,7 +69,7 @@ def _row(action: argparse.Action) -> str:
         shape = action.metavar or (action.type.__name__ if action.type else "str")
     if action.choices:
         shape = "{" + ",".join(map(str, action.choices)) + "}" + (" ..." if action.nargs == "+" else "")
-    field = action.dest if action.dest.startswith("moe_dpsl_") else f"{action.dest} (Megatron)"
+    field = action.dest if action.dest.startswith(("moe_dpsl_", "moe_ac_")) else f"{action.dest} (Megatron)"
     default = "—" if action.default is None else f"`{action.default}`"
     return f"| `{flag}` | `{_cell(shape)}` | {default} | `{field}` | {_cell(action.help)} |"
 
