@@ -31,6 +31,32 @@ def install() -> None:
         moe_utils.te_general_gemm = None
 
 
+class _HostStream:
+    """Stands in for ``torch.cuda.Stream``/``Event`` on CPU, where every copy is already synchronous."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+
+def install_alltoall_shims() -> None:
+    """Let ``MoEAlltoAllTokenDispatcher`` run on CPU (idempotent): it makes a ``torch.cuda.Stream`` when
+    built and moves split sizes to the host on it; on CPU the sizes already are host tensors, so the
+    stream, ``torch.cuda.stream(...)`` and ``current_stream()`` become no-ops."""
+    install()
+    if torch.cuda.is_available():
+        return
+    stream = _HostStream()
+    torch.cuda.Stream = lambda *a, **k: stream
+    torch.cuda.current_stream = lambda *a, **k: stream
+    torch.cuda.stream = lambda s=None: contextlib.nullcontext()
+
+
 def init_single_process(**parallel_kwargs) -> None:
     """A one-rank gloo process group plus Megatron's model-parallel state (for in-process tests)."""
     import torch.distributed as dist
