@@ -57,6 +57,49 @@ def install_alltoall_shims() -> None:
     torch.cuda.stream = lambda s=None: contextlib.nullcontext()
 
 
+def install_recompute_shims() -> None:
+    """Let Megatron's activation recompute (``tensor_parallel.checkpoint``) run on CPU (idempotent): it
+    saves and restores the CUDA RNG state; on CPU there is none (the CPU state is still restored)."""
+    install()
+    if torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    mpu_random._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mpu_random._set_cuda_rng_state = lambda *a, **k: None
+
+
+def build_mlp(mlp_spec, config, **kwargs):
+    """Build a layer spec's ``mlp`` the way the installed Megatron's ``TransformerLayer`` does: 0.16 holds a
+    ``ModuleSpec`` (``build_module``), 0.19 a ``functools.partial`` that is called."""
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    if isinstance(mlp_spec, ModuleSpec):
+        return build_module(mlp_spec, config=config, **kwargs)
+    return mlp_spec(config=config, **kwargs)
+
+
+def reset_aux_loss_tracker() -> None:
+    """Forget every logged aux loss: 0.16 keeps a dict, 0.19 a ``MoEMetricsTracker`` (whose legacy dict
+    view is a fresh copy, so clearing that view clears nothing)."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
+    else:
+        get_moe_metrics_tracker().metrics.clear()
+
+
+def logged_aux_loss(name):
+    """The tracker's per-layer values of ``name`` (a copy), or None when nothing was logged under it."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    entry = get_moe_layer_wise_logging_tracker().get(name)
+    return None if entry is None else entry["values"].clone()
+
+
 def init_single_process(**parallel_kwargs) -> None:
     """A one-rank gloo process group plus Megatron's model-parallel state (for in-process tests)."""
     import torch.distributed as dist
