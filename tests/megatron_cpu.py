@@ -55,6 +55,21 @@ def install_alltoall_shims() -> None:
     torch.cuda.Stream = lambda *a, **k: stream
     torch.cuda.current_stream = lambda *a, **k: stream
     torch.cuda.stream = lambda s=None: contextlib.nullcontext()
+    from megatron.core.transformer.moe import token_dispatcher
+
+    to_host = token_dispatcher.maybe_move_tensor_to_cpu
+    if getattr(to_host, "_cpu_shim", False):
+        return
+
+    def host_splits(tensor, as_numpy=False, record_stream=False):
+        # on a GPU the split sizes come back as NumPy arrays (what all_to_all_single takes); on CPU
+        # Megatron leaves host tensors as they are, so convert them the same way
+        if torch.is_tensor(tensor) and not tensor.is_cuda and as_numpy:
+            return tensor.numpy()
+        return to_host(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    host_splits._cpu_shim = True
+    token_dispatcher.maybe_move_tensor_to_cpu = host_splits
 
 
 def install_recompute_shims() -> None:
