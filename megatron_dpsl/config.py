@@ -122,6 +122,8 @@ class DPSLTransformerConfig(TransformerConfig):
                 f"{list(KNOWN_MEGATRON_TYPES) + list(PLUGIN_LOAD_BALANCING_TYPES)}"
             )
         split = split_load_balancing(self.moe_router_load_balancing_type, self.moe_aux_loss_coeff)
+        # before Megatron's checks: e.g. top-1 routing fails there with a message about pre-softmax
+        _validate_regularizers(self, split)
         user_type, user_coeff = self.moe_router_load_balancing_type, self.moe_aux_loss_coeff
         # Megatron's own validation (e.g. "capacity factor only works with aux_loss/...") must see
         # only the stock types; the user's value is restored afterwards so logs/args show "dpsl".
@@ -133,7 +135,6 @@ class DPSLTransformerConfig(TransformerConfig):
             self.moe_aux_loss_coeff = user_coeff
         self.moe_dpsl_coeff = _resolve_dpsl_coeff(self.moe_dpsl_coeff, split.plugin_coeffs.get(DPSL_TYPE, 0.0))
         self._validate_dpsl(split)
-        _validate_regularizers(self, split)
 
     @property
     def moe_dpsl_enabled(self) -> bool:
