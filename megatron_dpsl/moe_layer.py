@@ -86,6 +86,8 @@ class DPSLMoELayer(MoELayer):
         self.orthogonality_form = getattr(config, "moe_orthogonality_loss_form", ol.PAPER)
         self._tp_cp_group = pg_collection.tp_cp
         self._routing: Optional[_Routing] = None
+        if hasattr(self.router, "needs_plugin_moe_layer"):
+            self.router.needs_plugin_moe_layer = False  # DPSLRouter refuses to train in a stock MoELayer
 
     def orthogonality_active(self) -> bool:
         """True when the loss is computed this forward: coefficient > 0, training and grad enabled."""

@@ -48,6 +48,7 @@ class DPSLRouter(TopKRouter):
         self.dpsl_enabled = config.moe_dpsl_enabled
         self.dpsl_coeff = float(config.moe_dpsl_coeff)
         self.variance_coeff, self.variance_form = config.moe_variance_coeff, config.moe_variance_loss_form
+        self.needs_plugin_moe_layer = config.moe_orthogonality_coeff > 0  # DPSLMoELayer clears it
         self._dpsl_calls = 0  # Python-side counter for the diagnostics interval (no sync)
         if self.dpsl_enabled:
             # float64 on the host, not a buffer: dpsl_loss keys its CDF table on α's values (a device
@@ -85,16 +86,23 @@ class DPSLRouter(TopKRouter):
 
     # ---- routing: stock routing + DPSL ----
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """``TopKRouter.routing`` and then DPSL on the same logits.
+        """``TopKRouter.routing`` and then the variance loss and DPSL on the same logits.
 
         Args:
             logits: ``[s, b, num_experts]``.
             padding_mask: ``[s, b]`` bool, True = padding (Megatron's code convention), or None.
 
         Returns:
-            ``(probs, routing_map)``, both ``[s * b, num_experts]``, TopKRouter's values; the DPSL
-            loss rides on ``probs`` through ``MoEAuxLossAutoScaler``.
+            ``(probs, routing_map)``, both ``[s * b, num_experts]``, TopKRouter's values; the losses
+            ride on ``probs`` through ``MoEAuxLossAutoScaler``.
         """
+        if self.needs_plugin_moe_layer and self.training:
+            # the orthogonality loss lives in DPSLMoELayer, which marks its router: without it no loss runs
+            raise RuntimeError(
+                "moe_router_load_balancing_type 'orthogonality' needs megatron_dpsl.DPSLMoELayer as the MoE "
+                "layer; build the spec with megatron_dpsl.specs.get_dpsl_layer_spec / with_plugin_modules "
+                "(with_router swaps only the router)"
+            )
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         flat_logits = logits.reshape(-1, self.config.num_moe_experts)
         flat_pad = None if padding_mask is None else padding_mask.reshape(-1).bool()

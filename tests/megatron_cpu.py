@@ -32,7 +32,11 @@ def install() -> None:
 
 
 class _HostStream:
-    """Stands in for ``torch.cuda.Stream``/``Event`` on CPU, where every copy is already synchronous."""
+    """Stands in for ``torch.cuda.Stream`` (a class, so annotations like ``torch.cuda.Stream | None``
+    elsewhere keep working) and its events on CPU, where every copy is already synchronous."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
 
     def wait_stream(self, other) -> None:
         pass
@@ -44,44 +48,64 @@ class _HostStream:
         pass
 
 
-def install_alltoall_shims() -> None:
-    """Let ``MoEAlltoAllTokenDispatcher`` run on CPU (idempotent): it makes a ``torch.cuda.Stream`` when
-    built and moves split sizes to the host on it; on CPU the sizes already are host tensors, so the
-    stream, ``torch.cuda.stream(...)`` and ``current_stream()`` become no-ops."""
+def _patch(changes):
+    """Apply ``[(owner, name, value)]``; returns a function that puts the old values back."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in changes]
+    for owner, name, value in changes:
+        setattr(owner, name, value)
+
+    def undo() -> None:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+    return undo
+
+
+def install_alltoall_shims():
+    """Let ``MoEAlltoAllTokenDispatcher`` run on CPU; returns a function that undoes it (call it when done:
+    other libraries read ``torch.cuda.Stream``). The dispatcher makes a ``torch.cuda.Stream`` when built
+    and moves split sizes to the host on it; on CPU the sizes already are host tensors, so the stream,
+    ``torch.cuda.stream(...)`` and ``current_stream()`` become no-ops, and the sizes become NumPy
+    arrays as the CUDA path makes them (what ``all_to_all_single`` takes)."""
     install()
     if torch.cuda.is_available():
-        return
-    stream = _HostStream()
-    torch.cuda.Stream = lambda *a, **k: stream
-    torch.cuda.current_stream = lambda *a, **k: stream
-    torch.cuda.stream = lambda s=None: contextlib.nullcontext()
+        return lambda: None
     from megatron.core.transformer.moe import token_dispatcher
 
     to_host = token_dispatcher.maybe_move_tensor_to_cpu
-    if getattr(to_host, "_cpu_shim", False):
-        return
 
     def host_splits(tensor, as_numpy=False, record_stream=False):
-        # on a GPU the split sizes come back as NumPy arrays (what all_to_all_single takes); on CPU
-        # Megatron leaves host tensors as they are, so convert them the same way
         if torch.is_tensor(tensor) and not tensor.is_cuda and as_numpy:
             return tensor.numpy()
         return to_host(tensor, as_numpy=as_numpy, record_stream=record_stream)
 
-    host_splits._cpu_shim = True
-    token_dispatcher.maybe_move_tensor_to_cpu = host_splits
+    stream = _HostStream()
+    undo = _patch([
+        (torch.cuda, "Stream", _HostStream),
+        (torch.cuda, "current_stream", lambda *a, **k: stream),
+        (torch.cuda, "stream", lambda s=None: contextlib.nullcontext()),
+        (token_dispatcher, "maybe_move_tensor_to_cpu", host_splits),
+    ])
+
+    def undo_all() -> None:
+        undo()
+        token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = None  # the class caches its stream
+
+    return undo_all
 
 
-def install_recompute_shims() -> None:
-    """Let Megatron's activation recompute (``tensor_parallel.checkpoint``) run on CPU (idempotent): it
-    saves and restores the CUDA RNG state; on CPU there is none (the CPU state is still restored)."""
+def install_recompute_shims():
+    """Let Megatron's activation recompute (``tensor_parallel.checkpoint``) run on CPU; returns the undo.
+    It saves and restores the CUDA RNG state; on CPU there is none (the CPU state is still restored)."""
     install()
     if torch.cuda.is_available():
-        return
+        return lambda: None
     from megatron.core.tensor_parallel import random as mpu_random
 
-    mpu_random._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
-    mpu_random._set_cuda_rng_state = lambda *a, **k: None
+    return _patch([
+        (mpu_random, "_get_cuda_rng_state", lambda *a, **k: torch.empty(0, dtype=torch.uint8)),
+        (mpu_random, "_set_cuda_rng_state", lambda *a, **k: None),
+    ])
 
 
 def build_mlp(mlp_spec, config, **kwargs):

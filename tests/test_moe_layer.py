@@ -25,9 +25,10 @@ H, E, K, BETA = 16, 4, 2, 0.3
 @pytest.fixture(scope="module", autouse=True)
 def megatron_state():
     init_single_process()
-    install_alltoall_shims()
-    install_recompute_shims()
+    undo = [install_alltoall_shims(), install_recompute_shims()]
     yield
+    for fn in undo:  # other test modules (and libraries) must see torch.cuda as it was
+        fn()
 
 
 @pytest.fixture(autouse=True)

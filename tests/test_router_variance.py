@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from megatron_cpu import init_single_process, logged_aux_loss, reset_aux_loss_tracker  # noqa: E402
+from megatron_cpu import build_mlp, init_single_process, logged_aux_loss, reset_aux_loss_tracker  # noqa: E402
 
 H, E, GAMMA = 16, 8, 0.7
 
@@ -129,7 +129,8 @@ def test_megatron_sees_only_its_types_and_gradients_add(stock):
     names = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
              "global_aux_loss": "global_load_balancing_loss"}
     configs = {
-        "all": make_config((stock, "dpsl", "variance", "orthogonality"), (1e-2, 0.3, GAMMA, 0.2)),
+        # orthogonality named with coefficient 0: a router outside DPSLMoELayer refuses a live one (below)
+        "all": make_config((stock, "dpsl", "variance", "orthogonality"), (1e-2, 0.3, GAMMA, 0.0)),
         "stock": make_config((stock,), (1e-2,)),
         "dpsl": make_config(("dpsl",), (0.3,)),
         "variance": make_config(),
@@ -195,3 +196,18 @@ def test_off_means_no_loss_and_no_gather(mode, monkeypatch):
         pd, _ = d(hidden())
         pt, _ = t(hidden())
     assert torch.equal(pd, pt) and tracker("variance_loss") is None
+
+
+def test_orthogonality_in_a_stock_moe_layer_is_an_error():
+    """with_router() swaps only the router: the orthogonality loss would silently not run, so training refuses."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_dpsl.specs import with_router
+
+    config = make_config(("orthogonality",), (0.2,))
+    layer = build_mlp(with_router(get_gpt_layer_local_spec(num_experts=E)).submodules.mlp, config)
+    layer.set_layer_number(1)
+    with pytest.raises(RuntimeError, match="needs megatron_dpsl.DPSLMoELayer"):
+        layer(hidden())
+    layer.eval()
+    layer(hidden())  # inference has no loss to lose
