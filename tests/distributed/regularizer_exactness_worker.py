@@ -124,9 +124,12 @@ def _global_data(case, num_replicas):
 
 
 def _cp_slice(t_bs, cp_group):
+    import inspect
+
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    return get_batch_on_this_cp_rank({"t": t_bs}, cp_group=cp_group)["t"]
+    extra = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters else {}
+    return get_batch_on_this_cp_rank({"t": t_bs}, cp_group=cp_group, **extra)["t"]  # 0.19 added is_hybrid_cp
 
 
 def _shard(x, pad, tp_group, cp_group):
