@@ -9,7 +9,6 @@ On a CPU-only machine these raise, so tests (and torchrun workers launched by te
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
@@ -146,9 +145,9 @@ def init_single_process(**parallel_kwargs) -> None:
 
     install()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # an in-memory store: no port to collide with, and no MASTER_PORT left in os.environ for
+        # subprocesses (test_patches.py's child) to inherit and find already bound by this process
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(**parallel_kwargs)
 
