@@ -142,6 +142,12 @@ class DPSLTransformerConfig(TransformerConfig):
         return DPSL_TYPE in plugin_types_in(self.moe_router_load_balancing_type)
 
     @property
+    def moe_plugin_enabled(self) -> bool:
+        """True when ``moe_router_load_balancing_type`` names any plugin type (dpsl, variance, orthogonality):
+        the model then needs the plugin's spec (``DPSLRouter``, ``DPSLMoELayer``)."""
+        return bool(plugin_types_in(self.moe_router_load_balancing_type))
+
+    @property
     def moe_variance_coeff(self) -> float:
         """γ, the variance loss coefficient: the ``moe_aux_loss_coeff`` slot of ``"variance"`` (0.0 when off)."""
         return _plugin_coeff(self, VARIANCE_TYPE)

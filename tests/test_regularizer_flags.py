@@ -53,6 +53,7 @@ def config_from(cmdline: str):
 def test_coefficient_is_the_slot(types, coeffs, variance, orthogonality):
     c = make(moe_router_load_balancing_type=types, moe_aux_loss_coeff=coeffs, moe_dpsl_coeff=None)
     assert (c.moe_variance_coeff, c.moe_orthogonality_coeff) == (variance, orthogonality)
+    assert c.moe_plugin_enabled == (types != "aux_loss")  # the launcher must then build the plugin's spec
     assert c.moe_router_load_balancing_type == types and c.moe_aux_loss_coeff == coeffs  # kept as written
     assert (c.moe_variance_loss_form, c.moe_orthogonality_loss_form) == ("paper", "paper")
 

@@ -378,12 +378,13 @@ def megatron_lm_config_from_args(args: argparse.Namespace, config_class=None):
     config_class = config_class or _default_config_class()
     with flag_errors():
         config = core_transformer_config_from_args(dpsl_namespace(args), config_class=config_class)
-    if dpsl_enabled(args) and not isinstance(config, config_class):
-        # Megatron-LM swaps in MLATransformerConfig / HeterogeneousTransformerConfig, dropping the DPSL fields.
+    ours = plugin_types_in(getattr(args, "moe_router_load_balancing_type", None))
+    if ours and not isinstance(config, config_class):
+        # Megatron-LM swaps in MLATransformerConfig / HeterogeneousTransformerConfig, dropping the plugin's fields.
         flag = "--multi-latent-attention" if getattr(args, "multi_latent_attention", False) else (
             "--heterogeneous-layers-config-path")
         raise ValueError(
             f"{flag}: Megatron-LM builds a {type(config).__name__} for it, which has no DPSL fields; "
-            f"not supported with {LOAD_BALANCING_FLAG} dpsl"
+            f"not supported with {LOAD_BALANCING_FLAG} {ours[0]}"
         )
     return config
