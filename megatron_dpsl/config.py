@@ -9,6 +9,10 @@ type in ``moe_aux_loss_coeff`` as Megatron requires). λ is ``moe_dpsl_coeff``; 
 validation runs with the plugin's types hidden, so e.g. the capacity-factor check sees only the stock
 types; the fields keep the values the user wrote.
 
+The variance and orthogonality losses of Guo et al. ride the same list: ``"variance"`` and
+``"orthogonality"``, each with its coefficient in its ``moe_aux_loss_coeff`` slot (Megatron's way; no
+extra coefficient field) and a ``moe_*_loss_form`` field (docs/regularizers.md).
+
 ``__post_init__`` is the one place that decides what is valid (with ``priors`` for α); its errors
 name the field, and ``megatron_dpsl.megatron_lm.args`` rewrites field names as flags. The field names
 follow Megatron's ``moe_*`` naming so that Megatron-LM's argument→config copy by field name fills them.
@@ -29,6 +33,12 @@ from megatron_dpsl.load_balancing import (
     DPSL_TYPE,
     GATHER_CHOICES,
     LOAD_BALANCING_FIELD,
+    KNOWN_MEGATRON_TYPES,
+    LOSS_FORMS,
+    ORTHOGONALITY_TYPE,
+    PLUGIN_LOAD_BALANCING_TYPES,
+    VARIANCE_TYPE,
+    as_list,
     plugin_types_in,
     split_load_balancing,
 )
@@ -114,8 +124,31 @@ class DPSLTransformerConfig(TransformerConfig):
     official language-model code), ``"cluster"`` (each cluster's weights have mean 1 over the features) or
     ``"global"`` (overall mean 1; official Swin code)."""
 
+    moe_variance_loss_form: str = "paper"
+    """What the ``"variance"`` load-balancing type adds (Guo et al. 2025; docs/regularizers.md). ``"paper"``:
+    Eq. 7, minus each expert's variance of the post-top-k ``probs`` across the batch's tokens (the
+    tokens ``moe_dpsl_gather`` names), averaged over experts. ``"reference_code"``: the official code,
+    minus the per-token variance of the full softmax across experts. The coefficient is the
+    ``moe_aux_loss_coeff`` entry at "variance"'s position."""
+
+    moe_orthogonality_loss_form: str = "paper"
+    """What the ``"orthogonality"`` load-balancing type adds (expert side; needs
+    ``megatron_dpsl.DPSLMoELayer`` in the layer spec). ``"paper"``: Eq. 6 / (k·N), the squared
+    projections of each of a token's k unweighted expert outputs onto each other one.
+    ``"reference_code"``: onto the span of the other k-1 (the official code's Gram-Schmidt). The
+    coefficient is the ``moe_aux_loss_coeff`` entry at "orthogonality"'s position."""
+
     def __post_init__(self):
+        unknown = [t for t in as_list(self.moe_router_load_balancing_type)
+                   if t not in (*KNOWN_MEGATRON_TYPES, *PLUGIN_LOAD_BALANCING_TYPES)]
+        if unknown:  # Megatron itself would ignore an unknown name: a typo would silently disable a loss
+            raise ValueError(
+                f"{LOAD_BALANCING_FIELD}: unknown type {unknown[0]!r}; choose from "
+                f"{list(KNOWN_MEGATRON_TYPES) + list(PLUGIN_LOAD_BALANCING_TYPES)}"
+            )
         split = split_load_balancing(self.moe_router_load_balancing_type, self.moe_aux_loss_coeff)
+        # before Megatron's checks: e.g. top-1 routing fails there with a message about pre-softmax
+        _validate_regularizers(self, split)
         user_type, user_coeff = self.moe_router_load_balancing_type, self.moe_aux_loss_coeff
         # Megatron's own validation (e.g. "capacity factor only works with aux_loss/...") must see
         # only the stock types; the user's value is restored afterwards so logs/args show "dpsl".
@@ -133,6 +166,22 @@ class DPSLTransformerConfig(TransformerConfig):
     def moe_dpsl_enabled(self) -> bool:
         """True when ``moe_router_load_balancing_type`` names ``"dpsl"``."""
         return DPSL_TYPE in plugin_types_in(self.moe_router_load_balancing_type)
+
+    @property
+    def moe_plugin_enabled(self) -> bool:
+        """True when ``moe_router_load_balancing_type`` names any plugin type (dpsl, variance, orthogonality):
+        the model then needs the plugin's spec (``DPSLRouter``, ``DPSLMoELayer``)."""
+        return bool(plugin_types_in(self.moe_router_load_balancing_type))
+
+    @property
+    def moe_variance_coeff(self) -> float:
+        """γ, the variance loss coefficient: the ``moe_aux_loss_coeff`` slot of ``"variance"`` (0.0 when off)."""
+        return _plugin_coeff(self, VARIANCE_TYPE)
+
+    @property
+    def moe_orthogonality_coeff(self) -> float:
+        """β, the orthogonality loss coefficient: the ``moe_aux_loss_coeff`` slot of ``"orthogonality"`` (0.0 when off)."""
+        return _plugin_coeff(self, ORTHOGONALITY_TYPE)
 
     @property
     def moe_dpsl_num_token_groups(self) -> Optional[int]:
@@ -154,11 +203,13 @@ class DPSLTransformerConfig(TransformerConfig):
             raise ValueError(f"moe_dpsl_log_interval: must be >= 0 (an int; 0 disables), got {interval!r}")
         if self.num_moe_experts:
             self.dpsl_alpha()  # the prior is checked even with DPSL off: a typo should not wait for it
-        elif DPSL_TYPE in split.plugin_coeffs:
-            raise ValueError(f"{LOAD_BALANCING_FIELD} 'dpsl' needs num_moe_experts")
-        if DPSL_TYPE in split.plugin_coeffs and split.stock_type == "sinkhorn":
+        elif split.plugin_coeffs:
+            raise ValueError(f"{LOAD_BALANCING_FIELD} {next(iter(split.plugin_coeffs))!r} needs num_moe_experts")
+        if split.plugin_coeffs and split.stock_type == "sinkhorn":
             # sinkhorn asserts moe_aux_loss_coeff == 0 and replaces top-k routing altogether
-            raise ValueError(f"{LOAD_BALANCING_FIELD}: 'dpsl' cannot be combined with 'sinkhorn'")
+            raise ValueError(
+                f"{LOAD_BALANCING_FIELD}: {next(iter(split.plugin_coeffs))!r} cannot be combined with 'sinkhorn'"
+            )
 
     @property
     def moe_ac_enabled(self) -> bool:
@@ -224,6 +275,47 @@ class DPSLTransformerConfig(TransformerConfig):
 
 def _positive_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _plugin_coeff(config, load_balancing_type: str) -> float:
+    split = split_load_balancing(config.moe_router_load_balancing_type, config.moe_aux_loss_coeff)
+    return float(split.plugin_coeffs.get(load_balancing_type, 0.0))
+
+
+def _validate_regularizers(config, split) -> None:
+    """The variance and orthogonality types (docs/regularizers.md): coefficients, forms, what L_o needs."""
+    for name in (VARIANCE_TYPE, ORTHOGONALITY_TYPE):
+        slot = split.plugin_coeffs.get(name, 0.0)
+        if not math.isfinite(slot) or slot < 0:
+            raise ValueError(
+                f"{AUX_LOSS_COEFF_FIELD}: the value in {name}'s slot is its coefficient and must be >= 0, got {slot}"
+            )
+    for field in ("moe_variance_loss_form", "moe_orthogonality_loss_form"):
+        if getattr(config, field) not in LOSS_FORMS:
+            raise ValueError(f"{field} must be one of {list(LOSS_FORMS)}, got {getattr(config, field)!r}")
+    if ORTHOGONALITY_TYPE not in split.plugin_coeffs:
+        return
+    what = f"{LOAD_BALANCING_FIELD} 'orthogonality'"
+    # L_o needs each token's k outputs unweighted, then weighs them itself (DPSLMoELayer)
+    if config.moe_apply_probs_on_input:
+        raise ValueError(f"{what} needs the unweighted expert outputs: not compatible with moe_apply_probs_on_input")
+    if config.moe_router_topk < 2:
+        raise ValueError(
+            f"{what} compares the outputs of one token's k experts: it needs moe_router_topk >= 2, "
+            f"got {config.moe_router_topk}"
+        )
+    if config.moe_token_dispatcher_type not in ("allgather", "alltoall"):
+        raise ValueError(
+            f"{what} supports moe_token_dispatcher_type 'allgather' and 'alltoall', got "
+            f"{config.moe_token_dispatcher_type!r}"
+        )
+    # each of these changes which rows come back from the combine (padding rows, split schedules, graphs)
+    for field in ("moe_pad_expert_input_to_capacity", "moe_router_padding_for_quantization",
+                  "moe_router_padding_for_fp8", "overlap_moe_expert_parallel_comm"):
+        if getattr(config, field, False):
+            raise ValueError(f"{what} is not supported with {field}")
+    if getattr(config, "cuda_graph_impl", "none") not in (None, "none"):
+        raise ValueError(f"{what} is not supported with cuda_graph_impl={config.cuda_graph_impl!r} (use 'none')")
 
 
 def _resolve_dpsl_coeff(coeff, slot: float) -> float:

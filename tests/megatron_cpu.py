@@ -10,7 +10,6 @@ On a CPU-only machine these raise, so tests (and torchrun workers launched by te
 from __future__ import annotations
 
 import contextlib
-import socket
 
 import torch
 
@@ -48,6 +47,114 @@ def install() -> None:
         moe_utils.te_general_gemm = None
 
 
+class _HostStream:
+    """Stands in for ``torch.cuda.Stream`` (a class, so annotations like ``torch.cuda.Stream | None``
+    elsewhere keep working) and its events on CPU, where every copy is already synchronous."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _patch(changes):
+    """Apply ``[(owner, name, value)]``; returns a function that puts the old values back."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in changes]
+    for owner, name, value in changes:
+        setattr(owner, name, value)
+
+    def undo() -> None:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+    return undo
+
+
+def install_alltoall_shims():
+    """Let ``MoEAlltoAllTokenDispatcher`` run on CPU; returns a function that undoes it (call it when done:
+    other libraries read ``torch.cuda.Stream``). The dispatcher makes a ``torch.cuda.Stream`` when built
+    and moves split sizes to the host on it; on CPU the sizes already are host tensors, so the stream,
+    ``torch.cuda.stream(...)`` and ``current_stream()`` become no-ops, and the sizes become NumPy
+    arrays as the CUDA path makes them (what ``all_to_all_single`` takes)."""
+    install()
+    if torch.cuda.is_available():
+        return lambda: None
+    from megatron.core.transformer.moe import token_dispatcher
+
+    to_host = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def host_splits(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda and as_numpy:
+            return tensor.numpy()
+        return to_host(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    stream = _HostStream()
+    undo = _patch([
+        (torch.cuda, "Stream", _HostStream),
+        (torch.cuda, "current_stream", lambda *a, **k: stream),
+        (torch.cuda, "stream", lambda s=None: contextlib.nullcontext()),
+        (token_dispatcher, "maybe_move_tensor_to_cpu", host_splits),
+    ])
+
+    def undo_all() -> None:
+        undo()
+        token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = None  # the class caches its stream
+
+    return undo_all
+
+
+def install_recompute_shims():
+    """Let Megatron's activation recompute (``tensor_parallel.checkpoint``) run on CPU; returns the undo.
+    It saves and restores the CUDA RNG state; on CPU there is none (the CPU state is still restored)."""
+    install()
+    if torch.cuda.is_available():
+        return lambda: None
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    return _patch([
+        (mpu_random, "_get_cuda_rng_state", lambda *a, **k: torch.empty(0, dtype=torch.uint8)),
+        (mpu_random, "_set_cuda_rng_state", lambda *a, **k: None),
+    ])
+
+
+def build_mlp(mlp_spec, config, **kwargs):
+    """Build a layer spec's ``mlp`` the way the installed Megatron's ``TransformerLayer`` does: 0.16 holds a
+    ``ModuleSpec`` (``build_module``), 0.19 a ``functools.partial`` that is called."""
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    if isinstance(mlp_spec, ModuleSpec):
+        return build_module(mlp_spec, config=config, **kwargs)
+    return mlp_spec(config=config, **kwargs)
+
+
+def reset_aux_loss_tracker() -> None:
+    """Forget every logged aux loss: 0.16 keeps a dict, 0.19 a ``MoEMetricsTracker`` (whose legacy dict
+    view is a fresh copy, so clearing that view clears nothing)."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
+    else:
+        get_moe_metrics_tracker().metrics.clear()
+
+
+def logged_aux_loss(name):
+    """The tracker's per-layer values of ``name`` (a copy), or None when nothing was logged under it."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    entry = get_moe_layer_wise_logging_tracker().get(name)
+    return None if entry is None else entry["values"].clone()
+
+
 def init_single_process(**parallel_kwargs) -> None:
     """A one-rank gloo process group plus Megatron's model-parallel state (for in-process tests)."""
     import torch.distributed as dist
@@ -55,12 +162,9 @@ def init_single_process(**parallel_kwargs) -> None:
 
     install()
     if not dist.is_initialized():
-        # a free port passed directly, not through MASTER_PORT: subprocesses that tests start inherit
-        # os.environ and would try to bind the same port
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        # an in-memory store: no port to collide with, and no MASTER_PORT left in os.environ for
+        # subprocesses (test_patches.py's child) to inherit and find already bound by this process
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(**parallel_kwargs)
 

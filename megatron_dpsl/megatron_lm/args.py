@@ -2,7 +2,9 @@
 
 ``add_dpsl_args(parser)`` is a Megatron-LM ``extra_args_provider``: it adds the ``--moe-dpsl-*``
 flags and lets ``--moe-router-load-balancing-type`` take ``dpsl`` (alone or in Megatron's list
-form, e.g. ``aux_loss dpsl`` with one ``--moe-aux-loss-coeff`` per type).
+form, e.g. ``aux_loss dpsl`` with one ``--moe-aux-loss-coeff`` per type), and likewise ``variance`` and
+``orthogonality`` (Guo et al.; coefficients in their ``--moe-aux-loss-coeff`` slots) with their
+``--moe-variance-loss-form`` / ``--moe-orthogonality-loss-form`` flags.
 
 ``dpsl_config_from_args(args)`` copies the parsed namespace onto ``DPSLTransformerConfig`` by
 dataclass field name, as Megatron-LM's ``core_transformer_config_from_args`` does. The config decides
@@ -27,8 +29,11 @@ from typing import Any, Iterator, Optional
 from megatron_dpsl.load_balancing import (
     DPSL_TYPE,
     GATHER_CHOICES,
+    LOSS_FORMS,
     MEGATRON_LOAD_BALANCING_TYPES,
+    ORTHOGONALITY_TYPE,
     PLUGIN_LOAD_BALANCING_TYPES,
+    VARIANCE_TYPE,
     plugin_types_in,
 )
 
@@ -48,6 +53,13 @@ DPSL_FIELDS = (
 
 AC_FIELDS = ("moe_ac_layers", "moe_ac_eps", "moe_ac_clip", "moe_ac_weight_norm")
 """The Adaptive-Clustering router's fields (``--moe-ac-*``, docs/ac_router.md)."""
+
+# The variance/orthogonality loss flags: (flag, config field, the load-balancing type they belong to).
+REGULARIZER_FLAGS = (
+    ("--moe-variance-loss-form", "moe_variance_loss_form", VARIANCE_TYPE),
+    ("--moe-orthogonality-loss-form", "moe_orthogonality_loss_form", ORTHOGONALITY_TYPE),
+)
+REGULARIZER_FIELDS = tuple(field for _, field, _ in REGULARIZER_FLAGS)
 
 # Config field -> flag, for fields whose flag is not simply "--" + name.replace("_", "-").
 _FIELD_FLAGS = {"num_moe_experts": "--num-experts"}
@@ -108,7 +120,8 @@ def add_moe_load_balancing_args(parser: argparse.ArgumentParser) -> argparse.Arg
             default="aux_loss",
             help="Router load-balancing strategy, one or several (each with its own --moe-aux-loss-coeff). "
             "'dpsl' adds the Dirichlet-Prior Shaping Loss; it combines with aux_loss, seq_aux_loss, "
-            "global_aux_loss or none.",
+            "global_aux_loss or none. 'variance' and 'orthogonality' add the losses of Guo et al. (2025), "
+            "see --moe-variance-loss-form / --moe-orthogonality-loss-form.",
         )
     if _find_action(parser, "moe_aux_loss_coeff") is None:
         parser.add_argument(
@@ -117,7 +130,8 @@ def add_moe_load_balancing_args(parser: argparse.ArgumentParser) -> argparse.Arg
             nargs="+",
             default=0.0,
             help="Coefficient of each load-balancing loss, one per --moe-router-load-balancing-type. "
-            "The value in dpsl's slot, when non-zero, is the DPSL coefficient (same as --moe-dpsl-coeff).",
+            "The value in dpsl's slot, when non-zero, is the DPSL coefficient (same as --moe-dpsl-coeff); "
+            "the values in the variance and orthogonality slots are those losses' coefficients (>= 0).",
         )
     return parser
 
@@ -140,7 +154,8 @@ def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     if missing:
         action.choices = [*action.choices, *missing]
         if action.help:
-            action.help += " 'dpsl' (megatron-dpsl) adds the Dirichlet-Prior Shaping Loss, see --moe-dpsl-*."
+            action.help += (" 'dpsl' (megatron-dpsl) adds the Dirichlet-Prior Shaping Loss, see --moe-dpsl-*; "
+                            "'variance' and 'orthogonality' the losses of Guo et al. (2025).")
 
     group = parser.add_argument_group(
         title="dpsl",
@@ -208,6 +223,7 @@ def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "Other steps add no communication.",
     )
     _add_ac_args(parser)
+    _add_regularizer_args(parser)
     return parser
 
 
@@ -268,6 +284,31 @@ def _add_ac_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_regularizer_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        title="variance and orthogonality losses",
+        description="Guo et al. (2025, arXiv 2505.22323), megatron-dpsl: on when --moe-router-load-balancing-type "
+        "includes 'variance' / 'orthogonality'; each coefficient is that type's --moe-aux-loss-coeff value.",
+    )
+    group.add_argument(
+        "--moe-variance-loss-form",
+        type=str,
+        choices=list(LOSS_FORMS),
+        default=None,
+        help="paper (default): Eq. 7, minus each expert's variance of the post-top-k routing probabilities "
+        "across the batch's tokens (those --moe-dpsl-gather names). reference_code: the official code, minus "
+        "the per-token variance of the full softmax across experts.",
+    )
+    group.add_argument(
+        "--moe-orthogonality-loss-form",
+        type=str,
+        choices=list(LOSS_FORMS),
+        default=None,
+        help="paper (default): Eq. 6 / (k·N), squared projections of each of a token's k unweighted expert "
+        "outputs onto each other one. reference_code: onto the span of the other k-1 (the official code).",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Namespace -> config
 
@@ -296,8 +337,9 @@ _PRIOR_SOURCES = (
 def check_given_flags(args: argparse.Namespace) -> None:
     """What only the command line can tell (the config sees values, not which flags were typed).
 
-    A DPSL flag given without ``dpsl`` in the load-balancing types would be ignored, and two ways of
-    giving the prior would silently shadow one another: both raise ``ValueError`` naming the flag.
+    A DPSL flag given without ``dpsl`` in the load-balancing types (or a ``--moe-*-loss-form`` flag
+    without its type) would be ignored, and two ways of giving the prior would silently shadow one
+    another: both raise ``ValueError`` naming the flag.
     Every rule about values lives in ``DPSLTransformerConfig``.
     """
     given = [flag for flag, names in _PRIOR_SOURCES if any(getattr(args, n, None) is not None for n in names)]
@@ -315,12 +357,19 @@ def check_given_flags(args: argparse.Namespace) -> None:
     ac_given = [flag_for_field(n) for n in AC_FIELDS[1:] if getattr(args, n, None) is not None]
     if ac_given and not getattr(args, "moe_ac_layers", None):
         raise ValueError(f"{ac_given[0]}: the Adaptive Clustering flags need --moe-ac-layers (the layers that use AC)")
+    types = plugin_types_in(getattr(args, "moe_router_load_balancing_type", None))
+    for flag, field, needed in REGULARIZER_FLAGS:
+        if getattr(args, field, None) is not None and needed not in types:
+            raise ValueError(
+                f"{flag} needs {LOAD_BALANCING_FLAG} to include '{needed}', got "
+                f"{getattr(args, 'moe_router_load_balancing_type', None)!r}"
+            )
 
 
 def translate_config_error(message: str) -> str:
     """Rewrite config field names in ``message`` as their flags (``moe_dpsl_alpha`` -> ``--moe-dpsl-alpha``)."""
     return re.sub(
-        r"(?<![\w-])(moe_[a-z0-9_]+|num_moe_experts)\b",
+        r"(?<![\w-])(moe_[a-z0-9_]+|num_moe_experts|overlap_moe_expert_parallel_comm|cuda_graph_impl)\b",
         lambda m: flag_for_field(m.group(1)),
         message,
     )
@@ -351,7 +400,7 @@ def dpsl_namespace(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_dpsl_alpha"):
         if getattr(ns, name, None) is not None:
             setattr(ns, name, _scalar_if_single(getattr(ns, name)))
-    for name in DPSL_FIELDS:
+    for name in (*DPSL_FIELDS, *REGULARIZER_FIELDS):
         if name != "moe_dpsl_coeff" and getattr(ns, name, None) is None and hasattr(ns, name):
             delattr(ns, name)
     for name in AC_FIELDS:
@@ -400,12 +449,13 @@ def megatron_lm_config_from_args(args: argparse.Namespace, config_class=None):
     config_class = config_class or _default_config_class()
     with flag_errors():
         config = core_transformer_config_from_args(dpsl_namespace(args), config_class=config_class)
-    if dpsl_enabled(args) and not isinstance(config, config_class):
-        # Megatron-LM swaps in MLATransformerConfig / HeterogeneousTransformerConfig, dropping the DPSL fields.
+    ours = plugin_types_in(getattr(args, "moe_router_load_balancing_type", None))
+    if ours and not isinstance(config, config_class):
+        # Megatron-LM swaps in MLATransformerConfig / HeterogeneousTransformerConfig, dropping the plugin's fields.
         flag = "--multi-latent-attention" if getattr(args, "multi_latent_attention", False) else (
             "--heterogeneous-layers-config-path")
         raise ValueError(
             f"{flag}: Megatron-LM builds a {type(config).__name__} for it, which has no DPSL fields; "
-            f"not supported with {LOAD_BALANCING_FLAG} dpsl"
+            f"not supported with {LOAD_BALANCING_FLAG} {ours[0]}"
         )
     return config

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_dpsl.megatron_lm.args import add_dpsl_args, add_moe_load_balancing_args
+from megatron_dpsl.megatron_lm.args import REGULARIZER_FIELDS, add_dpsl_args, add_moe_load_balancing_args
 
 HEADER = """\
 # DPSL command-line flags
@@ -41,6 +41,12 @@ its own `--moe-aux-loss-coeff` value:
 A non-zero value in dpsl's slot of `--moe-aux-loss-coeff` is λ; if `--moe-dpsl-coeff` is also given
 the two must agree. `dpsl` cannot be combined with `sinkhorn`.
 
+`variance` and `orthogonality` (Guo et al. 2025, docs/regularizers.md) take their coefficients from
+their slots only (>= 0; 0 turns the loss off), e.g. the paper's recipe next to Megatron's aux loss:
+`--moe-router-load-balancing-type aux_loss variance orthogonality --moe-aux-loss-coeff 1e-3 1e-3 1e-4`.
+`orthogonality` needs `--moe-router-topk` >= 2, the allgather or alltoall dispatcher and the plugin's
+MoE layer (`DPSLMoELayer`, in every spec the plugin builds).
+
 ## Priors
 
 Give at most one of: `--moe-dpsl-alpha` (symmetric or per expert), `--moe-dpsl-group-alphas`
@@ -69,7 +75,8 @@ def _row(action: argparse.Action) -> str:
         shape = action.metavar or (action.type.__name__ if action.type else "str")
     if action.choices:
         shape = "{" + ",".join(map(str, action.choices)) + "}" + (" ..." if action.nargs == "+" else "")
-    field = action.dest if action.dest.startswith(("moe_dpsl_", "moe_ac_")) else f"{action.dest} (Megatron)"
+    ours = action.dest.startswith(("moe_dpsl_", "moe_ac_")) or action.dest in REGULARIZER_FIELDS
+    field = action.dest if ours else f"{action.dest} (Megatron)"
     default = "—" if action.default is None else f"`{action.default}`"
     return f"| `{flag}` | `{_cell(shape)}` | {default} | `{field}` | {_cell(action.help)} |"
 
