@@ -141,11 +141,14 @@ def test_config_by_field_name_and_dpsl_spec():
     assert len(routers) == 2 and all(r.dpsl_enabled for r in routers)
 
 
-def test_routing_stats_hook_records_what_the_routers_saw():
+@pytest.mark.parametrize("ac", [False, True], ids=["dpsl_router", "ac_router"])
+def test_routing_stats_hook_records_what_the_routers_saw(ac):
+    """The recorded probabilities are those of the logits routing() got: for the AC router (layer 2) they
+    come from AC gating, which needs the previous layer's assignment and differs from plain gating."""
     from megatron_dpsl.token_groups import dpsl_token_groups
     from megatron_dpsl.train.routing_stats import RoutingStats
 
-    args, config, model = _setup([*TINY, *MOE])
+    args, config, model = _setup([*TINY, *MOE, *(["--moe-ac-layers", "2"] if ac else [])])
     stats = RoutingStats(model)
     seen = {}  # reference: each router's logits and routing_map, captured at routing() on the instance
     for index, router in enumerate(stats.routers):
@@ -173,6 +176,17 @@ def test_routing_stats_hook_records_what_the_routers_saw():
     stats.remove()
     forward()
     assert [len(stats._records[i]) for i in range(2)] == [1, 1]  # the hooks are gone
+    if ac:  # the check can fail: the AC layer's logits are not plain gating's of its input
+        from megatron_dpsl.router import DPSLRouter
+
+        router = stats.routers[1]
+        assert router.ac_enabled
+        hidden = {}
+        handle = router.register_forward_pre_hook(lambda module, args: hidden.setdefault("input", args[0]))
+        forward()
+        handle.remove()
+        plain = torch.softmax(DPSLRouter.gating(router, hidden["input"]).reshape(-1, 4).float(), -1)  # no AC
+        assert not torch.allclose(plain, seen[1][-1][0])
 
 
 def _twin(args, config, model):

@@ -51,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-z-loss-coeff", type=float, default=None)
     g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default="softmax")
     g.add_argument(
+        "--moe-router-enable-expert-bias",
+        action="store_true",
+        help="aux-loss-free load balancing (Wang et al., arXiv 2408.15664): a per-expert bias added to the scores "
+        "for top-k selection only, updated after every global batch by Megatron's finalize_model_grads; "
+        "Megatron requires --moe-router-score-function sigmoid",
+    )
+    g.add_argument(
+        "--moe-router-bias-update-rate",
+        type=float,
+        default=1e-3,
+        help="step of the expert-bias update: bias += rate * sign(mean load - expert load) per global batch",
+    )
+    g.add_argument(
         "--moe-token-dispatcher-type",
         choices=["allgather", "alltoall", "flex"],
         default="allgather",
@@ -229,6 +242,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _error("--mock-data", "give either --data-path or --mock-data")
     if args.moe_z_loss_coeff is not None and args.moe_z_loss_coeff < 0:
         _error("--moe-z-loss-coeff", f"must be >= 0, got {args.moe_z_loss_coeff}")
+    if args.moe_router_bias_update_rate < 0:
+        _error("--moe-router-bias-update-rate", f"must be >= 0, got {args.moe_router_bias_update_rate}")
+    if args.moe_router_enable_expert_bias and args.num_experts is None:
+        _error("--moe-router-enable-expert-bias", "needs --num-experts (an MoE model)")
     return args
 
 

@@ -35,6 +35,11 @@ _CHECKED_ARGS = (
 )
 
 
+# Router state a weights-only load (--finetune, an upcycled checkpoint) may lack: the aux-loss-free
+# expert bias starts at zero in a fresh run, and the upcycler does not write it (docs/upcycling.md)
+_FRESH_START_BUFFERS = (".router.expert_bias",)
+
+
 def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
@@ -132,6 +137,10 @@ def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> Tu
     loaded = dist_checkpointing.load(request, path, strict=StrictHandling.LOG_UNEXPECTED)
     missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("._extra_state")]
+    fresh = [k for k in missing if weights_only and k.endswith(_FRESH_START_BUFFERS)]
+    if fresh and dist.get_rank() == 0:
+        print(f" --load: {path} has no {', '.join(fresh)}: they start at zero, as in a fresh run", flush=True)
+    missing = [k for k in missing if k not in fresh]
     if missing:
         raise KeyError(f"--load: {path} lacks model tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if weights_only:

@@ -7,7 +7,7 @@ Inputs are the per-run dicts the quickstart collects: ``{"name", "prior" [E] or 
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -103,20 +103,27 @@ def plot_curves(runs: Sequence[dict], path: str) -> None:
     plt.close(fig)
 
 
-def plot_usage(runs: Sequence[dict], path: str, group_names: Sequence[str]) -> None:
-    """Per-modality expert usage (share of each group's top-k assignments per expert, layer mean)."""
+def plot_usage(runs: Sequence[dict], path: str, group_names: Sequence[str], ncols: Optional[int] = None) -> None:
+    """Per-modality expert usage (share of each group's top-k assignments per expert, layer mean);
+    one panel per run, ``ncols`` per row (default: all in one row)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(runs), figsize=(3.6 * len(runs), 2.2), squeeze=False)
-    for ax, run in zip(axes[0], runs):
-        layers = run["history"][-1]["layers"]
-        usage = np.mean([l["group_usage"].numpy() for l in layers], axis=0)[: len(group_names)]
-        im = ax.imshow(usage, vmin=0, vmax=max(0.3, float(usage.max())), cmap="viridis", aspect="auto")
+    ncols = ncols or len(runs)
+    nrows = math.ceil(len(runs) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.2 + 2.8 * (nrows - 1)), squeeze=False)
+    fig.subplots_adjust(hspace=0.7)  # room for each row's expert axis label under the next row's titles
+    for ax in axes.flat[len(runs):]:
+        ax.set_visible(False)
+    usages = [np.mean([l["group_usage"].numpy() for l in run["history"][-1]["layers"]], axis=0)[: len(group_names)]
+              for run in runs]
+    vmax = max(0.3, max(float(u.max()) for u in usages))  # one colour scale: the panels are compared
+    for ax, run, usage in zip(axes.flat, runs, usages):
+        im = ax.imshow(usage, vmin=0, vmax=vmax, cmap="viridis", aspect="auto")
         ax.set_yticks(range(len(group_names)), group_names, fontsize=7)
         ax.set_xticks(range(usage.shape[1]))
         ax.tick_params(labelsize=7)
         ax.set_xlabel("expert", fontsize=8)
         ax.set_title(run["name"], fontsize=9)
-    fig.colorbar(im, ax=list(axes[0]), fraction=0.02)
+    fig.colorbar(im, ax=list(axes.flat), fraction=0.02)
     fig.savefig(path, dpi=72, bbox_inches="tight")
     plt.close(fig)
 

@@ -30,10 +30,11 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
-from typing import List
+from typing import Dict, List
 
 from megatron_dpsl.train.trainer import free_port  # stdlib-only at import time, like this module
 
@@ -49,61 +50,104 @@ def _stamp(t0: float) -> str:
 # the plan: what each stage runs (plain data, written to JSON for the torchrun workers)
 
 
-def build_plan(a: argparse.Namespace) -> dict:
-    out = os.path.abspath(a.out)
-    tiny = a.tiny
+def model_sizes(tiny: bool) -> dict:
+    """The dense GPT's (and the upcycled MoE's) shape: the full quickstart or the ``--tiny`` smoke run."""
     hidden, ffn, layers, heads = (32, 128, 2, 4) if tiny else (64, 256, 2, 4)
-    seq = 64 if tiny else 128
-    dense_iters = a.dense_iters or (10 if tiny else 300)
-    moe_iters = a.moe_iters or (8 if tiny else 120)
-    eval_interval = max(1, moe_iters // (2 if tiny else 6))
-    E, G, K = 8, 2, 4
-    common = [
-        "--num-layers", layers, "--hidden-size", hidden, "--ffn-hidden-size", ffn, "--num-attention-heads", heads,
-        "--seq-length", seq, "--max-position-embeddings", seq, "--vocab-size", 256, "--disable-bias-linear",
+    return {"hidden": hidden, "ffn": ffn, "layers": layers, "heads": heads, "seq": 64 if tiny else 128}
+
+
+NUM_EXPERTS, GRANULARITY, TOPK = 8, 2, 4  # 8 experts, G = 2 (4 copies of the dense FFN), top-4
+
+
+def common_argv(a: argparse.Namespace) -> list:
+    """Trainer flags shared by the dense and the MoE runs: model, batch, data, seed, logging."""
+    out, tiny, m = os.path.abspath(a.out), a.tiny, model_sizes(a.tiny)
+    return [
+        "--num-layers", m["layers"], "--hidden-size", m["hidden"], "--ffn-hidden-size", m["ffn"],
+        "--num-attention-heads", m["heads"], "--seq-length", m["seq"], "--max-position-embeddings", m["seq"],
+        "--vocab-size", 256, "--disable-bias-linear",
         "--hidden-dropout", 0.0, "--attention-dropout", 0.0, "--micro-batch-size", 4 if tiny else 8,
         "--global-batch-size", 8 if tiny else 16, "--data-path", os.path.join(out, "corpus"), "--seed", a.seed,
         "--lr-decay-style", "cosine", "--log-interval", 5 if tiny else 20, "--eval-iters", 1 if tiny else 4,
         "--device", "cpu",  # the quickstart is the laptop demo: CPU + gloo even where a GPU exists
     ]
-    dense = common + [
-        "--train-iters", dense_iters, "--lr", 3e-3, "--min-lr", 3e-4, "--lr-warmup-iters", max(1, dense_iters // 10),
-        "--eval-interval", dense_iters, "--save", os.path.join(out, "dense", "checkpoint"),
+
+
+def dense_stage(a: argparse.Namespace) -> dict:
+    """Stage 2: the dense GPT (data parallel), saved in Megatron-LM's layout."""
+    out = os.path.abspath(a.out)
+    iters = a.dense_iters or (10 if a.tiny else 300)
+    argv = common_argv(a) + [
+        "--train-iters", iters, "--lr", 3e-3, "--min-lr", 3e-4, "--lr-warmup-iters", max(1, iters // 10),
+        "--eval-interval", iters, "--save", os.path.join(out, "dense", "checkpoint"),
         "--tensorboard-dir", os.path.join(out, "dense", "tensorboard"),
     ]
-    upcycle = dict(
-        src=os.path.join(out, "dense", "checkpoint"), dst=os.path.join(out, "moe_init"), num_experts=E,
-        granularity=G, moe_router_topk=K, router_init="virtual-group", weight_scaling="exact", seed=a.seed,
-        force=True, progress=False,
+    return {"kind": "train", "name": "dense", "argv": argv, "dir": os.path.join(out, "dense")}
+
+
+def upcycle_stage(a: argparse.Namespace) -> dict:
+    """Stage 3: the converter's options (dense checkpoint -> 8 experts, G = 2, top-4, exact scaling)."""
+    out = os.path.abspath(a.out)
+    options = dict(
+        src=os.path.join(out, "dense", "checkpoint"), dst=os.path.join(out, "moe_init"), num_experts=NUM_EXPERTS,
+        granularity=GRANULARITY, moe_router_topk=TOPK, router_init="virtual-group", weight_scaling="exact",
+        seed=a.seed, force=True, progress=False,
     )
-    moe_common = common + [
-        "--num-experts", E, "--moe-router-topk", K, "--moe-ffn-hidden-size", ffn // G,
-        "--expert-model-parallel-size", 2, "--train-iters", moe_iters, "--lr", 1e-3, "--min-lr", 1e-4,
-        "--lr-warmup-iters", max(1, moe_iters // 20), "--eval-interval", eval_interval,
-        "--load", os.path.join(out, "moe_init"), "--finetune",
+    return {"kind": "upcycle", "options": options, "dir": os.path.join(out, "moe_init")}
+
+
+def moe_argv(a: argparse.Namespace) -> list:
+    """Trainer flags of every MoE run: the upcycled model on 2 ranks (EP=2), loaded with --finetune."""
+    iters = a.moe_iters or (8 if a.tiny else 120)
+    return common_argv(a) + [
+        "--num-experts", NUM_EXPERTS, "--moe-router-topk", TOPK,
+        "--moe-ffn-hidden-size", model_sizes(a.tiny)["ffn"] // GRANULARITY,
+        "--expert-model-parallel-size", 2, "--train-iters", iters, "--lr", 1e-3, "--min-lr", 1e-4,
+        "--lr-warmup-iters", max(1, iters // 20), "--eval-interval", max(1, iters // (2 if a.tiny else 6)),
+        "--load", os.path.join(os.path.abspath(a.out), "moe_init"), "--finetune",
     ]
-    lam = a.dpsl_coeff
-    runs = {
-        "aux_loss": ["--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", 1e-2],
-        "dpsl_symmetric": ["--moe-router-load-balancing-type", "dpsl", "--moe-dpsl-coeff", lam,
-                           "--moe-dpsl-alpha", a.alpha],
-        "dpsl_modality": ["--moe-router-load-balancing-type", "dpsl", "--moe-dpsl-coeff", lam,
-                          "--moe-dpsl-alpha-base", a.alpha_base, "--moe-dpsl-alpha-shift", a.alpha_shift,
-                          "--moe-dpsl-num-groups", len(GROUP_NAMES)],
-    }
-    stages = [{"kind": "train", "name": "dense", "argv": dense, "dir": os.path.join(out, "dense")},
-              {"kind": "upcycle", "options": upcycle, "dir": os.path.join(out, "moe_init")}]
+
+
+def aux_loss_run(coeff: float = 1e-2) -> list:
+    """Megatron's load-balancing loss (GShard/Switch) at Megatron-LM's recommended starting coefficient."""
+    return ["--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", coeff]
+
+
+def dpsl_symmetric_run(lam: float, alpha: float) -> list:
+    """DPSL alone with a symmetric prior Dir(α, ..., α)."""
+    return ["--moe-router-load-balancing-type", "dpsl", "--moe-dpsl-coeff", lam, "--moe-dpsl-alpha", alpha]
+
+
+def dpsl_modality_run(lam: float, alpha_base: float, alpha_shift: float) -> list:
+    """DPSL alone with the paper's modality priors (Sec. 3.4): code -> experts 0-3, prose -> experts 4-7."""
+    return ["--moe-router-load-balancing-type", "dpsl", "--moe-dpsl-coeff", lam, "--moe-dpsl-alpha-base", alpha_base,
+            "--moe-dpsl-alpha-shift", alpha_shift, "--moe-dpsl-num-groups", len(GROUP_NAMES)]
+
+
+def make_plan(a: argparse.Namespace, runs: Dict[str, list]) -> dict:
+    """The stages of one launch: dense, upcycle, then one MoE run per ``runs`` entry (name -> extra flags)."""
+    out = os.path.abspath(a.out)
+    stages = [dense_stage(a), upcycle_stage(a)]
     for name, extra in runs.items():
         d = os.path.join(out, "runs", name)
         stages.append({
             "kind": "train", "name": name, "dir": d,
-            "argv": moe_common + extra + ["--tensorboard-dir", os.path.join(d, "tensorboard"),
-                                          "--routing-stats-path", os.path.join(d, "routing_stats.pt")],
+            "argv": moe_argv(a) + list(extra) + ["--tensorboard-dir", os.path.join(d, "tensorboard"),
+                                                  "--routing-stats-path", os.path.join(d, "routing_stats.pt")],
         })
     for s in stages:
         if "argv" in s:
             s["argv"] = [str(x) for x in s["argv"]]
     return {"out": out, "stages": stages, "corpus_meta": os.path.join(out, "corpus", "meta.json")}
+
+
+def build_plan(a: argparse.Namespace) -> dict:
+    """The quickstart's plan: Megatron's aux loss, DPSL symmetric, DPSL modality priors."""
+    return make_plan(a, {
+        "aux_loss": aux_loss_run(),
+        "dpsl_symmetric": dpsl_symmetric_run(a.dpsl_coeff, a.alpha),
+        "dpsl_modality": dpsl_modality_run(a.dpsl_coeff, a.alpha_base, a.alpha_shift),
+    })
 
 
 def _wait_for(paths: List[str], timeout: float, alive=lambda: True) -> str:
@@ -165,6 +209,10 @@ def _worker(plan_path: str) -> None:
                         "train_losses": result.train_losses, "valid_losses": result.valid_losses,
                         "aux_losses": result.aux_losses, "upcycled": upcycled,
                         "optimizer_impl": result.optimizer_impl, "schedule_impl": result.schedule_impl,
+                        "step_seconds": result.step_seconds, "step_cpu_seconds": result.step_cpu_seconds,
+                        # aux-loss-free balancing: each MoE layer's final expert bias (else empty)
+                        "expert_bias": [m.expert_bias.tolist() for m in result.model.modules()
+                                        if getattr(m, "expert_bias", None) is not None],
                     }, f)
     finally:
         shutdown()
@@ -175,7 +223,11 @@ def _worker(plan_path: str) -> None:
 
 
 def load_runs(out: str, names: List[str]) -> List[dict]:
+    """Each run's ``result.json`` and routing statistics, in ``names`` order (the dicts ``plots`` takes)."""
     import torch
+
+    from megatron_dpsl.megatron_lm.args import dpsl_enabled
+    from megatron_dpsl.train.arguments import parse_args
 
     runs = []
     for name in names:
@@ -186,12 +238,14 @@ def load_runs(out: str, names: List[str]) -> List[dict]:
         runs.append({
             "name": name, "prior": stats["prior"], "history": stats["history"],
             "valid_losses": [tuple(v) for v in result["valid_losses"]], "result": result,
-            "reference_prior": name == "aux_loss",
+            # without DPSL the distances are to the symmetric Dir(1) reference, not a prior of the run
+            "reference_prior": not dpsl_enabled(parse_args(result["argv"])),
         })
     return runs
 
 
 def table_rows(runs: List[dict]) -> List[dict]:
+    """One row of final-evaluation metrics per run (layer means; see ``TABLE_NOTES``)."""
     rows = []
     for run in runs:
         final = run["history"][-1]
@@ -201,6 +255,7 @@ def table_rows(runs: List[dict]) -> List[dict]:
         usage = sum(l["group_usage"] for l in layers) / len(layers)  # [G, E]
         aux = run["result"]["aux_losses"]
         dpsl = aux.get("dpsl_loss")
+        steps, cpu_steps = run["result"].get("step_seconds") or [], run["result"].get("step_cpu_seconds") or []
         rows.append({
             "run": run["name"],
             "valid_loss": run["valid_losses"][-1][1],
@@ -213,22 +268,29 @@ def table_rows(runs: List[dict]) -> List[dict]:
             "dpsl_loss": None if not dpsl else dpsl[-1][1],
             "load_balancing_loss": None if not aux.get("load_balancing_loss") else aux["load_balancing_loss"][-1][1],
             "wall_s": run["result"]["wall_s"],
+            # the median: robust to the first step's one-off compilation and to other jobs on the machine
+            "ms_per_step": 1000.0 * statistics.median(steps) if steps else None,
+            "cpu_ms_per_step": 1000.0 * statistics.median(cpu_steps) if cpu_steps else None,  # rank 0's process
         })
     return rows
 
 
-def format_table(rows: List[dict]) -> str:
-    head = ("| run | valid loss | CoV | entropy | dist. to prior | KS | code→E0-3 | prose→E4-7 | dpsl_loss | "
-            "lb loss | wall s |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    fmt = lambda v, p=4: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+# (header, row key, decimals) of the quickstart's table
+QUICKSTART_COLUMNS = (
+    ("valid loss", "valid_loss", 4), ("CoV", "cov", 3), ("entropy", "entropy", 3),
+    ("dist. to prior", "prior_distance", 5), ("KS", "ks_distance", 3), ("code→E0-3", "code_on_experts_0_3", 3),
+    ("prose→E4-7", "prose_on_experts_4_7", 3), ("dpsl_loss", "dpsl_loss", 5), ("lb loss", "load_balancing_loss", 3),
+    ("wall s", "wall_s", 0),
+)
+
+
+def format_table(rows: List[dict], columns=QUICKSTART_COLUMNS) -> str:
+    """A Markdown table: the run name, then one column per ``(header, key, decimals)``; None prints as -."""
+    head = "| run | " + " | ".join(h for h, _, _ in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
     for r in rows:
-        lines.append(
-            f"| {r['run']} | {fmt(r['valid_loss'])} | {fmt(r['cov'], 3)} | {fmt(r['entropy'], 3)} | "
-            f"{fmt(r['prior_distance'], 5)} | {fmt(r['ks_distance'], 3)} | {fmt(r['code_on_experts_0_3'], 3)} | "
-            f"{fmt(r['prose_on_experts_4_7'], 3)} | {fmt(r['dpsl_loss'], 5)} | {fmt(r['load_balancing_loss'], 3)} | "
-            f"{r['wall_s']:.0f} |"
-        )
+        cells = ["-" if r[key] is None else f"{r[key]:.{p}f}" for _, key, p in columns]
+        lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -246,21 +308,27 @@ TABLE_NOTES = (
 # entry point
 
 
+def add_launch_args(p: argparse.ArgumentParser, *, out: str, tiny_help: str) -> argparse.ArgumentParser:
+    """The flags of one launch (output, sizes, ranks, seed), shared with ``examples/compare_routers.py``."""
+    p.add_argument("--out", default=out, help="output directory (its dense/, moe_init/, runs/ and corpus/ are replaced)")
+    p.add_argument("--tiny", action="store_true", help=tiny_help)
+    p.add_argument("--nproc", type=int, default=2, help="ranks (EP = 2 needs 2)")
+    p.add_argument("--dense-iters", type=int, default=None, help="dense iterations (default 300, tiny 10)")
+    p.add_argument("--moe-iters", type=int, default=None, help="iterations of each MoE run (default 120, tiny 8)")
+    p.add_argument("--corpus-bytes", type=int, default=None, help="bytes per modality (default 1 MB, tiny 200 kB)")
+    p.add_argument("--seed", type=int, default=1234)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_dpsl.train.quickstart", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="outputs/quickstart", help="output directory")
-    p.add_argument("--tiny", action="store_true", help="a very short run (smoke test, ~1 min)")
-    p.add_argument("--nproc", type=int, default=2, help="ranks (EP = 2 needs 2)")
-    p.add_argument("--dense-iters", type=int, default=None)
-    p.add_argument("--moe-iters", type=int, default=None)
+    add_launch_args(p, out="outputs/quickstart", tiny_help="a very short run (smoke test, ~1 min)")
     p.add_argument("--dpsl-coeff", type=float, default=0.1,
                    help="λ (the paper's default 0.01 suits long runs; this short run uses its ablation's 0.1)")
     p.add_argument("--alpha", type=float, default=1.0, help="symmetric prior α of the dpsl_symmetric run")
     p.add_argument("--alpha-base", type=float, default=0.75, help="α_b of the modality run (paper: 0.75)")
     p.add_argument("--alpha-shift", type=float, default=0.5, help="α_s of the modality run (paper: 0.5)")
-    p.add_argument("--corpus-bytes", type=int, default=None, help="bytes per modality (default 1 MB, tiny 200 kB)")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # run_plan's torchrun ranks
     return p
 
 
@@ -293,17 +361,21 @@ def _run_upcycle(plan: dict, alive) -> None:
     open(stage["dir"] + ".done", "w").close()
 
 
-def main(argv=None) -> dict:
-    a = build_parser().parse_args(argv)
-    if a.worker:
-        _worker(a.worker)
-        return {}
-    t_start = time.time()
+def check_plot_dependencies(prog: str) -> None:
+    """SystemExit naming the package when the figures or TensorBoard logs could not be written."""
     missing = [m for m in ("matplotlib", "tensorboard") if importlib.util.find_spec(m) is None]
     if missing:
-        raise SystemExit(f"quickstart: needs {', '.join(missing)}: pip install 'megatron-dpsl[plots]' "
+        raise SystemExit(f"{prog}: needs {', '.join(missing)}: pip install 'megatron-dpsl[plots]' "
                          "(or run bash scripts/quickstart.sh, which installs the test extras)")
-    out = os.path.abspath(a.out)
+
+
+def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
+    """Run every stage of ``plan`` in one torchrun launch of ``a.nproc`` ranks; returns the corpus metadata.
+
+    Replaces the stage outputs under ``plan["out"]``; builds the corpus and runs the converter in this
+    process while the workers import and train. SystemExit if the workers fail.
+    """
+    out = plan["out"]
     for sub in ("dense", "moe_init", "runs", "corpus"):
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
     for marker in ("moe_init.done", "moe_init.failed"):
@@ -311,7 +383,6 @@ def main(argv=None) -> dict:
             os.remove(os.path.join(out, marker))
     os.makedirs(out, exist_ok=True)
 
-    plan = build_plan(a)
     plan["t0"] = t_start
     plan_path = os.path.join(out, "plan.json")
     with open(plan_path, "w", encoding="utf-8") as f:
@@ -340,20 +411,41 @@ def main(argv=None) -> dict:
         raise
     if returncode != 0:
         raise SystemExit(f"quickstart: the torchrun workers failed (exit {returncode}); see the log above")
+    return meta
+
+
+def run_names(plan: dict) -> List[str]:
+    """The MoE runs of ``plan``, in order."""
+    return [s["name"] for s in plan["stages"] if s["kind"] == "train" and s["name"] != "dense"]
+
+
+def dense_valid_loss(out: str) -> float:
+    """The dense model's final validation loss (before upcycling)."""
+    with open(os.path.join(out, "dense", "result.json"), encoding="utf-8") as f:
+        return json.load(f)["valid_losses"][-1][1]
+
+
+def main(argv=None) -> dict:
+    a = build_parser().parse_args(argv)
+    if a.worker:
+        _worker(a.worker)
+        return {}
+    t_start = time.time()
+    check_plot_dependencies("quickstart")
+    plan = build_plan(a)
+    out = plan["out"]
+    meta = run_plan(plan, a, t_start)
 
     print(f"=== {_stamp(t_start)} figures and table", flush=True)
     from megatron_dpsl.train import plots
 
-    names = [s["name"] for s in plan["stages"] if s["kind"] == "train" and s["name"] != "dense"]
-    runs = load_runs(out, names)
+    runs = load_runs(out, run_names(plan))
     figures = plots.write_all(runs, out, GROUP_NAMES)
     rows = table_rows(runs)
     table = format_table(rows)
     wall = time.time() - t_start
-    with open(os.path.join(out, "dense", "result.json"), encoding="utf-8") as f:
-        dense = json.load(f)
     summary = {
-        "wall_s": wall, "rows": rows, "figures": figures, "dense_valid_loss": dense["valid_losses"][-1][1],
+        "wall_s": wall, "rows": rows, "figures": figures, "dense_valid_loss": dense_valid_loss(out),
         "upcycled": runs[0]["result"]["upcycled"], "corpus": meta, "notes": TABLE_NOTES,
     }
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:

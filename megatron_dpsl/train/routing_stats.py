@@ -1,9 +1,12 @@
 """Validation-time routing statistics: full softmax probabilities, expert loads and per-group usage.
 
-While enabled (during evaluation), a forward hook on each router (``register_forward_hook``) records
-the softmax over all experts ``[num_tokens, num_experts]`` of the router's logits (fp32; what DPSL
-shapes and the paper's Fig. 7 histograms show), the top-k ``routing_map`` it returned and the tokens'
-group ids (aligned with the router's ``s``-major flattening by ``token_groups.shard_token_group_ids``).
+While enabled (during evaluation), each router records the softmax over all experts
+``[num_tokens, num_experts]`` of the logits its ``gating`` returned in this forward (fp32; what DPSL
+shapes and the paper's Fig. 7 histograms show), the top-k ``routing_map`` its forward returned (a
+forward hook, ``register_forward_hook``) and the tokens' group ids (aligned with the router's
+``s``-major flattening by ``token_groups.shard_token_group_ids``). The logits are taken from the
+router's own ``gating`` call (wrapped on the instance), not recomputed from its input: the AC
+router's gating depends on the previous MoE layer's assignment, which only its forward knows.
 ``summarize`` gathers them on rank 0 and computes, per MoE layer, the metrics of
 ``megatron_dpsl.metrics``: CoV of expert loads, routing entropy, distance to the prior (Eq. 4 per
 expert) and per-group expert usage.
@@ -25,32 +28,43 @@ class RoutingStats:
 
         self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
         for router in self.routers:
-            perturbed = {k: getattr(router.config, k, None) for k in ("moe_input_jitter_eps", "moe_router_force_load_balancing")}
-            if any(perturbed.values()):
-                # the hook recomputes the logits from the router's input, which these perturb randomly
-                raise ValueError(f"RoutingStats: needs {' and '.join(perturbed)} unset, got {perturbed}")
+            if getattr(router.config, "moe_router_force_load_balancing", False):
+                # routing() then sees random logits in place of gating()'s
+                raise ValueError("RoutingStats: needs moe_router_force_load_balancing unset")
         self.max_tokens = max_tokens_per_layer
         self.enabled = False
         self._records: Dict[int, List[dict]] = {}
+        self._logits: Dict[int, torch.Tensor] = {}  # gating()'s output of the forward in progress
         self._handles = [
             router.register_forward_hook(self._hook(index), with_kwargs=True) for index, router in enumerate(self.routers)
         ]
+        for index, router in enumerate(self.routers):
+            router.gating = self._recording_gating(index, router.gating)
+
+    def _recording_gating(self, index: int, gating):
+        def recording_gating(input: torch.Tensor) -> torch.Tensor:
+            logits = gating(input)
+            if self.enabled:
+                self._logits[index] = logits.detach()
+            return logits
+
+        return recording_gating
 
     def _hook(self, index: int):
         def hook(router, args, kwargs, output) -> None:
             if self.enabled:
-                hidden = args[0] if args else kwargs["input"]  # [s, b, h]
-                with torch.no_grad():
-                    logits = router.gating(hidden.detach())  # deterministic: the logits routing() saw
-                self._record(index, router, logits, output[1])
+                self._record(index, router, self._logits.pop(index), output[1])
 
         return hook
 
     def remove(self) -> None:
-        """Detach the hooks from the routers."""
+        """Detach the hooks from the routers and give them back their own ``gating``."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for router in self.routers:
+            router.__dict__.pop("gating", None)
+        self._logits = {}
 
     def _record(self, index: int, router, logits: torch.Tensor, routing_map: torch.Tensor) -> None:
         from megatron_dpsl.token_groups import get_dpsl_token_groups, shard_token_group_ids

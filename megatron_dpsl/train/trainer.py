@@ -46,6 +46,8 @@ class TrainResult:
     valid_losses: List[tuple] = field(default_factory=list)  # (iteration, lm loss)
     aux_losses: dict = field(default_factory=dict)  # name -> [(iteration, value)]
     routing_history: list = field(default_factory=list)  # rank 0: per evaluation, routing_stats.summarize()
+    step_seconds: List[float] = field(default_factory=list)  # wall time of each train_step on this rank
+    step_cpu_seconds: List[float] = field(default_factory=list)  # CPU time of this process in each train_step
     optimizer_impl: str = ""
     schedule_impl: str = ""
 
@@ -474,7 +476,10 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
     run = setup(args)
     log = IntervalLog(t_last=time.time())
     while run.result.iteration < args.train_iters:
+        t0, cpu0 = time.perf_counter(), time.process_time()
         lm_loss, grad_norm = train_step(run)
+        run.result.step_seconds.append(time.perf_counter() - t0)
+        run.result.step_cpu_seconds.append(time.process_time() - cpu0)
         log_step(run, log, lm_loss, grad_norm)
         if args.eval_interval and run.result.iteration % args.eval_interval == 0:
             validate(run)
