@@ -1,7 +1,7 @@
 """One comparison run: every router method of this plugin on the quickstart's corpus and upcycled MoE (CPU).
 
-    python examples/compare_routers.py                                # ~5 min on 2 CPU cores
-    python examples/compare_routers.py --out /tmp/cmp --tiny          # smoke run (~2 min)
+    python examples/compare_routers.py                                # ~4 min on 2 CPU cores
+    python examples/compare_routers.py --out /tmp/cmp --tiny          # smoke run (~1 min)
 
 The stages are the quickstart's (``megatron_dpsl.train.quickstart``, one torchrun launch with 2 ranks):
 the two-modality byte corpus (Python code vs English prose), the dense GPT, its upcycling to 8 experts
@@ -111,7 +111,7 @@ def write_report(out: str, names: List[str]) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python examples/compare_routers.py", description=__doc__.splitlines()[0])
-    qs.add_launch_args(p, out="outputs/compare_routers", tiny_help="a very short run (smoke test, ~2 min)")
+    qs.add_launch_args(p, out="outputs/compare_routers", tiny_help="a very short run (smoke test, ~1 min)")
     p.add_argument("--dpsl-coeff", type=float, default=0.01,
                    help="λ of the DPSL runs (default 0.01: the paper's and the config's default)")
     return p
