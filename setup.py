@@ -17,8 +17,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "scipy", "matplotlib", "tensorboard", "safetensors", "psutil", "transformers", "einops",
-                 # six: imported by Megatron-LM core_v0.16.1 megatron/training (tests/test_patches.py)
-                 "six"],
+                 # six, triton: imported by Megatron-LM's megatron/training (core_v0.16.1, core_v0.19.0), whose
+                 # pretrain chain the launcher tests run on CPU (triton's wheel imports without a GPU)
+                 "six", "triton"],
         "plots": ["matplotlib", "tensorboard", "scipy"],
         "hf": ["safetensors"],
         # Transformer Engine builds only with CUDA (see scripts/install_gpu.sh); apex is not on the index.

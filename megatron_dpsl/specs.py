@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib.util
 import inspect
+from typing import Iterator
 
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -26,30 +28,43 @@ def _require_te(use_transformer_engine: bool) -> None:
         )
 
 
-def _swap(node, router, seen) -> int:
-    """Replace the router of every ``MoESubmodules`` reachable from ``node``; returns how many."""
+def _moe_submodules(node, seen=None) -> Iterator[MoESubmodules]:
+    """Every ``MoESubmodules`` reachable from ``node``, once each.
+
+    MoE layers are ``ModuleSpec(module=MoELayer, submodules=MoESubmodules(...))`` in megatron-core
+    0.16 and ``partial(MoELayer, submodules=MoESubmodules(...))`` in 0.19; layer and block specs
+    hold them in dataclass fields and lists.
+    """
+    seen = set() if seen is None else seen
     if id(node) in seen:
-        return 0
+        return
     seen.add(id(node))
     if isinstance(node, MoESubmodules):
-        node.router = router
-        return 1
-    count = 0
-    if isinstance(node, ModuleSpec):
-        return _swap(node.submodules, router, seen)
-    if isinstance(node, (list, tuple)):
-        return sum(_swap(x, router, seen) for x in node)
-    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        yield node
+    elif isinstance(node, ModuleSpec):
+        yield from _moe_submodules(node.submodules, seen)
+    elif isinstance(node, functools.partial):
+        for child in (*node.args, *node.keywords.values()):
+            yield from _moe_submodules(child, seen)
+    elif isinstance(node, (list, tuple)):
+        for child in node:
+            yield from _moe_submodules(child, seen)
+    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
         for f in dataclasses.fields(node):
-            count += _swap(getattr(node, f.name), router, seen)
-    return count
+            yield from _moe_submodules(getattr(node, f.name), seen)
 
 
 def with_router(spec, router=DPSLRouter):
     """A deep copy of ``spec`` (ModuleSpec / TransformerBlockSubmodules / list) with ``router`` in every MoE layer."""
     spec = copy.deepcopy(spec)
-    _swap(spec, router, set())
+    for moe in _moe_submodules(spec):
+        moe.router = router
     return spec
+
+
+def count_routers(spec, router=DPSLRouter) -> int:
+    """How many MoE layers reachable from ``spec`` build ``router``."""
+    return sum(moe.router is router for moe in _moe_submodules(spec))
 
 
 def get_dpsl_layer_spec(config, use_transformer_engine: bool = False, **kwargs) -> ModuleSpec:
@@ -81,7 +96,13 @@ def get_dpsl_layer_spec(config, use_transformer_engine: bool = False, **kwargs) 
     if "moe_use_legacy_grouped_gemm" in inspect.signature(make).parameters:
         args["moe_use_legacy_grouped_gemm"] = getattr(config, "moe_use_legacy_grouped_gemm", False)
     args.update(kwargs)
-    return with_router(make(**args))
+    spec = with_router(make(**args))
+    if not count_routers(spec):
+        raise RuntimeError(
+            f"get_dpsl_layer_spec: no MoE layer found in {make.__name__}'s spec; this megatron-core lays out "
+            "its MoE spec in a way megatron_dpsl.specs does not know"
+        )
+    return spec
 
 
 def get_dpsl_decoder_block_spec(config, use_transformer_engine: bool = False, **kwargs):

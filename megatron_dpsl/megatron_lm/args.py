@@ -23,6 +23,9 @@ import re
 from typing import Any, Iterator, Optional
 
 DPSL_TYPE = "dpsl"
+# Every --moe-router-load-balancing-type this plugin adds to Megatron-LM's choices (one place: the
+# parser hook, the standalone parser and the MoE metrics whitelist all read it).
+PLUGIN_LOAD_BALANCING_TYPES = (DPSL_TYPE,)
 LOAD_BALANCING_FLAG = "--moe-router-load-balancing-type"
 AUX_LOSS_COEFF_FLAG = "--moe-aux-loss-coeff"
 GATHER_CHOICES = ("micro_batch", "global_batch")
@@ -95,7 +98,7 @@ def add_moe_load_balancing_args(parser: argparse.ArgumentParser) -> argparse.Arg
             LOAD_BALANCING_FLAG,
             nargs="+",
             type=str,
-            choices=[*MEGATRON_LOAD_BALANCING_TYPES, DPSL_TYPE],
+            choices=[*MEGATRON_LOAD_BALANCING_TYPES, *PLUGIN_LOAD_BALANCING_TYPES],
             default="aux_loss",
             help="Router load-balancing strategy, one or several (each with its own --moe-aux-loss-coeff). "
             "'dpsl' adds the Dirichlet-Prior Shaping Loss; it combines with aux_loss, seq_aux_loss, "
@@ -124,9 +127,11 @@ def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     if _find_action(parser, "moe_dpsl_coeff") is not None:
         return parser
     action = _find_action(parser, "moe_router_load_balancing_type")
-    if action is not None and action.choices is not None and DPSL_TYPE not in action.choices:
-        action.choices = [*action.choices, DPSL_TYPE]
-        if action.help:
+    missing = [t for t in PLUGIN_LOAD_BALANCING_TYPES if action is not None and action.choices is not None
+               and t not in action.choices]
+    if missing:
+        action.choices = [*action.choices, *missing]
+        if action.help and DPSL_TYPE in missing:
             action.help += " 'dpsl' (megatron-dpsl) adds the Dirichlet-Prior Shaping Loss, see --moe-dpsl-*."
 
     group = parser.add_argument_group(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator, Optional
 
-from megatron_dpsl.megatron_lm.args import dpsl_enabled
+from megatron_dpsl.megatron_lm.args import PLUGIN_LOAD_BALANCING_TYPES, dpsl_enabled
 
 
 def decoder_block_spec_fn(config, default: Callable) -> Callable:
@@ -23,6 +23,18 @@ def decoder_block_spec_fn(config, default: Callable) -> Callable:
 
         return get_dpsl_decoder_block_spec
     return default
+
+
+def plugin_track_names(load_balancing_type) -> list[str]:
+    """The MoE tracker names of the plugin losses that ``--moe-router-load-balancing-type`` turns on.
+
+    ``load_balancing_type``: Megatron-LM's ``args.moe_router_load_balancing_type`` (a string or a
+    list). Each plugin type ``t`` records ``f"{t}_loss"`` (``dpsl`` -> ``dpsl_loss``), and
+    ``training_log`` must list it in ``track_names`` to reduce it over PP and DP (patches 4/5) or, at
+    core_v0.19, to log it at all (``DPSLMetricsTracker`` in the launcher).
+    """
+    types = load_balancing_type if isinstance(load_balancing_type, (list, tuple)) else [load_balancing_type]
+    return [f"{t}_loss" for t in PLUGIN_LOAD_BALANCING_TYPES if t in types]
 
 
 def uses_token_groups(args) -> bool:
