@@ -19,8 +19,8 @@ only these leaves replaced, each because it is CUDA-only:
 Each case reports how it ended (``boundary``: reached the NCCL call; ``exit``: SystemExit, with the
 captured stderr; ``error``: another exception), the Megatron-LM functions it passed through, how many
 times the command line was parsed, and the parsed arguments that matter here. Between cases Megatron's
-own ``unset_global_variables`` / ``destroy_rerun_state_machine`` reset its globals, and the
-launcher's parser hook is removed again (``unregister_dpsl_arguments``).
+own ``unset_global_variables`` / ``destroy_rerun_state_machine`` reset its globals, and Megatron-LM's
+own ``add_megatron_arguments`` is put back (the launcher wraps it).
 
 ``builds`` then check the pieces on one gloo rank (``megatron_cpu`` shims): Megatron-LM's own
 ``parse_args`` with and without ``add_dpsl_args``, its ``core_transformer_config_from_args``, the
@@ -70,7 +70,7 @@ def _jsonable(value):
         return repr(value)
 
 
-def run_case(tree: str, case: dict) -> dict:
+def run_case(tree: str, case: dict, stock_add_megatron_arguments) -> dict:
     import torch
     import torch.distributed
 
@@ -123,10 +123,8 @@ def run_case(tree: str, case: dict) -> dict:
         torch.cuda.is_available, torch.distributed.init_process_group, sys.argv = old[:3]
         os.environ.clear()
         os.environ.update(old[3])
-        if "megatron.training.arguments" in sys.modules:
-            from megatron_dpsl.megatron_lm.registration import unregister_dpsl_arguments
-
-            unregister_dpsl_arguments()
+        arguments = sys.modules["megatron.training.arguments"]
+        arguments.add_megatron_arguments = stock_add_megatron_arguments  # undo the launcher's parser hook
     stderr.seek(0)
     report["stderr"] = stderr.read()[-3000:]
     report["calls"] = list(dict.fromkeys(seen))  # first passage of each, in order
@@ -234,7 +232,10 @@ def _pretrain_parameters():
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     use_tree(spec["tree"])
-    reports = {case["name"]: run_case(spec["tree"], case) for case in spec.get("cases", [])}
+    from megatron.training import arguments  # imported here, not under a case's stderr capture (faulthandler)
+
+    stock = arguments.add_megatron_arguments
+    reports = {case["name"]: run_case(spec["tree"], case, stock) for case in spec.get("cases", [])}
     for build in spec.get("builds", []):
         try:
             reports[build["name"]] = build_report(build["argv"], spec.get("patched", False))
