@@ -154,3 +154,76 @@ def gather_for_loss(
             f"gather_for_loss: the plan says this rank has {plan.sizes[me]} rows, tensor has {tensor.shape[0]}"
         )
     return _GatherForLoss.apply(tensor, group, plan, float(grad_scale))
+
+
+def group_ranks(group) -> List[int]:
+    """Global ranks of ``group`` (``[0]`` for ``None`` or without torch.distributed)."""
+    if group is None or not dist.is_initialized():
+        return [0]
+    return dist.get_process_group_ranks(group)
+
+
+class TokenGather:
+    """The all-gather one router's loss needs: every token of its micro-batch (or global batch).
+
+    ``"micro_batch"`` gathers over the TP×CP ranks (sequence-parallel and context-parallel shards of
+    one micro-batch) and then over the EP ranks outside that group, which hold other data-parallel
+    replicas' micro-batches; ``"global_batch"`` gathers over TP×DP×CP. Every rank of a gather group
+    holds the same number of tokens (Megatron's micro-batches have a fixed shape and SP/CP split
+    them evenly), so the plans need no size exchange; the EP replica layout is exchanged once, on the
+    first call (topology is static). Afterwards a call costs the data all-gathers and no host sync.
+
+    Args:
+        mode: ``"micro_batch"`` or ``"global_batch"`` (``DPSLTransformerConfig.moe_dpsl_gather``).
+        tp_cp_group, tp_dp_cp_group: Megatron's groups (``pg_collection.tp_cp`` / ``.tp_dp_cp``).
+        ep_group, expt_tp_group: expert-parallel and expert-tensor-parallel groups (``None``: size 1).
+    """
+
+    def __init__(self, *, mode: str, tp_cp_group, tp_dp_cp_group, ep_group=None, expt_tp_group=None) -> None:
+        self.mode = mode
+        self.tp_cp_group, self.tp_dp_cp_group, self.ep_group = tp_cp_group, tp_dp_cp_group, ep_group
+        self._ep_replicas = None  # (keep, my_slot) of the EP gather
+        if mode == "micro_batch":
+            _check_micro_batch_layout(tp_cp_group, ep_group, expt_tp_group)
+
+    def __call__(self, rows: torch.Tensor):
+        """Gather ``rows`` ``[num_tokens, C]``; returns ``(gathered [B, C], num_replicas)``.
+
+        ``num_replicas`` is the number of data-parallel micro-batches in ``gathered``: the caller's
+        per-token loss scaling divides by it (docs/parallelism.md).
+        """
+        tp_cp, num_tokens = self.tp_cp_group, rows.shape[0]
+        if self.mode == "global_batch":
+            group = self.tp_dp_cp_group
+            replicas = group.size() // tp_cp.size()
+            # every rank computes the loss on the whole global micro-batch; DDP divides by dp*cp and
+            # the schedule's aux-loss scale multiplies by cp, so each rank's slice needs ×dp
+            return gather_for_loss(rows, group, plan=equal_plan(num_tokens, group), grad_scale=replicas), replicas
+        gathered = gather_for_loss(rows, tp_cp, plan=equal_plan(num_tokens, tp_cp))
+        ep = self.ep_group
+        if ep is None or ep.size() == 1 or set(group_ranks(ep)) <= set(group_ranks(tp_cp)):
+            return gathered, 1
+        # EP peers inside this TP×CP group hold the same rows: keep one copy of each micro-batch
+        if self._ep_replicas is None:
+            first = plan_gather(gathered.shape[0], ep, replica_id=min(group_ranks(tp_cp)), device=rows.device)
+            self._ep_replicas = (first.keep, first.my_slot)
+        plan = equal_plan(gathered.shape[0], ep, *self._ep_replicas)
+        return gather_for_loss(gathered, ep, plan=plan, grad_scale=plan.num_replicas), plan.num_replicas
+
+
+def _check_micro_batch_layout(tp_cp_group, ep_group, expt_tp_group) -> None:
+    """"micro_batch" over EP needs gather groups that partition the ranks (docs/parallelism.md)."""
+    if ep_group is None or ep_group.size() == 1 or expt_tp_group is None:
+        return
+    block, etp, ep = tp_cp_group.size(), expt_tp_group.size(), ep_group.size()
+    span = etp * ep
+    # TP×CP groups are aligned blocks of tp·cp ranks and an EP group strides etp within an
+    # aligned block of etp·ep ranks: when these sizes divide one another, the TP×CP blocks an
+    # EP group touches are the same for every rank they contain
+    if (block % etp and etp % block) or (block % span and span % block):
+        raise ValueError(
+            f"moe_dpsl_gather='micro_batch' with tp*cp={block}, expert_tensor_parallel={etp}, "
+            f"expert_model_parallel={ep}: these sizes must divide one another for the EP "
+            "gather to form consistent groups; use moe_dpsl_gather='global_batch'"
+        )
+

@@ -99,3 +99,21 @@ def shard_token_group_ids(
         rows = s_local // tp_size
         ids = ids[tp_group.rank() * rows : (tp_group.rank() + 1) * rows]
     return ids.reshape(-1)
+
+
+def check_group_ids(ids: torch.Tensor, num_groups: int) -> None:
+    """Every id in ``[0, num_groups)``: ``ValueError`` on the CPU, a device-side assert elsewhere.
+
+    On an accelerator the check is queued with the kernels (``torch._assert_async``), so it costs no
+    host sync; a bad id then fails the next synchronising call with this message.
+    """
+    message = f"dpsl_token_groups: group ids must lie in [0, {num_groups})"
+    if ids.numel() == 0:
+        return
+    if ids.device.type == "cpu":
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_groups:
+            raise ValueError(f"{message}, got {lo}..{hi}")
+        return
+    torch._assert_async(((ids >= 0) & (ids < num_groups)).all(), message)
+

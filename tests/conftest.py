@@ -1,5 +1,14 @@
+import os
+import sys
+
 import pytest
 import torch
+
+# One place puts tests/ on sys.path, so test modules import the helpers beside them
+# (megatron_cpu, _support, workers/...) without path manipulation of their own.
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -9,6 +18,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """``free_port()`` -> a TCP port on 127.0.0.1 for a torchrun launch."""
+    from _support import free_port as _free_port
+
+    return _free_port
 
 
 @pytest.fixture(scope="session")

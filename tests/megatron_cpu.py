@@ -39,7 +39,8 @@ def init_single_process(**parallel_kwargs) -> None:
     install()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+        # this process hosts the store: an inherited MASTER_PORT is a parent pytest's, already listening
+        os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 2000)
         dist.init_process_group("gloo", rank=0, world_size=1)
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(**parallel_kwargs)

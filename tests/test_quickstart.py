@@ -1,7 +1,7 @@
 """The quickstart end to end: ``python -m megatron_dpsl.train.quickstart`` (one torchrun launch, 2 ranks).
 
-The default suite runs ``--tiny`` (~70 s on an idle 2-core machine); the full-length run is ``slow``.
-Both check the artefacts a newcomer is promised: the printed table, the figures, the TensorBoard
+Both are multi-process end-to-end runs, in the ``slow`` suite (CI runs it): ``--tiny`` (~70 s on an
+idle 2-core machine) and the full length. Both check the artefacts a newcomer is promised: the printed table, the figures, the TensorBoard
 event files, finite metrics, a dpsl_loss for the DPSL runs and Megatron's load-balancing loss for the
 aux-loss run, and that the MoE runs started from the upcycled dense model.
 """
@@ -65,6 +65,7 @@ def _check(out, log):
     return rows
 
 
+@pytest.mark.slow  # two torchrun ranks through five stages: ~70 s
 @pytest.mark.distributed
 def test_quickstart_tiny(tmp_path):
     out = tmp_path / "qs"

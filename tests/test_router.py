@@ -235,13 +235,14 @@ def test_padding_true_means_padding_and_is_excluded():
 
 # ---------------------------------------------------------------- when no loss / no communication
 def _no_gather(monkeypatch):
-    import megatron_dpsl.router as router_mod
+    # the router's gather (megatron_dpsl.distributed.TokenGather) calls these module functions
+    from megatron_dpsl import distributed
 
     def boom(*a, **k):
         raise AssertionError("DPSL communicated although it is off")
 
-    monkeypatch.setattr(router_mod, "gather_for_loss", boom)
-    monkeypatch.setattr(router_mod, "plan_gather", boom)
+    monkeypatch.setattr(distributed, "gather_for_loss", boom)
+    monkeypatch.setattr(distributed, "plan_gather", boom)
 
 
 @pytest.mark.parametrize("mode", ["eval", "no_grad", "coeff0"])
@@ -323,15 +324,18 @@ def test_group_priors_follow_token_groups():
         make_router(x)
 
 
-def test_prior_buffer_non_persistent_and_kept_float64():
-    cfg = make_config(moe_dpsl_alpha=[0.3 + 0.1 * i for i in range(E)])
+def test_prior_stays_exact_float64_when_the_model_is_cast_to_bf16():
+    alpha = [0.3 + 0.1 * i for i in range(E)]  # not representable in bf16
+    cfg = make_config(moe_dpsl_alpha=alpha, moe_router_dtype="fp32")
     d, _ = pair(cfg)
-    assert "dpsl_alpha" not in d.state_dict()
-    assert d.dpsl_alpha.dtype == torch.float64 and d.dpsl_alpha.device == d.weight.device
-    d.dpsl_alpha = d.dpsl_alpha.to(torch.bfloat16)  # what Float16Module does to floating buffers
-    d(hidden())
-    assert d.dpsl_alpha.dtype == torch.float64
-    torch.testing.assert_close(d.dpsl_alpha, torch.tensor([0.3 + 0.1 * i for i in range(E)], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert list(d.state_dict()) == ["weight"]  # the prior is no checkpoint state
+    d.to(torch.bfloat16)  # what Float16Module does to parameters and floating buffers
+    x = hidden().to(torch.bfloat16)
+    d(x)
+    # fp32 router dtype: the reference sees the same bf16-valued weights and inputs in fp32
+    ref = reference_dpsl(d.weight.detach().float(), x.float(), 0.3, torch.tensor(alpha, dtype=torch.float64))
+    # a bf16-rounded α moves the loss by ~1e-3 relative; summation order alone by < 1e-6
+    torch.testing.assert_close(tracker("dpsl_loss")[0], ref, rtol=1e-6, atol=1e-8)
 
 
 # ---------------------------------------------------------------- gating without Transformer Engine
@@ -353,15 +357,23 @@ def test_gating_without_transformer_engine_matches_megatron(router_dtype, monkey
 
 # ---------------------------------------------------------------- diagnostics
 def test_diagnostics_every_log_interval_calls():
-    pytest.importorskip("megatron_dpsl.metrics")
+    from megatron_dpsl import metrics
+
     cfg = make_config(moe_dpsl_log_interval=3)
     d, _ = pair(cfg)
-    for call in range(1, 7):
-        d(hidden(seed=call))
-        logged = tracker("dpsl_entropy")
-        if call < 3:
-            assert logged is None
-    for name in ("dpsl_cov", "dpsl_entropy", "dpsl_prior_distance"):
+    seen, expected = [], torch.zeros(())
+    for call in range(1, 8):
+        x = hidden(seed=call)
+        d(x)
+        seen.append(tracker("dpsl_entropy"))
+        if call % 3 == 0:  # the tracker sums the logged calls' values per layer
+            probs = torch.softmax((x.reshape(-1, H) @ d.weight.detach().t()).float(), dim=-1)
+            expected = expected + metrics.routing_entropy(probs)
+    assert seen[0] is None and seen[1] is None  # calls 1, 2: nothing logged
+    torch.testing.assert_close(seen[6][0], expected, rtol=1e-6, atol=0)  # calls 3 and 6, nothing else
+    assert torch.equal(seen[2], seen[3]) and torch.equal(seen[3], seen[4])  # calls 4, 5 log nothing
+    assert not torch.equal(seen[4], seen[5]) and torch.equal(seen[5], seen[6])  # call 6 logs, call 7 not
+    for name in ("dpsl_cov", "dpsl_prior_distance"):
         values = tracker(name)
         assert values is not None and torch.isfinite(values).all() and values[0] != 0, name
     assert tracker("dpsl_loss")[0] > 0

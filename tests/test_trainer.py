@@ -141,6 +141,40 @@ def test_config_by_field_name_and_dpsl_spec():
     assert len(routers) == 2 and all(r.dpsl_enabled for r in routers)
 
 
+def test_routing_stats_hook_records_what_the_routers_saw():
+    from megatron_dpsl.token_groups import dpsl_token_groups
+    from megatron_dpsl.train.routing_stats import RoutingStats
+
+    args, config, model = _setup([*TINY, *MOE])
+    stats = RoutingStats(model)
+    seen = {}  # reference: each router's logits and routing_map, captured at routing() on the instance
+    for index, router in enumerate(stats.routers):
+        def spy(logits, *a, _routing=router.routing, _index=index, **k):
+            probs, routing_map = _routing(logits, *a, **k)
+            seen.setdefault(_index, []).append((torch.softmax(logits.reshape(-1, 4).float(), -1), routing_map))
+            return probs, routing_map
+        router.routing = spy
+    batch = next(_sampler(args).iterator(0))
+
+    def forward():
+        with torch.no_grad(), dpsl_token_groups(batch["group_ids"]):
+            model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+
+    model.eval()
+    forward()
+    assert stats._local() == [None, None]  # disabled: nothing recorded
+    stats.enabled = True
+    forward()
+    for index, layer in enumerate(stats._local()):
+        probs, routing_map = seen[index][-1]
+        assert torch.equal(layer["probs"], probs) and torch.equal(layer["routing_map"], routing_map)
+        # group ids follow the router's s-major flattening of [s, b]
+        assert torch.equal(layer["group_ids"], batch["group_ids"].t().reshape(-1))
+    stats.remove()
+    forward()
+    assert [len(stats._records[i]) for i in range(2)] == [1, 1]  # the hooks are gone
+
+
 def _twin(args, config, model):
     """A second model with the same initial weights (deepcopy cannot copy process groups)."""
     from megatron_dpsl.train.model import build_model
@@ -378,6 +412,7 @@ def _global_expert_name(name: str, ep_rank: int, local_experts: int) -> str:
     return ".".join(parts)
 
 
+@pytest.mark.slow  # two torchrun agents, two phases, plus the one-process references: ~35 s
 @pytest.mark.distributed
 def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
     port = _free_port()

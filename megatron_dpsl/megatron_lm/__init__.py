@@ -8,17 +8,17 @@ docs/megatron_lm.md.
 from megatron_dpsl.megatron_lm.args import (
     add_dpsl_args,
     add_moe_load_balancing_args,
+    check_given_flags,
     dpsl_config_from_args,
     dpsl_enabled,
     megatron_lm_config_from_args,
-    validate_dpsl_args,
 )
 
 __all__ = [
     "add_dpsl_args",
     "add_moe_load_balancing_args",
+    "check_given_flags",
     "dpsl_config_from_args",
     "dpsl_enabled",
     "megatron_lm_config_from_args",
-    "validate_dpsl_args",
 ]

@@ -5,8 +5,10 @@ flags and lets ``--moe-router-load-balancing-type`` take ``dpsl`` (alone or in M
 form, e.g. ``aux_loss dpsl`` with one ``--moe-aux-loss-coeff`` per type).
 
 ``dpsl_config_from_args(args)`` copies the parsed namespace onto ``DPSLTransformerConfig`` by
-dataclass field name, as Megatron-LM's ``core_transformer_config_from_args`` does, after checking
-the DPSL flags against each other and against ``--num-experts``. Every error names the flag.
+dataclass field name, as Megatron-LM's ``core_transformer_config_from_args`` does. The config decides
+what is valid; this module only checks what the config cannot see (which flags were typed,
+``check_given_flags``) and rewrites the config's field names as flags in its errors
+(``translate_config_error``), so every error names the flag.
 
 This module imports nothing from Megatron at import time, so the flag reference
 (``python -m megatron_dpsl.megatron_lm.docs``) builds without megatron-core.
@@ -22,15 +24,16 @@ import os
 import re
 from typing import Any, Iterator, Optional
 
-DPSL_TYPE = "dpsl"
-# Every --moe-router-load-balancing-type this plugin adds to Megatron-LM's choices (one place: the
-# parser hook, the standalone parser and the MoE metrics whitelist all read it).
-PLUGIN_LOAD_BALANCING_TYPES = (DPSL_TYPE,)
+from megatron_dpsl.load_balancing import (
+    DPSL_TYPE,
+    GATHER_CHOICES,
+    MEGATRON_LOAD_BALANCING_TYPES,
+    PLUGIN_LOAD_BALANCING_TYPES,
+    plugin_types_in,
+)
+
 LOAD_BALANCING_FLAG = "--moe-router-load-balancing-type"
 AUX_LOSS_COEFF_FLAG = "--moe-aux-loss-coeff"
-GATHER_CHOICES = ("micro_batch", "global_batch")
-# Megatron-LM core_v0.16.1's choices; used only when the parser does not define the flag itself.
-MEGATRON_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
 
 DPSL_FIELDS = (
     "moe_dpsl_coeff",
@@ -206,12 +209,6 @@ def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 # Namespace -> config
 
 
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 def _scalar_if_single(value: Any) -> Any:
     # Megatron-LM's validate_args turns one-element lists into scalars; standalone parsers skip it.
     if isinstance(value, (list, tuple)) and len(value) == 1:
@@ -221,122 +218,37 @@ def _scalar_if_single(value: Any) -> Any:
 
 def dpsl_enabled(args: argparse.Namespace) -> bool:
     """Whether ``--moe-router-load-balancing-type`` includes ``dpsl``."""
-    return DPSL_TYPE in _as_list(getattr(args, "moe_router_load_balancing_type", None))
+    return DPSL_TYPE in plugin_types_in(getattr(args, "moe_router_load_balancing_type", None))
 
 
-def _num_experts(args: argparse.Namespace) -> Optional[int]:
-    n = getattr(args, "num_experts", None)
-    return n if n is not None else getattr(args, "num_moe_experts", None)
+# Flags whose presence (not value) matters: argparse default None means "not given".
+_PRIOR_SOURCES = (
+    ("--moe-dpsl-alpha", ("moe_dpsl_alpha",)),
+    ("--moe-dpsl-group-alphas", ("moe_dpsl_group_alphas",)),
+    ("--moe-dpsl-alpha-base/--moe-dpsl-alpha-shift/--moe-dpsl-num-groups",
+     ("moe_dpsl_alpha_base", "moe_dpsl_alpha_shift", "moe_dpsl_num_groups")),
+)
 
 
-def _resolve_coeff(args: argparse.Namespace) -> Optional[float]:
-    """λ from ``--moe-dpsl-coeff`` and dpsl's slot in ``--moe-aux-loss-coeff`` (None: config default)."""
-    explicit = getattr(args, "moe_dpsl_coeff", None)
-    types = _as_list(getattr(args, "moe_router_load_balancing_type", None))
-    coeffs = _as_list(getattr(args, "moe_aux_loss_coeff", None))
-    slot = None
-    if DPSL_TYPE in types and len(types) > 1:
-        if len(coeffs) != len(types):
-            raise ValueError(
-                f"{AUX_LOSS_COEFF_FLAG}: expected {len(types)} values (one per {LOAD_BALANCING_FLAG} "
-                f"{' '.join(types)}), got {len(coeffs)}"
-            )
-        slot = float(coeffs[types.index(DPSL_TYPE)])
-    elif types == [DPSL_TYPE] and len(coeffs) == 1:
-        slot = float(coeffs[0])
-    if slot is not None and slot < 0:
-        raise ValueError(f"{AUX_LOSS_COEFF_FLAG}: the value in dpsl's slot is λ and must be >= 0, got {slot}")
-    if slot is not None and slot != 0.0:
-        if explicit is not None and float(explicit) != slot:
-            raise ValueError(
-                f"--moe-dpsl-coeff: {explicit} disagrees with {slot} in dpsl's slot of {AUX_LOSS_COEFF_FLAG}; "
-                f"give one of them (or the same value)"
-            )
-        return slot
-    if explicit is not None and float(explicit) < 0:
-        raise ValueError(f"--moe-dpsl-coeff: must be >= 0, got {explicit}")
-    return explicit
+def check_given_flags(args: argparse.Namespace) -> None:
+    """What only the command line can tell (the config sees values, not which flags were typed).
 
-
-def validate_dpsl_args(args: argparse.Namespace) -> None:
-    """Check the DPSL flags against each other and ``--num-experts``; ValueError naming the flag."""
-    on = dpsl_enabled(args)
-    prior_flags = {
-        "--moe-dpsl-alpha": getattr(args, "moe_dpsl_alpha", None),
-        "--moe-dpsl-group-alphas": getattr(args, "moe_dpsl_group_alphas", None),
-        "--moe-dpsl-alpha-base": getattr(args, "moe_dpsl_alpha_base", None),
-        "--moe-dpsl-alpha-shift": getattr(args, "moe_dpsl_alpha_shift", None),
-        "--moe-dpsl-num-groups": getattr(args, "moe_dpsl_num_groups", None),
-        "--moe-dpsl-coeff": getattr(args, "moe_dpsl_coeff", None),
-    }
-    given = [flag for flag, v in prior_flags.items() if v is not None]
-    if given and not on:
+    A DPSL flag given without ``dpsl`` in the load-balancing types would be ignored, and two ways of
+    giving the prior would silently shadow one another: both raise ``ValueError`` naming the flag.
+    Every rule about values lives in ``DPSLTransformerConfig``.
+    """
+    given = [flag for flag, names in _PRIOR_SOURCES if any(getattr(args, n, None) is not None for n in names)]
+    if getattr(args, "moe_dpsl_coeff", None) is not None:
+        given.append("--moe-dpsl-coeff")
+    if given and not dpsl_enabled(args):
         raise ValueError(
-            f"{given[0]}: DPSL flags need {LOAD_BALANCING_FLAG} to include 'dpsl' (e.g. "
+            f"{given[0].split('/')[0]}: DPSL flags need {LOAD_BALANCING_FLAG} to include 'dpsl' (e.g. "
             f"'{LOAD_BALANCING_FLAG} dpsl' or 'aux_loss dpsl'), got "
             f"{getattr(args, 'moe_router_load_balancing_type', None)!r}"
         )
-    if not on:
-        return
-    num_experts = _num_experts(args)
-    if num_experts is None:
-        raise ValueError(f"{LOAD_BALANCING_FLAG} dpsl: needs an MoE model; set --num-experts")
-    gather = getattr(args, "moe_dpsl_gather", "micro_batch")
-    if gather not in GATHER_CHOICES:
-        raise ValueError(f"--moe-dpsl-gather: expected one of {', '.join(GATHER_CHOICES)}, got {gather!r}")
-    interval = getattr(args, "moe_dpsl_log_interval", 100)
-    if interval is not None and interval < 0:
-        raise ValueError(f"--moe-dpsl-log-interval: must be >= 0 (0 disables), got {interval}")
-
-    alpha = getattr(args, "moe_dpsl_alpha", None)
-    rows = getattr(args, "moe_dpsl_group_alphas", None)
-    base, shift, groups = (getattr(args, f"moe_dpsl_{n}", None) for n in ("alpha_base", "alpha_shift", "num_groups"))
-    shortcut = {"--moe-dpsl-alpha-base": base, "--moe-dpsl-alpha-shift": shift, "--moe-dpsl-num-groups": groups}
-    sources = [
-        name
-        for name, present in (
-            ("--moe-dpsl-alpha", alpha is not None),
-            ("--moe-dpsl-group-alphas", rows is not None),
-            ("--moe-dpsl-alpha-base/--moe-dpsl-alpha-shift/--moe-dpsl-num-groups", any(v is not None for v in shortcut.values())),
-        )
-        if present
-    ]
-    if len(sources) > 1:
-        raise ValueError(f"{sources[1]}: give only one prior, got {' and '.join(sources)}")
-    if alpha is not None:
-        values = _as_list(alpha)
-        if len(values) not in (1, num_experts):
-            raise ValueError(
-                f"--moe-dpsl-alpha: expected 1 or {num_experts} values (num experts), got {len(values)}"
-            )
-        bad = [v for v in values if not v > 0]
-        if bad:
-            raise ValueError(f"--moe-dpsl-alpha: every α must be > 0, got {bad[0]}")
-    if rows is not None:
-        widths = sorted({len(r) for r in rows})
-        if widths != [num_experts]:
-            raise ValueError(
-                f"--moe-dpsl-group-alphas: every row needs {num_experts} values (num experts), got rows of "
-                f"{', '.join(map(str, widths))}"
-            )
-        if not all(v > 0 for r in rows for v in r):
-            raise ValueError("--moe-dpsl-group-alphas: every α must be > 0")
-    if any(v is not None for v in shortcut.values()):
-        missing = [flag for flag, v in shortcut.items() if v is None]
-        if missing:
-            raise ValueError(
-                f"{missing[0]}: the modality prior needs --moe-dpsl-alpha-base, --moe-dpsl-alpha-shift and "
-                f"--moe-dpsl-num-groups together; missing {', '.join(missing)}"
-            )
-        if not base > 0:
-            raise ValueError(f"--moe-dpsl-alpha-base: must be > 0, got {base}")
-        if not shift >= 0:  # as priors.group_alpha: the shift raises a group's own block
-            raise ValueError(f"--moe-dpsl-alpha-shift: must be >= 0, got {shift}")
-        if groups < 1 or num_experts % groups:
-            raise ValueError(
-                f"--moe-dpsl-num-groups: must be >= 1 and divide --num-experts {num_experts}, got {groups}"
-            )
-    _resolve_coeff(args)
+    priors = [flag for flag in given if flag != "--moe-dpsl-coeff"]
+    if len(priors) > 1:
+        raise ValueError(f"{priors[1].split('/')[0]}: give only one prior, got {' and '.join(priors)}")
 
 
 def translate_config_error(message: str) -> str:
@@ -361,24 +273,20 @@ def flag_errors() -> Iterator[None]:
 
 
 def dpsl_namespace(args: argparse.Namespace) -> argparse.Namespace:
-    """A checked copy of ``args`` ready for a copy by field name (``args`` itself is not changed).
+    """A copy of ``args`` ready for a copy by field name (``args`` itself is not changed).
 
-    Normalises the list forms as Megatron-LM's ``validate_args`` does, resolves λ (see
-    ``--moe-dpsl-coeff``) and drops DPSL flags that were not given, so their fields keep the config
-    defaults instead of receiving ``None``.
+    Checks the flags given (``check_given_flags``), normalises the list forms as Megatron-LM's
+    ``validate_args`` does and drops DPSL flags that were not given, so their fields keep the config
+    defaults instead of receiving ``None``. ``moe_dpsl_coeff`` stays ``None`` when not given: the
+    config then takes λ from dpsl's slot of ``--moe-aux-loss-coeff``.
     """
-    validate_dpsl_args(args)
+    check_given_flags(args)
     ns = argparse.Namespace(**vars(args))
-    for name in ("moe_router_load_balancing_type", "moe_aux_loss_coeff"):
-        if hasattr(ns, name):
+    for name in ("moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_dpsl_alpha"):
+        if getattr(ns, name, None) is not None:
             setattr(ns, name, _scalar_if_single(getattr(ns, name)))
-    ns.moe_dpsl_coeff = _resolve_coeff(args) if dpsl_enabled(args) else getattr(args, "moe_dpsl_coeff", None)
-    alpha = getattr(ns, "moe_dpsl_alpha", None)
-    if alpha is not None:
-        alpha = _scalar_if_single(alpha)
-        ns.moe_dpsl_alpha = [float(a) for a in alpha] if isinstance(alpha, (list, tuple)) else float(alpha)
     for name in DPSL_FIELDS:
-        if getattr(ns, name, None) is None and hasattr(ns, name):
+        if name != "moe_dpsl_coeff" and getattr(ns, name, None) is None and hasattr(ns, name):
             delattr(ns, name)
     return ns
 

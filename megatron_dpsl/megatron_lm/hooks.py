@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator, Optional
 
-from megatron_dpsl.megatron_lm.args import PLUGIN_LOAD_BALANCING_TYPES, dpsl_enabled
+from megatron_dpsl.load_balancing import plugin_types_in
+from megatron_dpsl.megatron_lm.args import dpsl_enabled
+from megatron_dpsl.priors import num_prior_groups
 
 
 def decoder_block_spec_fn(config, default: Callable) -> Callable:
@@ -30,24 +32,18 @@ def plugin_track_names(load_balancing_type) -> list[str]:
 
     ``load_balancing_type``: Megatron-LM's ``args.moe_router_load_balancing_type`` (a string or a
     list). Each plugin type ``t`` records ``f"{t}_loss"`` (``dpsl`` -> ``dpsl_loss``), and
-    ``training_log`` must list it in ``track_names`` to reduce it over PP and DP (patches 4/5) or, at
-    core_v0.19, to log it at all (``DPSLMetricsTracker`` in the launcher).
+    ``training_log`` must list it in ``track_names`` to reduce it over PP and DP (patch 4 of
+    core_v0.16.1) or, at core_v0.19, to log it at all (patch 5 of core_v0.19.0, or the launcher's
+    ``DPSLMetricsTracker``).
     """
-    types = load_balancing_type if isinstance(load_balancing_type, (list, tuple)) else [load_balancing_type]
-    return [f"{t}_loss" for t in PLUGIN_LOAD_BALANCING_TYPES if t in types]
+    return [f"{t}_loss" for t in plugin_types_in(load_balancing_type)]
 
 
-def uses_token_groups(args) -> bool:
-    """Whether the run has per-group priors, so the router needs a group id for every token."""
-    return dpsl_enabled(args) and (
-        getattr(args, "moe_dpsl_group_alphas", None) is not None
-        or getattr(args, "moe_dpsl_num_groups", None) is not None
-    )
-
-
-def num_token_groups(args) -> int:
-    rows = getattr(args, "moe_dpsl_group_alphas", None)
-    return len(rows) if rows is not None else int(args.moe_dpsl_num_groups)
+def num_token_groups(args) -> Optional[int]:
+    """Token groups the run's DPSL prior distinguishes (``None``: no group priors, or DPSL off)."""
+    if not dpsl_enabled(args):
+        return None
+    return num_prior_groups(getattr(args, "moe_dpsl_group_alphas", None), getattr(args, "moe_dpsl_num_groups", None))
 
 
 class _DatasetIdTap:
@@ -87,7 +83,8 @@ class DatasetTokenGroups:
 
     def __init__(self, args, data_iterator: Optional[Iterator]):
         self.args = args
-        self.enabled = uses_token_groups(args)
+        self.num_groups = num_token_groups(args)
+        self.enabled = self.num_groups is not None
         self._tap = _DatasetIdTap(data_iterator) if self.enabled and data_iterator is not None else None
         self.data_iterator = self._tap if self._tap is not None else data_iterator
 
@@ -109,7 +106,7 @@ class DatasetTokenGroups:
                 parallel_state.get_tensor_model_parallel_src_rank(),
                 group=parallel_state.get_tensor_model_parallel_group(),
             )
-        num_groups = num_token_groups(self.args)
+        num_groups = self.num_groups
         if bool((ids < 0).any()):
             raise ValueError(
                 "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: the batch has no dataset_id, so tokens have no "

@@ -2,9 +2,10 @@
 
 The config is filled by dataclass field name (``dpsl_config_from_args``, as Megatron-LM's
 ``core_transformer_config_from_args`` does); the few values Megatron-LM derives rather than copies
-(``--swiglu``, dtypes, CPU initialisation) are passed as overrides. MoE models use the DPSL layer spec
-(``megatron_dpsl.specs.get_dpsl_layer_spec``: Megatron's GPT layer with ``DPSLRouter``), dense models
-Megatron's own local (or Transformer Engine) spec.
+(``--swiglu``, dtypes, CPU initialisation) are passed as overrides. The model comes from
+``megatron_dpsl.gpt.build_gpt_model``, the builder the Megatron-LM launcher shares: MoE models get the
+DPSL layer spec (Megatron's GPT layer with ``DPSLRouter``), dense models Megatron's own local (or
+Transformer Engine) spec.
 """
 
 from __future__ import annotations
@@ -35,28 +36,16 @@ def config_from_args(args: argparse.Namespace, *, use_cpu_initialization: bool):
     return dpsl_config_from_args(args, **overrides)
 
 
-def layer_spec(args: argparse.Namespace, config):
-    """The transformer-layer spec: DPSL's for MoE, Megatron's for dense models."""
-    use_te = args.transformer_impl == "transformer_engine"
-    if args.num_experts is not None:
-        from megatron_dpsl.specs import get_dpsl_layer_spec
-
-        kw = {} if use_te else {"normalization": args.normalization}
-        return get_dpsl_layer_spec(config, use_transformer_engine=use_te, **kw)
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(num_experts=None)
-    return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=None, normalization=args.normalization)
-
-
 def build_model(args: argparse.Namespace, config):
     """A ``GPTModel`` (pre- and post-process: the trainer has no pipeline parallelism)."""
-    from megatron.core.models.gpt import GPTModel
+    from megatron_dpsl.gpt import build_gpt_model
 
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(args, config),
+    use_te = args.transformer_impl == "transformer_engine"
+    return build_gpt_model(
+        config,
+        spec="layer",
+        use_transformer_engine=use_te,
+        spec_kwargs={} if use_te else {"normalization": args.normalization},  # the TE spec has no such argument
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=True,

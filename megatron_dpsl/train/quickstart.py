@@ -30,27 +30,19 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from typing import List
 
+from megatron_dpsl.train.trainer import free_port  # stdlib-only at import time, like this module
+
 GROUP_NAMES = ("code", "prose")
 
 
-_T0 = time.time()
-
-
-def _stamp() -> str:
-    """Seconds since the quickstart started (progress lines)."""
-    return f"[{time.time() - _T0:6.1f} s]"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _stamp(t0: float) -> str:
+    """Seconds since ``t0``, the quickstart's start (progress lines)."""
+    return f"[{time.time() - t0:6.1f} s]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,10 +129,9 @@ def _worker(plan_path: str) -> None:
     from megatron_dpsl.train.arguments import parse_args
     from megatron_dpsl.train.trainer import initialize_distributed, pretrain, print_rank_0, shutdown
 
-    global _T0
     with open(plan_path, encoding="utf-8") as f:
         plan = json.load(f)
-    _T0 = plan.get("t0", _T0)  # progress stamps count from the launcher's start
+    t_start = plan["t0"]  # progress stamps count from the launcher's start
     initialize_distributed(argparse.Namespace(device="cpu", distributed_backend="gloo"))
     rank = dist.get_rank()
     _wait_for([plan["corpus_meta"]], timeout=600)  # the launcher builds it while we import
@@ -164,7 +155,7 @@ def _worker(plan_path: str) -> None:
                 i = argv.index("--load")
                 del argv[i : i + 2]
                 argv.remove("--finetune")
-            print_rank_0(f"\n=== {_stamp()} {stage['name']}: megatron-dpsl-train {' '.join(argv)}")
+            print_rank_0(f"\n=== {_stamp(t_start)} {stage['name']}: megatron-dpsl-train {' '.join(argv)}")
             result = pretrain(parse_args(argv))
             if rank == 0:
                 os.makedirs(stage["dir"], exist_ok=True)
@@ -292,7 +283,7 @@ def _run_upcycle(plan: dict, alive) -> None:
     except RuntimeError:
         return  # the workers died before saving the dense model: main() reports their exit status
     src, dst = opts.pop("src"), opts.pop("dst")
-    print(f"\n=== {_stamp()} upcycle (megatron_dpsl.upcycle): {src} -> {dst} {opts}", flush=True)
+    print(f"\n=== {_stamp(plan['t0'])} upcycle (megatron_dpsl.upcycle): {src} -> {dst} {opts}", flush=True)
     try:
         upcycle(src, dst, **opts)
     except Exception as err:  # noqa: BLE001
@@ -307,7 +298,7 @@ def main(argv=None) -> dict:
     if a.worker:
         _worker(a.worker)
         return {}
-    t_start = _T0
+    t_start = time.time()
     missing = [m for m in ("matplotlib", "tensorboard") if importlib.util.find_spec(m) is None]
     if missing:
         raise SystemExit(f"quickstart: needs {', '.join(missing)}: pip install 'megatron-dpsl[plots]' "
@@ -321,22 +312,22 @@ def main(argv=None) -> dict:
     os.makedirs(out, exist_ok=True)
 
     plan = build_plan(a)
-    plan["t0"] = _T0
+    plan["t0"] = t_start
     plan_path = os.path.join(out, "plan.json")
     with open(plan_path, "w", encoding="utf-8") as f:
         json.dump(plan, f, indent=1)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONWARNINGS"] = env.get("PYTHONWARNINGS", "ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc), "--nnodes", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            "-m", "megatron_dpsl.train.quickstart", "--worker", plan_path]
     # The workers spend ~15 s importing megatron-core: build the corpus and import the converter meanwhile.
-    print(f"=== {_stamp()} torchrun (one launch, {a.nproc} ranks, all training stages): {' '.join(cmd[1:])}", flush=True)
+    print(f"=== {_stamp(t_start)} torchrun (one launch, {a.nproc} ranks, all training stages): {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.Popen(cmd, env=env)
     try:
         from megatron_dpsl.train.corpus import build_corpus
 
-        print(f"=== {_stamp()} corpus: {os.path.join(out, 'corpus')}", flush=True)
+        print(f"=== {_stamp(t_start)} corpus: {os.path.join(out, 'corpus')}", flush=True)
         meta = build_corpus(os.path.join(out, "corpus"), a.corpus_bytes or (200_000 if a.tiny else 1_000_000), seed=a.seed)
         for split, m in meta["splits"].items():
             print(f"    {split}: {m['num_tokens']} byte tokens, per group {dict(zip(GROUP_NAMES, m['tokens_per_group']))}",
@@ -350,7 +341,7 @@ def main(argv=None) -> dict:
     if returncode != 0:
         raise SystemExit(f"quickstart: the torchrun workers failed (exit {returncode}); see the log above")
 
-    print(f"=== {_stamp()} figures and table", flush=True)
+    print(f"=== {_stamp(t_start)} figures and table", flush=True)
     from megatron_dpsl.train import plots
 
     names = [s["name"] for s in plan["stages"] if s["kind"] == "train" and s["name"] != "dense"]

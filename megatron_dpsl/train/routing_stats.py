@@ -1,11 +1,12 @@
 """Validation-time routing statistics: full softmax probabilities, expert loads and per-group usage.
 
-While enabled (during evaluation), a wrapper around each router's ``routing(logits, ...)`` records the
-softmax over all experts ``[num_tokens, num_experts]`` (fp32; what DPSL shapes and the paper's Fig. 7
-histograms show), the top-k ``routing_map`` and the tokens' group ids (aligned with the router's
-``s``-major flattening by ``token_groups.shard_token_group_ids``). ``summarize`` gathers them on rank 0
-and computes, per MoE layer, the metrics of ``megatron_dpsl.metrics``: CoV of expert loads, routing
-entropy, distance to the prior (Eq. 4 per expert) and per-group expert usage.
+While enabled (during evaluation), a forward hook on each router (``register_forward_hook``) records
+the softmax over all experts ``[num_tokens, num_experts]`` of the router's logits (fp32; what DPSL
+shapes and the paper's Fig. 7 histograms show), the top-k ``routing_map`` it returned and the tokens'
+group ids (aligned with the router's ``s``-major flattening by ``token_groups.shard_token_group_ids``).
+``summarize`` gathers them on rank 0 and computes, per MoE layer, the metrics of
+``megatron_dpsl.metrics``: CoV of expert loads, routing entropy, distance to the prior (Eq. 4 per
+expert) and per-group expert usage.
 """
 
 from __future__ import annotations
@@ -23,20 +24,33 @@ class RoutingStats:
         from megatron.core.transformer.moe.router import TopKRouter
 
         self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
+        for router in self.routers:
+            perturbed = {k: getattr(router.config, k, None) for k in ("moe_input_jitter_eps", "moe_router_force_load_balancing")}
+            if any(perturbed.values()):
+                # the hook recomputes the logits from the router's input, which these perturb randomly
+                raise ValueError(f"RoutingStats: needs {' and '.join(perturbed)} unset, got {perturbed}")
         self.max_tokens = max_tokens_per_layer
         self.enabled = False
         self._records: Dict[int, List[dict]] = {}
-        for index, router in enumerate(self.routers):
-            router.routing = self._wrap(index, router, router.routing)
+        self._handles = [
+            router.register_forward_hook(self._hook(index), with_kwargs=True) for index, router in enumerate(self.routers)
+        ]
 
-    def _wrap(self, index: int, router, routing):
-        def wrapped(logits, *args, **kwargs):
-            probs, routing_map = routing(logits, *args, **kwargs)
+    def _hook(self, index: int):
+        def hook(router, args, kwargs, output) -> None:
             if self.enabled:
-                self._record(index, router, logits, routing_map)
-            return probs, routing_map
+                hidden = args[0] if args else kwargs["input"]  # [s, b, h]
+                with torch.no_grad():
+                    logits = router.gating(hidden.detach())  # deterministic: the logits routing() saw
+                self._record(index, router, logits, output[1])
 
-        return wrapped
+        return hook
+
+    def remove(self) -> None:
+        """Detach the hooks from the routers."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def _record(self, index: int, router, logits: torch.Tensor, routing_map: torch.Tensor) -> None:
         from megatron_dpsl.token_groups import get_dpsl_token_groups, shard_token_group_ids

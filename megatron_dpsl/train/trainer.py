@@ -50,7 +50,43 @@ class TrainResult:
     schedule_impl: str = ""
 
 
-def _free_port() -> int:
+@dataclass(kw_only=True)
+class TrainingRun:
+    """The state of one ``pretrain`` call, built by ``setup`` (the trainer keeps nothing at module level)."""
+
+    args: argparse.Namespace
+    device: object  # torch.device
+    model: object  # the unwrapped GPTModel
+    ddp_model: object  # Megatron's DistributedDataParallel around it
+    optimizer: object
+    scheduler: object  # Megatron's OptimizerParamScheduler
+    train_sampler: object  # data.BatchSampler
+    valid_sampler: object
+    forward_backward: object  # the micro-batch schedule (schedule.get_forward_backward)
+    forward_step: object
+    stats: Optional[object]  # routing_stats.RoutingStats (MoE models) or None
+    stats_prior: Optional[object]  # the prior routing distances are measured to, [E] or [G, E]
+    num_groups: int  # rows of the per-group expert-usage table
+    writer: Optional[object]  # TensorBoard SummaryWriter on rank 0 with --tensorboard-dir, else None
+    result: TrainResult  # result.iteration counts the iterations done
+
+
+@dataclass
+class IntervalLog:
+    """What Megatron-LM's console line averages: losses summed since the last line was printed."""
+
+    t_last: float  # time.time() when the interval started
+    totals: dict = field(default_factory=dict)  # name -> sum
+    counts: dict = field(default_factory=dict)  # name -> iterations that reported it
+    iters: int = 0
+
+    def add(self, name: str, value: float) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + value
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the rendezvous of a one-rank world, the quickstart's torchrun)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -81,7 +117,7 @@ def initialize_distributed(args: argparse.Namespace):
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python -m ...`: a one-rank world
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         if on_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
@@ -163,9 +199,8 @@ def evaluate(args, ddp_model, sampler, forward_backward, forward_step, device, s
     return _reduce_dp_mean([total / max(count, 1)], device)[0]
 
 
-def pretrain(args: argparse.Namespace) -> TrainResult:
-    """Train per ``args`` (parsed by ``arguments.parse_args``); callable several times in one process."""
-    import torch
+def initialize(args: argparse.Namespace):
+    """torch.distributed, flag checks, Megatron's model-parallel state, seeds; returns (device, backend)."""
     import torch.distributed as dist
 
     from megatron_dpsl.train.arguments import validate_args
@@ -179,14 +214,8 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
         )
 
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    from megatron_dpsl.train import checkpoint, moe_logging
-    from megatron_dpsl.train.data import BatchSampler, ByteCorpus
-    from megatron_dpsl.train.model import build_model, config_from_args
-    from megatron_dpsl.train.optimizer import build_optimizer, build_scheduler
-    from megatron_dpsl.train.routing_stats import RoutingStats, summarize
-    from megatron_dpsl.train.schedule import get_forward_backward, make_forward_step
+    from megatron_dpsl.train import moe_logging
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -198,6 +227,14 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
     )
     _set_random_seed(args.seed)
     moe_logging.reset_tracker()
+    return device, backend
+
+
+def _build_model(args: argparse.Namespace, device):
+    """The config, the GPTModel on ``device`` and Megatron's DDP around it (wired into the config)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from megatron_dpsl.train.model import build_model, config_from_args
 
     config = config_from_args(args, use_cpu_initialization=device.type == "cpu")
     model = build_model(args, config).to(device)
@@ -206,18 +243,28 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
     )
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp_model.no_sync
-    optimizer, optimizer_impl = build_optimizer(args, ddp_model, model, on_cuda=device.type == "cuda")
-    scheduler = build_scheduler(args, optimizer)
+    return config, model, ddp_model
 
-    iteration = 0
-    if args.load:
-        iteration, loaded_from = checkpoint.load_checkpoint(args, model, optimizer, scheduler)
-        print_rank_0(f" loaded checkpoint from {loaded_from} (resuming at iteration {iteration})")
-        if iteration:
-            scheduler.step(increment=0)
 
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
+def _resume(args: argparse.Namespace, model, optimizer, scheduler) -> int:
+    """Load ``--load`` (if given); returns the iteration to start at."""
+    from megatron_dpsl.train import checkpoint
+
+    if not args.load:
+        return 0
+    iteration, loaded_from = checkpoint.load_checkpoint(args, model, optimizer, scheduler)
+    print_rank_0(f" loaded checkpoint from {loaded_from} (resuming at iteration {iteration})")
+    if iteration:
+        scheduler.step(increment=0)
+    return iteration
+
+
+def _samplers(args: argparse.Namespace, device):
+    """This data-parallel rank's train and validation ``BatchSampler``s."""
+    from megatron.core import parallel_state
+
+    from megatron_dpsl.train.data import BatchSampler, ByteCorpus
+
     if args.mock_data:
         train_data = ByteCorpus.mock(1 << 20, args.seed)
         valid_data = ByteCorpus.mock(1 << 16, args.seed + 1)
@@ -225,131 +272,216 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
         train_data = ByteCorpus.load(args.data_path, "train")
         valid_data = ByteCorpus.load(args.data_path, "valid")
     kw = dict(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
-              dp_rank=dp_rank, dp_size=dp_size, seed=args.seed, device=device)
-    train_sampler = BatchSampler(train_data, "train", **kw)
-    valid_sampler = BatchSampler(valid_data, "valid", **kw)
+              dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+              seed=args.seed, device=device)
+    return BatchSampler(train_data, "train", **kw), BatchSampler(valid_data, "valid", **kw)
 
-    forward_backward = get_forward_backward(on_cuda=device.type == "cuda")
+
+def _open_writer(args: argparse.Namespace):
+    """A TensorBoard ``SummaryWriter`` on rank 0 when ``--tensorboard-dir`` is given, else None."""
+    import torch.distributed as dist
+
+    if not args.tensorboard_dir or dist.get_rank() != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=args.tensorboard_dir, max_queue=1000)
+
+
+def setup(args: argparse.Namespace) -> TrainingRun:
+    """Everything ``pretrain`` needs before the first step: model, optimizer, resumed state, data, logging."""
+    from megatron_dpsl.train.optimizer import build_optimizer, build_scheduler
+    from megatron_dpsl.train.routing_stats import RoutingStats
+    from megatron_dpsl.train.schedule import get_forward_backward, make_forward_step
+
+    device, backend = initialize(args)
+    on_cuda = device.type == "cuda"
+    config, model, ddp_model = _build_model(args, device)
+    optimizer, optimizer_impl = build_optimizer(args, ddp_model, model, on_cuda=on_cuda)
+    scheduler = build_scheduler(args, optimizer)
+    iteration = _resume(args, model, optimizer, scheduler)
+    train_sampler, valid_sampler = _samplers(args, device)
+    forward_backward = get_forward_backward(on_cuda=on_cuda)
     forward_step = make_forward_step(_group_context(config))
     stats = RoutingStats(model) if args.num_experts is not None else None
     stats_prior = _stats_prior(config) if stats is not None else None
-    num_groups = max(2, int(stats_prior.shape[0]) if stats_prior is not None and stats_prior.dim() == 2 else 2)
+    # a DPSL group prior has one row per token group; the usage table has at least code and prose
+    groups = stats is not None and config.moe_dpsl_enabled and config.moe_dpsl_uses_groups
+    run = TrainingRun(
+        args=args, device=device, model=model, ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler,
+        train_sampler=train_sampler, valid_sampler=valid_sampler, forward_backward=forward_backward,
+        forward_step=forward_step, stats=stats, stats_prior=stats_prior,
+        num_groups=max(2, int(stats_prior.shape[0])) if groups else 2, writer=_open_writer(args),
+        result=TrainResult(args=args, model=model, iteration=iteration, optimizer_impl=optimizer_impl,
+                           schedule_impl="megatron" if on_cuda else "torch"),
+    )
+    _print_banner(run, backend)
+    return run
 
-    writer = None
-    if args.tensorboard_dir and dist.get_rank() == 0:
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=1000)
+def _print_banner(run: TrainingRun, backend: str) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
 
-    result = TrainResult(args=args, model=model, iteration=iteration, optimizer_impl=optimizer_impl,
-                         schedule_impl="megatron" if device.type == "cuda" else "torch")
+    args, result = run.args, run.result
     print_rank_0(
-        f" > megatron-dpsl trainer: world {dist.get_world_size()} ({backend}, {device.type}) | TP {args.tensor_model_parallel_size}"
-        f" EP {args.expert_model_parallel_size} DP {dp_size} | micro-batches {args.num_microbatches} | "
-        f"parameters on rank 0: {sum(p.numel() for p in model.parameters())} | optimizer {optimizer_impl} | "
+        f" > megatron-dpsl trainer: world {dist.get_world_size()} ({backend}, {run.device.type}) | TP {args.tensor_model_parallel_size}"
+        f" EP {args.expert_model_parallel_size} DP {parallel_state.get_data_parallel_world_size()} | micro-batches {args.num_microbatches} | "
+        f"parameters on rank 0: {sum(p.numel() for p in run.model.parameters())} | optimizer {result.optimizer_impl} | "
         f"schedule {result.schedule_impl}"
     )
 
-    def run_eval(it: int) -> None:
-        loss = evaluate(args, ddp_model, valid_sampler, forward_backward, forward_step, device, stats)
-        result.valid_losses.append((it, loss))
-        ppl = math.exp(min(20.0, loss))
-        print_rank_0(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | ")
-        if writer is not None:
-            writer.add_scalar("lm loss validation", loss, it)
-            writer.add_scalar("lm loss validation ppl", ppl, it)
-        if stats is not None:
-            layers = stats.gather()
-            if layers is not None:
-                summary = summarize(layers, stats_prior, num_groups)
-                summary["iteration"] = it
-                result.routing_history.append(summary)
-                if writer is not None:
-                    for key in ("cov", "entropy", "prior_distance", "ks_distance"):
-                        writer.add_scalar(f"routing/{key}", summary[key], it)
-                if args.routing_stats_path:
-                    torch.save({"history": result.routing_history, "prior": stats_prior,
-                                "valid_losses": result.valid_losses}, args.routing_stats_path)
 
-    total_loss_dict: dict = {}
-    loss_counts: dict = {}
-    interval_iters, interval_time, grad_norm = 0, 0.0, 0.0
-    num_moe_layers = args.num_layers
-    t_last = time.time()
-    while iteration < args.train_iters:
-        ddp_model.zero_grad_buffer()
-        optimizer.zero_grad()
-        out = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=train_sampler.iterator(iteration),
-            model=[ddp_model],
-            num_microbatches=args.num_microbatches,
-            seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size,
-            forward_only=False,
-        )
-        _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
-        iteration += 1
-        lm_loss = _reduce_dp_mean([sum(float(d["lm loss"]) for d in out) / len(out)], device)[0]
-        if not math.isfinite(lm_loss):
-            raise FloatingPointError(f"lm loss is {lm_loss} at iteration {iteration}")
-        result.train_losses.append(lm_loss)
-        total_loss_dict["lm loss"] = total_loss_dict.get("lm loss", 0.0) + lm_loss
-        loss_counts["lm loss"] = loss_counts.get("lm loss", 0) + 1
-        if args.num_experts is not None:
-            moe_dict: dict = {}
-            moe_logging.track_moe_metrics(
-                loss_scale=1.0 / args.num_microbatches, iteration=iteration, writer=writer, total_loss_dict=moe_dict,
-                per_layer_logging=args.moe_per_layer_logging, num_layers=num_moe_layers,
-            )
-            for name, value in moe_dict.items():
-                value = float(value)
-                if value == 0.0:
-                    continue  # diagnostics (dpsl_cov, ...) are tracked only every --moe-dpsl-log-interval calls
-                result.aux_losses.setdefault(name, []).append((iteration, value))
-                total_loss_dict[name] = total_loss_dict.get(name, 0.0) + value
-                loss_counts[name] = loss_counts.get(name, 0) + 1
-        interval_iters += 1
-        lr = optimizer.param_groups[0]["lr"]
-        if writer is not None:
-            writer.add_scalar("lm loss", lm_loss, iteration)
-            writer.add_scalar("learning-rate", lr, iteration)
-            writer.add_scalar("grad-norm", grad_norm, iteration)
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            now = time.time()
-            interval_time, t_last = now - t_last, now
-            ms = 1000.0 * interval_time / interval_iters
-            line = (
-                f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{args.train_iters:8d} |"
-                f" consumed samples: {iteration * args.global_batch_size:12d} |"
-                f" elapsed time per iteration (ms): {ms:.1f} | learning rate: {lr:.6E} |"
-                f" global batch size: {args.global_batch_size:5d} |"
-            )
-            for name, value in total_loss_dict.items():
-                # mean over the iterations that reported it (Megatron-LM prints the non-zero entries)
-                line += f" {name}: {value / loss_counts[name]:.6E} |"
-            line += f" grad norm: {grad_norm:.3f} |"
-            print_rank_0(line)
-            if writer is not None:
-                writer.add_scalar("iteration-time", ms / 1000.0, iteration)
-            total_loss_dict, loss_counts, interval_iters = {}, {}, 0
-        if args.eval_interval and iteration % args.eval_interval == 0:
-            run_eval(iteration)
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
-            checkpoint.save_checkpoint(args, iteration, model, optimizer, scheduler)
-            print_rank_0(f" saved checkpoint at iteration {iteration} to {args.save}")
+def train_step(run: TrainingRun):
+    """One global batch: forward/backward over the micro-batches, optimizer and LR steps; (lm loss, grad norm)."""
+    args = run.args
+    run.ddp_model.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    out = run.forward_backward(
+        forward_step_func=run.forward_step,
+        data_iterator=run.train_sampler.iterator(run.result.iteration),
+        model=[run.ddp_model],
+        num_microbatches=args.num_microbatches,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        forward_only=False,
+    )
+    _, grad_norm, _ = run.optimizer.step()
+    run.scheduler.step(increment=1)
+    run.result.iteration += 1
+    lm_loss = _reduce_dp_mean([sum(float(d["lm loss"]) for d in out) / len(out)], run.device)[0]
+    if not math.isfinite(lm_loss):
+        raise FloatingPointError(f"lm loss is {lm_loss} at iteration {run.result.iteration}")
+    return lm_loss, grad_norm
 
-    if not result.valid_losses or result.valid_losses[-1][0] != iteration:
-        run_eval(iteration)
-    if args.save and not (args.save_interval and iteration % args.save_interval == 0):
-        checkpoint.save_checkpoint(args, iteration, model, optimizer, scheduler)
-        print_rank_0(f" saved checkpoint at iteration {iteration} to {args.save}")
+
+def _router_losses(run: TrainingRun) -> dict:
+    """Megatron's aux-loss tracker reduced and cleared (TensorBoard included): name -> value this step."""
+    from megatron_dpsl.train import moe_logging
+
+    args = run.args
+    if args.num_experts is None:
+        return {}
+    moe_dict: dict = {}
+    moe_logging.track_moe_metrics(
+        loss_scale=1.0 / args.num_microbatches, iteration=run.result.iteration, writer=run.writer,
+        total_loss_dict=moe_dict, per_layer_logging=args.moe_per_layer_logging, num_layers=args.num_layers,
+    )
+    # diagnostics (dpsl_cov, ...) are tracked only every --moe-dpsl-log-interval calls: 0 = not this step
+    return {name: float(value) for name, value in moe_dict.items() if float(value) != 0.0}
+
+
+def log_step(run: TrainingRun, log: IntervalLog, lm_loss: float, grad_norm: float) -> None:
+    """Record the step's losses, write its TensorBoard scalars, print the console line every --log-interval."""
+    args, result, writer = run.args, run.result, run.writer
+    iteration = result.iteration
+    result.train_losses.append(lm_loss)
+    log.add("lm loss", lm_loss)
+    for name, value in _router_losses(run).items():
+        result.aux_losses.setdefault(name, []).append((iteration, value))
+        log.add(name, value)
+    log.iters += 1
+    lr = run.optimizer.param_groups[0]["lr"]
     if writer is not None:
-        writer.flush()
-        writer.close()
-    result.iteration = iteration
-    return result
+        writer.add_scalar("lm loss", lm_loss, iteration)
+        writer.add_scalar("learning-rate", lr, iteration)
+        writer.add_scalar("grad-norm", grad_norm, iteration)
+    if iteration % args.log_interval == 0 or iteration == args.train_iters:
+        _print_interval(run, log, lr, grad_norm)
+
+
+def _print_interval(run: TrainingRun, log: IntervalLog, lr: float, grad_norm: float) -> None:
+    """Megatron-LM's ``training_log`` line for the iterations since the last one; starts a new interval."""
+    args, iteration = run.args, run.result.iteration
+    now = time.time()
+    ms = 1000.0 * (now - log.t_last) / log.iters
+    line = (
+        f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{args.train_iters:8d} |"
+        f" consumed samples: {iteration * args.global_batch_size:12d} |"
+        f" elapsed time per iteration (ms): {ms:.1f} | learning rate: {lr:.6E} |"
+        f" global batch size: {args.global_batch_size:5d} |"
+    )
+    for name, value in log.totals.items():
+        # mean over the iterations that reported it (Megatron-LM prints the non-zero entries)
+        line += f" {name}: {value / log.counts[name]:.6E} |"
+    line += f" grad norm: {grad_norm:.3f} |"
+    print_rank_0(line)
+    if run.writer is not None:
+        run.writer.add_scalar("iteration-time", ms / 1000.0, iteration)
+    log.totals, log.counts, log.iters, log.t_last = {}, {}, 0, now
+
+
+def validate(run: TrainingRun) -> None:
+    """Evaluate at the current iteration; print, record and write the loss and the routing statistics."""
+    it = run.result.iteration
+    loss = evaluate(run.args, run.ddp_model, run.valid_sampler, run.forward_backward, run.forward_step, run.device,
+                    run.stats)
+    run.result.valid_losses.append((it, loss))
+    ppl = math.exp(min(20.0, loss))
+    print_rank_0(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | ")
+    if run.writer is not None:
+        run.writer.add_scalar("lm loss validation", loss, it)
+        run.writer.add_scalar("lm loss validation ppl", ppl, it)
+    if run.stats is not None:
+        _log_routing_stats(run, it)
+
+
+def _log_routing_stats(run: TrainingRun, it: int) -> None:
+    """Summarise the evaluation's routing on rank 0: history, TensorBoard ``routing/*``, --routing-stats-path."""
+    import torch
+
+    from megatron_dpsl.train.routing_stats import summarize
+
+    layers = run.stats.gather()  # collective; None off rank 0
+    if layers is None:
+        return
+    result = run.result
+    summary = summarize(layers, run.stats_prior, run.num_groups)
+    summary["iteration"] = it
+    result.routing_history.append(summary)
+    if run.writer is not None:
+        for key in ("cov", "entropy", "prior_distance", "ks_distance"):
+            run.writer.add_scalar(f"routing/{key}", summary[key], it)
+    if run.args.routing_stats_path:
+        torch.save({"history": result.routing_history, "prior": run.stats_prior,
+                    "valid_losses": result.valid_losses}, run.args.routing_stats_path)
+
+
+def save(run: TrainingRun) -> None:
+    """A ``torch_dist`` checkpoint of the current iteration in ``--save`` (Megatron-LM's layout)."""
+    from megatron_dpsl.train import checkpoint
+
+    checkpoint.save_checkpoint(run.args, run.result.iteration, run.model, run.optimizer, run.scheduler)
+    print_rank_0(f" saved checkpoint at iteration {run.result.iteration} to {run.args.save}")
+
+
+def finish(run: TrainingRun) -> None:
+    """The final evaluation and checkpoint (unless the last iteration had them); closes the writer and hooks."""
+    args, iteration = run.args, run.result.iteration
+    if not run.result.valid_losses or run.result.valid_losses[-1][0] != iteration:
+        validate(run)
+    if args.save and not (args.save_interval and iteration % args.save_interval == 0):
+        save(run)
+    if run.writer is not None:
+        run.writer.flush()
+        run.writer.close()
+    if run.stats is not None:
+        run.stats.remove()
+
+
+def pretrain(args: argparse.Namespace) -> TrainResult:
+    """Train per ``args`` (parsed by ``arguments.parse_args``); callable several times in one process."""
+    run = setup(args)
+    log = IntervalLog(t_last=time.time())
+    while run.result.iteration < args.train_iters:
+        lm_loss, grad_norm = train_step(run)
+        log_step(run, log, lm_loss, grad_norm)
+        if args.eval_interval and run.result.iteration % args.eval_interval == 0:
+            validate(run)
+        if args.save and args.save_interval and run.result.iteration % args.save_interval == 0:
+            save(run)
+    finish(run)
+    return run.result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
