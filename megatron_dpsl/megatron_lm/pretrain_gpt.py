@@ -72,8 +72,7 @@ def dpsl_gpt_builder(args, pre_process, post_process, vp_stage=None, config=None
 
 def _build_dpsl_gpt(args, config, pre_process, post_process, vp_stage, pg_collection):
     # Unpatched gpt_builder hard-codes the spec function, so build the MoE GPTModel here.
-    from megatron.core.models.gpt import GPTModel
-    from megatron_dpsl.specs import get_dpsl_decoder_block_spec
+    from megatron_dpsl.gpt import build_gpt_model
 
     _refuse_unpatched_group_priors(config)
     unsupported = [
@@ -88,16 +87,11 @@ def _build_dpsl_gpt(args, config, pre_process, post_process, vp_stage, pg_collec
                 f"{flag}: not supported with --moe-router-load-balancing-type dpsl on an unpatched Megatron-LM; "
                 f"apply patches/ (bash scripts/apply_megatron_patches.sh ${PATH_ENV})"
             )
-    spec = get_dpsl_decoder_block_spec(
+    return build_gpt_model(
         config,
+        spec="decoder_block",
         use_transformer_engine=args.transformer_impl == "transformer_engine",
-        normalization=args.normalization,
-        qk_l2_norm=args.qk_l2_norm,
-        vp_stage=vp_stage,
-    )
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
+        spec_kwargs=dict(normalization=args.normalization, qk_l2_norm=args.qk_l2_norm, vp_stage=vp_stage),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
