@@ -62,6 +62,11 @@ def with_router(spec, router=DPSLRouter):
     return spec
 
 
+def moe_submodules(spec) -> list[MoESubmodules]:
+    """The ``MoESubmodules`` of every MoE layer in ``spec`` (shared ones once), in spec order."""
+    return list(_moe_submodules(spec))
+
+
 def count_routers(spec, router=DPSLRouter) -> int:
     """How many MoE layers reachable from ``spec`` build ``router``."""
     return sum(moe.router is router for moe in _moe_submodules(spec))
