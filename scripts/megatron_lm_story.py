@@ -21,7 +21,7 @@ Stages (each a fresh ``torchrun --nproc-per-node 1`` or ``python -m`` process):
                     modality priors (--moe-dpsl-num-groups 2) on a two-dataset blend, 8 -> 12
 
 Each stage has a time limit; ``run`` writes ``story_<tag>.md`` (pass/fail, seconds, what was checked)
-and one log per stage to ``--out``. Stages after a failed one are skipped (they need its checkpoint).
+to ``--out`` and one log per stage to ``--out``/story/. Stages after a failed one are skipped (they need its checkpoint).
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ MODEL = [
     "--seq-length", str(SEQ), "--max-position-embeddings", str(SEQ),
     "--position-embedding-type", "rope", "--no-position-embedding", "--normalization", "RMSNorm", "--swiglu",
     "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-    # no Transformer Engine on the GPU machine: the local spec, and no TE-only fusions (RoPE: 0.19 refuses it)
-    "--transformer-impl", "local", "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--bf16",
+    # no Transformer Engine or apex on the GPU machine: the local spec, no TE-only fusions (0.19 refuses RoPE
+    # fusion), no persistent layer norm (the torch norm refuses it)
+    "--transformer-impl", "local", "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+    "--bf16",
     "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB),
 ]
 # The learning-rate schedule does not depend on --train-iters, so every resume matches its checkpoint.
@@ -147,13 +149,14 @@ def megatron_lm_stages(work: Path) -> list[Stage]:
 def command(stage: Stage, trees: dict, port: int) -> tuple[list[str], dict]:
     """``(cmd, extra env)`` of ``stage``; ``trees``: {"patched": dir, "unpatched": dir}."""
     py = sys.executable
+    # the tree first on sys.path, as `python pretrain_gpt.py` in a checkout has it: its megatron/core is
+    # used (the upcycler too: the tag's megatron-core reads and writes its checkpoints)
+    root = trees[stage.tree or "unpatched"]
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     if stage.entry == "upcycle":
-        return [py, "-m", "megatron_dpsl.upcycle", *stage.argv], {}
-    root = trees[stage.tree]
+        return [py, "-m", "megatron_dpsl.upcycle", *stage.argv], env
     run = [py, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(port)]
-    # the tree first on sys.path, as `python pretrain_gpt.py` in a checkout has it: its megatron/core is used
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-           "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     if stage.entry == "launcher":
         env["MEGATRON_LM_PATH"] = root
         return [*run, "-m", LAUNCHER, *stage.argv], env
@@ -165,11 +168,11 @@ def prepare_trees(tree: Path, work: Path) -> dict:
     sys.path.insert(0, str(REPO))
     from megatron_dpsl.megatron_lm.patching import apply_patches
 
-    patched = Path(work) / "tree_patched"
+    patched = Path(work).resolve() / "tree_patched"
     if not patched.exists():
         shutil.copytree(tree, patched, symlinks=True)
     apply_patches(patched)
-    return {"unpatched": str(tree), "patched": str(patched)}
+    return {"unpatched": str(Path(tree).resolve()), "patched": str(patched)}
 
 
 def make_blend(work: Path, tree: str) -> None:
@@ -219,7 +222,8 @@ def run(tag: str, tree: Path, work: Path, out: Path, only: Optional[list[str]], 
             make_blend(work, trees["patched"])
         cmd, env = command(stage, trees, port)
         t0 = time.time()
-        log_path = out / f"story_{tag}_{stage.name}.log"
+        (out / "story").mkdir(exist_ok=True)
+        log_path = out / "story" / f"{tag}_{stage.name}.log"
         with open(log_path, "w") as log:
             log.write("$ " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(cmd) + "\n")
             log.flush()
@@ -252,10 +256,11 @@ def main(argv=None) -> int:
     p_show = sub.add_parser("show", help="print every stage's command")
     p_show.add_argument("--tag", choices=TAGS, required=True)
     p_show.add_argument("--work", type=Path, default=Path("/tmp/story"))
+    p_show.add_argument("--tree", type=Path, default=None, help="unpatched Megatron-LM tree of --tag")
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args.tag, args.tree, args.work, args.out, args.stages, args.port)
-    trees = {"patched": str(args.work / "tree_patched"), "unpatched": f"<{args.tag} tree>"}
+    trees = {"patched": str(args.work / "tree_patched"), "unpatched": str(args.tree or f"<{args.tag} tree>")}
     for stage in stages(args.work):
         cmd, env = command(stage, trees, 29500)
         print(f"# {stage.name} (limit {stage.limit_s} s)")

@@ -74,7 +74,17 @@ def specs(trees: dict, work: Path) -> dict:
         cases += [{"name": f"story_{s.name}", "entry": s.entry, "argv": list(s.argv)} for s in stages if s.tree == flavor]
         out[flavor] = {"tree": trees[flavor], "patched": flavor == "patched", "cases": cases,
                        "builds": [{"name": "build", "argv": BUILD_ARGV}]}
+    out["unpatched"]["rehearse_upcycle"] = rehearsal(work / "rehearsal")
     return out
+
+
+def rehearsal(work: Path) -> dict:
+    """The story's dense -> upcycle -> moe_dpsl path (its own argv) under ``work``: see
+    megatron_lm_chain.rehearse_upcycle."""
+    by_name = {s.name: s for s in story.stages(work)}
+    dense = by_name["dense_launcher"]
+    return {"dense_argv": list(dense.argv), "upcycle_argv": list(by_name["upcycle"].argv),
+            "moe_argv": list(by_name["moe_dpsl"].argv), "iteration": dense.iterations}
 
 
 def run_reports(trees: dict, work: Path, timeout: int = 600) -> dict:

@@ -221,6 +221,90 @@ def build_report(argv: list, patched: bool) -> dict:
     return report
 
 
+# --------------------------------------------------------------------------- the upcycle stage, rehearsed
+
+
+def rehearse_upcycle(dense_argv: list, upcycle_argv: list, moe_argv: list, iteration: int) -> dict:
+    """The GPU story's dense -> upcycle -> MoE-load path on CPU, with the story's own argv.
+
+    The dense GPTModel of ``dense_argv`` (Megatron-LM's parse, validate and globals; the launcher's
+    builder) is saved as Megatron-LM lays a torch_dist step out (``iter_*/``: ``model``, ``args``,
+    ``iteration``, ``checkpoint_version``; the tree's own dist_checkpointing, so core_v0.19 keeps the
+    common state inside the DCP files), converted by the upcycler CLI with ``upcycle_argv``, then
+    checked the way Megatron-LM's ``load_checkpoint`` would for ``moe_argv``: its own
+    ``check_checkpoint_args`` on the converted ``args``, and a strict load of the DPSL MoE model's
+    sharded state dict. Replaced leaves: ``args.use_cpu_initialization = True`` (the GPU run initialises
+    on the device) and, for the MoE model, the allgather token dispatcher (alltoall's constructor makes
+    a ``torch.cuda.Stream``; the dispatcher owns no parameters, so the state dict is the same).
+    """
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+    from megatron.training import checkpointing, global_vars
+
+    from megatron_dpsl.megatron_lm.args import add_dpsl_args
+    from megatron_dpsl.upcycle.cli import main as upcycle_main
+    from megatron_cpu import init_single_process
+
+    init_single_process()
+
+    def model_for(argv):
+        args = _parse(argv, add_dpsl_args)
+        args.use_cpu_initialization = True
+        if getattr(args, "num_experts", None):
+            args.moe_token_dispatcher_type = "allgather"  # alltoall creates a torch.cuda.Stream
+        global_vars.unset_global_variables()
+        with tempfile.TemporaryFile("w+") as sink, contextlib.redirect_stdout(sink):
+            global_vars.set_global_variables(args, build_tokenizer=True)  # padded_vocab_size, as on the GPU
+        return args, _launcher_model(args)
+
+    report: dict = {}
+    try:
+        args, dense = model_for(dense_argv)
+        save = Path(args.save)
+        step = save / f"iter_{iteration:07d}"
+        step.mkdir(parents=True, exist_ok=True)
+        state = {"model": dense.sharded_state_dict(), "args": args, "iteration": iteration, "checkpoint_version": 3.0}
+        dist_checkpointing.save(state, str(step), sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1))
+        (save / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+        report["dense_files"] = sorted(p.name for p in step.iterdir())
+
+        with tempfile.TemporaryFile("w+") as sink, contextlib.redirect_stdout(sink):
+            report["upcycle_rc"] = upcycle_main(list(upcycle_argv))
+
+        args, moe = model_for(moe_argv)
+        release = Path(args.load) / "release"
+        report["tracker"] = (Path(args.load) / "latest_checkpointed_iteration.txt").read_text().strip()
+        common = dist_checkpointing.load_common_state_dict(str(release))
+        checkpointing.set_checkpoint_version(common.get("checkpoint_version", 0))  # as load_checkpoint does
+        try:
+            checkpointing.check_checkpoint_args(common["args"])
+            report["check_checkpoint_args"] = "ok"
+        except (AssertionError, AttributeError) as e:  # a differing value / an argument the checkpoint lacks
+            report["check_checkpoint_args"] = f"{type(e).__name__}: {e}"
+        loaded = dist_checkpointing.load({"model": moe.sharded_state_dict()}, str(release))
+        missing, unexpected = moe.load_state_dict(loaded["model"], strict=False)
+        report["missing"], report["unexpected"] = list(missing), list(unexpected)
+        report["routers"] = _routers(moe)
+        report["finite"] = all(torch.isfinite(p).all().item() for p in moe.parameters())
+    finally:
+        global_vars.unset_global_variables()
+    return report
+
+
+def _launcher_model(args):
+    """The model the launcher builds for ``args`` (pre and post process, one stage)."""
+    from megatron_dpsl.megatron_lm import pretrain_gpt as launcher
+
+    if "extra_args_provider" in _pretrain_parameters():  # core_v0.16.x
+        return launcher.dpsl_gpt_builder(args, True, True)
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training.models.gpt import GPTModelBuilder
+
+    return GPTModelBuilder(launcher.dpsl_gpt_config(args)).build_model(
+        ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
+
+
 def _pretrain_parameters():
     import inspect
 
@@ -236,6 +320,11 @@ def main() -> None:
 
     stock = arguments.add_megatron_arguments
     reports = {case["name"]: run_case(spec["tree"], case, stock) for case in spec.get("cases", [])}
+    if "rehearse_upcycle" in spec:
+        try:
+            reports["rehearse_upcycle"] = rehearse_upcycle(**spec["rehearse_upcycle"])
+        except Exception:  # noqa: BLE001 - the test prints it
+            reports["rehearse_upcycle"] = {"error": traceback.format_exc()[-4000:]}
     for build in spec.get("builds", []):
         try:
             reports[build["name"]] = build_report(build["argv"], spec.get("patched", False))

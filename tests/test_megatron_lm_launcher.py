@@ -120,3 +120,15 @@ def test_every_gpu_story_stage_reaches_the_cuda_boundary(megatron_lm_reports, me
     if "--num-experts" in argv:
         assert args["moe_router_load_balancing_type"] == ["aux_loss", "dpsl"]
         assert args["moe_aux_loss_coeff"] == [0.001, 0.01]
+
+
+def test_story_upcycle_stage_rehearsed_loads_into_the_dpsl_moe_model(megatron_lm_reports):
+    """The story's dense -> upcycle -> moe_dpsl checkpoint path with its own argv (megatron_lm_chain.
+    rehearse_upcycle): the dense checkpoint as the tag's Megatron-Core writes it, the upcycler CLI,
+    then Megatron-LM's check_checkpoint_args and a strict load of the DPSL MoE model."""
+    report = megatron_lm_reports["unpatched"]["rehearse_upcycle"]
+    assert "error" not in report, report.get("error")
+    assert report["upcycle_rc"] == 0 and report["tracker"] == "release"
+    assert report["check_checkpoint_args"] == "ok"
+    assert (report["missing"], report["unexpected"]) == ([], [])
+    assert report["routers"] == ["DPSLRouter", "DPSLRouter"] and report["finite"]
