@@ -87,9 +87,7 @@ def shard_token_group_ids(
     ids = groups.group_ids
     cp_size = 1 if cp_group is None else cp_group.size()
     if cp_size > 1 and not groups.cp_sliced:
-        from megatron.core.utils import get_batch_on_this_cp_rank
-
-        ids = get_batch_on_this_cp_rank({"dpsl_group_ids": ids}, cp_group=cp_group)["dpsl_group_ids"]
+        ids = cp_slice(ids, cp_group)
     ids = ids.transpose(0, 1)  # [s_local, b], the layout of hidden states
     tp_size = 1 if tp_group is None else tp_group.size()
     if sequence_parallel and tp_size > 1:
@@ -117,3 +115,15 @@ def check_group_ids(ids: torch.Tensor, num_groups: int) -> None:
         return
     torch._assert_async(((ids >= 0) & (ids < num_groups)).all(), message)
 
+
+def cp_slice(tensor, cp_group):
+    """This CP rank's part of ``tensor`` (``[batch, seq]``), cut as Megatron cuts the tokens.
+
+    Megatron's ``get_batch_on_this_cp_rank`` (megatron-core 0.19 added a required ``is_hybrid_cp``).
+    """
+    import inspect
+
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    extra = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters else {}
+    return get_batch_on_this_cp_rank({"t": tensor}, cp_group=cp_group, **extra)["t"]

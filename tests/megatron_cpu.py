@@ -20,6 +20,9 @@ def install() -> None:
         return
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
+    # megatron-core 0.19's DDP grad sync asks for the current stream to wait on CUDA-graph events
+    # (there are none on CPU)
+    torch.cuda.current_stream = lambda *a, **k: _CpuStream()
     from megatron.core.tensor_parallel import random as mpu_random
 
     mpu_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
@@ -29,6 +32,16 @@ def install() -> None:
     # without Transformer Engine the name is never bound (NameError in router_gating_linear)
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+class _CpuStream:
+    """Stands for ``torch.cuda.current_stream()`` on CPU: nothing to wait for."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
 
 
 def init_single_process(**parallel_kwargs) -> None:
