@@ -145,6 +145,12 @@ if [[ $stages == *,install,* ]]; then
   row install "$r" $(($(date +%s) - s)) "$LIMIT_INSTALL" "rc=$rc; $versions"
 fi
 
+if [[ $stages != *,install,* ]] && [ -f "$prefix/env.sh" ]; then
+  # an install made by scripts/install_gpu.sh (the Transformer Engine route, docs/gpu.md)
+  # shellcheck disable=SC1091
+  source "$prefix/env.sh"
+fi
+
 story_pids=() tests_pid=""
 if [[ $stages == *,story,* ]]; then
   s_story=$(date +%s)
