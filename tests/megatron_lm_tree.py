@@ -4,7 +4,7 @@ Megatron-LM's code is never stored in this repository. Tests export the files th
 from ``$MEGATRON_LM_GIT_DIR`` (a clone or mirror of github.com/NVIDIA/Megatron-LM) with ``git
 archive`` and skip, saying why, when it is unset. Nothing is downloaded.
 
-A test runs Megatron-LM in a child interpreter (``run_child``) with the tree first on ``sys.path``,
+A test runs Megatron-LM in a child interpreter (megatron_lm_chain.py) with the tree first on ``sys.path``,
 exactly as ``python pretrain_gpt.py`` in a checkout does: the tree's own ``megatron/core`` is used
 (the installed megatron-core wheel only supplies its dependencies). The tag tested is the one of the
 installed megatron-core (0.16 -> core_v0.16.1, 0.19 -> core_v0.19.0; ``tag_for_installed_core``).
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import subprocess
 import sys
@@ -103,20 +102,6 @@ def child_env(**extra: str) -> dict:
     """Environment of a child interpreter: this checkout and tests/ importable, quiet, one thread."""
     pythonpath = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": pythonpath, **extra}
-
-
-def run_child(script: Path, *args: str, timeout: int = 600, **env: str) -> dict:
-    """Run ``python script args...``; its last stdout line is JSON, returned as a dict.
-
-    Batch cases into one child: importing Megatron-LM costs ~10 s.
-    """
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                          env=child_env(**env), timeout=timeout)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise AssertionError(f"{script.name} {' '.join(args)} failed (rc {proc.returncode}):\n"
-                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1])
 
 
 # --------------------------------------------------------------------------- inside the child
