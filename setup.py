@@ -17,9 +17,12 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "scipy", "matplotlib", "tensorboard", "safetensors", "psutil", "transformers", "einops",
-                 # six, triton: imported by Megatron-LM's megatron/training (core_v0.16.1, core_v0.19.0), whose
-                 # pretrain chain the launcher tests run on CPU (triton's wheel imports without a GPU)
-                 "six", "triton"],
+                 # six: imported by Megatron-LM megatron/training (core_v0.16.1, core_v0.19.0), whose pretrain
+                 # chain the launcher tests run on CPU (triton too: it imports it)
+                 "six",
+                 # triton: the fused loss kernels (megatron_dpsl/fused_loss.py) are tested on CPU under
+                 # Triton's interpreter (tests/test_fused_loss.py); CUDA builds of torch ship it already
+                 "triton"],
         "plots": ["matplotlib", "tensorboard", "scipy"],
         "hf": ["safetensors"],
         # Transformer Engine builds only with CUDA (see scripts/install_gpu.sh); apex is not on the index.

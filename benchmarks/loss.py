@@ -1,17 +1,27 @@
-"""Forward+backward time of ``dpsl_loss`` against the paper's approach, measured in the same run.
+"""Forward+backward time of ``dpsl_loss``, against baselines measured in the same run.
 
-Baseline (the paper's PyTorch implementation, Appendix C.5): per expert ``torch.sort`` of the probability
+CPU (default): against the paper's approach (Appendix C.5): per expert ``torch.sort`` of the probability
 column, the sorted values moved to the host, ``scipy.special.betainc`` for F, and a custom autograd
-Function whose backward is ``scipy.stats.beta.pdf`` (also on the host), results moved back to the device.
+Function whose backward is ``scipy.stats.beta.pdf`` (also on the host), results moved back.
 
     python benchmarks/loss.py                 # full grid: B in {8192, 73728, 589824} x N in {4, 16, 64}
     python benchmarks/loss.py --quick         # B = 73,728 (16 x 4,608), N = 16 only
-    python benchmarks/loss.py --device cuda --dtype bfloat16
 
 Prints one row per (B, N): ms per forward+backward (median of --repeats after a warm-up that also builds
-the CDF table; CPU: process CPU time, robust to other jobs on a shared core), the baseline/ours ratio
-(median of per-repeat ratios, ours and the baseline interleaved), and peak memory of ours (CUDA: max_memory_allocated; CPU: peak RSS
-growth over the run's start, psutil, which includes the allocator's caching).
+the CDF table; process CPU time, robust to other jobs on a shared core), the baseline/ours ratio (median
+of per-repeat ratios, ours and the baseline interleaved), and peak RSS growth (psutil; includes the
+allocator's caching).
+
+GPU (issue 12's goals; one command, < 90 s on an H100, prints a markdown table):
+
+    python benchmarks/loss.py --device cuda   # bf16 probs: B=73,728 N=16; N=64; B=589,824 N=16; grouped+padded
+
+Per shape and implementation (``torch``: the torch path; ``triton``: megatron_dpsl/fused_loss.py), all in
+one process: ms per call from CUDA events around --calls back-to-back calls (eager, no graph), ms per call
+with a synchronisation around each call (median), host time to enqueue one call (median, the GPU idle
+before it), CUDA kernels per call (torch.profiler; memsets/memcpys not counted) and the fp32
+``torch.sort`` of the same [N, B] block (the floor: any exact Eq. 4 sorts), timed the same way, with the
+ratio to it. The fused and torch results are compared before timing (max relative difference printed).
 """
 
 from __future__ import annotations
@@ -61,20 +71,20 @@ def baseline_loss(probs: torch.Tensor, alpha: list) -> torch.Tensor:
     return loss
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def _probs(num_tokens: int, num_experts: int, device, dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(num_tokens, num_experts, generator=gen) * 2.0
+    return torch.softmax(logits, -1).to(device=device, dtype=dtype).requires_grad_()
 
 
-def _time(fn, device) -> float:
-    """ms for one call. On CPU the process's CPU time (time.process_time), which other processes sharing
-    the core inflate far less than wall time; on CUDA wall time between synchronizations."""
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
-    _sync(device)
-    t0 = clock()
+# ---------------------------------------------------------------------------------------------------
+# CPU: against the SciPy-on-host baseline
+# ---------------------------------------------------------------------------------------------------
+def _cpu_time(fn) -> float:
+    """ms of process CPU time for one call (other processes sharing the core inflate it far less than wall time)."""
+    t0 = time.process_time()
     fn()
-    _sync(device)
-    return (clock() - t0) * 1e3
+    return (time.process_time() - t0) * 1e3
 
 
 def _rss() -> int:
@@ -83,12 +93,10 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def bench(num_tokens: int, num_experts: int, device, dtype, repeats: int, baseline: bool, alpha_value: float):
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(num_tokens, num_experts, generator=gen) * 2.0
-    probs = torch.softmax(logits, -1).to(device=device, dtype=dtype).requires_grad_()
+def bench_cpu(num_tokens: int, num_experts: int, dtype, repeats: int, baseline: bool, alpha_value: float):
+    probs = _probs(num_tokens, num_experts, "cpu", dtype)
     alpha = [alpha_value] * num_experts
-    alpha_t = torch.tensor(alpha, dtype=torch.float64)  # CPU: no device-to-host copy per call
+    alpha_t = torch.tensor(alpha, dtype=torch.float64)
 
     def ours():
         probs.grad = None
@@ -98,18 +106,15 @@ def bench(num_tokens: int, num_experts: int, device, dtype, repeats: int, baseli
         probs.grad = None
         baseline_loss(probs, alpha).backward()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
     rss0 = _rss()
     ours()  # warm-up: builds the CDF table once per alpha
-    peak = (torch.cuda.max_memory_allocated() - base_mem) if device.type == "cuda" else (_rss() - rss0)
+    peak = _rss() - rss0
     # Interleave ours and the baseline so both see the same machine load; ratio = median of per-pair ratios.
     t_ours, t_base = [], []
     for _ in range(repeats):
-        t_ours.append(_time(ours, device))
+        t_ours.append(_cpu_time(ours))
         if baseline:
-            t_base.append(_time(theirs, device))
+            t_base.append(_cpu_time(theirs))
     med_ours = statistics.median(t_ours)
     if not baseline:
         return med_ours, float("nan"), float("nan"), peak
@@ -117,31 +122,172 @@ def bench(num_tokens: int, num_experts: int, device, dtype, repeats: int, baseli
     return med_ours, statistics.median(t_base), ratio, peak
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="only B=73728, N=16")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 73728, 589824])
-    parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
-    parser.add_argument("--alpha", type=float, default=1.0, help="symmetric prior value")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the SciPy baseline")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+def main_cpu(args):
     dtype = getattr(torch, args.dtype)
     grid = [(73728, 16)] if args.quick else [(b, n) for b in args.tokens for n in args.experts]
-
-    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} alpha={args.alpha}")
+    print(f"device=cpu dtype={args.dtype} threads={torch.get_num_threads()} alpha={args.alpha}")
     print(f"{'B':>8} {'N':>4} {'ours ms':>10} {'baseline ms':>12} {'ratio':>7} {'peak MiB':>9}")
     for num_tokens, num_experts in grid:
-        t_ours, t_base, ratio, peak = bench(
-            num_tokens, num_experts, device, dtype, args.repeats, not args.no_baseline, args.alpha
+        t_ours, t_base, ratio, peak = bench_cpu(
+            num_tokens, num_experts, dtype, args.repeats, not args.no_baseline, args.alpha
         )
         print(f"{num_tokens:>8} {num_experts:>4} {t_ours:>10.2f} {t_base:>12.2f} {ratio:>7.2f} {peak / 2**20:>9.1f}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: torch path vs fused path vs the sort floor
+# ---------------------------------------------------------------------------------------------------
+GPU_SHAPES = (  # (label, B, N, grouped): issue 12's shapes
+    ("B=73,728 N=16", 73728, 16, False),
+    ("B=73,728 N=64", 73728, 64, False),
+    ("B=589,824 N=16", 589824, 16, False),
+    ("B=73,728 N=16, 2 groups + 10 % padding", 73728, 16, True),
+)
+
+
+def _events_ms(fn, calls: int) -> float:
+    """ms per call: CUDA events around ``calls`` back-to-back calls (the host enqueues ahead of the GPU)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def _synced_and_host_ms(fn, repeats: int):
+    """(median ms per call with a sync before and after; median host ms to enqueue one call on an idle GPU)."""
+    synced, host = [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        host.append((t1 - t0) * 1e3)
+        synced.append((t2 - t0) * 1e3)
+    return statistics.median(synced), statistics.median(host)
+
+
+def _kernels_per_call(fn, calls: int = 5) -> float:
+    """CUDA kernels per call, from torch.profiler (memset/memcpy activity is not a kernel launch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    names = [e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not names:  # profiler versions that attach device kernels to their CPU ops only
+        names = [k.name for e in events for k in e.kernels]
+    return sum(not n.lower().startswith(("memset", "memcpy")) for n in names) / calls
+
+
+def _measure(fn, calls: int, repeats: int) -> dict:
+    for _ in range(3):  # warm-up: CDF table, Triton compilation, allocator
+        fn()
+    events = _events_ms(fn, calls)
+    synced, host = _synced_and_host_ms(fn, repeats)
+    return dict(events=events, synced=synced, host=host, kernels=_kernels_per_call(fn))
+
+
+def bench_gpu_shape(num_tokens, num_experts, grouped, dtype, calls, repeats, impls):
+    probs = _probs(num_tokens, num_experts, "cuda", dtype)
+    alpha = torch.ones(num_experts, dtype=torch.float64)  # CPU alpha: the documented sync-free way
+    gids = pad = None
+    if grouped:  # the paper's modality prior (Sec. 3.4): alpha_base 0.75, shift 0.5 on each group's half
+        alpha = torch.full((2, num_experts), 0.75, dtype=torch.float64)
+        alpha[0, : num_experts // 2] += 0.5
+        alpha[1, num_experts // 2 :] += 0.5
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        gids = torch.randint(0, 2, (num_tokens,), device="cuda", generator=gen)
+        pad = torch.rand(num_tokens, device="cuda", generator=gen) < 0.1
+
+    def call(impl):
+        def fn():
+            probs.grad = None
+            dpsl_loss(probs, alpha, gids, pad, impl=impl).backward()
+
+        return fn
+
+    # the fused and torch results agree before anything is timed
+    outs = {}
+    for impl in impls:
+        probs.grad = None
+        loss = dpsl_loss(probs, alpha, gids, pad, impl=impl)
+        loss.backward()
+        outs[impl] = (loss.detach().float(), probs.grad.float().clone())
+    diff = None
+    if len(outs) == 2:
+        (la, ga), (lb, gb) = outs.values()
+        diff = max(((la - lb).abs() / lb.abs()).item(), ((ga - gb).norm() / gb.norm()).item())
+
+    floor_in = probs.detach().float().t().contiguous()  # the [N, B] fp32 block
+    res = {"floor": _measure(lambda: torch.sort(floor_in, dim=-1, stable=True), calls, repeats)}
+    for impl in impls:
+        res[impl] = _measure(call(impl), calls, repeats)
+    return res, diff
+
+
+def main_gpu(args):
+    from megatron_dpsl import fused_loss
+
+    t_start = time.perf_counter()
+    dtype = getattr(torch, args.dtype)
+    fused = fused_loss.runs_on(torch.device("cuda")) and dtype != torch.float64  # float64: torch path only
+    impls = ["torch", "triton"] if fused else ["torch"]
+    shapes = GPU_SHAPES[:1] if args.quick else GPU_SHAPES
+    print(f"`dpsl_loss` forward+backward on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {fused_loss.triton.__version__ if fused_loss.triton else 'not installed'}; {args.dtype} probs, "
+          f"eager; events over {args.calls} back-to-back calls, sync/host medians of {args.repeats}.")
+    print()
+    print("| shape | path | ms/call (events) | ms/call (sync each) | host enqueue ms | kernels/call "
+          "| sort floor ms (kernels) | ratio to floor | fused vs torch |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, num_tokens, num_experts, grouped in shapes:
+        res, diff = bench_gpu_shape(num_tokens, num_experts, grouped, dtype, args.calls, args.repeats, impls)
+        floor = res["floor"]
+        for impl in impls:
+            r = res[impl]
+            agree = f"{diff:.1e}" if diff is not None and impl == "triton" else ""
+            print(f"| {label} | {impl} | {r['events']:.3f} | {r['synced']:.3f} | {r['host']:.3f} | {r['kernels']:.0f} "
+                  f"| {floor['events']:.3f} ({floor['kernels']:.0f}) | {r['events'] / floor['events']:.2f} | {agree} |")
+    print()
+    print("Goals (issue 12): B=73,728 N=16 bf16 eager <= 0.25 ms and <= 1.6x the floor; N=64 and B=589,824 "
+          "within 2x of their floors. 'fused vs torch': max of |dL|/|L| and ||dgrad||/||grad||. "
+          f"Benchmark wall time {time.perf_counter() - t_start:.0f} s.")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="only B=73728, N=16")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 73728, 589824], help="CPU grid")
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64], help="CPU grid")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float64"],
+                        help="probs dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="symmetric prior value (CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7 CPU, 20 CUDA)")
+    parser.add_argument("--calls", type=int, default=50, help="CUDA: back-to-back calls between the events")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the SciPy baseline (CPU)")
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.repeats = args.repeats or (20 if gpu else 7)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if gpu:
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device visible")
+        main_gpu(args)
+    else:
+        main_cpu(args)
 
 
 if __name__ == "__main__":

@@ -247,6 +247,8 @@ def time_steps(layer, x, grad_out, steps: int, device: str) -> list[float]:
 
 
 def run(args) -> dict:
+    from megatron_dpsl.loss import selected_impl
+
     torch.manual_seed(0)
     init_parallel(args.device)
     baseline_diff = check_host_baseline(args.device) if "dpsl_scipy_host" in args.variants else None
@@ -292,6 +294,8 @@ def run(args) -> dict:
         "process_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "steps": args.steps * args.rounds,
         "host_baseline_max_rel_diff": baseline_diff,
+        # which dpsl_loss implementation DPSLRouter ran (fp32 probs; MEGATRON_DPSL_LOSS_IMPL overrides)
+        "dpsl_loss_impl": selected_impl(torch.empty(1, args.experts, device=args.device)),
     }
     for key, out in (("ms", "overhead_pct"), ("ms_min", "overhead_pct_min")):
         base = res[key].get("topk_aux")
@@ -316,7 +320,7 @@ def markdown(res: dict, command: str) -> str:
         f"{res['megatron_core']}, TE {res['transformer_engine'] or 'not used'} ({res['experts_module']}); "
         f"hidden {s['hidden']}, ffn {s['ffn']}, {s['experts']} experts top-{s['topk']}, "
         f"{s['seq']} x {s['micro_batch']} = {s['tokens']:,} tokens, {s['dtype']}, {s['dispatcher']} dispatcher; "
-        f"median of {res['steps']} steps.",
+        f"median of {res['steps']} steps; dpsl_loss implementation: {res['dpsl_loss_impl']}.",
         "",
         f"Command: `{command}`",
         "",

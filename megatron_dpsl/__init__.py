@@ -2,21 +2,30 @@
 
 from megatron_dpsl.beta import beta_cdf
 from megatron_dpsl.loss import dpsl_loss, dpsl_loss_per_expert
+from megatron_dpsl.orthogonality import orthogonality_loss
+from megatron_dpsl.variance import variance_loss, variance_loss_reference_code
 from megatron_dpsl import metrics, priors  # torch-only: importable without megatron-core
 
 __version__ = "0.1.0"
 
-__all__ = ["beta_cdf", "dpsl_loss", "dpsl_loss_per_expert", "metrics", "priors", "__version__"]
+__all__ = [
+    "beta_cdf", "dpsl_loss", "dpsl_loss_per_expert", "orthogonality_loss", "variance_loss",
+    "variance_loss_reference_code", "metrics", "priors", "__version__",
+]
 
 # Megatron-dependent names load on first use, so `import megatron_dpsl` works without megatron-core.
 _LAZY = {
     "DPSLTransformerConfig": "megatron_dpsl.config",
     "DPSLRouter": "megatron_dpsl.router",
+    "DPSLMoELayer": "megatron_dpsl.moe_layer",
     "get_dpsl_layer_spec": "megatron_dpsl.specs",
     "get_dpsl_decoder_block_spec": "megatron_dpsl.specs",
     "dpsl_token_groups": "megatron_dpsl.token_groups",
     "set_dpsl_token_groups": "megatron_dpsl.token_groups",
     "gather_for_loss": "megatron_dpsl.distributed",
+    "ACRouter": "megatron_dpsl.ac_router",
+    "ACRoutingState": "megatron_dpsl.ac_state",
+    "adaptive_clustering_weights": "megatron_dpsl.ac_clustering",
 }
 __all__ += list(_LAZY)
 

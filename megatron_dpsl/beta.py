@@ -1,15 +1,12 @@
 """Regularized incomplete beta function I_x(a, b) on the device, with its exact derivative.
 
 Two evaluators, both plain torch (no SciPy, no host round trip, no data-dependent Python control flow in
-the evaluation itself):
+the evaluation itself). Accuracy figures and the grid they are measured on: docs/loss.md, tests/test_beta.py.
 
 * ``beta_cdf(x, a, b)`` / ``betainc_f64``: the exact path for arbitrary broadcast (x, a, b). Continued
   fraction (modified Lentz) with the symmetry swap at ``x > (a + 1) / (a + b + 2)``, float64, a fixed
-  count of 48 iterations (CUDA-graph friendly). Max abs error against ``scipy.special.betainc`` over
-  a in [0.05, 50], b in [0.05, 2000], x uniform in [0, 1] and in logit(x) in [-40, 40], plus
-  x in {0, 1e-300, 1e-12, 1e-6, 0.5, 1 - 1e-6, 1 - 1e-12, 1} (tests/test_beta.py): 3.5e-11 in float64,
-  3.0e-8 for float32 output (its rounding). Cost: ~700 float64 elementwise ops per element, i.e. seconds
-  for the 1.2M values of one B = 73,728, N = 16 loss on a CPU core: too slow for the loss.
+  48 iterations (CUDA-graph friendly): 3.5e-11 max abs error vs SciPy. ~700 float64 ops per element, i.e.
+  seconds for the 1.2M values of one B = 73,728, N = 16 loss on a CPU core: too slow for the loss.
 
 * ``BetaCDFTable``: the loss's fast path. In Eq. 4 every (group, expert) row has ONE (a, b) =
   (alpha_k, A - alpha_k) and ~B points, so I_x(a, b) is tabulated once per alpha in logit space
@@ -22,40 +19,27 @@ the evaluation itself):
   truncated after three terms and used only where the truncation (~ (3e-4)^3 relative) or the CDF itself
   (< 1e-14) is negligible. Grid: spacing h = 0.012 * min(1, sd(logit X)) (sd = sqrt(psi1(a) + psi1(b)),
   the narrowest feature of F(u)) between the tail junctions; ~300-1700 nodes per row. Points are located
-  by log(x / (1 - x) * k_c) relative to a node at the mode, small in the bulk, so float32 stays accurate.
-  The gradient is the derivative of the interpolant itself (and of the tail formulas): the function that
-  is differentiated is exactly the one evaluated (gradcheck passes); it differs from the pdf by O(h^3).
-
-  Measured (tests/test_beta.py, same (a, b, x) grid as above):
-      table, float64 evaluation:  max abs error 7.6e-11 vs SciPy (bound tested: 2e-10)
-      table, float32 evaluation:  max abs error 2.5e-7 (float32 rounding of the grid coordinate times the
-                                  steepest dF/du; bound tested: 5e-7); up to 4.9e-7 for extreme priors
-                                  (a = 0.001, b = 2000: float32 rounding in the tail exponent)
-      table derivative vs pdf:    max relative error 2.2e-5 where pdf > 1e-3 (bound tested: 5e-5)
-  Speed (benchmarks/loss.py, one contended CPU core, B = 73,728, N = 16, alpha = 1, float32): the CDF
-  part of forward+backward costs ~20 ms (~25 float32 ops + 4 gathers per element) against seconds for
-  the continued fraction, which is why the loss uses the table; the whole loss runs ~6x faster than the
-  paper's SciPy approach (docs/loss.md). Building a table is a few exact-CF evaluations of ~10^3 points
-  per row (~0.1 s of CPU for 16 rows) and happens once per alpha: ``beta_cdf_table`` caches tables keyed
-  on the alpha values, dtype and device (the router builds its table on the first call).
+  by log(x / (1 - x) * k_c) relative to a node at the mode, small in the bulk, so float32 stays accurate:
+  max abs error 7.6e-11 (float64) / 2.5e-7 (float32) vs SciPy. The gradient is the derivative of the
+  interpolant itself (and of the tail formulas): what is differentiated is exactly what is evaluated
+  (gradcheck passes); it differs from the pdf by O(h^3) (2.2e-5 relative). ~25 float32 ops + 4 gathers per
+  element; a table costs ~0.1 s of CPU for 16 rows and is built once per alpha (``beta_cdf_table`` caches
+  tables keyed on the alpha values, dtype and device).
 
 Gradient at the endpoints: the pdf is infinite at x = 0 when a < 1 (at x = 1 when b < 1). Both evaluators
-return d/dx = x^a (1-x)^b / (B(a, b) * max(x (1-x), tiny)), tiny = the smallest normal number of x's dtype.
-That is the exact pdf for every x with x (1-x) >= tiny (all normal x in (0, 1)), and it is finite for every
-a, b > 0: 0 at exactly x = 0 and x = 1 (x^a or (1-x)^b vanishes), and below the pdf (<= ~a / tiny, still
-representable) at subnormal x. Routing probabilities reach 0 or 1 only by underflow in the softmax, which
-passes no gradient there anyway, so the choice never steers training; it only keeps gradients finite.
-Outside [0, 1] ``beta_cdf`` is flat (gradient 0). The gradient with respect to ``a`` and ``b`` is not
-provided (None): alpha is a fixed prior, not a parameter.
+return d/dx = x^a (1-x)^b / (B(a, b) * max(x (1-x), tiny)), tiny = the smallest normal number of x's dtype:
+the exact pdf for every x with x (1-x) >= tiny, finite for every a, b > 0 (0 at exactly x = 0 and x = 1;
+below the pdf at subnormal x). Softmax probabilities reach 0 or 1 only by underflow, which passes no
+gradient anyway, so the choice never steers training. No gradient with respect to ``a`` and ``b``.
 
-Domain: ``beta_cdf`` follows CDF semantics (x < 0 -> 0, x > 1 -> 1, NaN -> NaN). The table path returns
-NaN for x outside [0, 1] (including +-inf), so invalid probabilities surface in the loss.
+Domain: ``beta_cdf`` follows CDF semantics (x < 0 -> 0, x > 1 -> 1, NaN -> NaN; flat outside [0, 1]).
+The table returns NaN for x outside [0, 1] (including +-inf), so invalid probabilities surface in the loss.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -116,13 +100,6 @@ def betainc_f64(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, iters: int = 
     return _betainc_xy(x, 1.0 - x, a, b, iters)
 
 
-def beta_log_pdf_f64(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """log Beta(a, b) pdf at x in float64 (x strictly inside (0, 1) for a finite value)."""
-    x = x.double()
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return (a - 1.0) * torch.log(x) + (b - 1.0) * torch.log1p(-x) - _log_beta(a, b)
-
-
 def _beta_pdf_f64(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tiny: float) -> torch.Tensor:
     """x^a (1-x)^b / (B(a, b) max(x (1-x), tiny)) in float64: the pdf for every x with x (1-x) >= tiny,
     finite everywhere (0 at x = 0 and x = 1; see "Gradient at the endpoints")."""
@@ -165,11 +142,6 @@ def beta_cdf(x: torch.Tensor, a, b) -> torch.Tensor:
     a = torch.as_tensor(a, dtype=torch.float64, device=x.device)
     b = torch.as_tensor(b, dtype=torch.float64, device=x.device)
     return _BetaCDF.apply(x, a, b)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tabulated I_x(a, b) for a fixed set of rows (a_r, b_r): the loss's fast path.
-# ----------------------------------------------------------------------------------------------------
 
 
 def _quantile_u(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
@@ -221,7 +193,6 @@ class BetaCDFTable:
         if float(m1.sum()) >= 2**24 and dtype != torch.float64:
             # interval indices are formed in the evaluation dtype; float32 counts exactly only below 2^24
             raise ValueError(f"BetaCDFTable: {self.num_rows} rows need {int(m1.sum())} intervals, too many for {dtype}")
-        self.num_nodes = nodes
         h = (u_hi - u_lo) / m1  # [R]
 
         # Reference node near the mode of logit X (x = a / (a + b)). Points are located through
@@ -247,24 +218,11 @@ class BetaCDFTable:
 
         q1 = (a + b) / (a + 1.0)
         r1 = (a + b) / (b + 1.0)
-        rows = {
-            "a": a,
-            "b": b,
-            "log_beta": log_beta,
-            "inv_a": 1.0 / a,
-            "inv_b": 1.0 / b,
-            "q1": q1,
-            "q12": q1 * (a + b + 1.0) / (a + 2.0),
-            "r1": r1,
-            "r12": r1 * (a + b + 1.0) / (b + 2.0),
-            "k_c": k_c,
-            "inv_h": 1.0 / h,
-            "s_lo": -i_c,  # grid coordinate relative to the reference node
-            "s_hi": m1 - i_c,
-            "offset": torch.cumsum(m1, 0) - m1 + i_c,  # flat index of row r's reference interval
-        }
+        rows = dict(a=a, b=b, log_beta=log_beta, inv_a=1.0 / a, inv_b=1.0 / b, k_c=k_c, inv_h=1.0 / h)
+        rows.update(q1=q1, q12=q1 * (a + b + 1.0) / (a + 2.0), r1=r1, r12=r1 * (a + b + 1.0) / (b + 2.0))
+        # grid coordinate range relative to the reference node; flat index of row r's reference interval
+        rows.update(s_lo=-i_c, s_hi=m1 - i_c, offset=torch.cumsum(m1, 0) - m1 + i_c)
         self.rows = {k: v.to(**kw) for k, v in rows.items()}  # each [R]
-        self.h = h.to(**kw)
         # junctions in x (the CPU loss path splits sorted rows there instead of selecting per element)
         self.x_lo = torch.sigmoid(u_lo).to(**kw)
         self.x_hi = torch.sigmoid(u_lo + m1 * h).to(**kw)
@@ -275,9 +233,7 @@ class BetaCDFTable:
             return {k: v.reshape(-1, *([1] * (ndim - 1))) for k, v in self.rows.items()}
         return {k: v[row] for k, v in self.rows.items()}
 
-    def evaluate(
-        self, x: torch.Tensor, row: Optional[torch.Tensor] = None, need_grad: bool = True
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def evaluate(self, x: torch.Tensor, row: Optional[torch.Tensor] = None, need_grad: bool = True):
         """F(x) and (optionally) dF/dx, no autograd.
 
         Args:
@@ -286,26 +242,19 @@ class BetaCDFTable:
             row: optional int64 row ids per element.
             need_grad: also return the derivative of the evaluated function (the interpolant's, exactly).
 
-        Returns:
-            ``(F, dF/dx)`` in the table's dtype; dF/dx is None when ``need_grad`` is False.
+        Returns ``(F, dF/dx)`` in the table's dtype; dF/dx is None when ``need_grad`` is False.
         """
         x = x.to(self.dtype)
         k = self._row_consts(row, x.dim())
         y = 1.0 - x
         lx = torch.log(x)
         l1x = torch.log1p(-x)  # not log(y): keeps 1 - x exact for tiny x (it gets multiplied by b)
-        # grid coordinate relative to the reference node: (u - u_c) / h = log(x / (1 - x) * k_c) / h
-        s = torch.div(x, y).mul_(k["k_c"]).log_().mul_(k["inv_h"])
+        s = _grid_coord(x, y, k["k_c"], k["inv_h"])
         ok = s >= k["s_lo"]  # False below the grid and for NaN: both take the lower-tail formula (NaN stays)
         in_hi = s > k["s_hi"]
         sc = torch.where(ok, s, k["s_lo"]).clamp_(max=k["s_hi"])
-        cell = sc.floor().clamp_(max=k["s_hi"] - 1.0)
-        t = sc.sub_(cell)
-        idx = cell.add_(k["offset"]).long().reshape(-1)
-        c0, c1, c2, c3 = (c.index_select(0, idx).view(t.shape) for c in (self.c0, self.c1, self.c2, self.c3))
-        f_mid = torch.addcmul(c2, t, c3)
-        f_mid = torch.addcmul(c1, t, f_mid, out=f_mid)
-        f_mid = torch.addcmul(c0, t, f_mid, out=f_mid)
+        xy = x * y if need_grad else None
+        f_mid, d_mid = self._hermite(sc, xy, k["s_hi"], k["offset"], k["inv_h"], need_grad)
 
         # Tails: E = x^a (1 - x)^b / B(a, b) from the plain logs (relative accuracy of x and 1 - x).
         e = torch.addcmul(k["a"] * lx, k["b"], l1x).sub_(k["log_beta"]).exp_()
@@ -319,9 +268,6 @@ class BetaCDFTable:
 
         # Derivative of exactly the evaluated function. x^a (1-x)^b / (B x (1-x)) is the pdf; at x = 0 or 1
         # (and subnormal x) the denominator is clamped to the smallest normal number (module docstring).
-        xy = x * y
-        d_mid = torch.addcmul(2.0 * c2, t, c3, value=3.0)
-        d_mid = torch.addcmul(c1, t, d_mid, out=d_mid).mul_(k["inv_h"]).div_(xy)
         pdf = e.div_(xy.clamp(min=torch.finfo(self.dtype).tiny))
         slope = torch.addcmul(k["a"] * y, k["b"], x, value=-1.0)  # a (1 - x) - b x
         d_lo = torch.addcmul(k["q1"], k["q12"], x, value=2.0).mul_(xy).addcmul_(slope, ser_lo)
@@ -330,7 +276,6 @@ class BetaCDFTable:
         d_hi = d_hi.mul_(pdf).mul_(k["inv_b"])
         d = torch.where(ok, torch.where(in_hi, d_hi, d_mid), d_lo)
         return f, d
-
 
     def row_scalars(self, row: int):
         """(k_c, inv_h, s_lo, s_hi, offset) of one row as Python floats (cached host copies)."""
@@ -341,35 +286,40 @@ class BetaCDFTable:
         return self._scalars[row]
 
     def evaluate_bulk(self, x: torch.Tensor, row, need_grad: bool = True, grad_scale: float = 1.0):
-        """Like ``evaluate``, for points inside the grid [x_lo, x_hi] of their row only.
+        """Like ``evaluate``, for points ``x`` ``[n]`` of one ``row`` (an int) inside its grid [x_lo, x_hi] only.
 
-        The interpolant alone (the CPU loss path splits each sorted row at the junctions and sends the few
-        points beyond them to ``evaluate``). Points slightly outside the grid are clamped to its ends.
-
-        Args:
-            x: ``[n]`` with ``row`` an int (Python-scalar constants), or ``[R', n]`` with ``row`` a slice of
-                ``R'`` rows (per-row constants broadcast).
-            grad_scale: returned derivative is multiplied by it (saves the caller a pass).
+        The interpolant alone with Python-scalar constants (the CPU loss path splits each sorted row at the
+        junctions and sends the few points beyond them to ``evaluate``). Points slightly outside the grid are
+        clamped to its ends. The derivative is multiplied by ``grad_scale`` (saves the caller a pass).
         """
-        if isinstance(row, int):
-            k_c, inv_h, s_lo, s_hi, offset = self.row_scalars(row)
-        else:
-            k_c, inv_h, s_lo, s_hi, offset = (self.rows[n][row, None] for n in ("k_c", "inv_h", "s_lo", "s_hi", "offset"))
+        k_c, inv_h, s_lo, s_hi, offset = self.row_scalars(row)
         y = 1.0 - x
-        s = torch.div(x, y).mul_(k_c).log_().mul_(inv_h).clamp_(s_lo, s_hi)
+        s = _grid_coord(x, y, k_c, inv_h).clamp_(s_lo, s_hi)
+        return self._hermite(s, x * y if need_grad else None, s_hi, offset, inv_h * grad_scale, need_grad)
+
+    def _hermite(self, s, xy, s_hi, offset, d_scale, need_grad: bool):
+        """The cubic Hermite interpolant at grid coordinate ``s`` (clamped to [s_lo, s_hi]; overwritten).
+
+        Returns (F, dF/dx or None): dF/dx = dp/dt * d_scale / (x (1 - x)) with ``xy`` = x (1 - x) and
+        ``d_scale`` = 1/h (times a caller's factor), the exact derivative of F(u(x)).
+        """
         cell = s.floor().clamp_(max=s_hi - 1.0)
         t = s.sub_(cell)
-        idx = cell.add_(offset).long().view(-1)
+        idx = cell.add_(offset).long().reshape(-1)
         c0, c1, c2, c3 = (c.index_select(0, idx).view(t.shape) for c in (self.c0, self.c1, self.c2, self.c3))
-        f = torch.addcmul(c2, t, c3)
+        f = torch.addcmul(c2, t, c3)  # p(t) = c0 + t (c1 + t (c2 + t c3))
         f = torch.addcmul(c1, t, f, out=f)
         f = torch.addcmul(c0, t, f, out=f)
         if not need_grad:
             return f, None
-        # dp/dt = c1 + 2 t (c2 + 1.5 t c3); dF/dx = dp/dt / (h x (1 - x))
-        d = c2.addcmul_(t, c3, value=1.5)
-        d = torch.addcmul(c1, t, d, value=2.0, out=d).div_(x.mul(y)).mul_(inv_h * grad_scale)
+        d = c2.addcmul_(t, c3, value=1.5)  # dp/dt = c1 + 2 t (c2 + 1.5 t c3)
+        d = torch.addcmul(c1, t, d, value=2.0, out=d).mul_(d_scale).div_(xy)
         return f, d
+
+
+def _grid_coord(x, y, k_c, inv_h):
+    """Grid coordinate relative to the reference node: (u - u_c) / h = log(x / (1 - x) * k_c) / h."""
+    return torch.div(x, y).mul_(k_c).log_().mul_(inv_h)
 
 
 # A bounded LRU of immutable tables, not state: results never depend on whether a table was cached.
@@ -384,12 +334,7 @@ def beta_cdf_table(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, device)
     """
     a = torch.as_tensor(a).detach().reshape(-1)
     b = torch.as_tensor(b).detach().reshape(-1)
-    key = (
-        tuple(a.double().cpu().tolist()),
-        tuple(b.double().cpu().tolist()),
-        dtype,
-        str(torch.device(device)),
-    )
+    key = (tuple(a.double().cpu().tolist()), tuple(b.double().cpu().tolist()), dtype, str(torch.device(device)))
     table = _TABLE_CACHE.get(key)
     if table is None:
         table = BetaCDFTable(a, b, dtype, device)

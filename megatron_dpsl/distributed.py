@@ -211,7 +211,34 @@ class TokenGather:
         return gather_for_loss(gathered, ep, plan=plan, grad_scale=plan.num_replicas), plan.num_replicas
 
 
-def _check_micro_batch_layout(tp_cp_group, ep_group, expt_tp_group) -> None:
+class TokenSum:
+    """In-place sum of per-rank partial statistics over the ranks holding the micro-batch's tokens.
+
+    The same ranks as ``TokenGather("micro_batch")``: the TP×CP group (sequence-parallel and
+    context-parallel shards), then the EP group when it reaches beyond it (EP peers hold other
+    data-parallel replicas' micro-batches). EP peers inside one TP×CP group hold the same sums after
+    the first step; the layout check makes every micro-batch appear equally often in the EP sum, so
+    ratios of such sums (means) equal a single process holding each micro-batch once. No autograd,
+    no host sync; a size-1 group costs nothing.
+
+    Args:
+        tp_cp_group, ep_group, expt_tp_group: Megatron's groups (``None``: size 1).
+        field: the config field an unsupported layout is reported under.
+    """
+
+    def __init__(self, *, tp_cp_group, ep_group=None, expt_tp_group=None, field: str = "moe_dpsl_gather") -> None:
+        self.groups = [g for g in (tp_cp_group,) if g is not None and g.size() > 1]
+        beyond = ep_group is not None and not set(group_ranks(ep_group)) <= set(group_ranks(tp_cp_group))
+        if beyond and ep_group.size() > 1:
+            _check_micro_batch_layout(tp_cp_group, ep_group, expt_tp_group, field=field)
+            self.groups.append(ep_group)
+
+    def __call__(self, tensor: torch.Tensor) -> None:
+        for group in self.groups:
+            dist.all_reduce(tensor, group=group)
+
+
+def _check_micro_batch_layout(tp_cp_group, ep_group, expt_tp_group, field: str = "moe_dpsl_gather") -> None:
     """"micro_batch" over EP needs gather groups that partition the ranks (docs/parallelism.md)."""
     if ep_group is None or ep_group.size() == 1 or expt_tp_group is None:
         return
@@ -221,9 +248,11 @@ def _check_micro_batch_layout(tp_cp_group, ep_group, expt_tp_group) -> None:
     # aligned block of etp·ep ranks: when these sizes divide one another, the TP×CP blocks an
     # EP group touches are the same for every rank they contain
     if (block % etp and etp % block) or (block % span and span % block):
+        what = "moe_dpsl_gather='micro_batch'" if field == "moe_dpsl_gather" else field
+        fix = "; use moe_dpsl_gather='global_batch'" if field == "moe_dpsl_gather" else ""
         raise ValueError(
-            f"moe_dpsl_gather='micro_batch' with tp*cp={block}, expert_tensor_parallel={etp}, "
+            f"{what} with tp*cp={block}, expert_tensor_parallel={etp}, "
             f"expert_model_parallel={ep}: these sizes must divide one another for the EP "
-            "gather to form consistent groups; use moe_dpsl_gather='global_batch'"
+            f"gather to form consistent groups{fix}"
         )
 

@@ -18,11 +18,23 @@ from typing import Dict, List, Union
 DPSL_TYPE = "dpsl"
 """The ``moe_router_load_balancing_type`` entry that enables DPSL."""
 
-PLUGIN_LOAD_BALANCING_TYPES = (DPSL_TYPE,)
+VARIANCE_TYPE = "variance"
+"""The type that enables the variance loss of Guo et al. (router side; docs/regularizers.md)."""
+
+ORTHOGONALITY_TYPE = "orthogonality"
+"""The type that enables the orthogonality loss of Guo et al. (expert side; docs/regularizers.md)."""
+
+PLUGIN_LOAD_BALANCING_TYPES = (DPSL_TYPE, VARIANCE_TYPE, ORTHOGONALITY_TYPE)
 """Every load-balancing type this plugin adds (argparse choices, config split, log names)."""
+
+LOSS_FORMS = ("paper", "reference_code")
+"""Values of ``moe_variance_loss_form`` / ``moe_orthogonality_loss_form`` (docs/regularizers.md)."""
 
 MEGATRON_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
 """Megatron-LM core_v0.16.1's choices; used only where a parser does not define the flag itself."""
+
+KNOWN_MEGATRON_TYPES = (*MEGATRON_LOAD_BALANCING_TYPES, "quantile_balancing")
+"""Megatron's types the config accepts: core_v0.16.1's plus those newer releases added (0.19: quantile_balancing)."""
 
 GATHER_CHOICES = ("micro_batch", "global_batch")
 """Values of ``moe_dpsl_gather`` (docs/parallelism.md)."""

@@ -7,13 +7,13 @@ For every (group g, expert k) "row", the valid tokens of group g are sorted by `
 
     L_k = sum_g (1/B_g) sum_{j=1..B_g} (j/B_g - I_{p_(j)}(alpha_gk, A_g - alpha_gk))^2,   A_g = sum_k alpha_gk.
 
-Pipeline (O(num_tokens * num_experts) memory, no B x B intermediate):
-  1. rank. CPU: per group (tokens selected on the host) and per expert, a stable 1-D sort of the float32
-     bit patterns of the contiguous [E, B] transpose (non-negative floats order like their bits and 1-D
-     int32 sorts take PyTorch's radix path: ~20 ms for B = 73,728, N = 16 against ~130-200 ms for a float
-     sort); float64 uses a stable float sort. Accelerators: a branch-free, fixed-shape path (one [E, B]
-     sort, or one 1-D int64 key sort (row << 30 | bits) with groups/padding; no host sync).
-     Ties keep token order (stable sorts), so ranks and gradients are deterministic.
+Implementations (``impl=`` or $MEGATRON_DPSL_LOSS_IMPL; "auto" picks the fused one for CUDA float32/bf16/fp16
+when Triton imports): ``fused_loss.py`` (one sort + Triton kernels), and the torch path here (CPU, float64,
+accelerators without Triton). The torch path (O(num_tokens * num_experts) memory, no B x B intermediate):
+  1. rank (``ranking.py``: validation, the row layout, the sorts; ties keep token order). CPU: per group
+     (tokens selected on the host) and per expert, a stable 1-D sort of the float32 bit patterns of the
+     contiguous [E, B] transpose. Accelerators: a branch-free, fixed-shape path (one [E, B] sort, or one
+     1-D int64 key sort (row << 30 | bits) with groups/padding; no host sync).
   2. the Beta CDF from a per-alpha ``BetaCDFTable`` (``beta.py``: <= 1e-10 abs in float64, <= 5e-7 in
      float32 against SciPy). CPU: each sorted row is split at the table's junctions with searchsorted;
      the bulk uses the interpolant alone, the few tail points one call of the full evaluator.
@@ -26,132 +26,22 @@ Pipeline (O(num_tokens * num_experts) memory, no B x B intermediate):
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import os
+from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from megatron_dpsl.beta import BetaCDFTable, beta_cdf_table
+from megatron_dpsl import fused_loss
+from megatron_dpsl.ranking import Eq4Inputs, rank_dense, ranked_cdf, row_layout, sort_rows, table_for
 
 _CHUNK = 1 << 17  # elements per CPU chunk (measured: fewer, larger ops beat cache-sized ones here)
-_VALUE_BITS = 30  # float32 bit patterns of [0, 1] are < 2**30 (1.0 == 0x3F800000)
-_MAX_BITS = 0x3F800001  # key for anything above 1.0 (+inf, NaN): F is NaN or 1 there, order is irrelevant
+IMPL_ENV = "MEGATRON_DPSL_LOSS_IMPL"
+IMPLS = ("auto", "torch", "triton")
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_inputs(probs, alpha, group_ids, padding_mask):
-    if not isinstance(probs, torch.Tensor) or probs.dim() != 2 or not probs.is_floating_point():
-        shape = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
-        raise ValueError(f"dpsl_loss: probs must be a float tensor [num_tokens, num_experts], got {shape}")
-    num_tokens, num_experts = probs.shape
-    if alpha.dim() not in (1, 2) or alpha.shape[-1] != num_experts or alpha.numel() == 0:
-        raise ValueError(
-            f"dpsl_loss: alpha must be [num_experts] or [num_groups, num_experts] with num_experts={num_experts} "
-            f"(probs.shape[1]), got shape {tuple(alpha.shape)}"
-        )
-    if group_ids is not None:
-        if not isinstance(group_ids, torch.Tensor) or group_ids.shape != (num_tokens,) or group_ids.is_floating_point():
-            got = f"{group_ids.dtype} {tuple(group_ids.shape)}" if isinstance(group_ids, torch.Tensor) else group_ids
-            raise ValueError(f"dpsl_loss: group_ids must be an integer tensor of shape [{num_tokens}], got {got}")
-    if padding_mask is not None:
-        if not isinstance(padding_mask, torch.Tensor) or padding_mask.shape != (num_tokens,) or padding_mask.dtype != torch.bool:
-            got = (
-                f"{padding_mask.dtype} {tuple(padding_mask.shape)}"
-                if isinstance(padding_mask, torch.Tensor)
-                else padding_mask
-            )
-            raise ValueError(
-                f"dpsl_loss: padding_mask must be a bool tensor of shape [{num_tokens}] (True = padding), got {got}"
-            )
-
-
-def _alpha_2d(alpha, num_experts: int) -> torch.Tensor:
-    """alpha as a float64 CPU [num_groups, num_experts], validated (> 0, finite)."""
-    alpha = torch.as_tensor(alpha).detach()
-    a = alpha.double().cpu()
-    if not bool(torch.isfinite(a).all()) or not bool((a > 0).all()):
-        raise ValueError(f"dpsl_loss: alpha must be finite and > 0, got {a.tolist()}")
-    return a.reshape(-1, num_experts)
-
-
-def _table_for(alpha2d: torch.Tensor, dtype: torch.dtype, device) -> BetaCDFTable:
-    """Rows r = g * num_experts + k with (a, b) = (alpha_gk, A_g - alpha_gk)."""
-    a = alpha2d
-    b = a.sum(-1, keepdim=True) - a
-    return beta_cdf_table(a.reshape(-1), b.reshape(-1), dtype, device)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Ranking: which (row, rank j, group size n) every probability gets.
-# ----------------------------------------------------------------------------------------------------
-
-
-def _rank_dense(p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """No groups, no padding (accelerator path). p ``[T, E]`` -> (sorted ``[E, T]``, token index ``[E, T]``)."""
-    pt = p.t().contiguous()  # [E, T]: each expert's column becomes a contiguous row
-    if pt.dtype == torch.float32:
-        vals, idx = torch.sort(pt.view(torch.int32), dim=-1, stable=True)  # bit patterns: see _sort_row
-        return vals.view(torch.float32), idx
-    return torch.sort(pt, dim=-1, stable=True)
-
-
-def _rank_ragged(p: torch.Tensor, group_ids: torch.Tensor, num_groups: int):
-    """Groups and/or padding (group id ``num_groups`` = padding, ranked last and weighted 0).
-
-    Returns flat ``[T * E]`` tensors: sorted values, flat index into ``p`` (row-major [T, E]), row id
-    (g * E + k; >= num_groups * E for padding), rank j (1-based, float), group size n (float).
-    """
-    num_tokens, num_experts = p.shape
-    dev = p.device
-    counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=dev)
-    counts.index_add_(0, group_ids, torch.ones_like(group_ids))  # no host sync (unlike bincount)
-    expert = torch.arange(num_experts, device=dev)
-    row_te = group_ids[:, None] * num_experts + expert  # [T, E]
-    if p.dtype == torch.float32:
-        bits = p.view(torch.int32).clamp(0, _MAX_BITS).long()
-        key = (row_te << _VALUE_BITS) | bits
-        skey, perm = torch.sort(key.reshape(-1), stable=True)
-        row = skey >> _VALUE_BITS
-    else:
-        # float64: (value, then group) per expert with two stable sorts, laid out expert-major
-        vals, order = torch.sort(p.t(), dim=-1, stable=True)  # [E, T]
-        g_sorted, order2 = torch.sort(group_ids[order], dim=-1, stable=True)
-        order = torch.gather(order, -1, order2)
-        perm = (order * num_experts + expert[:, None]).reshape(-1)
-        row = (g_sorted * num_experts + expert[:, None]).reshape(-1)
-    x = p.reshape(-1)[perm]
-    # Start of every row in this layout. Rows appear in increasing row id; with the float64 layout each
-    # expert's rows are contiguous, so the start of row (g, k) inside the flat order is computed the same
-    # way from the row sizes in that order.
-    n_row = counts.repeat_interleave(num_experts) if p.dtype == torch.float32 else None
-    if n_row is not None:  # row-major over (g, k): row sizes counts[g]
-        start = torch.cumsum(n_row, 0) - n_row
-        size = n_row
-    else:  # expert-major: row (g, k) starts at k * T + sum_{g' < g} counts[g']
-        g_start = torch.cumsum(counts, 0) - counts  # [G + 1]
-        start = (expert[None, :] * num_tokens + g_start[:, None]).reshape(-1)  # indexed by g * E + k
-        size = counts.repeat_interleave(num_experts)
-    pos = torch.arange(perm.numel(), device=dev)
-    j = (pos - start[row] + 1).to(x.dtype)
-    n = size[row].to(x.dtype)
-    return x, perm, row, j, n
-
-
-# ----------------------------------------------------------------------------------------------------
-# Eq. 4 per expert, with its exact gradient.
-# ----------------------------------------------------------------------------------------------------
-
-
-def _sort_row(row: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Stable ascending sort of one contiguous row of probabilities: (values, token index)."""
-    if row.dtype == torch.float32:
-        # Non-negative float32 values order like their int32 bit patterns (negative values and NaN give
-        # NaN in the CDF, so their position does not matter); 1-D int sorts take the CPU radix path.
-        vals, idx = torch.sort(row.view(torch.int32), stable=True)
-        return vals.view(torch.float32), idx
-    return torch.sort(row, stable=True)
-
-
-def _eq4_cpu(p: torch.Tensor, table: BetaCDFTable, num_groups: int, group_ids, need_grad: bool):
+def _eq4_cpu(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool):
     """CPU path: per group and expert, sort the row and split it at the table's junctions.
 
     The bulk (usually all points) uses the interpolant alone with Python-scalar constants, a row at a
@@ -159,6 +49,7 @@ def _eq4_cpu(p: torch.Tensor, table: BetaCDFTable, num_groups: int, group_ids, n
     junctions of all rows go through the full evaluator in one call. Data-dependent slicing is free on
     the host. Returns (loss per expert [E], dL_k/dp [T, E] or None).
     """
+    table, num_groups, group_ids = inputs
     num_tokens, num_experts = p.shape
     cdt = p.dtype
     per_expert = torch.zeros(num_experts, dtype=cdt)
@@ -189,7 +80,7 @@ def _eq4_cpu(p: torch.Tensor, table: BetaCDFTable, num_groups: int, group_ids, n
                 if need_grad:
                     gs[k] = float("nan")
                 continue
-            x, idx = _sort_row(pt[k])
+            x, idx = sort_rows(pt[k])
             xs.append(x)
             order.append(idx)
             lo = int(torch.searchsorted(x, table.x_lo[r : r + 1]))  # x[:lo] < x_lo: lower tail
@@ -229,12 +120,13 @@ def _eq4_cpu(p: torch.Tensor, table: BetaCDFTable, num_groups: int, group_ids, n
     return per_expert, grad
 
 
-def _eq4_device(p: torch.Tensor, table: BetaCDFTable, num_groups: int, group_ids, need_grad: bool):
+def _eq4_device(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool):
     """Accelerator path: branch-free, fixed shapes (no host sync, CUDA-graph friendly)."""
+    table, num_groups, group_ids = inputs
     num_tokens, num_experts = p.shape
     cdt = p.dtype
     if group_ids is None:
-        x, idx = _rank_dense(p)  # [E, T]
+        x, idx = rank_dense(p)  # [E, T]
         f, d = table.evaluate(x, need_grad=need_grad)
         inv_n = 1.0 / max(num_tokens, 1)
         ranks = torch.arange(1, num_tokens + 1, dtype=cdt, device=p.device) * inv_n
@@ -244,19 +136,15 @@ def _eq4_device(p: torch.Tensor, table: BetaCDFTable, num_groups: int, group_ids
             return out, None
         gs = diff * d * (-2.0 * inv_n)
         return out, torch.empty_like(gs).scatter_(1, idx, gs).t()
-    x, perm, row, j, n = _rank_ragged(p, group_ids, num_groups)
-    num_rows = num_groups * num_experts
-    valid = row < num_rows
-    f, d = table.evaluate(x, row.clamp(max=num_rows - 1), need_grad=need_grad)
-    n = n.clamp(min=1.0)
-    diff = j / n - f
-    w = torch.where(valid, 1.0 / n, torch.zeros_like(n))
-    terms = torch.where(valid, diff * diff * w, torch.zeros_like(diff))  # padding never NaN
-    out = torch.zeros(num_experts, dtype=cdt, device=p.device).index_add_(0, row % num_experts, terms)
+    r = ranked_cdf(p, inputs, need_grad)
+    diff = r.j / r.n - r.f
+    w = torch.where(r.valid, 1.0 / r.n, torch.zeros_like(r.n))
+    terms = torch.where(r.valid, diff * diff * w, torch.zeros_like(diff))  # padding never NaN
+    out = torch.zeros(num_experts, dtype=cdt, device=p.device).index_add_(0, r.expert, terms)
     if not need_grad:
         return out, None
-    gs = torch.where(valid, diff * d * w * -2.0, torch.zeros_like(diff))
-    return out, torch.empty_like(gs).scatter_(0, perm, gs).view(num_tokens, num_experts)
+    gs = torch.where(r.valid, diff * r.d * w * -2.0, torch.zeros_like(diff))
+    return out, torch.empty_like(gs).scatter_(0, r.perm, gs).view(num_tokens, num_experts)
 
 
 class _DPSLPerExpert(torch.autograd.Function):
@@ -267,11 +155,11 @@ class _DPSLPerExpert(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, probs, table: BetaCDFTable, num_groups: int, group_ids, need_grad: bool):
-        p = probs.detach().to(table.dtype)
+    def forward(ctx, probs, inputs: Eq4Inputs, need_grad: bool):
+        p = probs.detach().to(inputs.table.dtype)
         need_grad = need_grad and probs.requires_grad
         impl = _eq4_cpu if p.device.type == "cpu" else _eq4_device
-        out, grad = impl(p, table, num_groups, group_ids, need_grad)
+        out, grad = impl(p, inputs, need_grad)
         if need_grad:
             ctx.save_for_backward(grad)
         ctx.in_dtype = probs.dtype
@@ -281,41 +169,35 @@ class _DPSLPerExpert(torch.autograd.Function):
     @once_differentiable  # the saved dL/dp is a constant: no double backward
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_out.to(grad.dtype)).to(ctx.in_dtype), None, None, None, None
+        return (grad * grad_out.to(grad.dtype)).to(ctx.in_dtype), None, None
 
 
-def _prepare(probs, alpha, group_ids, padding_mask):
-    """Validate, build/lookup the table; returns (probs, table, num_groups, group ids or None)."""
-    if not isinstance(alpha, torch.Tensor):
-        alpha = torch.as_tensor(alpha, dtype=torch.float64)
-    _check_inputs(probs, alpha, group_ids, padding_mask)
-    num_tokens, num_experts = probs.shape
-    alpha2d = _alpha_2d(alpha, num_experts)
-    num_groups = alpha2d.shape[0]
-    if num_groups > 1 and group_ids is None:
-        raise ValueError(
-            f"dpsl_loss: alpha has {num_groups} rows (one prior per token group); pass group_ids [{num_tokens}]"
-        )
-    if group_ids is not None:
-        group_ids = group_ids.to(device=probs.device, dtype=torch.int64)
-        bad = (group_ids < 0) | (group_ids >= num_groups)
-        if group_ids.device.type == "cpu":
-            if bool(bad.any()):
-                raise ValueError(
-                    f"dpsl_loss: group_ids must lie in [0, {num_groups}) (alpha has {num_groups} rows), "
-                    f"got values {sorted(set(group_ids[bad].tolist()))[:8]}"
-                )
-        else:  # no host sync on accelerators: device-side assert
-            torch._assert_async(~bad.any(), "dpsl_loss: group_ids out of range [0, num_groups)")
-    if padding_mask is not None:
-        padding_mask = padding_mask.to(probs.device)
-        base = group_ids if group_ids is not None else torch.zeros(num_tokens, dtype=torch.int64, device=probs.device)
-        group_ids = torch.where(padding_mask, num_groups, base)
-    elif group_ids is not None and num_groups == 1:
-        group_ids = None  # a single group and no padding: the dense path
-    cdt = torch.float64 if probs.dtype == torch.float64 else torch.float32
-    table = _table_for(alpha2d, cdt, probs.device)
-    return table, num_groups, group_ids
+def _per_expert_or_sum(probs, alpha, group_ids, padding_mask, impl: Optional[str], reduce: bool):
+    table, num_groups = table_for(probs, alpha, group_ids, padding_mask)
+    need_grad = torch.is_grad_enabled()
+    if selected_impl(probs, impl) == "triton":
+        return fused_loss.FusedDPSL.apply(probs, table, num_groups, group_ids, padding_mask, reduce, need_grad)
+    out = _DPSLPerExpert.apply(probs, row_layout(probs, table, num_groups, group_ids, padding_mask), need_grad)
+    return out.sum() if reduce else out
+
+
+def selected_impl(probs: torch.Tensor, impl: Optional[str] = None) -> str:
+    """"triton" or "torch": what ``dpsl_loss(probs, ..., impl=impl)`` runs (``impl``, else
+    $MEGATRON_DPSL_LOSS_IMPL, else "auto"; module docstring). Raises ValueError for an unusable choice."""
+    impl = impl if impl is not None else os.environ.get(IMPL_ENV, "auto")
+    if impl not in IMPLS:
+        raise ValueError(f"dpsl_loss: impl (or ${IMPL_ENV}) must be one of {IMPLS}, got {impl!r}")
+    fusable = probs.dtype in _FUSED_DTYPES and 0 < probs.numel() < 2**31
+    if impl == "triton":
+        if not fused_loss.runs_on(probs.device):
+            raise ValueError(f"dpsl_loss: impl='triton' needs Triton (pip install triton) and a CUDA device, or "
+                             f"TRITON_INTERPRET=1 for CPU tensors; got {probs.device}. Use impl='torch'")
+        if probs.dtype not in _FUSED_DTYPES:
+            raise ValueError(f"dpsl_loss: impl='triton' takes float32/bfloat16/float16 probs, got {probs.dtype} "
+                             f"(float64: impl='torch')")
+    elif impl == "auto":
+        fusable = fusable and probs.is_cuda and fused_loss.runs_on(probs.device)
+    return "triton" if impl != "torch" and fusable else "torch"  # an empty batch takes the torch path
 
 
 def dpsl_loss_per_expert(
@@ -323,13 +205,14 @@ def dpsl_loss_per_expert(
     alpha,
     group_ids: Optional[torch.Tensor] = None,
     padding_mask: Optional[torch.Tensor] = None,
+    *,
+    impl: Optional[str] = None,
 ) -> torch.Tensor:
     """Eq. 4 (without λ) for each expert: ``[num_experts]``, summed over groups. ``dpsl_loss`` sums it.
 
     Same arguments as ``dpsl_loss``. Output dtype float32 (float64 for float64 ``probs``).
     """
-    table, num_groups, gids = _prepare(probs, alpha, group_ids, padding_mask)
-    return _DPSLPerExpert.apply(probs, table, num_groups, gids, torch.is_grad_enabled())
+    return _per_expert_or_sum(probs, alpha, group_ids, padding_mask, impl, reduce=False)
 
 
 def dpsl_loss(
@@ -337,6 +220,8 @@ def dpsl_loss(
     alpha: torch.Tensor,
     group_ids: Optional[torch.Tensor] = None,
     padding_mask: Optional[torch.Tensor] = None,
+    *,
+    impl: Optional[str] = None,
 ) -> torch.Tensor:
     """Eq. 4 without λ: sum over experts k of (1/B) Σ_j (j/B − F_Beta(p_k,(j); α_k, A−α_k))².
 
@@ -349,6 +234,9 @@ def dpsl_loss(
         group_ids: ``[num_tokens]`` int in ``[0, num_groups)``, each token's group (required with a 2-D
             ``alpha`` of more than one row).
         padding_mask: ``[num_tokens]`` bool, True = padding (excluded, Megatron's convention).
+        impl: ``"auto"`` (default; or ``$MEGATRON_DPSL_LOSS_IMPL``): the fused Triton kernels for CUDA
+            float32/bf16/fp16 ``probs`` when Triton imports, the torch implementation otherwise;
+            ``"triton"`` or ``"torch"`` to force one (module docstring).
 
     Returns:
         Scalar float32 (float64 for float64 ``probs``); with groups, the sum over groups of Eq. 4
@@ -356,6 +244,6 @@ def dpsl_loss(
 
     Raises:
         ValueError: wrong ranks/shapes/dtypes, ``num_experts`` mismatch, alpha <= 0 or NaN, group id out of
-        range (checked on the host for CPU tensors, by a device-side assert elsewhere).
+        range (checked on the host for CPU tensors, by a device-side assert elsewhere), unknown ``impl``.
     """
-    return dpsl_loss_per_expert(probs, alpha, group_ids, padding_mask).sum()
+    return _per_expert_or_sum(probs, alpha, group_ids, padding_mask, impl, reduce=True)

@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from megatron_dpsl.loss import _prepare, _rank_ragged, dpsl_loss_per_expert
+from megatron_dpsl.loss import dpsl_loss_per_expert
+from megatron_dpsl.ranking import prepare, ranked_cdf
 
 
 def expert_load_cov(routing_map_or_counts: torch.Tensor) -> torch.Tensor:
@@ -118,23 +119,15 @@ def ks_distance(
     """
     with torch.no_grad():
         probs = probs.detach()
-        table, num_groups, gids = _prepare(probs, alpha, group_ids, padding_mask)
-        num_tokens, num_experts = probs.shape
-        p = probs.to(table.dtype)
-        if gids is None:
-            gids = torch.zeros(num_tokens, dtype=torch.int64, device=p.device)
-        x, _, row, j, n = _rank_ragged(p, gids, num_groups)
-        num_rows = num_groups * num_experts
-        valid = row < num_rows
-        f, _ = table.evaluate(x, row.clamp(max=num_rows - 1), need_grad=False)
-        n = n.clamp(min=1.0)
-        gap = torch.maximum(j / n - f, f - (j - 1.0) / n)
-        gap = torch.where(valid, gap, torch.zeros_like(gap))
-        expert = row % num_experts
+        inputs = prepare(probs, alpha, group_ids, padding_mask)
+        r = ranked_cdf(probs.to(inputs.table.dtype), inputs, need_grad=False)
+        gap = torch.maximum(r.j / r.n - r.f, r.f - (r.j - 1.0) / r.n)
+        gap = torch.where(r.valid, gap, torch.zeros_like(gap))
+        num_experts = probs.shape[1]
         out = torch.zeros(num_experts, dtype=gap.dtype, device=gap.device)
-        out = out.scatter_reduce(0, expert, gap, reduce="amax", include_self=True)
+        out = out.scatter_reduce(0, r.expert, gap, reduce="amax", include_self=True)
         # scatter_reduce's amax may drop NaN on some back-ends: propagate explicitly
         has_nan = torch.zeros(num_experts, dtype=torch.bool, device=gap.device).index_put_(
-            (expert,), torch.isnan(gap), accumulate=True
+            (r.expert,), torch.isnan(gap), accumulate=True
         )
         return torch.where(has_nan, torch.full_like(out, float("nan")), out)

@@ -1,11 +1,13 @@
-"""``DPSLRouter``: Megatron-Core's ``TopKRouter`` plus the Dirichlet-Prior Shaping Loss.
+"""``DPSLRouter``: Megatron-Core's ``TopKRouter`` plus the plugin's router losses (DPSL, variance).
 
 Plug it in through Megatron's own hook, ``MoESubmodules(router=DPSLRouter)`` (or
 ``megatron_dpsl.specs.get_dpsl_layer_spec``). Routing (``probs``, ``routing_map``), the stock aux
 losses, z-loss, expert bias, capacity dropping and the ``state_dict`` are ``TopKRouter``'s, untouched.
 DPSL adds one loss computed from the fp32 softmax over *all* experts of the router logits, on every
-token the configured gather covers (see ``DPSLTransformerConfig.moe_dpsl_gather``), attached with
-``MoEAuxLossAutoScaler`` like Megatron's aux losses and logged as ``dpsl_loss`` (= λ·DPSL).
+token the configured gather covers (see ``DPSLTransformerConfig.moe_dpsl_gather``), logged as
+``dpsl_loss`` (= λ·DPSL). The variance loss (Guo et al., ``moe_variance_loss_form``) covers the same
+tokens through partial sums and is logged as ``variance_loss`` (= γ·L_v). Both are attached with
+``MoEAuxLossAutoScaler`` like Megatron's aux losses (``megatron_dpsl.aux_losses``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe import moe_utils
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_dpsl import variance as vl
+from megatron_dpsl.aux_losses import attach_aux_loss
 from megatron_dpsl.diagnostics import routing_diagnostics
 from megatron_dpsl.distributed import TokenGather
 from megatron_dpsl.loss import dpsl_loss
@@ -44,12 +47,15 @@ class DPSLRouter(TopKRouter):
         super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         self.dpsl_enabled = config.moe_dpsl_enabled
         self.dpsl_coeff = float(config.moe_dpsl_coeff)
+        self.variance_coeff, self.variance_form = config.moe_variance_coeff, config.moe_variance_loss_form
+        self.needs_plugin_moe_layer = config.moe_orthogonality_coeff > 0  # DPSLMoELayer clears it
         self._dpsl_calls = 0  # Python-side counter for the diagnostics interval (no sync)
         if self.dpsl_enabled:
             # float64 on the host, not a buffer: dpsl_loss keys its CDF table on α's values (a device
             # tensor would cost a copy and a sync per call) and Float16Module would cast a buffer
             self._dpsl_alpha = config.dpsl_alpha()
             self._dpsl_num_groups = config.moe_dpsl_num_token_groups
+        if self.dpsl_enabled or self.variance_coeff > 0:
             self._dpsl_gather = TokenGather(
                 mode=config.moe_dpsl_gather,
                 tp_cp_group=self.tp_cp_group,
@@ -80,26 +86,51 @@ class DPSLRouter(TopKRouter):
 
     # ---- routing: stock routing + DPSL ----
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """``TopKRouter.routing`` and then DPSL on the same logits.
+        """``TopKRouter.routing`` and then the variance loss and DPSL on the same logits.
 
         Args:
             logits: ``[s, b, num_experts]``.
             padding_mask: ``[s, b]`` bool, True = padding (Megatron's code convention), or None.
 
         Returns:
-            ``(probs, routing_map)``, both ``[s * b, num_experts]``, TopKRouter's values; the DPSL
-            loss rides on ``probs`` through ``MoEAuxLossAutoScaler``.
+            ``(probs, routing_map)``, both ``[s * b, num_experts]``, TopKRouter's values; the losses
+            ride on ``probs`` through ``MoEAuxLossAutoScaler``.
         """
+        if self.needs_plugin_moe_layer and self.training:
+            # the orthogonality loss lives in DPSLMoELayer, which marks its router: without it no loss runs
+            raise RuntimeError(
+                "moe_router_load_balancing_type 'orthogonality' needs megatron_dpsl.DPSLMoELayer as the MoE "
+                "layer; build the spec with megatron_dpsl.specs.get_dpsl_layer_spec / with_plugin_modules "
+                "(with_router swaps only the router)"
+            )
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        flat_logits = logits.reshape(-1, self.config.num_moe_experts)
+        flat_pad = None if padding_mask is None else padding_mask.reshape(-1).bool()
+        if self.variance_active():
+            probs = self._apply_variance(probs, flat_logits, flat_pad)
         if self.dpsl_active():
-            flat_logits = logits.reshape(-1, self.config.num_moe_experts)
-            flat_pad = None if padding_mask is None else padding_mask.reshape(-1).bool()
             probs = self._apply_dpsl(probs, flat_logits, routing_map, flat_pad)
         return probs, routing_map
 
     def dpsl_active(self) -> bool:
         """True when the loss is computed this call: enabled, λ > 0, training and grad enabled."""
         return self.dpsl_enabled and self.dpsl_coeff > 0 and self.training and torch.is_grad_enabled()
+
+    def variance_active(self) -> bool:
+        """True when the variance loss is computed this call: γ > 0, training and grad enabled."""
+        return self.variance_coeff > 0 and self.training and torch.is_grad_enabled()
+
+    def _apply_variance(self, probs, logits, padding_mask):
+        # paper: Eq. 7 on the post-top-k probs (what mixes the experts); reference code: full softmax
+        paper = self.variance_form == vl.PAPER
+        sums = vl.variance_sums(probs, padding_mask) if paper else vl.sharpness_sums(logits, padding_mask)
+        # the loss is a function of sums over the batch's tokens: gather each rank's sums (one row)
+        # through the DPSL gather, whose backward gives every rank the full gradient (×replicas)
+        rows, replicas = self._dpsl_gather(sums.unsqueeze(0))  # [ranks kept, C]
+        total = rows.sum(0)
+        loss = vl.variance_loss_from_sums(total) if paper else vl.sharpness_loss_from_sums(total)
+        return attach_aux_loss(self, probs, (self.variance_coeff * loss).float(), "variance_loss",
+                               valid_tokens=total[-1].detach() / replicas, avg_group=self.tp_dp_cp_group)
 
     def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         # megatron-core 0.16/0.19 compute routing_map & ~padding_mask with a [N] mask against an
@@ -145,33 +176,16 @@ class DPSLRouter(TopKRouter):
         all_groups = gathered[:, num_experts].long() if group_ids is not None else None
         all_pad = gathered[:, num_experts + 1] > 0.5 if padding_mask is not None else None
         loss = self.dpsl_coeff * dpsl_loss(all_scores, self._dpsl_alpha, group_ids=all_groups, padding_mask=all_pad)
-        if getattr(self, "is_mtp_layer", False) and getattr(self.config, "mtp_use_repeated_layer", False):
-            # newer Megatron runs one repeated MTP layer mtp_num_layers times (as its aux losses do)
-            loss = loss / self.config.mtp_num_layers
-        self._log_dpsl(loss, routing_map, padding_mask, all_scores, all_groups, all_pad)
-        if self.calculate_per_token_loss:
-            # finalize_model_grads divides by the global valid-token count (≈ micro-batches × dp ×
-            # tokens per replica); multiply back by this replica's valid tokens, as Megatron does
-            # for its aux losses with the local count
-            valid = all_scores.shape[0] if all_pad is None else (~all_pad).sum()
-            loss = loss * (valid / replicas)
-        return MoEAuxLossAutoScaler.apply(probs, loss)
-
-    def _log_dpsl(self, loss, routing_map, padding_mask, all_scores, all_groups, all_pad):
-        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
-        layer_number = self.layer_number
-        if layer_number is not None and getattr(self, "is_mtp_layer", False):
-            layer_number = layer_number + self.config.num_layers
-        values = {"dpsl_loss": loss}
+        logs = None
         self._dpsl_calls += 1
         interval = self.config.moe_dpsl_log_interval
         if interval and self.layer_number is not None and self._dpsl_calls % interval == 0:
-            values.update(routing_diagnostics(
+            logs = routing_diagnostics(
                 routing_map=routing_map, padding_mask=padding_mask, all_scores=all_scores, alpha=self._dpsl_alpha,
                 all_groups=all_groups, all_pad=all_pad, load_group=self.tp_cp_group,
-            ))
-        # every rank holds the full value of its gather group: average (not sum) over all ranks
-        for name, value in values.items():
-            save_to_aux_losses_tracker(
-                name, value, layer_number, num_layers, reduce_group=None, avg_group=self.tp_dp_cp_group
             )
+        # per-token loss: the gather group's valid tokens per replica micro-batch (docs/parallelism.md);
+        # every rank holds the full value of its gather group: the tracker averages over all ranks
+        valid = all_scores.shape[0] if all_pad is None else (~all_pad).sum()
+        return attach_aux_loss(self, probs, loss, "dpsl_loss", valid_tokens=valid / replicas, logs=logs,
+                               avg_group=self.tp_dp_cp_group)

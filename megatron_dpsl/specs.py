@@ -1,4 +1,13 @@
-"""Megatron's GPT layer/block specs with ``DPSLRouter`` in ``MoESubmodules.router`` (no patching).
+"""Megatron's GPT layer/block specs with the plugin's modules swapped in (no patching).
+
+``DPSLRouter`` goes into ``MoESubmodules.router`` and ``DPSLMoELayer`` replaces ``MoELayer`` (it hosts
+the orthogonality loss and is ``MoELayer`` when that loss is off). Both spec shapes are handled:
+megatron-core 0.16's ``ModuleSpec(module=MoELayer, submodules=MoESubmodules(...))`` and 0.19's
+``functools.partial(MoELayer, submodules=MoESubmodules(...))``.
+
+With ``config.moe_ac_layers`` set, the router is ``ACRouter`` bound to one ``ACRoutingState`` per spec
+call: build one spec per model chunk (Megatron-LM's ``model_provider`` does), so that the routers of a
+chunk share it and different chunks do not (megatron_dpsl/ac_state.py).
 
     from megatron_dpsl import DPSLTransformerConfig, get_dpsl_decoder_block_spec
     config = DPSLTransformerConfig(..., num_moe_experts=8, moe_router_load_balancing_type="dpsl")
@@ -14,9 +23,10 @@ import importlib.util
 import inspect
 from typing import Iterator
 
-from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_dpsl.moe_layer import DPSLMoELayer
 from megatron_dpsl.router import DPSLRouter
 
 
@@ -54,12 +64,62 @@ def _moe_submodules(node, seen=None) -> Iterator[MoESubmodules]:
             yield from _moe_submodules(getattr(node, f.name), seen)
 
 
-def with_router(spec, router=DPSLRouter):
-    """A deep copy of ``spec`` (ModuleSpec / TransformerBlockSubmodules / list) with ``router`` in every MoE layer."""
+def _swap(node, router, moe_layer, memo):
+    """``node`` with ``router`` in every ``MoESubmodules`` below it and ``moe_layer`` for ``MoELayer``.
+
+    Mutable nodes are changed in place; a ``functools.partial`` or tuple is rebuilt (``memo`` maps each
+    visited node to its result, so a node shared by several layers is replaced once, consistently).
+    """
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = node  # cycles: a node seen again while being processed stays as it is
+    out = node
+    if isinstance(node, MoESubmodules):
+        node.router = router
+    elif isinstance(node, functools.partial):
+        func = moe_layer if moe_layer is not None and node.func is MoELayer else node.func
+        args = tuple(_swap(a, router, moe_layer, memo) for a in node.args)
+        keywords = {k: _swap(v, router, moe_layer, memo) for k, v in node.keywords.items()}
+        out = functools.partial(func, *args, **keywords)
+    elif isinstance(node, ModuleSpec):
+        if moe_layer is not None and node.module is MoELayer:
+            node.module = moe_layer
+        node.submodules = _swap(node.submodules, router, moe_layer, memo)
+    elif isinstance(node, list):
+        node[:] = [_swap(x, router, moe_layer, memo) for x in node]
+    elif isinstance(node, tuple) and not hasattr(node, "_fields"):
+        out = tuple(_swap(x, router, moe_layer, memo) for x in node)
+    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        for f in dataclasses.fields(node):
+            old = getattr(node, f.name)
+            new = _swap(old, router, moe_layer, memo)
+            if new is not old:
+                object.__setattr__(node, f.name, new)
+    memo[id(node)] = out
+    return out
+
+
+def with_plugin_modules(spec, router=DPSLRouter, moe_layer=DPSLMoELayer):
+    """A deep copy of ``spec`` (ModuleSpec / partial / TransformerBlockSubmodules / list) with ``router``
+    in every MoE layer and ``moe_layer`` in place of ``MoELayer`` (``None``: keep ``MoELayer``)."""
     spec = copy.deepcopy(spec)
-    for moe in _moe_submodules(spec):
-        moe.router = router
-    return spec
+    return _swap(spec, router, moe_layer, {})
+
+
+def with_router(spec, router=DPSLRouter):
+    """A deep copy of ``spec`` with ``router`` in every MoE layer (the MoE layer class unchanged)."""
+    return with_plugin_modules(spec, router, moe_layer=None)
+
+
+def router_for(config):
+    """The router class for ``config``'s MoE layers: ``ACRouter`` (bound to a fresh ``ACRoutingState``, one per
+    call, i.e. per model chunk) when ``config.moe_ac_layers`` is set, else ``DPSLRouter``."""
+    if not getattr(config, "moe_ac_enabled", False):
+        return DPSLRouter
+    from megatron_dpsl.ac_router import ACRouter
+    from megatron_dpsl.ac_state import ACRoutingState
+
+    return functools.partial(ACRouter, ac_state=ACRoutingState())
 
 
 def moe_submodules(spec) -> list[MoESubmodules]:
@@ -73,7 +133,7 @@ def count_routers(spec, router=DPSLRouter) -> int:
 
 
 def get_dpsl_layer_spec(config, use_transformer_engine: bool = False, **kwargs) -> ModuleSpec:
-    """Megatron's GPT layer spec (local or TE) for ``config``'s MoE layer, with ``DPSLRouter``.
+    """Megatron's GPT layer spec (local or TE) for ``config``'s MoE layer, with ``DPSLRouter`` and ``DPSLMoELayer``.
 
     Args:
         config: ``DPSLTransformerConfig`` (``num_moe_experts`` set).
@@ -101,18 +161,12 @@ def get_dpsl_layer_spec(config, use_transformer_engine: bool = False, **kwargs) 
     if "moe_use_legacy_grouped_gemm" in inspect.signature(make).parameters:
         args["moe_use_legacy_grouped_gemm"] = getattr(config, "moe_use_legacy_grouped_gemm", False)
     args.update(kwargs)
-    spec = with_router(make(**args))
-    if not count_routers(spec):
-        raise RuntimeError(
-            f"get_dpsl_layer_spec: no MoE layer found in {make.__name__}'s spec; this megatron-core lays out "
-            "its MoE spec in a way megatron_dpsl.specs does not know"
-        )
-    return spec
+    return with_plugin_modules(make(**args), router_for(config))
 
 
 def get_dpsl_decoder_block_spec(config, use_transformer_engine: bool = False, **kwargs):
-    """``get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs)``, ``DPSLRouter`` in its MoE layers."""
+    """``get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs)``, the plugin's modules in its MoE layers."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     _require_te(use_transformer_engine)
-    return with_router(get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs))
+    return with_plugin_modules(get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs), router_for(config))

@@ -71,6 +71,20 @@ def dpsl_token_groups(group_ids: Optional[torch.Tensor], cp_sliced: bool = False
         _CURRENT.reset(token)
 
 
+def _cp_slice(batch: dict, cp_group) -> dict:
+    """Megatron's load-balanced 2×CP chunking of ``batch`` (``get_batch_on_this_cp_rank``).
+
+    megatron-core 0.19 added a required ``is_hybrid_cp`` parameter; plain CP is ``False``.
+    """
+    import inspect
+
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=cp_group)
+    return get_batch_on_this_cp_rank(batch, cp_group=cp_group)
+
+
 def shard_token_group_ids(
     groups: TokenGroups,
     tp_group=None,
@@ -87,7 +101,7 @@ def shard_token_group_ids(
     ids = groups.group_ids
     cp_size = 1 if cp_group is None else cp_group.size()
     if cp_size > 1 and not groups.cp_sliced:
-        ids = cp_slice(ids, cp_group)
+        ids = _cp_slice({"dpsl_group_ids": ids}, cp_group)["dpsl_group_ids"]
     ids = ids.transpose(0, 1)  # [s_local, b], the layout of hidden states
     tp_size = 1 if tp_group is None else tp_group.size()
     if sequence_parallel and tp_size > 1:
@@ -114,16 +128,3 @@ def check_group_ids(ids: torch.Tensor, num_groups: int) -> None:
             raise ValueError(f"{message}, got {lo}..{hi}")
         return
     torch._assert_async(((ids >= 0) & (ids < num_groups)).all(), message)
-
-
-def cp_slice(tensor, cp_group):
-    """This CP rank's part of ``tensor`` (``[batch, seq]``), cut as Megatron cuts the tokens.
-
-    Megatron's ``get_batch_on_this_cp_rank`` (megatron-core 0.19 added a required ``is_hybrid_cp``).
-    """
-    import inspect
-
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    extra = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters else {}
-    return get_batch_on_this_cp_rank({"t": tensor}, cp_group=cp_group, **extra)["t"]

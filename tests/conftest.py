@@ -10,6 +10,11 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
+if not torch.cuda.is_available():
+    # CPU-only machine: Triton kernels (megatron_dpsl/fused_loss.py) run under Triton's interpreter, which
+    # must be chosen before Triton is imported (tests/test_fused_loss.py); with a GPU they compile.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -7,7 +7,8 @@ import scipy.stats
 import torch
 
 from megatron_dpsl import beta_cdf, dpsl_loss, dpsl_loss_per_expert
-from megatron_dpsl.loss import _eq4_cpu, _eq4_device, _prepare
+from megatron_dpsl.loss import _CHUNK, _eq4_cpu, _eq4_device
+from megatron_dpsl.ranking import prepare
 
 
 def _probs(num_tokens, num_experts, seed=0, scale=2.0, dtype=torch.float64):
@@ -186,9 +187,13 @@ def test_extreme_probabilities_use_tails_accurately():
 
 
 def test_long_rows_span_several_chunks():
-    probs = _probs(40000, 2, seed=10)  # > _CHUNK (32768) tokens per row
-    ref = _ref_per_expert(probs.float(), [1.0, 1.0]).sum()
-    assert abs(dpsl_loss(probs.float(), [1.0, 1.0]).item() - ref) <= 2e-6  # 2 experts x 2 x 5e-7
+    # the CPU path evaluates each row's bulk (points between the table's junctions) in chunks of _CHUNK
+    probs = _probs(_CHUNK + _CHUNK // 2, 2, seed=10).float()
+    table = prepare(probs, [1.0, 1.0]).table
+    bulk = ((probs >= table.x_lo) & (probs <= table.x_hi)).sum(0)
+    assert (bulk > _CHUNK).all(), bulk  # the test's premise: every row's bulk crosses a chunk boundary
+    ref = _ref_per_expert(probs, [1.0, 1.0]).sum()
+    assert abs(dpsl_loss(probs, [1.0, 1.0]).item() - ref) <= 2e-6  # 2 experts x 2 x 5e-7
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -200,9 +205,9 @@ def test_device_path_matches_cpu_path(dtype):
     pad = torch.rand(300, generator=torch.Generator().manual_seed(4)) < 0.2
     atol = 1e-12 if dtype == torch.float64 else 1e-6  # same tables; float32 op order and tail split differ
     for args in ((alpha2[0], None, None), (alpha2, gids, None), (alpha2, gids, pad), (alpha2[1], None, pad)):
-        table, num_groups, ids = _prepare(probs, *args)
-        out_cpu, grad_cpu = _eq4_cpu(probs, table, num_groups, ids, True)
-        out_dev, grad_dev = _eq4_device(probs, table, num_groups, ids, True)
+        inputs = prepare(probs, *args)
+        out_cpu, grad_cpu = _eq4_cpu(probs, inputs, True)
+        out_dev, grad_dev = _eq4_device(probs, inputs, True)
         torch.testing.assert_close(out_dev, out_cpu, rtol=0, atol=atol)
         torch.testing.assert_close(grad_dev, grad_cpu, rtol=1e-5, atol=atol)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_dpsl.load_balancing import PLUGIN_LOAD_BALANCING_TYPES
 from megatron_dpsl.megatron_lm import args as dpsl_args
 from megatron_dpsl.megatron_lm import docs as dpsl_docs
 from megatron_dpsl.megatron_lm.args import (
@@ -169,12 +170,14 @@ def test_without_dpsl_the_config_is_plain_megatron():
 def test_megatron_parser_choices_are_widened_not_duplicated():
     parser = add_dpsl_args(megatron_style_parser())
     lb = [a for a in parser._actions if a.dest == "moe_router_load_balancing_type"]
-    assert len(lb) == 1 and lb[0].choices[-1] == "dpsl"
+    # every plugin type appended once, after Megatron's own
+    assert len(lb) == 1 and lb[0].choices[-len(PLUGIN_LOAD_BALANCING_TYPES):] == list(PLUGIN_LOAD_BALANCING_TYPES)
     ns = parser.parse_args("--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01 0".split())
     assert ns.moe_router_load_balancing_type == ["aux_loss", "dpsl"]
     # a second call (patched Megatron-LM plus the launcher's provider) adds nothing and does not raise
     assert add_dpsl_args(parser) is parser
     assert len(dpsl_actions(parser)) == 8
+    assert lb[0].choices.count("variance") == 1
 
 
 def test_unwidened_megatron_parser_rejects_dpsl(capsys):

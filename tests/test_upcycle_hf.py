@@ -101,3 +101,29 @@ def test_hf_errors(tmp_path):
     with pytest.raises(UpcycleError, match="model_type 'mixtral'"):
         upcycle(tmp_path / "hf", tmp_path / "o", num_experts=4, progress=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
+def test_cpu_loading_recipe_of_the_docs(tmp_path, kind):
+    """docs/upcycling.md's CPU recipe as a user runs it: the CLI, then examples/load_upcycled_cpu.py
+    (megatron-core builds the MoE from the checkpoint's args, loads it strictly, compares with HF)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    _tiny_hf(kind, tmp_path / "hf")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
+    run = lambda *cmd: subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env)  # noqa: E731
+    from megatron_dpsl.upcycle.cli import main
+
+    assert main(["--source", str(tmp_path / "hf"), "--output", str(tmp_path / "moe"), "--num-experts", "8",
+                 "--granularity", "2", "--moe-router-topk", "4", "--weight-scaling", "exact", "--no-progress"]) == 0
+    load = run(str(repo / "examples" / "load_upcycled_cpu.py"), "--load", str(tmp_path / "moe"),
+               "--compare-hf", str(tmp_path / "hf"))  # fmt: skip
+    assert load.returncode == 0, load.stderr[-3000:]
+    print(load.stdout)
+    assert re.search(r"\(strict\): \d+ parameters, 8 experts, top-4; logits \[2, 16, 96\], finite: True", load.stdout)
+    diff = float(re.search(r"max \|logit diff\| vs .*: (\S+)", load.stdout).group(1))
+    assert diff <= HF_ATOL

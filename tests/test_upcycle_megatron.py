@@ -121,6 +121,11 @@ def test_mixed_layers_shared_expert_and_bare_dir(megatron, swiglu_ckpt, tmp_path
     )
     out_args = _args_of(tmp_path / "moe")
     assert out_args.moe_layer_freq == [0, 1] and out_args.moe_shared_expert_intermediate_size == 64
+    # no args in the source: what the tensors show is filled in, the head count is not guessed
+    assert (out_args.position_embedding_type, out_args.add_position_embedding) == ("rope", False)
+    assert (out_args.normalization, out_args.padded_vocab_size, out_args.untie_embeddings_and_output_weights) == (
+        "RMSNorm", 96, True)  # fmt: skip
+    assert not hasattr(out_args, "num_attention_heads") and not hasattr(out_args, "kv_channels")
     full = dense_args()  # the bare dir has no args: attention shapes come from the test's config
     for name in (
         "num_experts",

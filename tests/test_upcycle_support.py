@@ -72,7 +72,8 @@ def transformer_config(args, *, router_dtype=None, **overrides):
         gated_linear_unit=bool(args.swiglu),
         activation_func=ACTIVATIONS[act],
         normalization=args.normalization,
-        layernorm_epsilon=args.norm_epsilon,
+        # --norm-epsilon's dest is layernorm_epsilon in Megatron-LM >= 0.14 (norm_epsilon before)
+        layernorm_epsilon=getattr(args, "layernorm_epsilon", getattr(args, "norm_epsilon", 1e-5)),
         add_bias_linear=args.add_bias_linear,
         add_qkv_bias=getattr(args, "add_qkv_bias", False),
         use_cpu_initialization=True,
@@ -226,3 +227,35 @@ def train_steps(model, tokens, steps=4, lr=3e-3, grad_hook=None, loss_hook=None)
         opt.step()
         losses.append(loss_hook(loss.detach()) if loss_hook is not None else loss.item())
     return losses
+
+
+def write_tiny_hf_llama(path, *, layers=2, hidden=32, ffn=64, heads=4, groups=2, vocab=96, seed=0):
+    """A random Llama checkpoint in the HF layout (config.json + model.safetensors), written with
+    safetensors alone: a source for tests that need a conversion but not the transformers package."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    d = hidden // heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}  # fmt: skip
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * d, hidden), p + "self_attn.k_proj.weight": (groups * d, hidden),
+            p + "self_attn.v_proj.weight": (groups * d, hidden), p + "self_attn.o_proj.weight": (hidden, heads * d),
+            p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
+            p + "mlp.down_proj.weight": (hidden, ffn),
+        })  # fmt: skip
+    os.makedirs(path, exist_ok=True)
+    weights = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+    save_file(weights, os.path.join(path, "model.safetensors"))
+    config = dict(model_type="llama", hidden_act="silu", hidden_size=hidden, intermediate_size=ffn,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=groups,
+                  max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  vocab_size=vocab)  # fmt: skip
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return path

@@ -2,7 +2,9 @@
 
 ``add_dpsl_args(parser)`` is a Megatron-LM ``extra_args_provider``: it adds the ``--moe-dpsl-*``
 flags and lets ``--moe-router-load-balancing-type`` take ``dpsl`` (alone or in Megatron's list
-form, e.g. ``aux_loss dpsl`` with one ``--moe-aux-loss-coeff`` per type).
+form, e.g. ``aux_loss dpsl`` with one ``--moe-aux-loss-coeff`` per type), and likewise ``variance`` and
+``orthogonality`` (Guo et al.; coefficients in their ``--moe-aux-loss-coeff`` slots) with their
+``--moe-variance-loss-form`` / ``--moe-orthogonality-loss-form`` flags.
 
 ``dpsl_config_from_args(args)`` copies the parsed namespace onto ``DPSLTransformerConfig`` by
 dataclass field name, as Megatron-LM's ``core_transformer_config_from_args`` does. The config decides
@@ -27,8 +29,11 @@ from typing import Any, Iterator, Optional
 from megatron_dpsl.load_balancing import (
     DPSL_TYPE,
     GATHER_CHOICES,
+    LOSS_FORMS,
     MEGATRON_LOAD_BALANCING_TYPES,
+    ORTHOGONALITY_TYPE,
     PLUGIN_LOAD_BALANCING_TYPES,
+    VARIANCE_TYPE,
     plugin_types_in,
 )
 
@@ -45,6 +50,16 @@ DPSL_FIELDS = (
     "moe_dpsl_gather",
     "moe_dpsl_log_interval",
 )
+
+AC_FIELDS = ("moe_ac_layers", "moe_ac_eps", "moe_ac_clip", "moe_ac_weight_norm")
+"""The Adaptive-Clustering router's fields (``--moe-ac-*``, docs/ac_router.md)."""
+
+# The variance/orthogonality loss flags: (flag, config field, the load-balancing type they belong to).
+REGULARIZER_FLAGS = (
+    ("--moe-variance-loss-form", "moe_variance_loss_form", VARIANCE_TYPE),
+    ("--moe-orthogonality-loss-form", "moe_orthogonality_loss_form", ORTHOGONALITY_TYPE),
+)
+REGULARIZER_FIELDS = tuple(field for _, field, _ in REGULARIZER_FLAGS)
 
 # Config field -> flag, for fields whose flag is not simply "--" + name.replace("_", "-").
 _FIELD_FLAGS = {"num_moe_experts": "--num-experts"}
@@ -105,7 +120,8 @@ def add_moe_load_balancing_args(parser: argparse.ArgumentParser) -> argparse.Arg
             default="aux_loss",
             help="Router load-balancing strategy, one or several (each with its own --moe-aux-loss-coeff). "
             "'dpsl' adds the Dirichlet-Prior Shaping Loss; it combines with aux_loss, seq_aux_loss, "
-            "global_aux_loss or none.",
+            "global_aux_loss or none. 'variance' and 'orthogonality' add the losses of Guo et al. (2025), "
+            "see --moe-variance-loss-form / --moe-orthogonality-loss-form.",
         )
     if _find_action(parser, "moe_aux_loss_coeff") is None:
         parser.add_argument(
@@ -114,13 +130,15 @@ def add_moe_load_balancing_args(parser: argparse.ArgumentParser) -> argparse.Arg
             nargs="+",
             default=0.0,
             help="Coefficient of each load-balancing loss, one per --moe-router-load-balancing-type. "
-            "The value in dpsl's slot, when non-zero, is the DPSL coefficient (same as --moe-dpsl-coeff).",
+            "The value in dpsl's slot, when non-zero, is the DPSL coefficient (same as --moe-dpsl-coeff); "
+            "the values in the variance and orthogonality slots are those losses' coefficients (>= 0).",
         )
     return parser
 
 
 def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron-LM ``extra_args_provider``: add the DPSL flags and accept ``dpsl`` as a load-balancing type.
+    """Megatron-LM ``extra_args_provider``: add the DPSL flags (and the ``--moe-ac-*`` flags of the Adaptive
+    Clustering router) and accept ``dpsl`` as a load-balancing type.
 
     If ``parser`` defines ``--moe-router-load-balancing-type`` (Megatron-LM's parser does), ``dpsl`` is
     appended to its choices; if it does not, nothing is added for it (call
@@ -128,14 +146,16 @@ def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     Megatron-LM adds the flags itself and a launcher may pass this provider too). Returns ``parser``.
     """
     if _find_action(parser, "moe_dpsl_coeff") is not None:
+        _add_ac_args(parser)  # a parser that got the DPSL flags before the AC router existed
         return parser
     action = _find_action(parser, "moe_router_load_balancing_type")
     missing = [t for t in PLUGIN_LOAD_BALANCING_TYPES if action is not None and action.choices is not None
                and t not in action.choices]
     if missing:
         action.choices = [*action.choices, *missing]
-        if action.help and DPSL_TYPE in missing:
-            action.help += " 'dpsl' (megatron-dpsl) adds the Dirichlet-Prior Shaping Loss, see --moe-dpsl-*."
+        if action.help:
+            action.help += (" 'dpsl' (megatron-dpsl) adds the Dirichlet-Prior Shaping Loss, see --moe-dpsl-*; "
+                            "'variance' and 'orthogonality' the losses of Guo et al. (2025).")
 
     group = parser.add_argument_group(
         title="dpsl",
@@ -202,7 +222,91 @@ def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Steps between routing diagnostics (expert-load CoV, entropy, distance to prior); 0 disables. "
         "Other steps add no communication.",
     )
+    _add_ac_args(parser)
+    _add_regularizer_args(parser)
     return parser
+
+
+def _clip(value: str):
+    """argparse type of ``--moe-ac-clip``: a number, or ``none`` for no cap."""
+    if value.strip().lower() == "none":
+        return "none"
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {value!r}") from None
+
+
+def _add_ac_args(parser: argparse.ArgumentParser) -> None:
+    """The Adaptive-Clustering router flags (idempotent); values are checked by the config."""
+    if _find_action(parser, "moe_ac_layers") is not None:
+        return
+    from megatron_dpsl.ac_clustering import WEIGHT_NORMS
+
+    group = parser.add_argument_group(
+        title="adaptive clustering router",
+        description="The Adaptive Clustering (AC) router of Nielsen et al., ICLR 2025 (megatron-dpsl, "
+        "docs/ac_router.md). On when --moe-ac-layers names layers; combines with every load-balancing type.",
+    )
+    group.add_argument(
+        "--moe-ac-layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Layer numbers (1-based, whole model) of the MoE layers whose router uses AC: tokens are scored "
+        "after reweighting their features by the tightness of the cluster (expert) the previous MoE layer "
+        "put them in. Each must be an MoE layer with an earlier MoE layer (the paper keeps the first MoE "
+        "layers standard). The first AC layer of a pipeline stage whose previous MoE layer is on another "
+        "stage routes without AC.",
+    )
+    group.add_argument(
+        "--moe-ac-eps",
+        type=float,
+        default=None,
+        help="Added to each cluster's per-feature mean absolute deviation before inverting it (config default 1e-4).",
+    )
+    group.add_argument(
+        "--moe-ac-clip",
+        type=_clip,
+        default=None,
+        metavar="FLOAT_OR_NONE",
+        help="Cap on the AC feature weights as a multiple of their mean (config default 10, the official "
+        "language-model code; its Swin code uses 1.5); 'none' disables the cap.",
+    )
+    group.add_argument(
+        "--moe-ac-weight-norm",
+        type=str,
+        choices=list(WEIGHT_NORMS),
+        default=None,
+        help="Normalisation of the AC weights (config default feature): feature = each feature's weights "
+        "average 1 over the clusters (official language-model code); cluster = each cluster's weights "
+        "average 1 over the features; global = overall mean 1 (official Swin code).",
+    )
+
+
+def _add_regularizer_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        title="variance and orthogonality losses",
+        description="Guo et al. (2025, arXiv 2505.22323), megatron-dpsl: on when --moe-router-load-balancing-type "
+        "includes 'variance' / 'orthogonality'; each coefficient is that type's --moe-aux-loss-coeff value.",
+    )
+    group.add_argument(
+        "--moe-variance-loss-form",
+        type=str,
+        choices=list(LOSS_FORMS),
+        default=None,
+        help="paper (default): Eq. 7, minus each expert's variance of the post-top-k routing probabilities "
+        "across the batch's tokens (those --moe-dpsl-gather names). reference_code: the official code, minus "
+        "the per-token variance of the full softmax across experts.",
+    )
+    group.add_argument(
+        "--moe-orthogonality-loss-form",
+        type=str,
+        choices=list(LOSS_FORMS),
+        default=None,
+        help="paper (default): Eq. 6 / (k·N), squared projections of each of a token's k unweighted expert "
+        "outputs onto each other one. reference_code: onto the span of the other k-1 (the official code).",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,8 +337,9 @@ _PRIOR_SOURCES = (
 def check_given_flags(args: argparse.Namespace) -> None:
     """What only the command line can tell (the config sees values, not which flags were typed).
 
-    A DPSL flag given without ``dpsl`` in the load-balancing types would be ignored, and two ways of
-    giving the prior would silently shadow one another: both raise ``ValueError`` naming the flag.
+    A DPSL flag given without ``dpsl`` in the load-balancing types (or a ``--moe-*-loss-form`` flag
+    without its type) would be ignored, and two ways of giving the prior would silently shadow one
+    another: both raise ``ValueError`` naming the flag.
     Every rule about values lives in ``DPSLTransformerConfig``.
     """
     given = [flag for flag, names in _PRIOR_SOURCES if any(getattr(args, n, None) is not None for n in names)]
@@ -249,12 +354,22 @@ def check_given_flags(args: argparse.Namespace) -> None:
     priors = [flag for flag in given if flag != "--moe-dpsl-coeff"]
     if len(priors) > 1:
         raise ValueError(f"{priors[1].split('/')[0]}: give only one prior, got {' and '.join(priors)}")
+    ac_given = [flag_for_field(n) for n in AC_FIELDS[1:] if getattr(args, n, None) is not None]
+    if ac_given and not getattr(args, "moe_ac_layers", None):
+        raise ValueError(f"{ac_given[0]}: the Adaptive Clustering flags need --moe-ac-layers (the layers that use AC)")
+    types = plugin_types_in(getattr(args, "moe_router_load_balancing_type", None))
+    for flag, field, needed in REGULARIZER_FLAGS:
+        if getattr(args, field, None) is not None and needed not in types:
+            raise ValueError(
+                f"{flag} needs {LOAD_BALANCING_FLAG} to include '{needed}', got "
+                f"{getattr(args, 'moe_router_load_balancing_type', None)!r}"
+            )
 
 
 def translate_config_error(message: str) -> str:
     """Rewrite config field names in ``message`` as their flags (``moe_dpsl_alpha`` -> ``--moe-dpsl-alpha``)."""
     return re.sub(
-        r"(?<![\w-])(moe_[a-z0-9_]+|num_moe_experts)\b",
+        r"(?<![\w-])(moe_[a-z0-9_]+|num_moe_experts|overlap_moe_expert_parallel_comm|cuda_graph_impl)\b",
         lambda m: flag_for_field(m.group(1)),
         message,
     )
@@ -285,9 +400,14 @@ def dpsl_namespace(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_dpsl_alpha"):
         if getattr(ns, name, None) is not None:
             setattr(ns, name, _scalar_if_single(getattr(ns, name)))
-    for name in DPSL_FIELDS:
+    for name in (*DPSL_FIELDS, *REGULARIZER_FIELDS):
         if name != "moe_dpsl_coeff" and getattr(ns, name, None) is None and hasattr(ns, name):
             delattr(ns, name)
+    for name in AC_FIELDS:
+        if getattr(ns, name, None) is None and hasattr(ns, name):
+            delattr(ns, name)
+    if getattr(ns, "moe_ac_clip", None) == "none":
+        ns.moe_ac_clip = None
     return ns
 
 
@@ -329,12 +449,13 @@ def megatron_lm_config_from_args(args: argparse.Namespace, config_class=None):
     config_class = config_class or _default_config_class()
     with flag_errors():
         config = core_transformer_config_from_args(dpsl_namespace(args), config_class=config_class)
-    if dpsl_enabled(args) and not isinstance(config, config_class):
-        # Megatron-LM swaps in MLATransformerConfig / HeterogeneousTransformerConfig, dropping the DPSL fields.
+    ours = plugin_types_in(getattr(args, "moe_router_load_balancing_type", None))
+    if ours and not isinstance(config, config_class):
+        # Megatron-LM swaps in MLATransformerConfig / HeterogeneousTransformerConfig, dropping the plugin's fields.
         flag = "--multi-latent-attention" if getattr(args, "multi_latent_attention", False) else (
             "--heterogeneous-layers-config-path")
         raise ValueError(
             f"{flag}: Megatron-LM builds a {type(config).__name__} for it, which has no DPSL fields; "
-            f"not supported with {LOAD_BALANCING_FLAG} dpsl"
+            f"not supported with {LOAD_BALANCING_FLAG} {ours[0]}"
         )
     return config

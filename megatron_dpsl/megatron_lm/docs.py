@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_dpsl.megatron_lm.args import add_dpsl_args, add_moe_load_balancing_args
+from megatron_dpsl.megatron_lm.args import REGULARIZER_FIELDS, add_dpsl_args, add_moe_load_balancing_args
 
 HEADER = """\
 # DPSL command-line flags
@@ -21,7 +21,8 @@ in the embedded trainer (`megatron-dpsl-train`). Each `--moe-dpsl-*` flag fills 
 `DPSLTransformerConfig` field of the same name (dashes to underscores), the way Megatron-LM's
 `core_transformer_config_from_args` copies arguments onto `TransformerConfig`. Errors name the flag.
 
-DPSL is on when `--moe-router-load-balancing-type` includes `dpsl`.
+DPSL is on when `--moe-router-load-balancing-type` includes `dpsl`. The `--moe-ac-*` flags configure
+the Adaptive Clustering router (docs/ac_router.md), on when `--moe-ac-layers` names layers.
 """
 
 FOOTER = """
@@ -39,6 +40,12 @@ its own `--moe-aux-loss-coeff` value:
 
 A non-zero value in dpsl's slot of `--moe-aux-loss-coeff` is λ; if `--moe-dpsl-coeff` is also given
 the two must agree. `dpsl` cannot be combined with `sinkhorn`.
+
+`variance` and `orthogonality` (Guo et al. 2025, docs/regularizers.md) take their coefficients from
+their slots only (>= 0; 0 turns the loss off), e.g. the paper's recipe next to Megatron's aux loss:
+`--moe-router-load-balancing-type aux_loss variance orthogonality --moe-aux-loss-coeff 1e-3 1e-3 1e-4`.
+`orthogonality` needs `--moe-router-topk` >= 2, the allgather or alltoall dispatcher and the plugin's
+MoE layer (`DPSLMoELayer`, in every spec the plugin builds).
 
 ## Priors
 
@@ -68,7 +75,8 @@ def _row(action: argparse.Action) -> str:
         shape = action.metavar or (action.type.__name__ if action.type else "str")
     if action.choices:
         shape = "{" + ",".join(map(str, action.choices)) + "}" + (" ..." if action.nargs == "+" else "")
-    field = action.dest if action.dest.startswith("moe_dpsl_") else f"{action.dest} (Megatron)"
+    ours = action.dest.startswith(("moe_dpsl_", "moe_ac_")) or action.dest in REGULARIZER_FIELDS
+    field = action.dest if ours else f"{action.dest} (Megatron)"
     default = "—" if action.default is None else f"`{action.default}`"
     return f"| `{flag}` | `{_cell(shape)}` | {default} | `{field}` | {_cell(action.help)} |"
 

@@ -20,7 +20,7 @@ def decoder_block_spec_fn(config, default: Callable) -> Callable:
     ``gpt_builders.gpt_builder`` (patched) calls the result with Megatron's own arguments
     (``config, use_transformer_engine=..., normalization=..., qk_l2_norm=..., vp_stage=...``).
     """
-    if getattr(config, "moe_dpsl_enabled", False):
+    if getattr(config, "moe_plugin_enabled", False):  # any plugin type needs the plugin's spec
         from megatron_dpsl.specs import get_dpsl_decoder_block_spec
 
         return get_dpsl_decoder_block_spec

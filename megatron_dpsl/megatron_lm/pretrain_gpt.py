@@ -11,7 +11,7 @@ Runs Megatron-LM's own flow (its ``__main__``: the datasets, ``forward_step`` an
 1. Every argument parse knows the DPSL flags and the ``dpsl`` type, including the re-parses that get
    no ``extra_args_provider`` (``registration.register_dpsl_arguments``).
 2. The model config is ``DPSLTransformerConfig`` (``megatron_lm_config_from_args``).
-3. The MoE layers get ``DPSLRouter`` (``specs.with_router``): core_v0.16.1 through its own builder
+3. The MoE layers get the plugin's modules (``DPSLRouter``, ``DPSLMoELayer``; ``specs``): core_v0.16.1 through its own builder
    around ``gpt_builders.gpt_builder``; core_v0.19.0 through ``GPTModelConfig.transformer_layer_spec``
    as a callable around Megatron-LM's ``default_layer_spec``.
 4. core_v0.19.0: ``DPSLMetricsTracker`` reports ``dpsl_loss`` (``metrics_tracker``).
@@ -65,7 +65,7 @@ def dpsl_gpt_builder(args, pre_process, post_process, vp_stage=None, config=None
 
     if config is None and args.yaml_cfg is None:
         config = megatron_lm_config_from_args(args)
-    if not getattr(config, "moe_dpsl_enabled", False) or _is_patched(gpt_builders.gpt_builder):
+    if not getattr(config, "moe_plugin_enabled", False) or _is_patched(gpt_builders.gpt_builder):
         return gpt_builders.gpt_builder(args, pre_process, post_process, vp_stage, config=config, pg_collection=pg_collection)
     return _build_dpsl_gpt(args, config, pre_process, post_process, vp_stage, pg_collection)
 
@@ -119,14 +119,15 @@ def extra_args_provider(parser):
 
 
 def dpsl_layer_spec(base=None):
-    """core_v0.19: a ``GPTModelConfig.transformer_layer_spec`` callable giving ``base`` with ``DPSLRouter``.
+    """core_v0.19: a ``GPTModelConfig.transformer_layer_spec`` callable giving ``base`` with the plugin's modules
+    (``DPSLRouter``, or ``ACRouter``, and ``DPSLMoELayer``: ``specs.with_plugin_modules``).
 
     ``base``: what the layer spec would have been (``None``: Megatron-LM's ``default_layer_spec``;
     or the ``--spec`` object, a ``ModuleSpec`` or a callable). ``GPTModelBuilder.build_model`` calls
     the result as ``spec(model_config, vp_stage=vp_stage)``.
     """
     from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron_dpsl.specs import with_router
+    from megatron_dpsl.specs import router_for, with_plugin_modules
 
     def layer_spec(model_config, vp_stage=None):
         if base is None:
@@ -139,7 +140,7 @@ def dpsl_layer_spec(base=None):
             spec = base(model_config, vp_stage=vp_stage)
         else:
             spec = base(model_config)
-        return with_router(spec)
+        return with_plugin_modules(spec, router_for(model_config.transformer))
 
     return layer_spec
 
@@ -152,7 +153,7 @@ def dpsl_gpt_config(args, model_config_cls=None):
     config = megatron_lm_config_from_args(args) if args.yaml_cfg is None else None
     extra = {} if model_config_cls is None else {"model_config_cls": model_config_cls}
     model_cfg = gpt_config_from_args(args, config=config, **extra)
-    if getattr(config, "moe_dpsl_enabled", False):
+    if getattr(config, "moe_plugin_enabled", False):
         _refuse_unpatched_group_priors(config)
         model_cfg.transformer_layer_spec = dpsl_layer_spec(model_cfg.transformer_layer_spec)
     return model_cfg

@@ -25,35 +25,65 @@ from megatron_dpsl.upcycle.options import SCORE_FUNCTIONS
 from megatron_dpsl.upcycle.transforms import ROUTER_INITS, WEIGHT_SCALINGS
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after every option's help: ``off`` for flags; nothing for required options
+    and for options whose default is computed (``None``: their help says it in words)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{action.help} (default: off)"
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megatron-dpsl-upcycle",
         description="Upcycle a dense Megatron-Core torch_dist (or HF Llama/Qwen2) checkpoint into an MoE "
-        "torch_dist checkpoint in the Megatron-LM layout.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "torch_dist checkpoint in the Megatron-LM layout (docs/upcycling.md).",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--source",
         "--load",
         dest="source",
         required=True,
-        help="Megatron-LM save dir, torch_dist step dir, or HF directory (config.json + safetensors)",
+        metavar="DIR",
+        help="dense checkpoint: Megatron-LM save dir, torch_dist step dir, or HF directory (config.json + "
+        "*.safetensors) (required)",
     )
-    p.add_argument("--output", "--save", dest="output", help="output directory (created atomically)")
-    p.add_argument("--num-experts", type=int, required=True, help="routed experts per MoE layer (E)")
+    p.add_argument(
+        "--output",
+        "--save",
+        dest="output",
+        metavar="DIR",
+        help="output directory, created atomically (required unless --dry-run)",
+    )
+    p.add_argument(
+        "--num-experts", type=int, required=True, metavar="E", help="routed experts per MoE layer (required)"
+    )
     p.add_argument(
         "--granularity",
         type=int,
         default=1,
-        help="split each dense FFN into G experts of F/G units (8in16 = E 16, G 4, top-k 8)",
+        metavar="G",
+        help="split each dense FFN into G experts of F/G units; E/G copies of the FFN (8in16: E 16, G 4, k 8)",
     )
-    p.add_argument("--moe-router-topk", type=int, default=2)
-    p.add_argument("--router-init", choices=ROUTER_INITS, default="virtual-group")
+    p.add_argument("--moe-router-topk", type=int, default=2, metavar="K", help="experts per token, 1 <= K <= E")
+    p.add_argument(
+        "--router-init",
+        choices=ROUTER_INITS,
+        default="virtual-group",
+        help="virtual-group: one N(0, std^2) row per FFN copy, shared by its G experts; normal: independent "
+        "rows; zeros: uniform routing",
+    )
     p.add_argument(
         "--router-init-std",
         type=float,
         default=None,
-        help="std of the router init (default: source init_method_std or 0.02)",
+        metavar="STD",
+        help="std of the router rows (default: the source's init_method_std, else 0.02)",
     )
     p.add_argument(
         "--weight-scaling",
@@ -62,32 +92,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="none (paper); he2024 = Megatron's runtime upcycling rule; exact = MoE equals dense",
     )
     p.add_argument(
-        "--expert-noise-std", type=float, default=0.0, help="additive N(0, std^2) noise on expert weights (paper: 0.01)"
+        "--expert-noise-std",
+        type=float,
+        default=0.0,
+        metavar="STD",
+        help="additive N(0, STD^2) noise on each expert's weights (paper: 0.01)",
     )
     p.add_argument(
         "--drop-upcycling-ratio",
         type=float,
         default=0.0,
-        help="Drop-Upcycling re-init fraction (paper: 0.5 for 4 experts, 0.2 for 16)",
+        metavar="R",
+        help="Drop-Upcycling: re-initialise this fraction of each expert's units (paper: 0.5 for 4 experts, "
+        "0.2 for 16)",
     )
-    p.add_argument("--shared-expert", action="store_true", help="keep the dense FFN as a shared expert")
+    p.add_argument("--shared-expert", action="store_true", help="keep the dense FFN whole as a shared expert")
     p.add_argument(
         "--moe-layer-freq",
         default="1",
-        help="int N (every N-th layer) or a 0/1 list per layer, e.g. [1,0,1,0] or ([1]*2+[0])*4",
+        metavar="FREQ",
+        help="which layers become MoE: int N (layers 0, N, 2N, ...) or a 0/1 list, e.g. [1,0,1,0] or "
+        "([1]*2+[0])*4",
     )
-    p.add_argument("--moe-router-pre-softmax", action="store_true", help="recorded in args (not exact)")
-    p.add_argument("--moe-router-score-function", choices=SCORE_FUNCTIONS, default="softmax")
+    p.add_argument(
+        "--moe-router-pre-softmax",
+        action="store_true",
+        help="softmax over all experts before top-k (written to args; not allowed with --weight-scaling exact)",
+    )
+    p.add_argument(
+        "--moe-router-score-function",
+        choices=SCORE_FUNCTIONS,
+        default="softmax",
+        help="router score function written to args (exact needs softmax)",
+    )
     p.add_argument(
         "--activation",
         choices=("silu", "gelu", "squared_relu", "quick_gelu"),
         default=None,
-        help="activation for sources whose args do not say (default: from args / shapes)",
+        help="activation of a source whose args do not say (default: from the source's args, else the "
+        "shapes: gated -> silu, else gelu)",
     )
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
-    p.add_argument("--dry-run", action="store_true", help="print the output tensors and summary; write nothing")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        help="seed of router rows, noise and Drop-Upcycling (one stream per layer and expert)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--dry-run", action="store_true", help="print the output tensors and the summary; write nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
 import json
@@ -11,10 +10,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from megatron_dpsl.upcycle.errors import UpcycleError
 from megatron_dpsl.upcycle.hf import HFDenseSource, is_hf_checkpoint
 from megatron_dpsl.upcycle.layers import LayerPlan, layer_parts, layer_pieces
+from megatron_dpsl.upcycle.megatron_args import FRESH_START, complete_args, moe_fields
 from megatron_dpsl.upcycle.options import UpcycleOptions
+from megatron_dpsl.upcycle.ownership import Leftover, sweep
 from megatron_dpsl.upcycle.pieces import Piece, describe
 from megatron_dpsl.upcycle.source import DenseModelInfo
 from megatron_dpsl.upcycle.summary import Counts, format_table, summary_rows
@@ -34,6 +37,8 @@ class UpcycleResult:
     record: dict
     table: str
     pieces: list[str] = dataclasses.field(default_factory=list)
+    leftovers: list[Leftover] = dataclasses.field(default_factory=list)
+    """Temporary directories of the same output from earlier runs: removed if provably dead, else reported."""
 
 
 def open_source(src: Path, activation: str | None = None):
@@ -48,13 +53,28 @@ def open_source(src: Path, activation: str | None = None):
     return MegatronDenseSource(src, activation=activation)
 
 
-def moe_args(info: DenseModelInfo, opts: UpcycleOptions) -> object:
-    """The source's Megatron-LM args with the MoE fields set (what ``--load`` will compare against)."""
-    args = copy.deepcopy(info.args)
+def source_shapes(source) -> dict[str, tuple[int, ...]]:
+    """Global shapes of the source's non-layer tensors and of layer 0's (under ``layer.``), from metadata."""
+    shapes = {p.key: tuple(p.data.shape) for p in source.global_pieces(meta=True) if not p.is_object}
+    layer = source.read_layer(0, meta=True)
+    shapes.update({f"layer.{k}": tuple(t.shape) for k, t in layer.other.items()})
+    shapes.update({f"layer.mlp.{k}": tuple(t.shape) for k, t in layer.mlp.items()})
+    return shapes
+
+
+def output_args(source, opts: UpcycleOptions, dense: bool = False) -> tuple[object, dict]:
+    """The Megatron-LM args written into ``common.pt`` (megatron_args.py), and the fields filled in
+    because the source's args lacked them."""
+    info: DenseModelInfo = source.info
+    args, filled = complete_args(
+        info.args, source_shapes(source), num_layers=info.num_layers, activation=info.activation, dtype=info.dtype
+    )
+    if dense:
+        return args, filled
     freq = opts.moe_layer_freq
     if isinstance(freq, list) and all(freq):
         freq = 1  # an all-ones list would switch Megatron to the per-layer key layout
-    updates = dict(
+    updates = moe_fields(
         num_experts=opts.num_experts,
         moe_ffn_hidden_size=info.ffn_hidden_size // opts.granularity,
         moe_router_topk=opts.moe_router_topk,
@@ -62,16 +82,14 @@ def moe_args(info: DenseModelInfo, opts: UpcycleOptions) -> object:
         moe_shared_expert_intermediate_size=info.ffn_hidden_size if opts.shared_expert else None,
         moe_router_pre_softmax=opts.moe_router_pre_softmax,
         moe_router_score_function=opts.moe_router_score_function,
-        moe_upcycling_granularity=opts.granularity,
-        moe_use_upcycling=False,
-        ckpt_format="torch_dist",
+        granularity=opts.granularity,
     )
-    for k, v in updates.items():
+    for k, v in {**updates, **FRESH_START}.items():
         setattr(args, k, v)
-    return args
+    return args, filled
 
 
-def _record(info, opts, src_hash, counts) -> dict:
+def _record(info, opts, src_hash, counts, filled) -> dict:
     return {
         "tool": "megatron-dpsl-upcycle",
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -91,6 +109,8 @@ def _record(info, opts, src_hash, counts) -> dict:
             "dtype": str(info.dtype).replace("torch.", ""),
         },
         "counts": dataclasses.asdict(counts) | {"active_params": counts.active_params},
+        # Megatron-LM args the source lacked, filled from the tensors or Megatron-LM's defaults
+        "args_filled_in": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in filled.items()},
     }
 
 
@@ -228,16 +248,21 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
             else:
                 counts.dense_layers += 1
 
+    args, filled = output_args(source, opts, dense)
+    # temporary directories of earlier runs of this output that were killed too hard to clean up
+    leftovers = sweep(dst, remove=not opts.dry_run) if dst is not None else []
+    for leftover in leftovers:  # now, not at the end: the conversion may take hours, or fail
+        print(f"megatron-dpsl-upcycle: {leftover.message()}", file=sys.stderr)
     if opts.dry_run:
         if dst is not None and os.path.lexists(dst) and not opts.force:
             print(f"note: {dst} exists; a real run needs --force", file=sys.stderr)
         lines = _merge_lines([describe(p) for _, ps in planned for p in ps if not p.is_object])
         table = format_table(summary_rows(info, opts, counts))
-        return UpcycleResult(None, counts, _record(info, opts, None, counts), table, lines)
+        return UpcycleResult(None, counts, _record(info, opts, None, counts, filled), table, lines, leftovers)
 
     src_hash = source.content_hash()
     common = {
-        "args": copy.deepcopy(info.args) if dense else moe_args(info, opts),
+        "args": args,
         "checkpoint_version": 3.0,
         "iteration": 0,
         "num_floating_point_operations_so_far": 0,
@@ -255,10 +280,10 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
                 on_group=lambda g: bar.update(1) if isinstance(g[0], int) and g[1] == "base" else None,
             )
         (tmp / "latest_checkpointed_iteration.txt").write_text(STEP)
-        record = _record(info, opts, src_hash, counts)
+        record = _record(info, opts, src_hash, counts, filled)
         (tmp / CONFIG_JSON).write_text(json.dumps(record, indent=2, default=str) + "\n")
     table = format_table(summary_rows(info, opts, counts))
-    return UpcycleResult(dst, counts, record, table)
+    return UpcycleResult(dst, counts, record, table, leftovers=leftovers)
 
 
 def _merge_lines(lines: list[str]) -> list[str]:

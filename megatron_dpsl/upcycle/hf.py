@@ -113,10 +113,14 @@ class HFDenseSource:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             seq_length=int(cfg.get("max_position_embeddings", 4096)),
             position_embedding_type="rope",
-            rotary_base=rotary_base,
+            add_position_embedding=False,  # Megatron-LM's --no-position-embedding: RoPE adds no table
+            use_rotary_position_embeddings=False,  # the deprecated alias of --position-embedding-type rope
+            rotary_base=int(rotary_base) if float(rotary_base).is_integer() else rotary_base,  # an int flag
             rotary_interleaved=False,
             rotary_percent=1.0,
             normalization="RMSNorm",
+            # --norm-epsilon's dest: layernorm_epsilon at core_v0.16/0.19, norm_epsilon before
+            layernorm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
             norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
             swiglu=True,
             untie_embeddings_and_output_weights=not self.tied,
@@ -124,14 +128,17 @@ class HFDenseSource:
             add_qkv_bias=self.qkv_bias,
             padded_vocab_size=vocab,
             vocab_size=vocab,
-            make_vocab_size_divisible_by=1,
             params_dtype=embed.dtype,
             bf16=embed.dtype == torch.bfloat16,
             fp16=embed.dtype == torch.float16,
             attention_dropout=float(cfg.get("attention_dropout", 0.0)),
             hidden_dropout=0.0,
             init_method_std=float(cfg.get("initializer_range", 0.02)),
-            ckpt_format="torch_dist",
+            use_rope_scaling=False,
+            # what Megatron-LM's own HF loader writes; --use-checkpoint-args then builds this tokenizer
+            # (None without tokenizer files: the run's --tokenizer-* flags stand)
+            tokenizer_type="HuggingFaceTokenizer" if self._has_tokenizer() else None,
+            tokenizer_model=str(self.root.resolve()) if self._has_tokenizer() else None,
             hf_model_type=mtype,
         )
         self.info = DenseModelInfo(
@@ -147,6 +154,9 @@ class HFDenseSource:
             dtype=embed.dtype,
             args=args,
         )
+
+    def _has_tokenizer(self) -> bool:
+        return any((self.root / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
     def _get(self, name: str, meta: bool = False) -> torch.Tensor:
         file = self._files.get(name)

@@ -21,6 +21,7 @@ from megatron_dpsl.upcycle.pieces import Piece
 from megatron_dpsl.upcycle.source import MLP_WEIGHTS, DenseModelInfo, LayerWeights
 
 TRACKER = "latest_checkpointed_iteration.txt"
+COMMON_STATE = "common_state"  # megatron-core 0.19's ShardedObject for the non-tensor state
 LAYERS = "decoder.layers."
 # Roots of model entries in a Megatron-LM checkpoint; everything else (optimizer., rng_state,
 # rerun_state_machine_state, ...) is training state the upcycled checkpoint does not carry.
@@ -101,15 +102,25 @@ class MegatronDenseSource:
             raise UpcycleError(f"{self.step_dir} uses sharded_backend={backend!r}; only 'torch_dist' is supported")
         if not (self.step_dir / ".metadata").is_file():
             raise UpcycleError(f"{self.step_dir} has no .metadata: not a torch_dist checkpoint")
-        common_file = self.step_dir / "common.pt"
-        # Megatron-LM pickles an argparse.Namespace (and dtypes) here; the source is user-chosen.
-        common = torch.load(common_file, map_location="cpu", weights_only=False) if common_file.is_file() else {}
+        self._dcp = DcpReader(self.step_dir)
+        common = self._common_state()
         args = common.get("args") if isinstance(common, dict) else None
         if iteration is None and isinstance(common, dict) and isinstance(common.get("iteration"), int):
             iteration = common["iteration"]
-        self._dcp = DcpReader(self.step_dir)
         self._index()
         self.info = self._infer_info(args, iteration, activation)
+
+    def _common_state(self) -> dict:
+        """The non-tensor state (``args``, ``iteration``, ...): ``common.pt`` (megatron-core <= 0.16),
+        or the ``common_state`` object inside the DCP checkpoint (megatron-core 0.19 saves it there)."""
+        common_file = self.step_dir / "common.pt"
+        # Megatron-LM pickles an argparse.Namespace (and dtypes) here; the source is user-chosen.
+        if common_file.is_file():
+            return torch.load(common_file, map_location="cpu", weights_only=False)
+        names = [n for n in self._dcp.object_entries() if parse_object_name(n)[0] == COMMON_STATE]
+        if not names:
+            return {}
+        return self._dcp.read({}, {names[0]: names[0]})[1][names[0]]
 
     # -- indexing -------------------------------------------------------------------------------
     def _index(self) -> None:

@@ -29,6 +29,14 @@ def _fmt(n: int) -> str:
     return str(n)
 
 
+def format_bytes(n: int) -> str:
+    """``3.80 GiB``, ``412.5 MiB``, ``20.1 KiB``: the largest binary unit that keeps a digit before the point."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
 def summary_rows(info, opts, counts: Counts) -> list[tuple[str, str]]:
     F, G = info.ffn_hidden_size, opts.granularity
     rows = [
@@ -49,7 +57,7 @@ def summary_rows(info, opts, counts: Counts) -> list[tuple[str, str]]:
         ("params MoE (active/token)", _fmt(counts.active_params)),
     ]
     if counts.bytes_written:
-        rows.append(("written", f"{counts.bytes_written / 2**30:.2f} GiB"))
+        rows.append(("written", format_bytes(counts.bytes_written)))
     return rows
 
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Hashable
 
 from megatron_dpsl.upcycle.dcp_io import piece_payload, save_lazily, write_item_for, write_megatron_common
 from megatron_dpsl.upcycle.errors import UpcycleError
+from megatron_dpsl.upcycle.ownership import OLD_INFIX, OWNER_FILE, TMP_INFIX, write_owner
 from megatron_dpsl.upcycle.pieces import Piece
 
 # What Megatron-LM 0.16 passes as content metadata (training/checkpointing.py
@@ -99,25 +100,29 @@ def atomic_directory(target: Path, force: bool = False):
     """Yield a fresh temporary directory next to ``target``; rename it to ``target`` on success.
 
     On any exception (KeyboardInterrupt included) the temporary directory is removed and
-    ``target`` is untouched. An existing ``target`` is replaced only with ``force``: it is renamed
-    aside first and deleted after the new one is in place, so no moment leaves a half-written target.
+    ``target`` is untouched; while it exists it holds an owner record (ownership.py) so that a run
+    killed too hard to clean up is recognised and swept by the next one. An existing ``target`` is
+    replaced only with ``force``: it is renamed aside first and deleted after the new one is in
+    place, so no moment leaves a half-written target.
     """
     target = Path(target).absolute()
     if os.path.lexists(target) and not force:  # lexists: a dangling symlink is an existing target too
         raise UpcycleError(f"output {target} exists; pass --force to overwrite it")
     if not target.parent.is_dir():
         raise UpcycleError(f"output parent directory {target.parent} does not exist")
-    tmp = target.parent / f".{target.name}.upcycle-tmp-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".{target.name}{TMP_INFIX}{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        write_owner(tmp, target)  # a SIGKILL leaves tmp behind: the record lets the next run remove it
         yield tmp
+        (tmp / OWNER_FILE).unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
     try:
         if os.path.lexists(target):
-            old = target.parent / f".{target.name}.upcycle-old-{uuid.uuid4().hex[:8]}"
+            old = target.parent / f".{target.name}{OLD_INFIX}{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
         os.replace(tmp, target)
     except BaseException as exc:

@@ -128,9 +128,13 @@ def _global_data(case, num_replicas):
 
 
 def _cp_slice(t_bs, cp_group):
-    from megatron_dpsl.token_groups import cp_slice  # Megatron's get_batch_on_this_cp_rank, 0.16 and 0.19
+    import inspect
 
-    return cp_slice(t_bs, cp_group)
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    # megatron-core 0.19 added a required is_hybrid_cp (False: plain CP)
+    extra = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters else {}
+    return get_batch_on_this_cp_rank({"t": t_bs}, cp_group=cp_group, **extra)["t"]
 
 
 def _shard(case, x, ids, pad, tp_group, cp_group):
