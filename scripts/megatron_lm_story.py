@@ -171,7 +171,7 @@ def prepare_trees(tree: Path, work: Path) -> dict:
     patched = Path(work).resolve() / "tree_patched"
     if not patched.exists():
         shutil.copytree(tree, patched, symlinks=True)
-    apply_patches(patched)
+    apply_patches(patched, REPO / "patches")  # this checkout's sets (an installed package has none)
     return {"unpatched": str(Path(tree).resolve()), "patched": str(patched)}
 
 
