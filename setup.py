@@ -17,7 +17,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "scipy", "matplotlib", "tensorboard", "safetensors", "psutil", "transformers", "einops",
-                 # six: imported by Megatron-LM core_v0.16.1 megatron/training (tests/test_patches.py)
+                 # six: imported by Megatron-LM megatron/training (core_v0.16.1, core_v0.19.0), whose pretrain
+                 # chain the launcher tests run on CPU (triton too: it imports it)
                  "six",
                  # triton: the fused loss kernels (megatron_dpsl/fused_loss.py) are tested on CPU under
                  # Triton's interpreter (tests/test_fused_loss.py); CUDA builds of torch ship it already

@@ -8,7 +8,7 @@
 #      top-8, 4,608 x 16 tokens, bf16, alltoall, TE grouped GEMM when TE imports): TopKRouter + aux
 #      loss vs DPSLRouter vs the SciPy-on-host DPSL (goal: DPSL adds <= 0.3 %, issue 12).
 #
-# Usage (on the GPU machine, after scripts/install_gpu.sh; run_gpu_tests.sh calls it):
+# Usage (on the GPU machine; scripts/run_gpu_tests.sh calls it after its install stage):
 #   bash benchmarks/gpu_all.sh [OUT_DIR]        # default outputs/gpu; writes OUT_DIR/performance_gpu.md
 # Overrides: MOE_ARGS (extra benchmarks/moe_layer.py flags), LOSS_ARGS (extra benchmarks/loss.py flags),
 # DEVICE (cuda), QUICK=1 (smoke run of this script: small shapes; with DEVICE=cpu it runs anywhere).

@@ -195,9 +195,12 @@ def build_layer(args, variant: str, state=None):
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.moe.router import TopKRouter
 
+    from megatron_dpsl.specs import moe_submodules
+
     config = make_config(args, variant)
     spec_fn = get_gpt_layer_with_transformer_engine_spec if args.te else get_gpt_layer_local_spec
-    submodules = spec_fn(num_experts=args.experts, moe_grouped_gemm=args.grouped_gemm).submodules.mlp.submodules
+    # the MoE layer's MoESubmodules: ModuleSpec.submodules (megatron-core 0.16) or partial.keywords (0.19)
+    (submodules,) = moe_submodules(spec_fn(num_experts=args.experts, moe_grouped_gemm=args.grouped_gemm))
     if variant == "dpsl":
         from megatron_dpsl.router import DPSLRouter as router
     elif variant == "dpsl_scipy_host":

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import importlib.util
 import inspect
+from typing import Iterator
 
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -35,6 +36,32 @@ def _require_te(use_transformer_engine: bool) -> None:
             "use_transformer_engine=True needs Transformer Engine (pip install megatron-dpsl[te]); "
             "pass use_transformer_engine=False for Megatron-Core's local spec"
         )
+
+
+def _moe_submodules(node, seen=None) -> Iterator[MoESubmodules]:
+    """Every ``MoESubmodules`` reachable from ``node``, once each.
+
+    MoE layers are ``ModuleSpec(module=MoELayer, submodules=MoESubmodules(...))`` in megatron-core
+    0.16 and ``partial(MoELayer, submodules=MoESubmodules(...))`` in 0.19; layer and block specs
+    hold them in dataclass fields and lists.
+    """
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, MoESubmodules):
+        yield node
+    elif isinstance(node, ModuleSpec):
+        yield from _moe_submodules(node.submodules, seen)
+    elif isinstance(node, functools.partial):
+        for child in (*node.args, *node.keywords.values()):
+            yield from _moe_submodules(child, seen)
+    elif isinstance(node, (list, tuple)):
+        for child in node:
+            yield from _moe_submodules(child, seen)
+    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        for f in dataclasses.fields(node):
+            yield from _moe_submodules(getattr(node, f.name), seen)
 
 
 def _swap(node, router, moe_layer, memo):
@@ -93,6 +120,16 @@ def router_for(config):
     from megatron_dpsl.ac_state import ACRoutingState
 
     return functools.partial(ACRouter, ac_state=ACRoutingState())
+
+
+def moe_submodules(spec) -> list[MoESubmodules]:
+    """The ``MoESubmodules`` of every MoE layer in ``spec`` (shared ones once), in spec order."""
+    return list(_moe_submodules(spec))
+
+
+def count_routers(spec, router=DPSLRouter) -> int:
+    """How many MoE layers reachable from ``spec`` build ``router``."""
+    return sum(moe.router is router for moe in _moe_submodules(spec))
 
 
 def get_dpsl_layer_spec(config, use_transformer_engine: bool = False, **kwargs) -> ModuleSpec:

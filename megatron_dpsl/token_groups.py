@@ -128,4 +128,3 @@ def check_group_ids(ids: torch.Tensor, num_groups: int) -> None:
             raise ValueError(f"{message}, got {lo}..{hi}")
         return
     torch._assert_async(((ids >= 0) & (ids < num_groups)).all(), message)
-

@@ -31,3 +31,28 @@ def free_port():
     from _support import free_port as _free_port
 
     return _free_port
+
+
+@pytest.fixture(scope="session")
+def megatron_lm_trees(tmp_path_factory):
+    """Megatron-LM at the tag of the installed megatron-core, exported from $MEGATRON_LM_GIT_DIR:
+    ``{"tag", "git_dir", "unpatched", "patched", "work"}`` (skips when the variable is unset)."""
+    from megatron_lm_tree import export_tree, git_dir_or_skip, tag_for_installed_core
+
+    from megatron_dpsl.megatron_lm.patching import apply_patches
+
+    git_dir = git_dir_or_skip()
+    tag = tag_for_installed_core()
+    work = tmp_path_factory.mktemp("megatron-lm")
+    unpatched = export_tree(tag, work / "unpatched-tree", git_dir)
+    patched = export_tree(tag, work / "patched-tree", git_dir)
+    apply_patches(patched)
+    return {"tag": tag, "git_dir": git_dir, "unpatched": str(unpatched), "patched": str(patched), "work": work}
+
+
+@pytest.fixture(scope="session")
+def megatron_lm_reports(megatron_lm_trees):
+    """What tests/megatron_lm_chain.py reports for every case and build, per tree (megatron_lm_cases.py)."""
+    from megatron_lm_cases import run_reports
+
+    return run_reports(megatron_lm_trees, megatron_lm_trees["work"])

@@ -42,7 +42,8 @@ def _routers(model):
 def test_moe_model_has_dpsl_routers_and_gets_gpt_kwargs(spec):
     from megatron_dpsl.gpt import build_gpt_model
 
-    model = build_gpt_model(_config(), spec=spec, spec_kwargs={"qk_l2_norm": True}, vocab_size=40,
+    # qk_l2_norm in the config too: megatron-core 0.19 refuses an L2Norm spec on a config without it
+    model = build_gpt_model(_config(qk_l2_norm=True), spec=spec, spec_kwargs={"qk_l2_norm": True}, vocab_size=40,
                             max_sequence_length=8, share_embeddings_and_output_weights=False)
     assert _routers(model) == ["DPSLRouter", "DPSLRouter"]
     assert model.embedding.word_embeddings.weight.shape == (40, 16)  # GPTModel's keyword arguments arrive

@@ -286,3 +286,73 @@ def test_flags_doc_lists_every_flag():
     rendered = dpsl_docs.render()
     for action in dpsl_actions(standalone_parser()):
         assert f"| `{action.option_strings[0]}` |" in rendered
+
+
+# --------------------------------------------------------------------------- the launcher's parser hook
+
+
+def _fake_megatron_arguments():
+    """A stand-in for Megatron-LM's ``megatron.training.arguments``: ``parse_args`` looks up
+    ``add_megatron_arguments`` in the module's globals at call time, as Megatron-LM's does."""
+    import types
+
+    module = types.ModuleType("fake_megatron_arguments")
+
+    def add_megatron_arguments(parser):
+        return megatron_style_parser_into(parser)
+
+    def parse_args(argv, ignore_unknown_args=False):  # no extra_args_provider: the re-parses' shape
+        parser = module.add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+        return parser.parse_known_args(argv)[0] if ignore_unknown_args else parser.parse_args(argv)
+
+    module.add_megatron_arguments = add_megatron_arguments
+    module.parse_args = parse_args
+    return module
+
+
+def megatron_style_parser_into(parser):
+    group = parser.add_argument_group(title="moe")
+    group.add_argument("--moe-router-load-balancing-type", nargs="+", type=str,
+                       choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"], default="aux_loss")
+    group.add_argument("--moe-aux-loss-coeff", type=float, nargs="+", default=0.0)
+    return parser
+
+
+def test_registration_reaches_parses_without_a_provider_and_is_undone(capsys):
+    from megatron_dpsl.megatron_lm import registration
+
+    module = _fake_megatron_arguments()
+    stock = module.add_megatron_arguments
+    argv = "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 1e-3 0.01 --moe-dpsl-alpha 0.75".split()
+    with pytest.raises(SystemExit):  # what maybe_wrap_for_inprocess_restart hit before the hook
+        module.parse_args(argv, ignore_unknown_args=True)
+    assert "invalid choice: 'dpsl'" in capsys.readouterr().err
+
+    registration.register_dpsl_arguments(module)
+    registration.register_dpsl_arguments(module)  # idempotent: one wrapper
+    assert module.add_megatron_arguments.__wrapped__ is stock and registration.is_registered(module)
+    ns = module.parse_args(argv, ignore_unknown_args=True)
+    assert ns.moe_router_load_balancing_type == ["aux_loss", "dpsl"] and ns.moe_dpsl_alpha == [0.75]
+
+    registration.unregister_dpsl_arguments(module)
+    assert module.add_megatron_arguments is stock and not registration.is_registered(module)
+    with registration.dpsl_arguments_registered(module):
+        assert module.parse_args(argv).moe_aux_loss_coeff == [1e-3, 0.01]
+    assert module.add_megatron_arguments is stock
+
+
+def test_plugin_types_come_from_one_constant(monkeypatch):
+    """Registration, the standalone parser and the tracker names all take the list from the constant."""
+    from megatron_dpsl.megatron_lm.hooks import plugin_track_names
+
+    monkeypatch.setattr(dpsl_args, "PLUGIN_LOAD_BALANCING_TYPES", ("dpsl", "variance"))
+    monkeypatch.setattr("megatron_dpsl.load_balancing.PLUGIN_LOAD_BALANCING_TYPES", ("dpsl", "variance"))
+    parser = add_dpsl_args(megatron_style_parser())
+    lb = next(a for a in parser._actions if a.dest == "moe_router_load_balancing_type")
+    assert lb.choices[-2:] == ["dpsl", "variance"]
+    assert parser.parse_args("--moe-router-load-balancing-type aux_loss variance".split()).moe_router_load_balancing_type \
+        == ["aux_loss", "variance"]
+    standalone = add_moe_load_balancing_args(argparse.ArgumentParser())
+    assert "variance" in next(a for a in standalone._actions if a.dest == "moe_router_load_balancing_type").choices
+    assert plugin_track_names(["aux_loss", "variance", "dpsl"]) == ["variance_loss", "dpsl_loss"]
+    assert plugin_track_names("aux_loss") == []

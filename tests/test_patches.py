@@ -1,15 +1,16 @@
-"""patches/ against Megatron-LM core_v0.16.1: hashes, clean application, drift detection, and the patched flow.
+"""patches/<tag>/ against Megatron-LM core_v0.16.1 and core_v0.19.0: hashes, clean application, set
+selection, drift detection, and the patched flow.
 
 Megatron-LM's files are never stored in this repository: the originals come at test time from a
-local Megatron-LM git directory (``$MEGATRON_LM_GIT_DIR``, default: the mirror the project's
-``fetch`` tool leaves under /work/.mirror) with ``git show <commit>:<path>``; nothing is
-downloaded. Without such a directory the tests that need it are skipped, saying so.
+local Megatron-LM git directory, ``$MEGATRON_LM_GIT_DIR``, with ``git show <commit>:<path>``;
+nothing is downloaded. Without it the tests that need it are skipped, saying so. The patch sets of
+both tags are checked in every CI leg (git and ``patch`` only); the patched flow (Megatron-LM's own
+parser, config and builder, tests/megatron_lm_chain.py) runs for the tag of the installed
+megatron-core.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import py_compile
 import subprocess
@@ -20,31 +21,35 @@ from pathlib import Path
 import pytest
 
 from megatron_dpsl.megatron_lm import patching
-from megatron_dpsl.megatron_lm.patching import Lock, PatchError, apply_patches, export_originals, file_states, sha256_of
+from megatron_dpsl.megatron_lm.patching import (
+    Lock,
+    PatchError,
+    apply_patches,
+    export_originals,
+    file_states,
+    patch_sets,
+    sha256_of,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-LOCK = Lock.load(REPO / "patches")
-# Megatron-LM's training package and what it imports from megatron/legacy; needed to import the patched files.
-TREES = ("megatron/training", "megatron/legacy")
+PATCHES = REPO / "patches"
+SETS = {d.name: d for d in patch_sets(PATCHES)}
 
 
-def _git_dir_or_skip() -> str:
-    git_dir = patching.default_git_dir()
-    if not Path(git_dir).is_dir():
-        pytest.skip(
-            f"no Megatron-LM git directory at {git_dir}: set MEGATRON_LM_GIT_DIR to a clone (or mirror) of "
-            f"https://github.com/NVIDIA/Megatron-LM holding {LOCK.tag} ({LOCK.commit[:12]})"
-        )
-    probe = subprocess.run(["git", "--git-dir", git_dir, "cat-file", "-e", f"{LOCK.commit}^{{commit}}"],
+def _git_dir_or_skip(lock: Lock) -> str:
+    from megatron_lm_tree import git_dir_or_skip
+
+    git_dir = git_dir_or_skip()
+    probe = subprocess.run(["git", "--git-dir", git_dir, "cat-file", "-e", f"{lock.commit}^{{commit}}"],
                            capture_output=True)
     if probe.returncode != 0:
-        pytest.skip(f"{git_dir} lacks commit {LOCK.commit} ({LOCK.tag}); fetch that tag into it")
+        pytest.skip(f"{git_dir} lacks commit {lock.commit} ({lock.tag}); fetch that tag into it")
     return git_dir
 
 
-@pytest.fixture(scope="module")
-def git_dir() -> str:
-    return _git_dir_or_skip()
+@pytest.fixture(params=sorted(SETS))
+def patch_set(request) -> tuple[Path, Lock]:
+    return SETS[request.param], Lock.load(SETS[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -55,83 +60,90 @@ def workdir():
 
 
 @pytest.fixture
-def originals(git_dir, workdir, request) -> Path:
-    return export_originals(git_dir, workdir / request.node.name / "Megatron-LM", LOCK)
+def originals(patch_set, workdir, request) -> Path:
+    _, lock = patch_set
+    return export_originals(_git_dir_or_skip(lock), workdir / request.node.name / "Megatron-LM", lock)
 
 
-@pytest.fixture(scope="module")
-def child_reports(git_dir, workdir) -> dict:
-    """One interpreter (Megatron's import costs ~8 s) reporting on a patched and an unpatched tree."""
-    if importlib.util.find_spec("six") is None:
-        pytest.skip("Megatron-LM's megatron/training imports six: pip install -e '.[test]'")
-    patched = export_originals(git_dir, workdir / "patched" / "Megatron-LM", LOCK, extra_paths=TREES)
-    apply_patches(patched, REPO / "patches")
-    unpatched = export_originals(git_dir, workdir / "unpatched" / "Megatron-LM", LOCK, extra_paths=TREES)
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": pythonpath}
-    proc = subprocess.run([sys.executable, __file__, str(patched), str(unpatched)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reports = json.loads(proc.stdout.strip().splitlines()[-1])
-    reports["roots"] = {"patched": str(patched), "unpatched": str(unpatched)}
-    return reports
+# --------------------------------------------------------------------------- the patch sets themselves
 
 
-# --------------------------------------------------------------------------- the patch set itself
+def test_one_patch_set_per_supported_tag():
+    assert sorted(SETS) == ["core_v0.16.1", "core_v0.19.0"]
+    for name, set_dir in SETS.items():
+        assert Lock.load(set_dir).tag == name
 
 
-def test_lock_names_every_patch_and_each_patch_explains_itself():
-    patch_files = sorted(p.name for p in (REPO / "patches").glob("*.patch"))
-    assert patch_files == sorted(f.patch for f in LOCK.files)
-    for f in LOCK.files:
-        text = (REPO / "patches" / f.patch).read_text(encoding="utf-8")
+def test_lock_names_every_patch_and_each_patch_explains_itself(patch_set):
+    set_dir, lock = patch_set
+    patch_files = sorted(p.name for p in set_dir.glob("*.patch"))
+    assert patch_files == sorted(f.patch for f in lock.files)
+    for f in lock.files:
+        text = (set_dir / f.patch).read_text(encoding="utf-8")
         header = text.split("\n--- a/", 1)[0]
-        assert "Why:" in header and f.path in header, f.patch
+        assert "Why:" in header and f.path in header and lock.tag in header, f.patch
         assert f"--- a/{f.path}\n+++ b/{f.path}\n" in text, f.patch
+        assert patching.patched_path(set_dir / f.patch) == f.path
         changed = [l for l in text.splitlines() if l[:1] in "+-" and not l.startswith(("+++", "---"))]
         assert 0 < len(changed) <= 12, f"{f.patch}: {len(changed)} changed lines; keep patches small"
 
 
-def test_originals_match_the_lock(git_dir, workdir):
-    tag = subprocess.run(["git", "--git-dir", git_dir, "rev-parse", f"{LOCK.tag}^{{commit}}"],
+def test_originals_match_the_lock(patch_set, workdir):
+    _, lock = patch_set
+    git_dir = _git_dir_or_skip(lock)
+    tag = subprocess.run(["git", "--git-dir", git_dir, "rev-parse", f"{lock.tag}^{{commit}}"],
                          capture_output=True, text=True)
     if tag.returncode == 0:  # a mirror without tags still has the commit
-        assert tag.stdout.strip() == LOCK.commit
-    root = export_originals(git_dir, workdir / "lock-check", LOCK)  # raises PatchError on a hash mismatch
-    assert file_states(root, LOCK) == {f.path: "original" for f in LOCK.files}
+        assert tag.stdout.strip() == lock.commit
+    root = export_originals(git_dir, workdir / f"lock-check-{lock.tag}", lock)  # raises PatchError on a mismatch
+    assert file_states(root, lock) == {f.path: "original" for f in lock.files}
 
 
-def test_patches_apply_cleanly_compile_and_are_idempotent(originals):
-    assert apply_patches(originals, REPO / "patches", check_only=True) == {f.path: "would apply" for f in LOCK.files}
-    assert file_states(originals, LOCK) == {f.path: "original" for f in LOCK.files}  # --check changed nothing
-    assert apply_patches(originals, REPO / "patches") == {f.path: "applied" for f in LOCK.files}
-    for f in LOCK.files:
+def test_lock_is_reproducible_from_git(patch_set, workdir):
+    set_dir, lock = patch_set
+    git_dir = _git_dir_or_skip(lock)
+    copy = workdir / f"relock-{lock.tag}"
+    copy.mkdir()
+    for f in set_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert patching.write_lock(git_dir, copy) == lock
+
+
+def test_patches_apply_cleanly_compile_and_are_idempotent(patch_set, originals):
+    _, lock = patch_set
+    # patches/ as a whole: the set is picked by the tree's hashes
+    assert apply_patches(originals, PATCHES, check_only=True) == {f.path: "would apply" for f in lock.files}
+    assert file_states(originals, lock) == {f.path: "original" for f in lock.files}  # --check changed nothing
+    assert apply_patches(originals, PATCHES) == {f.path: "applied" for f in lock.files}
+    for f in lock.files:
         assert sha256_of(originals / f.path) == f.patched_sha256
         py_compile.compile(str(originals / f.path), cfile=str(originals / (f.path + ".pyc")), doraise=True)
-    assert apply_patches(originals, REPO / "patches") == {f.path: "already applied" for f in LOCK.files}
+    assert apply_patches(originals, PATCHES) == {f.path: "already applied" for f in lock.files}
 
 
-def test_drift_fails_naming_the_file_and_touches_nothing(originals):
-    drifted = LOCK.files[1].path
+def test_drift_fails_naming_the_file_and_touches_nothing(patch_set, originals):
+    _, lock = patch_set
+    drifted = lock.files[1].path
     with open(originals / drifted, "a", encoding="utf-8") as fh:
         fh.write("# a local change\n")
     with pytest.raises(PatchError) as info:
-        apply_patches(originals, REPO / "patches")
+        apply_patches(originals, PATCHES)
     message = str(info.value)
-    assert f"{drifted}: drift" in message and LOCK.tag in message
-    assert all(f.path not in message for f in LOCK.files if f.path != drifted)
+    closest = message.split("\n  core_v")[1]  # the closest release comes first: this tree's
+    assert closest.startswith(lock.tag[len("core_v"):]) and f"{drifted}: drift" in closest
+    assert all(f.path not in closest for f in lock.files if f.path != drifted)
     # no other file was patched before the failure
-    states = file_states(originals, LOCK)
+    states = file_states(originals, lock)
     assert states.pop(drifted) == "drift" and set(states.values()) == {"original"}
 
 
-def test_missing_file_fails_naming_it(originals):
+def test_missing_file_fails_naming_it(patch_set, originals):
     (originals / "pretrain_gpt.py").unlink()
     with pytest.raises(PatchError, match="pretrain_gpt.py: missing"):
-        apply_patches(originals, REPO / "patches")
+        apply_patches(originals, PATCHES)
 
 
-def test_apply_script_fails_loudly_on_drift(originals):
+def test_apply_script_fails_loudly_on_drift(patch_set, originals):
     script = REPO / "scripts" / "apply_megatron_patches.sh"
     (originals / "megatron/training/training.py").write_text("drifted\n")
     proc = subprocess.run(["bash", str(script), str(originals)], capture_output=True, text=True,
@@ -140,97 +152,25 @@ def test_apply_script_fails_loudly_on_drift(originals):
     assert "megatron/training/training.py: drift" in proc.stderr
 
 
+def test_git_dir_comes_from_the_environment_only(monkeypatch, capsys):
+    monkeypatch.delenv(patching.GIT_DIR_ENV, raising=False)
+    assert patching.default_git_dir() is None
+    with pytest.raises(SystemExit):
+        patching.main(["lock", "--tag", "core_v0.19.0"])
+    assert "--git-dir: give a local Megatron-LM git directory (or set $MEGATRON_LM_GIT_DIR)" in capsys.readouterr().err
+    monkeypatch.setenv(patching.GIT_DIR_ENV, "/some/clone")
+    assert patching.default_git_dir() == "/some/clone"
+
+
+def test_package_code_names_no_machine_path():
+    offenders = [str(p.relative_to(REPO)) for p in (REPO / "megatron_dpsl").rglob("*.py")
+                 if "/work/" in p.read_text(encoding="utf-8") or ".mirror" in p.read_text(encoding="utf-8")]
+    assert offenders == []
+
+
 # --------------------------------------------------------------------------- Megatron-LM's own code, patched
-
-
-CMDLINE = [
-    "--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "8",
-    "--max-position-embeddings", "8", "--micro-batch-size", "1", "--num-experts", "4",
-    "--transformer-impl", "local", "--use-cpu-initialization", "--no-gradient-accumulation-fusion",
-    "--no-persist-layer-norm",
-    "--moe-router-load-balancing-type", "aux_loss", "dpsl", "--moe-aux-loss-coeff", "0.01", "0",
-    "--moe-dpsl-alpha", "0.75", "--moe-dpsl-coeff", "0.02", "--moe-dpsl-gather", "global_batch",
-    "--moe-dpsl-log-interval", "5",
-]
-
-
-def _child(root: str, patched: bool) -> dict:
-    """Runs in a child interpreter with the Megatron-LM tree ``root`` first on sys.path; returns a report."""
-    import contextlib
-    import io
-    import types
-
-    # A previous tree's Megatron-LM modules (megatron.core, from the wheel, stays).
-    for name in [n for n in sys.modules if n.startswith(("megatron.training", "megatron.legacy"))
-                 or n in ("gpt_builders", "model_provider", "pretrain_gpt")]:
-        del sys.modules[name]
-    sys.path[:] = [p for p in sys.path if not p.endswith("Megatron-LM")]
-    sys.path[:0] = [root, str(REPO), str(REPO / "tests")]
-    import megatron  # namespace package: megatron.core from the wheel, megatron/training from ``root``
-
-    # megatron/training/__init__.py imports initialize.py, which needs triton (GPU only). Register the
-    # package without running it and bind the few names its submodules import from it.
-    pkg = types.ModuleType("megatron.training")
-    pkg.__path__ = [os.path.join(root, "megatron", "training")]
-    sys.modules["megatron.training"] = megatron.training = pkg
-    from megatron.training import global_vars
-
-    for name in ("get_args", "get_timers", "get_adlr_autoresume", "get_tokenizer", "get_tensorboard_writer",
-                 "get_wandb_writer", "get_one_logger", "get_signal_handler"):
-        setattr(pkg, name, getattr(global_vars, name))
-    from megatron.training import utils
-
-    pkg.print_rank_0 = utils.print_rank_0
-    from megatron.training import arguments
-
-    from megatron_dpsl.megatron_lm.args import add_dpsl_args, megatron_lm_config_from_args
-    from megatron_dpsl.megatron_lm import pretrain_gpt as launcher
-
-    report: dict = {"arguments_file": arguments.__file__}
-
-    def parse(argv, provider):
-        sys.argv = ["pretrain_gpt.py", *argv]
-        try:
-            args = arguments.parse_args(extra_args_provider=provider)
-        except SystemExit:
-            return None
-        with contextlib.redirect_stdout(io.StringIO()):
-            arguments.validate_args(args)
-        return args
-
-    report["parses_dpsl_without_provider"] = parse(CMDLINE, None) is not None
-    args = parse(CMDLINE, add_dpsl_args)
-    config = arguments.core_transformer_config_from_args(args)
-    report["core_config"] = type(config).__name__
-    config = megatron_lm_config_from_args(args)
-    report["dpsl_config"] = {
-        "class": type(config).__name__,
-        **{k: getattr(config, k) for k in ("moe_dpsl_alpha", "moe_dpsl_coeff", "moe_dpsl_gather",
-                                           "moe_dpsl_log_interval", "moe_router_load_balancing_type",
-                                           "moe_aux_loss_coeff", "num_moe_experts")},
-    }
-    bad = parse([*CMDLINE, "--moe-dpsl-alpha", "1", "2", "3"], add_dpsl_args)
-    try:
-        arguments.core_transformer_config_from_args(bad)
-        report["bad_alpha_error"] = None
-    except ValueError as e:
-        report["bad_alpha_error"] = str(e)
-
-    # Build the model the way pretrain() does (model_provider -> builder) on CPU, one gloo rank.
-    from megatron_cpu import init_single_process
-
-    init_single_process()
-    args.padded_vocab_size = 32
-    global_vars._GLOBAL_ARGS = args  # what initialize_megatron's set_global_variables does
-    import gpt_builders
-
-    def routers(model):
-        return [type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Router")]
-
-    report["launcher_routers"] = routers(launcher.dpsl_gpt_builder(args, True, True))
-    if patched:
-        report["gpt_builder_routers"] = routers(gpt_builders.gpt_builder(args, True, True))
-    return report
+# (tests/megatron_lm_chain.py builds: Megatron-LM's parse_args + validate_args, its config function, and
+# the routers of the GPT model built by its builder and by the launcher's, on one gloo rank)
 
 
 EXPECTED_CONFIG = {
@@ -240,22 +180,28 @@ EXPECTED_CONFIG = {
 }
 
 
-def test_patched_megatron_lm_parses_dpsl_and_builds_dpsl_routers(child_reports):
-    report = child_reports["patched"]
-    assert report["arguments_file"].startswith(child_reports["roots"]["patched"])
+def _build(reports, flavor) -> dict:
+    report = reports[flavor]["build"]
+    assert "error" not in report, report.get("error")
+    return report
+
+
+def test_patched_megatron_lm_parses_dpsl_and_builds_dpsl_routers(megatron_lm_reports, megatron_lm_trees):
+    report = _build(megatron_lm_reports, "patched")
+    assert report["arguments_file"].startswith(megatron_lm_trees["patched"])
     # patch 1: Megatron-LM's own parser has the flags, and its config function builds the DPSL config
     assert report["parses_dpsl_without_provider"]
     assert report["core_config"] == "DPSLTransformerConfig"
     assert report["dpsl_config"] == EXPECTED_CONFIG
     assert report["bad_alpha_error"].startswith("--moe-dpsl-alpha: expected 1 or 4 values (num experts), got 3")
-    # patch 2: gpt_builder picks the DPSL spec; the launcher defers to it
-    assert report["gpt_builder_routers"] == ["DPSLRouter", "DPSLRouter"]
+    # the spec patch: Megatron-LM's builder picks the DPSL spec; the launcher's agrees
+    assert report["megatron_lm_routers"] == ["DPSLRouter", "DPSLRouter"]
     assert report["launcher_routers"] == ["DPSLRouter", "DPSLRouter"]
 
 
-def test_unpatched_megatron_lm_with_the_launcher(child_reports):
-    report = child_reports["unpatched"]
-    assert report["arguments_file"].startswith(child_reports["roots"]["unpatched"])
+def test_unpatched_megatron_lm_with_the_launcher(megatron_lm_reports, megatron_lm_trees):
+    report = _build(megatron_lm_reports, "unpatched")
+    assert report["arguments_file"].startswith(megatron_lm_trees["unpatched"])
     # stock Megatron-LM rejects 'dpsl'; add_dpsl_args (the launcher's provider) widens the choices
     assert not report["parses_dpsl_without_provider"]
     assert report["core_config"] == "TransformerConfig"
@@ -329,8 +275,3 @@ def test_dataset_token_groups_are_a_no_op_without_group_priors():
     assert groups.data_iterator is data  # the iterator is not even wrapped
     with groups.context(None):
         pass
-
-
-if __name__ == "__main__":
-    patched_root, unpatched_root = sys.argv[1:3]  # _child rewrites sys.argv for Megatron-LM's parser
-    print(json.dumps({"patched": _child(patched_root, patched=True), "unpatched": _child(unpatched_root, patched=False)}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator, Optional
 
+from megatron_dpsl.load_balancing import plugin_types_in
 from megatron_dpsl.megatron_lm.args import dpsl_enabled
 from megatron_dpsl.priors import num_prior_groups
 
@@ -19,11 +20,23 @@ def decoder_block_spec_fn(config, default: Callable) -> Callable:
     ``gpt_builders.gpt_builder`` (patched) calls the result with Megatron's own arguments
     (``config, use_transformer_engine=..., normalization=..., qk_l2_norm=..., vp_stage=...``).
     """
-    if getattr(config, "moe_dpsl_enabled", False):
+    if getattr(config, "moe_plugin_enabled", False):  # any plugin type needs the plugin's spec
         from megatron_dpsl.specs import get_dpsl_decoder_block_spec
 
         return get_dpsl_decoder_block_spec
     return default
+
+
+def plugin_track_names(load_balancing_type) -> list[str]:
+    """The MoE tracker names of the plugin losses that ``--moe-router-load-balancing-type`` turns on.
+
+    ``load_balancing_type``: Megatron-LM's ``args.moe_router_load_balancing_type`` (a string or a
+    list). Each plugin type ``t`` records ``f"{t}_loss"`` (``dpsl`` -> ``dpsl_loss``), and
+    ``training_log`` must list it in ``track_names`` to reduce it over PP and DP (patch 4 of
+    core_v0.16.1) or, at core_v0.19, to log it at all (patch 5 of core_v0.19.0, or the launcher's
+    ``DPSLMetricsTracker``).
+    """
+    return [f"{t}_loss" for t in plugin_types_in(load_balancing_type)]
 
 
 def num_token_groups(args) -> Optional[int]:

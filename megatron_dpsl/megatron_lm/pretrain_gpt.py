@@ -1,15 +1,24 @@
 """Megatron-LM's ``pretrain_gpt.py`` with DPSL: the same flags plus ``--moe-dpsl-*``.
 
-    export MEGATRON_LM_PATH=/path/to/Megatron-LM        # a checkout of core_v0.16.1 (patches/upstream.lock)
+    export MEGATRON_LM_PATH=/path/to/Megatron-LM        # core_v0.16.1 or core_v0.19.0 (patches/*/upstream.lock)
     torchrun --nproc-per-node 8 -m megatron_dpsl.megatron_lm.pretrain_gpt \\
         <Megatron-LM pretrain_gpt.py flags> --num-experts 8 \\
-        --moe-router-load-balancing-type dpsl --moe-dpsl-coeff 0.01 --moe-dpsl-alpha 0.75
+        --moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 1e-3 0.01 --moe-dpsl-alpha 0.75
 
-Runs Megatron-LM's own flow (``pretrain`` with ``pretrain_gpt``'s datasets, ``forward_step`` and
-``model_provider``) and changes three things: ``add_dpsl_args`` as ``extra_args_provider``, the
-model config built as ``DPSLTransformerConfig``, and the MoE layer spec with ``DPSLRouter``
-(``get_dpsl_decoder_block_spec``). Works on an unpatched checkout; group priors and the reduced
-``dpsl_loss`` log need ``patches/`` (docs/megatron_lm.md).
+Runs Megatron-LM's own flow (its ``__main__``: the datasets, ``forward_step`` and model building of
+``pretrain_gpt``) and changes four things:
+
+1. Every argument parse knows the DPSL flags and the ``dpsl`` type, including the re-parses that get
+   no ``extra_args_provider`` (``registration.register_dpsl_arguments``).
+2. The model config is ``DPSLTransformerConfig`` (``megatron_lm_config_from_args``).
+3. The MoE layers get the plugin's modules (``DPSLRouter``, ``DPSLMoELayer``; ``specs``): core_v0.16.1 through its own builder
+   around ``gpt_builders.gpt_builder``; core_v0.19.0 through ``GPTModelConfig.transformer_layer_spec``
+   as a callable around Megatron-LM's ``default_layer_spec``.
+4. core_v0.19.0: ``DPSLMetricsTracker`` reports ``dpsl_loss`` (``metrics_tracker``).
+
+The release is told apart by ``pretrain``'s signature: core_v0.16.x takes ``extra_args_provider``,
+core_v0.19 a ``PretrainConfigContainer``. Works on an unpatched checkout; group priors need
+``patches/`` (docs/megatron_lm.md).
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ def import_pretrain_gpt():
         raise SystemExit(
             f"megatron_dpsl.megatron_lm.pretrain_gpt needs Megatron-LM's megatron/training and pretrain_gpt.py, "
             f"which the megatron-core wheel does not ship ({e}). Set {PATH_ENV}=/path/to/Megatron-LM "
-            f"(git clone https://github.com/NVIDIA/Megatron-LM && git -C Megatron-LM checkout core_v0.16.1)."
+            f"(git clone https://github.com/NVIDIA/Megatron-LM && git -C Megatron-LM checkout core_v0.19.0, or "
+            f"core_v0.16.1)."
         ) from e
     return pretrain_gpt
 
@@ -55,28 +65,21 @@ def dpsl_gpt_builder(args, pre_process, post_process, vp_stage=None, config=None
 
     if config is None and args.yaml_cfg is None:
         config = megatron_lm_config_from_args(args)
-    if not getattr(config, "moe_dpsl_enabled", False) or _is_patched(gpt_builders.gpt_builder):
+    if not getattr(config, "moe_plugin_enabled", False) or _is_patched(gpt_builders.gpt_builder):
         return gpt_builders.gpt_builder(args, pre_process, post_process, vp_stage, config=config, pg_collection=pg_collection)
     return _build_dpsl_gpt(args, config, pre_process, post_process, vp_stage, pg_collection)
 
 
 def _build_dpsl_gpt(args, config, pre_process, post_process, vp_stage, pg_collection):
     # Unpatched gpt_builder hard-codes the spec function, so build the MoE GPTModel here.
-    from megatron.core.models.gpt import GPTModel
-    from megatron_dpsl.specs import get_dpsl_decoder_block_spec
+    from megatron_dpsl.gpt import build_gpt_model
 
-    def unpatched_forward_step():
-        import pretrain_gpt
-
-        return not _is_patched(pretrain_gpt.forward_step)
-
+    _refuse_unpatched_group_priors(config)
     unsupported = [
         ("--use-legacy-models", args.use_legacy_models),
         ("--spec", args.spec is not None),
         ("--experimental-attention-variant", args.experimental_attention_variant is not None),
         ("--mtp-num-layers", args.mtp_num_layers is not None),
-        # without patch 3, forward_step never sets the token groups the router needs
-        ("--moe-dpsl-group-alphas/--moe-dpsl-num-groups", config.moe_dpsl_uses_groups and unpatched_forward_step()),
     ]
     for flag, on in unsupported:
         if on:
@@ -84,16 +87,11 @@ def _build_dpsl_gpt(args, config, pre_process, post_process, vp_stage, pg_collec
                 f"{flag}: not supported with --moe-router-load-balancing-type dpsl on an unpatched Megatron-LM; "
                 f"apply patches/ (bash scripts/apply_megatron_patches.sh ${PATH_ENV})"
             )
-    spec = get_dpsl_decoder_block_spec(
+    return build_gpt_model(
         config,
+        spec="decoder_block",
         use_transformer_engine=args.transformer_impl == "transformer_engine",
-        normalization=args.normalization,
-        qk_l2_norm=args.qk_l2_norm,
-        vp_stage=vp_stage,
-    )
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
+        spec_kwargs=dict(normalization=args.normalization, qk_l2_norm=args.qk_l2_norm, vp_stage=vp_stage),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
@@ -120,19 +118,61 @@ def extra_args_provider(parser):
     return add_dpsl_args(parser)
 
 
-def main() -> None:
-    pretrain_gpt = import_pretrain_gpt()
-    from megatron.core.enums import ModelType
-    from megatron.training import inprocess_restart, pretrain, set_startup_timestamps
+def dpsl_layer_spec(base=None):
+    """core_v0.19: a ``GPTModelConfig.transformer_layer_spec`` callable giving ``base`` with the plugin's modules
+    (``DPSLRouter``, or ``ACRouter``, and ``DPSLMoELayer``: ``specs.with_plugin_modules``).
 
-    if "extra_args_provider" not in inspect.signature(pretrain).parameters:
+    ``base``: what the layer spec would have been (``None``: Megatron-LM's ``default_layer_spec``;
+    or the ``--spec`` object, a ``ModuleSpec`` or a callable). ``GPTModelBuilder.build_model`` calls
+    the result as ``spec(model_config, vp_stage=vp_stage)``.
+    """
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron_dpsl.specs import router_for, with_plugin_modules
+
+    def layer_spec(model_config, vp_stage=None):
+        if base is None:
+            from megatron.training.models.gpt import default_layer_spec
+
+            spec = default_layer_spec(model_config, vp_stage)
+        elif isinstance(base, ModuleSpec) or not callable(base):
+            spec = base
+        elif "vp_stage" in inspect.signature(base).parameters:  # as GPTModelBuilder calls it
+            spec = base(model_config, vp_stage=vp_stage)
+        else:
+            spec = base(model_config)
+        return with_plugin_modules(spec, router_for(model_config.transformer))
+
+    return layer_spec
+
+
+def dpsl_gpt_config(args, model_config_cls=None):
+    """core_v0.19: ``gpt_config_from_args`` with the DPSL config and, with DPSL on, the DPSL layer spec."""
+    from megatron.training.argument_utils import gpt_config_from_args
+    from megatron_dpsl.megatron_lm.args import megatron_lm_config_from_args
+
+    config = megatron_lm_config_from_args(args) if args.yaml_cfg is None else None
+    extra = {} if model_config_cls is None else {"model_config_cls": model_config_cls}
+    model_cfg = gpt_config_from_args(args, config=config, **extra)
+    if getattr(config, "moe_plugin_enabled", False):
+        _refuse_unpatched_group_priors(config)
+        model_cfg.transformer_layer_spec = dpsl_layer_spec(model_cfg.transformer_layer_spec)
+    return model_cfg
+
+
+def _refuse_unpatched_group_priors(config) -> None:
+    import pretrain_gpt
+
+    # without patch 3 (4 at core_v0.19.0), forward_step never sets the token groups the router needs
+    if config.moe_dpsl_uses_groups and not _is_patched(pretrain_gpt.forward_step):
         raise SystemExit(
-            "this Megatron-LM's pretrain() takes no extra_args_provider (core_v0.19 and later); the launcher "
-            "supports core_v0.16.x, see docs/megatron_lm.md for newer releases"
+            "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: not supported on an unpatched Megatron-LM (its "
+            f"forward_step passes no token groups); apply patches/ (bash scripts/apply_megatron_patches.sh ${PATH_ENV})"
         )
-    set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
-    pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
-    run, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
+
+
+def _run_core_v016(pretrain_gpt, run, store) -> None:
+    from megatron.core.enums import ModelType
+
     run(
         pretrain_gpt.train_valid_test_datasets_provider,
         partial(pretrain_gpt.model_provider, dpsl_gpt_builder),
@@ -143,6 +183,48 @@ def main() -> None:
         store=store,
         get_embedding_ranks=pretrain_gpt.get_embedding_ranks,
     )
+
+
+def _run_core_v019(pretrain_gpt, run, store) -> None:
+    # pretrain_gpt.py's __main__ at core_v0.19.0, with the DPSL provider, config, spec and tracker
+    from megatron.core.enums import ModelType
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+    from megatron_dpsl.megatron_lm.metrics_tracker import install_dpsl_metrics_tracker
+
+    args = parse_and_validate_args(
+        extra_args_provider=extra_args_provider, args_defaults={"tokenizer_type": "GPT2BPETokenizer"}
+    )
+    model_config_cls = None
+    if pretrain_gpt.has_nvidia_modelopt:
+        pretrain_gpt.maybe_enable_modelopt(args)
+        if getattr(args, "modelopt_enabled", False):
+            model_config_cls = pretrain_gpt.ModelOptModelConfig
+    model_cfg = dpsl_gpt_config(args, model_config_cls)
+    install_dpsl_metrics_tracker(args.moe_router_load_balancing_type)
+    run(
+        pretrain_cfg_container_from_args(args, model_cfg),
+        pretrain_gpt.train_valid_test_datasets_provider,
+        ModelType.encoder_or_decoder,
+        pretrain_gpt.forward_step,
+        store=store,
+        get_embedding_ranks=pretrain_gpt.get_embedding_ranks,
+    )
+
+
+def main() -> None:
+    pretrain_gpt = import_pretrain_gpt()
+    from megatron.training import arguments, inprocess_restart, pretrain, set_startup_timestamps
+    from megatron_dpsl.megatron_lm.registration import register_dpsl_arguments
+
+    register_dpsl_arguments(arguments)  # before the first parse (maybe_wrap_for_inprocess_restart)
+    set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
+    pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
+    run, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
+    if "extra_args_provider" in inspect.signature(pretrain).parameters:
+        _run_core_v016(pretrain_gpt, run, store)
+    else:
+        _run_core_v019(pretrain_gpt, run, store)
 
 
 if __name__ == "__main__":

@@ -128,9 +128,13 @@ def _global_data(case, num_replicas):
 
 
 def _cp_slice(t_bs, cp_group):
+    import inspect
+
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    return get_batch_on_this_cp_rank({"t": t_bs}, cp_group=cp_group)["t"]
+    # megatron-core 0.19 added a required is_hybrid_cp (False: plain CP)
+    extra = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters else {}
+    return get_batch_on_this_cp_rank({"t": t_bs}, cp_group=cp_group, **extra)["t"]
 
 
 def _shard(case, x, ids, pad, tp_group, cp_group):
@@ -184,7 +188,7 @@ def run_case(case, singleton_pg):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
-    from megatron.core.transformer.spec_utils import build_module
+    from _support import build_mlp  # the MoE layer spec: ModuleSpec (0.16) or partial (0.19)
 
     from megatron_dpsl.router import DPSLRouter
     from megatron_dpsl.specs import get_dpsl_layer_spec
@@ -200,7 +204,7 @@ def run_case(case, singleton_pg):
     world = dist.get_world_size()
     config = _config(case)
     torch.manual_seed(1234)
-    layer = build_module(get_dpsl_layer_spec(config).submodules.mlp, config=config)
+    layer = build_mlp(get_dpsl_layer_spec(config).submodules.mlp, config)
     layer.set_layer_number(1)
     from megatron.core.enums import ModelType
 

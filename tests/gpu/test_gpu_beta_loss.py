@@ -56,9 +56,9 @@ def test_beta_cdf_cuda_vs_scipy_and_cpu():
     assert out16.dtype == torch.bfloat16
     err16 = (out16.double().cpu() - _scipy_betainc(x16.double(), a, b)).abs().max().item()
     assert err16 <= 2.0**-9 + 1e-9, f"bfloat16 max abs error vs SciPy {err16:.3g}"
-    # same algorithm on both devices; CUDA's lgamma/exp/log differ from the CPU's by a few ulp, and
-    # exp(a*log x + ...) turns an exponent of magnitude <= ~1.5e3 into ~1e-13 absolute at most
-    torch.testing.assert_close(out64.cpu(), beta_cdf(x.cpu(), a.cpu(), b.cpu()), rtol=0.0, atol=1e-12)
+    # same algorithm on both devices; CUDA's lgamma/exp/log differ from glibc's by a few ulp, and the
+    # continued fraction and exp(a*log x + ...) amplify that: 3.3e-12 seen on an H200, 3x headroom
+    torch.testing.assert_close(out64.cpu(), beta_cdf(x.cpu(), a.cpu(), b.cpu()), rtol=0.0, atol=1e-11)
 
 
 def test_beta_cdf_cuda_gradient_is_beta_pdf():
@@ -144,7 +144,9 @@ def test_dpsl_loss_cuda_groups_and_padding_match_cpu():
     padding = torch.rand(num_tokens, generator=g) < 0.1
     outs = []
     for device in ("cpu", "cuda"):
-        p = probs.to(device).requires_grad_()
+        # a fresh leaf per device: probs.to("cpu") is probs itself, so requires_grad_() on it would make
+        # the CUDA copy a non-leaf without .grad
+        p = probs.detach().clone().to(device).requires_grad_()
         loss = dpsl_loss(p, alpha.to(device), group_ids=group_ids.to(device), padding_mask=padding.to(device))
         loss.backward()
         outs.append((loss.detach().cpu(), p.grad.cpu()))
