@@ -15,8 +15,9 @@
 #   story      scripts/megatron_lm_story.py for core_v0.16.1 and core_v0.19.0 side by side (own work dirs
 #              and ports): dense run, patched tree and unpatched launcher -> megatron-dpsl upcycle ->
 #              DPSL MoE run loading it -> save -> resume -> group priors on the patched tree
+#   bench      benchmarks/gpu_all.sh, alone on the GPU (it times things), before the story so that a
+#              slow story cannot cut the measurements
 #   tests      pytest -m gpu tests/gpu (alongside the story: neither times anything)
-#   bench      benchmarks/gpu_all.sh, alone on the GPU (it times things)
 # Outputs ($OUT on the device, else outputs/gpu): summary.md, install.log, gpu_tests.log, bench.log,
 # performance_gpu.md, moe_layer.json, story_<tag>.md and story/<tag>_<stage>.log.
 #
@@ -37,7 +38,7 @@ stages=",${DPSL_STAGES:-preflight,install,story,tests,bench},"
 budget="${DPSL_BUDGET_S:-480}"
 TAGS=(core_v0.16.1 core_v0.19.0)
 # per-stage limits (s); story and tests run side by side, so they share one slot of the budget
-LIMIT_PREFLIGHT=30 LIMIT_INSTALL=60 LIMIT_STORY=300 LIMIT_TESTS=240
+LIMIT_PREFLIGHT=30 LIMIT_INSTALL=60 LIMIT_BENCH=150 LIMIT_STORY=300 LIMIT_TESTS=240
 # bytecode is written: the first Megatron-LM process of a tree compiles it, the next ones reuse it
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 
@@ -65,7 +66,7 @@ if [ "$dry" = 1 ]; then
   for tag in "${TAGS[@]}"; do
     "$py" scripts/megatron_lm_story.py show --tag "$tag" --work "$work/$tag" --tree "$carry/trees/$tag" | sed 's/^/           /'
   done
-  echo "bench      the rest of the budget: bash benchmarks/gpu_all.sh $out"
+  echo "bench      limit $LIMIT_BENCH s, before the story: bash benchmarks/gpu_all.sh $out"
   exit $fail
 fi
 
@@ -156,6 +157,17 @@ if [[ $stages != *,install,* ]] && [ -f "$prefix/env.sh" ]; then
   source "$prefix/env.sh"
 fi
 
+if [[ $stages == *,bench,* ]]; then
+  # first, alone on the GPU (it times things) and before the story, so that a slow story cannot cut it
+  s=$(date +%s)
+  l=$(lim $LIMIT_BENCH)
+  timeout "$l" bash benchmarks/gpu_all.sh "$out" >"$out/bench.log" 2>&1
+  rc=$?
+  [ "$rc" = 0 ] && r=pass || r=FAIL
+  [ "$rc" = 124 ] && r="FAIL (time limit)"
+  row bench "$r" $(($(date +%s) - s)) "$l" "table performance_gpu.md"
+fi
+
 story_pids=() tests_pid=""
 if [[ $stages == *,story,* ]]; then
   s_story=$(date +%s)
@@ -189,20 +201,6 @@ if [ -n "$tests_pid" ]; then
   [ "$rc" = 124 ] && r="FAIL (time limit)"
   row tests "$r" $(($(date +%s) - s_tests)) "$LIMIT_TESTS" \
     "$(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$out/gpu_tests.log" | tail -1)"
-fi
-
-if [[ $stages == *,bench,* ]]; then
-  s=$(date +%s)
-  l=$(($(left) - 5))
-  if [ "$l" -lt 30 ]; then
-    row bench skipped 0 "$l" "no budget left"
-  else
-    timeout "$l" bash benchmarks/gpu_all.sh "$out" >"$out/bench.log" 2>&1
-    rc=$?
-    [ "$rc" = 0 ] && r=pass || r=FAIL
-    [ "$rc" = 124 ] && r="FAIL (time limit)"
-    row bench "$r" $(($(date +%s) - s)) "$l" "table performance_gpu.md"
-  fi
 fi
 
 note ""
