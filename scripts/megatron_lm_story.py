@@ -54,6 +54,7 @@ MODEL = [
     # no Transformer Engine or apex on the GPU machine: the local spec, no TE-only fusions (0.19 refuses RoPE
     # fusion), no persistent layer norm (the torch norm refuses it)
     "--transformer-impl", "local", "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+    "--no-masked-softmax-fusion",  # the fused softmax kernel (scaled_masked_softmax_cuda) needs apex; not on the image
     "--bf16",
     "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB),
 ]
@@ -101,7 +102,9 @@ class Stage:
 def _train(iters: int, save: str, load: Optional[str] = None) -> list[str]:
     argv = ["--train-iters", str(iters), "--save", save, "--save-interval", str(iters)]
     if load is not None:
-        argv += ["--load", load, "--exit-on-missing-checkpoint"]
+        # a resumed run trains to a new --train-iters, which changes the scheduler's decay lengths: Megatron-LM
+        # refuses that without --override-opt_param-scheduler (the documented way to extend a run)
+        argv += ["--load", load, "--exit-on-missing-checkpoint", "--override-opt_param-scheduler"]
     return argv
 
 
