@@ -47,7 +47,15 @@ def clear_tracker() -> None:
 
 
 def reset_tracker() -> None:
-    """Drop every tracker entry (between runs in one process: Megatron's tracker is module-global)."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    """Drop every tracker entry (between runs in one process: Megatron's tracker is module-global).
 
-    get_moe_layer_wise_logging_tracker().clear()
+    megatron-core 0.19 keeps the entries in ``MoEMetricsTracker.metrics``, and its legacy
+    ``get_moe_layer_wise_logging_tracker()`` returns a fresh dict built from them (clearing that copy
+    drops nothing); 0.16 returns the tracker dict itself.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):
+        moe_utils.get_moe_metrics_tracker().metrics.clear()
+    else:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
