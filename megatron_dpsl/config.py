@@ -169,9 +169,9 @@ class DPSLTransformerConfig(TransformerConfig):
 
     @property
     def moe_plugin_enabled(self) -> bool:
-        """True when ``moe_router_load_balancing_type`` names any plugin type (dpsl, variance, orthogonality):
-        the model then needs the plugin's spec (``DPSLRouter``, ``DPSLMoELayer``)."""
-        return bool(plugin_types_in(self.moe_router_load_balancing_type))
+        """True when the model needs the plugin's spec (``DPSLRouter``/``ACRouter``, ``DPSLMoELayer``): a plugin
+        load-balancing type (dpsl, variance, orthogonality) or the AC router (``moe_ac_layers``)."""
+        return bool(plugin_types_in(self.moe_router_load_balancing_type)) or self.moe_ac_enabled
 
     @property
     def moe_variance_coeff(self) -> float:

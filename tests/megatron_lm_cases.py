@@ -59,6 +59,15 @@ BUILD_ARGV = [
 ]
 
 
+# The baselines without DPSL (issue 14): variance + orthogonality losses and the AC router on layer 2.
+BASELINES_BUILD_ARGV = [
+    *BUILD_ARGV[: BUILD_ARGV.index("--moe-router-load-balancing-type")],
+    "--moe-router-load-balancing-type", "aux_loss", "variance", "orthogonality",
+    "--moe-aux-loss-coeff", "0.01", "0.001", "0.0001", "--moe-ac-layers", "2",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "32",
+]
+
+
 def specs(trees: dict, work: Path) -> dict:
     """The child specs: ``{"unpatched": spec, "patched": spec}``."""
     stages = story.megatron_lm_stages(work / "story")
@@ -73,7 +82,8 @@ def specs(trees: dict, work: Path) -> dict:
             cases.append({"name": "megatron_lm_groups", "entry": "megatron_lm", "argv": group_argv(work / flavor)})
         cases += [{"name": f"story_{s.name}", "entry": s.entry, "argv": list(s.argv)} for s in stages if s.tree == flavor]
         out[flavor] = {"tree": trees[flavor], "patched": flavor == "patched", "cases": cases,
-                       "builds": [{"name": "build", "argv": BUILD_ARGV}]}
+                       "builds": [{"name": "build", "argv": BUILD_ARGV},
+                                  {"name": "build_baselines", "argv": BASELINES_BUILD_ARGV}]}
     out["unpatched"]["rehearse_upcycle"] = rehearsal(work / "rehearsal")
     return out
 

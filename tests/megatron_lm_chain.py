@@ -175,6 +175,12 @@ def _routers(model) -> list[str]:
     return [type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Router")]
 
 
+def _modules(model) -> dict:
+    """The routers and the MoE layer classes of ``model``, in module order."""
+    names = [type(m).__name__ for m in model.modules()]
+    return {"routers": [n for n in names if n.endswith("Router")], "moe_layers": [n for n in names if n.endswith("MoELayer")]}
+
+
 def build_report(argv: list, patched: bool) -> dict:
     from megatron.training import arguments, global_vars
 
@@ -203,9 +209,9 @@ def build_report(argv: list, patched: bool) -> dict:
         if "extra_args_provider" in _pretrain_parameters():  # core_v0.16.x
             import gpt_builders
 
-            report["launcher_routers"] = _routers(launcher.dpsl_gpt_builder(args, True, True))
+            report["launcher"] = _modules(launcher.dpsl_gpt_builder(args, True, True))
             if patched:
-                report["megatron_lm_routers"] = _routers(gpt_builders.gpt_builder(args, True, True))
+                report["megatron_lm"] = _modules(gpt_builders.gpt_builder(args, True, True))
         else:  # core_v0.19: GPTModelBuilder on the model config
             from megatron.core.process_groups_config import ProcessGroupCollection
             from megatron.training.argument_utils import gpt_config_from_args
@@ -213,11 +219,14 @@ def build_report(argv: list, patched: bool) -> dict:
 
             pgs = ProcessGroupCollection.use_mpu_process_groups()
             build = lambda cfg: GPTModelBuilder(cfg).build_model(pgs, pre_process=True, post_process=True)  # noqa: E731
-            report["launcher_routers"] = _routers(build(launcher.dpsl_gpt_config(args)))
+            report["launcher"] = _modules(build(launcher.dpsl_gpt_config(args)))
             if patched:
-                report["megatron_lm_routers"] = _routers(build(gpt_config_from_args(args)))
+                report["megatron_lm"] = _modules(build(gpt_config_from_args(args)))
     finally:
         global_vars.unset_global_variables()
+    for who in ("launcher", "megatron_lm"):
+        if who in report:
+            report[f"{who}_routers"] = report[who]["routers"]
     return report
 
 
@@ -289,6 +298,9 @@ def rehearse_upcycle(dense_argv: list, upcycle_argv: list, moe_argv: list, itera
         report["finite"] = all(torch.isfinite(p).all().item() for p in moe.parameters())
     finally:
         global_vars.unset_global_variables()
+    for who in ("launcher", "megatron_lm"):
+        if who in report:
+            report[f"{who}_routers"] = report[who]["routers"]
     return report
 
 

@@ -210,6 +210,20 @@ def test_unpatched_megatron_lm_with_the_launcher(megatron_lm_reports, megatron_l
     assert report["launcher_routers"] == ["DPSLRouter", "DPSLRouter"]
 
 
+def test_baselines_without_dpsl_get_the_plugin_modules(megatron_lm_reports):
+    # variance + orthogonality losses and the AC router, no 'dpsl': the patched tree's own config
+    # function and builder, and the launcher on both trees, build the plugin's config and modules
+    patched = megatron_lm_reports["patched"]["build_baselines"]
+    unpatched = megatron_lm_reports["unpatched"]["build_baselines"]
+    assert "error" not in patched and "error" not in unpatched, (patched.get("error"), unpatched.get("error"))
+    assert patched["core_config"] == "DPSLTransformerConfig"  # patch 1 (core_v0.19.0: patch 2)
+    assert unpatched["core_config"] == "TransformerConfig"
+    # every MoE layer gets ACRouter (layer 1 routes as TopKRouter and hands its assignment to layer 2)
+    expected = {"routers": ["ACRouter", "ACRouter"], "moe_layers": ["DPSLMoELayer", "DPSLMoELayer"]}
+    assert patched["megatron_lm"] == expected
+    assert patched["launcher"] == expected and unpatched["launcher"] == expected
+
+
 def test_launcher_names_the_env_var_when_megatron_lm_is_missing(tmp_path, monkeypatch):
     from megatron_dpsl.megatron_lm import pretrain_gpt as launcher
 

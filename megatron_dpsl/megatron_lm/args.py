@@ -320,6 +320,14 @@ def _scalar_if_single(value: Any) -> Any:
     return value
 
 
+def plugin_enabled(args: argparse.Namespace) -> bool:
+    """Whether the run needs the plugin's config and spec: a plugin load-balancing type (``dpsl``,
+    ``variance``, ``orthogonality``) or ``--moe-ac-layers`` (``DPSLTransformerConfig.moe_plugin_enabled``)."""
+    return bool(plugin_types_in(getattr(args, "moe_router_load_balancing_type", None))) or bool(
+        getattr(args, "moe_ac_layers", None)
+    )
+
+
 def dpsl_enabled(args: argparse.Namespace) -> bool:
     """Whether ``--moe-router-load-balancing-type`` includes ``dpsl``."""
     return DPSL_TYPE in plugin_types_in(getattr(args, "moe_router_load_balancing_type", None))
