@@ -2,8 +2,9 @@
 
 One launch per world size (each costs ~15 s of Megatron import); the worker
 (``tests/workers/dpsl_exactness_worker.py``) runs every layout of ``CASES[world]`` and writes one
-record per layout. Run alone with ``pytest -m distributed tests/distributed -s`` (``-s`` shows the
-measured differences).
+record per layout. Marked slow (about 25 s for both launches on 2 cores; CI's slow suite and its
+megatron-core 0.19 leg run them): ``pytest -m slow tests/distributed/test_dpsl_distributed.py -s``
+(``-s`` shows the measured differences).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import pytest
 from _support import records_per_world
 from workers.dpsl_exactness_worker import CASES  # plain data, imports no Megatron
 
-pytestmark = pytest.mark.distributed
+# multi-process end-to-end runs: the default suite stays under 3 minutes on 2 cores
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 # fp32 throughout: the distributed and reference gradients sum the same per-token terms in a
 # different order (gather order, DDP/TP all-reduce), so they agree to a few fp32 ulps of the
