@@ -4,11 +4,14 @@ import sys
 import pytest
 import torch
 
-# One place puts tests/ on sys.path, so test modules import the helpers beside them
-# (megatron_cpu, _support, workers/...) without path manipulation of their own.
+# The one place that sets up import paths: tests/ for the helpers beside the test modules
+# (megatron_cpu, _support, _upcycle_support, workers/...) and scripts/ for megatron_lm_story (the GPU
+# story's argv, which the Megatron-LM tests run on CPU). Child interpreters get the same through
+# _support.child_env's PYTHONPATH.
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-if TESTS_DIR not in sys.path:
-    sys.path.insert(0, TESTS_DIR)
+for _path in (os.path.join(os.path.dirname(TESTS_DIR), "scripts"), TESTS_DIR):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 if not torch.cuda.is_available():
     # CPU-only machine: Triton kernels (megatron_dpsl/fused_loss.py) run under Triton's interpreter, which
@@ -23,14 +26,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-
-
-@pytest.fixture(scope="session")
-def free_port():
-    """``free_port()`` -> a TCP port on 127.0.0.1 for a torchrun launch."""
-    from _support import free_port as _free_port
-
-    return _free_port
 
 
 @pytest.fixture(scope="session")

@@ -124,16 +124,6 @@ def install_recompute_shims():
     ])
 
 
-def build_mlp(mlp_spec, config, **kwargs):
-    """Build a layer spec's ``mlp`` the way the installed Megatron's ``TransformerLayer`` does: 0.16 holds a
-    ``ModuleSpec`` (``build_module``), 0.19 a ``functools.partial`` that is called."""
-    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-
-    if isinstance(mlp_spec, ModuleSpec):
-        return build_module(mlp_spec, config=config, **kwargs)
-    return mlp_spec(config=config, **kwargs)
-
-
 def reset_aux_loss_tracker() -> None:
     """Forget every logged aux loss: 0.16 keeps a dict, 0.19 a ``MoEMetricsTracker`` (whose legacy dict
     view is a fresh copy, so clearing that view clears nothing)."""

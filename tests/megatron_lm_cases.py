@@ -13,11 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from megatron_lm_tree import REPO, child_env
+import megatron_lm_story as story  # scripts/ (conftest's path): the GPU stages' argv, one definition
+from _support import child_env
 
 CHAIN = Path(__file__).resolve().parent / "megatron_lm_chain.py"
-sys.path.insert(0, str(REPO / "scripts"))
-import megatron_lm_story as story  # noqa: E402  (the GPU stages' argv: one definition)
 
 
 def readme_argv(work: Path) -> list[str]:
@@ -106,7 +105,7 @@ def run_reports(trees: dict, work: Path, timeout: int = 600) -> dict:
         path.write_text(json.dumps(spec))
         out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         procs[flavor] = (subprocess.Popen([sys.executable, str(CHAIN), str(path)], stdout=out, stderr=err,
-                                          text=True, env=child_env()), out, err)
+                                          text=True, env=child_env(PYTHONWARNINGS="ignore")), out, err)
     reports = {}
     for flavor, (proc, out, err) in procs.items():
         rc = proc.wait(timeout=timeout)

@@ -40,8 +40,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from megatron_lm_tree import use_tree  # noqa: E402
+from megatron_lm_tree import use_tree
 
 # Functions whose passage the tests check, by name; recorded when defined under the tree.
 WATCHED = {

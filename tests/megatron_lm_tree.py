@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parents[1]
 GIT_DIR_ENV = "MEGATRON_LM_GIT_DIR"
 # megatron-core release (major, minor) -> the Megatron-LM tag whose training code goes with it
 TAGS = {(0, 16): "core_v0.16.1", (0, 19): "core_v0.19.0"}
@@ -96,12 +95,6 @@ def export_tree(tag: str, out: Path, git_dir_: Optional[str] = None, paths: tupl
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
     stamp.write_text(want)
     return out
-
-
-def child_env(**extra: str) -> dict:
-    """Environment of a child interpreter: this checkout and tests/ importable, quiet, one thread."""
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": pythonpath, **extra}
 
 
 # --------------------------------------------------------------------------- inside the child

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from megatron_cpu import init_single_process  # noqa: E402
+from megatron_cpu import init_single_process
 
 H, E = 16, 8
 

@@ -19,6 +19,8 @@ import sys
 import pytest
 import torch
 
+from _support import child_env
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RUNS = ("aux_loss", "z_loss", "expert_bias", "dpsl_symmetric", "dpsl_modality", "variance_orthogonality", "ac",
         "ac_dpsl")
@@ -162,10 +164,8 @@ LOSSES = {
 @pytest.mark.distributed
 def test_compare_routers_tiny_end_to_end(tmp_path):
     out = tmp_path / "cmp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "examples/compare_routers.py", "--tiny", "--out", str(out)], cwd=REPO,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+                          env=child_env(PYTHONWARNINGS="ignore"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "| run | valid loss | CoV |" in proc.stdout and "compare_routers wall time:" in proc.stdout
 

@@ -9,28 +9,21 @@ copies and scales by a power-of-two-free constant once, so both sides are compar
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from _support import torchrun
 from workers.gather_worker import CASES  # plain data; the worker imports no Megatron
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 WORLD = 2
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory, free_port):
+def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("gather") / "records"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
-           "--master-port", str(free_port()), os.path.join(HERE, "workers", "gather_worker.py"), "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun("gather_worker.py", "--out", str(out), nproc=WORLD, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     by_case = {}
     for rank in range(WORLD):

@@ -5,15 +5,10 @@ Real ``GPTModel``s on CPU with the shims of tests/megatron_cpu.py.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from megatron_cpu import init_single_process  # noqa: E402
+from megatron_cpu import init_single_process
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,13 +16,11 @@ argv, on the tree that stage uses.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import megatron_lm_story as story  # noqa: E402
+import megatron_lm_story as story
 
 # Megatron-LM functions every run passes through before the boundary, in this order (both tags) ...
 CHAIN = [

@@ -7,16 +7,12 @@ CPU shims for Megatron's CUDA-only calls (and the alltoall dispatcher's stream):
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from megatron_cpu import (  # noqa: E402
-    build_mlp, init_single_process, install_alltoall_shims, install_recompute_shims, logged_aux_loss, reset_aux_loss_tracker,
+from _support import build_mlp
+from megatron_cpu import (
+    init_single_process, install_alltoall_shims, install_recompute_shims, logged_aux_loss, reset_aux_loss_tracker,
 )
 
 H, E, K, BETA = 16, 4, 2, 0.3

@@ -17,16 +17,17 @@ import sys
 
 import pytest
 
+from _support import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = ("aux_loss", "dpsl_symmetric", "dpsl_modality")
 
 
 def _run_quickstart(out, *flags, timeout):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_dpsl.train.quickstart", "--out", str(out), *flags],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+        cwd=REPO, env=child_env(PYTHONWARNINGS="ignore"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
     return proc.stdout

@@ -5,16 +5,11 @@ Real Megatron modules (TopKRouter, MoELayer, GPTModel) on CPU with the shims of 
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _support import build_mlp, moe_tracked, reset_moe_tracker  # noqa: E402
-from megatron_cpu import init_single_process  # noqa: E402
+from _support import build_mlp, moe_tracked, reset_moe_tracker
+from megatron_cpu import init_single_process
 
 H, E = 16, 8
 

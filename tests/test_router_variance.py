@@ -5,15 +5,11 @@ CPU shims for Megatron's CUDA-only calls: tests/megatron_cpu.py.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from megatron_cpu import build_mlp, init_single_process, logged_aux_loss, reset_aux_loss_tracker  # noqa: E402
+from _support import build_mlp
+from megatron_cpu import init_single_process, logged_aux_loss, reset_aux_loss_tracker
 
 H, E, GAMMA = 16, 8, 0.7
 

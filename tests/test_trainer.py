@@ -11,7 +11,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_dpsl.train.arguments import parse_args, validate_args
+from _support import REPO, WORKERS, child_env, free_port
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from megatron_dpsl.train.arguments import parse_args, validate_args
 
 TINY = [
     "--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -411,12 +410,6 @@ def _phases(ckpt: str) -> dict:
     }
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _global_expert_name(name: str, ep_rank: int, local_experts: int) -> str:
     """``...local_experts.{i}...`` on EP rank r is expert ``r * local_experts + i`` of the unsharded model."""
     parts = name.split(".")
@@ -429,13 +422,12 @@ def _global_expert_name(name: str, ep_rank: int, local_experts: int) -> str:
 @pytest.mark.slow  # two torchrun agents, two phases, plus the one-process references: ~35 s
 @pytest.mark.distributed
 def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    port = free_port()
+    env = child_env(PYTHONWARNINGS="ignore")
     phases = _phases(str(tmp_path / "ckpt_dp"))
     phases_path = tmp_path / "phases.json"
     phases_path.write_text(json.dumps(phases))
-    worker = os.path.join(REPO, "tests", "distributed", "trainer_multinode_worker.py")
+    worker = str(WORKERS / "trainer_multinode_worker.py")
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
@@ -493,8 +485,7 @@ def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
 @pytest.mark.gpu
 def test_gpu_path_uses_megatron_optimizer_and_schedule(tmp_path):
     """``--device cuda`` on one GPU: NCCL, get_megatron_optimizer, get_forward_backward_func, save/resume."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env(PYTHONWARNINGS="ignore")
     argv = [a for a in [*TINY, *MOE] if a not in ("--device", "cpu")] + [
         "--device", "cuda", "--lr-decay-iters", "4", "--save", str(tmp_path / "ckpt"),
         "--tensorboard-dir", str(tmp_path / "tb"),

@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from _support import child_env
+
 GIT_ENV = "MEGATRON_LM_GIT_DIR"
 # megatron-core series -> the Megatron-LM tag it runs with. Each tree imports only against its own
 # series (0.19.0's training needs megatron.core.tokenizers.utils, 0.16.1's the 0.16 datasets
@@ -147,12 +148,9 @@ def report():
         root = export_tree(git_dir, tag, work / "Megatron-LM")
         _tiny_hf("llama", work / "hf_llama")
         _tiny_hf("qwen2", work / "hf_qwen2")
-        pythonpath = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
-        # the child hosts its own one-rank store: not on the port an earlier test of this pytest holds
-        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-        env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=pythonpath)
+        # child_env: the child hosts its own one-rank store, not on the port an earlier test of this pytest holds
         proc = subprocess.run([sys.executable, __file__, str(root), str(work)], capture_output=True, text=True,
-                              env=env, timeout=600)  # fmt: skip
+                              env=child_env(PYTHONWARNINGS="ignore"), timeout=600)  # fmt: skip
         if proc.returncode != 0:
             raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
         result = json.loads((work / "report.json").read_text())
@@ -287,7 +285,7 @@ def _child(root: str, work: Path) -> dict:
     arguments, checkpointing, global_vars = _import_megatron_lm(root)
     from megatron.core import parallel_state
     from megatron_cpu import init_single_process
-    from test_upcycle_support import build_gpt, dense_args, save_megatron_lm
+    from _upcycle_support import build_gpt, dense_args, save_megatron_lm
 
     from megatron_dpsl.upcycle import upcycle
 

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_upcycle_support import write_tiny_hf_llama  # noqa: E402
+from _upcycle_support import write_tiny_hf_llama
 
-from megatron_dpsl.upcycle.cli import build_parser, main  # noqa: E402
-from megatron_dpsl.upcycle.summary import format_bytes  # noqa: E402
+from megatron_dpsl.upcycle.cli import build_parser, main
+from megatron_dpsl.upcycle.summary import format_bytes
 
 
 def _help_blocks(text: str) -> dict[str, str]:

@@ -1,18 +1,13 @@
 """The upcycled checkpoint under EP=2 (and a TP=2-saved source) vs the single-process reference.
 
-One torchrun launch (2 ranks, gloo); see test_upcycle_ep_worker.py for the steps.
+One torchrun launch (2 ranks, gloo); see tests/workers/upcycle_ep_worker.py for the steps.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+from _support import torchrun
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # one ~50 s torchrun launch
 
@@ -21,30 +16,9 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # one ~50 s torchrun l
 ATOL = 1e-5
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_upcycled_checkpoint_under_ep2(tmp_path):
     out = tmp_path / "result.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        os.path.join(HERE, "test_upcycle_ep_worker.py"),
-        "--workdir",
-        str(tmp_path),
-        "--out",
-        str(out),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = torchrun("upcycle_ep_worker.py", "--workdir", str(tmp_path), "--out", str(out), nproc=2, timeout=600)
     if proc.returncode != 0 or not out.exists():
         pytest.fail(f"torchrun failed rc={proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     r = json.loads(out.read_text())

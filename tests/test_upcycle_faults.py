@@ -1,11 +1,11 @@
 """Faults: a conversion killed hard (SIGKILL) leaves its temporary directory; the next run of the
 same output removes it when it is provably dead, and never touches a live conversion's, another
-host's, or anything that is not ours. Real processes, real kills (tests/upcycle_kill_worker.py)."""
+host's, or anything that is not ours. Real processes, real kills
+(tests/workers/upcycle_kill_worker.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_upcycle_support import write_tiny_hf_llama  # noqa: E402
+from _support import WORKERS, child_env
+from _upcycle_support import write_tiny_hf_llama
 
-from megatron_dpsl.upcycle import ownership  # noqa: E402
-from megatron_dpsl.upcycle.cli import main  # noqa: E402
+from megatron_dpsl.upcycle import ownership
+from megatron_dpsl.upcycle.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).with_name("upcycle_kill_worker.py")
+WORKER = WORKERS / "upcycle_kill_worker.py"
 ARGS = ["--num-experts", "4", "--moe-router-topk", "2", "--no-progress"]
 
 
@@ -32,9 +31,8 @@ def _hidden(parent: Path, name: str = "moe") -> list[Path]:
 
 def _start_stuck_conversion(src: Path, out: Path, ready: Path) -> subprocess.Popen:
     """A real CLI run in its own process, stopped while writing layer 1 (layer 0 is on disk)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, str(WORKER), str(ready), "--source", str(src), "--output", str(out), *ARGS]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while not ready.exists():
         if proc.poll() is not None:

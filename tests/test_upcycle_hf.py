@@ -1,14 +1,13 @@
 """HF Llama / Qwen2 input: tiny random models built locally with transformers (nothing downloaded);
 converted Megatron GPTModel logits must match the HF model's, dense and after exact upcycling."""
 
-import os
 import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_upcycle_support import build_gpt, gpt_logits, load_megatron_lm  # noqa: E402
+from _support import child_env
+from _upcycle_support import build_gpt, gpt_logits, load_megatron_lm
 
 transformers = pytest.importorskip("transformers")
 
@@ -113,8 +112,7 @@ def test_cpu_loading_recipe_of_the_docs(tmp_path, kind):
 
     repo = Path(__file__).resolve().parents[1]
     _tiny_hf(kind, tmp_path / "hf")
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
+    env = child_env()
     run = lambda *cmd: subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env)  # noqa: E731
     from megatron_dpsl.upcycle.cli import main
 

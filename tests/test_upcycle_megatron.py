@@ -7,13 +7,11 @@ sharded state dict, as Megatron-LM's --load does.
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_upcycle_support import (  # noqa: E402
+from _upcycle_support import (
     build_gpt,
     dense_args,
     gpt_logits,
@@ -201,7 +199,7 @@ def test_he2024_reproduces_megatron_runtime_upcycling(megatron, swiglu_ckpt, tmp
 
 def test_converted_checkpoint_trains_ep1(megatron, swiglu_ckpt, tmp_path):
     """Load into an MoE GPTModel with the DPSL router (TopKRouter if the plugin router is absent) and train."""
-    from test_upcycle_support import moe_training_model, train_steps
+    from _upcycle_support import moe_training_model, train_steps
 
     src, _, _ = swiglu_ckpt
     _upcycle(src, tmp_path / "moe", num_experts=8, granularity=2, moe_router_topk=4, expert_noise_std=0.01)

@@ -1,7 +1,7 @@
 """Distributed AC router exactness: torchrun (gloo, CPU) vs an unsharded single-process reference.
 
-One launch per world size; the worker (``ac_exactness_worker.py``) runs every layout of
-``CASES[world]``: TP+SP, CP, EP, DP, TP×EP (both expert-TP sizes), TP×CP, CP×DP, an EP group that
+One launch per world size; the worker (``tests/workers/ac_exactness_worker.py``) runs every layout
+of ``CASES[world]``: TP+SP, CP, EP, DP, TP×EP (both expert-TP sizes), TP×CP, CP×DP, an EP group that
 spans two TP groups, AC together with DPSL, and a two-stage pipeline. Marked ``slow`` (CI's slow
 suite runs them); run alone with ``pytest -m distributed tests/distributed/test_ac_distributed.py -s``
 (``-s`` prints the figures).
@@ -9,19 +9,10 @@ suite runs them); run alone with ``pytest -m distributed tests/distributed/test_
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-
-from ac_exactness_worker import CASES  # noqa: E402  (plain data, imports no Megatron)
+from _support import records_per_world
+from workers.ac_exactness_worker import CASES  # plain data, imports no Megatron
 
 # both launches are slow (~25 s and ~45 s on 2 cores): the default suite stays under 3 minutes
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -39,31 +30,10 @@ MIN_REF_GRAD = 1e-1
 MIN_UNREDUCED_DIFF = 1e-2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    cache = {}
-
-    def launch(world: int):
-        if world not in cache:
-            out = tmp_path_factory.mktemp(f"ac{world}") / "results.json"
-            cmd = [
-                sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-                "--master-port", str(_free_port()), os.path.join(HERE, "ac_exactness_worker.py"), "--out", str(out),
-            ]
-            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-            if proc.returncode != 0 or not out.exists():
-                pytest.fail(f"torchrun ({world} ranks) failed rc={proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-            cache[world] = {r["name"]: r for r in json.loads(out.read_text())}
-        return cache[world]
-
-    return launch
+    """``results(world)`` -> {layout name: record}: one torchrun launch of the worker per world size."""
+    return records_per_world(tmp_path_factory, "ac_exactness_worker.py")
 
 
 @pytest.mark.parametrize(

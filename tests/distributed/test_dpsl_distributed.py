@@ -1,27 +1,21 @@
 """Distributed DPSL exactness: torchrun (gloo, CPU) vs an unsharded single-process reference.
 
-One launch per world size (each costs ~15 s of Megatron import); the worker runs every layout of
-``dpsl_exactness_worker.CASES[world]`` and writes one record per layout. Run alone with
-``pytest -m distributed tests/distributed -s`` (``-s`` shows the measured differences).
+One launch per world size (each costs ~15 s of Megatron import); the worker
+(``tests/workers/dpsl_exactness_worker.py``) runs every layout of ``CASES[world]`` and writes one
+record per layout. Marked slow (about 25 s for both launches on 2 cores; CI's slow suite and its
+megatron-core 0.19 leg run them): ``pytest -m slow tests/distributed/test_dpsl_distributed.py -s``
+(``-s`` shows the measured differences).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+from _support import records_per_world
+from workers.dpsl_exactness_worker import CASES  # plain data, imports no Megatron
 
-from dpsl_exactness_worker import CASES  # noqa: E402  (plain data, imports no Megatron)
-
-pytestmark = pytest.mark.distributed
+# multi-process end-to-end runs: the default suite stays under 3 minutes on 2 cores
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 # fp32 throughout: the distributed and reference gradients sum the same per-token terms in a
 # different order (gather order, DDP/TP all-reduce), so they agree to a few fp32 ulps of the
@@ -34,31 +28,10 @@ LOSS_ATOL = 1e-6
 MIN_REF_GRAD = 1e-3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    cache = {}
-
-    def launch(world: int):
-        if world not in cache:
-            out = tmp_path_factory.mktemp(f"dpsl{world}") / "results.json"
-            cmd = [
-                sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-                "--master-port", str(_free_port()), os.path.join(HERE, "dpsl_exactness_worker.py"), "--out", str(out),
-            ]
-            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-            if proc.returncode != 0 or not out.exists():
-                pytest.fail(f"torchrun ({world} ranks) failed rc={proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-            cache[world] = {r["name"]: r for r in json.loads(out.read_text())}
-        return cache[world]
-
-    return launch
+    """``results(world)`` -> {layout name: record}: one torchrun launch of the worker per world size."""
+    return records_per_world(tmp_path_factory, "dpsl_exactness_worker.py")
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,10 @@
 
 Launched by tests/distributed/test_dpsl_distributed.py; by hand:
 
-    python -m torch.distributed.run --nproc-per-node 2 --master-port 29611 \
-        tests/distributed/dpsl_exactness_worker.py --out /tmp/dpsl_2.json
-    python -m torch.distributed.run --nproc-per-node 4 --master-port 29612 \
-        tests/distributed/dpsl_exactness_worker.py --out /tmp/dpsl_4.json
+    PYTHONPATH=.:tests python -m torch.distributed.run --nproc-per-node 2 --master-port 29611 \
+        tests/workers/dpsl_exactness_worker.py --out /tmp/dpsl_2.json
+    PYTHONPATH=.:tests python -m torch.distributed.run --nproc-per-node 4 --master-port 29612 \
+        tests/workers/dpsl_exactness_worker.py --out /tmp/dpsl_4.json
 
 For every layout in CASES[world_size] it builds a real Megatron ``MoELayer`` (allgather
 dispatcher, ``SequentialMLP`` experts) from ``get_dpsl_layer_spec`` — i.e. with ``DPSLRouter`` —,
@@ -24,16 +24,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-
-from megatron_cpu import init_torchrun  # noqa: E402
+from megatron_cpu import init_torchrun
 
 S, B, H, E = 8, 2, 16, 4  # sequence, micro-batch size per replica, hidden, experts
 NUM_MICROBATCHES = 2

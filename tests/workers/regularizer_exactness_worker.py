@@ -2,10 +2,10 @@
 
 Launched by tests/distributed/test_regularizers_distributed.py; by hand:
 
-    python -m torch.distributed.run --nproc-per-node 2 --master-port 29621 \
-        tests/distributed/regularizer_exactness_worker.py --out /tmp/reg_2.json
-    python -m torch.distributed.run --nproc-per-node 4 --master-port 29622 \
-        tests/distributed/regularizer_exactness_worker.py --out /tmp/reg_4.json
+    PYTHONPATH=.:tests python -m torch.distributed.run --nproc-per-node 2 --master-port 29621 \
+        tests/workers/regularizer_exactness_worker.py --out /tmp/reg_2.json
+    PYTHONPATH=.:tests python -m torch.distributed.run --nproc-per-node 4 --master-port 29622 \
+        tests/workers/regularizer_exactness_worker.py --out /tmp/reg_4.json
 
 For every layout in CASES[world_size] it builds a real Megatron MoE layer from ``get_dpsl_layer_spec``
 (``DPSLMoELayer`` with ``DPSLRouter``; allgather or alltoall dispatcher, ``SequentialMLP`` experts),
@@ -30,17 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-
-from megatron_cpu import build_mlp, init_torchrun, install_alltoall_shims  # noqa: E402
+from _support import build_mlp
+from megatron_cpu import init_torchrun, install_alltoall_shims
 
 S, B, H, E, FFN, K = 8, 2, 16, 4, 8, 2  # sequence, micro-batch per replica, hidden, experts, ffn, top-k
 NUM_MICROBATCHES = 2

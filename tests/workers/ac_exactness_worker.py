@@ -2,10 +2,10 @@
 
 Launched by tests/distributed/test_ac_distributed.py; by hand:
 
-    python -m torch.distributed.run --nproc-per-node 2 --master-port 29621 \
-        tests/distributed/ac_exactness_worker.py --out /tmp/ac_2.json
-    python -m torch.distributed.run --nproc-per-node 4 --master-port 29622 \
-        tests/distributed/ac_exactness_worker.py --out /tmp/ac_4.json
+    PYTHONPATH=.:tests python -m torch.distributed.run --nproc-per-node 2 --master-port 29621 \
+        tests/workers/ac_exactness_worker.py --out /tmp/ac_2.json
+    PYTHONPATH=.:tests python -m torch.distributed.run --nproc-per-node 4 --master-port 29622 \
+        tests/workers/ac_exactness_worker.py --out /tmp/ac_4.json
 
 For every layout in CASES[world_size] it builds a chain of three real routers from
 ``megatron_dpsl.specs.router_for`` (``ACRouter`` sharing one ``ACRoutingState``: layer 1 standard,
@@ -28,16 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-
-from megatron_cpu import init_torchrun  # noqa: E402
+from megatron_cpu import init_torchrun
 
 S, B, H, E = 8, 4, 16, 4  # sequence, micro-batch size per replica, hidden, experts
 NUM_MICROBATCHES = 2

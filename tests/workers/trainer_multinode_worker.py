@@ -7,7 +7,7 @@ losses and its parameters to ``OUT/{phase}_rank{R}.pt`` so the test can check th
 with each other and with a one-process reference run.
 
     torchrun --nnodes 2 --node-rank N --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT \
-        tests/distributed/trainer_multinode_worker.py OUT PHASES.json
+        tests/workers/trainer_multinode_worker.py OUT PHASES.json
 """
 
 import json

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 

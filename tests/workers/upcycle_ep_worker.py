@@ -1,4 +1,4 @@
-"""torchrun worker (2 ranks, gloo) for test_upcycle_distributed.py; holds no tests.
+"""torchrun worker (2 ranks, gloo) for tests/test_upcycle_distributed.py; holds no tests.
 
 1. Build a dense GPT with TP=2 and save it Megatron-LM style (a TP-sharded source layout).
 2. Rank 0 upcycles it (exact, E=4, G=2, top-2).
@@ -14,10 +14,6 @@ import argparse
 import json
 import os
 import re
-import sys
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
 
 def main():
@@ -25,8 +21,7 @@ def main():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_cpu import init_torchrun
-    from test_upcycle_support import (
+    from _upcycle_support import (
         build_gpt,
         causal_mask,
         dense_args,
@@ -36,6 +31,7 @@ def main():
         save_megatron_lm,
         train_steps,
     )
+    from megatron_cpu import init_torchrun
 
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", required=True)
