@@ -26,13 +26,12 @@ the probabilities move when the statistics are left unreduced (the test's teeth)
 
 from __future__ import annotations
 
-import argparse
-import json
 
 import torch
 import torch.distributed as dist
 
 from megatron_cpu import init_torchrun
+from workers import _exactness as exactness
 
 S, B, H, E = 8, 4, 16, 4  # sequence, micro-batch size per replica, hidden, experts
 NUM_MICROBATCHES = 2
@@ -125,17 +124,6 @@ def _chain_class():
             return h, routed
 
     return Chain
-
-
-def _singleton_pg_collection(world):
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    mine = None
-    for r in range(world):
-        g = dist.new_group([r])
-        if r == dist.get_rank():
-            mine = g
-    return ProcessGroupCollection(tp=mine, cp=mine, tp_cp=mine, tp_dp_cp=mine, ep=mine, dp=mine, dp_cp=mine)
 
 
 def _global_data(case, num_replicas):
@@ -373,35 +361,5 @@ def run_case(case, singleton_pg):
     )
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="JSON file rank 0 writes the per-layout results to")
-    parser.add_argument("--only", nargs="*", help="run only these case names")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    init_torchrun()
-    world = dist.get_world_size()
-    singleton_pg = _singleton_pg_collection(world)
-    results = []
-    for case in CASES[world]:
-        if args.only and case["name"] not in args.only:
-            continue
-        try:
-            rec = run_case(case, singleton_pg)
-        except Exception as err:  # report, keep going with the other layouts
-            import traceback
-
-            traceback.print_exc()
-            rec = dict(name=case["name"], world=world, error=f"{type(err).__name__}: {err}")
-        results.append(rec)
-        if dist.get_rank() == 0:
-            print(json.dumps(rec), flush=True)
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    exactness.main(__doc__, CASES, run_case)

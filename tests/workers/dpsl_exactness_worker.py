@@ -21,14 +21,13 @@ gather groups of λ·DPSL (docs/parallelism.md). Rank 0 writes one JSON record p
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 
 import torch
 import torch.distributed as dist
 
 from megatron_cpu import init_torchrun
+from workers import _exactness as exactness
 
 S, B, H, E = 8, 2, 16, 4  # sequence, micro-batch size per replica, hidden, experts
 NUM_MICROBATCHES = 2
@@ -98,18 +97,6 @@ def _config(case, world_tp=None, **over):
     return DPSLTransformerConfig(**kw)
 
 
-def _singleton_pg_collection(world):
-    """One-rank groups for the unsharded reference router (created collectively, once)."""
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    mine = None
-    for r in range(world):
-        g = dist.new_group([r])
-        if r == dist.get_rank():
-            mine = g
-    return ProcessGroupCollection(tp=mine, cp=mine, tp_cp=mine, tp_dp_cp=mine, ep=mine, dp=mine, dp_cp=mine)
-
-
 def _global_data(case, num_replicas):
     """Same on every rank: per micro-batch, per replica: x [S, B, H], group ids [B, S], padding [B, S]."""
     gen = torch.Generator().manual_seed(7)
@@ -122,26 +109,16 @@ def _global_data(case, num_replicas):
     return data
 
 
-def _cp_slice(t_bs, cp_group):
-    import inspect
-
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    # megatron-core 0.19 added a required is_hybrid_cp (False: plain CP)
-    extra = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters else {}
-    return get_batch_on_this_cp_rank({"t": t_bs}, cp_group=cp_group, **extra)["t"]
-
-
 def _shard(case, x, ids, pad, tp_group, cp_group):
     """This rank's slice of one replica's micro-batch, as GPTModel/get_batch would hand it over."""
     tp, tp_rank = tp_group.size(), tp_group.rank()
-    x_local = _cp_slice(x.transpose(0, 1).contiguous(), cp_group).transpose(0, 1)  # [S/cp, B, H]
+    x_local = exactness.cp_slice(x.transpose(0, 1).contiguous(), cp_group).transpose(0, 1)  # [S/cp, B, H]
     rows = x_local.shape[0] // tp
     x_local = x_local[tp_rank * rows : (tp_rank + 1) * rows].contiguous()  # sequence parallel
     pad_local = None
     if pad is not None:
-        pad_local = _cp_slice(pad, cp_group)[:, tp_rank * rows : (tp_rank + 1) * rows].contiguous()  # [B, s_local]
-    ids_given = _cp_slice(ids, cp_group) if case["cp_sliced"] else ids
+        pad_local = exactness.cp_slice(pad, cp_group)[:, tp_rank * rows : (tp_rank + 1) * rows].contiguous()  # [B, s_local]
+    ids_given = exactness.cp_slice(ids, cp_group) if case["cp_sliced"] else ids
     return x_local, ids_given, pad_local
 
 
@@ -227,7 +204,7 @@ def run_case(case, singleton_pg):
         ctx = dpsl_token_groups(ids_given, cp_sliced=case["cp_sliced"]) if case["groups"] else contextlib.nullcontext()
         with ctx:
             out, _ = model(x_local, padding_mask=pad_local)
-        valid = torch.tensor(int(S // case["cp"] * B if pad_local is None else (~_cp_slice(data[0][2][my_replica], cp_group)).sum()))
+        valid = torch.tensor(int(S // case["cp"] * B if pad_local is None else (~exactness.cp_slice(data[0][2][my_replica], cp_group)).sum()))
 
         def loss_func(output):
             zero = (output * 0).sum()  # LM loss 0: the router gradient is DPSL's alone
@@ -310,35 +287,5 @@ def run_case(case, singleton_pg):
     return record
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="JSON file rank 0 writes the per-layout results to")
-    parser.add_argument("--only", nargs="*", help="run only these case names")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    init_torchrun()
-    world = dist.get_world_size()
-    singleton_pg = _singleton_pg_collection(world)
-    results = []
-    for case in CASES[world]:
-        if args.only and case["name"] not in args.only:
-            continue
-        try:
-            rec = run_case(case, singleton_pg)
-        except Exception as err:  # report, keep going with the other layouts
-            import traceback
-
-            traceback.print_exc()
-            rec = dict(name=case["name"], world=world, error=f"{type(err).__name__}: {err}")
-        results.append(rec)
-        if dist.get_rank() == 0:
-            print(json.dumps(rec), flush=True)
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    exactness.main(__doc__, CASES, run_case)

@@ -28,8 +28,6 @@ instead (what Megatron's per-token normalisation optimises). Rank 0 writes one J
 
 from __future__ import annotations
 
-import argparse
-import json
 
 import torch
 import torch.distributed as dist
@@ -37,6 +35,7 @@ import torch.nn.functional as F
 
 from _support import build_mlp
 from megatron_cpu import init_torchrun, install_alltoall_shims
+from workers import _exactness as exactness
 
 S, B, H, E, FFN, K = 8, 2, 16, 4, 8, 2  # sequence, micro-batch per replica, hidden, experts, ffn, top-k
 NUM_MICROBATCHES = 2
@@ -92,17 +91,6 @@ def _config(case, **over):
     return DPSLTransformerConfig(**kw)
 
 
-def _singleton_pg_collection(world):
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    mine = None
-    for r in range(world):
-        g = dist.new_group([r])
-        if r == dist.get_rank():
-            mine = g
-    return ProcessGroupCollection(tp=mine, cp=mine, tp_cp=mine, tp_dp_cp=mine, ep=mine, dp=mine, dp_cp=mine)
-
-
 def _expert_weights():
     """Full (unsharded) fc1 [FFN, H] and fc2 [H, FFN] weights of every expert, the same on every rank."""
     gen = torch.Generator().manual_seed(11)
@@ -119,22 +107,13 @@ def _global_data(case, num_replicas):
     return data
 
 
-def _cp_slice(t_bs, cp_group):
-    import inspect
-
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    extra = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters else {}
-    return get_batch_on_this_cp_rank({"t": t_bs}, cp_group=cp_group, **extra)["t"]  # 0.19 added is_hybrid_cp
-
-
 def _shard(x, pad, tp_group, cp_group):
     """This rank's slice of one replica's micro-batch: CP slicing, then the sequence-parallel split."""
     tp, tp_rank = tp_group.size(), tp_group.rank()
-    x_local = _cp_slice(x.transpose(0, 1).contiguous(), cp_group).transpose(0, 1)  # [S/cp, B, H]
+    x_local = exactness.cp_slice(x.transpose(0, 1).contiguous(), cp_group).transpose(0, 1)  # [S/cp, B, H]
     rows = x_local.shape[0] // tp
     x_local = x_local[tp_rank * rows : (tp_rank + 1) * rows].contiguous()
-    pad_local = None if pad is None else _cp_slice(pad, cp_group)[:, tp_rank * rows : (tp_rank + 1) * rows].contiguous()
+    pad_local = None if pad is None else exactness.cp_slice(pad, cp_group)[:, tp_rank * rows : (tp_rank + 1) * rows].contiguous()
     return x_local, pad_local
 
 
@@ -212,7 +191,7 @@ def run_case(case, singleton_pg):
         x_local, pad_local, pad_replica = next(data_iterator)
         out, _ = model(x_local, padding_mask=pad_local)
         # the LM loss's token count on this rank: its CP share of the replica's valid tokens
-        valid = torch.tensor(int(S // case["cp"] * B if pad_replica is None else (~_cp_slice(pad_replica, cp_group)).sum()))
+        valid = torch.tensor(int(S // case["cp"] * B if pad_replica is None else (~exactness.cp_slice(pad_replica, cp_group)).sum()))
 
         def loss_func(output):
             zero = (output * 0).sum()  # LM loss 0: the gradients are the two regularisers'
@@ -312,36 +291,5 @@ def run_case(case, singleton_pg):
     )
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="JSON file rank 0 writes the per-layout results to")
-    parser.add_argument("--only", nargs="*", help="run only these case names")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    init_torchrun()
-    install_alltoall_shims()
-    world = dist.get_world_size()
-    singleton_pg = _singleton_pg_collection(world)
-    results = []
-    for case in CASES[world]:
-        if args.only and case["name"] not in args.only:
-            continue
-        try:
-            rec = run_case(case, singleton_pg)
-        except Exception as err:  # report, keep going with the other layouts
-            import traceback
-
-            traceback.print_exc()
-            rec = dict(name=case["name"], world=world, error=f"{type(err).__name__}: {err}")
-        results.append(rec)
-        if dist.get_rank() == 0:
-            print(json.dumps(rec), flush=True)
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    exactness.main(__doc__, CASES, run_case, setup=install_alltoall_shims)
