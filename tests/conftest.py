@@ -30,14 +30,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def megatron_lm_trees(tmp_path_factory):
-    """Megatron-LM at the tag of the installed megatron-core, exported from $MEGATRON_LM_GIT_DIR:
-    ``{"tag", "git_dir", "unpatched", "patched", "work"}`` (skips when the variable is unset)."""
-    from megatron_lm_tree import export_tree, git_dir_or_skip, tag_for_installed_core
+    """Megatron-LM at the tag of the installed megatron-core, from $MEGATRON_LM_GIT_DIR or the committed
+    snapshot (megatron_lm_tree.py): ``{"tag", "git_dir" (None: snapshot), "unpatched", "patched", "work"}``."""
+    from megatron_lm_tree import export_tree, source_or_skip, tag_for_installed_core
 
     from megatron_dpsl.megatron_lm.patching import apply_patches
 
-    git_dir = git_dir_or_skip()
     tag = tag_for_installed_core()
+    git_dir = source_or_skip(tag)
     work = tmp_path_factory.mktemp("megatron-lm")
     unpatched = export_tree(tag, work / "unpatched-tree", git_dir)
     patched = export_tree(tag, work / "patched-tree", git_dir)

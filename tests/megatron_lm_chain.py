@@ -15,6 +15,8 @@ only these leaves replaced, each because it is CUDA-only:
 - ``torch.distributed.init_process_group`` is the boundary: the first call that needs a GPU (the NCCL
   process group of ``_initialize_distributed``). It records its arguments and stops the chain.
 - Python 3.11 only: ``typing.override`` (see ``megatron_lm_tree.use_tree``).
+- A tree from the committed snapshot (CI) has no ``megatron/core``: the installed megatron-core wheel's
+  is used (``megatron_lm_tree``'s docstring; each report's ``megatron_core`` says which).
 
 Each case reports how it ended (``boundary``: reached the NCCL call; ``exit``: SystemExit, with the
 captured stderr; ``error``: another exception), the Megatron-LM functions it passed through, how many
@@ -75,11 +77,12 @@ def run_case(tree: str, case: dict, stock_add_megatron_arguments) -> dict:
 
     seen: list[str] = []
     boundary: dict = {}
-    prefix = os.path.abspath(tree) + os.sep
+    # the tree's files, and megatron.core's where it comes from the installed wheel (a snapshot tree)
+    prefixes = tuple(dict.fromkeys(os.path.abspath(d) + os.sep for d in (tree, _core_dir())))
 
     def profile(frame, event, arg):
         code = frame.f_code
-        if event == "call" and code.co_name in WATCHED and code.co_filename.startswith(prefix):
+        if event == "call" and code.co_name in WATCHED and code.co_filename.startswith(prefixes):
             seen.append(f"{Path(code.co_filename).stem}.{code.co_name}")
 
     def init_process_group(*args, **kwargs):
@@ -127,9 +130,16 @@ def run_case(tree: str, case: dict, stock_add_megatron_arguments) -> dict:
     stderr.seek(0)
     report["stderr"] = stderr.read()[-3000:]
     report["calls"] = list(dict.fromkeys(seen))  # first passage of each, in order
+    report["megatron_core"] = "tree" if _core_dir().startswith(os.path.abspath(tree) + os.sep) else _core_dir()
     report["parses"] = sum(1 for s in seen if s.endswith((".parse_args",)))
     report.update(_megatron_state())
     return report
+
+
+def _core_dir() -> str:
+    import megatron.core
+
+    return os.path.dirname(megatron.core.__file__)
 
 
 def _megatron_state() -> dict:

@@ -64,6 +64,18 @@ def test_unpatched_launcher_runs_the_readme_command_to_the_cuda_boundary(megatro
         assert "argument_utils.gpt_config_from_args" in report["calls"]
 
 
+def test_megatron_core_is_the_trees_or_the_installed_wheels(megatron_lm_reports, megatron_lm_trees):
+    """A git-dir tree runs its own megatron/core; a snapshot tree (CI) the installed wheel's, the replaced
+    leaf megatron_lm_tree.py names."""
+    import importlib.util
+    import os
+
+    wheel_core = os.path.dirname(importlib.util.find_spec("megatron.core").origin)
+    expected = "tree" if megatron_lm_trees["git_dir"] else wheel_core
+    for flavor in ("unpatched", "patched"):
+        assert megatron_lm_reports[flavor]["launcher_readme"]["megatron_core"] == expected
+
+
 def test_stock_megatron_lm_script_still_rejects_dpsl(megatron_lm_reports):
     """What the launcher exists for: the unpatched tree's own pretrain_gpt.py refuses the same command."""
     report = megatron_lm_reports["unpatched"]["megatron_lm_readme"]

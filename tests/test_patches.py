@@ -1,12 +1,13 @@
 """patches/<tag>/ against Megatron-LM core_v0.16.1 and core_v0.19.0: hashes, clean application, set
 selection, drift detection, and the patched flow.
 
-Megatron-LM's files are never stored in this repository: the originals come at test time from a
-local Megatron-LM git directory, ``$MEGATRON_LM_GIT_DIR``, with ``git show <commit>:<path>``;
-nothing is downloaded. Without it the tests that need it are skipped, saying so. The patch sets of
-both tags are checked in every CI leg (git and ``patch`` only); the patched flow (Megatron-LM's own
-parser, config and builder, tests/megatron_lm_chain.py) runs for the tag of the installed
-megatron-core.
+The originals come at test time from a local Megatron-LM git directory, ``$MEGATRON_LM_GIT_DIR``
+(``git show <commit>:<path>``), else from the committed snapshot of the tag's training code
+(tests/fixtures/megatron_lm, pinned to the lock's commit; ``megatron_lm_tree.py``); nothing is
+downloaded. The tests that need git itself (the tag resolves to the lock's commit, the lock is
+re-derived from git) skip without the git dir, saying so. The patch sets of both tags are checked
+in every CI leg (``patch`` only); the patched flow (Megatron-LM's own parser, config and builder,
+tests/megatron_lm_chain.py) runs for the tag of the installed megatron-core.
 """
 
 from __future__ import annotations
@@ -59,10 +60,44 @@ def workdir():
         yield Path(d)
 
 
+def _snapshot_originals(lock: Lock, out: Path) -> Path:
+    """The lock's original files under ``out`` from the committed snapshot, checked against the lock."""
+    from megatron_lm_tree import export_tree, snapshots
+
+    entry = snapshots().get(lock.tag)
+    if entry is None or entry["commit"] != lock.commit:
+        pytest.skip(f"no snapshot of {lock.tag} at {lock.commit[:12]} and $MEGATRON_LM_GIT_DIR is unset")
+    export_tree(lock.tag, out, paths=tuple(f.path for f in lock.files), snapshot=True)
+    for f in lock.files:  # as export_originals checks the git blobs
+        if sha256_of(out / f.path) != f.sha256:
+            raise PatchError(f"{f.path}: the {lock.tag} snapshot's sha256 differs from the lock's")
+    return out
+
+
+def _export_originals(lock: Lock, out: Path) -> Path:
+    """The lock's original files under ``out``: from the git dir, else from the committed snapshot."""
+    from megatron_lm_tree import git_dir
+
+    if git_dir() is not None:
+        return export_originals(_git_dir_or_skip(lock), out, lock)
+    return _snapshot_originals(lock, out)
+
+
 @pytest.fixture
 def originals(patch_set, workdir, request) -> Path:
     _, lock = patch_set
-    return export_originals(_git_dir_or_skip(lock), workdir / request.node.name / "Megatron-LM", lock)
+    return _export_originals(lock, workdir / request.node.name / "Megatron-LM")
+
+
+def test_snapshots_hold_the_locked_originals(patch_set, workdir):
+    """The committed snapshot (what CI uses) is the lock's commit, and its files are the lock's originals."""
+    from megatron_lm_tree import snapshots
+
+    _, lock = patch_set
+    entry = snapshots()[lock.tag]
+    assert entry["commit"] == lock.commit
+    root = _snapshot_originals(lock, workdir / f"snapshot-check-{lock.tag}")
+    assert file_states(root, lock) == {f.path: "original" for f in lock.files}
 
 
 # --------------------------------------------------------------------------- the patch sets themselves

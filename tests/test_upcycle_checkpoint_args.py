@@ -5,7 +5,7 @@ Megatron-LM compares a checkpoint's ``args`` with the run's flags on every ``--l
 (``load_args_from_checkpoint``), both in ``megatron/training/checkpointing.py``. This test runs
 those functions of the Megatron-LM tag that matches the installed megatron-core (core_v0.16.1
 with 0.16, core_v0.19.0 with 0.19; CI runs a leg for each), exported from ``$MEGATRON_LM_GIT_DIR``
-with ``git archive``, against namespaces that the tag's own ``parse_args`` + ``validate_args`` make
+or from the committed snapshot (``megatron_lm_tree.py``), against namespaces that the tag's own ``parse_args`` + ``validate_args`` make
 from a Llama-style MoE command line (the flags of Megatron-LM's Mixtral example:
 ``--position-embedding-type rope --no-position-embedding --normalization RMSNorm --swiglu
 --untie-embeddings-and-output-weights --disable-bias-linear --group-query-attention ...``), for
@@ -33,13 +33,12 @@ import pytest
 import torch
 
 from _support import child_env
+from megatron_lm_tree import export_tree, source_or_skip, tag_for_installed_core
 
-GIT_ENV = "MEGATRON_LM_GIT_DIR"
-# megatron-core series -> the Megatron-LM tag it runs with. Each tree imports only against its own
-# series (0.19.0's training needs megatron.core.tokenizers.utils, 0.16.1's the 0.16 datasets
-# package), so a venv tests one tag: the default CI leg 0.16.1, the second leg 0.19.0.
-TAGS = {"0.16": "core_v0.16.1", "0.19": "core_v0.19.0"}
-# Megatron-LM's training package and what it imports at each tag (core_v0.19.0 has no megatron/legacy).
+# Megatron-LM's training package and what it imports at each tag (core_v0.19.0 has no megatron/legacy);
+# megatron.core is the installed wheel's. Each tree imports only against its own series (0.19.0's
+# training needs megatron.core.tokenizers.utils, 0.16.1's the 0.16 datasets package), so a venv tests
+# one tag (megatron_lm_tree.tag_for_installed_core): the default CI leg 0.16.1, the second leg 0.19.0.
 TREES = ("megatron/training", "megatron/legacy", "megatron/rl")
 
 VOCAB = 96  # HF models below and the dense GPT: NullTokenizer --vocab-size 95 (+1 eod) padded by 32
@@ -81,37 +80,6 @@ CASES = {
 }
 
 
-def _megatron_core_series() -> str:
-    from importlib.metadata import version
-
-    return ".".join(version("megatron-core").split(".")[:2])
-
-
-def _tag_or_skip() -> tuple[str, str]:
-    git_dir = os.environ.get(GIT_ENV)
-    if not git_dir:
-        pytest.skip(f"set {GIT_ENV} to a Megatron-LM git directory (clone or mirror) holding {sorted(TAGS.values())}")
-    series = _megatron_core_series()
-    tag = TAGS.get(series)
-    if tag is None:
-        pytest.skip(f"no Megatron-LM tag pinned for megatron-core {series} (tested: {TAGS})")
-    probe = subprocess.run(["git", "--git-dir", git_dir, "rev-parse", "--verify", f"{tag}^{{commit}}"],
-                           capture_output=True)  # fmt: skip
-    if probe.returncode != 0:
-        pytest.skip(f"{git_dir} lacks {tag}; fetch that tag into it")
-    return git_dir, tag
-
-
-def export_tree(git_dir: str, tag: str, out: Path) -> Path:
-    """``git archive`` of the tag's training package (and what it imports) into ``out``."""
-    listed = subprocess.run(["git", "--git-dir", git_dir, "ls-tree", "--name-only", tag, *TREES],
-                            capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
-    archive = subprocess.run(["git", "--git-dir", git_dir, "archive", tag, *listed], capture_output=True, check=True)
-    out.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
-    return out
-
-
 def _tiny_hf(kind: str, path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -140,12 +108,13 @@ def fields_read_by(source: str, function: str, reader: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def report():
-    git_dir, tag = _tag_or_skip()
+    tag = tag_for_installed_core()
+    git_dir = source_or_skip(tag)
     pytest.importorskip("six", reason="Megatron-LM's megatron/training imports six: pip install -e '.[test]'")
     # Our own directory, not tmp_path: concurrent pytest sessions of one user prune each other's basetemp.
     with tempfile.TemporaryDirectory(prefix="dpsl-test-ckpt-args-") as d:
         work = Path(d)
-        root = export_tree(git_dir, tag, work / "Megatron-LM")
+        root = export_tree(tag, work / "Megatron-LM", git_dir, paths=TREES)
         _tiny_hf("llama", work / "hf_llama")
         _tiny_hf("qwen2", work / "hf_qwen2")
         # child_env: the child hosts its own one-rank store, not on the port an earlier test of this pytest holds
