@@ -117,35 +117,37 @@ def export_tree(tag: str, out: Path, git_dir_: Optional[str] = None, paths: tupl
     ``$MEGATRON_LM_GIT_DIR`` (``git archive | tar -x``), else (or with ``snapshot``) from the committed
     snapshot (module docstring: without ``megatron/core``, which then comes from the installed wheel).
 
-    Paths the tag lacks are skipped (core_v0.19.0 has no ``megatron/legacy``). A finished export leaves ``out/.megatron-lm-export`` naming the source; a second call with the
-    same tag and paths reuses it.
+    Paths the tag lacks are skipped (core_v0.19.0 has no ``megatron/legacy``). A finished export leaves
+    ``out/.megatron-lm-export`` naming the source; a second call with the same tag and paths reuses it.
     """
     git_dir_ = None if snapshot else git_dir_ or git_dir()
-    out = Path(out)
-    stamp = out / ".megatron-lm-export"
     if git_dir_ is None:
         entry = snapshots().get(tag)
         if entry is None:
-            raise RuntimeError(f"no snapshot of {tag} in {SNAPSHOT_DIR}: set ${GIT_DIR_ENV} to a Megatron-LM git directory")
+            raise RuntimeError(f"no snapshot of {tag} in {SNAPSHOT_DIR}: set ${GIT_DIR_ENV} to a Megatron-LM git dir")
         want = f"{tag} {entry['commit']} snapshot {' '.join(paths)}\n"
-        if stamp.is_file() and stamp.read_text() == want:
-            return out
-        out.mkdir(parents=True, exist_ok=True)
-        _extract_snapshot(tag, entry, out, paths)
-        stamp.write_text(want)
-        return out
-    want = f"{tag} {commit_of(tag, git_dir_)} {' '.join(paths)}\n"
+    else:
+        want = f"{tag} {commit_of(tag, git_dir_)} {' '.join(paths)}\n"
+    out = Path(out)
+    stamp = out / ".megatron-lm-export"
     if stamp.is_file() and stamp.read_text() == want:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    present = subprocess.run(["git", "--git-dir", git_dir_, "ls-tree", "--name-only", tag, *paths],
-                             capture_output=True, text=True).stdout.split()  # paths a tag lacks are skipped
-    archive = subprocess.run(["git", "--git-dir", git_dir_, "archive", tag, *present], capture_output=True)
-    if archive.returncode != 0:
-        raise RuntimeError(f"git archive {tag} {' '.join(paths)}: {archive.stderr.decode().strip()}")
-    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    if git_dir_ is None:
+        _extract_snapshot(tag, entry, out, paths)
+    else:
+        _extract_git(tag, git_dir_, out, paths)
     stamp.write_text(want)
     return out
+
+
+def _extract_git(tag: str, git_dir_: str, out: Path, paths: tuple[str, ...]) -> None:
+    present = subprocess.run(["git", "--git-dir", git_dir_, "ls-tree", "--name-only", tag, *paths],
+                             capture_output=True, text=True).stdout.split()
+    archive = subprocess.run(["git", "--git-dir", git_dir_, "archive", tag, *present], capture_output=True)
+    if archive.returncode != 0:
+        raise RuntimeError(f"git archive {tag} {' '.join(present)}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
 
 
 def _extract_snapshot(tag: str, entry: dict, out: Path, paths: tuple[str, ...]) -> None:
