@@ -22,6 +22,7 @@ with a synchronisation around each call (median), host time to enqueue one call 
 before it), CUDA kernels per call (torch.profiler; memsets/memcpys not counted) and the fp32
 ``torch.sort`` of the same [N, B] block (the floor: any exact Eq. 4 sorts), timed the same way, with the
 ratio to it. The fused and torch results are compared before timing (max relative difference printed).
+A second table splits the fused path's host time at B=73,728 N=16 by cumulative stage (``host_breakdown``).
 """
 
 from __future__ import annotations
@@ -234,6 +235,44 @@ def bench_gpu_shape(num_tokens, num_experts, grouped, dtype, calls, repeats, imp
     return res, diff
 
 
+def host_breakdown(num_tokens: int, num_experts: int, dtype, repeats: int, device="cuda") -> dict:
+    """Median host ms to issue each cumulative stage of one fused call on an idle device (sync before,
+    none after): where the host time of the 'host enqueue' column goes. The differences between rows
+    are the kernels' launches and allocations (eq4 - sort), the wrapper (validation, table lookup,
+    autograd Function: forward - eq4) and the backward (autograd engine, ``ones_like`` seed, one multiply)."""
+    from megatron_dpsl import fused_loss
+    from megatron_dpsl.ranking import table_for
+
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    probs = _probs(num_tokens, num_experts, device, dtype)
+    alpha = torch.ones(num_experts, dtype=torch.float64)
+    table, _ = table_for(probs, alpha)
+
+    def fwd_bwd():
+        probs.grad = None
+        dpsl_loss(probs, alpha, impl="triton").backward()
+
+    stages = {
+        "transpose + torch.sort": lambda: torch.sort(probs.detach().t().contiguous(), dim=-1, stable=True),
+        "+ buffers, kernels, sum (fused_loss.eq4)": lambda: fused_loss.eq4(probs, table, 1, None, None, True, True),
+        "+ checks, table lookup, autograd Function (dpsl_loss forward)": lambda: dpsl_loss(probs, alpha, impl="triton"),
+        "+ backward (forward + backward)": fwd_bwd,
+    }
+    out = {}
+    for name, fn in stages.items():
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        sync()
+        out[name] = statistics.median(times)
+    return out
+
+
 def main_gpu(args):
     from megatron_dpsl import fused_loss
 
@@ -257,6 +296,15 @@ def main_gpu(args):
             agree = f"{diff:.1e}" if diff is not None and impl == "triton" else ""
             print(f"| {label} | {impl} | {r['events']:.3f} | {r['synced']:.3f} | {r['host']:.3f} | {r['kernels']:.0f} "
                   f"| {floor['events']:.3f} ({floor['kernels']:.0f}) | {r['events'] / floor['events']:.2f} | {agree} |")
+    if fused:
+        label, num_tokens, num_experts, _ = GPU_SHAPES[0]
+        print()
+        print(f"Host time of the fused path, {label}, by cumulative stage (median of {args.repeats}, idle GPU):")
+        print()
+        print("| stage | host ms |")
+        print("|---|---:|")
+        for name, ms in host_breakdown(num_tokens, num_experts, dtype, args.repeats).items():
+            print(f"| {name} | {ms:.3f} |")
     print()
     print("Goals (issue 12): B=73,728 N=16 bf16 eager <= 0.25 ms and <= 1.6x the floor; N=64 and B=589,824 "
           "within 2x of their floors. 'fused vs torch': max of |dL|/|L| and ||dgrad||/||grad||. "
