@@ -196,6 +196,22 @@ for prefix, lo in zip(sys.argv[1:3], (1, {VOCAB // 2})):
                    env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")]))})
 
 
+_ITERATION = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|")  # Megatron-LM's training_log line
+_METRIC = re.compile(r"\| ([a-z_ ]+): ([-+]?\d\.\d+E[-+]\d+)")
+SHOWN = ("lm loss", "dpsl_loss", "load_balancing_loss", "variance_loss", "orthogonality_loss")
+
+
+def log_summary(log: str) -> str:
+    """The last training_log line's iteration and losses, e.g. "iteration 8/8, lm loss 6.873, dpsl_loss
+    0.00573" ("" when the log has none: the upcycle stage)."""
+    last = next((line for line in reversed(log.splitlines()) if _ITERATION.search(line)), None)
+    if last is None:
+        return ""
+    metrics = dict(_METRIC.findall(last))
+    parts = ["iteration {}/{}".format(*_ITERATION.search(last).groups())]
+    return ", ".join(parts + [f"{k} {float(metrics[k]):.4g}" for k in SHOWN if k in metrics])
+
+
 def check(stage: Stage, log: str) -> list[str]:
     """What is wrong with a finished stage (empty: passed)."""
     problems = [f"log lacks /{pattern}/" for pattern in stage.expect if not re.search(pattern, log)]
@@ -238,8 +254,8 @@ def run(tag: str, tree: Path, work: Path, out: Path, only: Optional[list[str]], 
         seconds = time.time() - t0
         problems = [f"rc={rc}"] if rc != 0 else check(stage, log_path.read_text(errors="replace"))
         failed = bool(problems)
-        lines.append(f"| {stage.name} | {'FAIL' if failed else 'pass'} | {seconds:.0f} | "
-                     f"{'; '.join(problems) or ' '.join(stage.expect)} |")
+        notes = "; ".join(problems) or log_summary(log_path.read_text(errors="replace")) or "ok"
+        lines.append(f"| {stage.name} | {'FAIL' if failed else 'pass'} | {seconds:.0f} | {notes} |")
         summary.write_text("\n".join(lines) + "\n")
         print(lines[-1], flush=True)
     summary.write_text("\n".join(lines) + "\n")
