@@ -219,7 +219,8 @@ def main(argv=None) -> int:
         print(json.dumps(write_snapshot(args.tag, args.git_dir)))
     else:
         if (args.git_dir or git_dir()) is None:
-            parser.error(f"export needs a Megatron-LM git dir (--git-dir or ${GIT_DIR_ENV}): the snapshots lack megatron/core")
+            parser.error(f"export needs a Megatron-LM git dir (--git-dir or ${GIT_DIR_ENV}): "
+                         "the snapshots lack megatron/core")
         print(export_tree(args.tag, args.out, args.git_dir))
     return 0
 
