@@ -28,6 +28,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def fresh_moe_losses():
+    """An empty MoE metrics tracker and an aux-loss backward scale of 1 for one test; the scale (class state
+    shared by the whole pytest process) is left as found, the tracker empty."""
+    from _support import reset_moe_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    reset_moe_tracker()
+    previous = MoEAuxLossAutoScaler.main_loss_backward_scale
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    yield
+    MoEAuxLossAutoScaler.main_loss_backward_scale = previous
+    reset_moe_tracker()
+
+
 @pytest.fixture(scope="session")
 def megatron_lm_trees(tmp_path_factory):
     """Megatron-LM at the tag of the installed megatron-core, from $MEGATRON_LM_GIT_DIR or the committed

@@ -124,27 +124,6 @@ def install_recompute_shims():
     ])
 
 
-def reset_aux_loss_tracker() -> None:
-    """Forget every logged aux loss: 0.16 keeps a dict, 0.19 a ``MoEMetricsTracker`` (whose legacy dict
-    view is a fresh copy, so clearing that view clears nothing)."""
-    try:
-        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-    except ImportError:
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-        get_moe_layer_wise_logging_tracker().clear()
-    else:
-        get_moe_metrics_tracker().metrics.clear()
-
-
-def logged_aux_loss(name):
-    """The tracker's per-layer values of ``name`` (a copy), or None when nothing was logged under it."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-    entry = get_moe_layer_wise_logging_tracker().get(name)
-    return None if entry is None else entry["values"].clone()
-
-
 def init_single_process(**parallel_kwargs) -> None:
     """A one-rank gloo process group plus Megatron's model-parallel state (for in-process tests)."""
     import torch.distributed as dist

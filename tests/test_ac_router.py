@@ -13,6 +13,7 @@ import functools
 import pytest
 import torch
 
+from _support import moe_tracked
 from megatron_cpu import init_single_process
 
 H, E = 16, 8
@@ -24,17 +25,7 @@ def megatron_state():
     yield
 
 
-@pytest.fixture(autouse=True)
-def clean_tracker():
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
-
-    get_moe_layer_wise_logging_tracker().clear()
-    previous = MoEAuxLossAutoScaler.main_loss_backward_scale
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    yield
-    MoEAuxLossAutoScaler.main_loss_backward_scale = previous
-    clear_aux_losses_tracker()
+pytestmark = pytest.mark.usefixtures("fresh_moe_losses")
 
 
 def make_config(**over):
@@ -114,13 +105,6 @@ def scaled_input(x, clusters, cfg):
     return x * token_scales(w, clusters).reshape(x.shape)
 
 
-def tracker(name):
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-    entry = get_moe_layer_wise_logging_tracker().get(name)
-    return None if entry is None else entry["values"].clone()
-
-
 # ---------------------------------------------------------------- one router
 def test_state_dict_is_topk_routers():
     cfg = make_config(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")
@@ -183,8 +167,8 @@ def test_ac_with_dpsl_shapes_the_ac_probabilities():
     logits = scaled_input(x2, expected_top1(p1, m1), cfg).reshape(-1, H) @ r2.weight.detach().t()
     ref = 0.3 * dpsl_loss(torch.softmax(logits.float(), -1), torch.full((E,), 0.75, dtype=torch.float64))
     # the tracker keeps one row per layer (row 1: layer 2); same fp32 math, another matmul kernel
-    torch.testing.assert_close(tracker("dpsl_loss")[1], ref, rtol=1e-6, atol=1e-7)
-    assert tracker("load_balancing_loss")[1] > 0
+    torch.testing.assert_close(moe_tracked("dpsl_loss")[1], ref, rtol=1e-6, atol=1e-7)
+    assert moe_tracked("load_balancing_loss")[1] > 0
 
 
 def test_padding_is_excluded_from_statistics_and_hand_over():

@@ -10,10 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _support import build_mlp
-from megatron_cpu import (
-    init_single_process, install_alltoall_shims, install_recompute_shims, logged_aux_loss, reset_aux_loss_tracker,
-)
+from _support import build_mlp, moe_tracked, reset_moe_tracker
+from megatron_cpu import init_single_process, install_alltoall_shims, install_recompute_shims
 
 H, E, K, BETA = 16, 4, 2, 0.3
 
@@ -27,17 +25,7 @@ def megatron_state():
         fn()
 
 
-@pytest.fixture(autouse=True)
-def clean_tracker():
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    reset_aux_loss_tracker()
-    previous = MoEAuxLossAutoScaler.main_loss_backward_scale  # class state: leave it as found
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    yield
-    MoEAuxLossAutoScaler.main_loss_backward_scale = previous
-    reset_aux_loss_tracker()
+pytestmark = pytest.mark.usefixtures("fresh_moe_losses")
 
 
 def make_config(types=("orthogonality",), coeffs=(BETA,), **over):
@@ -68,7 +56,7 @@ def build(config, stock=False):
 
 
 def tracker(name):
-    return logged_aux_loss(name)
+    return moe_tracked(name)
 
 
 def hidden(s=6, b=3, seed=1):
@@ -162,7 +150,7 @@ def test_per_token_loss_multiplies_by_the_valid_tokens():
     pad = torch.arange(18).reshape(3, 6) % 5 == 0  # [b, s]
     grads, logged = {}, {}
     for per_token in (False, True):
-        reset_aux_loss_tracker()
+        reset_moe_tracker()
         layer = build(make_config(calculate_per_token_loss=per_token))
         out, _ = layer(hidden(), padding_mask=pad)
         (out * 0).sum().backward()
@@ -180,7 +168,7 @@ def test_with_shared_experts_recompute_and_every_router_loss():
     x = hidden()
     results = {}
     for recompute in (False, True):
-        reset_aux_loss_tracker()
+        reset_moe_tracker()
         extra = dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}
         layer = build(make_config(types, coeffs, **over, **extra))
         xi = x.clone().requires_grad_(True)

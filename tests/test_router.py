@@ -20,18 +20,7 @@ def megatron_state():
     yield
 
 
-@pytest.fixture(autouse=True)
-def clean_tracker():
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    reset_moe_tracker()
-    # the scale is class state shared by the whole pytest process: start fresh, leave it as found
-    previous = MoEAuxLossAutoScaler.main_loss_backward_scale
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    yield
-    MoEAuxLossAutoScaler.main_loss_backward_scale = previous
-    reset_moe_tracker()
+pytestmark = pytest.mark.usefixtures("fresh_moe_losses")
 
 
 def make_config(**over):

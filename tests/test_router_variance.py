@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _support import build_mlp
-from megatron_cpu import init_single_process, logged_aux_loss, reset_aux_loss_tracker
+from _support import build_mlp, moe_tracked, reset_moe_tracker
+from megatron_cpu import init_single_process
 
 H, E, GAMMA = 16, 8, 0.7
 
@@ -20,17 +20,7 @@ def megatron_state():
     yield
 
 
-@pytest.fixture(autouse=True)
-def clean_tracker():
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    reset_aux_loss_tracker()
-    previous = MoEAuxLossAutoScaler.main_loss_backward_scale  # class state: leave it as found
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    yield
-    MoEAuxLossAutoScaler.main_loss_backward_scale = previous
-    reset_aux_loss_tracker()
+pytestmark = pytest.mark.usefixtures("fresh_moe_losses")
 
 
 def make_config(types=("variance",), coeffs=(GAMMA,), **over):
@@ -69,7 +59,7 @@ def pair(config, stock_config=None):
 
 
 def tracker(name):
-    return logged_aux_loss(name)
+    return moe_tracked(name)
 
 
 def hidden(s=6, b=3, seed=1):
@@ -134,7 +124,7 @@ def test_megatron_sees_only_its_types_and_gradients_add(stock):
     x = hidden()
     grads, logged = {}, {}
     for key, cfg in configs.items():
-        reset_aux_loss_tracker()
+        reset_moe_tracker()
         d, _ = pair(cfg)
         probs, _ = d(x)
         (probs * 0).sum().backward()
@@ -163,7 +153,7 @@ def test_per_token_loss_multiplies_by_the_valid_tokens():
     x, pad = hidden(), padding()
     grads = {}
     for per_token in (False, True):
-        reset_aux_loss_tracker()
+        reset_moe_tracker()
         d, _ = pair(make_config(calculate_per_token_loss=per_token))
         probs, _ = d(x, padding_mask=pad)
         (probs * 0).sum().backward()
