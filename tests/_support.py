@@ -103,6 +103,13 @@ def moe_tracked(name: str):
     return None if entry is None else entry.values.clone()
 
 
+def pg():
+    """Megatron's process groups as a ``ProcessGroupCollection`` (after ``initialize_model_parallel``)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
 def build_mlp(mlp_spec, config, **kwargs):
     """Build a layer spec's ``mlp`` the way the installed Megatron's ``TransformerLayer`` does: 0.16 holds a
     ``ModuleSpec`` (``build_module``), 0.19 a ``functools.partial`` that is called."""

@@ -13,19 +13,19 @@ import functools
 import pytest
 import torch
 
-from _support import moe_tracked
+from _support import moe_tracked, pg
 from megatron_cpu import init_single_process
 
 H, E = 16, 8
+
+
+pytestmark = pytest.mark.usefixtures("fresh_moe_losses")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def megatron_state():
     init_single_process()
     yield
-
-
-pytestmark = pytest.mark.usefixtures("fresh_moe_losses")
 
 
 def make_config(**over):
@@ -50,12 +50,6 @@ def make_config(**over):
     )
     kw.update(over)
     return DPSLTransformerConfig(**kw)
-
-
-def pg():
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    return ProcessGroupCollection.use_mpu_process_groups()
 
 
 def ac_routers(cfg, layers, state=None, seed=0):

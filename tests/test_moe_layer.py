@@ -16,6 +16,9 @@ from megatron_cpu import init_single_process, install_alltoall_shims, install_re
 H, E, K, BETA = 16, 4, 2, 0.3
 
 
+pytestmark = pytest.mark.usefixtures("fresh_moe_losses")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def megatron_state():
     init_single_process()
@@ -23,9 +26,6 @@ def megatron_state():
     yield
     for fn in undo:  # other test modules (and libraries) must see torch.cuda as it was
         fn()
-
-
-pytestmark = pytest.mark.usefixtures("fresh_moe_losses")
 
 
 def make_config(types=("orthogonality",), coeffs=(BETA,), **over):

@@ -8,19 +8,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _support import build_mlp, moe_tracked, reset_moe_tracker
+from _support import build_mlp, moe_tracked, pg, reset_moe_tracker
 from megatron_cpu import init_single_process
 
 H, E = 16, 8
+
+
+pytestmark = pytest.mark.usefixtures("fresh_moe_losses")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def megatron_state():
     init_single_process()
     yield
-
-
-pytestmark = pytest.mark.usefixtures("fresh_moe_losses")
 
 
 def make_config(**over):
@@ -43,12 +43,6 @@ def make_config(**over):
     )
     kw.update(over)
     return DPSLTransformerConfig(**kw)
-
-
-def pg():
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    return ProcessGroupCollection.use_mpu_process_groups()
 
 
 def pair(config_dpsl, config_stock=None):
