@@ -20,8 +20,8 @@ setup(
                  # six: imported by Megatron-LM megatron/training (core_v0.16.1, core_v0.19.0), whose pretrain
                  # chain the launcher tests run on CPU (triton too: it imports it)
                  "six",
-                 # triton: the fused loss kernels (megatron_dpsl/fused_loss.py) are tested on CPU under
-                 # Triton's interpreter (tests/test_fused_loss.py); CUDA builds of torch ship it already
+                 # triton: the fused loss kernels (megatron_dpsl/losses/dpsl_triton.py) are tested on CPU under
+                 # Triton's interpreter (tests/unit/losses/test_dpsl_triton.py); CUDA builds of torch ship it already
                  "triton"],
         "plots": ["matplotlib", "tensorboard", "scipy"],
         "hf": ["safetensors"],

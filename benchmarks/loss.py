@@ -16,7 +16,7 @@ GPU (issue 12's goals; one command, < 90 s on an H100, prints a markdown table):
 
     python benchmarks/loss.py --device cuda   # bf16 probs: B=73,728 N=16; N=64; B=589,824 N=16; grouped+padded
 
-Per shape and implementation (``torch``: the torch path; ``triton``: megatron_dpsl/fused_loss.py), all in
+Per shape and implementation (``torch``: the torch path; ``triton``: megatron_dpsl/losses/dpsl_triton.py), all in
 one process: ms per call from CUDA events around --calls back-to-back calls (eager, no graph), ms per call
 with a synchronisation around each call (median), host time to enqueue one call (median, the GPU idle
 before it), CUDA kernels per call (torch.profiler; memsets/memcpys not counted) and the fp32
@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_dpsl.loss import dpsl_loss  # noqa: E402
+from megatron_dpsl.losses.dpsl import dpsl_loss  # noqa: E402
 
 
 class _ScipyBetaCDF(torch.autograd.Function):
@@ -240,8 +240,8 @@ def host_breakdown(num_tokens: int, num_experts: int, dtype, repeats: int, devic
     none after): where the host time of the 'host enqueue' column goes. The differences between rows
     are the kernels' launches and allocations (eq4 - sort), the wrapper (validation, table lookup,
     autograd Function: forward - eq4) and the backward (autograd engine, ``ones_like`` seed, one multiply)."""
-    from megatron_dpsl import fused_loss
-    from megatron_dpsl.ranking import table_for
+    from megatron_dpsl.losses import dpsl_triton as fused_loss
+    from megatron_dpsl.losses.ranking import table_for
 
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     probs = _probs(num_tokens, num_experts, device, dtype)
@@ -274,7 +274,7 @@ def host_breakdown(num_tokens: int, num_experts: int, dtype, repeats: int, devic
 
 
 def main_gpu(args):
-    from megatron_dpsl import fused_loss
+    from megatron_dpsl.losses import dpsl_triton as fused_loss
 
     t_start = time.perf_counter()
     dtype = getattr(torch, args.dtype)

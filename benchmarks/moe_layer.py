@@ -16,7 +16,7 @@ GPU, paper scale (Llama-3.2-1B upcycled 8-in-16: hidden 2048, 16 experts of ffn 
 seq 4,608 x micro-batch 16 = 73,728 tokens; Transformer Engine grouped GEMM when TE imports):
     python benchmarks/moe_layer.py --device cuda
 CPU smoke run (tiny shapes; megatron-core's CUDA-only calls need the test shims, imported from
-tests/megatron_cpu.py by path because a CPU MoELayer needs them — the package itself needs none):
+tests/support/megatron_cpu.py by path because a CPU MoELayer needs them — the package itself needs none):
     python benchmarks/moe_layer.py --device cpu --quick
 """
 
@@ -120,7 +120,7 @@ def _host_router_class():
 # Set-up
 # ---------------------------------------------------------------------------------------------------
 def _load_cpu_shims():
-    """tests/megatron_cpu.py (by path): makes megatron-core's CUDA-only calls work on a CPU."""
+    """tests/support/megatron_cpu.py (by path): makes megatron-core's CUDA-only calls work on a CPU."""
     spec = importlib.util.spec_from_file_location("megatron_cpu", REPO / "tests" / "megatron_cpu.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -155,7 +155,7 @@ def _te_available() -> bool:
 
 
 def make_config(args, variant: str):
-    from megatron_dpsl.config import DPSLTransformerConfig
+    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
 
     balancing = {
         "topk_none": dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0),
@@ -195,14 +195,14 @@ def build_layer(args, variant: str, state=None):
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from megatron_dpsl.specs import moe_submodules
+    from megatron_dpsl.models.specs import moe_submodules
 
     config = make_config(args, variant)
     spec_fn = get_gpt_layer_with_transformer_engine_spec if args.te else get_gpt_layer_local_spec
     # the MoE layer's MoESubmodules: ModuleSpec.submodules (megatron-core 0.16) or partial.keywords (0.19)
     (submodules,) = moe_submodules(spec_fn(num_experts=args.experts, moe_grouped_gemm=args.grouped_gemm))
     if variant == "dpsl":
-        from megatron_dpsl.router import DPSLRouter as router
+        from megatron_dpsl.routing.router import DPSLRouter as router
     elif variant == "dpsl_scipy_host":
         router = _host_router_class()
     else:
@@ -247,7 +247,7 @@ def time_steps(layer, x, grad_out, steps: int, device: str) -> list[float]:
 
 
 def run(args) -> dict:
-    from megatron_dpsl.loss import selected_impl
+    from megatron_dpsl.losses.dpsl import selected_impl
 
     torch.manual_seed(0)
     init_parallel(args.device)

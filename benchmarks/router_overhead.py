@@ -28,8 +28,8 @@ def build(router_cls, num_experts, hidden, ffn, dpsl, device):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_dpsl.config import DPSLTransformerConfig
-    from megatron_dpsl.specs import with_router
+    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
+    from megatron_dpsl.models.specs import with_router
 
     cfg = DPSLTransformerConfig(
         num_layers=1, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=4, num_moe_experts=num_experts,
@@ -84,12 +84,12 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
-    from megatron_cpu import init_single_process  # CPU shims for Megatron's CUDA-only calls
+    from support.megatron_cpu import init_single_process  # CPU shims for Megatron's CUDA-only calls
 
     init_single_process()
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from megatron_dpsl.router import DPSLRouter
+    from megatron_dpsl.routing.router import DPSLRouter
 
     grid = [(1024, 8)] if args.quick else [(1024, 8), (4096, 8), (4096, 64), (8192, 64)]
     iters = 5 if args.quick else args.iters

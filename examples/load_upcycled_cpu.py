@@ -33,7 +33,7 @@ def step_dir(load: Path) -> Path:
 def config_from_args(args: argparse.Namespace):
     """The ``DPSLTransformerConfig`` of the checkpoint's Megatron-LM ``args`` (what
     ``core_transformer_config_from_args`` would build from the same flags), for CPU inference."""
-    from megatron_dpsl.config import DPSLTransformerConfig
+    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
 
     gated = bool(args.swiglu or getattr(args, "quick_geglu", False))
     activation = F.silu if args.swiglu else F.gelu
@@ -79,7 +79,7 @@ def load_upcycled(load: Path):
     from megatron.core import dist_checkpointing
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_dpsl.specs import get_dpsl_decoder_block_spec
+    from megatron_dpsl.models.specs import get_dpsl_decoder_block_spec
 
     step = step_dir(load)
     args = dist_checkpointing.load_common_state_dict(str(step))["args"]

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from megatron_dpsl import dpsl_loss
-from megatron_dpsl.metrics import ks_distance
+from megatron_dpsl.metrics.routing import ks_distance
 
 PRESETS = {
     # Appendix C.1 / Fig. 6
@@ -38,7 +38,7 @@ PRESETS = {
 
 def ks_per_category(probs: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """KS distance of each column of ``probs`` ``[num_points, num_categories]`` to Beta(α_k, A−α_k), float64
-    ``[num_categories]`` (``megatron_dpsl.metrics.ks_distance``)."""
+    ``[num_categories]`` (``megatron_dpsl.metrics.routing.ks_distance``)."""
     return ks_distance(probs.double(), alpha.double()).double()
 
 

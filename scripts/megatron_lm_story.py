@@ -1,7 +1,7 @@
 """The Megatron-LM user story on one GPU, stage by stage, for one Megatron-LM tag.
 
 One definition of every command line: ``scripts/run_gpu_tests.sh`` runs the stages on the GPU
-(``run``), and ``tests/test_megatron_lm_launcher.py`` runs the Megatron-LM stages' exact argv on CPU
+(``run``), and ``tests/unit/megatron_lm/test_launcher.py`` runs the Megatron-LM stages' exact argv on CPU
 through the real call chain up to the first CUDA-only call (``stages()``), so the two cannot drift.
 
     python scripts/megatron_lm_story.py run --tag core_v0.19.0 --tree .gpu_carry/trees/core_v0.19.0 \\

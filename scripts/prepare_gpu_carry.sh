@@ -49,7 +49,7 @@ for tag in "${!CORE[@]}"; do
   version="${CORE[$tag]}"
   tree="$carry/trees/$tag"
   echo "== $tag -> $tree (dataset helpers from megatron-core $version cp312)"
-  "$py" "$repo/tests/megatron_lm_tree.py" export "$tag" "$tree" >/dev/null
+  "$py" "$repo/tests/support/megatron_lm_tree.py" export "$tag" "$tree" >/dev/null
   wheel=$(ls "$carry/wheels/megatron_core-$version-"*.whl 2>/dev/null || true)
   if [ -z "$wheel" ]; then
     "$py" -m pip download -q "${plat[@]}" -d "$tmp" "megatron-core==$version" 2>&1 | grep -v '^WARNING: Location' || true

@@ -5,17 +5,17 @@ import pytest
 import torch
 
 # The one place that sets up import paths: tests/ for the helpers beside the test modules
-# (megatron_cpu, _support, _upcycle_support, workers/...) and scripts/ for megatron_lm_story (the GPU
+# (the ``support`` package: megatron_cpu, common, upcycle, workers/...) and scripts/ for megatron_lm_story (the GPU
 # story's argv, which the Megatron-LM tests run on CPU). Child interpreters get the same through
-# _support.child_env's PYTHONPATH.
+# support.common.child_env's PYTHONPATH.
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 for _path in (os.path.join(os.path.dirname(TESTS_DIR), "scripts"), TESTS_DIR):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
 if not torch.cuda.is_available():
-    # CPU-only machine: Triton kernels (megatron_dpsl/fused_loss.py) run under Triton's interpreter, which
-    # must be chosen before Triton is imported (tests/test_fused_loss.py); with a GPU they compile.
+    # CPU-only machine: Triton kernels (megatron_dpsl/losses/dpsl_triton.py) run under Triton's interpreter, which
+    # must be chosen before Triton is imported (tests/unit/losses/test_dpsl_triton.py); with a GPU they compile.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
 def fresh_moe_losses():
     """An empty MoE metrics tracker and an aux-loss backward scale of 1 for one test; the scale (class state
     shared by the whole pytest process) is left as found, the tracker empty."""
-    from _support import reset_moe_tracker
+    from support.common import reset_moe_tracker
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     reset_moe_tracker()
@@ -48,7 +48,7 @@ def fresh_moe_losses():
 def megatron_lm_trees(tmp_path_factory):
     """Megatron-LM at the tag of the installed megatron-core, from $MEGATRON_LM_GIT_DIR or the committed
     snapshot (megatron_lm_tree.py): ``{"tag", "git_dir" (None: snapshot), "unpatched", "patched", "work"}``."""
-    from megatron_lm_tree import export_tree, source_or_skip, tag_for_installed_core
+    from support.megatron_lm_tree import export_tree, source_or_skip, tag_for_installed_core
 
     from megatron_dpsl.megatron_lm.patching import apply_patches
 
@@ -63,7 +63,7 @@ def megatron_lm_trees(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def megatron_lm_reports(megatron_lm_trees):
-    """What tests/megatron_lm_chain.py reports for every case and build, per tree (megatron_lm_cases.py)."""
-    from megatron_lm_cases import run_reports
+    """What tests/support/megatron_lm_chain.py reports for every case and build, per tree (megatron_lm_cases.py)."""
+    from support.megatron_lm_cases import run_reports
 
     return run_reports(megatron_lm_trees, megatron_lm_trees["work"])

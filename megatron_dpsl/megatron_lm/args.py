@@ -26,7 +26,7 @@ import os
 import re
 from typing import Any, Iterator, Optional
 
-from megatron_dpsl.load_balancing import (
+from megatron_dpsl.config.load_balancing import (
     DPSL_TYPE,
     GATHER_CHOICES,
     LOSS_FORMS,
@@ -241,7 +241,7 @@ def _add_ac_args(parser: argparse.ArgumentParser) -> None:
     """The Adaptive-Clustering router flags (idempotent); values are checked by the config."""
     if _find_action(parser, "moe_ac_layers") is not None:
         return
-    from megatron_dpsl.ac_clustering import WEIGHT_NORMS
+    from megatron_dpsl.routing.ac.clustering import WEIGHT_NORMS
 
     group = parser.add_argument_group(
         title="adaptive clustering router",
@@ -420,7 +420,7 @@ def dpsl_namespace(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _default_config_class():
-    from megatron_dpsl.config import DPSLTransformerConfig
+    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
 
     return DPSLTransformerConfig
 

@@ -1,6 +1,6 @@
 """Render the DPSL flag reference from the argparse definitions: ``python -m megatron_dpsl.megatron_lm.docs > docs/flags.md``.
 
-tests/test_megatron_lm_args.py regenerates it and compares with the committed file.
+tests/unit/megatron_lm/test_args.py regenerates it and compares with the committed file.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator, Optional
 
-from megatron_dpsl.load_balancing import plugin_types_in
+from megatron_dpsl.config.load_balancing import plugin_types_in
 from megatron_dpsl.megatron_lm.args import dpsl_enabled
-from megatron_dpsl.priors import num_prior_groups
+from megatron_dpsl.losses.priors import num_prior_groups
 
 
 def decoder_block_spec_fn(config, default: Callable) -> Callable:
@@ -21,7 +21,7 @@ def decoder_block_spec_fn(config, default: Callable) -> Callable:
     (``config, use_transformer_engine=..., normalization=..., qk_l2_norm=..., vp_stage=...``).
     """
     if getattr(config, "moe_plugin_enabled", False):  # any plugin type needs the plugin's spec
-        from megatron_dpsl.specs import get_dpsl_decoder_block_spec
+        from megatron_dpsl.models.specs import get_dpsl_decoder_block_spec
 
         return get_dpsl_decoder_block_spec
     return default
@@ -141,7 +141,7 @@ class DatasetTokenGroups:
                 "--overlap-moe-expert-parallel-comm runs the model forward outside forward_step; not supported "
                 "with --moe-dpsl-group-alphas/--moe-dpsl-num-groups"
             )
-        from megatron_dpsl.token_groups import dpsl_token_groups
+        from megatron_dpsl.parallel.token_groups import dpsl_token_groups
 
         # tokens are this CP rank's slice already (get_batch ran get_batch_on_this_cp_rank).
         return dpsl_token_groups(self.group_ids(tokens), cp_sliced=True)

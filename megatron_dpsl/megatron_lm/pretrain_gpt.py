@@ -72,7 +72,7 @@ def dpsl_gpt_builder(args, pre_process, post_process, vp_stage=None, config=None
 
 def _build_dpsl_gpt(args, config, pre_process, post_process, vp_stage, pg_collection):
     # Unpatched gpt_builder hard-codes the spec function, so build the MoE GPTModel here.
-    from megatron_dpsl.gpt import build_gpt_model
+    from megatron_dpsl.models.gpt import build_gpt_model
 
     _refuse_unpatched_group_priors(config)
     unsupported = [
@@ -127,7 +127,7 @@ def dpsl_layer_spec(base=None):
     the result as ``spec(model_config, vp_stage=vp_stage)``.
     """
     from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron_dpsl.specs import router_for, with_plugin_modules
+    from megatron_dpsl.models.specs import router_for, with_plugin_modules
 
     def layer_spec(model_config, vp_stage=None):
         if base is None:

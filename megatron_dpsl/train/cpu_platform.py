@@ -6,7 +6,7 @@ tensor lives on the CPU. :func:`enable` answers exactly those calls. Only the tr
 only when it runs on CPU (``--device cpu``, or ``auto`` without a GPU); the library modules (router,
 loss, upcycle) never import it. It changes process-wide ``torch.cuda`` functions, so a process that
 enabled it must not also use a GPU. The test suite has its own copy of the
-shims (``tests/megatron_cpu.py``) so library tests never depend on this file.
+shims (``tests/support/megatron_cpu.py``) so library tests never depend on this file.
 
 Each adaptation below names the Megatron call it answers.
 """

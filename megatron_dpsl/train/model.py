@@ -3,7 +3,7 @@
 The config is filled by dataclass field name (``dpsl_config_from_args``, as Megatron-LM's
 ``core_transformer_config_from_args`` does); the few values Megatron-LM derives rather than copies
 (``--swiglu``, dtypes, CPU initialisation) are passed as overrides. The model comes from
-``megatron_dpsl.gpt.build_gpt_model``, the builder the Megatron-LM launcher shares: MoE models get the
+``megatron_dpsl.models.gpt.build_gpt_model``, the builder the Megatron-LM launcher shares: MoE models get the
 DPSL layer spec (Megatron's GPT layer with ``DPSLRouter``), dense models Megatron's own local (or
 Transformer Engine) spec.
 """
@@ -38,7 +38,7 @@ def config_from_args(args: argparse.Namespace, *, use_cpu_initialization: bool):
 
 def build_model(args: argparse.Namespace, config):
     """A ``GPTModel`` (pre- and post-process: the trainer has no pipeline parallelism)."""
-    from megatron_dpsl.gpt import build_gpt_model
+    from megatron_dpsl.models.gpt import build_gpt_model
 
     use_te = args.transformer_impl == "transformer_engine"
     return build_gpt_model(

@@ -37,7 +37,7 @@ def make_forward_step(group_ids_context: Callable):
     """``forward_step(data_iterator, model)`` as Megatron's schedules call it.
 
     ``group_ids_context(group_ids [b, s])`` returns the context that hands per-token group ids to the
-    DPSL router (``megatron_dpsl.token_groups.dpsl_token_groups``) or a null context.
+    DPSL router (``megatron_dpsl.parallel.token_groups.dpsl_token_groups``) or a null context.
     """
 
     def forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):

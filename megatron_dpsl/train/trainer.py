@@ -155,7 +155,7 @@ def _group_context(model_config):
 
     if getattr(model_config, "num_moe_experts", None) is None:
         return lambda group_ids: contextlib.nullcontext()
-    from megatron_dpsl.token_groups import dpsl_token_groups
+    from megatron_dpsl.parallel.token_groups import dpsl_token_groups
 
     return dpsl_token_groups
 
@@ -173,7 +173,7 @@ def evaluate(args, ddp_model, sampler, forward_backward, forward_step, device, s
     """Mean validation lm loss over ``--eval-iters`` global batches (DP mean), Megatron-LM's ``evaluate``."""
     import torch
 
-    from megatron_dpsl.train import moe_logging
+    from megatron_dpsl.tracking import moe_tracker
 
     ddp_model.eval()
     if stats is not None:
@@ -196,7 +196,7 @@ def evaluate(args, ddp_model, sampler, forward_backward, forward_step, device, s
     if stats is not None:
         stats.enabled = False
     if args.num_experts is not None:
-        moe_logging.clear_tracker()  # eval-time router losses are not training losses
+        moe_tracker.clear_tracker()  # eval-time router losses are not training losses
     ddp_model.train()
     return _reduce_dp_mean([total / max(count, 1)], device)[0]
 
@@ -217,7 +217,7 @@ def initialize(args: argparse.Namespace):
 
     from megatron.core import parallel_state
 
-    from megatron_dpsl.train import moe_logging
+    from megatron_dpsl.tracking import moe_tracker
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -228,7 +228,7 @@ def initialize(args: argparse.Namespace):
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
     )
     _set_random_seed(args.seed)
-    moe_logging.reset_tracker()
+    moe_tracker.reset_tracker()
     return device, backend
 
 
@@ -293,7 +293,7 @@ def _open_writer(args: argparse.Namespace):
 def setup(args: argparse.Namespace) -> TrainingRun:
     """Everything ``pretrain`` needs before the first step: model, optimizer, resumed state, data, logging."""
     from megatron_dpsl.train.optimizer import build_optimizer, build_scheduler
-    from megatron_dpsl.train.routing_stats import RoutingStats
+    from megatron_dpsl.tracking.routing_stats import RoutingStats
     from megatron_dpsl.train.schedule import get_forward_backward, make_forward_step
 
     device, backend = initialize(args)
@@ -359,13 +359,13 @@ def train_step(run: TrainingRun):
 
 def _router_losses(run: TrainingRun) -> dict:
     """Megatron's aux-loss tracker reduced and cleared (TensorBoard included): name -> value this step."""
-    from megatron_dpsl.train import moe_logging
+    from megatron_dpsl.tracking import moe_tracker
 
     args = run.args
     if args.num_experts is None:
         return {}
     moe_dict: dict = {}
-    moe_logging.track_moe_metrics(
+    moe_tracker.track_moe_metrics(
         loss_scale=1.0 / args.num_microbatches, iteration=run.result.iteration, writer=run.writer,
         total_loss_dict=moe_dict, per_layer_logging=args.moe_per_layer_logging, num_layers=args.num_layers,
     )
@@ -432,7 +432,7 @@ def _log_routing_stats(run: TrainingRun, it: int) -> None:
     """Summarise the evaluation's routing on rank 0: history, TensorBoard ``routing/*``, --routing-stats-path."""
     import torch
 
-    from megatron_dpsl.train.routing_stats import summarize
+    from megatron_dpsl.tracking.routing_stats import summarize
 
     layers = run.stats.gather()  # collective; None off rank 0
     if layers is None:

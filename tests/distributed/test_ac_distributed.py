@@ -1,6 +1,6 @@
 """Distributed AC router exactness: torchrun (gloo, CPU) vs an unsharded single-process reference.
 
-One launch per world size; the worker (``tests/workers/ac_exactness_worker.py``) runs every layout
+One launch per world size; the worker (``tests/support/workers/ac_exactness_worker.py``) runs every layout
 of ``CASES[world]``: TP+SP, CP, EP, DP, TP×EP (both expert-TP sizes), TP×CP, CP×DP, an EP group that
 spans two TP groups, AC together with DPSL, and a two-stage pipeline. Marked ``slow`` (CI's slow
 suite runs them); run alone with ``pytest -m distributed tests/distributed/test_ac_distributed.py -s``
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from _support import records_per_world
-from workers.ac_exactness_worker import CASES  # plain data, imports no Megatron
+from support.common import records_per_world
+from support.workers.ac_exactness_worker import CASES  # plain data, imports no Megatron
 
 # both launches are slow (~25 s and ~45 s on 2 cores): the default suite stays under 3 minutes
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

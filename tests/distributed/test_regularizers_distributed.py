@@ -1,7 +1,7 @@
 """Distributed variance + orthogonality exactness: torchrun (gloo, CPU) vs an unsharded reference.
 
 One launch per world size (each costs ~15 s of Megatron import); the worker
-(``tests/workers/regularizer_exactness_worker.py``) runs every layout of ``CASES[world]`` and writes
+(``tests/support/workers/regularizer_exactness_worker.py``) runs every layout of ``CASES[world]`` and writes
 one record per layout. Marked slow (about a minute for both launches on 2 cores):
 ``pytest -m slow tests/distributed/test_regularizers_distributed.py -s`` (``-s`` prints the measured
 differences).
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from _support import records_per_world
-from workers.regularizer_exactness_worker import CASES  # plain data, imports no Megatron
+from support.common import records_per_world
+from support.workers.regularizer_exactness_worker import CASES  # plain data, imports no Megatron
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

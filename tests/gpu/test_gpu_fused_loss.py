@@ -1,7 +1,7 @@
-"""The fused DPSL kernels (megatron_dpsl/fused_loss.py) on CUDA: the default there, equal to the torch path
+"""The fused DPSL kernels (megatron_dpsl/losses/dpsl_triton.py) on CUDA: the default there, equal to the torch path
 and to a float64 SciPy Eq. 4 at paper scale, CUDA-graph capturable, and free of host synchronisation.
 
-(tests/test_fused_loss.py runs the same kernel source on CPU under Triton's interpreter and, on a GPU
+(tests/unit/losses/test_dpsl_triton.py runs the same kernel source on CPU under Triton's interpreter and, on a GPU
 machine, on CUDA tensors at small sizes.)
 """
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(autouse=True)
 def _require_fused():
-    from megatron_dpsl import fused_loss
+    from megatron_dpsl.losses import dpsl_triton as fused_loss
 
     if not fused_loss.runs_on(torch.device("cuda")):
         pytest.skip("Triton does not import: the fused DPSL path is off (the torch path runs instead)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpu_helpers import BATCH, HIDDEN, NUM_EXPERTS, SEQ, clear_tracker, init_megatron_cuda, make_config, require_te, tracker_values
+from support.gpu import BATCH, HIDDEN, NUM_EXPERTS, SEQ, clear_tracker, init_megatron_cuda, make_config, require_te, tracker_values
 
 pytestmark = pytest.mark.gpu
 
@@ -41,7 +41,7 @@ def _build(config):
     """The MoE layer of the plugin's TE layer spec (0.16 ModuleSpec or 0.19 partial), on the GPU."""
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-    from megatron_dpsl.specs import get_dpsl_layer_spec
+    from megatron_dpsl.models.specs import get_dpsl_layer_spec
 
     mlp = get_dpsl_layer_spec(config, use_transformer_engine=True).submodules.mlp
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from gpu_helpers import (
+from support.gpu import (
     BATCH,
     HIDDEN,
     SEQ,
@@ -50,7 +50,7 @@ def _dispatcher_overrides(dispatcher: str) -> dict:
     reason = flex_dispatcher_skip_reason()
     if reason:
         pytest.skip(reason)
-    from megatron_dpsl.config import DPSLTransformerConfig
+    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
 
     names = {f.name for f in dataclasses.fields(DPSLTransformerConfig)}
     # megatron-core 0.16 selects DeepEP with moe_enable_deepep; newer ones with a backend name
@@ -98,7 +98,7 @@ def test_te_gpt_model_bf16_forward_backward(megatron_cuda, dispatcher):
     require_te()
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_dpsl.specs import get_dpsl_layer_spec
+    from megatron_dpsl.models.specs import get_dpsl_layer_spec
 
     config = make_config(dispatcher, num_layers=2)
     vocab = 256
@@ -173,7 +173,7 @@ def test_dpsl_router_adds_no_host_sync(megatron_cuda):
     issue 4: no extra syncs): a training forward+backward of DPSLRouter with λ > 0 triggers exactly
     the synchronising CUDA calls the same router makes with DPSL off (λ = 0), counted by
     ``torch.cuda.set_sync_debug_mode``. Needs no Transformer Engine."""
-    from megatron_dpsl.router import DPSLRouter
+    from megatron_dpsl.routing.router import DPSLRouter
 
     def sync_warnings(coeff: float) -> list[str]:
         config = make_config("alltoall", moe_dpsl_coeff=coeff, moe_dpsl_log_interval=0)
