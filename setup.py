@@ -16,16 +16,29 @@ setup(
         "packaging",
     ],
     extras_require={
-        "test": ["pytest>=8", "scipy", "matplotlib", "tensorboard", "safetensors", "psutil", "transformers", "einops",
-                 # six: imported by Megatron-LM megatron/training (core_v0.16.1, core_v0.19.0), whose pretrain
-                 # chain the launcher tests run on CPU (triton too: it imports it)
-                 "six",
-                 # triton: the fused loss kernels (megatron_dpsl/losses/dpsl_triton.py) are tested on CPU under
-                 # Triton's interpreter (tests/unit/losses/test_dpsl_triton.py); CUDA builds of torch ship it already
-                 "triton"],
+        "test": [
+            # the one formatter and linter (pyproject.toml [tool.ruff]; .ci/run enforces it)
+            "ruff",
+            "pytest>=8",
+            "scipy",
+            "matplotlib",
+            "tensorboard",
+            "safetensors",
+            "psutil",
+            "transformers",
+            "einops",
+            # six: imported by Megatron-LM megatron/training (core_v0.16.1, core_v0.19.0), whose
+            # pretrain chain the launcher tests run on CPU (triton too: it imports it)
+            "six",
+            # triton: the fused loss kernels (megatron_dpsl/losses/dpsl_triton.py) are tested on CPU
+            # under Triton's interpreter (tests/unit/losses/test_dpsl_triton.py); CUDA builds of
+            # torch ship it already
+            "triton",
+        ],
         "plots": ["matplotlib", "tensorboard", "scipy"],
         "hf": ["safetensors"],
-        # Transformer Engine builds only with CUDA (see scripts/install_gpu.sh); apex is not on the index.
+        # Transformer Engine builds only with CUDA (see scripts/install_gpu.sh); apex is not on the
+        # index.
         "te": ["transformer-engine[pytorch]"],
     },
     entry_points={

@@ -1,28 +1,31 @@
 """Forward+backward time of ``dpsl_loss``, against baselines measured in the same run.
 
-CPU (default): against the paper's approach (Appendix C.5): per expert ``torch.sort`` of the probability
-column, the sorted values moved to the host, ``scipy.special.betainc`` for F, and a custom autograd
-Function whose backward is ``scipy.stats.beta.pdf`` (also on the host), results moved back.
+CPU (default): against the paper's approach (Appendix C.5): per expert ``torch.sort`` of the
+probability column, the sorted values moved to the host, ``scipy.special.betainc`` for F, and a
+custom autograd Function whose backward is ``scipy.stats.beta.pdf`` (also on the host), results
+moved back.
 
-    python benchmarks/loss.py                 # full grid: B in {8192, 73728, 589824} x N in {4, 16, 64}
-    python benchmarks/loss.py --quick         # B = 73,728 (16 x 4,608), N = 16 only
+    python benchmarks/loss.py                 # full grid: B in {8192, 73728, 589824} x N in {4, 16,
+    64} python benchmarks/loss.py --quick         # B = 73,728 (16 x 4,608), N = 16 only
 
-Prints one row per (B, N): ms per forward+backward (median of --repeats after a warm-up that also builds
-the CDF table; process CPU time, robust to other jobs on a shared core), the baseline/ours ratio (median
-of per-repeat ratios, ours and the baseline interleaved), and peak RSS growth (psutil; includes the
-allocator's caching).
+Prints one row per (B, N): ms per forward+backward (median of --repeats after a warm-up that also
+builds the CDF table; process CPU time, robust to other jobs on a shared core), the baseline/ours
+ratio (median of per-repeat ratios, ours and the baseline interleaved), and peak RSS growth (psutil;
+includes the allocator's caching).
 
 GPU (issue 12's goals; one command, < 90 s on an H100, prints a markdown table):
 
-    python benchmarks/loss.py --device cuda   # bf16 probs: B=73,728 N=16; N=64; B=589,824 N=16; grouped+padded
+    python benchmarks/loss.py --device cuda   # bf16 probs: B=73,728 N=16; N=64; B=589,824 N=16;
+    grouped+padded
 
-Per shape and implementation (``torch``: the torch path; ``triton``: megatron_dpsl/losses/dpsl_triton.py), all in
-one process: ms per call from CUDA events around --calls back-to-back calls (eager, no graph), ms per call
-with a synchronisation around each call (median), host time to enqueue one call (median, the GPU idle
-before it), CUDA kernels per call (torch.profiler; memsets/memcpys not counted) and the fp32
-``torch.sort`` of the same [N, B] block (the floor: any exact Eq. 4 sorts), timed the same way, with the
-ratio to it. The fused and torch results are compared before timing (max relative difference printed).
-A second table splits the fused path's host time at B=73,728 N=16 by cumulative stage (``host_breakdown``).
+Per shape and implementation (``torch``: the torch path; ``triton``:
+megatron_dpsl/losses/dpsl_triton.py), all in one process: ms per call from CUDA events around
+--calls back-to-back calls (eager, no graph), ms per call with a synchronisation around each call
+(median), host time to enqueue one call (median, the GPU idle before it), CUDA kernels per call
+(torch.profiler; memsets/memcpys not counted) and the fp32 ``torch.sort`` of the same [N, B] block
+(the floor: any exact Eq. 4 sorts), timed the same way, with the ratio to it. The fused and torch
+results are compared before timing (max relative difference printed). A second table splits the
+fused path's host time at B=73,728 N=16 by cumulative stage (``host_breakdown``).
 """
 
 from __future__ import annotations
@@ -49,13 +52,17 @@ class _ScipyBetaCDF(torch.autograd.Function):
 
         x_host = x.detach().double().cpu().numpy()
         ctx.x_host, ctx.a, ctx.b = x_host, a, b
-        return torch.from_numpy(scipy.special.betainc(a, b, x_host)).to(device=x.device, dtype=x.dtype)
+        return torch.from_numpy(scipy.special.betainc(a, b, x_host)).to(
+            device=x.device, dtype=x.dtype
+        )
 
     @staticmethod
     def backward(ctx, grad):
         import scipy.stats
 
-        pdf = torch.from_numpy(scipy.stats.beta.pdf(ctx.x_host, ctx.a, ctx.b)).to(device=grad.device, dtype=grad.dtype)
+        pdf = torch.from_numpy(scipy.stats.beta.pdf(ctx.x_host, ctx.a, ctx.b)).to(
+            device=grad.device, dtype=grad.dtype
+        )
         return grad * pdf, None, None
 
 
@@ -78,9 +85,9 @@ def _probs(num_tokens: int, num_experts: int, device, dtype) -> torch.Tensor:
     return torch.softmax(logits, -1).to(device=device, dtype=dtype).requires_grad_()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CPU: against the SciPy-on-host baseline
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _cpu_time(fn) -> float:
     """ms of process CPU time for one call (other processes sharing the core inflate it far less than wall time)."""
     t0 = time.process_time()
@@ -94,7 +101,9 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def bench_cpu(num_tokens: int, num_experts: int, dtype, repeats: int, baseline: bool, alpha_value: float):
+def bench_cpu(
+    num_tokens: int, num_experts: int, dtype, repeats: int, baseline: bool, alpha_value: float
+):
     probs = _probs(num_tokens, num_experts, "cpu", dtype)
     alpha = [alpha_value] * num_experts
     alpha_t = torch.tensor(alpha, dtype=torch.float64)
@@ -110,7 +119,8 @@ def bench_cpu(num_tokens: int, num_experts: int, dtype, repeats: int, baseline: 
     rss0 = _rss()
     ours()  # warm-up: builds the CDF table once per alpha
     peak = _rss() - rss0
-    # Interleave ours and the baseline so both see the same machine load; ratio = median of per-pair ratios.
+    # Interleave ours and the baseline so both see the same machine load; ratio = median of per-pair
+    # ratios.
     t_ours, t_base = [], []
     for _ in range(repeats):
         t_ours.append(_cpu_time(ours))
@@ -132,12 +142,14 @@ def main_cpu(args):
         t_ours, t_base, ratio, peak = bench_cpu(
             num_tokens, num_experts, dtype, args.repeats, not args.no_baseline, args.alpha
         )
-        print(f"{num_tokens:>8} {num_experts:>4} {t_ours:>10.2f} {t_base:>12.2f} {ratio:>7.2f} {peak / 2**20:>9.1f}")
+        print(
+            f"{num_tokens:>8} {num_experts:>4} {t_ours:>10.2f} {t_base:>12.2f} {ratio:>7.2f} {peak / 2**20:>9.1f}"
+        )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # GPU: torch path vs fused path vs the sort floor
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 GPU_SHAPES = (  # (label, B, N, grouped): issue 12's shapes
     ("B=73,728 N=16", 73728, 16, False),
     ("B=73,728 N=64", 73728, 64, False),
@@ -201,7 +213,9 @@ def bench_gpu_shape(num_tokens, num_experts, grouped, dtype, calls, repeats, imp
     probs = _probs(num_tokens, num_experts, "cuda", dtype)
     alpha = torch.ones(num_experts, dtype=torch.float64)  # CPU alpha: the documented sync-free way
     gids = pad = None
-    if grouped:  # the paper's modality prior (Sec. 3.4): alpha_base 0.75, shift 0.5 on each group's half
+    if (
+        grouped
+    ):  # the paper's modality prior (Sec. 3.4): alpha_base 0.75, shift 0.5 on each group's half
         alpha = torch.full((2, num_experts), 0.75, dtype=torch.float64)
         alpha[0, : num_experts // 2] += 0.5
         alpha[1, num_experts // 2 :] += 0.5
@@ -253,9 +267,15 @@ def host_breakdown(num_tokens: int, num_experts: int, dtype, repeats: int, devic
         dpsl_loss(probs, alpha, impl="triton").backward()
 
     stages = {
-        "transpose + torch.sort": lambda: torch.sort(probs.detach().t().contiguous(), dim=-1, stable=True),
-        "+ buffers, kernels, sum (fused_loss.eq4)": lambda: fused_loss.eq4(probs, table, 1, None, None, True, True),
-        "+ checks, table lookup, autograd Function (dpsl_loss forward)": lambda: dpsl_loss(probs, alpha, impl="triton"),
+        "transpose + torch.sort": lambda: torch.sort(
+            probs.detach().t().contiguous(), dim=-1, stable=True
+        ),
+        "+ buffers, kernels, sum (fused_loss.eq4)": lambda: fused_loss.eq4(
+            probs, table, 1, None, None, True, True
+        ),
+        "+ checks, table lookup, autograd Function (dpsl_loss forward)": lambda: dpsl_loss(
+            probs, alpha, impl="triton"
+        ),
         "+ backward (forward + backward)": fwd_bwd,
     }
     out = {}
@@ -278,50 +298,76 @@ def main_gpu(args):
 
     t_start = time.perf_counter()
     dtype = getattr(torch, args.dtype)
-    fused = fused_loss.runs_on(torch.device("cuda")) and dtype != torch.float64  # float64: torch path only
+    fused = (
+        fused_loss.runs_on(torch.device("cuda")) and dtype != torch.float64
+    )  # float64: torch path only
     impls = ["torch", "triton"] if fused else ["torch"]
     shapes = GPU_SHAPES[:1] if args.quick else GPU_SHAPES
-    print(f"`dpsl_loss` forward+backward on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {fused_loss.triton.__version__ if fused_loss.triton else 'not installed'}; {args.dtype} probs, "
-          f"eager; events over {args.calls} back-to-back calls, sync/host medians of {args.repeats}.")
+    print(
+        f"`dpsl_loss` forward+backward on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {fused_loss.triton.__version__ if fused_loss.triton else 'not installed'}; {args.dtype} probs, "
+        f"eager; events over {args.calls} back-to-back calls, sync/host medians of {args.repeats}."
+    )
     print()
-    print("| shape | path | ms/call (events) | ms/call (sync each) | host enqueue ms | kernels/call "
-          "| sort floor ms (kernels) | ratio to floor | fused vs torch |")
+    print(
+        "| shape | path | ms/call (events) | ms/call (sync each) | host enqueue ms | kernels/call "
+        "| sort floor ms (kernels) | ratio to floor | fused vs torch |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, num_tokens, num_experts, grouped in shapes:
-        res, diff = bench_gpu_shape(num_tokens, num_experts, grouped, dtype, args.calls, args.repeats, impls)
+        res, diff = bench_gpu_shape(
+            num_tokens, num_experts, grouped, dtype, args.calls, args.repeats, impls
+        )
         floor = res["floor"]
         for impl in impls:
             r = res[impl]
             agree = f"{diff:.1e}" if diff is not None and impl == "triton" else ""
-            print(f"| {label} | {impl} | {r['events']:.3f} | {r['synced']:.3f} | {r['host']:.3f} | {r['kernels']:.0f} "
-                  f"| {floor['events']:.3f} ({floor['kernels']:.0f}) | {r['events'] / floor['events']:.2f} | {agree} |")
+            print(
+                f"| {label} | {impl} | {r['events']:.3f} | {r['synced']:.3f} | {r['host']:.3f} | {r['kernels']:.0f} "
+                f"| {floor['events']:.3f} ({floor['kernels']:.0f}) | {r['events'] / floor['events']:.2f} | {agree} |"
+            )
     if fused:
         label, num_tokens, num_experts, _ = GPU_SHAPES[0]
         print()
-        print(f"Host time of the fused path, {label}, by cumulative stage (median of {args.repeats}, idle GPU):")
+        print(
+            f"Host time of the fused path, {label}, by cumulative stage (median of {args.repeats}, idle GPU):"
+        )
         print()
         print("| stage | host ms |")
         print("|---|---:|")
         for name, ms in host_breakdown(num_tokens, num_experts, dtype, args.repeats).items():
             print(f"| {name} | {ms:.3f} |")
     print()
-    print("Goals (issue 12): B=73,728 N=16 bf16 eager <= 0.25 ms and <= 1.6x the floor; N=64 and B=589,824 "
-          "within 2x of their floors. 'fused vs torch': max of |dL|/|L| and ||dgrad||/||grad||. "
-          f"Benchmark wall time {time.perf_counter() - t_start:.0f} s.")
+    print(
+        "Goals (issue 12): B=73,728 N=16 bf16 eager <= 0.25 ms and <= 1.6x the floor; N=64 and B=589,824 "
+        "within 2x of their floors. 'fused vs torch': max of |dL|/|L| and ||dgrad||/||grad||. "
+        f"Benchmark wall time {time.perf_counter() - t_start:.0f} s."
+    )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="only B=73728, N=16")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 73728, 589824], help="CPU grid")
+    parser.add_argument(
+        "--tokens", type=int, nargs="+", default=[8192, 73728, 589824], help="CPU grid"
+    )
     parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64], help="CPU grid")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float64"],
-                        help="probs dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float64"],
+        help="probs dtype (default: float32 on CPU, bfloat16 on CUDA)",
+    )
     parser.add_argument("--alpha", type=float, default=1.0, help="symmetric prior value (CPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7 CPU, 20 CUDA)")
-    parser.add_argument("--calls", type=int, default=50, help="CUDA: back-to-back calls between the events")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats (default 7 CPU, 20 CUDA)"
+    )
+    parser.add_argument(
+        "--calls", type=int, default=50, help="CUDA: back-to-back calls between the events"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the SciPy baseline (CPU)")
     args = parser.parse_args(argv)

@@ -4,19 +4,21 @@ Variants, all in one Megatron-Core ``MoELayer`` with the same experts, weights a
 the same run (interleaved rounds, median):
 
   topk_none        TopKRouter, no balancing loss (what routing alone costs)
-  topk_aux         TopKRouter + Megatron's aux loss (moe_router_load_balancing_type="aux_loss"): the baseline
-  dpsl             megatron_dpsl.DPSLRouter, DPSL only (device-native Beta CDF)
-  dpsl_scipy_host  TopKRouter + DPSL computed the paper's way: probabilities copied to the host, sorted,
+  topk_aux         TopKRouter + Megatron's aux loss (moe_router_load_balancing_type="aux_loss"): the
+  baseline dpsl             megatron_dpsl.DPSLRouter, DPSL only (device-native Beta CDF)
+  dpsl_scipy_host  TopKRouter + DPSL computed the paper's way: probabilities copied to the host,
+  sorted,
                    SciPy ``betainc`` for the loss and the Beta pdf for the backward, copied back
 
-Printed: ms/step for each, DPSL overhead vs topk_aux (goal on the GPU at paper scale: <= 1 %), the host
-baseline's overhead and peak memory.
+Printed: ms/step for each, DPSL overhead vs topk_aux (goal on the GPU at paper scale: <= 1 %), the
+host baseline's overhead and peak memory.
 
 GPU, paper scale (Llama-3.2-1B upcycled 8-in-16: hidden 2048, 16 experts of ffn 2048, top-8, SwiGLU;
 seq 4,608 x micro-batch 16 = 73,728 tokens; Transformer Engine grouped GEMM when TE imports):
     python benchmarks/moe_layer.py --device cuda
 CPU smoke run (tiny shapes; megatron-core's CUDA-only calls need the test shims, imported from
-tests/support/megatron_cpu.py by path because a CPU MoELayer needs them — the package itself needs none):
+tests/support/megatron_cpu.py by path because a CPU MoELayer needs them — the package itself needs
+none):
     python benchmarks/moe_layer.py --device cpu --quick
 """
 
@@ -38,14 +40,16 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("megatron_dpsl") is None:  # run from a checkout without `pip install -e .`
+if (
+    importlib.util.find_spec("megatron_dpsl") is None
+):  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 VARIANTS = ("topk_none", "topk_aux", "dpsl", "dpsl_scipy_host")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The paper's approach (Appendix C.5): SciPy on the host. A baseline, not part of the package.
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class _HostScipyDPSL(torch.autograd.Function):
     """Eq. 4 (no λ) with a host round trip: sort + SciPy betainc forward, Beta pdf backward."""
 
@@ -93,7 +97,9 @@ def check_host_baseline(device: str) -> float:
     worst = max(rel_loss, rel_grad)
     # both fp32 outputs of float64 math (SciPy) vs a ≤2e-6-accurate float32 CDF: agree to ~1e-5
     if not worst < 1e-4:
-        raise RuntimeError(f"host SciPy baseline and dpsl_loss disagree: loss {rel_loss:.3g}, grad {rel_grad:.3g}")
+        raise RuntimeError(
+            f"host SciPy baseline and dpsl_loss disagree: loss {rel_loss:.3g}, grad {rel_grad:.3g}"
+        )
     return worst
 
 
@@ -107,7 +113,9 @@ def _host_router_class():
         def gating(self, input):
             logits = super().gating(input)
             if self.training and torch.is_grad_enabled():
-                probs = torch.softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])  # [num_tokens, num_experts]
+                probs = torch.softmax(logits.float(), dim=-1).reshape(
+                    -1, logits.shape[-1]
+                )  # [num_tokens, num_experts]
                 alpha = torch.full((probs.shape[-1],), 1.0)
                 loss = _HostScipyDPSL.apply(probs, alpha)
                 logits = MoEAuxLossAutoScaler.apply(logits, 0.01 * loss)
@@ -116,12 +124,14 @@ def _host_router_class():
     return HostScipyDPSLRouter
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Set-up
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _load_cpu_shims():
     """tests/support/megatron_cpu.py (by path): makes megatron-core's CUDA-only calls work on a CPU."""
-    spec = importlib.util.spec_from_file_location("megatron_cpu", REPO / "tests" / "megatron_cpu.py")
+    spec = importlib.util.spec_from_file_location(
+        "megatron_cpu", REPO / "tests" / "megatron_cpu.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -160,7 +170,9 @@ def make_config(args, variant: str):
     balancing = {
         "topk_none": dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0),
         "topk_aux": dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01),
-        "dpsl": dict(moe_router_load_balancing_type="dpsl", moe_aux_loss_coeff=0.0, moe_dpsl_coeff=0.01),
+        "dpsl": dict(
+            moe_router_load_balancing_type="dpsl", moe_aux_loss_coeff=0.0, moe_dpsl_coeff=0.01
+        ),
         "dpsl_scipy_host": dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0),
     }[variant]
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -199,8 +211,11 @@ def build_layer(args, variant: str, state=None):
 
     config = make_config(args, variant)
     spec_fn = get_gpt_layer_with_transformer_engine_spec if args.te else get_gpt_layer_local_spec
-    # the MoE layer's MoESubmodules: ModuleSpec.submodules (megatron-core 0.16) or partial.keywords (0.19)
-    (submodules,) = moe_submodules(spec_fn(num_experts=args.experts, moe_grouped_gemm=args.grouped_gemm))
+    # the MoE layer's MoESubmodules: ModuleSpec.submodules (megatron-core 0.16) or partial.keywords
+    # (0.19)
+    (submodules,) = moe_submodules(
+        spec_fn(num_experts=args.experts, moe_grouped_gemm=args.grouped_gemm)
+    )
     if variant == "dpsl":
         from megatron_dpsl.routing.router import DPSLRouter as router
     elif variant == "dpsl_scipy_host":
@@ -216,9 +231,9 @@ def build_layer(args, variant: str, state=None):
     return layer
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Timing
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -261,7 +276,9 @@ def run(args) -> dict:
     assert len(experts) == 1, f"variants differ in experts: {experts}"
 
     gen = torch.Generator(device=args.device).manual_seed(1)
-    x = torch.randn(args.seq, args.micro_batch, args.hidden, device=args.device, dtype=dtype, generator=gen)
+    x = torch.randn(
+        args.seq, args.micro_batch, args.hidden, device=args.device, dtype=dtype, generator=gen
+    )
     x.requires_grad_()
     grad_out = torch.randn(x.shape, device=args.device, dtype=dtype, generator=gen)
 
@@ -279,28 +296,44 @@ def run(args) -> dict:
     _sync(args.device)
 
     res = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "megatron_core": _version("megatron-core"),
         "transformer_engine": _version("transformer-engine") if args.te else None,
         "experts_module": experts.pop(),
-        "shape": dict(hidden=args.hidden, ffn=args.ffn, experts=args.experts, topk=args.topk, seq=args.seq,
-                      micro_batch=args.micro_batch, tokens=args.seq * args.micro_batch, dtype=args.dtype,
-                      dispatcher=args.dispatcher),
+        "shape": dict(
+            hidden=args.hidden,
+            ffn=args.ffn,
+            experts=args.experts,
+            topk=args.topk,
+            seq=args.seq,
+            micro_batch=args.micro_batch,
+            tokens=args.seq * args.micro_batch,
+            dtype=args.dtype,
+            dispatcher=args.dispatcher,
+        ),
         "ms": {v: statistics.median(s) for v, s in samples.items()},
         "ms_min": {v: min(s) for v, s in samples.items()},
-        "ms_spread": {v: (float(np.percentile(s, 25)), float(np.percentile(s, 75))) for v, s in samples.items()},
+        "ms_spread": {
+            v: (float(np.percentile(s, 25)), float(np.percentile(s, 75)))
+            for v, s in samples.items()
+        },
         "peak_mib": {v: peak[v] / 2**20 for v in peak},
         "process_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "steps": args.steps * args.rounds,
         "host_baseline_max_rel_diff": baseline_diff,
-        # which dpsl_loss implementation DPSLRouter ran (fp32 probs; MEGATRON_DPSL_LOSS_IMPL overrides)
+        # which dpsl_loss implementation DPSLRouter ran (fp32 probs; MEGATRON_DPSL_LOSS_IMPL
+        # overrides)
         "dpsl_loss_impl": selected_impl(torch.empty(1, args.experts, device=args.device)),
     }
     for key, out in (("ms", "overhead_pct"), ("ms_min", "overhead_pct_min")):
         base = res[key].get("topk_aux")
         if base:
-            res[out] = {v: 100.0 * (ms - base) / base for v, ms in res[key].items() if v != "topk_aux"}
+            res[out] = {
+                v: 100.0 * (ms - base) / base for v, ms in res[key].items() if v != "topk_aux"
+            }
     return res
 
 
@@ -342,20 +375,35 @@ def markdown(res: dict, command: str) -> str:
         base = res["ms"]["topk_aux"]
         dev = res["ms"]["dpsl"] - base
         host = res["ms"]["dpsl_scipy_host"] - base
-        ratio = f"{host / dev:.1f}x" if dev > 0 and host > 0 else "n/a (an overhead is within noise)"
-        lines += ["", f"Medians: DPSL adds {dev:+.3f} ms/step ({100 * dev / base:+.2f} %); the paper's SciPy-on-host "
-                      f"DPSL adds {host:+.3f} ms/step ({100 * host / base:+.2f} %): host/device overhead ratio {ratio}."]
+        ratio = (
+            f"{host / dev:.1f}x" if dev > 0 and host > 0 else "n/a (an overhead is within noise)"
+        )
+        lines += [
+            "",
+            f"Medians: DPSL adds {dev:+.3f} ms/step ({100 * dev / base:+.2f} %); the paper's SciPy-on-host "
+            f"DPSL adds {host:+.3f} ms/step ({100 * host / base:+.2f} %): host/device overhead ratio {ratio}.",
+        ]
     if res.get("host_baseline_max_rel_diff") is not None:
-        lines += ["", f"Host baseline checked against `dpsl_loss` on 1,024 x 16 probabilities: max relative "
-                      f"difference {res['host_baseline_max_rel_diff']:.1e} (loss and gradient)."]
+        lines += [
+            "",
+            f"Host baseline checked against `dpsl_loss` on 1,024 x 16 probabilities: max relative "
+            f"difference {res['host_baseline_max_rel_diff']:.1e} (loss and gradient).",
+        ]
     if res["device"].startswith("CPU"):
-        lines += ["", f"Process peak RSS {res['process_max_rss_mib']:.0f} MiB (CPU: per-variant peak not tracked)."]
+        lines += [
+            "",
+            f"Process peak RSS {res['process_max_rss_mib']:.0f} MiB (CPU: per-variant peak not tracked).",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (smoke run)")
     p.add_argument("--hidden", type=int, help="default 2048 (GPU) / 128 (--quick)")
     p.add_argument("--ffn", type=int, help="expert FFN size; default 2048 (GPU) / 128 (--quick)")
@@ -364,13 +412,22 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, help="default 4608 (GPU) / 256 (--quick)")
     p.add_argument("--micro-batch", type=int, help="default 16 (GPU) / 2 (--quick)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default bf16 (GPU) / fp32 (CPU)")
-    p.add_argument("--dispatcher", choices=["alltoall", "allgather"],
-                   help="default alltoall (GPU) / allgather (CPU: alltoall makes a CUDA stream)")
-    p.add_argument("--te", action=argparse.BooleanOptionalAction, default=None,
-                   help="Transformer Engine layer spec with grouped GEMM (default: on when TE imports, GPU only)")
+    p.add_argument(
+        "--dispatcher",
+        choices=["alltoall", "allgather"],
+        help="default alltoall (GPU) / allgather (CPU: alltoall makes a CUDA stream)",
+    )
+    p.add_argument(
+        "--te",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Transformer Engine layer spec with grouped GEMM (default: on when TE imports, GPU only)",
+    )
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
     p.add_argument("--warmup", type=int, help="warm-up steps per variant (default 3 / 2 quick)")
-    p.add_argument("--steps", type=int, help="timed steps per variant per round (default 5 / 3 quick)")
+    p.add_argument(
+        "--steps", type=int, help="timed steps per variant per round (default 5 / 3 quick)"
+    )
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 4 / 2 quick)")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--markdown", type=Path, help="write the markdown table here")
@@ -378,9 +435,15 @@ def parse_args(argv=None):
     gpu = a.device == "cuda"
     quick_cpu = a.quick or not gpu
     defaults = dict(
-        hidden=128 if quick_cpu else 2048, ffn=128 if quick_cpu else 2048, seq=256 if quick_cpu else 4608,
-        micro_batch=2 if quick_cpu else 16, dtype="bf16" if gpu else "fp32", dispatcher="alltoall" if gpu else "allgather",
-        warmup=2 if a.quick else 3, steps=3 if a.quick else 5, rounds=2 if a.quick else 4,
+        hidden=128 if quick_cpu else 2048,
+        ffn=128 if quick_cpu else 2048,
+        seq=256 if quick_cpu else 4608,
+        micro_batch=2 if quick_cpu else 16,
+        dtype="bf16" if gpu else "fp32",
+        dispatcher="alltoall" if gpu else "allgather",
+        warmup=2 if a.quick else 3,
+        steps=3 if a.quick else 5,
+        rounds=2 if a.quick else 4,
     )
     for k, v in defaults.items():
         if getattr(a, k) is None:
@@ -391,7 +454,9 @@ def parse_args(argv=None):
         p.error("--te needs --device cuda")
     if gpu and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device visible (use --device cpu --quick here)")
-    a.grouped_gemm = a.te  # TE grouped GEMM; without TE the local spec's SequentialMLP (no grouped_gemm pkg)
+    a.grouped_gemm = (
+        a.te
+    )  # TE grouped GEMM; without TE the local spec's SequentialMLP (no grouped_gemm pkg)
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in a.variants if v not in VARIANTS]
     if bad:
@@ -413,7 +478,9 @@ def main(argv=None) -> dict:
             # "or the largest that fits": halve the micro-batch (the table prints the shape used)
             if args.device != "cuda" or args.micro_batch == 1:
                 raise
-            print(f"out of GPU memory at micro-batch {args.micro_batch}; retrying with {args.micro_batch // 2}")
+            print(
+                f"out of GPU memory at micro-batch {args.micro_batch}; retrying with {args.micro_batch // 2}"
+            )
             args.micro_batch //= 2
         if res is None:  # outside the except block: the failed run's frames are gone by now
             torch.cuda.empty_cache()

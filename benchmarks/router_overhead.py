@@ -32,10 +32,18 @@ def build(router_cls, num_experts, hidden, ffn, dpsl, device):
     from megatron_dpsl.models.specs import with_router
 
     cfg = DPSLTransformerConfig(
-        num_layers=1, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=4, num_moe_experts=num_experts,
-        moe_router_topk=2, add_bias_linear=False, use_cpu_initialization=True,
+        num_layers=1,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_attention_heads=4,
+        num_moe_experts=num_experts,
+        moe_router_topk=2,
+        add_bias_linear=False,
+        use_cpu_initialization=True,
         moe_router_load_balancing_type=["aux_loss", "dpsl"] if dpsl else "aux_loss",
-        moe_aux_loss_coeff=[1e-2, 0.0] if dpsl else 1e-2, moe_dpsl_coeff=0.01, moe_dpsl_log_interval=0,
+        moe_aux_loss_coeff=[1e-2, 0.0] if dpsl else 1e-2,
+        moe_dpsl_coeff=0.01,
+        moe_dpsl_log_interval=0,
     )
     spec = with_router(get_gpt_layer_local_spec(num_experts=num_experts).submodules.mlp, router_cls)
     torch.manual_seed(0)
@@ -96,8 +104,10 @@ def main():
     hidden, ffn = 256, 512
     print(f"device={args.device} hidden={hidden} ffn={ffn} topk=2, median of {iters} fwd+bwd")
     print("layer = MoELayer fwd+bwd; router = the router module alone (probs.sum() backward)")
-    print(f"{'tokens':>7} {'experts':>7} {'layer TopK ms':>14} {'layer DPSL ms':>14} {'ratio':>7} "
-          f"{'router TopK ms':>15} {'router DPSL ms':>15} {'DPSL share':>11}")
+    print(
+        f"{'tokens':>7} {'experts':>7} {'layer TopK ms':>14} {'layer DPSL ms':>14} {'ratio':>7} "
+        f"{'router TopK ms':>15} {'router DPSL ms':>15} {'DPSL share':>11}"
+    )
     for tokens, experts in grid:
         x = torch.randn(tokens // 4, 4, hidden, device=args.device)
         base = build(TopKRouter, experts, hidden, ffn, False, args.device)
@@ -106,8 +116,10 @@ def main():
         tb, td = time_pair(base, dpsl, x, iters, warmup=3)
         rb, rd = time_pair(_RouterOnly(base.router), _RouterOnly(dpsl.router), x, iters, warmup=3)
         # DPSL share: the extra router time as a fraction of the stock layer's fwd+bwd
-        print(f"{tokens:>7} {experts:>7} {tb * 1e3:>14.2f} {td * 1e3:>14.2f} {td / tb:>7.3f} "
-              f"{rb * 1e3:>15.2f} {rd * 1e3:>15.2f} {(rd - rb) / tb:>11.3f}")
+        print(
+            f"{tokens:>7} {experts:>7} {tb * 1e3:>14.2f} {td * 1e3:>14.2f} {td / tb:>7.3f} "
+            f"{rb * 1e3:>15.2f} {rd * 1e3:>15.2f} {(rd - rb) / tb:>11.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """Peak memory and time of the upcycler on a synthetic ~1B-parameter dense checkpoint.
 
-    python benchmarks/upcycle_memory.py                 # TinyLlama-1.1B shapes, fp32 (4.4 GB in, ~14 GB out)
-    python benchmarks/upcycle_memory.py --quick         # ~60M params smoke run
-    python benchmarks/upcycle_memory.py --num-experts 16 --granularity 4 --topk 8   # the paper's 8in16
+    python benchmarks/upcycle_memory.py                 # TinyLlama-1.1B shapes, fp32 (4.4 GB in,
+    ~14 GB out) python benchmarks/upcycle_memory.py --quick         # ~60M params smoke run
+    python benchmarks/upcycle_memory.py --num-experts 16 --granularity 4 --topk 8   # the paper's
+    8in16
 
 The dense checkpoint is written in the Megatron-LM layout with the converter's own streaming writer
 (random weights, one layer at a time). The conversion runs in a child process
-(``python -m megatron_dpsl.upcycle``) so its peak RSS is measured alone (``ru_maxrss`` of the child).
-Streaming means that peak should track one layer (source layer + its upcycled pieces) plus the
-embedding/output tensors, not the model: the table reports both ratios. Needs ~4x the dense size
+(``python -m megatron_dpsl.upcycle``) so its peak RSS is measured alone (``ru_maxrss`` of the
+child). Streaming means that peak should track one layer (source layer + its upcycled pieces) plus
+the embedding/output tensors, not the model: the table reports both ratios. Needs ~4x the dense size
 free on disk for the default 2in4 (checked with shutil.disk_usage before writing); cleans up.
 """
 
@@ -73,9 +74,19 @@ def write_dense(root: Path, s, dtype):
                 Piece("decoder.final_layernorm.weight", mk((s["hidden"],))),
                 Piece("output_layer.weight", mk((s["vocab"], s["hidden"]))),
             ]
-        ps = [Piece(f"decoder.layers.{n}", t, ((group, L),)) for n, t in dense_layer(s, dtype, meta, gen).items()]
-        for n in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
-            ps.append(Piece(f"decoder.layers.{n}._extra_state", None, ((group, L),), is_object=True))
+        ps = [
+            Piece(f"decoder.layers.{n}", t, ((group, L),))
+            for n, t in dense_layer(s, dtype, meta, gen).items()
+        ]
+        for n in (
+            "self_attention.linear_qkv",
+            "self_attention.linear_proj",
+            "mlp.linear_fc1",
+            "mlp.linear_fc2",
+        ):
+            ps.append(
+                Piece(f"decoder.layers.{n}._extra_state", None, ((group, L),), is_object=True)
+            )
         return ps
 
     args = ap.Namespace(
@@ -106,9 +117,9 @@ def write_dense(root: Path, s, dtype):
     return n, layer_bytes, global_bytes
 
 
-# Runs a module as __main__ and reports the process's own peak RSS. VmHWM (/proc/self/status) belongs
-# to the address space created by exec, unlike ru_maxrss, which Linux carries over from the forking
-# parent (this script, which has just written the dense checkpoint).
+# Runs a module as __main__ and reports the process's own peak RSS. VmHWM (/proc/self/status)
+# belongs to the address space created by exec, unlike ru_maxrss, which Linux carries over from the
+# forking parent (this script, which has just written the dense checkpoint).
 _PEAK = """
 import runpy, sys
 sys.argv = sys.argv[1:]
@@ -123,9 +134,16 @@ finally:
 
 def run_measured(module_argv, env) -> tuple[int, str, str, int]:
     """Run ``python -m module_argv``; return (rc, stdout, stderr, that process's peak RSS in bytes)."""
-    proc = subprocess.run([sys.executable, "-c", _PEAK, *module_argv], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK, *module_argv], env=env, capture_output=True, text=True
+    )
     peak = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
-    return proc.returncode, proc.stdout, proc.stderr, int(peak[-1].split()[1]) * 1024 if peak else -1
+    return (
+        proc.returncode,
+        proc.stdout,
+        proc.stderr,
+        int(peak[-1].split()[1]) * 1024 if peak else -1,
+    )
 
 
 def du(path: Path) -> int:
@@ -133,13 +151,17 @@ def du(path: Path) -> int:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--num-experts", type=int, default=4)
     p.add_argument("--granularity", type=int, default=1)
     p.add_argument("--topk", type=int, default=2)
-    p.add_argument("--workdir", default=None, help="where to write (default: a temp dir next to /tmp)")
+    p.add_argument(
+        "--workdir", default=None, help="where to write (default: a temp dir next to /tmp)"
+    )
     a = p.parse_args()
     s = SHAPES["quick" if a.quick else "full"]
     dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
@@ -147,12 +169,15 @@ def main():
     try:
         esz = torch.tensor([], dtype=dtype).element_size()
         dense_est = (
-            2 * s["vocab"] * s["hidden"] + s["layers"] * (3 * s["hidden"] * s["ffn"] + 4 * s["hidden"] ** 2)
+            2 * s["vocab"] * s["hidden"]
+            + s["layers"] * (3 * s["hidden"] * s["ffn"] + 4 * s["hidden"] ** 2)
         ) * esz
         need = dense_est * (2 + a.num_experts // a.granularity)
         free = shutil.disk_usage(work).free
         if free < need:
-            sys.exit(f"needs ~{need / 2**30:.1f} GiB free in {work.parent}, has {free / 2**30:.1f} GiB")
+            sys.exit(
+                f"needs ~{need / 2**30:.1f} GiB free in {work.parent}, has {free / 2**30:.1f} GiB"
+            )
         t0 = time.perf_counter()
         n, layer_bytes, global_bytes = write_dense(work / "dense", s, dtype)
         t_write = time.perf_counter() - t0
@@ -170,13 +195,16 @@ def main():
             str(a.topk),
             "--no-progress",
         ]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+        )
         t0 = time.perf_counter()
         rc, out, err, peak = run_measured(cmd, env)
         t_conv = time.perf_counter() - t0
         if rc:
             sys.exit(f"conversion failed:\n{err[-3000:]}")
-        # baseline: the same interpreter importing the converter (torch, safetensors, tqdm), converting nothing
+        # baseline: the same interpreter importing the converter (torch, safetensors, tqdm),
+        # converting nothing
         t0 = time.perf_counter()
         _, _, _, base_rss = run_measured(["megatron_dpsl.upcycle.convert"], env)  # imports only
         t_import = time.perf_counter() - t0

@@ -3,8 +3,9 @@ Hugging Face model) compare its logits with the original's. docs/upcycling.md, "
 
     megatron-dpsl-upcycle --source hf/Llama --output ckpts/llama-exact \\
         --num-experts 8 --granularity 2 --moe-router-topk 4 --weight-scaling exact
-    python examples/load_upcycled_cpu.py --load ckpts/llama-exact                      # load + forward
-    python examples/load_upcycled_cpu.py --load ckpts/llama-exact --compare-hf hf/Llama  # + max |logit diff|
+    python examples/load_upcycled_cpu.py --load ckpts/llama-exact                      # load +
+    forward python examples/load_upcycled_cpu.py --load ckpts/llama-exact --compare-hf hf/Llama  # +
+    max |logit diff|
 
 What it does, in the order Megatron-LM does it: read ``args`` from the checkpoint's common state
 (``dist_checkpointing.load_common_state_dict``), build the MoE ``GPTModel`` those args describe
@@ -97,7 +98,9 @@ def load_upcycled(load: Path):
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
     )
     metadata = dist_checkpointing.load_content_metadata(str(step))
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=metadata)}, str(step))
+    loaded = dist_checkpointing.load(
+        {"model": model.sharded_state_dict(metadata=metadata)}, str(step)
+    )
     model.load_state_dict(loaded["model"], strict=True)
     return model, args
 
@@ -113,10 +116,16 @@ def logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--load", type=Path, required=True, help="the upcycler's --output directory")
-    p.add_argument("--compare-hf", type=Path, help="the HF source directory: print max |logit diff| against it")
-    p.add_argument("--seq-length", type=int, default=16, help="tokens per sequence of the test batch")
+    p.add_argument(
+        "--compare-hf", type=Path, help="the HF source directory: print max |logit diff| against it"
+    )
+    p.add_argument(
+        "--seq-length", type=int, default=16, help="tokens per sequence of the test batch"
+    )
     args = p.parse_args(argv)
 
     import torch.distributed as dist
@@ -129,16 +138,22 @@ def main(argv=None) -> int:
     os.environ.setdefault("MASTER_PORT", "29512")
     dist.init_process_group("gloo", rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)  # Megatron-LM's _set_random_seed (dropout streams)
+    tensor_parallel.model_parallel_cuda_manual_seed(
+        1234
+    )  # Megatron-LM's _set_random_seed (dropout streams)
     try:
         model, ckpt_args = load_upcycled(args.load)
         generator = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, ckpt_args.padded_vocab_size, (2, args.seq_length), generator=generator)
+        tokens = torch.randint(
+            0, ckpt_args.padded_vocab_size, (2, args.seq_length), generator=generator
+        )
         out = logits(model, tokens)
         params = sum(p.numel() for p in model.parameters())
-        print(f"loaded {args.load} (strict): {params} parameters, {ckpt_args.num_experts} experts, "
-              f"top-{ckpt_args.moe_router_topk}; logits {list(out.shape)}, "
-              f"finite: {bool(out.isfinite().all())}")
+        print(
+            f"loaded {args.load} (strict): {params} parameters, {ckpt_args.num_experts} experts, "
+            f"top-{ckpt_args.moe_router_topk}; logits {list(out.shape)}, "
+            f"finite: {bool(out.isfinite().all())}"
+        )
         if args.compare_hf is not None:
             from transformers import AutoModelForCausalLM
 

@@ -4,16 +4,17 @@ Two sources of points, each point a learnable logit vector over 3 categories (so
 vector). DPSL (Eq. 4, `megatron_dpsl.dpsl_loss`) with one Dirichlet prior per source (``alpha``
 ``[2, 3]``, ``group_ids`` = source id) is the only loss; Adam, lr 0.1, 100 steps as in Appendix C.1.
 
-    python examples/shaping_demo.py                          # Fig. 6 priors: Dir(5,5,5), Dir(.2,.2,.2)
-    python examples/shaping_demo.py --preset fig2            # Fig. 2 priors: Dir(1.5,1.5,1.5), Dir(3,1,.5)
-    python examples/shaping_demo.py --out outputs/shaping --steps 100 --num-points 1000 --seed 0
+    python examples/shaping_demo.py                          # Fig. 6 priors: Dir(5,5,5),
+    Dir(.2,.2,.2) python examples/shaping_demo.py --preset fig2            # Fig. 2 priors:
+    Dir(1.5,1.5,1.5), Dir(3,1,.5) python examples/shaping_demo.py --out outputs/shaping --steps 100
+    --num-points 1000 --seed 0
 
-Prints the per-category Kolmogorov–Smirnov distance of each source's marginals to Beta(α_k, A−α_k) at
-initialisation and after training, and writes ``<out>/shaping_demo.png``.
+Prints the per-category Kolmogorov–Smirnov distance of each source's marginals to Beta(α_k, A−α_k)
+at initialisation and after training, and writes ``<out>/shaping_demo.png``.
 
 Settings the paper does not state (our choices): points per source (1000), logit initialisation
-(i.i.d. N(0, 0.5²): a tight blob around the simplex centre, as the "initialization" row of Fig. 2 suggests),
-float32 parameters.
+(i.i.d. N(0, 0.5²): a tight blob around the simplex centre, as the "initialization" row of Fig. 2
+suggests), float32 parameters.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Optional
 
 import torch
 
@@ -55,9 +55,9 @@ def run_shaping(
     Args:
         alphas: one Dirichlet concentration vector per source (``[num_sources][num_categories]``).
 
-    Returns a dict with ``alpha`` ``[S, K]``, ``group_ids`` ``[S*n]``, ``probs_init``/``probs_final``
-    ``[S*n, K]``, ``losses`` (list of per-step loss values, before each update), ``ks_init``/``ks_final``
-    ``[S, K]`` (KS distance per source and category).
+    Returns a dict with ``alpha`` ``[S, K]``, ``group_ids`` ``[S*n]``,
+    ``probs_init``/``probs_final`` ``[S*n, K]``, ``losses`` (list of per-step loss values, before
+    each update), ``ks_init``/``ks_final`` ``[S, K]`` (KS distance per source and category).
     """
     if steps < 0 or num_points < 2:
         raise ValueError(
@@ -72,7 +72,9 @@ def run_shaping(
     opt = torch.optim.Adam([logits], lr=lr)
 
     def ks_all(probs):
-        return torch.stack([ks_per_category(probs[group_ids == s], alpha[s]) for s in range(num_sources)])
+        return torch.stack(
+            [ks_per_category(probs[group_ids == s], alpha[s]) for s in range(num_sources)]
+        )
 
     probs_init = torch.softmax(logits.detach(), dim=-1)
     losses = []
@@ -84,7 +86,9 @@ def run_shaping(
         opt.step()
         losses.append(loss.item())
     probs_final = torch.softmax(logits.detach(), dim=-1)
-    losses.append(float(dpsl_loss(probs_final, alpha, group_ids=group_ids)))  # loss after the last update
+    losses.append(
+        float(dpsl_loss(probs_final, alpha, group_ids=group_ids))
+    )  # loss after the last update
     return {
         "alpha": alpha,
         "group_ids": group_ids,
@@ -128,10 +132,21 @@ def plot_shaping(result: dict, path: str, dpi: int = 80) -> str:
             for s in range(num_sources):
                 a_k, b_k = float(alpha[s, k]), float(alpha[s].sum() - alpha[s, k])
                 x = np.sort(probs[gid == s, k].numpy())
-                ax.plot(x, np.arange(1, len(x) + 1) / len(x), "--", color=colors[s],
-                        label=f"S{s + 1} empirical (KS {float(result[ks_key][s, k]):.3f})")
-                ax.plot(grid, stats.beta.cdf(grid, a_k, b_k), "-", color=colors[s], alpha=0.6,
-                        label=f"S{s + 1} Beta({a_k:g},{b_k:g})")
+                ax.plot(
+                    x,
+                    np.arange(1, len(x) + 1) / len(x),
+                    "--",
+                    color=colors[s],
+                    label=f"S{s + 1} empirical (KS {float(result[ks_key][s, k]):.3f})",
+                )
+                ax.plot(
+                    grid,
+                    stats.beta.cdf(grid, a_k, b_k),
+                    "-",
+                    color=colors[s],
+                    alpha=0.6,
+                    label=f"S{s + 1} Beta({a_k:g},{b_k:g})",
+                )
             ax.set_xlim(0, 1)
             ax.set_title(f"CDF, category {k + 1}, {title}", fontsize=9)
             ax.legend(fontsize=6, loc="lower right")
@@ -150,10 +165,18 @@ def plot_shaping(result: dict, path: str, dpi: int = 80) -> str:
         for k in range(num_categories):
             ax = axes[2 + s, k]
             a_k, b_k = float(alpha[s, k]), float(alpha[s].sum() - alpha[s, k])
-            ax.hist(probs[gid == s, k].numpy(), bins=40, range=(0, 1), density=True, color=colors[s], alpha=0.5)
+            ax.hist(
+                probs[gid == s, k].numpy(),
+                bins=40,
+                range=(0, 1),
+                density=True,
+                color=colors[s],
+                alpha=0.5,
+            )
             pdf = stats.beta.pdf(grid, a_k, b_k)
             ax.plot(grid, pdf, "k-", lw=1)
-            # U-shaped targets have an infinite pdf at the ends: clip the axis to the histogram's scale
+            # U-shaped targets have an infinite pdf at the ends: clip the axis to the histogram's
+            # scale
             ax.set_ylim(0, 1.2 * max(np.percentile(pdf, 90), 1.0))
             ax.set_title(f"S{s + 1}, category {k + 1}: Beta({a_k:g},{b_k:g})", fontsize=9)
     ax = axes[2, num_categories]
@@ -165,11 +188,21 @@ def plot_shaping(result: dict, path: str, dpi: int = 80) -> str:
     if ax is not None:
         width = 0.8 / num_sources
         for s in range(num_sources):
-            ax.bar(np.arange(num_categories) + s * width, result["ks_final"][s].numpy(), width, color=colors[s],
-                   label=f"S{s + 1}")
+            ax.bar(
+                np.arange(num_categories) + s * width,
+                result["ks_final"][s].numpy(),
+                width,
+                color=colors[s],
+                label=f"S{s + 1}",
+            )
         n_min = int(min((gid == s).sum() for s in range(num_sources)))
-        ax.axhline(1.358 / math.sqrt(n_min), color="k", ls=":", lw=1, label=f"5% critical, n={n_min}")
-        ax.set_xticks(np.arange(num_categories) + 0.4 - width / 2, [f"cat {k + 1}" for k in range(num_categories)])
+        ax.axhline(
+            1.358 / math.sqrt(n_min), color="k", ls=":", lw=1, label=f"5% critical, n={n_min}"
+        )
+        ax.set_xticks(
+            np.arange(num_categories) + 0.4 - width / 2,
+            [f"cat {k + 1}" for k in range(num_categories)],
+        )
         ax.set_title("KS distance after training", fontsize=9)
         ax.legend(fontsize=6, loc="center left")
     for s in range(2, num_sources):
@@ -181,26 +214,42 @@ def plot_shaping(result: dict, path: str, dpi: int = 80) -> str:
     return path
 
 
-def main(argv: Optional[list] = None) -> dict:
+def main(argv: list | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="fig6",
-                        help="priors of the two sources: fig6 = Dir(5,5,5)/Dir(.2,.2,.2) (App. C.1), "
-                             "fig2 = Dir(1.5,1.5,1.5)/Dir(3,1,.5) (Sec. 2.2)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="fig6",
+        help="priors of the two sources: fig6 = Dir(5,5,5)/Dir(.2,.2,.2) (App. C.1), "
+        "fig2 = Dir(1.5,1.5,1.5)/Dir(3,1,.5) (Sec. 2.2)",
+    )
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--num-points", type=int, default=1000, help="points per source")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--init-std", type=float, default=0.5, help="std of the initial logits")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="outputs/shaping_demo", help="output directory for the PNG")
+    parser.add_argument(
+        "--out", default="outputs/shaping_demo", help="output directory for the PNG"
+    )
     parser.add_argument("--dpi", type=int, default=80)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
-    result = run_shaping(steps=args.steps, num_points=args.num_points, seed=args.seed,
-                         alphas=PRESETS[args.preset], lr=args.lr, init_std=args.init_std)
+    result = run_shaping(
+        steps=args.steps,
+        num_points=args.num_points,
+        seed=args.seed,
+        alphas=PRESETS[args.preset],
+        lr=args.lr,
+        init_std=args.init_std,
+    )
     alpha = result["alpha"]
-    print(f"DPSL loss: {result['losses'][0]:.5f} (init) -> {result['losses'][-1]:.5f} after {args.steps} steps")
-    print(f"KS critical value, n={args.num_points}, 5% level: {1.358 / math.sqrt(args.num_points):.4f}")
+    print(
+        f"DPSL loss: {result['losses'][0]:.5f} (init) -> {result['losses'][-1]:.5f} after {args.steps} steps"
+    )
+    print(
+        f"KS critical value, n={args.num_points}, 5% level: {1.358 / math.sqrt(args.num_points):.4f}"
+    )
     print("source  prior                 KS init per category       KS final per category")
     for s in range(alpha.shape[0]):
         prior = "Dir(" + ",".join(f"{a:g}" for a in alpha[s].tolist()) + ")"

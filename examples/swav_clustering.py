@@ -1,20 +1,24 @@
 """SwAV on 2-D synthetic clusters, with and without DPSL in the last epochs (paper Table 1 / Appendix B).
 
-    python examples/swav_clustering.py                   # 3 settings x 10 seeds x {SwAV, +DPSL}, table + PNG
-    python examples/swav_clustering.py --quick           # 1 seed per setting (smoke run, seconds)
-    python examples/swav_clustering.py --seeds 0 1 2 --lambdas 0.01 0.1 1 --out outputs/swav_clustering
+    python examples/swav_clustering.py                   # 3 settings x 10 seeds x {SwAV, +DPSL},
+    table + PNG python examples/swav_clustering.py --quick           # 1 seed per setting (smoke
+    run, seconds) python examples/swav_clustering.py --seeds 0 1 2 --lambdas 0.01 0.1 1 --out
+    outputs/swav_clustering
 
-What the paper states (Appendix B) and this script follows: three settings of 1500 2-D points in 3 clusters
-(non-overlapping 4:1:1, isotropic σ=0.8 at (0,0), (5,5), (−5,5); overlapping 5:2:1 on an equilateral triangle
-of radius 2.4, σ ∈ {1.0, 0.8, 0.6}, elongations {1.0, 2.5, 1.5}; elongated 5:3:1, radius 3.8, σ ∈ {0.7, 1.0,
-0.5}, elongations {3.0, 4.0, 2.0}); an MLP 2→64→32→3 with ReLU and a softmax over 3 clusters; Adam, lr 0.01,
-full batch (N=1500), 50 epochs; SwAV alone for the first 40 epochs, then + λ·DPSL with λ=0.01 and
-α=(2,1,1) (non-overlapping) or α=(1.5,1.0,0.5) (overlapping, elongated). Accuracy: Hungarian matching.
+What the paper states (Appendix B) and this script follows: three settings of 1500 2-D points in 3
+clusters (non-overlapping 4:1:1, isotropic σ=0.8 at (0,0), (5,5), (−5,5); overlapping 5:2:1 on an
+equilateral triangle of radius 2.4, σ ∈ {1.0, 0.8, 0.6}, elongations {1.0, 2.5, 1.5}; elongated
+5:3:1, radius 3.8, σ ∈ {0.7, 1.0,
+0.5}, elongations {3.0, 4.0, 2.0}); an MLP 2→64→32→3 with ReLU and a softmax over 3 clusters; Adam,
+lr 0.01, full batch (N=1500), 50 epochs; SwAV alone for the first 40 epochs, then + λ·DPSL with
+λ=0.01 and α=(2,1,1) (non-overlapping) or α=(1.5,1.0,0.5) (overlapping, elongated). Accuracy:
+Hungarian matching.
 
-Everything else is our guess; docs/reproductions.md lists each guess (see ``GUESSES`` below, printed by the
-script). In particular the paper does not say how the asymmetric prior's category order is matched to the
-network's (permutation-symmetric) cluster indices: ``--prior-order aligned`` (default) permutes α once, when
-DPSL switches on, so that the largest α goes to the currently largest cluster; ``fixed`` uses α as written.
+Everything else is our guess; docs/reproductions.md lists each guess (see ``GUESSES`` below, printed
+by the script). In particular the paper does not say how the asymmetric prior's category order is
+matched to the network's (permutation-symmetric) cluster indices: ``--prior-order aligned``
+(default) permutes α once, when DPSL switches on, so that the largest α goes to the currently
+largest cluster; ``fixed`` uses α as written.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import argparse
 import math
 import os
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -126,7 +130,9 @@ class SwAVNet(torch.nn.Module):
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
     """SwAV's equipartition codes ``[N, K]`` (each row sums to 1) from scores ``[N, K]``."""
-    q = torch.exp((scores - scores.max()) / eps).t()  # [K, N]; max-shift for stability, cancels below
+    q = torch.exp(
+        (scores - scores.max()) / eps
+    ).t()  # [K, N]; max-shift for stability, cancels below
     q /= q.sum()
     num_clusters, num_points = q.shape
     for _ in range(iters):
@@ -137,7 +143,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
 
 def train_swav(
     x: torch.Tensor,
-    alpha: Optional[Sequence[float]] = None,
+    alpha: Sequence[float] | None = None,
     seed: int = 0,
     epochs: int = 50,
     dpsl_start: int = 40,
@@ -159,7 +165,9 @@ def train_swav(
     ``softmax(scores/τ)`` of the points instead, ``[N, 3]``.
     """
     if prior_order not in ("aligned", "fixed"):
-        raise ValueError(f"train_swav: prior_order must be 'aligned' or 'fixed', got {prior_order!r}")
+        raise ValueError(
+            f"train_swav: prior_order must be 'aligned' or 'fixed', got {prior_order!r}"
+        )
     torch.manual_seed(seed)
     x = (x - x.mean(0)) / x.std(0)
     net = SwAVNet()
@@ -195,8 +203,13 @@ def _sorted_fractions(pred: np.ndarray, num_clusters: int = 3) -> list:
     return sorted((np.bincount(pred, minlength=num_clusters) / len(pred)).tolist(), reverse=True)
 
 
-def run_table(settings: Sequence[str], seeds: Sequence[int], lambdas: Sequence[float] = (0.01,),
-              prior_orders: Sequence[str] = ("aligned",), **train_kw) -> dict:
+def run_table(
+    settings: Sequence[str],
+    seeds: Sequence[int],
+    lambdas: Sequence[float] = (0.01,),
+    prior_orders: Sequence[str] = ("aligned",),
+    **train_kw,
+) -> dict:
     """``{setting: {method: {"acc": [per seed], "fractions": [per seed: predicted cluster sizes / N, sorted
     descending]}}}``; methods "SwAV" and "SwAV+DPSL λ=<λ> (<prior order>)"."""
     table = {}
@@ -206,10 +219,13 @@ def run_table(settings: Sequence[str], seeds: Sequence[int], lambdas: Sequence[f
             x, y = make_data(name, seed=seed)
             runs = [("SwAV", None, 0.0, "aligned")] + [
                 (f"SwAV+DPSL λ={lam:g} ({order})", SETTINGS[name].alpha, lam, order)
-                for lam in lambdas for order in prior_orders
+                for lam in lambdas
+                for order in prior_orders
             ]
             for method, alpha, lam, order in runs:
-                pred = train_swav(x, alpha, seed=seed, dpsl_lambda=lam, prior_order=order, **train_kw)
+                pred = train_swav(
+                    x, alpha, seed=seed, dpsl_lambda=lam, prior_order=order, **train_kw
+                )
                 row = rows.setdefault(method, {"acc": [], "fractions": []})
                 row["acc"].append(cluster_accuracy(pred, y.numpy()))
                 row["fractions"].append(_sorted_fractions(pred))
@@ -232,7 +248,11 @@ def format_table(table: dict) -> str:
             accs = [100 * a for a in rows[m]["acc"]]
             cells.append(_mean_std(accs))
             if m != "SwAV":  # paired over seeds (same data, init and views up to the DPSL switch)
-                cells[-1] += " (Δ " + _mean_std([a - 100 * b for a, b in zip(accs, rows["SwAV"]["acc"])], "+.2f") + ")"
+                cells[-1] += (
+                    " (Δ "
+                    + _mean_std([a - 100 * b for a, b in zip(accs, rows["SwAV"]["acc"])], "+.2f")
+                    + ")"
+                )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -244,13 +264,22 @@ def format_fractions(table: dict) -> str:
     for name, rows in table.items():
         ratio = SETTINGS[name].ratio
         true = "/".join(f"{r / sum(ratio):.2f}" for r in ratio)
-        cells = ["/".join(f"{v:.2f}" for v in np.mean(rows[m]["fractions"], axis=0)) for m in methods]
+        cells = [
+            "/".join(f"{v:.2f}" for v in np.mean(rows[m]["fractions"], axis=0)) for m in methods
+        ]
         lines.append(f"| {name} | {true} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_assignments(settings: Sequence[str], seed: int, path: str, dpsl_lambda: float = 0.01,
-                     prior_order: str = "aligned", dpi: int = 70, **train_kw) -> str:
+def plot_assignments(
+    settings: Sequence[str],
+    seed: int,
+    path: str,
+    dpsl_lambda: float = 0.01,
+    prior_order: str = "aligned",
+    dpi: int = 70,
+    **train_kw,
+) -> str:
     """Fig. 5-style panels: ground truth, SwAV, SwAV+DPSL for each setting (one seed)."""
     import matplotlib
 
@@ -263,8 +292,14 @@ def plot_assignments(settings: Sequence[str], seed: int, path: str, dpsl_lambda:
         preds = {
             "ground truth": y.numpy(),
             "SwAV": train_swav(x, None, seed=seed, **train_kw),
-            f"SwAV+DPSL λ={dpsl_lambda:g}": train_swav(x, SETTINGS[name].alpha, seed=seed, dpsl_lambda=dpsl_lambda,
-                                                      prior_order=prior_order, **train_kw),
+            f"SwAV+DPSL λ={dpsl_lambda:g}": train_swav(
+                x,
+                SETTINGS[name].alpha,
+                seed=seed,
+                dpsl_lambda=dpsl_lambda,
+                prior_order=prior_order,
+                **train_kw,
+            ),
         }
         for col, (title, pred) in enumerate(preds.items()):
             ax = axes[row, col]
@@ -279,18 +314,30 @@ def plot_assignments(settings: Sequence[str], seed: int, path: str, dpsl_lambda:
     return path
 
 
-def main(argv: Optional[list] = None) -> dict:
+def main(argv: list | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
-    parser.add_argument("--lambdas", nargs="+", type=float, default=[0.01],
-                        help="DPSL weights λ (paper: 0.01); more than one adds columns")
-    parser.add_argument("--prior-order", nargs="+", choices=["aligned", "fixed"], default=["aligned"],
-                        help="how α's category order meets the network's cluster indices (see module docstring)")
+    parser.add_argument(
+        "--lambdas",
+        nargs="+",
+        type=float,
+        default=[0.01],
+        help="DPSL weights λ (paper: 0.01); more than one adds columns",
+    )
+    parser.add_argument(
+        "--prior-order",
+        nargs="+",
+        choices=["aligned", "fixed"],
+        default=["aligned"],
+        help="how α's category order meets the network's cluster indices (see module docstring)",
+    )
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--dpsl-start", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="one seed, no plot: a smoke run")
-    parser.add_argument("--out", default="outputs/swav_clustering", help="output directory for the PNG")
+    parser.add_argument(
+        "--out", default="outputs/swav_clustering", help="output directory for the PNG"
+    )
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -300,16 +347,28 @@ def main(argv: Optional[list] = None) -> dict:
     print("guessed settings (not stated in the paper):")
     for key, value in GUESSES.items():
         print(f"  {key}: {value}")
-    table = run_table(args.settings, args.seeds, args.lambdas, args.prior_order,
-                      epochs=args.epochs, dpsl_start=args.dpsl_start)
+    table = run_table(
+        args.settings,
+        args.seeds,
+        args.lambdas,
+        args.prior_order,
+        epochs=args.epochs,
+        dpsl_start=args.dpsl_start,
+    )
     print(f"\nclustering accuracy (%), mean ± std over seeds {args.seeds}:")
     print(format_table(table))
     print("\npredicted cluster sizes (fraction of points, largest first), mean over seeds:")
     print(format_fractions(table))
     if not args.no_plot:
-        path = plot_assignments(args.settings, args.seeds[0], os.path.join(args.out, "swav_clustering.png"),
-                                dpsl_lambda=args.lambdas[0], prior_order=args.prior_order[0],
-                                epochs=args.epochs, dpsl_start=args.dpsl_start)
+        path = plot_assignments(
+            args.settings,
+            args.seeds[0],
+            os.path.join(args.out, "swav_clustering.png"),
+            dpsl_lambda=args.lambdas[0],
+            prior_order=args.prior_order[0],
+            epochs=args.epochs,
+            dpsl_start=args.dpsl_start,
+        )
         print(f"wrote {path}")
     return table
 

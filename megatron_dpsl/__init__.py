@@ -1,17 +1,24 @@
 """megatron-dpsl: the Dirichlet-Prior Shaping Loss for Megatron-Core mixture-of-experts routers."""
 
+from megatron_dpsl import metrics  # torch-only: importable without megatron-core
+from megatron_dpsl.losses import priors
 from megatron_dpsl.losses.beta import beta_cdf
 from megatron_dpsl.losses.dpsl import dpsl_loss, dpsl_loss_per_expert
 from megatron_dpsl.losses.orthogonality import orthogonality_loss
 from megatron_dpsl.losses.variance import variance_loss, variance_loss_reference_code
-from megatron_dpsl import metrics  # torch-only: importable without megatron-core
-from megatron_dpsl.losses import priors
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "beta_cdf", "dpsl_loss", "dpsl_loss_per_expert", "orthogonality_loss", "variance_loss",
-    "variance_loss_reference_code", "metrics", "priors", "__version__",
+    "beta_cdf",
+    "dpsl_loss",
+    "dpsl_loss_per_expert",
+    "orthogonality_loss",
+    "variance_loss",
+    "variance_loss_reference_code",
+    "metrics",
+    "priors",
+    "__version__",
 ]
 
 # Megatron-dependent names load on first use, so `import megatron_dpsl` works without megatron-core.

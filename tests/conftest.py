@@ -5,24 +5,27 @@ import pytest
 import torch
 
 # The one place that sets up import paths: tests/ for the helpers beside the test modules
-# (the ``support`` package: megatron_cpu, common, upcycle, workers/...) and scripts/ for megatron_lm_story (the GPU
-# story's argv, which the Megatron-LM tests run on CPU). Child interpreters get the same through
-# support.common.child_env's PYTHONPATH.
+# (the ``support`` package: megatron_cpu, common, upcycle, workers/...) and scripts/ for
+# megatron_lm_story (the GPU story's argv, which the Megatron-LM tests run on CPU). Child
+# interpreters get the same through support.common.child_env's PYTHONPATH.
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 for _path in (os.path.join(os.path.dirname(TESTS_DIR), "scripts"), TESTS_DIR):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
 if not torch.cuda.is_available():
-    # CPU-only machine: Triton kernels (megatron_dpsl/losses/dpsl_triton.py) run under Triton's interpreter, which
-    # must be chosen before Triton is imported (tests/unit/losses/test_dpsl_triton.py); with a GPU they compile.
+    # CPU-only machine: Triton kernels (megatron_dpsl/losses/dpsl_triton.py) run under Triton's
+    # interpreter, which must be chosen before Triton is imported
+    # (tests/unit/losses/test_dpsl_triton.py); with a GPU they compile.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine: scripts/run_gpu_tests.sh)")
+    skip_gpu = pytest.mark.skip(
+        reason="needs a CUDA GPU (run on the device machine: scripts/run_gpu_tests.sh)"
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
@@ -32,8 +35,8 @@ def pytest_collection_modifyitems(config, items):
 def fresh_moe_losses():
     """An empty MoE metrics tracker and an aux-loss backward scale of 1 for one test; the scale (class state
     shared by the whole pytest process) is left as found, the tracker empty."""
-    from support.common import reset_moe_tracker
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from support.common import reset_moe_tracker
 
     reset_moe_tracker()
     previous = MoEAuxLossAutoScaler.main_loss_backward_scale
@@ -58,7 +61,13 @@ def megatron_lm_trees(tmp_path_factory):
     unpatched = export_tree(tag, work / "unpatched-tree", git_dir)
     patched = export_tree(tag, work / "patched-tree", git_dir)
     apply_patches(patched)
-    return {"tag": tag, "git_dir": git_dir, "unpatched": str(unpatched), "patched": str(patched), "work": work}
+    return {
+        "tag": tag,
+        "git_dir": git_dir,
+        "unpatched": str(unpatched),
+        "patched": str(patched),
+        "work": work,
+    }
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ names without either importing the other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Union
 
 DPSL_TYPE = "dpsl"
 """The ``moe_router_load_balancing_type`` entry that enables DPSL."""
@@ -50,7 +49,7 @@ def as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def plugin_types_in(load_balancing_type) -> List[str]:
+def plugin_types_in(load_balancing_type) -> list[str]:
     """The plugin's types named by ``load_balancing_type`` (a string or a list), in order."""
     return [t for t in as_list(load_balancing_type) if t in PLUGIN_LOAD_BALANCING_TYPES]
 
@@ -62,14 +61,16 @@ class LoadBalancingSplit:
     Attributes:
         stock_type: what Megatron's code should see: the user's value without the plugin's types (a
             list that shrinks to one entry becomes a string, an empty one ``"none"``).
-        stock_coeff: the matching ``moe_aux_loss_coeff`` (a float for a string type, ``0.0`` for "none").
-        plugin_coeffs: ``{type: coefficient slot}`` for each plugin type named; the slot is the
-            ``moe_aux_loss_coeff`` entry at that type's position (``0.0`` when no coefficient was given).
+        stock_coeff: the matching ``moe_aux_loss_coeff`` (a float for a string type, ``0.0`` for
+        "none"). plugin_coeffs: ``{type: coefficient slot}`` for each plugin type named; the slot is
+        the
+            ``moe_aux_loss_coeff`` entry at that type's position (``0.0`` when no coefficient was
+            given).
     """
 
-    stock_type: Union[str, List[str]]
-    stock_coeff: Union[float, List[float]]
-    plugin_coeffs: Dict[str, float] = field(default_factory=dict)
+    stock_type: str | list[str]
+    stock_coeff: float | list[float]
+    plugin_coeffs: dict[str, float] = field(default_factory=dict)
 
 
 def split_load_balancing(load_balancing_type, aux_loss_coeff) -> LoadBalancingSplit:

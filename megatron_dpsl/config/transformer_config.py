@@ -6,34 +6,32 @@ type in ``moe_aux_loss_coeff`` as Megatron requires). λ is ``moe_dpsl_coeff``; 
 ``moe_aux_loss_coeff`` entry at the ``"dpsl"`` position (its *slot*) is either ``0.0`` or λ itself.
 ``moe_dpsl_coeff=None`` takes λ from the slot (0.01 when the slot is 0): that is how Megatron-LM's
 ``--moe-aux-loss-coeff 1e-3 0.02`` sets λ = 0.02 without ``--moe-dpsl-coeff``. Megatron's own
-validation runs with the plugin's types hidden, so e.g. the capacity-factor check sees only the stock
-types; the fields keep the values the user wrote.
+validation runs with the plugin's types hidden, so e.g. the capacity-factor check sees only the
+stock types; the fields keep the values the user wrote.
 
 The variance and orthogonality losses of Guo et al. ride the same list: ``"variance"`` and
-``"orthogonality"``, each with its coefficient in its ``moe_aux_loss_coeff`` slot (Megatron's way; no
-extra coefficient field) and a ``moe_*_loss_form`` field (docs/regularizers.md).
+``"orthogonality"``, each with its coefficient in its ``moe_aux_loss_coeff`` slot (Megatron's way;
+no extra coefficient field) and a ``moe_*_loss_form`` field (docs/regularizers.md).
 
 ``__post_init__`` is the one place that decides what is valid (with ``priors`` for α); its errors
-name the field, and ``megatron_dpsl.megatron_lm.args`` rewrites field names as flags. The field names
-follow Megatron's ``moe_*`` naming so that Megatron-LM's argument→config copy by field name fills them.
+name the field, and ``megatron_dpsl.megatron_lm.args`` rewrites field names as flags. The field
+names follow Megatron's ``moe_*`` naming so that Megatron-LM's argument→config copy by field name
+fills them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Union
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_dpsl.routing.ac.clustering import WEIGHT_NORMS
-from megatron_dpsl.routing.ac.state import moe_layer_numbers
 from megatron_dpsl.config.load_balancing import (
     AUX_LOSS_COEFF_FIELD,
     DPSL_TYPE,
     GATHER_CHOICES,
-    LOAD_BALANCING_FIELD,
     KNOWN_MEGATRON_TYPES,
+    LOAD_BALANCING_FIELD,
     LOSS_FORMS,
     ORTHOGONALITY_TYPE,
     PLUGIN_LOAD_BALANCING_TYPES,
@@ -43,6 +41,8 @@ from megatron_dpsl.config.load_balancing import (
     split_load_balancing,
 )
 from megatron_dpsl.losses.priors import num_prior_groups, resolve_alpha
+from megatron_dpsl.routing.ac.clustering import WEIGHT_NORMS
+from megatron_dpsl.routing.ac.state import moe_layer_numbers
 
 DEFAULT_DPSL_COEFF = 0.01
 
@@ -70,27 +70,29 @@ class DPSLTransformerConfig(TransformerConfig):
     ``megatron_dpsl.routing.router.DPSLRouter`` into ``MoESubmodules(router=...)``).
     """
 
-    moe_dpsl_coeff: Optional[float] = DEFAULT_DPSL_COEFF
+    moe_dpsl_coeff: float | None = DEFAULT_DPSL_COEFF
     """λ, the DPSL coefficient (paper Eq. 5). 0 disables the loss (no computation, no communication).
-    ``None``: λ is the ``moe_aux_loss_coeff`` entry at the ``"dpsl"`` position (0.01 when that is 0).
-    Always a float after ``__post_init__``."""
+    ``None``: λ is the ``moe_aux_loss_coeff`` entry at the ``"dpsl"`` position (0.01 when that is
+    0). Always a float after ``__post_init__``."""
 
-    moe_dpsl_alpha: Union[float, List[float]] = 1.0
+    moe_dpsl_alpha: float | list[float] = 1.0
     """Dirichlet prior: one float (symmetric α for every expert, paper's α ∈ {0.75, 1.0, 1.25}) or
     a list with one α per expert. Ignored when group priors are configured."""
 
-    moe_dpsl_group_alphas: Optional[List[List[float]]] = None
+    moe_dpsl_group_alphas: list[list[float]] | None = None
     """Per-group priors, ``[num_groups][num_experts]``: token group g (see
-    ``megatron_dpsl.parallel.token_groups``) is shaped towards row g. Needs per-token group ids at run time."""
+    ``megatron_dpsl.parallel.token_groups``) is shaped towards row g. Needs per-token group ids at
+    run time."""
 
-    moe_dpsl_alpha_base: Optional[float] = None
+    moe_dpsl_alpha_base: float | None = None
     """α_b of the paper's modality/task priors (Sec. 3.4): with ``moe_dpsl_alpha_shift`` and
-    ``moe_dpsl_num_groups``, group g gets α_b + α_s on its contiguous block of experts, α_b elsewhere."""
+    ``moe_dpsl_num_groups``, group g gets α_b + α_s on its contiguous block of experts, α_b
+    elsewhere."""
 
-    moe_dpsl_alpha_shift: Optional[float] = None
+    moe_dpsl_alpha_shift: float | None = None
     """α_s of the paper's modality/task priors (see ``moe_dpsl_alpha_base``)."""
 
-    moe_dpsl_num_groups: Optional[int] = None
+    moe_dpsl_num_groups: int | None = None
     """Number of token groups for the α_b/α_s shortcut (must divide ``num_moe_experts``)."""
 
     moe_dpsl_gather: str = "micro_batch"
@@ -105,30 +107,31 @@ class DPSLTransformerConfig(TransformerConfig):
     Megatron's aux-loss tracker every this many router forward calls (per layer). 0 = never."""
 
     # ---- Adaptive Clustering (AC) router (megatron_dpsl.routing.ac.router, docs/ac_router.md) ----
-    moe_ac_layers: Optional[List[int]] = None
+    moe_ac_layers: list[int] | None = None
     """Layer numbers (1-based, over the whole model, Megatron's ``layer_number``) of the MoE layers whose
-    router scores tokens with Adaptive Clustering (Nielsen et al., ICLR 2025): each token's features are
-    reweighted by the tightness of the cluster the previous MoE layer put it in. Each must be an MoE layer
-    (``moe_layer_freq``) with an earlier MoE layer; the paper keeps the first MoE layers standard. ``None``
-    or empty: off. With it set, the specs put ``ACRouter`` into every MoE layer."""
+    router scores tokens with Adaptive Clustering (Nielsen et al., ICLR 2025): each token's features
+    are reweighted by the tightness of the cluster the previous MoE layer put it in. Each must be an
+    MoE layer (``moe_layer_freq``) with an earlier MoE layer; the paper keeps the first MoE layers
+    standard. ``None`` or empty: off. With it set, the specs put ``ACRouter`` into every MoE
+    layer."""
 
     moe_ac_eps: float = 1e-4
     """Added to each cluster's per-feature mean absolute deviation before inverting it (official code: 1e-4)."""
 
-    moe_ac_clip: Optional[float] = 10.0
+    moe_ac_clip: float | None = 10.0
     """Cap on the AC feature weights, as a multiple of their mean (official language-model code: 10; Swin
     code: 1.5). ``None``: no cap."""
 
     moe_ac_weight_norm: str = "feature"
     """How the AC weights are normalised: ``"feature"`` (each feature has mean weight 1 over the clusters;
-    official language-model code), ``"cluster"`` (each cluster's weights have mean 1 over the features) or
-    ``"global"`` (overall mean 1; official Swin code)."""
+    official language-model code), ``"cluster"`` (each cluster's weights have mean 1 over the
+    features) or ``"global"`` (overall mean 1; official Swin code)."""
 
     moe_variance_loss_form: str = "paper"
     """What the ``"variance"`` load-balancing type adds (Guo et al. 2025; docs/regularizers.md). ``"paper"``:
     Eq. 7, minus each expert's variance of the post-top-k ``probs`` across the batch's tokens (the
-    tokens ``moe_dpsl_gather`` names), averaged over experts. ``"reference_code"``: the official code,
-    minus the per-token variance of the full softmax across experts. The coefficient is the
+    tokens ``moe_dpsl_gather`` names), averaged over experts. ``"reference_code"``: the official
+    code, minus the per-token variance of the full softmax across experts. The coefficient is the
     ``moe_aux_loss_coeff`` entry at "variance"'s position."""
 
     moe_orthogonality_loss_form: str = "paper"
@@ -139,9 +142,14 @@ class DPSLTransformerConfig(TransformerConfig):
     coefficient is the ``moe_aux_loss_coeff`` entry at "orthogonality"'s position."""
 
     def __post_init__(self):
-        unknown = [t for t in as_list(self.moe_router_load_balancing_type)
-                   if t not in (*KNOWN_MEGATRON_TYPES, *PLUGIN_LOAD_BALANCING_TYPES)]
-        if unknown:  # Megatron itself would ignore an unknown name: a typo would silently disable a loss
+        unknown = [
+            t
+            for t in as_list(self.moe_router_load_balancing_type)
+            if t not in (*KNOWN_MEGATRON_TYPES, *PLUGIN_LOAD_BALANCING_TYPES)
+        ]
+        if (
+            unknown
+        ):  # Megatron itself would ignore an unknown name: a typo would silently disable a loss
             raise ValueError(
                 f"{LOAD_BALANCING_FIELD}: unknown type {unknown[0]!r}; choose from "
                 f"{list(KNOWN_MEGATRON_TYPES) + list(PLUGIN_LOAD_BALANCING_TYPES)}"
@@ -152,13 +160,18 @@ class DPSLTransformerConfig(TransformerConfig):
         user_type, user_coeff = self.moe_router_load_balancing_type, self.moe_aux_loss_coeff
         # Megatron's own validation (e.g. "capacity factor only works with aux_loss/...") must see
         # only the stock types; the user's value is restored afterwards so logs/args show "dpsl".
-        self.moe_router_load_balancing_type, self.moe_aux_loss_coeff = split.stock_type, split.stock_coeff
+        self.moe_router_load_balancing_type, self.moe_aux_loss_coeff = (
+            split.stock_type,
+            split.stock_coeff,
+        )
         try:
             super().__post_init__()
         finally:
             self.moe_router_load_balancing_type = user_type
             self.moe_aux_loss_coeff = user_coeff
-        self.moe_dpsl_coeff = _resolve_dpsl_coeff(self.moe_dpsl_coeff, split.plugin_coeffs.get(DPSL_TYPE, 0.0))
+        self.moe_dpsl_coeff = _resolve_dpsl_coeff(
+            self.moe_dpsl_coeff, split.plugin_coeffs.get(DPSL_TYPE, 0.0)
+        )
         self._validate_dpsl(split)
         self._validate_ac()
 
@@ -184,7 +197,7 @@ class DPSLTransformerConfig(TransformerConfig):
         return _plugin_coeff(self, ORTHOGONALITY_TYPE)
 
     @property
-    def moe_dpsl_num_token_groups(self) -> Optional[int]:
+    def moe_dpsl_num_token_groups(self) -> int | None:
         """Token groups the prior distinguishes (``None``: one prior for every token)."""
         return num_prior_groups(self.moe_dpsl_group_alphas, self.moe_dpsl_num_groups)
 
@@ -200,11 +213,15 @@ class DPSLTransformerConfig(TransformerConfig):
             )
         interval = self.moe_dpsl_log_interval
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
-            raise ValueError(f"moe_dpsl_log_interval: must be >= 0 (an int; 0 disables), got {interval!r}")
+            raise ValueError(
+                f"moe_dpsl_log_interval: must be >= 0 (an int; 0 disables), got {interval!r}"
+            )
         if self.num_moe_experts:
             self.dpsl_alpha()  # the prior is checked even with DPSL off: a typo should not wait for it
         elif split.plugin_coeffs:
-            raise ValueError(f"{LOAD_BALANCING_FIELD} {next(iter(split.plugin_coeffs))!r} needs num_moe_experts")
+            raise ValueError(
+                f"{LOAD_BALANCING_FIELD} {next(iter(split.plugin_coeffs))!r} needs num_moe_experts"
+            )
         if split.plugin_coeffs and split.stock_type == "sinkhorn":
             # sinkhorn asserts moe_aux_loss_coeff == 0 and replaces top-k routing altogether
             raise ValueError(
@@ -223,12 +240,18 @@ class DPSLTransformerConfig(TransformerConfig):
         if clip is not None and not _positive_number(clip):
             raise ValueError(f"moe_ac_clip: must be > 0 and finite (or None: no cap), got {clip!r}")
         if self.moe_ac_weight_norm not in WEIGHT_NORMS:
-            raise ValueError(f"moe_ac_weight_norm must be one of {list(WEIGHT_NORMS)}, got {self.moe_ac_weight_norm!r}")
+            raise ValueError(
+                f"moe_ac_weight_norm must be one of {list(WEIGHT_NORMS)}, got {self.moe_ac_weight_norm!r}"
+            )
         layers = self.moe_ac_layers
         if not layers:
             return
-        if not isinstance(layers, (list, tuple)) or not all(isinstance(n, int) and not isinstance(n, bool) for n in layers):
-            raise ValueError(f"moe_ac_layers: expected a list of layer numbers (ints), got {layers!r}")
+        if not isinstance(layers, (list, tuple)) or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in layers
+        ):
+            raise ValueError(
+                f"moe_ac_layers: expected a list of layer numbers (ints), got {layers!r}"
+            )
         if not self.num_moe_experts:
             raise ValueError("moe_ac_layers: the AC router needs MoE layers (num_moe_experts)")
         if len(set(layers)) != len(layers):
@@ -236,9 +259,13 @@ class DPSLTransformerConfig(TransformerConfig):
         moe_layers = moe_layer_numbers(self.num_layers, self.moe_layer_freq)
         for n in layers:
             if not 1 <= n <= self.num_layers:
-                raise ValueError(f"moe_ac_layers: layer {n} is outside 1..num_layers={self.num_layers}")
+                raise ValueError(
+                    f"moe_ac_layers: layer {n} is outside 1..num_layers={self.num_layers}"
+                )
             if n not in moe_layers:
-                raise ValueError(f"moe_ac_layers: layer {n} is not an MoE layer (MoE layers: {moe_layers})")
+                raise ValueError(
+                    f"moe_ac_layers: layer {n} is not an MoE layer (MoE layers: {moe_layers})"
+                )
         if moe_layers[0] in layers:
             raise ValueError(
                 f"moe_ac_layers: layer {moe_layers[0]} is the first MoE layer; AC routes by the previous MoE layer's "
@@ -252,9 +279,15 @@ class DPSLTransformerConfig(TransformerConfig):
         # a CUDA graph that captures the router replays its kernels without the Python hand-over;
         # graphs of attention or dense MLPs only leave the router alone (cuda_graph_scope in 0.16,
         # renamed cuda_graph_modules in 0.19)
-        listed = getattr(self, "cuda_graph_modules", None) or getattr(self, "cuda_graph_scope", None) or []
+        listed = (
+            getattr(self, "cuda_graph_modules", None)
+            or getattr(self, "cuda_graph_scope", None)
+            or []
+        )
         scopes = {getattr(scope, "name", scope) for scope in listed}
-        if getattr(self, "cuda_graph_impl", "none") != "none" and (not scopes or scopes & _ROUTER_GRAPH_SCOPES):
+        if getattr(self, "cuda_graph_impl", "none") != "none" and (
+            not scopes or scopes & _ROUTER_GRAPH_SCOPES
+        ):
             raise ValueError(
                 f"moe_ac_layers cannot be combined with cuda_graph_impl={self.cuda_graph_impl!r} capturing the router "
                 f"(cuda_graph_scope={sorted(scopes) or 'whole layer'}): the AC router hands assignments between layers "
@@ -264,17 +297,31 @@ class DPSLTransformerConfig(TransformerConfig):
     def dpsl_alpha(self):
         """The prior as a float64 CPU tensor: ``[num_experts]`` or ``[num_groups, num_experts]``."""
         shortcut = dict(
-            alpha_base=self.moe_dpsl_alpha_base, alpha_shift=self.moe_dpsl_alpha_shift, num_groups=self.moe_dpsl_num_groups
+            alpha_base=self.moe_dpsl_alpha_base,
+            alpha_shift=self.moe_dpsl_alpha_shift,
+            num_groups=self.moe_dpsl_num_groups,
         )
         # moe_dpsl_alpha always has a value (default 1.0): it counts only when no group prior is set
-        grouped = self.moe_dpsl_group_alphas is not None or any(v is not None for v in shortcut.values())
-        kwargs = dict(num_experts=self.num_moe_experts, group_alphas=self.moe_dpsl_group_alphas, names=_PRIOR_FIELDS,
-                      alpha=None if grouped else self.moe_dpsl_alpha, **shortcut)
+        grouped = self.moe_dpsl_group_alphas is not None or any(
+            v is not None for v in shortcut.values()
+        )
+        kwargs = dict(
+            num_experts=self.num_moe_experts,
+            group_alphas=self.moe_dpsl_group_alphas,
+            names=_PRIOR_FIELDS,
+            alpha=None if grouped else self.moe_dpsl_alpha,
+            **shortcut,
+        )
         return resolve_alpha(**kwargs)
 
 
 def _positive_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def _plugin_coeff(config, load_balancing_type: str) -> float:
@@ -292,13 +339,17 @@ def _validate_regularizers(config, split) -> None:
             )
     for field in ("moe_variance_loss_form", "moe_orthogonality_loss_form"):
         if getattr(config, field) not in LOSS_FORMS:
-            raise ValueError(f"{field} must be one of {list(LOSS_FORMS)}, got {getattr(config, field)!r}")
+            raise ValueError(
+                f"{field} must be one of {list(LOSS_FORMS)}, got {getattr(config, field)!r}"
+            )
     if ORTHOGONALITY_TYPE not in split.plugin_coeffs:
         return
     what = f"{LOAD_BALANCING_FIELD} 'orthogonality'"
     # L_o needs each token's k outputs unweighted, then weighs them itself (DPSLMoELayer)
     if config.moe_apply_probs_on_input:
-        raise ValueError(f"{what} needs the unweighted expert outputs: not compatible with moe_apply_probs_on_input")
+        raise ValueError(
+            f"{what} needs the unweighted expert outputs: not compatible with moe_apply_probs_on_input"
+        )
     if config.moe_router_topk < 2:
         raise ValueError(
             f"{what} compares the outputs of one token's k experts: it needs moe_router_topk >= 2, "
@@ -309,22 +360,36 @@ def _validate_regularizers(config, split) -> None:
             f"{what} supports moe_token_dispatcher_type 'allgather' and 'alltoall', got "
             f"{config.moe_token_dispatcher_type!r}"
         )
-    # each of these changes which rows come back from the combine (padding rows, split schedules, graphs)
-    for field in ("moe_pad_expert_input_to_capacity", "moe_router_padding_for_quantization",
-                  "moe_router_padding_for_fp8", "overlap_moe_expert_parallel_comm"):
+    # each of these changes which rows come back from the combine (padding rows, split schedules,
+    # graphs)
+    for field in (
+        "moe_pad_expert_input_to_capacity",
+        "moe_router_padding_for_quantization",
+        "moe_router_padding_for_fp8",
+        "overlap_moe_expert_parallel_comm",
+    ):
         if getattr(config, field, False):
             raise ValueError(f"{what} is not supported with {field}")
     if getattr(config, "cuda_graph_impl", "none") not in (None, "none"):
-        raise ValueError(f"{what} is not supported with cuda_graph_impl={config.cuda_graph_impl!r} (use 'none')")
+        raise ValueError(
+            f"{what} is not supported with cuda_graph_impl={config.cuda_graph_impl!r} (use 'none')"
+        )
 
 
 def _resolve_dpsl_coeff(coeff, slot: float) -> float:
     """λ from ``moe_dpsl_coeff`` and dpsl's slot of ``moe_aux_loss_coeff`` (the module docstring's rule)."""
     if not math.isfinite(slot) or slot < 0:
-        raise ValueError(f"{AUX_LOSS_COEFF_FIELD}: the value in dpsl's slot is λ and must be >= 0, got {slot}")
+        raise ValueError(
+            f"{AUX_LOSS_COEFF_FIELD}: the value in dpsl's slot is λ and must be >= 0, got {slot}"
+        )
     if coeff is None:
         return slot if slot != 0.0 else DEFAULT_DPSL_COEFF
-    if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or not math.isfinite(coeff) or coeff < 0:
+    if (
+        isinstance(coeff, bool)
+        or not isinstance(coeff, (int, float))
+        or not math.isfinite(coeff)
+        or coeff < 0
+    ):
         raise ValueError(f"moe_dpsl_coeff: must be >= 0 and finite, got {coeff!r}")
     if slot not in (0.0, coeff):
         raise ValueError(

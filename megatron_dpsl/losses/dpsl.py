@@ -1,39 +1,49 @@
 """Eq. 4 of the DPSL paper (Cramér–von Mises distance to the Dirichlet marginals), without λ.
 
 Pure tensor math: no process groups, no Megatron. Shapes use Megatron's names:
-``probs`` ``[num_tokens, num_experts]``, ``alpha`` ``[num_experts]`` or ``[num_groups, num_experts]``.
+``probs`` ``[num_tokens, num_experts]``, ``alpha`` ``[num_experts]`` or ``[num_groups,
+num_experts]``.
 
 For every (group g, expert k) "row", the valid tokens of group g are sorted by ``probs[:, k]`` and
 
-    L_k = sum_g (1/B_g) sum_{j=1..B_g} (j/B_g - I_{p_(j)}(alpha_gk, A_g - alpha_gk))^2,   A_g = sum_k alpha_gk.
+    L_k = sum_g (1/B_g) sum_{j=1..B_g} (j/B_g - I_{p_(j)}(alpha_gk, A_g - alpha_gk))^2,   A_g =
+    sum_k alpha_gk.
 
-Implementations (``impl=`` or $MEGATRON_DPSL_LOSS_IMPL; "auto" picks the fused one for CUDA float32/bf16/fp16
-when Triton imports): ``fused_loss.py`` (one sort + Triton kernels), and the torch path here (CPU, float64,
-accelerators without Triton). The torch path (O(num_tokens * num_experts) memory, no B x B intermediate):
-  1. rank (``ranking.py``: validation, the row layout, the sorts; ties keep token order). CPU: per group
-     (tokens selected on the host) and per expert, a stable 1-D sort of the float32 bit patterns of the
-     contiguous [E, B] transpose. Accelerators: a branch-free, fixed-shape path (one [E, B] sort, or one
-     1-D int64 key sort (row << 30 | bits) with groups/padding; no host sync).
-  2. the Beta CDF from a per-alpha ``BetaCDFTable`` (``beta.py``: <= 1e-10 abs in float64, <= 5e-7 in
-     float32 against SciPy). CPU: each sorted row is split at the table's junctions with searchsorted;
-     the bulk uses the interpolant alone, the few tail points one call of the full evaluator.
+Implementations (``impl=`` or $MEGATRON_DPSL_LOSS_IMPL; "auto" picks the fused one for CUDA
+float32/bf16/fp16 when Triton imports): ``fused_loss.py`` (one sort + Triton kernels), and the torch
+path here (CPU, float64, accelerators without Triton). The torch path (O(num_tokens * num_experts)
+memory, no B x B intermediate):
+  1. rank (``ranking.py``: validation, the row layout, the sorts; ties keep token order). CPU: per
+     group (tokens selected on the host) and per expert, a stable 1-D sort of the float32 bit
+     patterns of the contiguous [E, B] transpose. Accelerators: a branch-free, fixed-shape path (one
+     [E, B] sort, or one 1-D int64 key sort (row << 30 | bits) with groups/padding; no host sync).
+  2. the Beta CDF from a per-alpha ``BetaCDFTable`` (``beta.py``: <= 1e-10 abs in float64, <= 5e-7
+     in float32 against SciPy). CPU: each sorted row is split at the table's junctions with
+     searchsorted; the bulk uses the interpolant alone, the few tail points one call of the full
+     evaluator.
   3. the gradient is the exact derivative of what is computed: the sort permutation is piecewise
-     constant, so dL/dp_(j) = -(2/B) (j/B - F(p_(j))) F'(p_(j)), formed in the forward and scattered back
-     through the permutation; the backward only scales it by the incoming gradient.
-  NaN, +-inf or values outside [0, 1] in non-padding rows give NaN (F is NaN there); padding rows are
-  never read into the loss (not even their NaN).
+     constant, so dL/dp_(j) = -(2/B) (j/B - F(p_(j))) F'(p_(j)), formed in the forward and scattered
+     back through the permutation; the backward only scales it by the incoming gradient.
+  NaN, +-inf or values outside [0, 1] in non-padding rows give NaN (F is NaN there); padding rows
+  are never read into the loss (not even their NaN).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from megatron_dpsl.losses import dpsl_triton as fused_loss
-from megatron_dpsl.losses.ranking import Eq4Inputs, rank_dense, ranked_cdf, row_layout, sort_rows, table_for
+from megatron_dpsl.losses.ranking import (
+    Eq4Inputs,
+    rank_dense,
+    ranked_cdf,
+    row_layout,
+    sort_rows,
+    table_for,
+)
 
 _CHUNK = 1 << 17  # elements per CPU chunk (measured: fewer, larger ops beat cache-sized ones here)
 IMPL_ENV = "MEGATRON_DPSL_LOSS_IMPL"
@@ -44,10 +54,10 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _eq4_cpu(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool):
     """CPU path: per group and expert, sort the row and split it at the table's junctions.
 
-    The bulk (usually all points) uses the interpolant alone with Python-scalar constants, a row at a
-    time (measured faster here than one [E, B] pass or cache-sized chunks); the few points beyond the
-    junctions of all rows go through the full evaluator in one call. Data-dependent slicing is free on
-    the host. Returns (loss per expert [E], dL_k/dp [T, E] or None).
+    The bulk (usually all points) uses the interpolant alone with Python-scalar constants, a row at
+    a time (measured faster here than one [E, B] pass or cache-sized chunks); the few points beyond
+    the junctions of all rows go through the full evaluator in one call. Data-dependent slicing is
+    free on the host. Returns (loss per expert [E], dL_k/dp [T, E] or None).
     """
     table, num_groups, group_ids = inputs
     num_tokens, num_experts = p.shape
@@ -70,7 +80,9 @@ def _eq4_cpu(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool):
         scale = -2.0 / n  # dL/dF = -(2/B)(j/B - F)
         ranks = torch.arange(1, n + 1, dtype=cdt) / n  # j / B
         tails = []  # (expert, start, stop) beyond the junctions
-        has_nan = torch.isnan(pt).any(1).tolist()  # NaN breaks searchsorted; the row's loss is NaN anyway
+        has_nan = (
+            torch.isnan(pt).any(1).tolist()
+        )  # NaN breaks searchsorted; the row's loss is NaN anyway
         for k in range(num_experts):
             r = g * num_experts + k
             if has_nan[k]:
@@ -84,7 +96,9 @@ def _eq4_cpu(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool):
             xs.append(x)
             order.append(idx)
             lo = int(torch.searchsorted(x, table.x_lo[r : r + 1]))  # x[:lo] < x_lo: lower tail
-            hi = max(lo, int(torch.searchsorted(x, table.x_hi[r : r + 1], right=True)))  # x[hi:] > x_hi
+            hi = max(
+                lo, int(torch.searchsorted(x, table.x_hi[r : r + 1], right=True))
+            )  # x[hi:] > x_hi
             tails += [(k, 0, lo), (k, hi, n)]
             acc = p.new_zeros(())
             for i0 in range(lo, hi, _CHUNK):
@@ -108,7 +122,9 @@ def _eq4_cpu(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool):
                 for (k, i0, i1), piece in zip(tails, pieces):
                     gs[k, i0:i1] = piece
         if need_grad:
-            grad_g = torch.empty_like(pg)  # [n, E], token order: scatter each row through its permutation
+            grad_g = torch.empty_like(
+                pg
+            )  # [n, E], token order: scatter each row through its permutation
             for k in range(num_experts):
                 grad_g[:, k].scatter_(0, order[k], gs[k])
             if sel is None:
@@ -150,8 +166,9 @@ def _eq4_device(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool):
 class _DPSLPerExpert(torch.autograd.Function):
     """probs [T, E] -> Eq. 4 per expert [E] (summed over groups), in the compute dtype.
 
-    The forward also forms dL_k/dp [T, E] (scattered back through the sort permutation: the ranks are
-    locally constant, so only F(p) carries gradient); the backward only scales it by grad_out[k].
+    The forward also forms dL_k/dp [T, E] (scattered back through the sort permutation: the ranks
+    are locally constant, so only F(p) carries gradient); the backward only scales it by
+    grad_out[k].
     """
 
     @staticmethod
@@ -172,41 +189,52 @@ class _DPSLPerExpert(torch.autograd.Function):
         return (grad * grad_out.to(grad.dtype)).to(ctx.in_dtype), None, None
 
 
-def _per_expert_or_sum(probs, alpha, group_ids, padding_mask, impl: Optional[str], reduce: bool):
+def _per_expert_or_sum(probs, alpha, group_ids, padding_mask, impl: str | None, reduce: bool):
     table, num_groups = table_for(probs, alpha, group_ids, padding_mask)
     need_grad = torch.is_grad_enabled()
     if selected_impl(probs, impl) == "triton":
-        return fused_loss.FusedDPSL.apply(probs, table, num_groups, group_ids, padding_mask, reduce, need_grad)
-    out = _DPSLPerExpert.apply(probs, row_layout(probs, table, num_groups, group_ids, padding_mask), need_grad)
+        return fused_loss.FusedDPSL.apply(
+            probs, table, num_groups, group_ids, padding_mask, reduce, need_grad
+        )
+    out = _DPSLPerExpert.apply(
+        probs, row_layout(probs, table, num_groups, group_ids, padding_mask), need_grad
+    )
     return out.sum() if reduce else out
 
 
-def selected_impl(probs: torch.Tensor, impl: Optional[str] = None) -> str:
-    """"triton" or "torch": what ``dpsl_loss(probs, ..., impl=impl)`` runs (``impl``, else
-    $MEGATRON_DPSL_LOSS_IMPL, else "auto"; module docstring). Raises ValueError for an unusable choice."""
+def selected_impl(probs: torch.Tensor, impl: str | None = None) -> str:
+    """ "triton" or "torch": what ``dpsl_loss(probs, ..., impl=impl)`` runs (``impl``, else
+    $MEGATRON_DPSL_LOSS_IMPL, else "auto"; module docstring). Raises ValueError for an unusable
+    choice."""
     impl = impl if impl is not None else os.environ.get(IMPL_ENV, "auto")
     if impl not in IMPLS:
         raise ValueError(f"dpsl_loss: impl (or ${IMPL_ENV}) must be one of {IMPLS}, got {impl!r}")
     fusable = probs.dtype in _FUSED_DTYPES and 0 < probs.numel() < 2**31
     if impl == "triton":
         if not fused_loss.runs_on(probs.device):
-            raise ValueError(f"dpsl_loss: impl='triton' needs Triton (pip install triton) and a CUDA device, or "
-                             f"TRITON_INTERPRET=1 for CPU tensors; got {probs.device}. Use impl='torch'")
+            raise ValueError(
+                f"dpsl_loss: impl='triton' needs Triton (pip install triton) and a CUDA device, or "
+                f"TRITON_INTERPRET=1 for CPU tensors; got {probs.device}. Use impl='torch'"
+            )
         if probs.dtype not in _FUSED_DTYPES:
-            raise ValueError(f"dpsl_loss: impl='triton' takes float32/bfloat16/float16 probs, got {probs.dtype} "
-                             f"(float64: impl='torch')")
+            raise ValueError(
+                f"dpsl_loss: impl='triton' takes float32/bfloat16/float16 probs, got {probs.dtype} "
+                f"(float64: impl='torch')"
+            )
     elif impl == "auto":
         fusable = fusable and probs.is_cuda and fused_loss.runs_on(probs.device)
-    return "triton" if impl != "torch" and fusable else "torch"  # an empty batch takes the torch path
+    return (
+        "triton" if impl != "torch" and fusable else "torch"
+    )  # an empty batch takes the torch path
 
 
 def dpsl_loss_per_expert(
     probs: torch.Tensor,
     alpha,
-    group_ids: Optional[torch.Tensor] = None,
-    padding_mask: Optional[torch.Tensor] = None,
+    group_ids: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
     *,
-    impl: Optional[str] = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     """Eq. 4 (without λ) for each expert: ``[num_experts]``, summed over groups. ``dpsl_loss`` sums it.
 
@@ -218,23 +246,28 @@ def dpsl_loss_per_expert(
 def dpsl_loss(
     probs: torch.Tensor,
     alpha: torch.Tensor,
-    group_ids: Optional[torch.Tensor] = None,
-    padding_mask: Optional[torch.Tensor] = None,
+    group_ids: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
     *,
-    impl: Optional[str] = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     """Eq. 4 without λ: sum over experts k of (1/B) Σ_j (j/B − F_Beta(p_k,(j); α_k, A−α_k))².
 
     Args:
-        probs: ``[num_tokens, num_experts]`` routing probabilities, any float dtype (computed in float32,
-            float64 for float64 input). NaN, +-inf or values outside [0, 1] in non-padding rows make the
-            loss NaN (never silently dropped).
-        alpha: ``[num_experts]`` (one prior) or ``[num_groups, num_experts]`` (one prior per token group),
-            all > 0. A CPU tensor or a list avoids a device-to-host copy (the CDF table is cached per alpha).
-        group_ids: ``[num_tokens]`` int in ``[0, num_groups)``, each token's group (required with a 2-D
+        probs: ``[num_tokens, num_experts]`` routing probabilities, any float dtype (computed in
+        float32,
+            float64 for float64 input). NaN, +-inf or values outside [0, 1] in non-padding rows make
+            the loss NaN (never silently dropped).
+        alpha: ``[num_experts]`` (one prior) or ``[num_groups, num_experts]`` (one prior per token
+        group),
+            all > 0. A CPU tensor or a list avoids a device-to-host copy (the CDF table is cached
+            per alpha).
+        group_ids: ``[num_tokens]`` int in ``[0, num_groups)``, each token's group (required with a
+        2-D
             ``alpha`` of more than one row).
         padding_mask: ``[num_tokens]`` bool, True = padding (excluded, Megatron's convention).
-        impl: ``"auto"`` (default; or ``$MEGATRON_DPSL_LOSS_IMPL``): the fused Triton kernels for CUDA
+        impl: ``"auto"`` (default; or ``$MEGATRON_DPSL_LOSS_IMPL``): the fused Triton kernels for
+        CUDA
             float32/bf16/fp16 ``probs`` when Triton imports, the torch implementation otherwise;
             ``"triton"`` or ``"torch"`` to force one (module docstring).
 
@@ -243,7 +276,8 @@ def dpsl_loss(
         on each group's tokens alone (B = that group's token count). Empty groups contribute 0.
 
     Raises:
-        ValueError: wrong ranks/shapes/dtypes, ``num_experts`` mismatch, alpha <= 0 or NaN, group id out of
-        range (checked on the host for CPU tensors, by a device-side assert elsewhere), unknown ``impl``.
+        ValueError: wrong ranks/shapes/dtypes, ``num_experts`` mismatch, alpha <= 0 or NaN, group id
+        out of range (checked on the host for CPU tensors, by a device-side assert elsewhere),
+        unknown ``impl``.
     """
     return _per_expert_or_sum(probs, alpha, group_ids, padding_mask, impl, reduce=True)

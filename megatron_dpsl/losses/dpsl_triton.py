@@ -1,41 +1,48 @@
 """Eq. 4 on accelerators at the cost of one sort: the work after the sort fused into Triton kernels.
 
 Same math and the same exact gradient as ``loss.py``'s torch path (tested equal under Triton's
-interpreter, ``tests/unit/losses/test_dpsl_triton.py``); float32 compute, for float32/bfloat16/float16 ``probs``.
+interpreter, ``tests/unit/losses/test_dpsl_triton.py``); float32 compute, for
+float32/bfloat16/float16 ``probs``.
 
 Per call (``probs`` ``[T, E]``, G groups; no host sync, fixed shapes, CUDA-graph capturable):
-  1. ``probs.t().contiguous()`` ``[E, T]`` and ONE ``torch.sort(dim=-1, stable=True)`` in the input dtype
-     (bf16 sorts 16-bit keys: fewer radix passes than the fp32 sort floor). Groups cost no extra sort:
-     each (group, expert) row is a subsequence of the expert's value-sorted row, so a token's rank in its
-     group is the number of same-group tokens before it there (ties keep token order, as the torch path).
-  2. groups/padding only: ``_count_kernel`` gathers each sorted token's group (padding = group G) into
-     ``[E, T]`` int32 and counts groups per span of every expert row ``[E, S, G1]``.
-  3. ``_eval_kernel``, one program per span of an expert row: the rank j (position + 1, or the span's
-     prefix count + an in-block cumsum per group), the Beta CDF by the table's cubic Hermite in logit
-     space with the analytic tails (the formulas of ``BetaCDFTable.evaluate``, constants and coefficients
-     packed ``[R, 16]`` / ``[M, 4]``), the residual j/n - F, the loss partial per program, and
-     dL/dp = -(2/n)(j/n - F) F' scattered straight to the token layout ``[T, E]`` through the sort index.
-  4. ``partials.sum()`` (deterministic: no atomics). Backward: one multiply by the incoming gradient.
+  1. ``probs.t().contiguous()`` ``[E, T]`` and ONE ``torch.sort(dim=-1, stable=True)`` in the input
+     dtype (bf16 sorts 16-bit keys: fewer radix passes than the fp32 sort floor). Groups cost no
+     extra sort: each (group, expert) row is a subsequence of the expert's value-sorted row, so a
+     token's rank in its group is the number of same-group tokens before it there (ties keep token
+     order, as the torch path).
+  2. groups/padding only: ``_count_kernel`` gathers each sorted token's group (padding = group G)
+     into ``[E, T]`` int32 and counts groups per span of every expert row ``[E, S, G1]``.
+  3. ``_eval_kernel``, one program per span of an expert row: the rank j (position + 1, or the
+     span's prefix count + an in-block cumsum per group), the Beta CDF by the table's cubic Hermite
+     in logit space with the analytic tails (the formulas of ``BetaCDFTable.evaluate``, constants
+     and coefficients packed ``[R, 16]`` / ``[M, 4]``), the residual j/n - F, the loss partial per
+     program, and dL/dp = -(2/n)(j/n - F) F' scattered straight to the token layout ``[T, E]``
+     through the sort index.
+  4. ``partials.sum()`` (deterministic: no atomics). Backward: one multiply by the incoming
+     gradient.
   Out-of-range group ids: the group counts miss tokens, the loss is NaN and ``torch._assert_async``
   raises (a device-side assert, like the torch path).
 
-Why Triton kernels and not ``torch.compile`` of the chain (no GPU was available when this was written: the
-reasoning and the CPU-side measurements are in docs/performance.md): the post-sort work is one pass over
-``[E, T]`` that gathers 4 Hermite coefficients, evaluates two tails, reduces per expert and scatters
-through the permutation: by hand, 1 kernel (2 with groups, whose ranks need no second sort), no
-intermediate tensors, registers checked offline for sm_90 (76, no spills). ``torch.compile`` of the same
-chain (inductor, CPU) also fused it, but compiled for 22 s at the first call and 8 s again for every new B
-(or pays for dynamic shapes), and still needs the torch path's extra sort for groups. The kernel source
-runs on CPU tensors under Triton's interpreter, so CI checks the GPU code's math without a GPU.
+Why Triton kernels and not ``torch.compile`` of the chain (no GPU was available when this was
+written: the reasoning and the CPU-side measurements are in docs/performance.md): the post-sort work
+is one pass over ``[E, T]`` that gathers 4 Hermite coefficients, evaluates two tails, reduces per
+expert and scatters through the permutation: by hand, 1 kernel (2 with groups, whose ranks need no
+second sort), no intermediate tensors, registers checked offline for sm_90 (76, no spills).
+``torch.compile`` of the same chain (inductor, CPU) also fused it, but compiled for 22 s at the
+first call and 8 s again for every new B (or pays for dynamic shapes), and still needs the torch
+path's extra sort for groups. The kernel source runs on CPU tensors under Triton's interpreter, so
+CI checks the GPU code's math without a GPU.
 
 Accuracy: the interpolant (all points between the table's junctions) uses only * + floor and a log:
 the torch path's figures hold. ``tl.exp`` on NVIDIA is ``ex2.approx`` of z log2(e), used only in the
-tails: ~2^-22 + |z| 2^-24 relative on the tail's x^a (1-x)^b / B, i.e. <= ~3e-7 abs on F for alpha >= 0.05,
-<= ~7e-7 for alpha = 0.001 (tests/gpu/test_gpu_fused_loss.py bounds the fused loss against SciPy).
+tails: ~2^-22 + |z| 2^-24 relative on the tail's x^a (1-x)^b / B, i.e. <= ~3e-7 abs on F for alpha
+>= 0.05, <= ~7e-7 for alpha = 0.001 (tests/gpu/test_gpu_fused_loss.py bounds the fused loss against
+SciPy).
 
-Selection (``loss.dpsl_loss(..., impl=...)`` or the ``MEGATRON_DPSL_LOSS_IMPL`` environment variable):
-``auto`` (default) = this path for CUDA tensors of float32/bf16/fp16 when Triton imports, else torch;
-``triton`` forces it (CPU tensors run under Triton's interpreter: tests); ``torch`` the torch path.
+Selection (``loss.dpsl_loss(..., impl=...)`` or the ``MEGATRON_DPSL_LOSS_IMPL`` environment
+variable): ``auto`` (default) = this path for CUDA tensors of float32/bf16/fp16 when Triton imports,
+else torch; ``triton`` forces it (CPU tensors run under Triton's interpreter: tests); ``torch`` the
+torch path.
 """
 
 from __future__ import annotations
@@ -55,7 +62,21 @@ except ImportError:  # the torch path needs no Triton
 
 _NUM_CONSTS = 16  # per-row constants, padded from 14 to 16 floats
 _CONST_NAMES = (  # BetaCDFTable.rows, in the order the kernel reads them
-    "a", "b", "log_beta", "inv_a", "inv_b", "q1", "q12", "r1", "r12", "k_c", "inv_h", "s_lo", "s_hi", "offset")
+    "a",
+    "b",
+    "log_beta",
+    "inv_a",
+    "inv_b",
+    "q1",
+    "q12",
+    "r1",
+    "r12",
+    "k_c",
+    "inv_h",
+    "s_lo",
+    "s_hi",
+    "offset",
+)
 _BLOCK = 1024  # elements per loop step of a program without groups (8 warps: 4 per thread)
 _PROGRAMS_PER_SM = 4
 _TINY = torch.finfo(torch.float32).tiny  # the pdf's denominator floor
@@ -63,7 +84,8 @@ _TINY = torch.finfo(torch.float32).tiny  # the pdf's denominator floor
 
 def runs_on(device: torch.device) -> bool:
     """Whether the kernels can run on ``device``: CUDA (compiled), or the CPU under Triton's interpreter
-    (TRITON_INTERPRET=1 set before Triton is imported, as tests/conftest.py does on CPU-only machines)."""
+    (TRITON_INTERPRET=1 set before Triton is imported, as tests/conftest.py does on CPU-only
+    machines)."""
     if triton is None:
         return False
     if device.type == "cpu":
@@ -76,8 +98,21 @@ def runs_on(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _count_kernel(idx_ptr, gid_ptr, pad_ptr, group_ptr, counts_ptr, T, S, span, num_groups,
-                      HAS_GID: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK: tl.constexpr, G1P: tl.constexpr):
+    def _count_kernel(
+        idx_ptr,
+        gid_ptr,
+        pad_ptr,
+        group_ptr,
+        counts_ptr,
+        T,
+        S,
+        span,
+        num_groups,
+        HAS_GID: tl.constexpr,
+        HAS_PAD: tl.constexpr,
+        BLOCK: tl.constexpr,
+        G1P: tl.constexpr,
+    ):
         """Program (k, s): group of every token of span s of expert row k (sorted order) and their counts."""
         k = tl.program_id(0)
         s = tl.program_id(1)
@@ -93,20 +128,43 @@ if triton is not None:
             bad = g < 0
             if HAS_GID:
                 graw = tl.load(gid_ptr + tok, mask=m, other=0)
-                bad = (graw < 0) | (graw >= num_groups)  # checked before padding, as the torch path does
+                bad = (graw < 0) | (
+                    graw >= num_groups
+                )  # checked before padding, as the torch path does
                 g = graw.to(tl.int32)
             if HAS_PAD:
                 g = tl.where(tl.load(pad_ptr + tok, mask=m, other=0) != 0, num_groups, g)
-            g = tl.where(bad, -1, g)  # counted nowhere: the totals then miss tokens (loss NaN + assert)
+            g = tl.where(
+                bad, -1, g
+            )  # counted nowhere: the totals then miss tokens (loss NaN + assert)
             tl.store(group_ptr + k * T + pos, g, mask=m)
             acc += tl.sum(((g[:, None] == goff[None, :]) & m[:, None]).to(tl.int32), axis=0)
         tl.store(counts_ptr + (k * S + s) * G1P + goff, acc)
 
     @triton.jit
-    def _eval_kernel(vals_ptr, idx_ptr, group_ptr, counts_ptr, consts_ptr, coefs_ptr, grad_ptr, partial_ptr, ok_ptr,
-                     T, E, S, span, num_groups, tiny,
-                     HAS_GROUPS: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr, G1P: tl.constexpr,
-                     SP: tl.constexpr, NC: tl.constexpr):
+    def _eval_kernel(
+        vals_ptr,
+        idx_ptr,
+        group_ptr,
+        counts_ptr,
+        consts_ptr,
+        coefs_ptr,
+        grad_ptr,
+        partial_ptr,
+        ok_ptr,
+        T,
+        E,
+        S,
+        span,
+        num_groups,
+        tiny,
+        HAS_GROUPS: tl.constexpr,
+        NEED_GRAD: tl.constexpr,
+        BLOCK: tl.constexpr,
+        G1P: tl.constexpr,
+        SP: tl.constexpr,
+        NC: tl.constexpr,
+    ):
         """Program (k, s): Eq. 4 terms and dL/dp of span s of expert row k; one loss partial per program."""
         k = tl.program_id(0)
         s = tl.program_id(1)
@@ -117,11 +175,17 @@ if triton is not None:
         inv_n = tl.zeros([G1P], dtype=tl.float32)
         if HAS_GROUPS:
             soff = tl.arange(0, SP)
-            tile = tl.load(counts_ptr + (k * S + soff[:, None]) * G1P + goff[None, :], mask=soff[:, None] < S, other=0)
+            tile = tl.load(
+                counts_ptr + (k * S + soff[:, None]) * G1P + goff[None, :],
+                mask=soff[:, None] < S,
+                other=0,
+            )
             run = tl.sum(tl.where(soff[:, None] < s, tile, 0), axis=0)
             total = tl.sum(tile, axis=0)
             ok = tl.sum(total, axis=0) == T  # False if any group id was out of range
-            inv_n = tl.where((goff < num_groups) & (total > 0), 1.0 / tl.maximum(total, 1).to(tl.float32), 0.0)
+            inv_n = tl.where(
+                (goff < num_groups) & (total > 0), 1.0 / tl.maximum(total, 1).to(tl.float32), 0.0
+            )
             tl.store(ok_ptr, ok.to(tl.int32))  # every program stores the same value
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for off in range(start, end, BLOCK):
@@ -132,8 +196,12 @@ if triton is not None:
                 g = tl.load(group_ptr + k * T + pos, mask=m, other=-1)
                 onehot = (g[:, None] == goff[None, :]) & m[:, None]
                 cnt = onehot.to(tl.int32)
-                j = tl.sum(tl.where(onehot, tl.cumsum(cnt, axis=0) + run[None, :], 0), axis=1).to(tl.float32)
-                w = tl.sum(tl.where(onehot, inv_n[None, :], 0.0), axis=1)  # 1/n_g; 0: padding, bad, masked
+                j = tl.sum(tl.where(onehot, tl.cumsum(cnt, axis=0) + run[None, :], 0), axis=1).to(
+                    tl.float32
+                )
+                w = tl.sum(
+                    tl.where(onehot, inv_n[None, :], 0.0), axis=1
+                )  # 1/n_g; 0: padding, bad, masked
                 run += tl.sum(cnt, axis=0)
                 roff = (tl.minimum(tl.maximum(g, 0), num_groups - 1) * E + k) * NC
                 valid = w > 0.0
@@ -147,7 +215,9 @@ if triton is not None:
             c_b = tl.load(consts_ptr + roff + 1)
             y = 1.0 - x
             lx = tl.log(x)
-            l1x = tl.where(y == 1.0, -x, tl.log(y) * (-x / (y - 1.0)))  # log1p(-x), accurate for tiny x (Goldberg)
+            l1x = tl.where(
+                y == 1.0, -x, tl.log(y) * (-x / (y - 1.0))
+            )  # log1p(-x), accurate for tiny x (Goldberg)
             s_lo = tl.load(consts_ptr + roff + 11)
             s_hi = tl.load(consts_ptr + roff + 12)
             inv_h = tl.load(consts_ptr + roff + 10)
@@ -172,7 +242,9 @@ if triton is not None:
             inv_b = tl.load(consts_ptr + roff + 4)
             ser_lo = 1.0 + x * (q1 + q12 * x)
             ser_hi = 1.0 + y * (r1 + r12 * y)
-            f = tl.where(in_grid, tl.where(in_hi, 1.0 - e * inv_b * ser_hi, f_mid), e * inv_a * ser_lo)
+            f = tl.where(
+                in_grid, tl.where(in_hi, 1.0 - e * inv_b * ser_hi, f_mid), e * inv_a * ser_lo
+            )
             diff = j * w - f
             acc += tl.where(valid, diff * diff * w, 0.0)  # padding never NaN
             if NEED_GRAD:
@@ -201,11 +273,12 @@ def _packed(table: BetaCDFTable):
     return consts, coefs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _launch_shape(device: torch.device, num_experts: int, g1p: int):
     """(block, spans per expert row, warps). CUDA: ~4 programs per SM; 4 elements per thread without groups,
-    2 x G1P one-hot entries with them (sm_90 builds: 76 / ~120 registers, no spills). CPU (the interpreter,
-    i.e. tests): small blocks and 3 spans, so test-sized batches run the loops, prefixes and partial blocks."""
+    2 x G1P one-hot entries with them (sm_90 builds: 76 / ~120 registers, no spills). CPU (the
+    interpreter, i.e. tests): small blocks and 3 spans, so test-sized batches run the loops,
+    prefixes and partial blocks."""
     if device.type != "cuda":
         return 32, 3, 4
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -222,10 +295,18 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def eq4(probs, table: BetaCDFTable, num_groups: int, group_ids, padding_mask, need_grad: bool, reduce: bool):
+def eq4(
+    probs,
+    table: BetaCDFTable,
+    num_groups: int,
+    group_ids,
+    padding_mask,
+    need_grad: bool,
+    reduce: bool,
+):
     """Eq. 4 and dL/dp with the kernels. ``probs`` ``[T, E]`` float32/bf16/fp16 (T >= 1) on a CUDA device, or on
-    the CPU (interpreter). Returns (loss: scalar if ``reduce`` else ``[E]``, float32; dL/dp ``[T, E]`` float32
-    or None)."""
+    the CPU (interpreter). Returns (loss: scalar if ``reduce`` else ``[E]``, float32; dL/dp ``[T,
+    E]`` float32 or None)."""
     num_tokens, num_experts = probs.shape
     dev = probs.device
     has_groups = padding_mask is not None or (group_ids is not None and num_groups > 1)
@@ -236,7 +317,9 @@ def eq4(probs, table: BetaCDFTable, num_groups: int, group_ids, padding_mask, ne
     consts, coefs = _packed(table)
 
     vals, idx = torch.sort(probs.detach().t().contiguous(), dim=-1, stable=True)  # [E, T] each
-    grad = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=dev) if need_grad else None
+    grad = (
+        torch.empty(num_tokens, num_experts, dtype=torch.float32, device=dev) if need_grad else None
+    )
     partials = torch.empty(num_experts, num_spans, dtype=torch.float32, device=dev)
     grid = (num_experts, num_spans)
     group = counts = ok = None
@@ -246,14 +329,46 @@ def eq4(probs, table: BetaCDFTable, num_groups: int, group_ids, padding_mask, ne
         ok = torch.empty((), dtype=torch.int32, device=dev)
         gid = group_ids.to(dev) if group_ids is not None else None
         pad = padding_mask.to(dev) if padding_mask is not None else None
-        _count_kernel[grid](idx, gid if gid is not None else idx, pad if pad is not None else idx, group, counts,
-                    num_tokens, num_spans, span, num_groups,
-                    HAS_GID=gid is not None, HAS_PAD=pad is not None, BLOCK=block, G1P=g1p, num_warps=num_warps)
-    _eval_kernel[grid](vals, idx, group if has_groups else idx, counts if has_groups else idx, consts, coefs,
-                 grad if need_grad else partials, partials, ok if has_groups else partials,
-                 num_tokens, num_experts, num_spans, span, num_groups, _TINY,
-                 HAS_GROUPS=has_groups, NEED_GRAD=need_grad, BLOCK=block, G1P=g1p,
-                 SP=_next_pow2(num_spans), NC=_NUM_CONSTS, num_warps=num_warps)
+        _count_kernel[grid](
+            idx,
+            gid if gid is not None else idx,
+            pad if pad is not None else idx,
+            group,
+            counts,
+            num_tokens,
+            num_spans,
+            span,
+            num_groups,
+            HAS_GID=gid is not None,
+            HAS_PAD=pad is not None,
+            BLOCK=block,
+            G1P=g1p,
+            num_warps=num_warps,
+        )
+    _eval_kernel[grid](
+        vals,
+        idx,
+        group if has_groups else idx,
+        counts if has_groups else idx,
+        consts,
+        coefs,
+        grad if need_grad else partials,
+        partials,
+        ok if has_groups else partials,
+        num_tokens,
+        num_experts,
+        num_spans,
+        span,
+        num_groups,
+        _TINY,
+        HAS_GROUPS=has_groups,
+        NEED_GRAD=need_grad,
+        BLOCK=block,
+        G1P=g1p,
+        SP=_next_pow2(num_spans),
+        NC=_NUM_CONSTS,
+        num_warps=num_warps,
+    )
     if has_groups:
         torch._assert_async(ok, "dpsl_loss: group_ids out of range [0, num_groups)")
     return (partials.sum() if reduce else partials.sum(1)), grad
@@ -263,7 +378,9 @@ class FusedDPSL(torch.autograd.Function):
     """probs ``[T, E]`` -> Eq. 4 (scalar, or ``[E]`` per expert); the forward forms dL/dp, the backward scales it."""
 
     @staticmethod
-    def forward(ctx, probs, table, num_groups, group_ids, padding_mask, reduce: bool, need_grad: bool):
+    def forward(
+        ctx, probs, table, num_groups, group_ids, padding_mask, reduce: bool, need_grad: bool
+    ):
         need_grad = need_grad and probs.requires_grad
         out, grad = eq4(probs, table, num_groups, group_ids, padding_mask, need_grad, reduce)
         if need_grad:

@@ -1,7 +1,7 @@
 """The orthogonality loss of Guo et al. (arXiv 2505.22323, Eq. 6): one token's k experts answer differently.
 
-Input: the *unweighted* outputs of each token's k selected experts, ``x_ia`` (``[num_tokens, k, hidden]``;
-a slot whose expert was dropped is a zero vector and contributes nothing).
+Input: the *unweighted* outputs of each token's k selected experts, ``x_ia`` (``[num_tokens, k,
+hidden]``; a slot whose expert was dropped is a zero vector and contributes nothing).
 
 Paper form (the default), normalised by k·N for the N valid tokens:
 
@@ -17,14 +17,12 @@ length of the projection of each output onto the *span* of the token's other k-1
 modified Gram-Schmidt basis normalised by ``‖v‖ + 1e-6``, averaged over k·N. For k = 2 the two forms
 agree up to ε.
 
-Both forms are functions of the Gram matrix alone: the only pass over ``hidden`` is one batched matmul
-(``O(N·k²·hidden)``, in fp32 or wider); everything after it is ``[N, k, k]`` in float64. ``*_sum``
-return the un-normalised sum over one shard's tokens; no process groups here.
+Both forms are functions of the Gram matrix alone: the only pass over ``hidden`` is one batched
+matmul (``O(N·k²·hidden)``, in fp32 or wider); everything after it is ``[N, k, k]`` in float64.
+``*_sum`` return the un-normalised sum over one shard's tokens; no process groups here.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -45,12 +43,14 @@ def gram(expert_outputs: torch.Tensor) -> torch.Tensor:
     accumulation and an fp32 result) and in the input's precision otherwise.
     """
     if expert_outputs.dim() != 3:
-        raise ValueError(f"expert_outputs must be [num_tokens, k, hidden], got shape {tuple(expert_outputs.shape)}")
+        raise ValueError(
+            f"expert_outputs must be [num_tokens, k, hidden], got shape {tuple(expert_outputs.shape)}"
+        )
     x = expert_outputs.to(torch.promote_types(expert_outputs.dtype, torch.float32))
     return torch.bmm(x, x.transpose(1, 2)).to(torch.float64)
 
 
-def _weights(num_tokens: int, padding_mask: Optional[torch.Tensor], device) -> torch.Tensor:
+def _weights(num_tokens: int, padding_mask: torch.Tensor | None, device) -> torch.Tensor:
     """``[num_tokens]`` float64: 1 for a valid token, 0 for padding (True = padding)."""
     if padding_mask is None:
         return torch.ones(num_tokens, dtype=torch.float64, device=device)
@@ -58,7 +58,7 @@ def _weights(num_tokens: int, padding_mask: Optional[torch.Tensor], device) -> t
 
 
 def orthogonality_sum(
-    expert_outputs: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, eps: float = EPS
+    expert_outputs: torch.Tensor, padding_mask: torch.Tensor | None = None, eps: float = EPS
 ) -> torch.Tensor:
     """Eq. 6 summed over this shard's valid tokens (no normalisation): a 0-dim float64 tensor.
 
@@ -82,12 +82,14 @@ def _inner(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.einsum("tc,tcd,td->t", u, g, v)
 
 
-def span_projection_sum(expert_outputs: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def span_projection_sum(
+    expert_outputs: torch.Tensor, padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """The reference code's loss summed over this shard's valid tokens, times k (no normalisation): 0-dim float64.
 
-    For each slot a: Σ_u ‖⟨u, x_a⟩ u‖² over the Gram-Schmidt basis u of the other slots, built as the
-    code does (modified Gram-Schmidt, ``v / (‖v‖ + 1e-6)``). Basis vectors are kept as coefficients
-    over the token's k outputs, so every inner product is read off the Gram matrix.
+    For each slot a: Σ_u ‖⟨u, x_a⟩ u‖² over the Gram-Schmidt basis u of the other slots, built as
+    the code does (modified Gram-Schmidt, ``v / (‖v‖ + 1e-6)``). Basis vectors are kept as
+    coefficients over the token's k outputs, so every inner product is read off the Gram matrix.
     """
     g = gram(expert_outputs)  # [T, k, k]
     num_tokens, k = g.shape[0], g.shape[-1]
@@ -101,7 +103,8 @@ def span_projection_sum(expert_outputs: torch.Tensor, padding_mask: Optional[tor
             v = unit[b].expand(num_tokens, k)
             for u in basis:
                 v = v - _inner(u, v, g).unsqueeze(-1) * u
-            # clamp: q >= 0 mathematically; a zero vector (dropped slot) gets a zero gradient, not inf
+            # clamp: q >= 0 mathematically; a zero vector (dropped slot) gets a zero gradient, not
+            # inf
             norm = _inner(v, v, g).clamp(min=1e-30).sqrt()
             basis.append(v / (norm + GRAM_SCHMIDT_EPS).unsqueeze(-1))
         x_a = unit[a].expand(num_tokens, k)
@@ -112,7 +115,7 @@ def span_projection_sum(expert_outputs: torch.Tensor, padding_mask: Optional[tor
 
 def orthogonality_loss(
     expert_outputs: torch.Tensor,
-    padding_mask: Optional[torch.Tensor] = None,
+    padding_mask: torch.Tensor | None = None,
     form: str = PAPER,
     eps: float = EPS,
 ) -> torch.Tensor:
@@ -132,5 +135,7 @@ def orthogonality_loss(
         if form == PAPER
         else span_projection_sum(expert_outputs, padding_mask)
     )
-    count = _weights(expert_outputs.shape[0], padding_mask, expert_outputs.device).sum().clamp(min=1.0)
+    count = (
+        _weights(expert_outputs.shape[0], padding_mask, expert_outputs.device).sum().clamp(min=1.0)
+    )
     return (total / (k * count)).to(torch.float32)

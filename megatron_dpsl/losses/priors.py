@@ -1,30 +1,31 @@
 """Dirichlet priors α for DPSL, from what users write.
 
-All functions return float64 CPU tensors (the router moves them; ``dpsl_loss`` reads α on the host once
-per α to build its CDF table, so a CPU α costs no device sync). Errors are ``ValueError`` whose message
-starts with the offending argument's name (``DPSLTransformerConfig`` maps it to its flag).
+All functions return float64 CPU tensors (the router moves them; ``dpsl_loss`` reads α on the host
+once per α to build its CDF table, so a CPU α costs no device sync). Errors are ``ValueError`` whose
+message starts with the offending argument's name (``DPSLTransformerConfig`` maps it to its flag).
 
 * symmetric: ``symmetric_alpha(E, 1.0)`` -> ``[E]`` (the paper's default α = 1; 0.75 for more
   specialisation on small backbones).
 * per expert: ``per_expert_alpha([..E values..], E)`` -> ``[E]``.
-* modality/task priors (paper Sec. 3.4), generalised: ``group_alpha(E, G, α_b, α_s)`` -> ``[G, E]``; the
-  experts are split into G contiguous blocks of E/G and token group g gets α_b + α_s on block g and α_b
-  elsewhere. G = 2, E = 4: vision (α_b+α_s, α_b+α_s, α_b, α_b), language (α_b, α_b, α_b+α_s, α_b+α_s);
-  G = E gives the task-specific prior α_m^(m) = α_b + α_s.
+* modality/task priors (paper Sec. 3.4), generalised: ``group_alpha(E, G, α_b, α_s)`` -> ``[G, E]``;
+  the experts are split into G contiguous blocks of E/G and token group g gets α_b + α_s on block g
+  and α_b elsewhere. G = 2, E = 4: vision (α_b+α_s, α_b+α_s, α_b, α_b), language (α_b, α_b, α_b+α_s,
+  α_b+α_s); G = E gives the task-specific prior α_m^(m) = α_b + α_s.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from numbers import Real
-from typing import Mapping, Optional, Sequence, Union
+from typing import Union
 
 import torch
 
-AlphaLike = Union[float, Sequence[float], torch.Tensor]
+AlphaLike = Union[float, Sequence[float], torch.Tensor]  # noqa: UP007 (a runtime alias)
 
 
-def _named(names: Optional[Mapping[str, str]]):
+def _named(names: Mapping[str, str] | None):
     """``n(arg)``: the caller's name for argument ``arg`` (the config passes its field names)."""
     names = names or {}
     return lambda arg: names.get(arg, arg)
@@ -56,11 +57,15 @@ def _check_tensor(name: str, values: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(values).all():
         raise ValueError(f"{name}: must be finite, got {values.tolist()}")
     if (values <= 0).any():
-        raise ValueError(f"{name}: every α must be > 0 (Dirichlet concentrations), got {values.tolist()}")
+        raise ValueError(
+            f"{name}: every α must be > 0 (Dirichlet concentrations), got {values.tolist()}"
+        )
     return values
 
 
-def symmetric_alpha(num_experts: int, alpha: float, *, names: Optional[Mapping[str, str]] = None) -> torch.Tensor:
+def symmetric_alpha(
+    num_experts: int, alpha: float, *, names: Mapping[str, str] | None = None
+) -> torch.Tensor:
     """``[num_experts]`` filled with ``alpha`` (> 0), float64 on the CPU."""
     n = _named(names)
     num_experts = _check_int(n("num_experts"), num_experts)
@@ -68,7 +73,9 @@ def symmetric_alpha(num_experts: int, alpha: float, *, names: Optional[Mapping[s
     return torch.full((num_experts,), alpha, dtype=torch.float64)
 
 
-def per_expert_alpha(values: AlphaLike, num_experts: int, *, names: Optional[Mapping[str, str]] = None) -> torch.Tensor:
+def per_expert_alpha(
+    values: AlphaLike, num_experts: int, *, names: Mapping[str, str] | None = None
+) -> torch.Tensor:
     """One α per expert: ``values`` of length ``num_experts`` (each > 0) -> ``[num_experts]`` float64 CPU."""
     n = _named(names)
     num_experts = _check_int(n("num_experts"), num_experts)
@@ -78,7 +85,9 @@ def per_expert_alpha(values: AlphaLike, num_experts: int, *, names: Optional[Map
         raise ValueError(f"{n('values')}: expected {num_experts} numbers, got {values!r}") from err
     if t.dim() != 1 or t.numel() != num_experts:
         got = t.numel() if t.dim() == 1 else f"shape {tuple(t.shape)}"
-        raise ValueError(f"{n('values')}: expected 1 or {num_experts} values (num experts), got {got}")
+        raise ValueError(
+            f"{n('values')}: expected 1 or {num_experts} values (num experts), got {got}"
+        )
     return _check_tensor(n("values"), t)
 
 
@@ -88,7 +97,7 @@ def group_alpha(
     alpha_base: float,
     alpha_shift: float,
     *,
-    names: Optional[Mapping[str, str]] = None,
+    names: Mapping[str, str] | None = None,
 ) -> torch.Tensor:
     """The paper's modality/task priors for ``num_groups`` token groups: ``[num_groups, num_experts]``.
 
@@ -104,7 +113,12 @@ def group_alpha(
     """
     n = _named(names)
     num_experts = _check_int(n("num_experts"), num_experts)
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or num_experts % num_groups:
+    if (
+        isinstance(num_groups, bool)
+        or not isinstance(num_groups, int)
+        or num_groups < 1
+        or num_experts % num_groups
+    ):
         raise ValueError(
             f"{n('num_groups')}: must be >= 1 and divide {n('num_experts')} {num_experts}, got {num_groups!r} "
             "(each group gets a contiguous block of experts)"
@@ -122,7 +136,9 @@ def group_alpha(
 
 def _group_rows(group_alphas, num_experts: int, n) -> torch.Tensor:
     widths = None
-    if isinstance(group_alphas, (list, tuple)) and all(isinstance(r, (list, tuple)) for r in group_alphas):
+    if isinstance(group_alphas, (list, tuple)) and all(
+        isinstance(r, (list, tuple)) for r in group_alphas
+    ):
         widths = sorted({len(r) for r in group_alphas})
     if widths is not None and widths != [num_experts]:
         raise ValueError(
@@ -132,7 +148,9 @@ def _group_rows(group_alphas, num_experts: int, n) -> torch.Tensor:
     try:
         rows = torch.as_tensor(group_alphas, dtype=torch.float64).detach().cpu().clone()
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{n('group_alphas')}: expected [num_groups][{num_experts}] numbers, got {group_alphas!r}") from err
+        raise ValueError(
+            f"{n('group_alphas')}: expected [num_groups][{num_experts}] numbers, got {group_alphas!r}"
+        ) from err
     if rows.dim() != 2 or rows.shape[1] != num_experts or rows.shape[0] < 1:
         raise ValueError(
             f"{n('group_alphas')}: every row needs {num_experts} values (num experts), got shape {tuple(rows.shape)}"
@@ -142,18 +160,19 @@ def _group_rows(group_alphas, num_experts: int, n) -> torch.Tensor:
 
 def resolve_alpha(
     num_experts: int,
-    alpha: Optional[AlphaLike] = None,
-    group_alphas: Optional[Sequence[Sequence[float]]] = None,
-    alpha_base: Optional[float] = None,
-    alpha_shift: Optional[float] = None,
-    num_groups: Optional[int] = None,
+    alpha: AlphaLike | None = None,
+    group_alphas: Sequence[Sequence[float]] | None = None,
+    alpha_base: float | None = None,
+    alpha_shift: float | None = None,
+    num_groups: int | None = None,
     *,
-    names: Optional[Mapping[str, str]] = None,
+    names: Mapping[str, str] | None = None,
 ) -> torch.Tensor:
     """The one entry point the config and the router use: ``[num_experts]`` or ``[num_groups, num_experts]``.
 
     Exactly one way of giving the prior:
-      * ``alpha``: a number (symmetric), a length-1 list (symmetric) or ``num_experts`` values; default 1.0;
+      * ``alpha``: a number (symmetric), a length-1 list (symmetric) or ``num_experts`` values;
+        default 1.0;
       * ``group_alphas``: ``[num_groups][num_experts]`` explicit per-group priors;
       * ``alpha_base`` + ``alpha_shift`` + ``num_groups``: ``group_alpha``.
 
@@ -181,7 +200,9 @@ def resolve_alpha(
                 f"{n('num_groups')} together; missing {', '.join(map(n, missing))}"
             )
         if alpha is not None:
-            raise ValueError(f"{n('alpha')}: give either it or {n('alpha_base')}/{n('alpha_shift')}/{n('num_groups')}, not both")
+            raise ValueError(
+                f"{n('alpha')}: give either it or {n('alpha_base')}/{n('alpha_shift')}/{n('num_groups')}, not both"
+            )
         return group_alpha(num_experts, num_groups, alpha_base, alpha_shift, names=names)
     if alpha is None:
         return symmetric_alpha(num_experts, 1.0, names=names)
@@ -192,7 +213,7 @@ def resolve_alpha(
     return symmetric_alpha(num_experts, alpha, names=names)
 
 
-def num_prior_groups(group_alphas=None, num_groups: Optional[int] = None) -> Optional[int]:
+def num_prior_groups(group_alphas=None, num_groups: int | None = None) -> int | None:
     """Number of token groups a prior needs (``None``: one prior for every token).
 
     The one rule the config, the router, Megatron-LM's data hook and the trainer read: explicit

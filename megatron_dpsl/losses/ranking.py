@@ -4,27 +4,30 @@ Shared by the loss (``loss.py``) and the diagnostics (``metrics.py``). Pure tens
 no process groups, no Megatron. ``probs`` is ``[num_tokens, num_experts]`` (T x E).
 
 A *row* is one (group g, expert k) pair, id ``r = g * E + k``; its table row has (a, b) = (alpha_gk,
-A_g - alpha_gk). Padding tokens get the group id ``num_groups``: their rows (``r >= num_groups * E``) are
-ranked after every valid row and weighted 0. Every point of a row gets its 1-based rank j among the row's
-tokens (ties in token order: stable sorts, so results are deterministic) and the row's size n.
+A_g - alpha_gk). Padding tokens get the group id ``num_groups``: their rows (``r >= num_groups *
+E``) are ranked after every valid row and weighted 0. Every point of a row gets its 1-based rank j
+among the row's tokens (ties in token order: stable sorts, so results are deterministic) and the
+row's size n.
 
-Sorting float32 probabilities: non-negative float32 values order like their int32 bit patterns (negative
-values and NaN give NaN in the CDF, so their position does not matter), and integer sorts take PyTorch's
-radix path (CPU: ~20 ms for 16 rows of 73,728 against ~130-200 ms for a float sort). float64 keeps a stable
-float sort.
+Sorting float32 probabilities: non-negative float32 values order like their int32 bit patterns
+(negative values and NaN give NaN in the CDF, so their position does not matter), and integer sorts
+take PyTorch's radix path (CPU: ~20 ms for 16 rows of 73,728 against ~130-200 ms for a float sort).
+float64 keeps a stable float sort.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import torch
 
 from megatron_dpsl.losses.beta import BetaCDFTable, beta_cdf_table
 
 VALUE_BITS = 30  # float32 bit patterns of [0, 1] are < 2**30 (1.0 == 0x3F800000)
-MAX_BITS = 0x3F800001  # key for anything above 1.0 (+inf, NaN): F is NaN or 1 there, order is irrelevant
+MAX_BITS = (
+    0x3F800001  # key for anything above 1.0 (+inf, NaN): F is NaN or 1 there, order is irrelevant
+)
 
 
 class Eq4Inputs(NamedTuple):
@@ -32,13 +35,17 @@ class Eq4Inputs(NamedTuple):
 
     table: BetaCDFTable  # rows g * E + k, evaluation dtype float32 (float64 for float64 probs)
     num_groups: int  # rows of alpha
-    group_ids: Optional[torch.Tensor]  # [T] int64 in [0, num_groups] (num_groups = padding); None: 1 group, no padding
+    group_ids: (
+        torch.Tensor | None
+    )  # [T] int64 in [0, num_groups] (num_groups = padding); None: 1 group, no padding
 
 
 def _check_inputs(probs, alpha, group_ids, padding_mask):
     if not isinstance(probs, torch.Tensor) or probs.dim() != 2 or not probs.is_floating_point():
         shape = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
-        raise ValueError(f"dpsl_loss: probs must be a float tensor [num_tokens, num_experts], got {shape}")
+        raise ValueError(
+            f"dpsl_loss: probs must be a float tensor [num_tokens, num_experts], got {shape}"
+        )
     num_tokens, num_experts = probs.shape
     if alpha.dim() not in (1, 2) or alpha.shape[-1] != num_experts or alpha.numel() == 0:
         raise ValueError(
@@ -46,11 +53,25 @@ def _check_inputs(probs, alpha, group_ids, padding_mask):
             f"(probs.shape[1]), got shape {tuple(alpha.shape)}"
         )
     if group_ids is not None:
-        if not isinstance(group_ids, torch.Tensor) or group_ids.shape != (num_tokens,) or group_ids.is_floating_point():
-            got = f"{group_ids.dtype} {tuple(group_ids.shape)}" if isinstance(group_ids, torch.Tensor) else group_ids
-            raise ValueError(f"dpsl_loss: group_ids must be an integer tensor of shape [{num_tokens}], got {got}")
+        if (
+            not isinstance(group_ids, torch.Tensor)
+            or group_ids.shape != (num_tokens,)
+            or group_ids.is_floating_point()
+        ):
+            got = (
+                f"{group_ids.dtype} {tuple(group_ids.shape)}"
+                if isinstance(group_ids, torch.Tensor)
+                else group_ids
+            )
+            raise ValueError(
+                f"dpsl_loss: group_ids must be an integer tensor of shape [{num_tokens}], got {got}"
+            )
     if padding_mask is not None:
-        if not isinstance(padding_mask, torch.Tensor) or padding_mask.shape != (num_tokens,) or padding_mask.dtype != torch.bool:
+        if (
+            not isinstance(padding_mask, torch.Tensor)
+            or padding_mask.shape != (num_tokens,)
+            or padding_mask.dtype != torch.bool
+        ):
             got = (
                 f"{padding_mask.dtype} {tuple(padding_mask.shape)}"
                 if isinstance(padding_mask, torch.Tensor)
@@ -70,7 +91,7 @@ def _alpha_2d(alpha, num_experts: int) -> torch.Tensor:
     return a.reshape(-1, num_experts)
 
 
-def table_for(probs, alpha, group_ids=None, padding_mask=None) -> Tuple[BetaCDFTable, int]:
+def table_for(probs, alpha, group_ids=None, padding_mask=None) -> tuple[BetaCDFTable, int]:
     """Validate ``dpsl_loss``'s arguments and return (the cached CDF table, num_groups).
 
     Args: as ``dpsl_loss``. Checks types, shapes and alpha's values; not the group-id values (each
@@ -82,7 +103,9 @@ def table_for(probs, alpha, group_ids=None, padding_mask=None) -> Tuple[BetaCDFT
     num_tokens, num_experts = probs.shape
     cdt = torch.float64 if probs.dtype == torch.float64 else torch.float32
     # alpha's values key the cache: read on the host (free for a CPU alpha), no device work per call
-    table, num_groups = _cached_table(tuple(alpha.reshape(-1).tolist()), num_experts, cdt, probs.device)
+    table, num_groups = _cached_table(
+        tuple(alpha.reshape(-1).tolist()), num_experts, cdt, probs.device
+    )
     if num_groups > 1 and group_ids is None:
         raise ValueError(
             f"dpsl_loss: alpha has {num_groups} rows (one prior per token group); pass group_ids [{num_tokens}]"
@@ -90,8 +113,8 @@ def table_for(probs, alpha, group_ids=None, padding_mask=None) -> Tuple[BetaCDFT
     return table, num_groups
 
 
-# A bounded memo of immutable tables (like beta.beta_cdf_table's), not state: the result never depends on
-# whether it was cached. Errors are not cached, so invalid alpha raises on every call.
+# A bounded memo of immutable tables (like beta.beta_cdf_table's), not state: the result never
+# depends on whether it was cached. Errors are not cached, so invalid alpha raises on every call.
 @functools.lru_cache(maxsize=16)
 def _cached_table(values: tuple, num_experts: int, dtype: torch.dtype, device: torch.device):
     alpha2d = _alpha_2d(torch.tensor(values, dtype=torch.float64), num_experts)
@@ -108,9 +131,9 @@ def prepare(probs, alpha, group_ids=None, padding_mask=None) -> Eq4Inputs:
 def row_layout(probs, table, num_groups: int, group_ids, padding_mask) -> Eq4Inputs:
     """Checked, merged group ids for ``table_for``'s validated arguments.
 
-    Group ids are range-checked on the host for CPU tensors, by a device-side assert elsewhere (no host
-    sync). With padding, padded tokens get group ``num_groups``; a single group without padding returns
-    ``group_ids=None`` (the dense layout).
+    Group ids are range-checked on the host for CPU tensors, by a device-side assert elsewhere (no
+    host sync). With padding, padded tokens get group ``num_groups``; a single group without padding
+    returns ``group_ids=None`` (the dense layout).
     """
     num_tokens = probs.shape[0]
     if group_ids is not None:
@@ -126,22 +149,28 @@ def row_layout(probs, table, num_groups: int, group_ids, padding_mask) -> Eq4Inp
             torch._assert_async(~bad.any(), "dpsl_loss: group_ids out of range [0, num_groups)")
     if padding_mask is not None:
         padding_mask = padding_mask.to(probs.device)
-        base = group_ids if group_ids is not None else torch.zeros(num_tokens, dtype=torch.int64, device=probs.device)
+        base = (
+            group_ids
+            if group_ids is not None
+            else torch.zeros(num_tokens, dtype=torch.int64, device=probs.device)
+        )
         group_ids = torch.where(padding_mask, num_groups, base)
     elif group_ids is not None and num_groups == 1:
         group_ids = None  # a single group and no padding: the dense path
     return Eq4Inputs(table, num_groups, group_ids)
 
 
-def sort_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Stable ascending sort along the last dim of contiguous probabilities: (values, index)."""
     if x.dtype == torch.float32:
-        vals, idx = torch.sort(x.view(torch.int32), dim=-1, stable=True)  # bit patterns: module docstring
+        vals, idx = torch.sort(
+            x.view(torch.int32), dim=-1, stable=True
+        )  # bit patterns: module docstring
         return vals.view(torch.float32), idx
     return torch.sort(x, dim=-1, stable=True)
 
 
-def rank_dense(p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def rank_dense(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """No groups, no padding. p ``[T, E]`` -> (sorted ``[E, T]``, token index ``[E, T]``); rank j = column + 1."""
     return sort_rows(p.t().contiguous())  # each expert's column becomes a contiguous row
 
@@ -159,8 +188,9 @@ class Ranked(NamedTuple):
 def rank_ragged(p: torch.Tensor, group_ids: torch.Tensor, num_groups: int) -> Ranked:
     """Groups and/or padding: one sort for all rows, no host sync (fixed shapes).
 
-    float32: one stable 1-D sort of the int64 key ``row << 30 | bits`` (rows in increasing id). float64:
-    per expert, a stable value sort then a stable group sort (each expert's rows contiguous).
+    float32: one stable 1-D sort of the int64 key ``row << 30 | bits`` (rows in increasing id).
+    float64: per expert, a stable value sort then a stable group sort (each expert's rows
+    contiguous).
     """
     num_tokens, num_experts = p.shape
     dev = p.device
@@ -182,7 +212,9 @@ def rank_ragged(p: torch.Tensor, group_ids: torch.Tensor, num_groups: int) -> Ra
         row = (g_sorted * num_experts + expert[:, None]).reshape(-1)
         # expert-major: row (g, k) starts at k * T + sum_{g' < g} counts[g']
         g_start = torch.cumsum(counts, 0) - counts  # [G + 1]
-        start = (expert[None, :] * num_tokens + g_start[:, None]).reshape(-1)  # indexed by g * E + k
+        start = (expert[None, :] * num_tokens + g_start[:, None]).reshape(
+            -1
+        )  # indexed by g * E + k
         size = counts.repeat_interleave(num_experts)
     x = p.reshape(-1)[perm]
     pos = torch.arange(perm.numel(), device=dev)
@@ -199,14 +231,14 @@ class RankedCDF(NamedTuple):
     j: torch.Tensor  # rank, 1-based
     n: torch.Tensor  # row size, clamped to >= 1
     f: torch.Tensor  # F(x) of the row's Beta
-    d: Optional[torch.Tensor]  # dF/dx (None unless need_grad)
+    d: torch.Tensor | None  # dF/dx (None unless need_grad)
 
 
 def ranked_cdf(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool) -> RankedCDF:
     """Rank ``p`` ``[T, E]`` (already in ``inputs.table.dtype``) by row and evaluate F at every point.
 
-    ``inputs.group_ids`` None means one group without padding. Padding points are evaluated with the last
-    valid row's constants (any value, NaN included): callers mask them with ``valid``.
+    ``inputs.group_ids`` None means one group without padding. Padding points are evaluated with the
+    last valid row's constants (any value, NaN included): callers mask them with ``valid``.
     """
     table, num_groups, group_ids = inputs
     num_experts = p.shape[1]

@@ -11,7 +11,8 @@ the micro-batch size or on how the tokens are sharded (docs/regularizers.md).
 
 Reference-code form (``form="reference_code"``, the official repository's ``modeling_deepseek.py``):
 
-    L_v = -(1/N) Σ_i Var_j(softmax(logits)_ij)      (unbiased, ÷(n-1); the full softmax before top-k)
+    L_v = -(1/N) Σ_i Var_j(softmax(logits)_ij)      (unbiased, ÷(n-1); the full softmax before
+    top-k)
 
 i.e. per-token sharpness across experts, not a statistic over the batch.
 
@@ -23,22 +24,20 @@ one-pass variance ``E[s²] - E[s]²`` free of cancellation at any batch size. No
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 PAPER, REFERENCE_CODE = "paper", "reference_code"
 FORMS = (PAPER, REFERENCE_CODE)
 
 
-def _valid(num_tokens: int, padding_mask: Optional[torch.Tensor], device) -> torch.Tensor:
+def _valid(num_tokens: int, padding_mask: torch.Tensor | None, device) -> torch.Tensor:
     """``[num_tokens, 1]`` float64 weights: 1 for a valid token, 0 for padding (True = padding)."""
     if padding_mask is None:
         return torch.ones(num_tokens, 1, dtype=torch.float64, device=device)
     return (~padding_mask.reshape(-1, 1).bool()).to(torch.float64)
 
 
-def variance_sums(probs: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def variance_sums(probs: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Partial sums of the paper form over this shard's tokens.
 
     Args:
@@ -62,21 +61,23 @@ def variance_loss_from_sums(sums: torch.Tensor) -> torch.Tensor:
     first, second, count = sums[:num_experts], sums[num_experts : 2 * num_experts], sums[-1]
     n = count.clamp(min=1.0)
     mean = first / n
-    # per-expert population variance over tokens; its gradient is 2(s_ij - s̄_j)/N, the s̄ terms cancel
+    # per-expert population variance over tokens; its gradient is 2(s_ij - s̄_j)/N, the s̄ terms
+    # cancel
     var = second / n - mean * mean
     return -var.mean()
 
 
-def variance_loss(probs: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def variance_loss(probs: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Paper form of L_v on one unsharded batch (no coefficient): ``[num_tokens, num_experts]`` -> 0-dim float32."""
     return variance_loss_from_sums(variance_sums(probs, padding_mask)).to(torch.float32)
 
 
-def sharpness_sums(logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sharpness_sums(logits: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Partial sums of the reference-code form over this shard's tokens.
 
     Args:
-        logits: ``[num_tokens, num_experts]`` router logits (the softmax over all experts is taken here, in fp32, or
+        logits: ``[num_tokens, num_experts]`` router logits (the softmax over all experts is taken
+        here, in fp32, or
             float64 for float64 logits).
         padding_mask: ``[num_tokens]`` bool, True = padding (left out), or None.
 
@@ -84,9 +85,13 @@ def sharpness_sums(logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = 
         ``[2]`` float64: ``Σ_i Var_j(softmax(logits)_ij)`` (unbiased across experts) and ``N``.
     """
     if logits.shape[-1] < 2:
-        raise ValueError(f"the reference-code variance loss needs >= 2 experts, got {logits.shape[-1]}")
+        raise ValueError(
+            f"the reference-code variance loss needs >= 2 experts, got {logits.shape[-1]}"
+        )
     w = _valid(logits.shape[0], padding_mask, logits.device)[:, 0]
-    scores = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).to(torch.float64)
+    scores = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).to(
+        torch.float64
+    )
     var = scores.var(dim=-1, correction=1)  # [num_tokens], unbiased as in the reference code
     return torch.stack([(var * w).sum(), w.sum()])
 
@@ -96,6 +101,8 @@ def sharpness_loss_from_sums(sums: torch.Tensor) -> torch.Tensor:
     return -sums[0] / sums[1].clamp(min=1.0)
 
 
-def variance_loss_reference_code(logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def variance_loss_reference_code(
+    logits: torch.Tensor, padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Reference-code form of L_v on one unsharded batch: ``[num_tokens, num_experts]`` logits -> 0-dim float32."""
     return sharpness_loss_from_sums(sharpness_sums(logits, padding_mask)).to(torch.float32)

@@ -2,13 +2,13 @@
 
 ``add_dpsl_args(parser)`` is a Megatron-LM ``extra_args_provider``: it adds the ``--moe-dpsl-*``
 flags and lets ``--moe-router-load-balancing-type`` take ``dpsl`` (alone or in Megatron's list
-form, e.g. ``aux_loss dpsl`` with one ``--moe-aux-loss-coeff`` per type), and likewise ``variance`` and
-``orthogonality`` (Guo et al.; coefficients in their ``--moe-aux-loss-coeff`` slots) with their
+form, e.g. ``aux_loss dpsl`` with one ``--moe-aux-loss-coeff`` per type), and likewise ``variance``
+and ``orthogonality`` (Guo et al.; coefficients in their ``--moe-aux-loss-coeff`` slots) with their
 ``--moe-variance-loss-form`` / ``--moe-orthogonality-loss-form`` flags.
 
 ``dpsl_config_from_args(args)`` copies the parsed namespace onto ``DPSLTransformerConfig`` by
-dataclass field name, as Megatron-LM's ``core_transformer_config_from_args`` does. The config decides
-what is valid; this module only checks what the config cannot see (which flags were typed,
+dataclass field name, as Megatron-LM's ``core_transformer_config_from_args`` does. The config
+decides what is valid; this module only checks what the config cannot see (which flags were typed,
 ``check_given_flags``) and rewrites the config's field names as flags in its errors
 (``translate_config_error``), so every error names the flag.
 
@@ -24,7 +24,8 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 from megatron_dpsl.config.load_balancing import (
     DPSL_TYPE,
@@ -54,7 +55,8 @@ DPSL_FIELDS = (
 AC_FIELDS = ("moe_ac_layers", "moe_ac_eps", "moe_ac_clip", "moe_ac_weight_norm")
 """The Adaptive-Clustering router's fields (``--moe-ac-*``, docs/ac_router.md)."""
 
-# The variance/orthogonality loss flags: (flag, config field, the load-balancing type they belong to).
+# The variance/orthogonality loss flags: (flag, config field, the load-balancing type they belong
+# to).
 REGULARIZER_FLAGS = (
     ("--moe-variance-loss-form", "moe_variance_loss_form", VARIANCE_TYPE),
     ("--moe-orthogonality-loss-form", "moe_orthogonality_loss_form", ORTHOGONALITY_TYPE),
@@ -84,7 +86,9 @@ def _group_alphas(value: str) -> list[list[float]]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at char {e.pos}): {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON ({e.msg} at char {e.pos}): {value!r}"
+        ) from None
     if (
         not isinstance(rows, list)
         or not rows
@@ -97,7 +101,7 @@ def _group_alphas(value: str) -> list[list[float]]:
     return [[float(x) for x in r] for r in rows]
 
 
-def _find_action(parser: argparse.ArgumentParser, dest: str) -> Optional[argparse.Action]:
+def _find_action(parser: argparse.ArgumentParser, dest: str) -> argparse.Action | None:
     # argparse has no public lookup by dest; Megatron-LM's own scripts read parser._actions too.
     for action in parser._actions:
         if action.dest == dest:
@@ -140,22 +144,28 @@ def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron-LM ``extra_args_provider``: add the DPSL flags (and the ``--moe-ac-*`` flags of the Adaptive
     Clustering router) and accept ``dpsl`` as a load-balancing type.
 
-    If ``parser`` defines ``--moe-router-load-balancing-type`` (Megatron-LM's parser does), ``dpsl`` is
-    appended to its choices; if it does not, nothing is added for it (call
-    ``add_moe_load_balancing_args`` for a standalone parser). Calling it twice is harmless (the patched
-    Megatron-LM adds the flags itself and a launcher may pass this provider too). Returns ``parser``.
+    If ``parser`` defines ``--moe-router-load-balancing-type`` (Megatron-LM's parser does), ``dpsl``
+    is appended to its choices; if it does not, nothing is added for it (call
+    ``add_moe_load_balancing_args`` for a standalone parser). Calling it twice is harmless (the
+    patched Megatron-LM adds the flags itself and a launcher may pass this provider too). Returns
+    ``parser``.
     """
     if _find_action(parser, "moe_dpsl_coeff") is not None:
         _add_ac_args(parser)  # a parser that got the DPSL flags before the AC router existed
         return parser
     action = _find_action(parser, "moe_router_load_balancing_type")
-    missing = [t for t in PLUGIN_LOAD_BALANCING_TYPES if action is not None and action.choices is not None
-               and t not in action.choices]
+    missing = [
+        t
+        for t in PLUGIN_LOAD_BALANCING_TYPES
+        if action is not None and action.choices is not None and t not in action.choices
+    ]
     if missing:
         action.choices = [*action.choices, *missing]
         if action.help:
-            action.help += (" 'dpsl' (megatron-dpsl) adds the Dirichlet-Prior Shaping Loss, see --moe-dpsl-*; "
-                            "'variance' and 'orthogonality' the losses of Guo et al. (2025).")
+            action.help += (
+                " 'dpsl' (megatron-dpsl) adds the Dirichlet-Prior Shaping Loss, see --moe-dpsl-*; "
+                "'variance' and 'orthogonality' the losses of Guo et al. (2025)."
+            )
 
     group = parser.add_argument_group(
         title="dpsl",
@@ -337,8 +347,10 @@ def dpsl_enabled(args: argparse.Namespace) -> bool:
 _PRIOR_SOURCES = (
     ("--moe-dpsl-alpha", ("moe_dpsl_alpha",)),
     ("--moe-dpsl-group-alphas", ("moe_dpsl_group_alphas",)),
-    ("--moe-dpsl-alpha-base/--moe-dpsl-alpha-shift/--moe-dpsl-num-groups",
-     ("moe_dpsl_alpha_base", "moe_dpsl_alpha_shift", "moe_dpsl_num_groups")),
+    (
+        "--moe-dpsl-alpha-base/--moe-dpsl-alpha-shift/--moe-dpsl-num-groups",
+        ("moe_dpsl_alpha_base", "moe_dpsl_alpha_shift", "moe_dpsl_num_groups"),
+    ),
 )
 
 
@@ -350,7 +362,11 @@ def check_given_flags(args: argparse.Namespace) -> None:
     another: both raise ``ValueError`` naming the flag.
     Every rule about values lives in ``DPSLTransformerConfig``.
     """
-    given = [flag for flag, names in _PRIOR_SOURCES if any(getattr(args, n, None) is not None for n in names)]
+    given = [
+        flag
+        for flag, names in _PRIOR_SOURCES
+        if any(getattr(args, n, None) is not None for n in names)
+    ]
     if getattr(args, "moe_dpsl_coeff", None) is not None:
         given.append("--moe-dpsl-coeff")
     if given and not dpsl_enabled(args):
@@ -361,10 +377,14 @@ def check_given_flags(args: argparse.Namespace) -> None:
         )
     priors = [flag for flag in given if flag != "--moe-dpsl-coeff"]
     if len(priors) > 1:
-        raise ValueError(f"{priors[1].split('/')[0]}: give only one prior, got {' and '.join(priors)}")
+        raise ValueError(
+            f"{priors[1].split('/')[0]}: give only one prior, got {' and '.join(priors)}"
+        )
     ac_given = [flag_for_field(n) for n in AC_FIELDS[1:] if getattr(args, n, None) is not None]
     if ac_given and not getattr(args, "moe_ac_layers", None):
-        raise ValueError(f"{ac_given[0]}: the Adaptive Clustering flags need --moe-ac-layers (the layers that use AC)")
+        raise ValueError(
+            f"{ac_given[0]}: the Adaptive Clustering flags need --moe-ac-layers (the layers that use AC)"
+        )
     types = plugin_types_in(getattr(args, "moe_router_load_balancing_type", None))
     for flag, field, needed in REGULARIZER_FLAGS:
         if getattr(args, field, None) is not None and needed not in types:
@@ -430,16 +450,18 @@ def dpsl_config_from_args(args: argparse.Namespace, config_class=None, **overrid
 
     Mirrors Megatron-LM's ``core_transformer_config_from_args(args, config_class)``: every field of
     ``config_class`` (default ``DPSLTransformerConfig``) that the namespace has is copied, after the
-    DPSL checks and normalisation of ``dpsl_namespace``; ``--num-experts`` fills ``num_moe_experts``.
-    ``overrides`` (keyword arguments, applied last) carry what a standalone trainer derives itself,
-    e.g. ``activation_func``. Errors are ``ValueError`` naming the flag.
+    DPSL checks and normalisation of ``dpsl_namespace``; ``--num-experts`` fills
+    ``num_moe_experts``. ``overrides`` (keyword arguments, applied last) carry what a standalone
+    trainer derives itself, e.g. ``activation_func``. Errors are ``ValueError`` naming the flag.
 
     Inside Megatron-LM's own flow use ``megatron_lm_config_from_args``, which keeps Megatron-LM's
     translations (swiglu, GQA, pipeline dtype, ...).
     """
     config_class = config_class or _default_config_class()
     ns = dpsl_namespace(args)
-    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(config_class) if hasattr(ns, f.name)}
+    kw = {
+        f.name: getattr(ns, f.name) for f in dataclasses.fields(config_class) if hasattr(ns, f.name)
+    }
     if getattr(ns, "num_experts", None) is not None:
         kw["num_moe_experts"] = ns.num_experts
     kw.update(overrides)
@@ -459,9 +481,13 @@ def megatron_lm_config_from_args(args: argparse.Namespace, config_class=None):
         config = core_transformer_config_from_args(dpsl_namespace(args), config_class=config_class)
     ours = plugin_types_in(getattr(args, "moe_router_load_balancing_type", None))
     if ours and not isinstance(config, config_class):
-        # Megatron-LM swaps in MLATransformerConfig / HeterogeneousTransformerConfig, dropping the plugin's fields.
-        flag = "--multi-latent-attention" if getattr(args, "multi_latent_attention", False) else (
-            "--heterogeneous-layers-config-path")
+        # Megatron-LM swaps in MLATransformerConfig / HeterogeneousTransformerConfig, dropping the
+        # plugin's fields.
+        flag = (
+            "--multi-latent-attention"
+            if getattr(args, "multi_latent_attention", False)
+            else ("--heterogeneous-layers-config-path")
+        )
         raise ValueError(
             f"{flag}: Megatron-LM builds a {type(config).__name__} for it, which has no DPSL fields; "
             f"not supported with {LOAD_BALANCING_FLAG} {ours[0]}"

@@ -8,7 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_dpsl.megatron_lm.args import REGULARIZER_FIELDS, add_dpsl_args, add_moe_load_balancing_args
+from megatron_dpsl.megatron_lm.args import (
+    REGULARIZER_FIELDS,
+    add_dpsl_args,
+    add_moe_load_balancing_args,
+)
 
 HEADER = """\
 # DPSL command-line flags
@@ -74,7 +78,9 @@ def _row(action: argparse.Action) -> str:
     else:
         shape = action.metavar or (action.type.__name__ if action.type else "str")
     if action.choices:
-        shape = "{" + ",".join(map(str, action.choices)) + "}" + (" ..." if action.nargs == "+" else "")
+        shape = (
+            "{" + ",".join(map(str, action.choices)) + "}" + (" ..." if action.nargs == "+" else "")
+        )
     ours = action.dest.startswith(("moe_dpsl_", "moe_ac_")) or action.dest in REGULARIZER_FIELDS
     field = action.dest if ours else f"{action.dest} (Megatron)"
     default = "—" if action.default is None else f"`{action.default}`"

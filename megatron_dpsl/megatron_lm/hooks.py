@@ -1,17 +1,18 @@
 """What the patched Megatron-LM files (``patches/``) call: the DPSL layer spec and per-token group ids.
 
-Kept here, not in the patches, so that each patch stays a few lines that only forward to this module.
-Imports Megatron lazily: the patched files import this module from inside their functions.
+Kept here, not in the patches, so that each patch stays a few lines that only forward to this
+module. Imports Megatron lazily: the patched files import this module from inside their functions.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from megatron_dpsl.config.load_balancing import plugin_types_in
-from megatron_dpsl.megatron_lm.args import dpsl_enabled
 from megatron_dpsl.losses.priors import num_prior_groups
+from megatron_dpsl.megatron_lm.args import dpsl_enabled
 
 
 def decoder_block_spec_fn(config, default: Callable) -> Callable:
@@ -39,18 +40,21 @@ def plugin_track_names(load_balancing_type) -> list[str]:
     return [f"{t}_loss" for t in plugin_types_in(load_balancing_type)]
 
 
-def num_token_groups(args) -> Optional[int]:
+def num_token_groups(args) -> int | None:
     """Token groups the run's DPSL prior distinguishes (``None``: no group priors, or DPSL off)."""
     if not dpsl_enabled(args):
         return None
-    return num_prior_groups(getattr(args, "moe_dpsl_group_alphas", None), getattr(args, "moe_dpsl_num_groups", None))
+    return num_prior_groups(
+        getattr(args, "moe_dpsl_group_alphas", None), getattr(args, "moe_dpsl_num_groups", None)
+    )
 
 
 class _DatasetIdTap:
     """Iterator wrapper that keeps the ``dataset_id`` of the last batch it handed out.
 
-    Megatron-LM's ``BlendedDataset`` yields ``{"dataset_id": i, **sample}``, ``i`` being the index of the
-    sample's dataset in ``--data-path``; ``get_batch_on_this_tp_rank`` drops that key, so it is read here.
+    Megatron-LM's ``BlendedDataset`` yields ``{"dataset_id": i, **sample}``, ``i`` being the index
+    of the sample's dataset in ``--data-path``; ``get_batch_on_this_tp_rank`` drops that key, so it
+    is read here.
     """
 
     def __init__(self, data_iterator: Iterator):
@@ -70,8 +74,9 @@ class DatasetTokenGroups:
     """Per-token group ids for DPSL group priors in Megatron-LM's ``forward_step`` (patched ``pretrain_gpt.py``).
 
     The group of a token is the index of its sample's dataset in the ``--data-path`` blend (e.g.
-    ``--data-path 1 code_text_document 1 prose_text_document``: code is group 0, prose group 1). Without
-    group priors this is a no-op: the data iterator is passed through and ``context`` enters nothing.
+    ``--data-path 1 code_text_document 1 prose_text_document``: code is group 0, prose group 1).
+    Without group priors this is a no-op: the data iterator is passed through and ``context`` enters
+    nothing.
 
     Usage (what the patch does)::
 
@@ -81,11 +86,13 @@ class DatasetTokenGroups:
             output_tensor = model(tokens, ...)
     """
 
-    def __init__(self, args, data_iterator: Optional[Iterator]):
+    def __init__(self, args, data_iterator: Iterator | None):
         self.args = args
         self.num_groups = num_token_groups(args)
         self.enabled = self.num_groups is not None
-        self._tap = _DatasetIdTap(data_iterator) if self.enabled and data_iterator is not None else None
+        self._tap = (
+            _DatasetIdTap(data_iterator) if self.enabled and data_iterator is not None else None
+        )
         self.data_iterator = self._tap if self._tap is not None else data_iterator
 
     def group_ids(self, tokens):
@@ -118,7 +125,8 @@ class DatasetTokenGroups:
                 f"--moe-dpsl-group-alphas/--moe-dpsl-num-groups: {num_groups} groups, but the --data-path blend has "
                 f"a dataset with index {int(ids.max())}; list exactly one dataset per group"
             )
-        # Every token of a sample belongs to the sample's dataset, so the CP slice needs no special care.
+        # Every token of a sample belongs to the sample's dataset, so the CP slice needs no special
+        # care.
         return ids[:, None].expand(batch, tokens.shape[1]).contiguous()
 
     def context(self, tokens, packed_seq_params=None) -> Any:

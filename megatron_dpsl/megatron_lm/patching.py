@@ -8,10 +8,11 @@ target first (the original hash means "apply", the patched hash "already applied
 drift and stops the run before any file is touched), then dry-runs every patch (``patch
 --dry-run``) and only then applies them.
 
-    python -m megatron_dpsl.megatron_lm.patching apply /path/to/Megatron-LM      # or scripts/apply_megatron_patches.sh
-    python -m megatron_dpsl.megatron_lm.patching status /path/to/Megatron-LM
-    python -m megatron_dpsl.megatron_lm.patching export-originals --tag core_v0.19.0 --git-dir DIR OUT
-    python -m megatron_dpsl.megatron_lm.patching lock --tag core_v0.19.0 --git-dir DIR   # rewrite its upstream.lock
+    python -m megatron_dpsl.megatron_lm.patching apply /path/to/Megatron-LM      # or
+    scripts/apply_megatron_patches.sh python -m megatron_dpsl.megatron_lm.patching status
+    /path/to/Megatron-LM python -m megatron_dpsl.megatron_lm.patching export-originals --tag
+    core_v0.19.0 --git-dir DIR OUT python -m megatron_dpsl.megatron_lm.patching lock --tag
+    core_v0.19.0 --git-dir DIR   # rewrite its upstream.lock
 
 ``--git-dir`` (default ``$MEGATRON_LM_GIT_DIR``) is a local clone or mirror of Megatron-LM; nothing
 is downloaded.
@@ -29,9 +30,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
-# The patch sets of a clone of megatron-dpsl: patches/<tag>/ (an installed wheel has none; pass --patches-dir).
+# The patch sets of a clone of megatron-dpsl: patches/<tag>/ (an installed wheel has none; pass
+# --patches-dir).
 DEFAULT_PATCHES_DIR = Path(__file__).resolve().parents[2] / "patches"
 LOCK_NAME = "upstream.lock"
 GIT_DIR_ENV = "MEGATRON_LM_GIT_DIR"
@@ -58,11 +59,13 @@ class Lock:
     files: tuple[PatchedFile, ...]
 
     @classmethod
-    def load(cls, patches_dir: Path) -> "Lock":
+    def load(cls, patches_dir: Path) -> Lock:
         """The lock of one patch set (``patches/<tag>``)."""
         path = Path(patches_dir) / LOCK_NAME
         if not path.is_file():
-            raise PatchError(f"{path}: no lock file (run from a clone of megatron-dpsl, or pass --patches-dir)")
+            raise PatchError(
+                f"{path}: no lock file (run from a clone of megatron-dpsl, or pass --patches-dir)"
+            )
         data = json.loads(path.read_text(encoding="utf-8"))
         return cls(
             repository=data["repository"],
@@ -74,7 +77,9 @@ class Lock:
     def dump(self, patches_dir: Path) -> None:
         data = dataclasses.asdict(self)
         data["files"] = [dataclasses.asdict(f) for f in self.files]
-        (Path(patches_dir) / LOCK_NAME).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        (Path(patches_dir) / LOCK_NAME).write_text(
+            json.dumps(data, indent=2) + "\n", encoding="utf-8"
+        )
 
 
 def sha256_of(path: Path) -> str:
@@ -97,12 +102,26 @@ def file_states(root: Path, lock: Lock) -> dict[str, str]:
 def _run_patch(root: Path, patch_file: Path, dry_run: bool) -> None:
     if shutil.which("patch") is None:
         raise PatchError("GNU patch is not installed (apt-get install patch)")
-    cmd = ["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-r", "-", "-d", str(root), "-i", str(patch_file)]
+    cmd = [
+        "patch",
+        "-p1",
+        "--forward",
+        "--batch",
+        "--no-backup-if-mismatch",
+        "-r",
+        "-",
+        "-d",
+        str(root),
+        "-i",
+        str(patch_file),
+    ]
     if dry_run:
         cmd.insert(1, "--dry-run")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise PatchError(f"{patch_file.name}: patch {'--dry-run ' if dry_run else ''}failed:\n{proc.stdout}{proc.stderr}")
+        raise PatchError(
+            f"{patch_file.name}: patch {'--dry-run ' if dry_run else ''}failed:\n{proc.stdout}{proc.stderr}"
+        )
 
 
 def patch_sets(patches_dir: Path = DEFAULT_PATCHES_DIR) -> list[Path]:
@@ -112,15 +131,17 @@ def patch_sets(patches_dir: Path = DEFAULT_PATCHES_DIR) -> list[Path]:
         return [patches_dir]
     sets = sorted(p.parent for p in patches_dir.glob(f"*/{LOCK_NAME}"))
     if not sets:
-        raise PatchError(f"{patches_dir}: no patch set (a directory with {LOCK_NAME}); pass --patches-dir")
+        raise PatchError(
+            f"{patches_dir}: no patch set (a directory with {LOCK_NAME}); pass --patches-dir"
+        )
     return sets
 
 
 def select_patch_set(root: Path, patches_dir: Path = DEFAULT_PATCHES_DIR) -> tuple[Path, Lock]:
     """The patch set (directory, lock) for the Megatron-LM tree at ``root``.
 
-    The set whose every target file is its original or its patched result; ``PatchError`` naming, for
-    each set, the files that differ when none fits (drift from every pinned release).
+    The set whose every target file is its original or its patched result; ``PatchError`` naming,
+    for each set, the files that differ when none fits (drift from every pinned release).
     """
     reports = []
     for set_dir in patch_sets(patches_dir):
@@ -131,10 +152,17 @@ def select_patch_set(root: Path, patches_dir: Path = DEFAULT_PATCHES_DIR) -> tup
             return set_dir, lock
         expected = {f.path: f.sha256 for f in lock.files}
         lines = [
-            f"    {p}: {s}" + (f" (sha256 {sha256_of(Path(root) / p)}, expected {expected[p]})" if s == "drift" else "")
+            f"    {p}: {s}"
+            + (
+                f" (sha256 {sha256_of(Path(root) / p)}, expected {expected[p]})"
+                if s == "drift"
+                else ""
+            )
             for p, s in bad.items()
         ]
-        reports.append((len(bad), f"  {lock.tag} ({lock.commit[:12]}, {set_dir.name}/):\n" + "\n".join(lines)))
+        reports.append(
+            (len(bad), f"  {lock.tag} ({lock.commit[:12]}, {set_dir.name}/):\n" + "\n".join(lines))
+        )
     reports.sort(key=lambda r: r[0])  # the closest release first
     raise PatchError(
         f"Megatron-LM at {root} is none of the releases the patches were written for; these files differ:\n"
@@ -143,7 +171,9 @@ def select_patch_set(root: Path, patches_dir: Path = DEFAULT_PATCHES_DIR) -> tup
     )
 
 
-def apply_patches(root: Path, patches_dir: Path = DEFAULT_PATCHES_DIR, check_only: bool = False) -> dict[str, str]:
+def apply_patches(
+    root: Path, patches_dir: Path = DEFAULT_PATCHES_DIR, check_only: bool = False
+) -> dict[str, str]:
     """Apply the matching patch set to the Megatron-LM tree at ``root``; returns ``{path: what happened}``.
 
     ``patches_dir``: ``patches/`` (the set is picked by the tree's file hashes) or one set
@@ -163,7 +193,9 @@ def apply_patches(root: Path, patches_dir: Path = DEFAULT_PATCHES_DIR, check_onl
             continue
         _run_patch(root, patches_dir / f.patch, dry_run=False)
         if sha256_of(root / f.path) != f.patched_sha256:
-            raise PatchError(f"{f.path}: patched file's sha256 differs from {LOCK_NAME}; the patch and lock disagree")
+            raise PatchError(
+                f"{f.path}: patched file's sha256 differs from {LOCK_NAME}; the patch and lock disagree"
+            )
         result[f.path] = "applied"
     return result
 
@@ -172,19 +204,25 @@ def apply_patches(root: Path, patches_dir: Path = DEFAULT_PATCHES_DIR, check_onl
 # Originals from a local git directory (tests, lock generation); nothing is downloaded.
 
 
-def default_git_dir() -> Optional[str]:
+def default_git_dir() -> str | None:
     """``$MEGATRON_LM_GIT_DIR`` (a local Megatron-LM clone or mirror), or None when unset."""
     return os.environ.get(GIT_DIR_ENV) or None
 
 
 def git_show(git_dir: str, commit: str, path: str) -> bytes:
-    proc = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"{commit}:{path}"], capture_output=True)
+    proc = subprocess.run(
+        ["git", "--git-dir", str(git_dir), "show", f"{commit}:{path}"], capture_output=True
+    )
     if proc.returncode != 0:
-        raise PatchError(f"git --git-dir {git_dir} show {commit}:{path} failed: {proc.stderr.decode().strip()}")
+        raise PatchError(
+            f"git --git-dir {git_dir} show {commit}:{path} failed: {proc.stderr.decode().strip()}"
+        )
     return proc.stdout
 
 
-def export_originals(git_dir: str, out: Path, lock: Lock, extra_paths: tuple[str, ...] = ()) -> Path:
+def export_originals(
+    git_dir: str, out: Path, lock: Lock, extra_paths: tuple[str, ...] = ()
+) -> Path:
     """Write the pinned commit's originals of the patched files (and ``extra_paths``, files or
     directories) under ``out``, checking each patched file against the lock."""
     out = Path(out)
@@ -192,15 +230,20 @@ def export_originals(git_dir: str, out: Path, lock: Lock, extra_paths: tuple[str
         data = git_show(git_dir, lock.commit, f.path)
         digest = hashlib.sha256(data).hexdigest()
         if digest != f.sha256:
-            raise PatchError(f"{f.path}: sha256 at {lock.commit[:12]} in {git_dir} is {digest}, lock says {f.sha256}")
+            raise PatchError(
+                f"{f.path}: sha256 at {lock.commit[:12]} in {git_dir} is {digest}, lock says {f.sha256}"
+            )
         (out / f.path).parent.mkdir(parents=True, exist_ok=True)
         (out / f.path).write_bytes(data)
     if extra_paths:
         archive = subprocess.run(
-            ["git", "--git-dir", str(git_dir), "archive", lock.commit, *extra_paths], capture_output=True
+            ["git", "--git-dir", str(git_dir), "archive", lock.commit, *extra_paths],
+            capture_output=True,
         )
         if archive.returncode != 0:
-            raise PatchError(f"git archive {lock.commit} {' '.join(extra_paths)}: {archive.stderr.decode().strip()}")
+            raise PatchError(
+                f"git archive {lock.commit} {' '.join(extra_paths)}: {archive.stderr.decode().strip()}"
+            )
         out.mkdir(parents=True, exist_ok=True)
         subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
     return out
@@ -210,21 +253,24 @@ def patched_path(patch_file: Path) -> str:
     """The Megatron-LM file a patch changes (its ``--- a/PATH`` line)."""
     for line in Path(patch_file).read_text(encoding="utf-8").splitlines():
         if line.startswith("--- a/"):
-            return line[len("--- a/"):].split("\t")[0]
+            return line[len("--- a/") :].split("\t")[0]
     raise PatchError(f"{patch_file}: no '--- a/PATH' line")
 
 
-def write_lock(git_dir: str, patches_dir: Path, tag: Optional[str] = None) -> Lock:
+def write_lock(git_dir: str, patches_dir: Path, tag: str | None = None) -> Lock:
     """(Re)write ``patches_dir/upstream.lock`` from ``git_dir`` at ``tag`` (default: the lock's tag).
 
-    The files are those the set's ``*.patch`` change, in patch order; each is taken from git, patched
-    in a temporary directory and hashed before and after.
+    The files are those the set's ``*.patch`` change, in patch order; each is taken from git,
+    patched in a temporary directory and hashed before and after.
     """
     patches_dir = Path(patches_dir)
     if tag is None:
         tag = Lock.load(patches_dir).tag
     commit = subprocess.run(
-        ["git", "--git-dir", str(git_dir), "rev-parse", f"{tag}^{{commit}}"], capture_output=True, text=True, check=True
+        ["git", "--git-dir", str(git_dir), "rev-parse", f"{tag}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     files = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -234,13 +280,20 @@ def write_lock(git_dir: str, patches_dir: Path, tag: Optional[str] = None) -> Lo
             (Path(tmp) / path).parent.mkdir(parents=True, exist_ok=True)
             (Path(tmp) / path).write_bytes(data)
             _run_patch(Path(tmp), patch_file, dry_run=False)
-            files.append(PatchedFile(path, patch_file.name, hashlib.sha256(data).hexdigest(), sha256_of(Path(tmp) / path)))
+            files.append(
+                PatchedFile(
+                    path,
+                    patch_file.name,
+                    hashlib.sha256(data).hexdigest(),
+                    sha256_of(Path(tmp) / path),
+                )
+            )
     lock = Lock(REPOSITORY, tag, commit, tuple(files))
     lock.dump(patches_dir)
     return lock
 
 
-def _set_dir(patches_dir: Path, tag: Optional[str]) -> Path:
+def _set_dir(patches_dir: Path, tag: str | None) -> Path:
     """One set: ``patches_dir/<tag>``, or ``patches_dir`` itself when it is a set."""
     if tag is not None and not (Path(patches_dir) / LOCK_NAME).is_file():
         return Path(patches_dir) / tag
@@ -248,30 +301,49 @@ def _set_dir(patches_dir: Path, tag: Optional[str]) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_dpsl.megatron_lm.patching", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--patches-dir", type=Path, default=DEFAULT_PATCHES_DIR,
-                        help="patches/ (sets per tag) or one set (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_dpsl.megatron_lm.patching",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--patches-dir",
+        type=Path,
+        default=DEFAULT_PATCHES_DIR,
+        help="patches/ (sets per tag) or one set (default: %(default)s)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    p_apply = sub.add_parser("apply", help="pick the set, check hashes, dry-run, then apply the patches")
+    p_apply = sub.add_parser(
+        "apply", help="pick the set, check hashes, dry-run, then apply the patches"
+    )
     p_apply.add_argument("megatron_lm", type=Path, help="root of the Megatron-LM checkout")
-    p_apply.add_argument("--check", action="store_true", help="only check (hashes and dry run), change nothing")
-    p_status = sub.add_parser("status", help="the matching set, and original / patched per target file")
+    p_apply.add_argument(
+        "--check", action="store_true", help="only check (hashes and dry run), change nothing"
+    )
+    p_status = sub.add_parser(
+        "status", help="the matching set, and original / patched per target file"
+    )
     p_status.add_argument("megatron_lm", type=Path)
     git_help = f"local Megatron-LM git directory (default ${GIT_DIR_ENV})"
-    p_export = sub.add_parser("export-originals", help="write a set's pinned originals from a local git dir")
+    p_export = sub.add_parser(
+        "export-originals", help="write a set's pinned originals from a local git dir"
+    )
     p_export.add_argument("out", type=Path)
     p_export.add_argument("--tag", required=True, help="the set, e.g. core_v0.19.0")
     p_export.add_argument("--git-dir", default=default_git_dir(), help=git_help)
     p_lock = sub.add_parser("lock", help="(re)write a set's upstream.lock from a local git dir")
-    p_lock.add_argument("--tag", required=True, help="the set and the Megatron-LM tag, e.g. core_v0.19.0")
+    p_lock.add_argument(
+        "--tag", required=True, help="the set and the Megatron-LM tag, e.g. core_v0.19.0"
+    )
     p_lock.add_argument("--git-dir", default=default_git_dir(), help=git_help)
     args = parser.parse_args(argv)
     if args.command in ("export-originals", "lock") and not args.git_dir:
         parser.error(f"--git-dir: give a local Megatron-LM git directory (or set ${GIT_DIR_ENV})")
     try:
         if args.command == "apply":
-            for path, what in apply_patches(args.megatron_lm, args.patches_dir, check_only=args.check).items():
+            for path, what in apply_patches(
+                args.megatron_lm, args.patches_dir, check_only=args.check
+            ).items():
                 print(f"{what:>16}  {path}")
         elif args.command == "status":
             set_dir, lock = select_patch_set(args.megatron_lm, args.patches_dir)
@@ -279,7 +351,9 @@ def main(argv=None) -> int:
             for path, state in file_states(args.megatron_lm, lock).items():
                 print(f"{state:>8}  {path}")
         elif args.command == "export-originals":
-            export_originals(args.git_dir, args.out, Lock.load(_set_dir(args.patches_dir, args.tag)))
+            export_originals(
+                args.git_dir, args.out, Lock.load(_set_dir(args.patches_dir, args.tag))
+            )
             print(args.out)
         elif args.command == "lock":
             set_dir = _set_dir(args.patches_dir, args.tag)

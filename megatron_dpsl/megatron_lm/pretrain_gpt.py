@@ -1,9 +1,11 @@
 """Megatron-LM's ``pretrain_gpt.py`` with DPSL: the same flags plus ``--moe-dpsl-*``.
 
-    export MEGATRON_LM_PATH=/path/to/Megatron-LM        # core_v0.16.1 or core_v0.19.0 (patches/*/upstream.lock)
-    torchrun --nproc-per-node 8 -m megatron_dpsl.megatron_lm.pretrain_gpt \\
+    export MEGATRON_LM_PATH=/path/to/Megatron-LM        # core_v0.16.1 or core_v0.19.0
+    (patches/*/upstream.lock) torchrun --nproc-per-node 8 -m megatron_dpsl.megatron_lm.pretrain_gpt
+    \\
         <Megatron-LM pretrain_gpt.py flags> --num-experts 8 \\
-        --moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 1e-3 0.01 --moe-dpsl-alpha 0.75
+        --moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 1e-3 0.01
+        --moe-dpsl-alpha 0.75
 
 Runs Megatron-LM's own flow (its ``__main__``: the datasets, ``forward_step`` and model building of
 ``pretrain_gpt``) and changes four things:
@@ -11,9 +13,10 @@ Runs Megatron-LM's own flow (its ``__main__``: the datasets, ``forward_step`` an
 1. Every argument parse knows the DPSL flags and the ``dpsl`` type, including the re-parses that get
    no ``extra_args_provider`` (``registration.register_dpsl_arguments``).
 2. The model config is ``DPSLTransformerConfig`` (``megatron_lm_config_from_args``).
-3. The MoE layers get the plugin's modules (``DPSLRouter``, ``DPSLMoELayer``; ``specs``): core_v0.16.1 through its own builder
-   around ``gpt_builders.gpt_builder``; core_v0.19.0 through ``GPTModelConfig.transformer_layer_spec``
-   as a callable around Megatron-LM's ``default_layer_spec``.
+3. The MoE layers get the plugin's modules (``DPSLRouter``, ``DPSLMoELayer``; ``specs``):
+   core_v0.16.1 through its own builder around ``gpt_builders.gpt_builder``; core_v0.19.0 through
+   ``GPTModelConfig.transformer_layer_spec`` as a callable around Megatron-LM's
+   ``default_layer_spec``.
 4. core_v0.19.0: ``DPSLMetricsTracker`` reports ``dpsl_loss`` (``metrics_tracker``).
 
 The release is told apart by ``pretrain``'s signature: core_v0.16.x takes ``extra_args_provider``,
@@ -39,7 +42,9 @@ def import_pretrain_gpt():
     root = os.environ.get(PATH_ENV)
     if root:
         if not os.path.isfile(os.path.join(root, "pretrain_gpt.py")):
-            raise SystemExit(f"{PATH_ENV}={root}: no pretrain_gpt.py there; point it at a Megatron-LM checkout")
+            raise SystemExit(
+                f"{PATH_ENV}={root}: no pretrain_gpt.py there; point it at a Megatron-LM checkout"
+            )
         sys.path.insert(0, os.path.abspath(root))
     try:
         import megatron.training  # noqa: F401  (not in the megatron-core wheel)
@@ -58,15 +63,20 @@ def _is_patched(fn) -> bool:
     return "megatron-dpsl" in inspect.getsource(fn)
 
 
-def dpsl_gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
+def dpsl_gpt_builder(
+    args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None
+):
     """``gpt_builders.gpt_builder`` with the DPSL config and, for MoE with DPSL, the DPSL layer spec."""
     import gpt_builders
+
     from megatron_dpsl.megatron_lm.args import megatron_lm_config_from_args
 
     if config is None and args.yaml_cfg is None:
         config = megatron_lm_config_from_args(args)
     if not getattr(config, "moe_plugin_enabled", False) or _is_patched(gpt_builders.gpt_builder):
-        return gpt_builders.gpt_builder(args, pre_process, post_process, vp_stage, config=config, pg_collection=pg_collection)
+        return gpt_builders.gpt_builder(
+            args, pre_process, post_process, vp_stage, config=config, pg_collection=pg_collection
+        )
     return _build_dpsl_gpt(args, config, pre_process, post_process, vp_stage, pg_collection)
 
 
@@ -91,7 +101,9 @@ def _build_dpsl_gpt(args, config, pre_process, post_process, vp_stage, pg_collec
         config,
         spec="decoder_block",
         use_transformer_engine=args.transformer_impl == "transformer_engine",
-        spec_kwargs=dict(normalization=args.normalization, qk_l2_norm=args.qk_l2_norm, vp_stage=vp_stage),
+        spec_kwargs=dict(
+            normalization=args.normalization, qk_l2_norm=args.qk_l2_norm, vp_stage=vp_stage
+        ),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
@@ -111,6 +123,7 @@ def _build_dpsl_gpt(args, config, pre_process, post_process, vp_stage, pg_collec
 def extra_args_provider(parser):
     """``add_dpsl_args``, composed with ModelOpt's provider when pretrain_gpt uses one."""
     import pretrain_gpt
+
     from megatron_dpsl.megatron_lm.args import add_dpsl_args
 
     if pretrain_gpt.has_nvidia_modelopt:
@@ -127,6 +140,7 @@ def dpsl_layer_spec(base=None):
     the result as ``spec(model_config, vp_stage=vp_stage)``.
     """
     from megatron.core.transformer.spec_utils import ModuleSpec
+
     from megatron_dpsl.models.specs import router_for, with_plugin_modules
 
     def layer_spec(model_config, vp_stage=None):
@@ -148,6 +162,7 @@ def dpsl_layer_spec(base=None):
 def dpsl_gpt_config(args, model_config_cls=None):
     """core_v0.19: ``gpt_config_from_args`` with the DPSL config and, with DPSL on, the DPSL layer spec."""
     from megatron.training.argument_utils import gpt_config_from_args
+
     from megatron_dpsl.megatron_lm.args import megatron_lm_config_from_args
 
     config = megatron_lm_config_from_args(args) if args.yaml_cfg is None else None
@@ -190,10 +205,12 @@ def _run_core_v019(pretrain_gpt, run, store) -> None:
     from megatron.core.enums import ModelType
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
+
     from megatron_dpsl.megatron_lm.metrics_tracker import install_dpsl_metrics_tracker
 
     args = parse_and_validate_args(
-        extra_args_provider=extra_args_provider, args_defaults={"tokenizer_type": "GPT2BPETokenizer"}
+        extra_args_provider=extra_args_provider,
+        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
     )
     model_config_cls = None
     if pretrain_gpt.has_nvidia_modelopt:
@@ -215,6 +232,7 @@ def _run_core_v019(pretrain_gpt, run, store) -> None:
 def main() -> None:
     pretrain_gpt = import_pretrain_gpt()
     from megatron.training import arguments, inprocess_restart, pretrain, set_startup_timestamps
+
     from megatron_dpsl.megatron_lm.registration import register_dpsl_arguments
 
     register_dpsl_arguments(arguments)  # before the first parse (maybe_wrap_for_inprocess_restart)

@@ -3,13 +3,14 @@
 Megatron-LM parses the command line several times before it trains, and only some of those parses
 get the launcher's ``extra_args_provider``:
 
-============================================  ===========================  ===========================
-call site                                     core_v0.16.1                 core_v0.19.0
-============================================  ===========================  ===========================
-``inprocess_restart.maybe_wrap_for_...``      line 128, no provider        line 133, no provider
-``ft_integration.setup`` (inside pretrain)    line 78, no provider         line 78, no provider
-``initialize_megatron`` / ``parse_and_...``   provider                     provider
-============================================  ===========================  ===========================
+============================================  ===========================
+=========================== call site                                     core_v0.16.1
+core_v0.19.0 ============================================  ===========================
+=========================== ``inprocess_restart.maybe_wrap_for_...``      line 128, no provider
+line 133, no provider ``ft_integration.setup`` (inside pretrain)    line 78, no provider
+line 78, no provider ``initialize_megatron`` / ``parse_and_...``   provider
+provider ============================================  ===========================
+===========================
 
 ``parse_args(ignore_unknown_args=True)`` forgives unknown flags but not a value outside a known
 flag's ``choices``, so ``--moe-router-load-balancing-type aux_loss dpsl`` died in the first of them
@@ -42,24 +43,28 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+from collections.abc import Iterator
 from types import ModuleType
-from typing import Iterator, Optional
 
 from megatron_dpsl.megatron_lm.args import add_dpsl_args
 
 _HOOK = "add_megatron_arguments"
 
 
-def _arguments_module(arguments: Optional[ModuleType]) -> ModuleType:
-    return arguments if arguments is not None else importlib.import_module("megatron.training.arguments")
+def _arguments_module(arguments: ModuleType | None) -> ModuleType:
+    return (
+        arguments
+        if arguments is not None
+        else importlib.import_module("megatron.training.arguments")
+    )
 
 
-def is_registered(arguments: Optional[ModuleType] = None) -> bool:
+def is_registered(arguments: ModuleType | None = None) -> bool:
     """Whether ``arguments.add_megatron_arguments`` adds the DPSL flags through this module's wrapper."""
     return getattr(getattr(_arguments_module(arguments), _HOOK), "__dpsl_wrapper__", False)
 
 
-def register_dpsl_arguments(arguments: Optional[ModuleType] = None) -> None:
+def register_dpsl_arguments(arguments: ModuleType | None = None) -> None:
     """Wrap ``megatron.training.arguments.add_megatron_arguments`` so every parser gets ``add_dpsl_args``.
 
     ``arguments``: Megatron-LM's ``megatron.training.arguments`` module (imported when omitted).
@@ -78,7 +83,7 @@ def register_dpsl_arguments(arguments: Optional[ModuleType] = None) -> None:
     setattr(arguments, _HOOK, add_megatron_arguments)
 
 
-def unregister_dpsl_arguments(arguments: Optional[ModuleType] = None) -> None:
+def unregister_dpsl_arguments(arguments: ModuleType | None = None) -> None:
     """Restore Megatron-LM's own ``add_megatron_arguments`` (no-op when not registered)."""
     arguments = _arguments_module(arguments)
     if is_registered(arguments):
@@ -86,7 +91,7 @@ def unregister_dpsl_arguments(arguments: Optional[ModuleType] = None) -> None:
 
 
 @contextlib.contextmanager
-def dpsl_arguments_registered(arguments: Optional[ModuleType] = None) -> Iterator[None]:
+def dpsl_arguments_registered(arguments: ModuleType | None = None) -> Iterator[None]:
     """``register_dpsl_arguments`` for the duration of a ``with`` block (restores what was there)."""
     arguments = _arguments_module(arguments)
     was = is_registered(arguments)

@@ -1,13 +1,12 @@
 """Routing-distribution diagnostics: plain tensor functions (no process groups, no logging back-end).
 
-Shapes use Megatron's names: ``probs`` ``[num_tokens, num_experts]`` (routing probabilities, rows on the
-simplex), ``routing_map`` ``[num_tokens, num_experts]`` bool (top-k selection). All return float32
-tensors (float64 for float64 input where noted) on the input's device and never require grad.
+Shapes use Megatron's names: ``probs`` ``[num_tokens, num_experts]`` (routing probabilities, rows on
+the simplex), ``routing_map`` ``[num_tokens, num_experts]`` bool (top-k selection). All return
+float32 tensors (float64 for float64 input where noted) on the input's device and never require
+grad.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -19,7 +18,8 @@ def expert_load_cov(routing_map_or_counts: torch.Tensor) -> torch.Tensor:
     """Coefficient of variation of expert loads, std / mean (population std; paper Table 12).
 
     Args:
-        routing_map_or_counts: ``[num_tokens, num_experts]`` bool routing map, or ``[num_experts]`` token
+        routing_map_or_counts: ``[num_tokens, num_experts]`` bool routing map, or ``[num_experts]``
+        token
             counts per expert (e.g. already summed over ranks).
 
     Returns:
@@ -38,12 +38,16 @@ def expert_load_cov(routing_map_or_counts: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         mean = load.mean()
         std = load.std(correction=0)
-        return torch.where(mean > 0, std / mean.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(mean))
+        return torch.where(
+            mean > 0, std / mean.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(mean)
+        )
 
 
 def _check_probs(name: str, probs: torch.Tensor):
     if probs.dim() != 2 or not probs.is_floating_point():
-        raise ValueError(f"{name}: probs must be a float tensor [num_tokens, num_experts], got {tuple(probs.shape)}")
+        raise ValueError(
+            f"{name}: probs must be a float tensor [num_tokens, num_experts], got {tuple(probs.shape)}"
+        )
 
 
 def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -53,7 +57,8 @@ def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
         probs: ``[num_tokens, num_experts]``.
 
     Returns:
-        Scalar float32 (float64 for float64 input); 0 for no tokens. log(num_experts) = uniform routing.
+        Scalar float32 (float64 for float64 input); 0 for no tokens. log(num_experts) = uniform
+        routing.
     """
     _check_probs("routing_entropy", probs)
     with torch.no_grad():
@@ -83,15 +88,16 @@ def mean_max_prob(probs: torch.Tensor) -> torch.Tensor:
 def prior_distance(
     probs: torch.Tensor,
     alpha,
-    group_ids: Optional[torch.Tensor] = None,
-    padding_mask: Optional[torch.Tensor] = None,
+    group_ids: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 4 (without λ) per expert: the Cramér–von Mises distance of each expert's empirical marginal to
     its Beta(α_k, A − α_k) target, summed over token groups. ``dpsl_loss`` is its sum.
 
     Args:
-        probs: ``[num_tokens, num_experts]``; alpha ``[num_experts]`` or ``[num_groups, num_experts]``;
-        group_ids ``[num_tokens]`` int; padding_mask ``[num_tokens]`` bool (True = padding). As ``dpsl_loss``.
+        probs: ``[num_tokens, num_experts]``; alpha ``[num_experts]`` or ``[num_groups,
+        num_experts]``; group_ids ``[num_tokens]`` int; padding_mask ``[num_tokens]`` bool (True =
+        padding). As ``dpsl_loss``.
 
     Returns:
         ``[num_experts]`` float32 (float64 for float64 input), no grad.
@@ -103,19 +109,20 @@ def prior_distance(
 def ks_distance(
     probs: torch.Tensor,
     alpha,
-    group_ids: Optional[torch.Tensor] = None,
-    padding_mask: Optional[torch.Tensor] = None,
+    group_ids: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Kolmogorov–Smirnov distance of each expert's empirical marginal to its Beta target.
 
-    D_k = max_j max(j/B − F(p_(j)), F(p_(j)) − (j−1)/B) per (group, expert); with groups, the worst group.
+    D_k = max_j max(j/B − F(p_(j)), F(p_(j)) − (j−1)/B) per (group, expert); with groups, the worst
+    group.
 
     Args:
         As ``prior_distance``.
 
     Returns:
-        ``[num_experts]`` float32 (float64 for float64 input) in [0, 1], no grad; 0 for an expert without
-        valid tokens. NaN in valid probs gives NaN.
+        ``[num_experts]`` float32 (float64 for float64 input) in [0, 1], no grad; 0 for an expert
+        without valid tokens. NaN in valid probs gives NaN.
     """
     with torch.no_grad():
         probs = probs.detach()

@@ -1,13 +1,13 @@
 """Megatron's GPT layer/block specs with the plugin's modules swapped in (no patching).
 
-``DPSLRouter`` goes into ``MoESubmodules.router`` and ``DPSLMoELayer`` replaces ``MoELayer`` (it hosts
-the orthogonality loss and is ``MoELayer`` when that loss is off). Both spec shapes are handled:
-megatron-core 0.16's ``ModuleSpec(module=MoELayer, submodules=MoESubmodules(...))`` and 0.19's
-``functools.partial(MoELayer, submodules=MoESubmodules(...))``.
+``DPSLRouter`` goes into ``MoESubmodules.router`` and ``DPSLMoELayer`` replaces ``MoELayer`` (it
+hosts the orthogonality loss and is ``MoELayer`` when that loss is off). Both spec shapes are
+handled: megatron-core 0.16's ``ModuleSpec(module=MoELayer, submodules=MoESubmodules(...))`` and
+0.19's ``functools.partial(MoELayer, submodules=MoESubmodules(...))``.
 
-With ``config.moe_ac_layers`` set, the router is ``ACRouter`` bound to one ``ACRoutingState`` per spec
-call: build one spec per model chunk (Megatron-LM's ``model_provider`` does), so that the routers of a
-chunk share it and different chunks do not (megatron_dpsl/routing/ac/state.py).
+With ``config.moe_ac_layers`` set, the router is ``ACRouter`` bound to one ``ACRoutingState`` per
+spec call: build one spec per model chunk (Megatron-LM's ``model_provider`` does), so that the
+routers of a chunk share it and different chunks do not (megatron_dpsl/routing/ac/state.py).
 
     from megatron_dpsl import DPSLTransformerConfig, get_dpsl_decoder_block_spec
     config = DPSLTransformerConfig(..., num_moe_experts=8, moe_router_load_balancing_type="dpsl")
@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import importlib.util
 import inspect
-from typing import Iterator
+from collections.abc import Iterator
 
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -67,8 +67,9 @@ def _moe_submodules(node, seen=None) -> Iterator[MoESubmodules]:
 def _swap(node, router, moe_layer, memo):
     """``node`` with ``router`` in every ``MoESubmodules`` below it and ``moe_layer`` for ``MoELayer``.
 
-    Mutable nodes are changed in place; a ``functools.partial`` or tuple is rebuilt (``memo`` maps each
-    visited node to its result, so a node shared by several layers is replaced once, consistently).
+    Mutable nodes are changed in place; a ``functools.partial`` or tuple is rebuilt (``memo`` maps
+    each visited node to its result, so a node shared by several layers is replaced once,
+    consistently).
     """
     if id(node) in memo:
         return memo[id(node)]
@@ -144,7 +145,9 @@ def get_dpsl_layer_spec(config, use_transformer_engine: bool = False, **kwargs) 
     from megatron.core.models.gpt import gpt_layer_specs
 
     if not config.num_moe_experts:
-        raise ValueError("get_dpsl_layer_spec: config.num_moe_experts must be set (an MoE layer spec)")
+        raise ValueError(
+            "get_dpsl_layer_spec: config.num_moe_experts must be set (an MoE layer spec)"
+        )
     _require_te(use_transformer_engine)
     make = (
         gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec
@@ -169,4 +172,6 @@ def get_dpsl_decoder_block_spec(config, use_transformer_engine: bool = False, **
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     _require_te(use_transformer_engine)
-    return with_plugin_modules(get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs), router_for(config))
+    return with_plugin_modules(
+        get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs), router_for(config)
+    )

@@ -18,7 +18,6 @@ and a host sync) and the data is padded to the largest size. Buffers are allocat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,8 +34,8 @@ class GatherPlan:
             the same ``replica_id`` came earlier, i.e. holds the same tokens).
     """
 
-    sizes: List[int]
-    keep: List[int]
+    sizes: list[int]
+    keep: list[int]
     my_slot: int
 
     @property
@@ -49,7 +48,7 @@ class GatherPlan:
         return sum(self.sizes[i] for i in self.keep)
 
 
-def plan_gather(num_tokens: int, group, replica_id: Optional[int] = None, device=None) -> GatherPlan:
+def plan_gather(num_tokens: int, group, replica_id: int | None = None, device=None) -> GatherPlan:
     """Exchange token counts (and replica ids) over ``group``: one all-gather of two ints.
 
     Args:
@@ -73,7 +72,9 @@ def plan_gather(num_tokens: int, group, replica_id: Optional[int] = None, device
     return GatherPlan(sizes=sizes, keep=keep, my_slot=first_of[rid])
 
 
-def equal_plan(num_tokens: int, group, keep: Optional[List[int]] = None, my_slot: Optional[int] = None) -> GatherPlan:
+def equal_plan(
+    num_tokens: int, group, keep: list[int] | None = None, my_slot: int | None = None
+) -> GatherPlan:
     """Plan for ``num_tokens`` rows on every rank of ``group``: no communication, no host sync.
 
     Args:
@@ -95,7 +96,9 @@ class _GatherForLoss(torch.autograd.Function):
     """All-gather along dim 0 (variable sizes, optional de-duplication); backward = own slice × scale."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group, plan: GatherPlan, grad_scale: float) -> torch.Tensor:
+    def forward(
+        ctx, tensor: torch.Tensor, group, plan: GatherPlan, grad_scale: float
+    ) -> torch.Tensor:
         ctx.plan, ctx.grad_scale = plan, grad_scale
         ctx.rows = tensor.shape[0]
         if len(plan.sizes) == 1:
@@ -132,7 +135,7 @@ class _GatherForLoss(torch.autograd.Function):
 def gather_for_loss(
     tensor: torch.Tensor,
     group,
-    plan: Optional[GatherPlan] = None,
+    plan: GatherPlan | None = None,
     grad_scale: float = 1.0,
 ) -> torch.Tensor:
     """All-gather ``tensor`` ``[num_tokens, ...]`` over ``group`` along dim 0, for a loss every rank computes.
@@ -156,7 +159,7 @@ def gather_for_loss(
     return _GatherForLoss.apply(tensor, group, plan, float(grad_scale))
 
 
-def group_ranks(group) -> List[int]:
+def group_ranks(group) -> list[int]:
     """Global ranks of ``group`` (``[0]`` for ``None`` or without torch.distributed)."""
     if group is None or not dist.is_initialized():
         return [0]
@@ -170,16 +173,20 @@ class TokenGather:
     one micro-batch) and then over the EP ranks outside that group, which hold other data-parallel
     replicas' micro-batches; ``"global_batch"`` gathers over TP×DP×CP. Every rank of a gather group
     holds the same number of tokens (Megatron's micro-batches have a fixed shape and SP/CP split
-    them evenly), so the plans need no size exchange; the EP replica layout is exchanged once, on the
-    first call (topology is static). Afterwards a call costs the data all-gathers and no host sync.
+    them evenly), so the plans need no size exchange; the EP replica layout is exchanged once, on
+    the first call (topology is static). Afterwards a call costs the data all-gathers and no host
+    sync.
 
     Args:
         mode: ``"micro_batch"`` or ``"global_batch"`` (``DPSLTransformerConfig.moe_dpsl_gather``).
         tp_cp_group, tp_dp_cp_group: Megatron's groups (``pg_collection.tp_cp`` / ``.tp_dp_cp``).
-        ep_group, expt_tp_group: expert-parallel and expert-tensor-parallel groups (``None``: size 1).
+        ep_group, expt_tp_group: expert-parallel and expert-tensor-parallel groups (``None``: size
+        1).
     """
 
-    def __init__(self, *, mode: str, tp_cp_group, tp_dp_cp_group, ep_group=None, expt_tp_group=None) -> None:
+    def __init__(
+        self, *, mode: str, tp_cp_group, tp_dp_cp_group, ep_group=None, expt_tp_group=None
+    ) -> None:
         self.mode = mode
         self.tp_cp_group, self.tp_dp_cp_group, self.ep_group = tp_cp_group, tp_dp_cp_group, ep_group
         self._ep_replicas = None  # (keep, my_slot) of the EP gather
@@ -198,17 +205,23 @@ class TokenGather:
             replicas = group.size() // tp_cp.size()
             # every rank computes the loss on the whole global micro-batch; DDP divides by dp*cp and
             # the schedule's aux-loss scale multiplies by cp, so each rank's slice needs ×dp
-            return gather_for_loss(rows, group, plan=equal_plan(num_tokens, group), grad_scale=replicas), replicas
+            return gather_for_loss(
+                rows, group, plan=equal_plan(num_tokens, group), grad_scale=replicas
+            ), replicas
         gathered = gather_for_loss(rows, tp_cp, plan=equal_plan(num_tokens, tp_cp))
         ep = self.ep_group
         if ep is None or ep.size() == 1 or set(group_ranks(ep)) <= set(group_ranks(tp_cp)):
             return gathered, 1
         # EP peers inside this TP×CP group hold the same rows: keep one copy of each micro-batch
         if self._ep_replicas is None:
-            first = plan_gather(gathered.shape[0], ep, replica_id=min(group_ranks(tp_cp)), device=rows.device)
+            first = plan_gather(
+                gathered.shape[0], ep, replica_id=min(group_ranks(tp_cp)), device=rows.device
+            )
             self._ep_replicas = (first.keep, first.my_slot)
         plan = equal_plan(gathered.shape[0], ep, *self._ep_replicas)
-        return gather_for_loss(gathered, ep, plan=plan, grad_scale=plan.num_replicas), plan.num_replicas
+        return gather_for_loss(
+            gathered, ep, plan=plan, grad_scale=plan.num_replicas
+        ), plan.num_replicas
 
 
 class TokenSum:
@@ -226,9 +239,13 @@ class TokenSum:
         field: the config field an unsupported layout is reported under.
     """
 
-    def __init__(self, *, tp_cp_group, ep_group=None, expt_tp_group=None, field: str = "moe_dpsl_gather") -> None:
+    def __init__(
+        self, *, tp_cp_group, ep_group=None, expt_tp_group=None, field: str = "moe_dpsl_gather"
+    ) -> None:
         self.groups = [g for g in (tp_cp_group,) if g is not None and g.size() > 1]
-        beyond = ep_group is not None and not set(group_ranks(ep_group)) <= set(group_ranks(tp_cp_group))
+        beyond = ep_group is not None and not set(group_ranks(ep_group)) <= set(
+            group_ranks(tp_cp_group)
+        )
         if beyond and ep_group.size() > 1:
             _check_micro_batch_layout(tp_cp_group, ep_group, expt_tp_group, field=field)
             self.groups.append(ep_group)
@@ -238,8 +255,10 @@ class TokenSum:
             dist.all_reduce(tensor, group=group)
 
 
-def _check_micro_batch_layout(tp_cp_group, ep_group, expt_tp_group, field: str = "moe_dpsl_gather") -> None:
-    """"micro_batch" over EP needs gather groups that partition the ranks (docs/parallelism.md)."""
+def _check_micro_batch_layout(
+    tp_cp_group, ep_group, expt_tp_group, field: str = "moe_dpsl_gather"
+) -> None:
+    """ "micro_batch" over EP needs gather groups that partition the ranks (docs/parallelism.md)."""
     if ep_group is None or ep_group.size() == 1 or expt_tp_group is None:
         return
     block, etp, ep = tp_cp_group.size(), expt_tp_group.size(), ep_group.size()
@@ -255,4 +274,3 @@ def _check_micro_batch_layout(tp_cp_group, ep_group, expt_tp_group, field: str =
             f"expert_model_parallel={ep}: these sizes must divide one another for the EP "
             f"gather to form consistent groups{fix}"
         )
-

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import torch
 
@@ -39,16 +39,28 @@ class TokenGroups:
     cp_sliced: bool = False
 
 
-_CURRENT: contextvars.ContextVar[Optional[TokenGroups]] = contextvars.ContextVar("dpsl_token_groups", default=None)
+_CURRENT: contextvars.ContextVar[TokenGroups | None] = contextvars.ContextVar(
+    "dpsl_token_groups", default=None
+)
 
 
 def _check(group_ids: torch.Tensor) -> None:
-    if not isinstance(group_ids, torch.Tensor) or group_ids.dim() != 2 or group_ids.is_floating_point():
-        shape = tuple(group_ids.shape) if isinstance(group_ids, torch.Tensor) else type(group_ids).__name__
-        raise ValueError(f"dpsl_token_groups: group_ids must be an int tensor [batch, seq], got {shape}")
+    if (
+        not isinstance(group_ids, torch.Tensor)
+        or group_ids.dim() != 2
+        or group_ids.is_floating_point()
+    ):
+        shape = (
+            tuple(group_ids.shape)
+            if isinstance(group_ids, torch.Tensor)
+            else type(group_ids).__name__
+        )
+        raise ValueError(
+            f"dpsl_token_groups: group_ids must be an int tensor [batch, seq], got {shape}"
+        )
 
 
-def set_dpsl_token_groups(group_ids: Optional[torch.Tensor], cp_sliced: bool = False):
+def set_dpsl_token_groups(group_ids: torch.Tensor | None, cp_sliced: bool = False):
     """Set (or clear, with ``None``) the ids the next forward passes read; returns a reset token."""
     if group_ids is None:
         return _CURRENT.set(None)
@@ -56,13 +68,13 @@ def set_dpsl_token_groups(group_ids: Optional[torch.Tensor], cp_sliced: bool = F
     return _CURRENT.set(TokenGroups(group_ids, cp_sliced))
 
 
-def get_dpsl_token_groups() -> Optional[TokenGroups]:
+def get_dpsl_token_groups() -> TokenGroups | None:
     """The ids currently set (``None`` if none)."""
     return _CURRENT.get()
 
 
 @contextlib.contextmanager
-def dpsl_token_groups(group_ids: Optional[torch.Tensor], cp_sliced: bool = False) -> Iterator[None]:
+def dpsl_token_groups(group_ids: torch.Tensor | None, cp_sliced: bool = False) -> Iterator[None]:
     """Make ``group_ids`` ``[batch, seq]`` visible to every ``DPSLRouter`` in this block."""
     token = set_dpsl_token_groups(group_ids, cp_sliced)
     try:
@@ -107,7 +119,9 @@ def shard_token_group_ids(
     if sequence_parallel and tp_size > 1:
         s_local = ids.shape[0]
         if s_local % tp_size:
-            raise ValueError(f"dpsl_token_groups: sequence length {s_local} not divisible by TP size {tp_size}")
+            raise ValueError(
+                f"dpsl_token_groups: sequence length {s_local} not divisible by TP size {tp_size}"
+            )
         rows = s_local // tp_size
         ids = ids[tp_group.rank() * rows : (tp_group.rank() + 1) * rows]
     return ids.reshape(-1)

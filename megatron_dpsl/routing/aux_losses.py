@@ -6,7 +6,8 @@ follow are written once:
 
 1. a repeated MTP layer runs ``mtp_num_layers`` times per step, so its loss is divided by that;
 2. the tracker logs the coefficient-scaled loss under the plugin's name (``dpsl_loss``,
-   ``variance_loss``, ``orthogonality_loss``) at the layer's position, MTP layers after the decoder's;
+   ``variance_loss``, ``orthogonality_loss``) at the layer's position, MTP layers after the
+   decoder's;
 3. with ``calculate_per_token_loss``, ``finalize_model_grads`` divides every gradient by the global
    valid-token count, so the loss is multiplied back by this replica's valid tokens (as Megatron
    does for its aux losses);
@@ -15,8 +16,6 @@ follow are written once:
 """
 
 from __future__ import annotations
-
-from typing import Dict, Optional
 
 import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
@@ -39,7 +38,7 @@ def attach_aux_loss(
     name: str,
     *,
     valid_tokens=None,
-    logs: Optional[Dict[str, torch.Tensor]] = None,
+    logs: dict[str, torch.Tensor] | None = None,
     reduce_group=None,
     avg_group=None,
 ) -> torch.Tensor:
@@ -47,10 +46,11 @@ def attach_aux_loss(
 
     Args:
         module: the router or MoE layer (``config``, ``layer_number``, optional ``is_mtp_layer``).
-        activation: a tensor on the forward path (``probs`` or the layer output), returned unchanged.
-        loss: 0-dim coefficient-scaled loss, normalised per token (what is logged).
+        activation: a tensor on the forward path (``probs`` or the layer output), returned
+        unchanged. loss: 0-dim coefficient-scaled loss, normalised per token (what is logged).
         name: tracker name of the loss.
-        valid_tokens: with ``calculate_per_token_loss``, this replica's valid-token count the loss is
+        valid_tokens: with ``calculate_per_token_loss``, this replica's valid-token count the loss
+        is
             multiplied by (a number or 0-dim tensor); ignored otherwise.
         logs: further values to log with the same groups (e.g. diagnostics), or None.
         reduce_group, avg_group: Megatron's tracker groups: ranks whose values add up to the
@@ -62,7 +62,9 @@ def attach_aux_loss(
         loss = loss / config.mtp_num_layers
     layer_number, num_layers = tracker_position(module)
     for key, value in {name: loss, **(logs or {})}.items():
-        save_to_aux_losses_tracker(key, value, layer_number, num_layers, reduce_group=reduce_group, avg_group=avg_group)
+        save_to_aux_losses_tracker(
+            key, value, layer_number, num_layers, reduce_group=reduce_group, avg_group=avg_group
+        )
     if config.calculate_per_token_loss and valid_tokens is not None:
         loss = loss * valid_tokens
     return MoEAuxLossAutoScaler.apply(activation, loss)

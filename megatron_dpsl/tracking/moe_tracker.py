@@ -6,20 +6,26 @@ Megatron's routers and ``DPSLRouter`` (``dpsl_loss`` and its diagnostics ``dpsl_
 ``track_moe_metrics``, as Megatron-LM's ``training_log`` does: it reduces the values across ranks,
 writes ``name`` (mean over MoE layers) to TensorBoard, adds it to the console's loss dict and clears
 the tracker. Unlike Megatron-LM's whitelist, every tracked name is passed in ``track_names``, so
-``dpsl_loss`` is reduced across pipeline and data-parallel ranks too (MEGATRON_LM_INTEGRATION.md §4).
+``dpsl_loss`` is reduced across pipeline and data-parallel ranks too (MEGATRON_LM_INTEGRATION.md
+§4).
 
-``force_initialize`` stays False: it would allocate missing entries with ``device="cuda"``; every name
-passed is already in the tracker. (gloo in torch >= 2.13 supports ``ReduceOp.AVG``, which the function
-uses for the DP average.)
+``force_initialize`` stays False: it would allocate missing entries with ``device="cuda"``; every
+name passed is already in the tracker. (gloo in torch >= 2.13 supports ``ReduceOp.AVG``, which the
+function uses for the DP average.)
 """
 
 from __future__ import annotations
 
-from typing import Dict
 
-
-def track_moe_metrics(*, loss_scale: float, iteration: int, writer, total_loss_dict: Dict, per_layer_logging: bool,
-                      num_layers: int) -> None:
+def track_moe_metrics(
+    *,
+    loss_scale: float,
+    iteration: int,
+    writer,
+    total_loss_dict: dict,
+    per_layer_logging: bool,
+    num_layers: int,
+) -> None:
     """Reduce, log and clear Megatron's aux-loss tracker (no-op when nothing was tracked)."""
     from megatron.core.transformer.moe import moe_utils
 
@@ -50,8 +56,8 @@ def reset_tracker() -> None:
     """Drop every tracker entry (between runs in one process: Megatron's tracker is module-global).
 
     megatron-core 0.19 keeps the entries in ``MoEMetricsTracker.metrics``, and its legacy
-    ``get_moe_layer_wise_logging_tracker()`` returns a fresh dict built from them (clearing that copy
-    drops nothing); 0.16 returns the tracker dict itself.
+    ``get_moe_layer_wise_logging_tracker()`` returns a fresh dict built from them (clearing that
+    copy drops nothing); 0.16 returns the tracker dict itself.
     """
     from megatron.core.transformer.moe import moe_utils
 

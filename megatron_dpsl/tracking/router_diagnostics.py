@@ -8,8 +8,6 @@ the TP×CP ranks, and it runs only on log steps.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 import torch
 import torch.distributed as dist
 
@@ -20,13 +18,13 @@ from megatron_dpsl import metrics
 def routing_diagnostics(
     *,
     routing_map: torch.Tensor,
-    padding_mask: Optional[torch.Tensor],
+    padding_mask: torch.Tensor | None,
     all_scores: torch.Tensor,
     alpha: torch.Tensor,
-    all_groups: Optional[torch.Tensor],
-    all_pad: Optional[torch.Tensor],
+    all_groups: torch.Tensor | None,
+    all_pad: torch.Tensor | None,
     load_group=None,
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """The diagnostics of one router call, as 0-dim float tensors.
 
     Args:

@@ -8,13 +8,11 @@ forward hook, ``register_forward_hook``) and the tokens' group ids (aligned with
 router's own ``gating`` call (wrapped on the instance), not recomputed from its input: the AC
 router's gating depends on the previous MoE layer's assignment, which only its forward knows.
 ``summarize`` gathers them on rank 0 and computes, per MoE layer, the metrics of
-``megatron_dpsl.metrics.routing``: CoV of expert loads, routing entropy, distance to the prior (Eq. 4 per
-expert) and per-group expert usage.
+``megatron_dpsl.metrics.routing``: CoV of expert loads, routing entropy, distance to the prior (Eq.
+4 per expert) and per-group expert usage.
 """
 
 from __future__ import annotations
-
-from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,10 +31,11 @@ class RoutingStats:
                 raise ValueError("RoutingStats: needs moe_router_force_load_balancing unset")
         self.max_tokens = max_tokens_per_layer
         self.enabled = False
-        self._records: Dict[int, List[dict]] = {}
-        self._logits: Dict[int, torch.Tensor] = {}  # gating()'s output of the forward in progress
+        self._records: dict[int, list[dict]] = {}
+        self._logits: dict[int, torch.Tensor] = {}  # gating()'s output of the forward in progress
         self._handles = [
-            router.register_forward_hook(self._hook(index), with_kwargs=True) for index, router in enumerate(self.routers)
+            router.register_forward_hook(self._hook(index), with_kwargs=True)
+            for index, router in enumerate(self.routers)
         ]
         for index, router in enumerate(self.routers):
             router.gating = self._recording_gating(index, router.gating)
@@ -75,7 +74,10 @@ class RoutingStats:
         ids = None
         if groups is not None:
             ids = shard_token_group_ids(
-                groups, tp_group=router.tp_group, cp_group=router.cp_group, sequence_parallel=router.config.sequence_parallel
+                groups,
+                tp_group=router.tp_group,
+                cp_group=router.cp_group,
+                sequence_parallel=router.config.sequence_parallel,
             ).cpu()
         self._records.setdefault(index, []).append(
             {"probs": scores.cpu(), "routing_map": routing_map.detach().cpu(), "group_ids": ids}
@@ -84,7 +86,7 @@ class RoutingStats:
     def reset(self) -> None:
         self._records = {}
 
-    def _local(self) -> List[dict]:
+    def _local(self) -> list[dict]:
         out = []
         for index in range(len(self.routers)):
             recs = self._records.get(index, [])
@@ -93,15 +95,17 @@ class RoutingStats:
                 continue
             probs = torch.cat([r["probs"] for r in recs])
             rmap = torch.cat([r["routing_map"] for r in recs])
-            ids = None if recs[0]["group_ids"] is None else torch.cat([r["group_ids"] for r in recs])
+            ids = (
+                None if recs[0]["group_ids"] is None else torch.cat([r["group_ids"] for r in recs])
+            )
             out.append({"probs": probs, "routing_map": rmap, "group_ids": ids})
         return out
 
-    def gather(self) -> Optional[List[dict]]:
+    def gather(self) -> list[dict] | None:
         """Every rank's records, concatenated on rank 0 (None elsewhere). Collective over the world.
 
-        Ranks whose tokens duplicate another rank's (tensor-parallel peers without sequence parallelism)
-        are left out, so each token counts once.
+        Ranks whose tokens duplicate another rank's (tensor-parallel peers without sequence
+        parallelism) are left out, so each token counts once.
         """
         from megatron.core import parallel_state
 
@@ -122,7 +126,11 @@ class RoutingStats:
             if not parts:
                 layers.append(None)
                 continue
-            ids = None if parts[0]["group_ids"] is None else torch.cat([p["group_ids"] for p in parts])
+            ids = (
+                None
+                if parts[0]["group_ids"] is None
+                else torch.cat([p["group_ids"] for p in parts])
+            )
             layers.append(
                 {
                     "probs": torch.cat([p["probs"] for p in parts]),
@@ -133,12 +141,15 @@ class RoutingStats:
         return layers
 
 
-def summarize(layers: List[dict], alpha: torch.Tensor, num_groups: int, max_tokens: int = 16384) -> dict:
+def summarize(
+    layers: list[dict], alpha: torch.Tensor, num_groups: int, max_tokens: int = 16384
+) -> dict:
     """Per-layer metrics and a probability sample for the histograms (rank 0, plain tensors).
 
-    ``alpha``: the prior the distance is measured to (``[E]`` or ``[G, E]``; group priors need group ids).
-    Returns ``{"layers": [{"cov", "entropy", "prior_distance" [E], "mean_prior_distance", "load" [E],
-    "group_usage" [G, E], "probs_sample" [n, E], "group_ids_sample" [n]}], plus layer means}``.
+    ``alpha``: the prior the distance is measured to (``[E]`` or ``[G, E]``; group priors need group
+    ids). Returns ``{"layers": [{"cov", "entropy", "prior_distance" [E], "mean_prior_distance",
+    "load" [E], "group_usage" [G, E], "probs_sample" [n, E], "group_ids_sample" [n]}], plus layer
+    means}``.
     """
     from megatron_dpsl import metrics
 
@@ -150,7 +161,9 @@ def summarize(layers: List[dict], alpha: torch.Tensor, num_groups: int, max_toke
         num_experts = probs.shape[-1]
         load = rmap.sum(0).float()
         use_groups = alpha.dim() == 2 and ids is not None
-        dist_e = metrics.prior_distance(probs.double(), alpha.double(), group_ids=ids if use_groups else None)
+        dist_e = metrics.prior_distance(
+            probs.double(), alpha.double(), group_ids=ids if use_groups else None
+        )
         usage = torch.zeros(num_groups, num_experts)
         if ids is not None:
             for g in range(num_groups):
@@ -164,14 +177,18 @@ def summarize(layers: List[dict], alpha: torch.Tensor, num_groups: int, max_toke
                 "entropy": float(metrics.routing_entropy(probs)),
                 "prior_distance": dist_e.float(),
                 "mean_prior_distance": float(dist_e.mean()),
-                "ks_distance": float(metrics.ks_distance(probs.double(), alpha.double(), group_ids=ids if use_groups else None).mean()),
+                "ks_distance": float(
+                    metrics.ks_distance(
+                        probs.double(), alpha.double(), group_ids=ids if use_groups else None
+                    ).mean()
+                ),
                 "load": load,
                 "group_usage": usage,
                 "probs_sample": probs[::step][:max_tokens].clone(),
                 "group_ids_sample": None if ids is None else ids[::step][:max_tokens].clone(),
             }
         )
-    mean = lambda key: sum(l[key] for l in out) / max(1, len(out))  # noqa: E731
+    mean = lambda key: sum(layer[key] for layer in out) / max(1, len(out))  # noqa: E731
     return {
         "layers": out,
         "cov": mean("cov"),

@@ -4,7 +4,8 @@ Every flag keeps Megatron-LM's spelling, default and meaning (``megatron/trainin
 core_v0.16.1) unless its help says otherwise, so a command line moves between this trainer and
 Megatron-LM's ``pretrain_gpt.py``. The DPSL flags come from
 ``megatron_dpsl.megatron_lm.args.add_dpsl_args``. Flags the trainer adds for itself
-(``--data-path`` as a corpus directory, ``--device``, ``--routing-stats-path``) say so in their help.
+(``--data-path`` as a corpus directory, ``--device``, ``--routing-stats-path``) say so in their
+help.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from megatron_dpsl.megatron_lm.args import add_dpsl_args, add_moe_load_balancing_args
 
@@ -30,15 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-size", type=int, default=64)
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 * hidden size")
     g.add_argument("--num-attention-heads", type=int, default=4)
-    g.add_argument("--num-query-groups", type=int, default=None, help="grouped-query attention (implies GQA)")
+    g.add_argument(
+        "--num-query-groups", type=int, default=None, help="grouped-query attention (implies GQA)"
+    )
     g.add_argument("--seq-length", type=int, default=128)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
-    g.add_argument("--vocab-size", type=int, default=256, help="byte-level corpora use 256 (the default)")
+    g.add_argument(
+        "--vocab-size", type=int, default=256, help="byte-level corpora use 256 (the default)"
+    )
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (gated, SiLU)")
     g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
-    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
+    g.add_argument(
+        "--position-embedding-type",
+        choices=["learned_absolute", "rope"],
+        default="learned_absolute",
+    )
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--hidden-dropout", type=float, default=0.1)
@@ -47,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("moe")
     g.add_argument("--num-experts", type=int, default=None)
     g.add_argument("--moe-router-topk", type=int, default=2)
-    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="default --ffn-hidden-size")
+    g.add_argument(
+        "--moe-ffn-hidden-size", type=int, default=None, help="default --ffn-hidden-size"
+    )
     g.add_argument("--moe-z-loss-coeff", type=float, default=None)
     g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default="softmax")
     g.add_argument(
@@ -77,10 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
-    g.add_argument("--expert-tensor-parallel-size", type=int, default=None, help="default 1 when EP > 1, else TP")
-    g.add_argument("--context-parallel-size", type=int, default=1, help="needs Transformer Engine (GPU)")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="only 1 is supported")
-    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None, help="default: nccl on GPU, gloo on CPU")
+    g.add_argument(
+        "--expert-tensor-parallel-size",
+        type=int,
+        default=None,
+        help="default 1 when EP > 1, else TP",
+    )
+    g.add_argument(
+        "--context-parallel-size", type=int, default=1, help="needs Transformer Engine (GPU)"
+    )
+    g.add_argument(
+        "--pipeline-model-parallel-size", type=int, default=1, help="only 1 is supported"
+    )
+    g.add_argument(
+        "--distributed-backend",
+        choices=["nccl", "gloo"],
+        default=None,
+        help="default: nccl on GPU, gloo on CPU",
+    )
     g.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
@@ -98,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
-    g.add_argument("--global-batch-size", type=int, default=None, help="default micro batch size * data-parallel size")
+    g.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="default micro batch size * data-parallel size",
+    )
     g.add_argument("--train-iters", type=int, default=100)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr", type=float, default=0.0)
@@ -124,16 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
-    g.add_argument("--save-interval", type=int, default=None, help="default: save once, at the end (when --save)")
+    g.add_argument(
+        "--save-interval",
+        type=int,
+        default=None,
+        help="default: save once, at the end (when --save)",
+    )
     g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
-    g.add_argument("--finetune", action="store_true", help="load model weights only, restart at iteration 0")
+    g.add_argument(
+        "--finetune", action="store_true", help="load model weights only, restart at iteration 0"
+    )
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--no-save-optim", action="store_true")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
-    g.add_argument("--eval-interval", type=int, default=None, help="default: evaluate at the end only")
+    g.add_argument(
+        "--eval-interval", type=int, default=None, help="default: evaluate at the end only"
+    )
     g.add_argument("--eval-iters", type=int, default=4)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument(
@@ -165,15 +204,24 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         if value is None or value < 1:
             _error(flag, f"must be a positive integer, got {value}")
     if args.pipeline_model_parallel_size != 1:
-        _error("--pipeline-model-parallel-size", f"the embedded trainer supports only 1, got {args.pipeline_model_parallel_size}")
+        _error(
+            "--pipeline-model-parallel-size",
+            f"the embedded trainer supports only 1, got {args.pipeline_model_parallel_size}",
+        )
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.seq_length > args.max_position_embeddings:
-        _error("--seq-length", f"{args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
+        _error(
+            "--seq-length",
+            f"{args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}",
+        )
     if args.hidden_size % args.num_attention_heads:
-        _error("--num-attention-heads", f"must divide --hidden-size {args.hidden_size}, got {args.num_attention_heads}")
+        _error(
+            "--num-attention-heads",
+            f"must divide --hidden-size {args.hidden_size}, got {args.num_attention_heads}",
+        )
     if args.num_query_groups is not None:
         args.group_query_attention = True
     else:
@@ -182,35 +230,69 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     args.padded_vocab_size = int(math.ceil(args.vocab_size / multiple) * multiple)
 
-    tp, cp, ep = args.tensor_model_parallel_size, args.context_parallel_size, args.expert_model_parallel_size
+    tp, cp, ep = (
+        args.tensor_model_parallel_size,
+        args.context_parallel_size,
+        args.expert_model_parallel_size,
+    )
     if world_size % (tp * cp):
-        _error("--tensor-model-parallel-size", f"TP {tp} x CP {cp} must divide the world size {world_size}")
+        _error(
+            "--tensor-model-parallel-size",
+            f"TP {tp} x CP {cp} must divide the world size {world_size}",
+        )
     args.data_parallel_size = world_size // (tp * cp)
     if args.expert_tensor_parallel_size is None:
         args.expert_tensor_parallel_size = 1 if ep > 1 else tp
     if world_size % (ep * args.expert_tensor_parallel_size):
-        _error("--expert-model-parallel-size", f"EP {ep} x ETP {args.expert_tensor_parallel_size} must divide the world size {world_size}")
+        _error(
+            "--expert-model-parallel-size",
+            f"EP {ep} x ETP {args.expert_tensor_parallel_size} must divide the world size {world_size}",
+        )
     if tp == 1 and args.sequence_parallel:
         args.sequence_parallel = False  # Megatron-LM drops it silently too
-    if args.sequence_parallel and args.transformer_impl == "local" and importlib.util.find_spec("apex") is None:
-        # megatron-core's WrappedTorchNorm (the local spec's norm without apex) asserts not sequence_parallel
-        _error("--sequence-parallel", "needs --transformer-impl transformer_engine or NVIDIA apex (the local spec's "
-               "torch LayerNorm does not support sequence parallelism); on CPU use EP or DP instead of TP+SP")
+    if (
+        args.sequence_parallel
+        and args.transformer_impl == "local"
+        and importlib.util.find_spec("apex") is None
+    ):
+        # megatron-core's WrappedTorchNorm (the local spec's norm without apex) asserts not
+        # sequence_parallel
+        _error(
+            "--sequence-parallel",
+            "needs --transformer-impl transformer_engine or NVIDIA apex (the local spec's "
+            "torch LayerNorm does not support sequence parallelism); on CPU use EP or DP instead of TP+SP",
+        )
     if cp > 1 and args.transformer_impl != "transformer_engine":
-        _error("--context-parallel-size", "context parallelism needs --transformer-impl transformer_engine (a GPU)")
+        _error(
+            "--context-parallel-size",
+            "context parallelism needs --transformer-impl transformer_engine (a GPU)",
+        )
 
     if args.num_experts is not None:
         if args.num_experts % ep:
-            _error("--expert-model-parallel-size", f"must divide --num-experts {args.num_experts}, got {ep}")
+            _error(
+                "--expert-model-parallel-size",
+                f"must divide --num-experts {args.num_experts}, got {ep}",
+            )
         if not 1 <= args.moe_router_topk <= args.num_experts:
-            _error("--moe-router-topk", f"must be in [1, --num-experts={args.num_experts}], got {args.moe_router_topk}")
+            _error(
+                "--moe-router-topk",
+                f"must be in [1, --num-experts={args.num_experts}], got {args.moe_router_topk}",
+            )
         if args.moe_ffn_hidden_size is None:
             args.moe_ffn_hidden_size = args.ffn_hidden_size
         if args.add_bias_linear:
-            # SequentialMLP adds the expert bias in place on a tensor-parallel-region view; autograd refuses
-            _error("--disable-bias-linear", "MoE models need it with megatron-core 0.16.1's local experts (as Megatron-LM's MoE examples use)")
+            # SequentialMLP adds the expert bias in place on a tensor-parallel-region view; autograd
+            # refuses
+            _error(
+                "--disable-bias-linear",
+                "MoE models need it with megatron-core 0.16.1's local experts (as Megatron-LM's MoE examples use)",
+            )
         if tp > 1 and not args.sequence_parallel:
-            _error("--sequence-parallel", "MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (Megatron's rule)")
+            _error(
+                "--sequence-parallel",
+                "MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (Megatron's rule)",
+            )
     elif ep > 1:
         _error("--expert-model-parallel-size", "needs --num-experts")
 
@@ -229,7 +311,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.min_lr > args.lr:
         _error("--min-lr", f"must be <= --lr {args.lr}, got {args.min_lr}")
     if args.lr_warmup_iters < 0 or args.lr_warmup_iters > args.lr_decay_iters:
-        _error("--lr-warmup-iters", f"must be in [0, --lr-decay-iters={args.lr_decay_iters}], got {args.lr_warmup_iters}")
+        _error(
+            "--lr-warmup-iters",
+            f"must be in [0, --lr-decay-iters={args.lr_decay_iters}], got {args.lr_warmup_iters}",
+        )
     if args.eval_interval is not None and args.eval_interval < 1:
         _error("--eval-interval", f"must be >= 1, got {args.eval_interval}")
     if args.save_interval is not None and args.save_interval < 1:
@@ -237,18 +322,23 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.log_interval < 1:
         _error("--log-interval", f"must be >= 1, got {args.log_interval}")
     if args.data_path is None and not args.mock_data:
-        _error("--data-path", "give a corpus directory (python -m megatron_dpsl.train.corpus --out DIR) or --mock-data")
+        _error(
+            "--data-path",
+            "give a corpus directory (python -m megatron_dpsl.train.corpus --out DIR) or --mock-data",
+        )
     if args.data_path is not None and args.mock_data:
         _error("--mock-data", "give either --data-path or --mock-data")
     if args.moe_z_loss_coeff is not None and args.moe_z_loss_coeff < 0:
         _error("--moe-z-loss-coeff", f"must be >= 0, got {args.moe_z_loss_coeff}")
     if args.moe_router_bias_update_rate < 0:
-        _error("--moe-router-bias-update-rate", f"must be >= 0, got {args.moe_router_bias_update_rate}")
+        _error(
+            "--moe-router-bias-update-rate", f"must be >= 0, got {args.moe_router_bias_update_rate}"
+        )
     if args.moe_router_enable_expert_bias and args.num_experts is None:
         _error("--moe-router-enable-expert-bias", "needs --num-experts (an MoE model)")
     return args
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``); ``validate_args`` runs once the world size is known."""
     return build_parser().parse_args(argv)

@@ -4,16 +4,15 @@
 ``dist_checkpointing.save`` of ``{"model": model.sharded_state_dict(), "optimizer": ...,
 "opt_param_scheduler", "iteration", "args", "checkpoint_version": 3.0,
 "num_floating_point_operations_so_far"}``, as Megatron-LM's ``save_checkpoint`` writes it
-(MEGATRON_LM_INTEGRATION.md §5b). Tensors are sharded, so a checkpoint written under one TP/EP layout
-loads under another. ``--load`` of a directory written by ``megatron-dpsl-upcycle`` (no optimizer)
-or with ``--finetune`` loads the weights only and restarts at iteration 0.
+(MEGATRON_LM_INTEGRATION.md §5b). Tensors are sharded, so a checkpoint written under one TP/EP
+layout loads under another. ``--load`` of a directory written by ``megatron-dpsl-upcycle`` (no
+optimizer) or with ``--finetune`` loads the weights only and restarts at iteration 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional, Tuple
 
 import torch.distributed as dist
 
@@ -44,7 +43,7 @@ def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def read_tracker(root: str) -> Optional[str]:
+def read_tracker(root: str) -> str | None:
     """The step directory ``--load ROOT`` points at (``iter_XXXXXXX`` or ``release``), or None."""
     path = os.path.join(root, TRACKER_FILENAME)
     if not os.path.isfile(path):
@@ -56,7 +55,9 @@ def read_tracker(root: str) -> Optional[str]:
     try:
         return checkpoint_dir(root, int(text))
     except ValueError:
-        raise ValueError(f"--load: {path} holds {text!r}, expected an iteration number or 'release'") from None
+        raise ValueError(
+            f"--load: {path} holds {text!r}, expected an iteration number or 'release'"
+        ) from None
 
 
 def _save_strategy():
@@ -100,13 +101,17 @@ def check_checkpoint_args(saved: argparse.Namespace, args: argparse.Namespace, p
         if not hasattr(saved, name):
             continue
         ours, theirs = getattr(args, name, None), getattr(saved, name)
-        if name == "num_experts" and theirs is None and getattr(saved, "num_moe_experts", None) is not None:
+        if (
+            name == "num_experts"
+            and theirs is None
+            and getattr(saved, "num_moe_experts", None) is not None
+        ):
             theirs = saved.num_moe_experts
         if ours != theirs:
             raise ValueError(f"{flag}: the checkpoint at {path} has {theirs!r}, this run {ours!r}")
 
 
-def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> Tuple[int, str]:
+def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> tuple[int, str]:
     """Load ``args.load`` into ``model`` (and optimizer/scheduler unless finetuning).
 
     Returns ``(iteration to resume from, step directory)``. Weights only (iteration 0) with
@@ -139,10 +144,15 @@ def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> Tu
     missing = [k for k in missing if not k.endswith("._extra_state")]
     fresh = [k for k in missing if weights_only and k.endswith(_FRESH_START_BUFFERS)]
     if fresh and dist.get_rank() == 0:
-        print(f" --load: {path} has no {', '.join(fresh)}: they start at zero, as in a fresh run", flush=True)
+        print(
+            f" --load: {path} has no {', '.join(fresh)}: they start at zero, as in a fresh run",
+            flush=True,
+        )
     missing = [k for k in missing if k not in fresh]
     if missing:
-        raise KeyError(f"--load: {path} lacks model tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise KeyError(
+            f"--load: {path} lacks model tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
     if weights_only:
         return 0, path
     optimizer.load_state_dict(loaded["optimizer"])

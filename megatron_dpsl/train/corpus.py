@@ -3,13 +3,15 @@
 Group 0 ("code"): Python standard-library sources (``sysconfig.get_paths()["stdlib"]/**/*.py``).
 Group 1 ("prose"): English licence / copyright / documentation text: Debian's
 ``/usr/share/common-licenses/*`` and ``/usr/share/doc/*/copyright``, Python's ``LICENSE.txt``, the
-licence files of installed packages (``site-packages/*.dist-info``); topped up, where those are scarce
-(e.g. a non-Debian machine), with the docstrings of standard-library modules (``ast.get_docstring``).
+licence files of installed packages (``site-packages/*.dist-info``); topped up, where those are
+scarce (e.g. a non-Debian machine), with the docstrings of standard-library modules
+(``ast.get_docstring``).
 
 Every byte is one token (vocabulary 256, ``0`` separates documents, NUL never occurs in text) and
 carries its document's group id, so the router can be shaped by a per-modality prior. The sample is
-deterministic for a given machine and ``seed``: paths are sorted, shuffled with ``random.Random(seed)``,
-split into train/valid by document, and taken until each group's byte budget is met.
+deterministic for a given machine and ``seed``: paths are sorted, shuffled with
+``random.Random(seed)``, split into train/valid by document, and taken until each group's byte
+budget is met.
 
 On disk (``build_corpus(out_dir)``): ``{train,valid}_tokens.bin`` and ``{train,valid}_groups.bin``
 (uint8, same length) and ``meta.json`` (sources, byte counts, group names).
@@ -27,8 +29,8 @@ import random
 import site
 import sys
 import sysconfig
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Sequence
 
 import numpy as np
 
@@ -62,19 +64,22 @@ def _read_text(path: str, max_bytes: int) -> bytes | None:
     return data if printable >= 0.97 * min(len(data), 4096) else None
 
 
-def code_paths() -> List[str]:
+def code_paths() -> list[str]:
     """Standard-library ``*.py`` files (tests and vendored packages skipped), sorted."""
     stdlib = sysconfig.get_paths()["stdlib"]
     paths = []
     for path in glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True):
         rel = os.path.relpath(path, stdlib)
-        if rel.startswith(("site-packages", "test", "idlelib", "lib2to3/tests")) or "/tests/" in rel:
+        if (
+            rel.startswith(("site-packages", "test", "idlelib", "lib2to3/tests"))
+            or "/tests/" in rel
+        ):
             continue
         paths.append(path)
     return sorted(paths)
 
 
-def prose_paths() -> List[str]:
+def prose_paths() -> list[str]:
     """English licence/copyright text files present on this machine, sorted."""
     stdlib = sysconfig.get_paths()["stdlib"]
     patterns = [
@@ -85,7 +90,10 @@ def prose_paths() -> List[str]:
     site_dirs = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
     site_dirs.append(sysconfig.get_paths()["purelib"])
     for d in sorted(set(site_dirs)):
-        patterns += [os.path.join(d, "*.dist-info", "LICEN[CS]E*"), os.path.join(d, "*.dist-info", "licenses", "*")]
+        patterns += [
+            os.path.join(d, "*.dist-info", "LICEN[CS]E*"),
+            os.path.join(d, "*.dist-info", "licenses", "*"),
+        ]
     paths = set()
     for pattern in patterns:
         paths.update(p for p in glob.glob(pattern) if os.path.isfile(p))
@@ -103,10 +111,12 @@ def _docstrings(paths: Iterable[str], max_bytes: int) -> Iterable[Document]:
         except (SyntaxError, ValueError):
             continue
         if doc and len(doc) > 400:
-            yield Document(source=f"docstring:{path}", group=1, data=doc.encode("utf-8")[:max_bytes])
+            yield Document(
+                source=f"docstring:{path}", group=1, data=doc.encode("utf-8")[:max_bytes]
+            )
 
 
-def _take(docs: Iterable[Document], budget: int, seen: set) -> List[Document]:
+def _take(docs: Iterable[Document], budget: int, seen: set) -> list[Document]:
     out, total = [], 0
     for doc in docs:
         digest = hashlib.sha1(doc.data).digest()
@@ -120,7 +130,9 @@ def _take(docs: Iterable[Document], budget: int, seen: set) -> List[Document]:
     return out
 
 
-def collect_documents(bytes_per_group: int, seed: int = 1234, max_doc_bytes: int = 32768) -> Dict[int, List[Document]]:
+def collect_documents(
+    bytes_per_group: int, seed: int = 1234, max_doc_bytes: int = 32768
+) -> dict[int, list[Document]]:
     """Deterministic sample of ``~bytes_per_group`` bytes of documents for each group."""
     rng = random.Random(seed)
     code = code_paths()
@@ -157,21 +169,32 @@ def _pack(docs: Sequence[Document]):
     return np.concatenate(tokens), np.concatenate(groups)
 
 
-def build_corpus(out_dir: str, bytes_per_group: int = 1_000_000, valid_fraction: float = 0.1, seed: int = 1234) -> dict:
+def build_corpus(
+    out_dir: str, bytes_per_group: int = 1_000_000, valid_fraction: float = 0.1, seed: int = 1234
+) -> dict:
     """Write the corpus to ``out_dir`` (see module docstring) and return its ``meta.json`` content."""
     docs = collect_documents(bytes_per_group, seed=seed)
     rng = random.Random(seed + 1)
-    splits: Dict[str, List[Document]] = {"train": [], "valid": []}
+    splits: dict[str, list[Document]] = {"train": [], "valid": []}
     for group_docs in docs.values():
         # valid takes whole documents until it holds valid_fraction of the group's bytes
         budget, n_valid = valid_fraction * sum(len(d.data) for d in group_docs), 0
-        while n_valid < len(group_docs) - 1 and sum(len(d.data) for d in group_docs[:n_valid]) < budget:
+        while (
+            n_valid < len(group_docs) - 1
+            and sum(len(d.data) for d in group_docs[:n_valid]) < budget
+        ):
             n_valid += 1
         n_valid = max(1, n_valid)
         splits["valid"] += group_docs[:n_valid]
         splits["train"] += group_docs[n_valid:] or group_docs[:1]
     os.makedirs(out_dir, exist_ok=True)
-    meta = {"vocab_size": VOCAB_SIZE, "eod": EOD, "group_names": list(GROUP_NAMES), "seed": seed, "splits": {}}
+    meta = {
+        "vocab_size": VOCAB_SIZE,
+        "eod": EOD,
+        "group_names": list(GROUP_NAMES),
+        "seed": seed,
+        "splits": {},
+    }
     for split, split_docs in splits.items():
         rng.shuffle(split_docs)  # interleave modalities so any window may mix them
         tokens, groups = _pack(split_docs)
@@ -196,7 +219,9 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     meta = build_corpus(a.out, a.bytes_per_group, seed=a.seed)
     for split, m in meta["splits"].items():
-        print(f"{split}: {m['num_tokens']} tokens, per group {dict(zip(GROUP_NAMES, m['tokens_per_group']))}")
+        print(
+            f"{split}: {m['num_tokens']} tokens, per group {dict(zip(GROUP_NAMES, m['tokens_per_group']))}"
+        )
 
 
 if __name__ == "__main__":

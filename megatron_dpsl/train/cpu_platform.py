@@ -35,9 +35,10 @@ def enable() -> None:
 
     from megatron.core.tensor_parallel import random as mpu_random
 
-    # model_parallel_cuda_manual_seed -> CudaRNGStatesTracker.add reads torch.cuda.get_rng_state(), and
-    # every dropout inside a tensor-parallel region runs under CudaRNGStatesTracker.fork(). On CPU the
-    # tracker keeps CPU generator states instead, so forked regions still get their own seeded stream.
+    # model_parallel_cuda_manual_seed -> CudaRNGStatesTracker.add reads torch.cuda.get_rng_state(),
+    # and every dropout inside a tensor-parallel region runs under CudaRNGStatesTracker.fork(). On
+    # CPU the tracker keeps CPU generator states instead, so forked regions still get their own
+    # seeded stream.
     def add(self, name, seed):
         if seed in self.seeds_:
             raise Exception(f"seed {seed} already exists")

@@ -3,9 +3,9 @@
 The config is filled by dataclass field name (``dpsl_config_from_args``, as Megatron-LM's
 ``core_transformer_config_from_args`` does); the few values Megatron-LM derives rather than copies
 (``--swiglu``, dtypes, CPU initialisation) are passed as overrides. The model comes from
-``megatron_dpsl.models.gpt.build_gpt_model``, the builder the Megatron-LM launcher shares: MoE models get the
-DPSL layer spec (Megatron's GPT layer with ``DPSLRouter``), dense models Megatron's own local (or
-Transformer Engine) spec.
+``megatron_dpsl.models.gpt.build_gpt_model``, the builder the Megatron-LM launcher shares: MoE
+models get the DPSL layer spec (Megatron's GPT layer with ``DPSLRouter``), dense models Megatron's
+own local (or Transformer Engine) spec.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def config_from_args(args: argparse.Namespace, *, use_cpu_initialization: bool):
     )
     if args.num_experts is None:
         # a dense model: the MoE flags (defaults included) must not reach the config
-        overrides.update(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None)
+        overrides.update(
+            moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None
+        )
     return dpsl_config_from_args(args, **overrides)
 
 
@@ -45,7 +47,9 @@ def build_model(args: argparse.Namespace, config):
         config,
         spec="layer",
         use_transformer_engine=use_te,
-        spec_kwargs={} if use_te else {"normalization": args.normalization},  # the TE spec has no such argument
+        spec_kwargs={}
+        if use_te
+        else {"normalization": args.normalization},  # the TE spec has no such argument
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=True,

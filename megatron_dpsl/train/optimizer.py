@@ -1,17 +1,18 @@
 """The optimizer: ``megatron.core.optimizer`` where it runs, else ``torch.optim.AdamW`` with Megatron's rules.
 
-On a GPU the trainer uses Megatron's own ``get_megatron_optimizer(OptimizerConfig(...))``. On a CPU that
-is not possible: megatron-core 0.16.1's ``FP32Optimizer`` and ``clip_grads`` allocate with
+On a GPU the trainer uses Megatron's own ``get_megatron_optimizer(OptimizerConfig(...))``. On a CPU
+that is not possible: megatron-core 0.16.1's ``FP32Optimizer`` and ``clip_grads`` allocate with
 ``device='cuda'`` literals. :class:`TorchAdamW` reproduces what Megatron's non-distributed FP32
 optimizer does for this trainer's models:
 
 * parameter groups: no weight decay on biases and 1-D parameters (``_get_param_groups``), with
   ``wd_mult``/``lr_mult`` keys so ``OptimizerParamScheduler`` drives them unchanged;
-* gradients are DDP's ``main_grad`` buffers (``param.grad = param.main_grad``, as ``FP32Optimizer``);
+* gradients are DDP's ``main_grad`` buffers (``param.grad = param.main_grad``, as
+  ``FP32Optimizer``);
 * the global gradient norm of ``get_grad_norm_fp32`` + ``ChainedOptimizer``: squared norms of the
-  dense parameters that are not tensor-parallel duplicates, summed over the model-parallel group, plus
-  those of the expert parameters summed over the expert-tensor-model-pipeline group; clipping by
-  ``clip_grad / (norm + 1e-6)`` when below 1;
+  dense parameters that are not tensor-parallel duplicates, summed over the model-parallel group,
+  plus those of the expert parameters summed over the expert-tensor-model-pipeline group; clipping
+  by ``clip_grad / (norm + 1e-6)`` when below 1;
 * ``sharded_state_dict``: the Adam moments as ``ShardedTensor``s keyed like the model parameters
   (``dist_checkpointing.optimizer.optim_state_to_sharding_state``), so a checkpoint reloads under
   any TP/EP layout.
@@ -21,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -36,11 +36,18 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
     groups = []
     for params, wd_mult in ((decay, 1.0), (no_decay, 0.0)):
         if params:
-            groups.append({"params": params, "wd_mult": wd_mult, "lr_mult": 1.0, "weight_decay": weight_decay * wd_mult})
+            groups.append(
+                {
+                    "params": params,
+                    "wd_mult": wd_mult,
+                    "lr_mult": 1.0,
+                    "weight_decay": weight_decay * wd_mult,
+                }
+            )
     return groups
 
 
-def grad_norm_fp32(params: List[torch.nn.Parameter]) -> float:
+def grad_norm_fp32(params: list[torch.nn.Parameter]) -> float:
     """Megatron's global grad norm (``get_grad_norm_fp32`` over the dense and expert optimizers of
     ``ChainedOptimizer``) from ``param.grad``; see the module docstring."""
     from megatron.core import parallel_state
@@ -82,14 +89,14 @@ class TorchAdamW:
     def param_groups(self):
         return self.optimizer.param_groups
 
-    def _params(self) -> List[torch.nn.Parameter]:
+    def _params(self) -> list[torch.nn.Parameter]:
         return list(itertools.chain.from_iterable(g["params"] for g in self.optimizer.param_groups))
 
     def zero_grad(self) -> None:
         for p in self._params():
             p.grad = None
 
-    def step(self) -> Tuple[bool, float, Optional[int]]:
+    def step(self) -> tuple[bool, float, int | None]:
         """Returns ``(update_successful, grad_norm, num_zeros_in_grad)`` like ``MegatronOptimizer.step``."""
         params = self._params()
         for p in params:
@@ -150,7 +157,9 @@ def build_optimizer(args: argparse.Namespace, ddp_model, unwrapped_model, on_cud
         impl = "megatron" if on_cuda else "torch"
     if impl == "megatron":
         if not on_cuda:
-            raise ValueError("--optimizer-impl megatron: megatron.core.optimizer needs CUDA (it allocates on 'cuda'); use torch")
+            raise ValueError(
+                "--optimizer-impl megatron: megatron.core.optimizer needs CUDA (it allocates on 'cuda'); use torch"
+            )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         config = OptimizerConfig(

@@ -7,7 +7,7 @@ Inputs are the per-run dicts the quickstart collects: ``{"name", "prior" [E] or 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,12 +31,20 @@ def _plt():
 GROUP_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 
 
-def plot_histograms(runs: Sequence[dict], path: str, group_names: Sequence[str], layer: int = -1) -> None:
+def plot_histograms(
+    runs: Sequence[dict], path: str, group_names: Sequence[str], layer: int = -1
+) -> None:
     """Paper Fig. 7: per-expert histograms of routing probabilities (final validation, one MoE layer)
     against the Beta(α_k, A − α_k) pdf of each run's prior (per group for group priors)."""
     plt = _plt()
     num_experts = runs[0]["prior"].shape[-1]
-    fig, axes = plt.subplots(len(runs), num_experts, figsize=(1.7 * num_experts, 1.7 * len(runs)), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(runs),
+        num_experts,
+        figsize=(1.7 * num_experts, 1.7 * len(runs)),
+        sharex=True,
+        squeeze=False,
+    )
     bins = np.linspace(0, 1, 31)
     grid = np.linspace(0.005, 0.995, 200)
     for r, run in enumerate(runs):
@@ -58,7 +66,13 @@ def plot_histograms(runs: Sequence[dict], path: str, group_names: Sequence[str],
             for g, row in enumerate(rows):
                 a, total = float(row[k]), float(row.sum())
                 color = GROUP_COLORS[g % 4] if len(rows) > 1 else "black"
-                ax.plot(grid, beta_pdf(grid, a, total - a), color=color, lw=1.2, ls="--" if run.get("reference_prior") else "-")
+                ax.plot(
+                    grid,
+                    beta_pdf(grid, a, total - a),
+                    color=color,
+                    lw=1.2,
+                    ls="--" if run.get("reference_prior") else "-",
+                )
             ax.set_ylim(0, 12)
             ax.set_yticks([])
             ax.tick_params(labelsize=6)
@@ -66,11 +80,21 @@ def plot_histograms(runs: Sequence[dict], path: str, group_names: Sequence[str],
                 ax.set_title(f"expert {k}", fontsize=8)
             if k == 0:
                 ax.set_ylabel(run["name"], fontsize=7)
-    handles = [plt.Line2D([], [], color="black", lw=1.2, label="Beta(α_k, A−α_k) of the run's prior"),
-               plt.Line2D([], [], color="black", lw=1.2, ls="--", label="Dir(1) reference (no prior in the loss)")]
-    handles += [plt.Rectangle((0, 0), 1, 1, color=GROUP_COLORS[g], alpha=0.45, label=f"{n} tokens") for g, n in enumerate(group_names)]
+    handles = [
+        plt.Line2D([], [], color="black", lw=1.2, label="Beta(α_k, A−α_k) of the run's prior"),
+        plt.Line2D(
+            [], [], color="black", lw=1.2, ls="--", label="Dir(1) reference (no prior in the loss)"
+        ),
+    ]
+    handles += [
+        plt.Rectangle((0, 0), 1, 1, color=GROUP_COLORS[g], alpha=0.45, label=f"{n} tokens")
+        for g, n in enumerate(group_names)
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
-    fig.suptitle("Routing probabilities per expert (validation, last MoE layer) vs the prior's Beta marginals", fontsize=9)
+    fig.suptitle(
+        "Routing probabilities per expert (validation, last MoE layer) vs the prior's Beta marginals",
+        fontsize=9,
+    )
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     fig.savefig(path, dpi=72)
     plt.close(fig)
@@ -103,19 +127,31 @@ def plot_curves(runs: Sequence[dict], path: str) -> None:
     plt.close(fig)
 
 
-def plot_usage(runs: Sequence[dict], path: str, group_names: Sequence[str], ncols: Optional[int] = None) -> None:
+def plot_usage(
+    runs: Sequence[dict], path: str, group_names: Sequence[str], ncols: int | None = None
+) -> None:
     """Per-modality expert usage (share of each group's top-k assignments per expert, layer mean);
     one panel per run, ``ncols`` per row (default: all in one row)."""
     plt = _plt()
     ncols = ncols or len(runs)
     nrows = math.ceil(len(runs) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.2 + 2.8 * (nrows - 1)), squeeze=False)
-    fig.subplots_adjust(hspace=0.7)  # room for each row's expert axis label under the next row's titles
-    for ax in axes.flat[len(runs):]:
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.6 * ncols, 2.2 + 2.8 * (nrows - 1)), squeeze=False
+    )
+    fig.subplots_adjust(
+        hspace=0.7
+    )  # room for each row's expert axis label under the next row's titles
+    for ax in axes.flat[len(runs) :]:
         ax.set_visible(False)
-    usages = [np.mean([l["group_usage"].numpy() for l in run["history"][-1]["layers"]], axis=0)[: len(group_names)]
-              for run in runs]
-    vmax = max(0.3, max(float(u.max()) for u in usages))  # one colour scale: the panels are compared
+    usages = [
+        np.mean([layer["group_usage"].numpy() for layer in run["history"][-1]["layers"]], axis=0)[
+            : len(group_names)
+        ]
+        for run in runs
+    ]
+    vmax = max(
+        0.3, max(float(u.max()) for u in usages)
+    )  # one colour scale: the panels are compared
     for ax, run, usage in zip(axes.flat, runs, usages):
         im = ax.imshow(usage, vmin=0, vmax=vmax, cmap="viridis", aspect="auto")
         ax.set_yticks(range(len(group_names)), group_names, fontsize=7)
@@ -128,11 +164,13 @@ def plot_usage(runs: Sequence[dict], path: str, group_names: Sequence[str], ncol
     plt.close(fig)
 
 
-def write_all(runs: List[dict], out_dir: str, group_names: Sequence[str]) -> List[str]:
+def write_all(runs: list[dict], out_dir: str, group_names: Sequence[str]) -> list[str]:
     """All three figures into ``out_dir``; returns their paths."""
     import os
 
-    paths = [os.path.join(out_dir, f"quickstart_{n}.png") for n in ("histograms", "curves", "usage")]
+    paths = [
+        os.path.join(out_dir, f"quickstart_{n}.png") for n in ("histograms", "curves", "usage")
+    ]
     plot_histograms(runs, paths[0], group_names)
     plot_curves(runs, paths[1])
     plot_usage(runs, paths[2], group_names)

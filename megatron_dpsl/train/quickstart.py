@@ -1,19 +1,21 @@
 """The quickstart: dense GPT -> granular upcycling -> three MoE runs (aux loss, DPSL, DPSL modality priors).
 
-    python -m megatron_dpsl.train.quickstart --out outputs/quickstart          # 3-5 min on 2 CPU cores
-    python -m megatron_dpsl.train.quickstart --out /tmp/qs --tiny              # smoke run, ~1 min
+    python -m megatron_dpsl.train.quickstart --out outputs/quickstart          # 3-5 min on 2 CPU
+    cores python -m megatron_dpsl.train.quickstart --out /tmp/qs --tiny              # smoke run, ~1
+    min
 
 1. builds a byte-level corpus from text on this machine: Python stdlib sources (group 0, "code") and
    licence/copyright prose (group 1, "prose"), every byte tagged with its document's group
    (``megatron_dpsl.train.corpus``);
 2. trains a tiny dense GPT (2 ranks, data parallel) and saves it in Megatron-LM's layout;
-3. upcycles it with the converter (``megatron-dpsl-upcycle``) into 8 experts, granularity 2, top-4, virtual-group
-   router, exact weight scaling (the MoE starts as the dense function);
+3. upcycles it with the converter (``megatron-dpsl-upcycle``) into 8 experts, granularity 2, top-4,
+   virtual-group router, exact weight scaling (the MoE starts as the dense function);
 4. trains the MoE three times under one ``torchrun`` launch with 2 ranks (EP=2): Megatron's
    ``aux_loss``; DPSL with a symmetric prior; DPSL with modality priors (α_b, α_s per group);
 5. writes to ``--out``: PNG figures (per-expert routing histograms vs the Beta(α, A−α) pdf as in the
    paper's Fig. 7; CoV / entropy / distance-to-prior / validation-loss curves; per-modality usage),
-   TensorBoard event files (``runs/*/tensorboard``), ``summary.json``, ``table.md`` and prints the table.
+   TensorBoard event files (``runs/*/tensorboard``), ``summary.json``, ``table.md`` and prints the
+   table.
 
 All training happens in one ``torchrun`` launch (``--worker``): each launch costs ~15 s of
 megatron-core import on a laptop, so the stages run one after another in the same two processes.
@@ -34,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
 
 from megatron_dpsl.train.trainer import free_port  # stdlib-only at import time, like this module
 
@@ -53,7 +54,13 @@ def _stamp(t0: float) -> str:
 def model_sizes(tiny: bool) -> dict:
     """The dense GPT's (and the upcycled MoE's) shape: the full quickstart or the ``--tiny`` smoke run."""
     hidden, ffn, layers, heads = (32, 128, 2, 4) if tiny else (64, 256, 2, 4)
-    return {"hidden": hidden, "ffn": ffn, "layers": layers, "heads": heads, "seq": 64 if tiny else 128}
+    return {
+        "hidden": hidden,
+        "ffn": ffn,
+        "layers": layers,
+        "heads": heads,
+        "seq": 64 if tiny else 128,
+    }
 
 
 NUM_EXPERTS, GRANULARITY, TOPK = 8, 2, 4  # 8 experts, G = 2 (4 copies of the dense FFN), top-4
@@ -63,13 +70,41 @@ def common_argv(a: argparse.Namespace) -> list:
     """Trainer flags shared by the dense and the MoE runs: model, batch, data, seed, logging."""
     out, tiny, m = os.path.abspath(a.out), a.tiny, model_sizes(a.tiny)
     return [
-        "--num-layers", m["layers"], "--hidden-size", m["hidden"], "--ffn-hidden-size", m["ffn"],
-        "--num-attention-heads", m["heads"], "--seq-length", m["seq"], "--max-position-embeddings", m["seq"],
-        "--vocab-size", 256, "--disable-bias-linear",
-        "--hidden-dropout", 0.0, "--attention-dropout", 0.0, "--micro-batch-size", 4 if tiny else 8,
-        "--global-batch-size", 8 if tiny else 16, "--data-path", os.path.join(out, "corpus"), "--seed", a.seed,
-        "--lr-decay-style", "cosine", "--log-interval", 5 if tiny else 20, "--eval-iters", 1 if tiny else 4,
-        "--device", "cpu",  # the quickstart is the laptop demo: CPU + gloo even where a GPU exists
+        "--num-layers",
+        m["layers"],
+        "--hidden-size",
+        m["hidden"],
+        "--ffn-hidden-size",
+        m["ffn"],
+        "--num-attention-heads",
+        m["heads"],
+        "--seq-length",
+        m["seq"],
+        "--max-position-embeddings",
+        m["seq"],
+        "--vocab-size",
+        256,
+        "--disable-bias-linear",
+        "--hidden-dropout",
+        0.0,
+        "--attention-dropout",
+        0.0,
+        "--micro-batch-size",
+        4 if tiny else 8,
+        "--global-batch-size",
+        8 if tiny else 16,
+        "--data-path",
+        os.path.join(out, "corpus"),
+        "--seed",
+        a.seed,
+        "--lr-decay-style",
+        "cosine",
+        "--log-interval",
+        5 if tiny else 20,
+        "--eval-iters",
+        1 if tiny else 4,
+        "--device",
+        "cpu",  # the quickstart is the laptop demo: CPU + gloo even where a GPU exists
     ]
 
 
@@ -78,9 +113,20 @@ def dense_stage(a: argparse.Namespace) -> dict:
     out = os.path.abspath(a.out)
     iters = a.dense_iters or (10 if a.tiny else 300)
     argv = common_argv(a) + [
-        "--train-iters", iters, "--lr", 3e-3, "--min-lr", 3e-4, "--lr-warmup-iters", max(1, iters // 10),
-        "--eval-interval", iters, "--save", os.path.join(out, "dense", "checkpoint"),
-        "--tensorboard-dir", os.path.join(out, "dense", "tensorboard"),
+        "--train-iters",
+        iters,
+        "--lr",
+        3e-3,
+        "--min-lr",
+        3e-4,
+        "--lr-warmup-iters",
+        max(1, iters // 10),
+        "--eval-interval",
+        iters,
+        "--save",
+        os.path.join(out, "dense", "checkpoint"),
+        "--tensorboard-dir",
+        os.path.join(out, "dense", "tensorboard"),
     ]
     return {"kind": "train", "name": "dense", "argv": argv, "dir": os.path.join(out, "dense")}
 
@@ -89,9 +135,16 @@ def upcycle_stage(a: argparse.Namespace) -> dict:
     """Stage 3: the converter's options (dense checkpoint -> 8 experts, G = 2, top-4, exact scaling)."""
     out = os.path.abspath(a.out)
     options = dict(
-        src=os.path.join(out, "dense", "checkpoint"), dst=os.path.join(out, "moe_init"), num_experts=NUM_EXPERTS,
-        granularity=GRANULARITY, moe_router_topk=TOPK, router_init="virtual-group", weight_scaling="exact",
-        seed=a.seed, force=True, progress=False,
+        src=os.path.join(out, "dense", "checkpoint"),
+        dst=os.path.join(out, "moe_init"),
+        num_experts=NUM_EXPERTS,
+        granularity=GRANULARITY,
+        moe_router_topk=TOPK,
+        router_init="virtual-group",
+        weight_scaling="exact",
+        seed=a.seed,
+        force=True,
+        progress=False,
     )
     return {"kind": "upcycle", "options": options, "dir": os.path.join(out, "moe_init")}
 
@@ -100,11 +153,27 @@ def moe_argv(a: argparse.Namespace) -> list:
     """Trainer flags of every MoE run: the upcycled model on 2 ranks (EP=2), loaded with --finetune."""
     iters = a.moe_iters or (8 if a.tiny else 120)
     return common_argv(a) + [
-        "--num-experts", NUM_EXPERTS, "--moe-router-topk", TOPK,
-        "--moe-ffn-hidden-size", model_sizes(a.tiny)["ffn"] // GRANULARITY,
-        "--expert-model-parallel-size", 2, "--train-iters", iters, "--lr", 1e-3, "--min-lr", 1e-4,
-        "--lr-warmup-iters", max(1, iters // 20), "--eval-interval", max(1, iters // (2 if a.tiny else 6)),
-        "--load", os.path.join(os.path.abspath(a.out), "moe_init"), "--finetune",
+        "--num-experts",
+        NUM_EXPERTS,
+        "--moe-router-topk",
+        TOPK,
+        "--moe-ffn-hidden-size",
+        model_sizes(a.tiny)["ffn"] // GRANULARITY,
+        "--expert-model-parallel-size",
+        2,
+        "--train-iters",
+        iters,
+        "--lr",
+        1e-3,
+        "--min-lr",
+        1e-4,
+        "--lr-warmup-iters",
+        max(1, iters // 20),
+        "--eval-interval",
+        max(1, iters // (2 if a.tiny else 6)),
+        "--load",
+        os.path.join(os.path.abspath(a.out), "moe_init"),
+        "--finetune",
     ]
 
 
@@ -115,26 +184,53 @@ def aux_loss_run(coeff: float = 1e-2) -> list:
 
 def dpsl_symmetric_run(lam: float, alpha: float) -> list:
     """DPSL alone with a symmetric prior Dir(α, ..., α)."""
-    return ["--moe-router-load-balancing-type", "dpsl", "--moe-dpsl-coeff", lam, "--moe-dpsl-alpha", alpha]
+    return [
+        "--moe-router-load-balancing-type",
+        "dpsl",
+        "--moe-dpsl-coeff",
+        lam,
+        "--moe-dpsl-alpha",
+        alpha,
+    ]
 
 
 def dpsl_modality_run(lam: float, alpha_base: float, alpha_shift: float) -> list:
     """DPSL alone with the paper's modality priors (Sec. 3.4): code -> experts 0-3, prose -> experts 4-7."""
-    return ["--moe-router-load-balancing-type", "dpsl", "--moe-dpsl-coeff", lam, "--moe-dpsl-alpha-base", alpha_base,
-            "--moe-dpsl-alpha-shift", alpha_shift, "--moe-dpsl-num-groups", len(GROUP_NAMES)]
+    return [
+        "--moe-router-load-balancing-type",
+        "dpsl",
+        "--moe-dpsl-coeff",
+        lam,
+        "--moe-dpsl-alpha-base",
+        alpha_base,
+        "--moe-dpsl-alpha-shift",
+        alpha_shift,
+        "--moe-dpsl-num-groups",
+        len(GROUP_NAMES),
+    ]
 
 
-def make_plan(a: argparse.Namespace, runs: Dict[str, list]) -> dict:
+def make_plan(a: argparse.Namespace, runs: dict[str, list]) -> dict:
     """The stages of one launch: dense, upcycle, then one MoE run per ``runs`` entry (name -> extra flags)."""
     out = os.path.abspath(a.out)
     stages = [dense_stage(a), upcycle_stage(a)]
     for name, extra in runs.items():
         d = os.path.join(out, "runs", name)
-        stages.append({
-            "kind": "train", "name": name, "dir": d,
-            "argv": moe_argv(a) + list(extra) + ["--tensorboard-dir", os.path.join(d, "tensorboard"),
-                                                  "--routing-stats-path", os.path.join(d, "routing_stats.pt")],
-        })
+        stages.append(
+            {
+                "kind": "train",
+                "name": name,
+                "dir": d,
+                "argv": moe_argv(a)
+                + list(extra)
+                + [
+                    "--tensorboard-dir",
+                    os.path.join(d, "tensorboard"),
+                    "--routing-stats-path",
+                    os.path.join(d, "routing_stats.pt"),
+                ],
+            }
+        )
     for s in stages:
         if "argv" in s:
             s["argv"] = [str(x) for x in s["argv"]]
@@ -143,14 +239,17 @@ def make_plan(a: argparse.Namespace, runs: Dict[str, list]) -> dict:
 
 def build_plan(a: argparse.Namespace) -> dict:
     """The quickstart's plan: Megatron's aux loss, DPSL symmetric, DPSL modality priors."""
-    return make_plan(a, {
-        "aux_loss": aux_loss_run(),
-        "dpsl_symmetric": dpsl_symmetric_run(a.dpsl_coeff, a.alpha),
-        "dpsl_modality": dpsl_modality_run(a.dpsl_coeff, a.alpha_base, a.alpha_shift),
-    })
+    return make_plan(
+        a,
+        {
+            "aux_loss": aux_loss_run(),
+            "dpsl_symmetric": dpsl_symmetric_run(a.dpsl_coeff, a.alpha),
+            "dpsl_modality": dpsl_modality_run(a.dpsl_coeff, a.alpha_base, a.alpha_shift),
+        },
+    )
 
 
-def _wait_for(paths: List[str], timeout: float, alive=lambda: True) -> str:
+def _wait_for(paths: list[str], timeout: float, alive=lambda: True) -> str:
     """The first of ``paths`` to exist (polling; the stages hand over through files)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -184,36 +283,56 @@ def _worker(plan_path: str) -> None:
         for stage in plan["stages"]:
             t0 = time.time()
             if stage["kind"] == "upcycle":
-                # the launcher process converts (the converter is single-process); wait for its verdict
+                # the launcher process converts (the converter is single-process); wait for its
+                # verdict
                 ok = [True]
                 if rank == 0:
-                    done = _wait_for([stage["dir"] + ".done", stage["dir"] + ".failed"], timeout=1200)
+                    done = _wait_for(
+                        [stage["dir"] + ".done", stage["dir"] + ".failed"], timeout=1200
+                    )
                     ok = [done.endswith(".done")]
                 dist.broadcast_object_list(ok, src=0)
                 upcycled = ok[0]
                 if not upcycled:
-                    print_rank_0("!!! upcycling failed: the MoE runs start from a random initialisation instead")
+                    print_rank_0(
+                        "!!! upcycling failed: the MoE runs start from a random initialisation instead"
+                    )
                 continue
             argv = list(stage["argv"])
             if not upcycled and "--load" in argv:
                 i = argv.index("--load")
                 del argv[i : i + 2]
                 argv.remove("--finetune")
-            print_rank_0(f"\n=== {_stamp(t_start)} {stage['name']}: megatron-dpsl-train {' '.join(argv)}")
+            print_rank_0(
+                f"\n=== {_stamp(t_start)} {stage['name']}: megatron-dpsl-train {' '.join(argv)}"
+            )
             result = pretrain(parse_args(argv))
             if rank == 0:
                 os.makedirs(stage["dir"], exist_ok=True)
                 with open(os.path.join(stage["dir"], "result.json"), "w", encoding="utf-8") as f:
-                    json.dump({
-                        "name": stage["name"], "argv": argv, "wall_s": time.time() - t0,
-                        "train_losses": result.train_losses, "valid_losses": result.valid_losses,
-                        "aux_losses": result.aux_losses, "upcycled": upcycled,
-                        "optimizer_impl": result.optimizer_impl, "schedule_impl": result.schedule_impl,
-                        "step_seconds": result.step_seconds, "step_cpu_seconds": result.step_cpu_seconds,
-                        # aux-loss-free balancing: each MoE layer's final expert bias (else empty)
-                        "expert_bias": [m.expert_bias.tolist() for m in result.model.modules()
-                                        if getattr(m, "expert_bias", None) is not None],
-                    }, f)
+                    json.dump(
+                        {
+                            "name": stage["name"],
+                            "argv": argv,
+                            "wall_s": time.time() - t0,
+                            "train_losses": result.train_losses,
+                            "valid_losses": result.valid_losses,
+                            "aux_losses": result.aux_losses,
+                            "upcycled": upcycled,
+                            "optimizer_impl": result.optimizer_impl,
+                            "schedule_impl": result.schedule_impl,
+                            "step_seconds": result.step_seconds,
+                            "step_cpu_seconds": result.step_cpu_seconds,
+                            # aux-loss-free balancing: each MoE layer's final expert bias (else
+                            # empty)
+                            "expert_bias": [
+                                m.expert_bias.tolist()
+                                for m in result.model.modules()
+                                if getattr(m, "expert_bias", None) is not None
+                            ],
+                        },
+                        f,
+                    )
     finally:
         shutdown()
 
@@ -222,7 +341,7 @@ def _worker(plan_path: str) -> None:
 # the report
 
 
-def load_runs(out: str, names: List[str]) -> List[dict]:
+def load_runs(out: str, names: list[str]) -> list[dict]:
     """Each run's ``result.json`` and routing statistics, in ``names`` order (the dicts ``plots`` takes)."""
     import torch
 
@@ -235,16 +354,22 @@ def load_runs(out: str, names: List[str]) -> List[dict]:
         with open(os.path.join(d, "result.json"), encoding="utf-8") as f:
             result = json.load(f)
         stats = torch.load(os.path.join(d, "routing_stats.pt"), weights_only=False)
-        runs.append({
-            "name": name, "prior": stats["prior"], "history": stats["history"],
-            "valid_losses": [tuple(v) for v in result["valid_losses"]], "result": result,
-            # without DPSL the distances are to the symmetric Dir(1) reference, not a prior of the run
-            "reference_prior": not dpsl_enabled(parse_args(result["argv"])),
-        })
+        runs.append(
+            {
+                "name": name,
+                "prior": stats["prior"],
+                "history": stats["history"],
+                "valid_losses": [tuple(v) for v in result["valid_losses"]],
+                "result": result,
+                # without DPSL the distances are to the symmetric Dir(1) reference, not a prior of
+                # the run
+                "reference_prior": not dpsl_enabled(parse_args(result["argv"])),
+            }
+        )
     return runs
 
 
-def table_rows(runs: List[dict]) -> List[dict]:
+def table_rows(runs: list[dict]) -> list[dict]:
     """One row of final-evaluation metrics per run (layer means; see ``TABLE_NOTES``)."""
     rows = []
     for run in runs:
@@ -252,39 +377,55 @@ def table_rows(runs: List[dict]) -> List[dict]:
         layers = final["layers"]
         E = run["prior"].shape[-1]
         half = E // 2
-        usage = sum(l["group_usage"] for l in layers) / len(layers)  # [G, E]
+        usage = sum(layer["group_usage"] for layer in layers) / len(layers)  # [G, E]
         aux = run["result"]["aux_losses"]
         dpsl = aux.get("dpsl_loss")
-        steps, cpu_steps = run["result"].get("step_seconds") or [], run["result"].get("step_cpu_seconds") or []
-        rows.append({
-            "run": run["name"],
-            "valid_loss": run["valid_losses"][-1][1],
-            "cov": final["cov"],
-            "entropy": final["entropy"],
-            "prior_distance": final["prior_distance"],
-            "ks_distance": final["ks_distance"],
-            "code_on_experts_0_3": float(usage[0, :half].sum()),
-            "prose_on_experts_4_7": float(usage[1, half:].sum()),
-            "dpsl_loss": None if not dpsl else dpsl[-1][1],
-            "load_balancing_loss": None if not aux.get("load_balancing_loss") else aux["load_balancing_loss"][-1][1],
-            "wall_s": run["result"]["wall_s"],
-            # the median: robust to the first step's one-off compilation and to other jobs on the machine
-            "ms_per_step": 1000.0 * statistics.median(steps) if steps else None,
-            "cpu_ms_per_step": 1000.0 * statistics.median(cpu_steps) if cpu_steps else None,  # rank 0's process
-        })
+        steps, cpu_steps = (
+            run["result"].get("step_seconds") or [],
+            run["result"].get("step_cpu_seconds") or [],
+        )
+        rows.append(
+            {
+                "run": run["name"],
+                "valid_loss": run["valid_losses"][-1][1],
+                "cov": final["cov"],
+                "entropy": final["entropy"],
+                "prior_distance": final["prior_distance"],
+                "ks_distance": final["ks_distance"],
+                "code_on_experts_0_3": float(usage[0, :half].sum()),
+                "prose_on_experts_4_7": float(usage[1, half:].sum()),
+                "dpsl_loss": None if not dpsl else dpsl[-1][1],
+                "load_balancing_loss": None
+                if not aux.get("load_balancing_loss")
+                else aux["load_balancing_loss"][-1][1],
+                "wall_s": run["result"]["wall_s"],
+                # the median: robust to the first step's one-off compilation and to other jobs on
+                # the machine
+                "ms_per_step": 1000.0 * statistics.median(steps) if steps else None,
+                "cpu_ms_per_step": 1000.0 * statistics.median(cpu_steps)
+                if cpu_steps
+                else None,  # rank 0's process
+            }
+        )
     return rows
 
 
 # (header, row key, decimals) of the quickstart's table
 QUICKSTART_COLUMNS = (
-    ("valid loss", "valid_loss", 4), ("CoV", "cov", 3), ("entropy", "entropy", 3),
-    ("dist. to prior", "prior_distance", 5), ("KS", "ks_distance", 3), ("code→E0-3", "code_on_experts_0_3", 3),
-    ("prose→E4-7", "prose_on_experts_4_7", 3), ("dpsl_loss", "dpsl_loss", 5), ("lb loss", "load_balancing_loss", 3),
+    ("valid loss", "valid_loss", 4),
+    ("CoV", "cov", 3),
+    ("entropy", "entropy", 3),
+    ("dist. to prior", "prior_distance", 5),
+    ("KS", "ks_distance", 3),
+    ("code→E0-3", "code_on_experts_0_3", 3),
+    ("prose→E4-7", "prose_on_experts_4_7", 3),
+    ("dpsl_loss", "dpsl_loss", 5),
+    ("lb loss", "load_balancing_loss", 3),
     ("wall s", "wall_s", 0),
 )
 
 
-def format_table(rows: List[dict], columns=QUICKSTART_COLUMNS) -> str:
+def format_table(rows: list[dict], columns=QUICKSTART_COLUMNS) -> str:
     """A Markdown table: the run name, then one column per ``(header, key, decimals)``; None prints as -."""
     head = "| run | " + " | ".join(h for h, _, _ in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 1)]
@@ -308,26 +449,56 @@ TABLE_NOTES = (
 # entry point
 
 
-def add_launch_args(p: argparse.ArgumentParser, *, out: str, tiny_help: str) -> argparse.ArgumentParser:
+def add_launch_args(
+    p: argparse.ArgumentParser, *, out: str, tiny_help: str
+) -> argparse.ArgumentParser:
     """The flags of one launch (output, sizes, ranks, seed), shared with ``examples/compare_routers.py``."""
-    p.add_argument("--out", default=out, help="output directory (its dense/, moe_init/, runs/ and corpus/ are replaced)")
+    p.add_argument(
+        "--out",
+        default=out,
+        help="output directory (its dense/, moe_init/, runs/ and corpus/ are replaced)",
+    )
     p.add_argument("--tiny", action="store_true", help=tiny_help)
     p.add_argument("--nproc", type=int, default=2, help="ranks (EP = 2 needs 2)")
-    p.add_argument("--dense-iters", type=int, default=None, help="dense iterations (default 300, tiny 10)")
-    p.add_argument("--moe-iters", type=int, default=None, help="iterations of each MoE run (default 120, tiny 8)")
-    p.add_argument("--corpus-bytes", type=int, default=None, help="bytes per modality (default 1 MB, tiny 200 kB)")
+    p.add_argument(
+        "--dense-iters", type=int, default=None, help="dense iterations (default 300, tiny 10)"
+    )
+    p.add_argument(
+        "--moe-iters",
+        type=int,
+        default=None,
+        help="iterations of each MoE run (default 120, tiny 8)",
+    )
+    p.add_argument(
+        "--corpus-bytes",
+        type=int,
+        default=None,
+        help="bytes per modality (default 1 MB, tiny 200 kB)",
+    )
     p.add_argument("--seed", type=int, default=1234)
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megatron_dpsl.train.quickstart", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_dpsl.train.quickstart", description=__doc__.splitlines()[0]
+    )
     add_launch_args(p, out="outputs/quickstart", tiny_help="a very short run (smoke test, ~1 min)")
-    p.add_argument("--dpsl-coeff", type=float, default=0.1,
-                   help="λ (the paper's default 0.01 suits long runs; this short run uses its ablation's 0.1)")
-    p.add_argument("--alpha", type=float, default=1.0, help="symmetric prior α of the dpsl_symmetric run")
-    p.add_argument("--alpha-base", type=float, default=0.75, help="α_b of the modality run (paper: 0.75)")
-    p.add_argument("--alpha-shift", type=float, default=0.5, help="α_s of the modality run (paper: 0.5)")
+    p.add_argument(
+        "--dpsl-coeff",
+        type=float,
+        default=0.1,
+        help="λ (the paper's default 0.01 suits long runs; this short run uses its ablation's 0.1)",
+    )
+    p.add_argument(
+        "--alpha", type=float, default=1.0, help="symmetric prior α of the dpsl_symmetric run"
+    )
+    p.add_argument(
+        "--alpha-base", type=float, default=0.75, help="α_b of the modality run (paper: 0.75)"
+    )
+    p.add_argument(
+        "--alpha-shift", type=float, default=0.5, help="α_s of the modality run (paper: 0.5)"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # run_plan's torchrun ranks
     return p
 
@@ -342,7 +513,10 @@ def _run_upcycle(plan: dict, alive) -> None:
     try:
         from megatron_dpsl.upcycle import upcycle
     except Exception as err:  # noqa: BLE001 - any import failure means: fall back, loudly
-        print(f"!!! quickstart: the upcycler is unavailable ({err!r}); MoE runs start from scratch", flush=True)
+        print(
+            f"!!! quickstart: the upcycler is unavailable ({err!r}); MoE runs start from scratch",
+            flush=True,
+        )
         open(stage["dir"] + ".failed", "w").close()
         return
     tracker = os.path.join(opts["src"], "latest_checkpointed_iteration.txt")
@@ -351,11 +525,16 @@ def _run_upcycle(plan: dict, alive) -> None:
     except RuntimeError:
         return  # the workers died before saving the dense model: main() reports their exit status
     src, dst = opts.pop("src"), opts.pop("dst")
-    print(f"\n=== {_stamp(plan['t0'])} upcycle (megatron_dpsl.upcycle): {src} -> {dst} {opts}", flush=True)
+    print(
+        f"\n=== {_stamp(plan['t0'])} upcycle (megatron_dpsl.upcycle): {src} -> {dst} {opts}",
+        flush=True,
+    )
     try:
         upcycle(src, dst, **opts)
     except Exception as err:  # noqa: BLE001
-        print(f"!!! quickstart: upcycling failed ({err!r}); MoE runs start from scratch", flush=True)
+        print(
+            f"!!! quickstart: upcycling failed ({err!r}); MoE runs start from scratch", flush=True
+        )
         open(stage["dir"] + ".failed", "w").close()
         return
     open(stage["dir"] + ".done", "w").close()
@@ -365,8 +544,10 @@ def check_plot_dependencies(prog: str) -> None:
     """SystemExit naming the package when the figures or TensorBoard logs could not be written."""
     missing = [m for m in ("matplotlib", "tensorboard") if importlib.util.find_spec(m) is None]
     if missing:
-        raise SystemExit(f"{prog}: needs {', '.join(missing)}: pip install 'megatron-dpsl[plots]' "
-                         "(or run bash scripts/quickstart.sh, which installs the test extras)")
+        raise SystemExit(
+            f"{prog}: needs {', '.join(missing)}: pip install 'megatron-dpsl[plots]' "
+            "(or run bash scripts/quickstart.sh, which installs the test extras)"
+        )
 
 
 def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
@@ -389,20 +570,44 @@ def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
         json.dump(plan, f, indent=1)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONWARNINGS"] = env.get("PYTHONWARNINGS", "ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc), "--nnodes", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "megatron_dpsl.train.quickstart", "--worker", plan_path]
-    # The workers spend ~15 s importing megatron-core: build the corpus and import the converter meanwhile.
-    print(f"=== {_stamp(t_start)} torchrun (one launch, {a.nproc} ranks, all training stages): {' '.join(cmd[1:])}", flush=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(a.nproc),
+        "--nnodes",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "megatron_dpsl.train.quickstart",
+        "--worker",
+        plan_path,
+    ]
+    # The workers spend ~15 s importing megatron-core: build the corpus and import the converter
+    # meanwhile.
+    print(
+        f"=== {_stamp(t_start)} torchrun (one launch, {a.nproc} ranks, all training stages): {' '.join(cmd[1:])}",
+        flush=True,
+    )
     proc = subprocess.Popen(cmd, env=env)
     try:
         from megatron_dpsl.train.corpus import build_corpus
 
         print(f"=== {_stamp(t_start)} corpus: {os.path.join(out, 'corpus')}", flush=True)
-        meta = build_corpus(os.path.join(out, "corpus"), a.corpus_bytes or (200_000 if a.tiny else 1_000_000), seed=a.seed)
+        meta = build_corpus(
+            os.path.join(out, "corpus"),
+            a.corpus_bytes or (200_000 if a.tiny else 1_000_000),
+            seed=a.seed,
+        )
         for split, m in meta["splits"].items():
-            print(f"    {split}: {m['num_tokens']} byte tokens, per group {dict(zip(GROUP_NAMES, m['tokens_per_group']))}",
-                  flush=True)
+            print(
+                f"    {split}: {m['num_tokens']} byte tokens, per group {dict(zip(GROUP_NAMES, m['tokens_per_group']))}",
+                flush=True,
+            )
         _run_upcycle(plan, alive=lambda: proc.poll() is None)
         returncode = proc.wait()
     except BaseException:
@@ -410,11 +615,13 @@ def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
         proc.wait()
         raise
     if returncode != 0:
-        raise SystemExit(f"quickstart: the torchrun workers failed (exit {returncode}); see the log above")
+        raise SystemExit(
+            f"quickstart: the torchrun workers failed (exit {returncode}); see the log above"
+        )
     return meta
 
 
-def run_names(plan: dict) -> List[str]:
+def run_names(plan: dict) -> list[str]:
     """The MoE runs of ``plan``, in order."""
     return [s["name"] for s in plan["stages"] if s["kind"] == "train" and s["name"] != "dense"]
 
@@ -445,18 +652,27 @@ def main(argv=None) -> dict:
     table = format_table(rows)
     wall = time.time() - t_start
     summary = {
-        "wall_s": wall, "rows": rows, "figures": figures, "dense_valid_loss": dense_valid_loss(out),
-        "upcycled": runs[0]["result"]["upcycled"], "corpus": meta, "notes": TABLE_NOTES,
+        "wall_s": wall,
+        "rows": rows,
+        "figures": figures,
+        "dense_valid_loss": dense_valid_loss(out),
+        "upcycled": runs[0]["result"]["upcycled"],
+        "corpus": meta,
+        "notes": TABLE_NOTES,
     }
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n\n" + TABLE_NOTES + "\n")
-    print(f"\n=== results (dense model before upcycling: valid loss {summary['dense_valid_loss']:.4f}"
-          f"{'' if summary['upcycled'] else '; UPCYCLING FAILED, MoE runs from scratch'})")
+    print(
+        f"\n=== results (dense model before upcycling: valid loss {summary['dense_valid_loss']:.4f}"
+        f"{'' if summary['upcycled'] else '; UPCYCLING FAILED, MoE runs from scratch'})"
+    )
     print(table)
     print("\n" + TABLE_NOTES)
-    print(f"\nfigures: {', '.join(figures)}\nTensorBoard: tensorboard --logdir {os.path.join(out, 'runs')}")
+    print(
+        f"\nfigures: {', '.join(figures)}\nTensorBoard: tensorboard --logdir {os.path.join(out, 'runs')}"
+    )
     print(f"quickstart wall time: {wall:.0f} s")
     return summary
 

@@ -1,12 +1,14 @@
 """One training step's forward/backward over the micro-batches of a global batch.
 
-On a GPU the trainer calls Megatron's own schedule (``get_forward_backward_func()``: with no pipeline
-parallelism, ``forward_backward_no_pipelining``). On a CPU that schedule cannot run: megatron-core
+On a GPU the trainer calls Megatron's own schedule (``get_forward_backward_func()``: with no
+pipeline parallelism, ``forward_backward_no_pipelining``). On a CPU that schedule cannot run:
+megatron-core
 0.16.1 allocates its token counter with ``device="cuda"``. :func:`forward_backward_no_pipelining`
 reproduces the path this trainer takes through it, step for step:
 
-* ``MoEAuxLossAutoScaler.set_loss_scale(loss_scale * cp / num_microbatches)`` after each forward, so the
-  router aux losses (Megatron's and DPSL) are averaged over micro-batches exactly like the LM loss;
+* ``MoEAuxLossAutoScaler.set_loss_scale(loss_scale * cp / num_microbatches)`` after each forward, so
+  the router aux losses (Megatron's and DPSL) are averaged over micro-batches exactly like the LM
+  loss;
 * the loss returned by ``loss_func`` (the 2-tuple form) times ``cp`` divided by ``num_microbatches``
   (DDP averages over dp×cp), then ``backward()``;
 * every micro-batch but the last under DDP's ``no_sync`` (the grad all-reduce fires once);
@@ -16,8 +18,8 @@ reproduces the path this trainer takes through it, step for step:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Callable, Dict, Iterator, List
 
 import torch
 
@@ -25,7 +27,8 @@ import torch
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Megatron-LM ``pretrain_gpt.loss_func`` (per-micro-batch mean form): mean LM loss over unmasked tokens.
 
-    ``output_tensor`` ``[b, s]`` per-token cross entropy; returns ``(loss, {"lm loss": loss.detach()})``.
+    ``output_tensor`` ``[b, s]`` per-token cross entropy; returns ``(loss, {"lm loss":
+    loss.detach()})``.
     """
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.reshape(-1).float()
@@ -36,15 +39,18 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def make_forward_step(group_ids_context: Callable):
     """``forward_step(data_iterator, model)`` as Megatron's schedules call it.
 
-    ``group_ids_context(group_ids [b, s])`` returns the context that hands per-token group ids to the
-    DPSL router (``megatron_dpsl.parallel.token_groups.dpsl_token_groups``) or a null context.
+    ``group_ids_context(group_ids [b, s])`` returns the context that hands per-token group ids to
+    the DPSL router (``megatron_dpsl.parallel.token_groups.dpsl_token_groups``) or a null context.
     """
 
-    def forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
+    def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
         batch = next(data_iterator)
         with group_ids_context(batch["group_ids"]):
             output_tensor = model(
-                batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
+                batch["tokens"],
+                batch["position_ids"],
+                batch["attention_mask"],
+                labels=batch["labels"],
             )
         return output_tensor, partial(loss_func, batch["loss_mask"])
 
@@ -52,8 +58,14 @@ def make_forward_step(group_ids_context: Callable):
 
 
 def forward_backward_no_pipelining(
-    *, forward_step_func, data_iterator, model, num_microbatches: int, forward_only: bool = False, **_ignored
-) -> List[dict]:
+    *,
+    forward_step_func,
+    data_iterator,
+    model,
+    num_microbatches: int,
+    forward_only: bool = False,
+    **_ignored,
+) -> list[dict]:
     """CPU reproduction of Megatron's ``forward_backward_no_pipelining`` (see module docstring)."""
     from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
     from megatron.core.utils import get_model_config
@@ -62,7 +74,9 @@ def forward_backward_no_pipelining(
         (model,) = model
     config = get_model_config(model)
     no_sync = config.no_sync_func or contextlib.nullcontext
-    loss_scale = 1.0  # fp32 training: no grad scaler (Megatron uses config.grad_scale_func(1) when set)
+    loss_scale = (
+        1.0  # fp32 training: no grad scaler (Megatron uses config.grad_scale_func(1) when set)
+    )
     from megatron.core import parallel_state
 
     cp = parallel_state.get_context_parallel_world_size()  # Megatron's cp_group_size
@@ -74,7 +88,9 @@ def forward_backward_no_pipelining(
         forward_data_store.append(reduced)
         if getattr(config, "num_moe_experts", None) is not None:
             # as Megatron's forward_step: the aux losses' backward is scaled like the main loss
-            MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=loss.device) * loss_scale * cp / num_microbatches)
+            MoEAuxLossAutoScaler.set_loss_scale(
+                torch.ones(1, device=loss.device) * loss_scale * cp / num_microbatches
+            )
         if not forward_only:
             (loss * cp / num_microbatches).backward()
 

@@ -2,8 +2,10 @@
 
 Single process (CPU laptop)::
 
-    python -m megatron_dpsl.train.trainer --data-path outputs/corpus --num-experts 8 --moe-router-topk 2 \\
-        --moe-router-load-balancing-type dpsl --moe-dpsl-alpha 1.0 --train-iters 100 --micro-batch-size 4
+    python -m megatron_dpsl.train.trainer --data-path outputs/corpus --num-experts 8
+    --moe-router-topk 2 \\
+        --moe-router-load-balancing-type dpsl --moe-dpsl-alpha 1.0 --train-iters 100
+        --micro-batch-size 4
 
 Several ranks, one node / several nodes (see examples/pretrain_gpt_dpsl.sh)::
 
@@ -12,11 +14,12 @@ Several ranks, one node / several nodes (see examples/pretrain_gpt_dpsl.sh)::
         --rdzv-endpoint $MASTER_ADDR:$MASTER_PORT -m megatron_dpsl.train.trainer ...
 
 What is Megatron's and what is not (docs/trainer.md has the measured reasons): the model
-(``GPTModel`` + ``get_dpsl_layer_spec``), ``initialize_model_parallel``, ``DistributedDataParallel`` +
-``finalize_model_grads``, ``OptimizerParamScheduler``, ``dist_checkpointing`` and the aux-loss tracker
+(``GPTModel`` + ``get_dpsl_layer_spec``), ``initialize_model_parallel``, ``DistributedDataParallel``
++ ``finalize_model_grads``, ``OptimizerParamScheduler``, ``dist_checkpointing`` and the aux-loss
+  tracker
 are Megatron-Core's everywhere. The optimizer and the micro-batch schedule are Megatron's on GPU and
-plain-torch reproductions on CPU (``optimizer.py``, ``schedule.py``), where megatron-core allocates on
-"cuda". On CPU, ``cpu_platform.enable()`` answers Megatron's remaining CUDA-only calls.
+plain-torch reproductions on CPU (``optimizer.py``, ``schedule.py``), where megatron-core allocates
+on "cuda". On CPU, ``cpu_platform.enable()`` answers Megatron's remaining CUDA-only calls.
 
 This module's top level imports nothing heavy: ``dist_checkpointing`` spawns helper processes that
 re-import the main module.
@@ -31,8 +34,8 @@ import random
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
 
 
 @dataclass
@@ -42,12 +45,18 @@ class TrainResult:
     args: argparse.Namespace
     model: object  # the unwrapped GPTModel
     iteration: int
-    train_losses: List[float] = field(default_factory=list)  # lm loss per iteration (DP mean)
-    valid_losses: List[tuple] = field(default_factory=list)  # (iteration, lm loss)
+    train_losses: list[float] = field(default_factory=list)  # lm loss per iteration (DP mean)
+    valid_losses: list[tuple] = field(default_factory=list)  # (iteration, lm loss)
     aux_losses: dict = field(default_factory=dict)  # name -> [(iteration, value)]
-    routing_history: list = field(default_factory=list)  # rank 0: per evaluation, routing_stats.summarize()
-    step_seconds: List[float] = field(default_factory=list)  # wall time of each train_step on this rank
-    step_cpu_seconds: List[float] = field(default_factory=list)  # CPU time of this process in each train_step
+    routing_history: list = field(
+        default_factory=list
+    )  # rank 0: per evaluation, routing_stats.summarize()
+    step_seconds: list[float] = field(
+        default_factory=list
+    )  # wall time of each train_step on this rank
+    step_cpu_seconds: list[float] = field(
+        default_factory=list
+    )  # CPU time of this process in each train_step
     optimizer_impl: str = ""
     schedule_impl: str = ""
 
@@ -66,10 +75,10 @@ class TrainingRun:
     valid_sampler: object
     forward_backward: object  # the micro-batch schedule (schedule.get_forward_backward)
     forward_step: object
-    stats: Optional[object]  # routing_stats.RoutingStats (MoE models) or None
-    stats_prior: Optional[object]  # the prior routing distances are measured to, [E] or [G, E]
+    stats: object | None  # routing_stats.RoutingStats (MoE models) or None
+    stats_prior: object | None  # the prior routing distances are measured to, [E] or [G, E]
     num_groups: int  # rows of the per-group expert-usage table
-    writer: Optional[object]  # TensorBoard SummaryWriter on rank 0 with --tensorboard-dir, else None
+    writer: object | None  # TensorBoard SummaryWriter on rank 0 with --tensorboard-dir, else None
     result: TrainResult  # result.iteration counts the iterations done
 
 
@@ -139,7 +148,7 @@ def _set_random_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def _reduce_dp_mean(values: List[float], device) -> List[float]:
+def _reduce_dp_mean(values: list[float], device) -> list[float]:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -209,7 +218,11 @@ def initialize(args: argparse.Namespace):
 
     device, backend = initialize_distributed(args)
     validate_args(args, dist.get_world_size())
-    if backend == "gloo" and args.moe_token_dispatcher_type != "allgather" and args.num_experts is not None:
+    if (
+        backend == "gloo"
+        and args.moe_token_dispatcher_type != "allgather"
+        and args.num_experts is not None
+    ):
         raise ValueError(
             f"--moe-token-dispatcher-type {args.moe_token_dispatcher_type}: only allgather runs on CPU/gloo "
             "(megatron-core's alltoall dispatcher creates a torch.cuda.Stream)"
@@ -234,14 +247,20 @@ def initialize(args: argparse.Namespace):
 
 def _build_model(args: argparse.Namespace, device):
     """The config, the GPTModel on ``device`` and Megatron's DDP around it (wired into the config)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
 
     from megatron_dpsl.train.model import build_model, config_from_args
 
     config = config_from_args(args, use_cpu_initialization=device.type == "cpu")
     model = build_model(args, config).to(device)
     ddp_model = DistributedDataParallel(
-        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False), model
+        config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+        model,
     )
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp_model.no_sync
@@ -273,9 +292,15 @@ def _samplers(args: argparse.Namespace, device):
     else:
         train_data = ByteCorpus.load(args.data_path, "train")
         valid_data = ByteCorpus.load(args.data_path, "valid")
-    kw = dict(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
-              dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
-              seed=args.seed, device=device)
+    kw = dict(
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        global_batch_size=args.global_batch_size,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        seed=args.seed,
+        device=device,
+    )
     return BatchSampler(train_data, "train", **kw), BatchSampler(valid_data, "valid", **kw)
 
 
@@ -292,8 +317,8 @@ def _open_writer(args: argparse.Namespace):
 
 def setup(args: argparse.Namespace) -> TrainingRun:
     """Everything ``pretrain`` needs before the first step: model, optimizer, resumed state, data, logging."""
-    from megatron_dpsl.train.optimizer import build_optimizer, build_scheduler
     from megatron_dpsl.tracking.routing_stats import RoutingStats
+    from megatron_dpsl.train.optimizer import build_optimizer, build_scheduler
     from megatron_dpsl.train.schedule import get_forward_backward, make_forward_step
 
     device, backend = initialize(args)
@@ -310,12 +335,27 @@ def setup(args: argparse.Namespace) -> TrainingRun:
     # a DPSL group prior has one row per token group; the usage table has at least code and prose
     groups = stats is not None and config.moe_dpsl_enabled and config.moe_dpsl_uses_groups
     run = TrainingRun(
-        args=args, device=device, model=model, ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler,
-        train_sampler=train_sampler, valid_sampler=valid_sampler, forward_backward=forward_backward,
-        forward_step=forward_step, stats=stats, stats_prior=stats_prior,
-        num_groups=max(2, int(stats_prior.shape[0])) if groups else 2, writer=_open_writer(args),
-        result=TrainResult(args=args, model=model, iteration=iteration, optimizer_impl=optimizer_impl,
-                           schedule_impl="megatron" if on_cuda else "torch"),
+        args=args,
+        device=device,
+        model=model,
+        ddp_model=ddp_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_sampler=train_sampler,
+        valid_sampler=valid_sampler,
+        forward_backward=forward_backward,
+        forward_step=forward_step,
+        stats=stats,
+        stats_prior=stats_prior,
+        num_groups=max(2, int(stats_prior.shape[0])) if groups else 2,
+        writer=_open_writer(args),
+        result=TrainResult(
+            args=args,
+            model=model,
+            iteration=iteration,
+            optimizer_impl=optimizer_impl,
+            schedule_impl="megatron" if on_cuda else "torch",
+        ),
     )
     _print_banner(run, backend)
     return run
@@ -366,10 +406,15 @@ def _router_losses(run: TrainingRun) -> dict:
         return {}
     moe_dict: dict = {}
     moe_tracker.track_moe_metrics(
-        loss_scale=1.0 / args.num_microbatches, iteration=run.result.iteration, writer=run.writer,
-        total_loss_dict=moe_dict, per_layer_logging=args.moe_per_layer_logging, num_layers=args.num_layers,
+        loss_scale=1.0 / args.num_microbatches,
+        iteration=run.result.iteration,
+        writer=run.writer,
+        total_loss_dict=moe_dict,
+        per_layer_logging=args.moe_per_layer_logging,
+        num_layers=args.num_layers,
     )
-    # diagnostics (dpsl_cov, ...) are tracked only every --moe-dpsl-log-interval calls: 0 = not this step
+    # diagnostics (dpsl_cov, ...) are tracked only every --moe-dpsl-log-interval calls: 0 = not this
+    # step
     return {name: float(value) for name, value in moe_dict.items() if float(value) != 0.0}
 
 
@@ -416,11 +461,20 @@ def _print_interval(run: TrainingRun, log: IntervalLog, lr: float, grad_norm: fl
 def validate(run: TrainingRun) -> None:
     """Evaluate at the current iteration; print, record and write the loss and the routing statistics."""
     it = run.result.iteration
-    loss = evaluate(run.args, run.ddp_model, run.valid_sampler, run.forward_backward, run.forward_step, run.device,
-                    run.stats)
+    loss = evaluate(
+        run.args,
+        run.ddp_model,
+        run.valid_sampler,
+        run.forward_backward,
+        run.forward_step,
+        run.device,
+        run.stats,
+    )
     run.result.valid_losses.append((it, loss))
     ppl = math.exp(min(20.0, loss))
-    print_rank_0(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | ")
+    print_rank_0(
+        f" validation loss at iteration {it} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+    )
     if run.writer is not None:
         run.writer.add_scalar("lm loss validation", loss, it)
         run.writer.add_scalar("lm loss validation ppl", ppl, it)
@@ -445,15 +499,23 @@ def _log_routing_stats(run: TrainingRun, it: int) -> None:
         for key in ("cov", "entropy", "prior_distance", "ks_distance"):
             run.writer.add_scalar(f"routing/{key}", summary[key], it)
     if run.args.routing_stats_path:
-        torch.save({"history": result.routing_history, "prior": run.stats_prior,
-                    "valid_losses": result.valid_losses}, run.args.routing_stats_path)
+        torch.save(
+            {
+                "history": result.routing_history,
+                "prior": run.stats_prior,
+                "valid_losses": result.valid_losses,
+            },
+            run.args.routing_stats_path,
+        )
 
 
 def save(run: TrainingRun) -> None:
     """A ``torch_dist`` checkpoint of the current iteration in ``--save`` (Megatron-LM's layout)."""
     from megatron_dpsl.train import checkpoint
 
-    checkpoint.save_checkpoint(run.args, run.result.iteration, run.model, run.optimizer, run.scheduler)
+    checkpoint.save_checkpoint(
+        run.args, run.result.iteration, run.model, run.optimizer, run.scheduler
+    )
     print_rank_0(f" saved checkpoint at iteration {run.result.iteration} to {run.args.save}")
 
 
@@ -489,7 +551,7 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
     return run.result
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``megatron-dpsl-train``: parse Megatron-LM-style flags and train."""
     from megatron_dpsl.train.arguments import parse_args
 

@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="output directory, created atomically (required unless --dry-run)",
     )
     p.add_argument(
-        "--num-experts", type=int, required=True, metavar="E", help="routed experts per MoE layer (required)"
+        "--num-experts",
+        type=int,
+        required=True,
+        metavar="E",
+        help="routed experts per MoE layer (required)",
     )
     p.add_argument(
         "--granularity",
@@ -70,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="G",
         help="split each dense FFN into G experts of F/G units; E/G copies of the FFN (8in16: E 16, G 4, k 8)",
     )
-    p.add_argument("--moe-router-topk", type=int, default=2, metavar="K", help="experts per token, 1 <= K <= E")
+    p.add_argument(
+        "--moe-router-topk", type=int, default=2, metavar="K", help="experts per token, 1 <= K <= E"
+    )
     p.add_argument(
         "--router-init",
         choices=ROUTER_INITS,
@@ -106,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Drop-Upcycling: re-initialise this fraction of each expert's units (paper: 0.5 for 4 experts, "
         "0.2 for 16)",
     )
-    p.add_argument("--shared-expert", action="store_true", help="keep the dense FFN whole as a shared expert")
+    p.add_argument(
+        "--shared-expert", action="store_true", help="keep the dense FFN whole as a shared expert"
+    )
     p.add_argument(
         "--moe-layer-freq",
         default="1",
@@ -139,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of router rows, noise and Drop-Upcycling (one stream per layer and expert)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--dry-run", action="store_true", help="print the output tensors and the summary; write nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the output tensors and the summary; write nothing",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -8,7 +8,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -55,7 +54,9 @@ def open_source(src: Path, activation: str | None = None):
 
 def source_shapes(source) -> dict[str, tuple[int, ...]]:
     """Global shapes of the source's non-layer tensors and of layer 0's (under ``layer.``), from metadata."""
-    shapes = {p.key: tuple(p.data.shape) for p in source.global_pieces(meta=True) if not p.is_object}
+    shapes = {
+        p.key: tuple(p.data.shape) for p in source.global_pieces(meta=True) if not p.is_object
+    }
     layer = source.read_layer(0, meta=True)
     shapes.update({f"layer.{k}": tuple(t.shape) for k, t in layer.other.items()})
     shapes.update({f"layer.mlp.{k}": tuple(t.shape) for k, t in layer.mlp.items()})
@@ -67,7 +68,11 @@ def output_args(source, opts: UpcycleOptions, dense: bool = False) -> tuple[obje
     because the source's args lacked them."""
     info: DenseModelInfo = source.info
     args, filled = complete_args(
-        info.args, source_shapes(source), num_layers=info.num_layers, activation=info.activation, dtype=info.dtype
+        info.args,
+        source_shapes(source),
+        num_layers=info.num_layers,
+        activation=info.activation,
+        dtype=info.dtype,
     )
     if dense:
         return args, filled
@@ -110,7 +115,9 @@ def _record(info, opts, src_hash, counts, filled) -> dict:
         },
         "counts": dataclasses.asdict(counts) | {"active_params": counts.active_params},
         # Megatron-LM args the source lacked, filled from the tensors or Megatron-LM's defaults
-        "args_filled_in": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in filled.items()},
+        "args_filled_in": {
+            k: str(v) if isinstance(v, torch.dtype) else v for k, v in filled.items()
+        },
     }
 
 
@@ -147,7 +154,7 @@ def convert_dense(src, dst, *, force: bool = False, progress: bool = True) -> Up
         source.close()
 
 
-def _check_output_keeps_source(src: Path, dst: Optional[Path]) -> None:
+def _check_output_keeps_source(src: Path, dst: Path | None) -> None:
     """Refuse an output that is, or contains, the source: replacing it (``--force``) would delete the source."""
     if dst is None:
         return
@@ -226,7 +233,9 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
         return layer_pieces(plan_of(layer), layer_weights(layer, meta), part)
 
     # plan every chunk from shapes (meta tensors): keys, shapes and counts without reading weights
-    groups = [("global", p.key) for p in source.global_pieces(meta=True) if not p.is_object] + [("objects",)]
+    groups = [("global", p.key) for p in source.global_pieces(meta=True) if not p.is_object] + [
+        ("objects",)
+    ]
     for layer in range(info.num_layers):
         groups += [(layer, part) for part in layer_parts(plan_of(layer))]
     planned = []
@@ -244,7 +253,9 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
             counts.dense_params += sum(t.numel() for t in (*w.other.values(), *w.mlp.values()))
             if moe_layers[group[0]]:
                 counts.moe_layers += 1
-                counts.inactive_params += (opts.num_experts - opts.moe_router_topk) * counts.expert_params
+                counts.inactive_params += (
+                    opts.num_experts - opts.moe_router_topk
+                ) * counts.expert_params
             else:
                 counts.dense_layers += 1
 
@@ -258,7 +269,9 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
             print(f"note: {dst} exists; a real run needs --force", file=sys.stderr)
         lines = _merge_lines([describe(p) for _, ps in planned for p in ps if not p.is_object])
         table = format_table(summary_rows(info, opts, counts))
-        return UpcycleResult(None, counts, _record(info, opts, None, counts, filled), table, lines, leftovers)
+        return UpcycleResult(
+            None, counts, _record(info, opts, None, counts, filled), table, lines, leftovers
+        )
 
     src_hash = source.content_hash()
     common = {
@@ -269,7 +282,11 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
     }
     with atomic_directory(dst, force=opts.force) as tmp:
         bar = tqdm(
-            total=info.num_layers, desc="upcycling layers", unit="layer", disable=not opts.progress, file=sys.stderr
+            total=info.num_layers,
+            desc="upcycling layers",
+            unit="layer",
+            disable=not opts.progress,
+            file=sys.stderr,
         )
         with bar:
             counts.bytes_written = write_torch_dist(
@@ -277,7 +294,9 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
                 planned,
                 lambda g: pieces_for(g, meta=False),
                 common,
-                on_group=lambda g: bar.update(1) if isinstance(g[0], int) and g[1] == "base" else None,
+                on_group=lambda g: (
+                    bar.update(1) if isinstance(g[0], int) and g[1] == "base" else None
+                ),
             )
         (tmp / "latest_checkpointed_iteration.txt").write_text(STEP)
         record = _record(info, opts, src_hash, counts, filled)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -28,10 +30,10 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
 )
 from torch.distributed.checkpoint.planner import (
+    LoadItemType,
     LoadPlan,
     LoadPlanner,
     ReadItem,
-    LoadItemType,
     SavePlan,
     SavePlanner,
     TensorWriteData,
@@ -39,7 +41,6 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
 
 from megatron_dpsl.upcycle.pieces import Piece
 
@@ -66,7 +67,9 @@ def parse_object_name(name: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]
 class _ChunkLoadPlanner(LoadPlanner):
     """Reads explicit regions: ``tensors[name] = (fqn, offsets, destination)``, ``objects[name] = fqn``."""
 
-    def __init__(self, tensors: dict[str, tuple[str, tuple[int, ...], torch.Tensor]], objects: dict[str, str]):
+    def __init__(
+        self, tensors: dict[str, tuple[str, tuple[int, ...], torch.Tensor]], objects: dict[str, str]
+    ):
         self.tensors, self.objects = tensors, objects
         self.loaded_objects: dict[str, Any] = {}
         self._dest: dict[str, torch.Tensor] = {}
@@ -147,10 +150,16 @@ class DcpReader:
         }
 
     def object_entries(self) -> list[str]:
-        return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+        return [
+            k
+            for k, v in self.metadata.state_dict_metadata.items()
+            if isinstance(v, BytesStorageMetadata)
+        ]
 
     def read(
-        self, tensors: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]], objects: dict[str, str]
+        self,
+        tensors: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]],
+        objects: dict[str, str],
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``tensors[name] = (fqn, offsets, sizes)`` region of a stored tensor; ``objects[name] = fqn``."""
         requests = {}
@@ -195,7 +204,9 @@ class _LazySavePlanner(SavePlanner):
 def write_item_for(piece: Piece) -> WriteItem:
     """The DCP write item of one piece (tensor chunk or Megatron-style object)."""
     if piece.is_object:
-        name = object_name(piece.key, tuple(i for i, _ in piece.prepend) + piece.obj_offset, piece.global_shape)
+        name = object_name(
+            piece.key, tuple(i for i, _ in piece.prepend) + piece.obj_offset, piece.global_shape
+        )
         return WriteItem(index=MetadataIndex(name), type=WriteItemType.BYTE_IO)
     offsets = torch.Size(tuple(i for i, _ in piece.prepend) + (0,) * piece.data.dim())
     sizes = torch.Size((1,) * len(piece.prepend) + tuple(piece.data.shape))
@@ -221,13 +232,17 @@ def piece_payload(piece: Piece):
     return piece.data.reshape((1,) * len(piece.prepend) + tuple(piece.data.shape)).contiguous()
 
 
-def save_lazily(path: Path, items: list[WriteItem], produce: Callable[[MetadataIndex], Any]) -> None:
+def save_lazily(
+    path: Path, items: list[WriteItem], produce: Callable[[MetadataIndex], Any]
+) -> None:
     """One DCP save into ``path`` (a single data file, written in ``items`` order)."""
-    from torch.distributed.checkpoint import save
-
     import warnings
 
-    writer = FileSystemWriter(str(path), single_file_per_rank=True, thread_count=1, sync_files=False)
+    from torch.distributed.checkpoint import save
+
+    writer = FileSystemWriter(
+        str(path), single_file_per_rank=True, thread_count=1, sync_files=False
+    )
     with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         save({}, storage_writer=writer, planner=_LazySavePlanner(items, produce), no_dist=True)

@@ -6,16 +6,18 @@ Mapping (HF -> Megatron-Core GPTModel, local or TE spec; see docs/upcycling.md):
 - ``model.embed_tokens.weight`` -> ``embedding.word_embeddings.weight`` ``[V, H]``
 - ``layers.i.input_layernorm.weight`` -> ``self_attention.linear_qkv.layer_norm_weight`` (RMSNorm)
 - ``q_proj [nh*d, H]``, ``k_proj``/``v_proj [ng*d, H]`` -> ``linear_qkv.weight [(nh+2ng)*d, H]``,
-  grouped per query group: ``[q heads of group g (nh/ng*d rows), k_g (d), v_g (d)]`` for g in 0..ng-1
-  (Megatron splits the fused projection per group, so GQA needs this interleave); biases alike.
+  grouped per query group: ``[q heads of group g (nh/ng*d rows), k_g (d), v_g (d)]`` for g in
+  0..ng-1 (Megatron splits the fused projection per group, so GQA needs this interleave); biases
+  alike.
 - ``o_proj`` -> ``linear_proj.weight``
 - ``post_attention_layernorm.weight`` -> ``mlp.linear_fc1.layer_norm_weight`` (the pre-MLP norm)
 - ``gate_proj``, ``up_proj`` ``[F, H]`` -> ``linear_fc1.weight = cat(gate, up) [2F, H]`` (Megatron's
   SwiGLU computes ``silu(x[:F]) * x[F:]``); ``down_proj`` -> ``linear_fc2.weight [H, F]``
 - ``model.norm.weight`` -> ``decoder.final_layernorm.weight``; ``lm_head.weight`` ->
   ``output_layer.weight`` unless ``tie_word_embeddings``
-- RoPE: HF's rotate-half convention is Megatron's non-interleaved rotary (``rotary_interleaved=False``);
-  ``rope_theta`` -> ``rotary_base``; ``head_dim`` -> ``kv_channels``; ``rms_norm_eps`` -> ``norm_epsilon``.
+- RoPE: HF's rotate-half convention is Megatron's non-interleaved rotary
+  (``rotary_interleaved=False``); ``rope_theta`` -> ``rotary_base``; ``head_dim`` ->
+  ``kv_channels``; ``rms_norm_eps`` -> ``norm_epsilon``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ def is_hf_checkpoint(path: Path) -> bool:
 def _rope_theta(cfg: dict) -> float:
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    rope_type = (
+        params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    )
     if rope_type != "default":
         raise UpcycleError(
             f"config.json: rope type {rope_type!r} is not supported (only unscaled 'default' RoPE maps "
@@ -69,7 +73,9 @@ class HFDenseSource:
             raise UpcycleError("config.json describes an MoE model already; upcycle a dense model")
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
-            raise UpcycleError(f"config.json: unknown activation hidden_act={act!r}; supported: 'silu' (SwiGLU)")
+            raise UpcycleError(
+                f"config.json: unknown activation hidden_act={act!r}; supported: 'silu' (SwiGLU)"
+            )
         if mtype == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
             raise UpcycleError(
                 "config.json: attention_bias/mlp_bias=True cannot be expressed with Megatron's "
@@ -97,7 +103,9 @@ class HFDenseSource:
                         self._files[name] = file
         self._handles = {f: safe_open(str(f), framework="pt") for f in set(self._files.values())}
         if "model.embed_tokens.weight" not in self._files:
-            raise UpcycleError(f"{self.root}: no model.embed_tokens.weight in the safetensors files")
+            raise UpcycleError(
+                f"{self.root}: no model.embed_tokens.weight in the safetensors files"
+            )
         embed = self._get("model.embed_tokens.weight", meta=True)
         vocab = embed.shape[0]
         L = int(cfg["num_hidden_layers"])
@@ -115,7 +123,9 @@ class HFDenseSource:
             position_embedding_type="rope",
             add_position_embedding=False,  # Megatron-LM's --no-position-embedding: RoPE adds no table
             use_rotary_position_embeddings=False,  # the deprecated alias of --position-embedding-type rope
-            rotary_base=int(rotary_base) if float(rotary_base).is_integer() else rotary_base,  # an int flag
+            rotary_base=int(rotary_base)
+            if float(rotary_base).is_integer()
+            else rotary_base,  # an int flag
             rotary_interleaved=False,
             rotary_percent=1.0,
             normalization="RMSNorm",
@@ -135,8 +145,8 @@ class HFDenseSource:
             hidden_dropout=0.0,
             init_method_std=float(cfg.get("initializer_range", 0.02)),
             use_rope_scaling=False,
-            # what Megatron-LM's own HF loader writes; --use-checkpoint-args then builds this tokenizer
-            # (None without tokenizer files: the run's --tokenizer-* flags stand)
+            # what Megatron-LM's own HF loader writes; --use-checkpoint-args then builds this
+            # tokenizer (None without tokenizer files: the run's --tokenizer-* flags stand)
             tokenizer_type="HuggingFaceTokenizer" if self._has_tokenizer() else None,
             tokenizer_model=str(self.root.resolve()) if self._has_tokenizer() else None,
             hf_model_type=mtype,
@@ -156,7 +166,10 @@ class HFDenseSource:
         )
 
     def _has_tokenizer(self) -> bool:
-        return any((self.root / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+        return any(
+            (self.root / f).is_file()
+            for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+        )
 
     def _get(self, name: str, meta: bool = False) -> torch.Tensor:
         file = self._files.get(name)
@@ -165,7 +178,9 @@ class HFDenseSource:
         handle = self._handles[file]
         if meta:
             sl = handle.get_slice(name)
-            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(sl.get_dtype())
+            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(
+                sl.get_dtype()
+            )
             if dtype is None:
                 raise UpcycleError(f"{name}: unsupported safetensors dtype {sl.get_dtype()}")
             return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
@@ -205,7 +220,9 @@ class HFDenseSource:
         other = {
             "self_attention.linear_qkv.layer_norm_weight": g("input_layernorm.weight"),
             "self_attention.linear_qkv.weight": self.fuse_qkv(
-                g("self_attn.q_proj.weight"), g("self_attn.k_proj.weight"), g("self_attn.v_proj.weight")
+                g("self_attn.q_proj.weight"),
+                g("self_attn.k_proj.weight"),
+                g("self_attn.v_proj.weight"),
             ),
             "self_attention.linear_proj.weight": g("self_attn.o_proj.weight"),
         }
@@ -214,11 +231,16 @@ class HFDenseSource:
                 g("self_attn.q_proj.bias"), g("self_attn.k_proj.bias"), g("self_attn.v_proj.bias")
             )
         mlp = {
-            "linear_fc1.weight": torch.cat([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")], dim=0),
+            "linear_fc1.weight": torch.cat(
+                [g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")], dim=0
+            ),
             "linear_fc2.weight": g("mlp.down_proj.weight"),
             "linear_fc1.layer_norm_weight": g("post_attention_layernorm.weight"),
         }
-        objects = {"self_attention.linear_qkv._extra_state": None, "self_attention.linear_proj._extra_state": None}
+        objects = {
+            "self_attention.linear_qkv._extra_state": None,
+            "self_attention.linear_proj._extra_state": None,
+        }
         return LayerWeights(other=other, other_objects=objects, mlp=mlp)
 
     def content_hash(self) -> str:

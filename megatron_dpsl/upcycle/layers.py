@@ -10,7 +10,12 @@ import torch
 
 from megatron_dpsl.upcycle.pieces import Piece
 from megatron_dpsl.upcycle.source import LayerWeights
-from megatron_dpsl.upcycle.transforms import ScaleFactors, expert_weights, init_router, shared_expert
+from megatron_dpsl.upcycle.transforms import (
+    ScaleFactors,
+    expert_weights,
+    init_router,
+    shared_expert,
+)
 
 EXPERTS = "mlp.experts.experts."
 SHARED = "mlp.shared_experts."
@@ -72,7 +77,9 @@ def layer_pieces(plan: LayerPlan, w: LayerWeights, part="all") -> list[Piece]:
 
     def obj(name, payload=None, extra=()):
         shape, offset = (obj_shape, obj_offset) if not extra else ((), ())
-        return Piece(key(name), payload, lead + extra, is_object=True, obj_shape=shape, obj_offset=offset)
+        return Piece(
+            key(name), payload, lead + extra, is_object=True, obj_shape=shape, obj_offset=offset
+        )
 
     if part == "all":
         return [p for part_ in layer_parts(plan) for p in layer_pieces(plan, w, part_)]
@@ -112,10 +119,13 @@ def layer_pieces(plan: LayerPlan, w: LayerWeights, part="all") -> list[Piece]:
     for n, t in w.mlp.items():
         if n.startswith("linear_fc1.layer_norm_"):
             # The local MoE spec saves the pre-MLP norm as mlp.linear_fc1.layer_norm_* (its
-            # sharded_state_dict_keys_map), the TE MoE spec as pre_mlp_layernorm.*; write both so the
-            # checkpoint loads under either --transformer-impl (unexpected keys are ignored on load).
+            # sharded_state_dict_keys_map), the TE MoE spec as pre_mlp_layernorm.*; write both so
+            # the checkpoint loads under either --transformer-impl (unexpected keys are ignored on
+            # load).
             pieces.append(Piece(key("mlp." + n), t, lead))
-            pieces.append(Piece(key("pre_mlp_layernorm." + n[len("linear_fc1.layer_norm_") :]), t, lead))
+            pieces.append(
+                Piece(key("pre_mlp_layernorm." + n[len("linear_fc1.layer_norm_") :]), t, lead)
+            )
     if meta:
         router = torch.empty(E, H, dtype=dtype, device="meta")
     else:
@@ -129,8 +139,12 @@ def layer_pieces(plan: LayerPlan, w: LayerWeights, part="all") -> list[Piece]:
             dtype=dtype,
         )
     pieces.append(Piece(key("mlp.router.weight"), router, lead))
-    if plan.router_bias:  # Megatron's Router has a bias with add_bias_linear; zero keeps virtual groups tied
-        pieces.append(Piece(key("mlp.router.bias"), torch.zeros(E, dtype=dtype, device=router.device), lead))
+    if (
+        plan.router_bias
+    ):  # Megatron's Router has a bias with add_bias_linear; zero keeps virtual groups tied
+        pieces.append(
+            Piece(key("mlp.router.bias"), torch.zeros(E, dtype=dtype, device=router.device), lead)
+        )
     if plan.shared_expert:
         for n, t in shared_expert(w.mlp, plan.scales).items():
             pieces.append(Piece(key(SHARED + n), t, lead))

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -119,16 +120,23 @@ def complete_args(
     heads = getattr(out, "num_attention_heads", None)
     qkv, proj = shapes.get(ATTN + "linear_qkv.weight"), shapes.get(ATTN + "linear_proj.weight")
     if heads and proj is not None and proj[1] % heads == 0:
-        head_dim = getattr(out, "kv_channels", None) or proj[1] // heads  # linear_proj is [H, heads * d]
+        head_dim = (
+            getattr(out, "kv_channels", None) or proj[1] // heads
+        )  # linear_proj is [H, heads * d]
         fill("kv_channels", head_dim)
-        if qkv is not None and (qkv[0] // head_dim - heads) % 2 == 0:  # linear_qkv: (heads + 2 groups) * d rows
+        if (
+            qkv is not None and (qkv[0] // head_dim - heads) % 2 == 0
+        ):  # linear_qkv: (heads + 2 groups) * d rows
             groups = (qkv[0] // head_dim - heads) // 2
             fill("num_query_groups", groups)
             fill("group_query_attention", groups != heads)
     learned = shapes.get("embedding.position_embeddings.weight")
     fill("position_embedding_type", "learned_absolute" if learned is not None else "rope")
     fill("add_position_embedding", out.position_embedding_type == "learned_absolute")
-    fill("max_position_embeddings", learned[0] if learned is not None else getattr(out, "seq_length", None))
+    fill(
+        "max_position_embeddings",
+        learned[0] if learned is not None else getattr(out, "seq_length", None),
+    )
     if out.position_embedding_type == "rope":
         fill("rotary_base", 10000)
     fill("add_bias_linear", ATTN + "linear_proj.bias" in shapes)

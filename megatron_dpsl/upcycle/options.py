@@ -27,11 +27,15 @@ def parse_layer_freq(value) -> int | list[int]:
     if re.fullmatch(r"[\d\s,]+", text):
         return [int(v) for v in text.split(",") if v.strip()]
     if not re.fullmatch(r"[\[\]()\d\s,+*]+", text):
-        raise UpcycleError(f"--moe-layer-freq {value!r}: expected an int, a list like [1,0,1,0], or ([1]*3+[0])*2")
+        raise UpcycleError(
+            f"--moe-layer-freq {value!r}: expected an int, a list like [1,0,1,0], or ([1]*3+[0])*2"
+        )
     try:
         result = eval(text, {"__builtins__": {}}, {})  # only brackets, digits, + and * reach here
     except Exception as exc:  # noqa: BLE001
-        raise UpcycleError(f"--moe-layer-freq {value!r} is not a valid list expression: {exc}") from None
+        raise UpcycleError(
+            f"--moe-layer-freq {value!r} is not a valid list expression: {exc}"
+        ) from None
     if not isinstance(result, list):
         raise UpcycleError(f"--moe-layer-freq {value!r} must evaluate to a list of 0/1")
     return [int(v) for v in result]
@@ -79,13 +83,17 @@ class UpcycleOptions:
         if not isinstance(G, int) or G < 1:
             raise UpcycleError(f"--granularity must be a positive int, got {G!r}")
         if E % G:
-            raise UpcycleError(f"--num-experts {E} is not a multiple of --granularity {G} (E/G copies of the FFN)")
+            raise UpcycleError(
+                f"--num-experts {E} is not a multiple of --granularity {G} (E/G copies of the FFN)"
+            )
         if not isinstance(k, int) or not 1 <= k <= E:
             raise UpcycleError(f"--moe-router-topk {k} must be in [1, --num-experts={E}]")
         if self.router_init not in ROUTER_INITS:
             raise UpcycleError(f"--router-init {self.router_init!r}: allowed {ROUTER_INITS}")
         if self.weight_scaling not in WEIGHT_SCALINGS:
-            raise UpcycleError(f"--weight-scaling {self.weight_scaling!r}: allowed {WEIGHT_SCALINGS}")
+            raise UpcycleError(
+                f"--weight-scaling {self.weight_scaling!r}: allowed {WEIGHT_SCALINGS}"
+            )
         if self.moe_router_score_function not in SCORE_FUNCTIONS:
             raise UpcycleError(
                 f"--moe-router-score-function {self.moe_router_score_function!r}: allowed {SCORE_FUNCTIONS}"
@@ -93,7 +101,9 @@ class UpcycleOptions:
         if self.expert_noise_std < 0:
             raise UpcycleError(f"--expert-noise-std must be >= 0, got {self.expert_noise_std}")
         if not 0 <= self.drop_upcycling_ratio < 1:
-            raise UpcycleError(f"--drop-upcycling-ratio must be in [0, 1), got {self.drop_upcycling_ratio}")
+            raise UpcycleError(
+                f"--drop-upcycling-ratio must be in [0, 1), got {self.drop_upcycling_ratio}"
+            )
         if self.router_init_std is not None and self.router_init_std < 0:
             raise UpcycleError(f"--router-init-std must be >= 0, got {self.router_init_std}")
         if self.activation not in (None, "silu", "gelu", "squared_relu", "quick_gelu"):
@@ -105,7 +115,9 @@ class UpcycleOptions:
         if isinstance(freq, int) and freq < 1:
             raise UpcycleError(f"--moe-layer-freq must be >= 1, got {freq}")
         if isinstance(freq, list) and (set(freq) - {0, 1} or not any(freq)):
-            raise UpcycleError(f"--moe-layer-freq list must hold 0/1 with at least one 1, got {freq}")
+            raise UpcycleError(
+                f"--moe-layer-freq list must hold 0/1 with at least one 1, got {freq}"
+            )
         if self.weight_scaling == "exact":
             self._check_exact()
 
@@ -145,7 +157,9 @@ class UpcycleOptions:
         if isinstance(freq, int):
             return [i % freq == 0 for i in range(num_layers)]
         if len(freq) != num_layers:
-            raise UpcycleError(f"--moe-layer-freq has {len(freq)} entries; the source has {num_layers} layers")
+            raise UpcycleError(
+                f"--moe-layer-freq has {len(freq)} entries; the source has {num_layers} layers"
+            )
         return [bool(v) for v in freq]
 
     def check_source(self, info: DenseModelInfo) -> None:

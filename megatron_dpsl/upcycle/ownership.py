@@ -128,9 +128,15 @@ def is_dead(owner: Owner) -> tuple[bool, str]:
     """(True, why) only when ``owner`` provably no longer runs; else (False, why it cannot be told)."""
     me = Owner.current(Path(owner.target))
     if owner.host != me.host:
-        return False, f"owned by another host ({owner.describe()}): cannot see its processes from here"
+        return (
+            False,
+            f"owned by another host ({owner.describe()}): cannot see its processes from here",
+        )
     if owner.boot_id is None or owner.boot_id != me.boot_id:
-        return False, f"owner {owner.describe()} ran before a reboot or on another machine of the same name"
+        return (
+            False,
+            f"owner {owner.describe()} ran before a reboot or on another machine of the same name",
+        )
     if owner.pid_namespace is None or owner.pid_namespace != me.pid_namespace:
         return False, f"owner {owner.describe()} ran in another PID namespace (container)"
     try:
@@ -141,7 +147,10 @@ def is_dead(owner: Owner) -> tuple[bool, str]:
         pass  # it exists (another user's process): compare start times below
     ticks = process_start_ticks(owner.pid)
     if ticks is not None and owner.start_ticks is not None and ticks != owner.start_ticks:
-        return True, f"{owner.describe()}, no longer running (pid {owner.pid} now belongs to another process)"
+        return (
+            True,
+            f"{owner.describe()}, no longer running (pid {owner.pid} now belongs to another process)",
+        )
     return False, f"in use by a live conversion ({owner.describe()})"
 
 
@@ -199,21 +208,31 @@ def sweep(target: Path, remove: bool = True) -> list[Leftover]:
             why = f"a previous {target.name} moved aside by --force; restore or delete it by hand"
             found.append(Leftover(entry, tree_size(entry), False, why))
             continue
-        if not name.startswith(f".{target.name}{TMP_INFIX}") or entry.is_symlink() or not entry.is_dir():
+        if (
+            not name.startswith(f".{target.name}{TMP_INFIX}")
+            or entry.is_symlink()
+            or not entry.is_dir()
+        ):
             continue
         owner = read_owner(entry)
         if owner is None:
-            why = ("no owner record (an older megatron-dpsl, or a conversion starting now); "
-                   "delete it by hand if no conversion of this output runs")
+            why = (
+                "no owner record (an older megatron-dpsl, or a conversion starting now); "
+                "delete it by hand if no conversion of this output runs"
+            )
             found.append(Leftover(entry, tree_size(entry), False, why))
             continue
         size = tree_size(entry)
         if owner.target != canonical(target):
-            found.append(Leftover(entry, size, False, f"its record names another output, {owner.target}"))
+            found.append(
+                Leftover(entry, size, False, f"its record names another output, {owner.target}")
+            )
             continue
         dead, why = is_dead(owner)
         if not dead or not remove:
-            found.append(Leftover(entry, size, False, why if not dead else f"{why}; a real run removes it"))
+            found.append(
+                Leftover(entry, size, False, why if not dead else f"{why}; a real run removes it")
+            )
             continue
         # claim it first: of two sweeps racing, one rename wins and the other finds nothing
         claimed = parent / f".{target.name}{TMP_INFIX}{uuid.uuid4().hex[:8]}"

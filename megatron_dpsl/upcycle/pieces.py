@@ -12,11 +12,11 @@ import torch
 class Piece:
     """A chunk of a sharded checkpoint entry, as Megatron's ``ShardedTensor.from_rank_offsets`` sees it.
 
-    ``key`` is the sharded key on disk (e.g. ``decoder.layers.mlp.experts.experts.linear_fc1.weight``).
-    ``data`` is the tensor without the prepended axes (or a ``ShardedObject`` payload).
-    ``prepend`` lists ``(index, count)`` for each leading global axis the chunk is one slot of:
-    ``((layer, num_layers), (expert, num_experts))`` gives global shape
-    ``[num_layers, num_experts, *data.shape]``.
+    ``key`` is the sharded key on disk (e.g.
+    ``decoder.layers.mlp.experts.experts.linear_fc1.weight``). ``data`` is the tensor without the
+    prepended axes (or a ``ShardedObject`` payload). ``prepend`` lists ``(index, count)`` for each
+    leading global axis the chunk is one slot of: ``((layer, num_layers), (expert, num_experts))``
+    gives global shape ``[num_layers, num_experts, *data.shape]``.
     For objects, ``obj_shape``/``obj_offset`` add trailing object-grid axes (usually empty).
     """
 
@@ -47,5 +47,7 @@ def describe(piece: Piece) -> str:
     """One line for ``--dry-run``: key, global shape, dtype."""
     if piece.is_object:
         return f"{piece.key}  object{list(piece.global_shape)}"
-    dtype = str(piece.data.dtype).replace("torch.", "") if isinstance(piece.data, torch.Tensor) else "?"
+    dtype = (
+        str(piece.data.dtype).replace("torch.", "") if isinstance(piece.data, torch.Tensor) else "?"
+    )
     return f"{piece.key}  {list(piece.global_shape)} {dtype}"

@@ -40,7 +40,9 @@ def resolve_step_dir(path: Path) -> tuple[Path, int | None]:
         if text == "release":
             return path / "release", None
         if not text.isdigit():
-            raise UpcycleError(f"{tracker} holds {text!r}; expected an iteration number or 'release'")
+            raise UpcycleError(
+                f"{tracker} holds {text!r}; expected an iteration number or 'release'"
+            )
         step = path / f"iter_{int(text):07d}"
         if not step.is_dir():
             raise UpcycleError(f"{tracker} points at {step.name}, which does not exist")
@@ -96,23 +98,32 @@ class MegatronDenseSource:
         self.step_dir, iteration = resolve_step_dir(self.root)
         meta_file = self.step_dir / "metadata.json"
         if not meta_file.is_file():
-            raise UpcycleError(f"{self.step_dir} has no metadata.json: not a dist_checkpointing checkpoint")
+            raise UpcycleError(
+                f"{self.step_dir} has no metadata.json: not a dist_checkpointing checkpoint"
+            )
         backend = json.loads(meta_file.read_text()).get("sharded_backend")
         if backend != "torch_dist":
-            raise UpcycleError(f"{self.step_dir} uses sharded_backend={backend!r}; only 'torch_dist' is supported")
+            raise UpcycleError(
+                f"{self.step_dir} uses sharded_backend={backend!r}; only 'torch_dist' is supported"
+            )
         if not (self.step_dir / ".metadata").is_file():
             raise UpcycleError(f"{self.step_dir} has no .metadata: not a torch_dist checkpoint")
         self._dcp = DcpReader(self.step_dir)
         common = self._common_state()
         args = common.get("args") if isinstance(common, dict) else None
-        if iteration is None and isinstance(common, dict) and isinstance(common.get("iteration"), int):
+        if (
+            iteration is None
+            and isinstance(common, dict)
+            and isinstance(common.get("iteration"), int)
+        ):
             iteration = common["iteration"]
         self._index()
         self.info = self._infer_info(args, iteration, activation)
 
     def _common_state(self) -> dict:
         """The non-tensor state (``args``, ``iteration``, ...): ``common.pt`` (megatron-core <= 0.16),
-        or the ``common_state`` object inside the DCP checkpoint (megatron-core 0.19 saves it there)."""
+        or the ``common_state`` object inside the DCP checkpoint (megatron-core 0.19 saves it
+        there)."""
         common_file = self.step_dir / "common.pt"
         # Megatron-LM pickles an argparse.Namespace (and dtypes) here; the source is user-chosen.
         if common_file.is_file():
@@ -125,7 +136,11 @@ class MegatronDenseSource:
     # -- indexing -------------------------------------------------------------------------------
     def _index(self) -> None:
         tensors = self._dcp.tensor_entries()
-        embed = [k for k in tensors if k.endswith("embedding.word_embeddings.weight") and not k.startswith("optimizer")]
+        embed = [
+            k
+            for k in tensors
+            if k.endswith("embedding.word_embeddings.weight") and not k.startswith("optimizer")
+        ]
         if not embed:
             raise UpcycleError(
                 f"{self.step_dir} holds no 'embedding.word_embeddings.weight': not a GPTModel checkpoint"
@@ -145,7 +160,9 @@ class MegatronDenseSource:
         self.globals: dict[str, tuple] = {}
         for key, (size, dtype) in tensors.items():
             if (rel := model_key(key)) is not None:
-                self._place(rel, (key, tuple(size), dtype), self.stacked, self.per_layer, self.globals)
+                self._place(
+                    rel, (key, tuple(size), dtype), self.stacked, self.per_layer, self.globals
+                )
         self.stacked_obj: dict[str, list] = {}
         self.per_layer_obj: dict[int, dict[str, list]] = {}
         self.global_obj: dict[str, list] = {}
@@ -153,10 +170,16 @@ class MegatronDenseSource:
             key, offset, shape = parse_object_name(name)
             if (rel := model_key(key)) is None:
                 continue
-            target = self._place(rel, [], self.stacked_obj, self.per_layer_obj, self.global_obj, append=True)
+            target = self._place(
+                rel, [], self.stacked_obj, self.per_layer_obj, self.global_obj, append=True
+            )
             target.append((name, offset, shape))
         everything = [*self.stacked, *self.per_layer.get(0, {}), *self.stacked_obj]
-        moe = [k for k in everything if k.startswith(("mlp.experts", "mlp.router", "mlp.shared_experts"))]
+        moe = [
+            k
+            for k in everything
+            if k.startswith(("mlp.experts", "mlp.router", "mlp.shared_experts"))
+        ]
         if moe:
             raise UpcycleError(
                 f"source is already an MoE checkpoint (found decoder.layers.{moe[0]}); upcycle a dense model"
@@ -193,14 +216,21 @@ class MegatronDenseSource:
         fc1_shape, fc2_shape = fc1[0], fc2[0]
         hidden, ffn = fc2_shape[0], fc2_shape[1]
         if fc1_shape[0] not in (ffn, 2 * ffn) or fc1_shape[1] != hidden:
-            raise UpcycleError(f"fc1 {list(fc1_shape)} and fc2 {list(fc2_shape)} shapes do not form an MLP")
+            raise UpcycleError(
+                f"fc1 {list(fc1_shape)} and fc2 {list(fc2_shape)} shapes do not form an MLP"
+            )
         glu = fc1_shape[0] == 2 * ffn
         if args is not None and getattr(args, "num_experts", None):
-            raise UpcycleError(f"source is already an MoE checkpoint (args.num_experts={args.num_experts})")
+            raise UpcycleError(
+                f"source is already an MoE checkpoint (args.num_experts={args.num_experts})"
+            )
         act = activation or _activation_from_args(args, glu)
         if args is None:
             args = argparse.Namespace(
-                num_layers=num_layers, hidden_size=hidden, ffn_hidden_size=ffn, swiglu=glu and act == "silu"
+                num_layers=num_layers,
+                hidden_size=hidden,
+                ffn_hidden_size=ffn,
+                swiglu=glu and act == "silu",
             )
         return DenseModelInfo(
             source_kind="megatron",
@@ -227,17 +257,22 @@ class MegatronDenseSource:
 
     # -- reading --------------------------------------------------------------------------------
     def global_pieces(self, meta: bool = False, key: str | None = None) -> list[Piece]:
-        if key is not None:  # one tensor alone (the writer materialises non-layer tensors one by one)
+        if (
+            key is not None
+        ):  # one tensor alone (the writer materialises non-layer tensors one by one)
             fqn, size, dtype = self.globals[key]
             if meta:
                 return [Piece(key, torch.empty(size, dtype=dtype, device="meta"))]
             tensors, _ = self._dcp.read({key: (fqn, (0,) * len(size), size)}, {})
             return [Piece(key, tensors[key])]
-        request = {rel: (key, (0,) * len(size), size) for rel, (key, size, _) in self.globals.items()}
+        request = {
+            rel: (key, (0,) * len(size), size) for rel, (key, size, _) in self.globals.items()
+        }
         objects = {name: name for shards in self.global_obj.values() for name, _, _ in shards}
         if meta:
             tensors = {
-                rel: torch.empty(size, dtype=dtype, device="meta") for rel, (_, size, dtype) in self.globals.items()
+                rel: torch.empty(size, dtype=dtype, device="meta")
+                for rel, (_, size, dtype) in self.globals.items()
             }
             _, payloads = self._dcp.read({}, objects)
         else:
@@ -245,7 +280,9 @@ class MegatronDenseSource:
         pieces = [Piece(rel, tensors[rel]) for rel in self.globals]
         for rel, shards in self.global_obj.items():
             for name, offset, shape in shards:
-                pieces.append(Piece(rel, payloads[name], is_object=True, obj_shape=shape, obj_offset=offset))
+                pieces.append(
+                    Piece(rel, payloads[name], is_object=True, obj_shape=shape, obj_offset=offset)
+                )
         return pieces
 
     def read_layer(self, layer: int, meta: bool = False) -> LayerWeights:
@@ -276,7 +313,9 @@ class MegatronDenseSource:
         for name, tensor in tensors.items():
             if name.startswith("mlp."):
                 if name[4:] not in MLP_WEIGHTS:
-                    raise UpcycleError(f"unsupported dense MLP entry decoder.layers.{name} (expected {MLP_WEIGHTS})")
+                    raise UpcycleError(
+                        f"unsupported dense MLP entry decoder.layers.{name} (expected {MLP_WEIGHTS})"
+                    )
                 weights.mlp[name[4:]] = tensor
             else:
                 weights.other[name] = tensor

@@ -11,8 +11,8 @@ import torch
 
 from megatron_dpsl.upcycle.pieces import Piece
 
-# The MLP entries a dense Megatron layer holds under ``decoder.layers.[i.]mlp.`` (the pre-MLP norm is
-# stored there too: local and TE specs both save it as ``mlp.linear_fc1.layer_norm_*``).
+# The MLP entries a dense Megatron layer holds under ``decoder.layers.[i.]mlp.`` (the pre-MLP norm
+# is stored there too: local and TE specs both save it as ``mlp.linear_fc1.layer_norm_*``).
 MLP_WEIGHTS = (
     "linear_fc1.weight",
     "linear_fc1.bias",

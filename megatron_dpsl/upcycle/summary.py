@@ -11,7 +11,9 @@ class Counts:
 
     dense_params: int = 0
     moe_params: int = 0
-    inactive_params: int = 0  # routed-expert params a token does not use: (E-k)/E of each MoE layer's experts
+    inactive_params: int = (
+        0  # routed-expert params a token does not use: (E-k)/E of each MoE layer's experts
+    )
     moe_layers: int = 0
     dense_layers: int = 0
     expert_params: int = 0  # one expert of one layer
@@ -47,7 +49,10 @@ def summary_rows(info, opts, counts: Counts) -> list[tuple[str, str]]:
             f"{opts.num_experts} per MoE layer, top-{opts.moe_router_topk}, granularity {G} "
             f"({opts.num_experts // G} copies of the dense FFN)",
         ),
-        ("expert size", f"ffn hidden {F // G} (dense {F}), {_fmt(counts.expert_params)} params each"),
+        (
+            "expert size",
+            f"ffn hidden {F // G} (dense {F}), {_fmt(counts.expert_params)} params each",
+        ),
         ("shared expert", f"ffn hidden {F}" if opts.shared_expert else "none"),
         ("router init", opts.router_init),
         ("weight scaling", opts.weight_scaling),

@@ -39,7 +39,8 @@ def split_fc2(weight: torch.Tensor, granularity: int) -> list[torch.Tensor]:
 @dataclasses.dataclass(frozen=True)
 class ScaleFactors:
     """Multipliers applied while copying. ``fc1`` scales fc1 weight and bias; ``fc2`` the routed
-    experts' fc2 weight; ``fc2_bias`` their fc2 bias; ``shared`` the shared expert's fc2 weight and bias."""
+    experts' fc2 weight; ``fc2_bias`` their fc2 bias; ``shared`` the shared expert's fc2 weight and
+    bias."""
 
     fc1: float = 1.0
     fc2: float = 1.0
@@ -92,8 +93,9 @@ def init_router(
     """Router weight ``[E, H]``.
 
     ``virtual-group``: ``E/G`` rows drawn from N(0, std^2), each repeated G times (consecutive), so
-    the G experts of one dense copy always tie and top-k with k a multiple of G selects whole copies.
-    ``normal``: every row drawn independently. ``zeros``: all logits equal (uniform probabilities).
+    the G experts of one dense copy always tie and top-k with k a multiple of G selects whole
+    copies. ``normal``: every row drawn independently. ``zeros``: all logits equal (uniform
+    probabilities).
     """
     if init == "virtual-group":
         rows = torch.randn(num_experts // granularity, hidden_size, generator=generator) * std
@@ -151,7 +153,10 @@ def _fc1_shard(t: torch.Tensor, s: int, granularity: int, gated: bool) -> torch.
     if gated:
         gate, up = torch.chunk(t, 2, dim=0)
         return torch.cat(
-            [torch.tensor_split(gate, granularity, dim=0)[s], torch.tensor_split(up, granularity, dim=0)[s]]
+            [
+                torch.tensor_split(gate, granularity, dim=0)[s],
+                torch.tensor_split(up, granularity, dim=0)[s],
+            ]
         )
     return torch.tensor_split(t, granularity, dim=0)[s]
 

@@ -12,10 +12,16 @@ import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Any
 
-from megatron_dpsl.upcycle.dcp_io import piece_payload, save_lazily, write_item_for, write_megatron_common
+from megatron_dpsl.upcycle.dcp_io import (
+    piece_payload,
+    save_lazily,
+    write_item_for,
+    write_megatron_common,
+)
 from megatron_dpsl.upcycle.errors import UpcycleError
 from megatron_dpsl.upcycle.ownership import OLD_INFIX, OWNER_FILE, TMP_INFIX, write_owner
 from megatron_dpsl.upcycle.pieces import Piece
@@ -78,11 +84,16 @@ def write_torch_dist(
         piece = cache["pieces"][pos]
         expected = planned_shapes[index]
         if tuple(piece.data.shape) != expected:
-            raise UpcycleError(f"internal: {index.fqn} planned {expected}, produced {tuple(piece.data.shape)}")
+            raise UpcycleError(
+                f"internal: {index.fqn} planned {expected}, produced {tuple(piece.data.shape)}"
+            )
         return piece_payload(piece)
 
     planned_shapes = {
-        write_item_for(p).index: tuple(p.data.shape) for _, pieces in planned for p in pieces if not p.is_object
+        write_item_for(p).index: tuple(p.data.shape)
+        for _, pieces in planned
+        for p in pieces
+        if not p.is_object
     }
     try:
         save_lazily(step_dir, items, produce)
@@ -106,14 +117,18 @@ def atomic_directory(target: Path, force: bool = False):
     place, so no moment leaves a half-written target.
     """
     target = Path(target).absolute()
-    if os.path.lexists(target) and not force:  # lexists: a dangling symlink is an existing target too
+    if (
+        os.path.lexists(target) and not force
+    ):  # lexists: a dangling symlink is an existing target too
         raise UpcycleError(f"output {target} exists; pass --force to overwrite it")
     if not target.parent.is_dir():
         raise UpcycleError(f"output parent directory {target.parent} does not exist")
     tmp = target.parent / f".{target.name}{TMP_INFIX}{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        write_owner(tmp, target)  # a SIGKILL leaves tmp behind: the record lets the next run remove it
+        write_owner(
+            tmp, target
+        )  # a SIGKILL leaves tmp behind: the record lets the next run remove it
         yield tmp
         (tmp / OWNER_FILE).unlink()
     except BaseException:
@@ -131,7 +146,9 @@ def atomic_directory(target: Path, force: bool = False):
             os.replace(old, target)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise UpcycleError(f"could not move the new checkpoint into place at {target}: {exc}") from exc
+            raise UpcycleError(
+                f"could not move the new checkpoint into place at {target}: {exc}"
+            ) from exc
         raise
     if old is not None:
         if old.is_dir() and not old.is_symlink():

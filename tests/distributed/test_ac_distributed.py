@@ -1,16 +1,15 @@
 """Distributed AC router exactness: torchrun (gloo, CPU) vs an unsharded single-process reference.
 
-One launch per world size; the worker (``tests/support/workers/ac_exactness_worker.py``) runs every layout
-of ``CASES[world]``: TP+SP, CP, EP, DP, TP×EP (both expert-TP sizes), TP×CP, CP×DP, an EP group that
-spans two TP groups, AC together with DPSL, and a two-stage pipeline. Marked ``slow`` (CI's slow
-suite runs them); run alone with ``pytest -m distributed tests/distributed/test_ac_distributed.py -s``
-(``-s`` prints the figures).
+One launch per world size; the worker (``tests/support/workers/ac_exactness_worker.py``) runs every
+layout of ``CASES[world]``: TP+SP, CP, EP, DP, TP×EP (both expert-TP sizes), TP×CP, CP×DP, an EP
+group that spans two TP groups, AC together with DPSL, and a two-stage pipeline. Marked ``slow``
+(CI's slow suite runs them); run alone with ``pytest -m distributed
+tests/distributed/test_ac_distributed.py -s`` (``-s`` prints the figures).
 """
 
 from __future__ import annotations
 
 import pytest
-
 from support.common import records_per_world
 from support.workers.ac_exactness_worker import CASES  # plain data, imports no Megatron
 
@@ -51,7 +50,9 @@ def test_ac_router_matches_single_process_reference(results, world, name):
         f"AC reroutes {rec['tokens_rerouted_by_ac']} tokens; statistics sets {rec['stat_sets']}"
     )
     assert rec["ref_grad_max"] > MIN_REF_GRAD
-    assert rec["tokens_rerouted_by_ac"] > 0  # AC changes the routing: the comparison is of AC routing
+    assert (
+        rec["tokens_rerouted_by_ac"] > 0
+    )  # AC changes the routing: the comparison is of AC routing
     assert rec["routing_map_mismatches"] == 0
     assert rec["max_probs_diff"] <= PROBS_ATOL
     assert rec["max_grad_diff"] <= GRAD_RTOL * rec["ref_grad_max"]
@@ -59,11 +60,15 @@ def test_ac_router_matches_single_process_reference(results, world, name):
         assert rec["unreduced_probs_diff"] > MIN_UNREDUCED_DIFF
 
 
-def test_first_ac_layer_of_a_pipeline_stage_routes_standard_and_the_next_uses_the_hand_over(results):
+def test_first_ac_layer_of_a_pipeline_stage_routes_standard_and_the_next_uses_the_hand_over(
+    results,
+):
     """GPTModel in two real pipeline stages (layers 1-2 | 3-4): the stage-2 model chunk has its own state."""
     rec = results(2)["pp2_stage_boundary"]
     assert "error" not in rec, rec.get("error")
     assert rec["stage_layers"] == [[1, 2], [3, 4]]
-    assert rec["first_ac_layer_of_stage_is_standard"]  # moe_ac_layers [2, 3, 4] == [2, 4], bit for bit
+    assert rec[
+        "first_ac_layer_of_stage_is_standard"
+    ]  # moe_ac_layers [2, 3, 4] == [2, 4], bit for bit
     assert rec["later_ac_layer_uses_hand_over"]  # and != [2]: layer 4 used layer 3's assignment
     assert rec["warned_once_on_stage_2"]

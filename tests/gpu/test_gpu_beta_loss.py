@@ -19,7 +19,10 @@ def _grid(device):
     b = torch.tensor(np.geomspace(0.05, 2000.0, 15), dtype=torch.float64)
     x = torch.cat(
         [
-            torch.tensor([0.0, 1e-12, 1e-6, 1e-3, 0.5, 1 - 1e-3, 1 - 1e-6, 1 - 1e-12, 1.0], dtype=torch.float64),
+            torch.tensor(
+                [0.0, 1e-12, 1e-6, 1e-3, 0.5, 1 - 1e-3, 1 - 1e-6, 1 - 1e-12, 1.0],
+                dtype=torch.float64,
+            ),
             torch.linspace(0.0, 1.0, 41, dtype=torch.float64),
             torch.tensor(np.geomspace(1e-10, 0.2, 20), dtype=torch.float64),
         ]
@@ -56,9 +59,12 @@ def test_beta_cdf_cuda_vs_scipy_and_cpu():
     assert out16.dtype == torch.bfloat16
     err16 = (out16.double().cpu() - _scipy_betainc(x16.double(), a, b)).abs().max().item()
     assert err16 <= 2.0**-9 + 1e-9, f"bfloat16 max abs error vs SciPy {err16:.3g}"
-    # same algorithm on both devices; CUDA's lgamma/exp/log differ from glibc's by a few ulp, and the
-    # continued fraction and exp(a*log x + ...) amplify that: 3.3e-12 seen on an H200, 3x headroom
-    torch.testing.assert_close(out64.cpu(), beta_cdf(x.cpu(), a.cpu(), b.cpu()), rtol=0.0, atol=1e-11)
+    # same algorithm on both devices; CUDA's lgamma/exp/log differ from glibc's by a few ulp, and
+    # the continued fraction and exp(a*log x + ...) amplify that: 3.3e-12 seen on an H200, 3x
+    # headroom
+    torch.testing.assert_close(
+        out64.cpu(), beta_cdf(x.cpu(), a.cpu(), b.cpu()), rtol=0.0, atol=1e-11
+    )
 
 
 def test_beta_cdf_cuda_gradient_is_beta_pdf():
@@ -70,7 +76,9 @@ def test_beta_cdf_cuda_gradient_is_beta_pdf():
     inside = (x > 1e-6) & (x < 1 - 1e-6)
     x, a, b = x[inside].clone().requires_grad_(), a[inside], b[inside]
     beta_cdf(x, a, b).sum().backward()
-    pdf = torch.from_numpy(beta_dist.pdf(x.detach().cpu().numpy(), a.cpu().numpy(), b.cpu().numpy()))
+    pdf = torch.from_numpy(
+        beta_dist.pdf(x.detach().cpu().numpy(), a.cpu().numpy(), b.cpu().numpy())
+    )
     # log-space pdf in float64 on both sides: relative agreement to ~1e-12 except where the pdf
     # underflows; rtol 1e-9 leaves room for lgamma's ulp differences at large a, b
     torch.testing.assert_close(x.grad.cpu(), pdf, rtol=1e-9, atol=1e-300)
@@ -109,8 +117,9 @@ def test_dpsl_loss_cuda_vs_scipy_and_cpu(num_experts, alpha_value):
     assert loss.dtype == torch.float64
     # float64 end to end: the CDF target (1e-9 abs per term) bounds the loss error by ~2e-9 * N
     assert abs(loss.item() - ref_loss) <= 1e-9 * num_experts
-    # the gradient is the derivative of the tabulated CDF (<= 1e-10 abs), not SciPy's pdf: they agree
-    # norm-wise (measured on CPU: <= 3e-8) while single far-tail entries near 0 differ relatively
+    # the gradient is the derivative of the tabulated CDF (<= 1e-10 abs), not SciPy's pdf: they
+    # agree norm-wise (measured on CPU: <= 3e-8) while single far-tail entries near 0 differ
+    # relatively
     ref_grad = torch.from_numpy(ref_grad)
     _assert_rel_l2(p_cuda.grad.cpu(), ref_grad, 1e-6)
     assert (p_cuda.grad.cpu() - ref_grad).abs().max() <= 1e-6 * ref_grad.abs().max()
@@ -144,10 +153,12 @@ def test_dpsl_loss_cuda_groups_and_padding_match_cpu():
     padding = torch.rand(num_tokens, generator=g) < 0.1
     outs = []
     for device in ("cpu", "cuda"):
-        # a fresh leaf per device: probs.to("cpu") is probs itself, so requires_grad_() on it would make
-        # the CUDA copy a non-leaf without .grad
+        # a fresh leaf per device: probs.to("cpu") is probs itself, so requires_grad_() on it would
+        # make the CUDA copy a non-leaf without .grad
         p = probs.detach().clone().to(device).requires_grad_()
-        loss = dpsl_loss(p, alpha.to(device), group_ids=group_ids.to(device), padding_mask=padding.to(device))
+        loss = dpsl_loss(
+            p, alpha.to(device), group_ids=group_ids.to(device), padding_mask=padding.to(device)
+        )
         loss.backward()
         outs.append((loss.detach().cpu(), p.grad.cpu()))
     # float32 sums over 4096 tokens in different orders on the two devices: ~1e-6 relative
@@ -198,13 +209,19 @@ def test_dpsl_loss_cuda_graph_replay_equals_eager(variant):
         return loss, grad
 
     def sample():
-        return torch.softmax(torch.randn(num_tokens, num_experts, device="cuda", generator=g) * 2, -1)
+        return torch.softmax(
+            torch.randn(num_tokens, num_experts, device="cuda", generator=g) * 2, -1
+        )
 
     static_probs = sample()
     static_gids = group_ids.clone() if group_ids is not None else None
     static_pad = padding.clone() if padding is not None else None
-    graph, (static_loss, static_grad) = _graph_capture(fwd_bwd, (static_probs, static_gids, static_pad))
-    for _ in range(3):  # fresh inputs each replay: the graph must compute the function, not a constant
+    graph, (static_loss, static_grad) = _graph_capture(
+        fwd_bwd, (static_probs, static_gids, static_pad)
+    )
+    for _ in range(
+        3
+    ):  # fresh inputs each replay: the graph must compute the function, not a constant
         probs = sample()
         if static_gids is not None:
             static_gids.copy_(torch.randint(0, 2, (num_tokens,), device="cuda", generator=g))
@@ -228,7 +245,9 @@ def test_dpsl_loss_make_graphed_callables_equals_eager():
     class DPSL(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.alpha = torch.full((num_experts,), 0.75)  # on the CPU: the documented sync-free way
+            self.alpha = torch.full(
+                (num_experts,), 0.75
+            )  # on the CPU: the documented sync-free way
 
         def forward(self, probs):
             return dpsl_loss(probs, self.alpha).reshape(1)

@@ -1,8 +1,9 @@
 """The fused DPSL kernels (megatron_dpsl/losses/dpsl_triton.py) on CUDA: the default there, equal to the torch path
-and to a float64 SciPy Eq. 4 at paper scale, CUDA-graph capturable, and free of host synchronisation.
+and to a float64 SciPy Eq. 4 at paper scale, CUDA-graph capturable, and free of host
+synchronisation.
 
-(tests/unit/losses/test_dpsl_triton.py runs the same kernel source on CPU under Triton's interpreter and, on a GPU
-machine, on CUDA tensors at small sizes.)
+(tests/unit/losses/test_dpsl_triton.py runs the same kernel source on CPU under Triton's interpreter
+and, on a GPU machine, on CUDA tensors at small sizes.)
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ def _require_fused():
     from megatron_dpsl.losses import dpsl_triton as fused_loss
 
     if not fused_loss.runs_on(torch.device("cuda")):
-        pytest.skip("Triton does not import: the fused DPSL path is off (the torch path runs instead)")
+        pytest.skip(
+            "Triton does not import: the fused DPSL path is off (the torch path runs instead)"
+        )
 
 
 def _probs(num_tokens, num_experts, seed, scale=2.0):
     g = torch.Generator().manual_seed(seed)
-    return torch.softmax(torch.randn(num_tokens, num_experts, generator=g, dtype=torch.float64) * scale, -1)
+    return torch.softmax(
+        torch.randn(num_tokens, num_experts, generator=g, dtype=torch.float64) * scale, -1
+    )
 
 
 def _scipy_eq4(probs: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -61,13 +66,14 @@ def test_fused_matches_torch_path_at_paper_scale(num_experts, alpha_value):
         loss = dpsl_loss_per_expert(p, alpha, impl=impl)
         (grad,) = torch.autograd.grad(loss.sum(), p)
         out[impl] = (loss, grad)
-    # same float32 table and formulas; the tails' ex2.approx exp (<= ~3e-7 per CDF value, fused_loss.py)
-    # moves a per-expert loss by <= 2 x 3e-7 x (tail share); float32 sums in different orders: 1e-5 relative
+    # same float32 table and formulas; the tails' ex2.approx exp (<= ~3e-7 per CDF value,
+    # fused_loss.py) moves a per-expert loss by <= 2 x 3e-7 x (tail share); float32 sums in
+    # different orders: 1e-5 relative
     torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=1e-6)
     (gf, gt) = out["triton"][1], out["torch"][1]
     assert ((gf - gt).norm() / gt.norm()).item() <= 1e-5
-    # accuracy against float64 SciPy: float32 table error <= 5e-7 per CDF value (docs/loss.md) plus the
-    # tails' ex2.approx exp (<= ~3e-7, fused_loss.py docstring) -> within 2 x 1e-6 per expert
+    # accuracy against float64 SciPy: float32 table error <= 5e-7 per CDF value (docs/loss.md) plus
+    # the tails' ex2.approx exp (<= ~3e-7, fused_loss.py docstring) -> within 2 x 1e-6 per expert
     ref = torch.from_numpy(_scipy_eq4(probs.double().cpu().numpy(), alpha.numpy()))
     torch.testing.assert_close(out["triton"][0].double().cpu(), ref, rtol=0, atol=2e-6)
 
@@ -89,7 +95,9 @@ def test_fused_groups_padding_bf16_match_torch_path():
         out[impl] = (loss, grad.float())
     torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=1e-6)  # as above
     gf, gt = out["triton"][1], out["torch"][1]
-    assert ((gf - gt).norm() / gt.norm()).item() <= 1e-2  # bf16 gradients: rounding of a few entries
+    assert (
+        (gf - gt).norm() / gt.norm()
+    ).item() <= 1e-2  # bf16 gradients: rounding of a few entries
     assert (gf[pad] == 0).all()
 
 
@@ -97,7 +105,9 @@ def _graph_capture(fn, static_inputs, warmup: int = 3):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(warmup):  # warm-up on a side stream (Triton compiles here, the table is built here)
+        for _ in range(
+            warmup
+        ):  # warm-up on a side stream (Triton compiles here, the table is built here)
             fn(*static_inputs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -127,7 +137,9 @@ def test_fused_cuda_graph_and_no_host_sync(variant):
         return loss, grad
 
     def sample():
-        return torch.softmax(torch.randn(num_tokens, num_experts, device="cuda", generator=g) * 2, -1)
+        return torch.softmax(
+            torch.randn(num_tokens, num_experts, device="cuda", generator=g) * 2, -1
+        )
 
     static_probs = sample()
     graph, (static_loss, static_grad) = _graph_capture(fwd_bwd, (static_probs, gids, pad))

@@ -1,9 +1,9 @@
 """The orthogonality and variance losses on one GPU with Transformer Engine's grouped experts.
 
-What the CPU tests cannot reach: ``TEGroupedMLP`` (probs applied in its fused bias-activation and bias
-path), TE's fused permute (``moe_permute_fusion``; the slots rely on its row order being Megatron's
-``permute`` order), bf16 activations. One GPU means EP=1; the multi-rank paths are covered by
-tests/distributed/test_regularizers_distributed.py on CPU.
+What the CPU tests cannot reach: ``TEGroupedMLP`` (probs applied in its fused bias-activation and
+bias path), TE's fused permute (``moe_permute_fusion``; the slots rely on its row order being
+Megatron's ``permute`` order), bf16 activations. One GPU means EP=1; the multi-rank paths are
+covered by tests/distributed/test_regularizers_distributed.py on CPU.
 Run: ``pytest -m gpu tests/gpu`` (on the device: ``bash scripts/run_gpu_tests.sh``).
 """
 
@@ -11,8 +11,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from support.gpu import BATCH, HIDDEN, NUM_EXPERTS, SEQ, clear_tracker, init_megatron_cuda, make_config, require_te, tracker_values
+from support.gpu import (
+    BATCH,
+    HIDDEN,
+    NUM_EXPERTS,
+    SEQ,
+    clear_tracker,
+    init_megatron_cuda,
+    make_config,
+    require_te,
+    tracker_values,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -29,10 +38,16 @@ def megatron_cuda():
 
 
 def _config(dispatcher, fusion, orthogonality=True):
-    types, coeffs = (["variance", "orthogonality"], [GAMMA, BETA]) if orthogonality else (["variance"], [GAMMA])
+    types, coeffs = (
+        (["variance", "orthogonality"], [GAMMA, BETA]) if orthogonality else (["variance"], [GAMMA])
+    )
     try:
-        return make_config(dispatcher, moe_router_load_balancing_type=types, moe_aux_loss_coeff=coeffs,
-                           moe_permute_fusion=fusion)
+        return make_config(
+            dispatcher,
+            moe_router_load_balancing_type=types,
+            moe_aux_loss_coeff=coeffs,
+            moe_permute_fusion=fusion,
+        )
     except (AssertionError, ValueError) as e:  # e.g. a TE too old for the fused permute
         pytest.skip(f"config refused: {e}")
 
@@ -63,7 +78,9 @@ def _reference_orthogonality(layer, x):
         unit = torch.ones(NUM_EXPERTS * n, device=x.device, dtype=torch.float32)
         out, _ = layer.experts(every, split, unit)
         out = out.view(NUM_EXPERTS, n, HIDDEN)
-        slots = torch.stack([out[routing_map[t].nonzero().flatten(), t] for t in range(n)])  # [n, k, H]
+        slots = torch.stack(
+            [out[routing_map[t].nonzero().flatten(), t] for t in range(n)]
+        )  # [n, k, H]
     return BETA * orthogonality_loss(slots.float())
 
 
@@ -82,7 +99,9 @@ def test_te_grouped_experts_orthogonality_matches_reference(megatron_cuda, dispa
     assert logged is not None and torch.isfinite(logged[0]) and logged[0] > 0
     # bf16 expert GEMMs over different row groupings (grouped GEMM splits vs all tokens per expert):
     # a few bf16 ulps per output; a wrong slot order pairs unrelated rows and misses by far more
-    torch.testing.assert_close(logged[0].float(), _reference_orthogonality(layer, x).float(), rtol=3e-2, atol=0)
+    torch.testing.assert_close(
+        logged[0].float(), _reference_orthogonality(layer, x).float(), rtol=3e-2, atol=0
+    )
     with torch.no_grad():
         ref_out, _ = plain(x)  # MoELayer's own path: probs applied inside the experts
     # weights applied after fc2 instead of before it: bf16 rounding of the output

@@ -11,7 +11,6 @@ import warnings
 
 import pytest
 import torch
-
 from support.gpu import (
     BATCH,
     HIDDEN,
@@ -123,10 +122,16 @@ def test_te_gpt_model_bf16_forward_backward(megatron_cuda, dispatcher):
     routers = [m for m in model.modules() if type(m).__name__ == "DPSLRouter"]
     assert len(routers) == 2
     for r in routers:
-        assert r.weight.grad is not None and torch.isfinite(r.weight.grad).all() and r.weight.grad.abs().sum() > 0
+        assert (
+            r.weight.grad is not None
+            and torch.isfinite(r.weight.grad).all()
+            and r.weight.grad.abs().sum() > 0
+        )
 
 
-@pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])  # TE DelayedScaling / Float8CurrentScaling
+@pytest.mark.parametrize(
+    "recipe", ["delayed", "tensorwise"]
+)  # TE DelayedScaling / Float8CurrentScaling
 def test_te_moe_layer_fp8_matches_bf16(megatron_cuda, recipe, monkeypatch):
     require_fp8()
     dpsl_inputs = record_dpsl_inputs(monkeypatch)
@@ -148,11 +153,18 @@ def test_te_moe_layer_fp8_matches_bf16(megatron_cuda, recipe, monkeypatch):
         # under FP8 the loss still sees fp32 probabilities, a full softmax over all experts (rows
         # sum to 1 to fp32 rounding over 8 terms), one row per token: not top-k, not padded
         probs_fp8 = dpsl_inputs[-1]
-        assert probs_fp8.dtype == torch.float32 and probs_fp8.shape == (SEQ * BATCH, fp8_cfg.num_moe_experts)
-        torch.testing.assert_close(probs_fp8.sum(-1), torch.ones(SEQ * BATCH, device="cuda"), rtol=0, atol=1e-6)
+        assert probs_fp8.dtype == torch.float32 and probs_fp8.shape == (
+            SEQ * BATCH,
+            fp8_cfg.num_moe_experts,
+        )
+        torch.testing.assert_close(
+            probs_fp8.sum(-1), torch.ones(SEQ * BATCH, device="cuda"), rtol=0, atol=1e-6
+        )
         # same fp32 logits and softmax in both runs; FP8 padding must not change the DPSL input
         torch.testing.assert_close(dpsl_fp8, dpsl_ref, rtol=1e-6, atol=0.0)
-        torch.testing.assert_close(dpsl_fp8.float(), reference_dpsl(fp8_layer, x).float(), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            dpsl_fp8.float(), reference_dpsl(fp8_layer, x).float(), rtol=1e-4, atol=1e-7
+        )
         assert g_ref.abs().sum() > 0
         # identical router path; only reduction order in the gradient GEMM may differ
         torch.testing.assert_close(g_fp8, g_ref, rtol=1e-4, atol=1e-6)
@@ -192,10 +204,11 @@ def test_dpsl_router_adds_no_host_sync(megatron_cuda):
                 probs.float().sum().backward()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        # torch's per-sync warning ("called a synchronizing CUDA operation"), not its one-time notice
-        # "Synchronization debug mode is a prototype feature ..." from the process's first switch to "warn"
+        # torch's per-sync warning ("called a synchronizing CUDA operation"), not its one-time
+        # notice "Synchronization debug mode is a prototype feature ..." from the process's first
+        # switch to "warn"
         messages = [str(w.message) for w in caught]
         return [m for m in messages if "synchroniz" in m.lower() and "prototype feature" not in m]
 
     without, with_dpsl = sync_warnings(0.0), sync_warnings(0.01)
-    assert len(with_dpsl) == len(without), f"DPSL adds host syncs:\n{with_dpsl[len(without):]}"
+    assert len(with_dpsl) == len(without), f"DPSL adds host syncs:\n{with_dpsl[len(without) :]}"

@@ -36,7 +36,9 @@ def child_env(**extra: str) -> dict[str, str]:
     port of a process group this pytest holds). ``extra`` is applied last.
     """
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(TESTS), os.environ.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO), str(TESTS), os.environ.get("PYTHONPATH")])
+    )
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
@@ -47,7 +49,9 @@ def torchrun(worker: str, *args: str, nproc: int, timeout: float) -> subprocess.
     the repository root with ``child_env()``; output captured."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(free_port()), str(WORKERS / worker), *args]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def records_per_world(tmp_path_factory, worker: str):
@@ -64,21 +68,25 @@ def records_per_world(tmp_path_factory, worker: str):
             out = tmp_path_factory.mktemp(f"{Path(worker).stem}{world}") / "results.json"
             proc = torchrun(worker, "--out", str(out), nproc=world, timeout=900)
             if proc.returncode != 0 or not out.exists():
-                pytest.fail(f"torchrun ({world} ranks) failed rc={proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+                pytest.fail(
+                    f"torchrun ({world} ranks) failed rc={proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+                )
             cache[world] = {r["name"]: r for r in json.loads(out.read_text())}
         return cache[world]
 
     return launch
 
 
-# --------------------------------------------------------------------------- across megatron-core 0.16 / 0.19
+# --------------------------------------------------------------------------- across megatron-core
+# 0.16 / 0.19
 
 
 def reset_moe_tracker() -> None:
     """Forget every MoE metric recorded so far.
 
-    megatron-core 0.16 keeps them in a dict; 0.19 in a ``MoEMetricsTracker``, whose ``clear()`` zeroes
-    the values but keeps the names (and whose legacy dict view is a copy), so it is replaced instead.
+    megatron-core 0.16 keeps them in a dict; 0.19 in a ``MoEMetricsTracker``, whose ``clear()``
+    zeroes the values but keeps the names (and whose legacy dict view is a copy), so it is replaced
+    instead.
     """
     try:
         from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker

@@ -23,7 +23,9 @@ SEQ, BATCH = 64, 4  # 256 tokens: enough for a non-trivial empirical CDF per exp
 def require_te():
     """Import ``transformer_engine.pytorch`` or skip with the reason."""
     if importlib.util.find_spec("transformer_engine") is None:
-        pytest.skip("Transformer Engine is not installed (bash scripts/install_gpu.sh installs it; docs/gpu.md)")
+        pytest.skip(
+            "Transformer Engine is not installed (bash scripts/install_gpu.sh installs it; docs/gpu.md)"
+        )
     try:
         import transformer_engine.pytorch as te
     except Exception as e:  # a broken TE build must read as a skip reason, not a collection error
@@ -113,9 +115,13 @@ def make_config(dispatcher: str = "alltoall", fp8_recipe: str | None = None, **o
     )
     if fp8_recipe is not None:
         names = _field_names(DPSLTransformerConfig)
-        # megatron-core <= 0.16 spells it moe_router_padding_for_fp8 (an alias there); newer releases
-        # keep only moe_router_padding_for_quantization
-        pad = "moe_router_padding_for_fp8" if "moe_router_padding_for_fp8" in names else "moe_router_padding_for_quantization"
+        # megatron-core <= 0.16 spells it moe_router_padding_for_fp8 (an alias there); newer
+        # releases keep only moe_router_padding_for_quantization
+        pad = (
+            "moe_router_padding_for_fp8"
+            if "moe_router_padding_for_fp8" in names
+            else "moe_router_padding_for_quantization"
+        )
         kw.update(fp8="hybrid", fp8_recipe=fp8_recipe, **{pad: True})
     kw.update(overrides)
     return DPSLTransformerConfig(**kw)
@@ -177,8 +183,9 @@ def clear_tracker() -> None:
 
 def reference_dpsl(layer, hidden_states: torch.Tensor) -> torch.Tensor:
     """λ · Eq. 4 recomputed outside the router, as the router logs it (``dpsl_loss`` = λ·DPSL, see
-    megatron_dpsl/routing/router.py): fp32 softmax over all experts of the logits, which are computed here
-    in float64 from the same bf16 input and weight (the router: bf16 x bf16 -> fp32 GEMM)."""
+    megatron_dpsl/routing/router.py): fp32 softmax over all experts of the logits, which are
+    computed here in float64 from the same bf16 input and weight (the router: bf16 x bf16 -> fp32
+    GEMM)."""
     from megatron_dpsl import dpsl_loss
 
     cfg = layer.config
@@ -186,12 +193,15 @@ def reference_dpsl(layer, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.reshape(-1, hidden_states.shape[-1]).double()
         logits = (x @ layer.router.weight.double().t()).float()  # [num_tokens, num_experts]
         probs = torch.softmax(logits, dim=-1)
-        return cfg.moe_dpsl_coeff * dpsl_loss(probs, cfg.dpsl_alpha())  # prior from the config, on the CPU
+        return cfg.moe_dpsl_coeff * dpsl_loss(
+            probs, cfg.dpsl_alpha()
+        )  # prior from the config, on the CPU
 
 
 def record_dpsl_inputs(monkeypatch) -> list:
     """Wrap (not replace) the ``dpsl_loss`` the router calls; returns a list that fills with the
-    ``probs`` tensors it receives (detached), so a test can check dtype and that rows are a full softmax."""
+    ``probs`` tensors it receives (detached), so a test can check dtype and that rows are a full
+    softmax."""
     import megatron_dpsl.routing.router as router_mod
 
     seen = []

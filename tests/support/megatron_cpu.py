@@ -1,10 +1,10 @@
 """CPU shims for megatron-core's CUDA-only calls. Test helpers only: never imported by the package.
 
 megatron-core 0.16.1 calls ``torch.cuda.current_device()`` for buffers and in ``Router.gating``,
-``torch.cuda.synchronize()`` in a few places, forks the CUDA RNG tracker in dropout regions and saves
-the CUDA RNG state for activation recompute; 0.19's DDP also asks for ``torch.cuda.current_stream()``.
-On a CPU-only machine these raise, so tests (and torchrun workers launched by tests) call
-:func:`install` before building Megatron modules.
+``torch.cuda.synchronize()`` in a few places, forks the CUDA RNG tracker in dropout regions and
+saves the CUDA RNG state for activation recompute; 0.19's DDP also asks for
+``torch.cuda.current_stream()``. On a CPU-only machine these raise, so tests (and torchrun workers
+launched by tests) call :func:`install` before building Megatron modules.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def install() -> None:
 
     mpu_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
     mpu_random.CudaRNGStatesTracker.add = lambda self, name, seed: None
-    # activation recompute (tensor_parallel.checkpoint) saves/restores the CUDA generator too; the CPU
-    # generator it also saves is the one CPU runs draw from
+    # activation recompute (tensor_parallel.checkpoint) saves/restores the CUDA generator too; the
+    # CPU generator it also saves is the one CPU runs draw from
     mpu_random._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
     mpu_random._set_cuda_rng_state = lambda *a, **k: None
     from megatron.core.transformer.moe import moe_utils
@@ -79,10 +79,10 @@ def _patch(changes):
 
 def install_alltoall_shims():
     """Let ``MoEAlltoAllTokenDispatcher`` run on CPU; returns a function that undoes it (call it when done:
-    other libraries read ``torch.cuda.Stream``). The dispatcher makes a ``torch.cuda.Stream`` when built
-    and moves split sizes to the host on it; on CPU the sizes already are host tensors, so the stream,
-    ``torch.cuda.stream(...)`` and ``current_stream()`` become no-ops, and the sizes become NumPy
-    arrays as the CUDA path makes them (what ``all_to_all_single`` takes)."""
+    other libraries read ``torch.cuda.Stream``). The dispatcher makes a ``torch.cuda.Stream`` when
+    built and moves split sizes to the host on it; on CPU the sizes already are host tensors, so the
+    stream, ``torch.cuda.stream(...)`` and ``current_stream()`` become no-ops, and the sizes become
+    NumPy arrays as the CUDA path makes them (what ``all_to_all_single`` takes)."""
     install()
     if torch.cuda.is_available():
         return lambda: None
@@ -96,32 +96,39 @@ def install_alltoall_shims():
         return to_host(tensor, as_numpy=as_numpy, record_stream=record_stream)
 
     stream = _HostStream()
-    undo = _patch([
-        (torch.cuda, "Stream", _HostStream),
-        (torch.cuda, "current_stream", lambda *a, **k: stream),
-        (torch.cuda, "stream", lambda s=None: contextlib.nullcontext()),
-        (token_dispatcher, "maybe_move_tensor_to_cpu", host_splits),
-    ])
+    undo = _patch(
+        [
+            (torch.cuda, "Stream", _HostStream),
+            (torch.cuda, "current_stream", lambda *a, **k: stream),
+            (torch.cuda, "stream", lambda s=None: contextlib.nullcontext()),
+            (token_dispatcher, "maybe_move_tensor_to_cpu", host_splits),
+        ]
+    )
 
     def undo_all() -> None:
         undo()
-        token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = None  # the class caches its stream
+        token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = (
+            None  # the class caches its stream
+        )
 
     return undo_all
 
 
 def install_recompute_shims():
     """Let Megatron's activation recompute (``tensor_parallel.checkpoint``) run on CPU; returns the undo.
-    It saves and restores the CUDA RNG state; on CPU there is none (the CPU state is still restored)."""
+    It saves and restores the CUDA RNG state; on CPU there is none (the CPU state is still
+    restored)."""
     install()
     if torch.cuda.is_available():
         return lambda: None
     from megatron.core.tensor_parallel import random as mpu_random
 
-    return _patch([
-        (mpu_random, "_get_cuda_rng_state", lambda *a, **k: torch.empty(0, dtype=torch.uint8)),
-        (mpu_random, "_set_cuda_rng_state", lambda *a, **k: None),
-    ])
+    return _patch(
+        [
+            (mpu_random, "_get_cuda_rng_state", lambda *a, **k: torch.empty(0, dtype=torch.uint8)),
+            (mpu_random, "_set_cuda_rng_state", lambda *a, **k: None),
+        ]
+    )
 
 
 def init_single_process(**parallel_kwargs) -> None:

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import megatron_lm_story as story  # scripts/ (conftest's path): the GPU stages' argv, one definition
+
 from support.common import child_env
 
 CHAIN = Path(__file__).resolve().parent / "megatron_lm_chain.py"
@@ -23,16 +24,64 @@ def readme_argv(work: Path) -> list[str]:
     """A user's command line (README/docs): list-form load balancing with a coefficient per type,
     --load/--save, --mock-data, the NullTokenizer, TensorBoard."""
     return [
-        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
-        "--max-position-embeddings", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
-        "--train-iters", "10", "--lr", "3e-4", "--min-lr", "3e-5", "--lr-decay-style", "cosine",
-        "--lr-warmup-iters", "2", "--bf16",
-        "--num-experts", "8", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
-        "--moe-router-load-balancing-type", "aux_loss", "dpsl", "--moe-aux-loss-coeff", "1e-3", "0.01",
-        "--moe-dpsl-alpha", "0.75",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", "1024", "--mock-data",
-        "--save", str(work / "ckpt"), "--load", str(work / "ckpt"), "--save-interval", "5",
-        "--eval-interval", "5", "--eval-iters", "2", "--log-interval", "1", "--tensorboard-dir", str(work / "tb"),
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "64",
+        "--max-position-embeddings",
+        "64",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "10",
+        "--lr",
+        "3e-4",
+        "--min-lr",
+        "3e-5",
+        "--lr-decay-style",
+        "cosine",
+        "--lr-warmup-iters",
+        "2",
+        "--bf16",
+        "--num-experts",
+        "8",
+        "--moe-router-topk",
+        "2",
+        "--moe-token-dispatcher-type",
+        "alltoall",
+        "--moe-router-load-balancing-type",
+        "aux_loss",
+        "dpsl",
+        "--moe-aux-loss-coeff",
+        "1e-3",
+        "0.01",
+        "--moe-dpsl-alpha",
+        "0.75",
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        "1024",
+        "--mock-data",
+        "--save",
+        str(work / "ckpt"),
+        "--load",
+        str(work / "ckpt"),
+        "--save-interval",
+        "5",
+        "--eval-interval",
+        "5",
+        "--eval-iters",
+        "2",
+        "--log-interval",
+        "1",
+        "--tensorboard-dir",
+        str(work / "tb"),
     ]
 
 
@@ -40,30 +89,78 @@ def group_argv(work: Path) -> list[str]:
     """The same with modality priors on a two-dataset blend (patched checkouts)."""
     argv = readme_argv(work)
     i = argv.index("--moe-dpsl-alpha")
-    del argv[i:i + 2]
+    del argv[i : i + 2]
     i = argv.index("--mock-data")
-    argv[i:i + 1] = ["--data-path", "1", str(work / "code_text_document"), "1", str(work / "prose_text_document")]
+    argv[i : i + 1] = [
+        "--data-path",
+        "1",
+        str(work / "code_text_document"),
+        "1",
+        str(work / "prose_text_document"),
+    ]
     return [*argv, *story.GROUPS]
 
 
 # What the builds parse (Megatron-LM's parse_args + validate_args, then the model on one gloo rank).
 BUILD_ARGV = [
-    "--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "8",
-    "--max-position-embeddings", "8", "--micro-batch-size", "1", "--num-experts", "4",
-    "--transformer-impl", "local", "--use-cpu-initialization", "--no-gradient-accumulation-fusion",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "16",
+    "--num-attention-heads",
+    "2",
+    "--seq-length",
+    "8",
+    "--max-position-embeddings",
+    "8",
+    "--micro-batch-size",
+    "1",
+    "--num-experts",
+    "4",
+    "--transformer-impl",
+    "local",
+    "--use-cpu-initialization",
+    "--no-gradient-accumulation-fusion",
     "--no-persist-layer-norm",
-    "--moe-router-load-balancing-type", "aux_loss", "dpsl", "--moe-aux-loss-coeff", "0.01", "0",
-    "--moe-dpsl-alpha", "0.75", "--moe-dpsl-coeff", "0.02", "--moe-dpsl-gather", "global_batch",
-    "--moe-dpsl-log-interval", "5", "--tokenizer-type", "NullTokenizer", "--vocab-size", "32",
+    "--moe-router-load-balancing-type",
+    "aux_loss",
+    "dpsl",
+    "--moe-aux-loss-coeff",
+    "0.01",
+    "0",
+    "--moe-dpsl-alpha",
+    "0.75",
+    "--moe-dpsl-coeff",
+    "0.02",
+    "--moe-dpsl-gather",
+    "global_batch",
+    "--moe-dpsl-log-interval",
+    "5",
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--vocab-size",
+    "32",
 ]
 
 
-# The baselines without DPSL (issue 14): variance + orthogonality losses and the AC router on layer 2.
+# The baselines without DPSL (issue 14): variance + orthogonality losses and the AC router on layer
+# 2.
 BASELINES_BUILD_ARGV = [
     *BUILD_ARGV[: BUILD_ARGV.index("--moe-router-load-balancing-type")],
-    "--moe-router-load-balancing-type", "aux_loss", "variance", "orthogonality",
-    "--moe-aux-loss-coeff", "0.01", "0.001", "0.0001", "--moe-ac-layers", "2",
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "32",
+    "--moe-router-load-balancing-type",
+    "aux_loss",
+    "variance",
+    "orthogonality",
+    "--moe-aux-loss-coeff",
+    "0.01",
+    "0.001",
+    "0.0001",
+    "--moe-ac-layers",
+    "2",
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--vocab-size",
+    "32",
 ]
 
 
@@ -73,16 +170,36 @@ def specs(trees: dict, work: Path) -> dict:
     out = {}
     for flavor in ("unpatched", "patched"):
         cases = [
-            {"name": "megatron_lm_readme", "entry": "megatron_lm", "argv": readme_argv(work / flavor)},
+            {
+                "name": "megatron_lm_readme",
+                "entry": "megatron_lm",
+                "argv": readme_argv(work / flavor),
+            },
             {"name": "launcher_readme", "entry": "launcher", "argv": readme_argv(work / flavor)},
             {"name": "launcher_groups", "entry": "launcher", "argv": group_argv(work / flavor)},
         ]
         if flavor == "patched":
-            cases.append({"name": "megatron_lm_groups", "entry": "megatron_lm", "argv": group_argv(work / flavor)})
-        cases += [{"name": f"story_{s.name}", "entry": s.entry, "argv": list(s.argv)} for s in stages if s.tree == flavor]
-        out[flavor] = {"tree": trees[flavor], "patched": flavor == "patched", "cases": cases,
-                       "builds": [{"name": "build", "argv": BUILD_ARGV},
-                                  {"name": "build_baselines", "argv": BASELINES_BUILD_ARGV}]}
+            cases.append(
+                {
+                    "name": "megatron_lm_groups",
+                    "entry": "megatron_lm",
+                    "argv": group_argv(work / flavor),
+                }
+            )
+        cases += [
+            {"name": f"story_{s.name}", "entry": s.entry, "argv": list(s.argv)}
+            for s in stages
+            if s.tree == flavor
+        ]
+        out[flavor] = {
+            "tree": trees[flavor],
+            "patched": flavor == "patched",
+            "cases": cases,
+            "builds": [
+                {"name": "build", "argv": BUILD_ARGV},
+                {"name": "build_baselines", "argv": BASELINES_BUILD_ARGV},
+            ],
+        }
     out["unpatched"]["rehearse_upcycle"] = rehearsal(work / "rehearsal")
     return out
 
@@ -92,8 +209,12 @@ def rehearsal(work: Path) -> dict:
     megatron_lm_chain.rehearse_upcycle."""
     by_name = {s.name: s for s in story.stages(work)}
     dense = by_name["dense_launcher"]
-    return {"dense_argv": list(dense.argv), "upcycle_argv": list(by_name["upcycle"].argv),
-            "moe_argv": list(by_name["moe_dpsl"].argv), "iteration": dense.iterations}
+    return {
+        "dense_argv": list(dense.argv),
+        "upcycle_argv": list(by_name["upcycle"].argv),
+        "moe_argv": list(by_name["moe_dpsl"].argv),
+        "iteration": dense.iterations,
+    }
 
 
 def run_reports(trees: dict, work: Path, timeout: int = 600) -> dict:
@@ -104,8 +225,17 @@ def run_reports(trees: dict, work: Path, timeout: int = 600) -> dict:
         path = work / f"chain_{flavor}.json"
         path.write_text(json.dumps(spec))
         out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        procs[flavor] = (subprocess.Popen([sys.executable, str(CHAIN), str(path)], stdout=out, stderr=err,
-                                          text=True, env=child_env(PYTHONWARNINGS="ignore")), out, err)
+        procs[flavor] = (
+            subprocess.Popen(
+                [sys.executable, str(CHAIN), str(path)],
+                stdout=out,
+                stderr=err,
+                text=True,
+                env=child_env(PYTHONWARNINGS="ignore"),
+            ),
+            out,
+            err,
+        )
     reports = {}
     for flavor, (proc, out, err) in procs.items():
         rc = proc.wait(timeout=timeout)
@@ -114,6 +244,8 @@ def run_reports(trees: dict, work: Path, timeout: int = 600) -> dict:
         stdout, stderr = out.read(), err.read()
         lines = stdout.strip().splitlines()
         if rc != 0 or not lines:
-            raise AssertionError(f"chain child ({flavor}) failed, rc {rc}:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+            raise AssertionError(
+                f"chain child ({flavor}) failed, rc {rc}:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+            )
         reports[flavor] = json.loads(lines[-1])
     return reports

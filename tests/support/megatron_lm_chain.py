@@ -1,28 +1,30 @@
 """Child interpreter: run a Megatron-LM entry point's real call chain on CPU up to the first CUDA-only call.
 
-    python tests/support/megatron_lm_chain.py CASES.json        # prints one JSON line: {case name: report}
+    python tests/support/megatron_lm_chain.py CASES.json        # prints one JSON line: {case name:
+    report}
 
 ``CASES.json``: ``{"tree": DIR, "patched": bool, "cases": [{"name", "entry", "argv", "env"}],
-"builds": [{"name", "argv"}]}``, one Megatron-LM tree per child (its modules are imported once, ~10 s). ``entry``: ``launcher`` (``megatron_dpsl.megatron_lm.
-pretrain_gpt.main()``, with ``MEGATRON_LM_PATH`` = the tree) or ``megatron_lm`` (the tree's own
-``pretrain_gpt.py`` run as ``__main__``). The chain runs exactly as on a GPU
-(``maybe_wrap_for_inprocess_restart`` -> ``pretrain`` -> ``ft_integration.setup`` ->
-``initialize_megatron`` -> ``parse_args``/``validate_args`` -> ``set_global_variables`` -> ...) with
-only these leaves replaced, each because it is CUDA-only:
+"builds": [{"name", "argv"}]}``, one Megatron-LM tree per child (its modules are imported once, ~10
+s). ``entry``: ``launcher`` (``megatron_dpsl.megatron_lm. pretrain_gpt.main()``, with
+``MEGATRON_LM_PATH`` = the tree) or ``megatron_lm`` (the tree's own ``pretrain_gpt.py`` run as
+``__main__``). The chain runs exactly as on a GPU (``maybe_wrap_for_inprocess_restart`` ->
+``pretrain`` -> ``ft_integration.setup`` -> ``initialize_megatron`` ->
+``parse_args``/``validate_args`` -> ``set_global_variables`` -> ...) with only these leaves
+replaced, each because it is CUDA-only:
 
-- ``torch.cuda.is_available`` answers True: ``initialize_megatron`` asserts "Megatron requires CUDA."
-  before it parses anything (only that assert reads it before the boundary).
-- ``torch.distributed.init_process_group`` is the boundary: the first call that needs a GPU (the NCCL
-  process group of ``_initialize_distributed``). It records its arguments and stops the chain.
+- ``torch.cuda.is_available`` answers True: ``initialize_megatron`` asserts "Megatron requires
+  CUDA." before it parses anything (only that assert reads it before the boundary).
+- ``torch.distributed.init_process_group`` is the boundary: the first call that needs a GPU (the
+  NCCL process group of ``_initialize_distributed``). It records its arguments and stops the chain.
 - Python 3.11 only: ``typing.override`` (see ``megatron_lm_tree.use_tree``).
-- A tree from the committed snapshot (CI) has no ``megatron/core``: the installed megatron-core wheel's
-  is used (``megatron_lm_tree``'s docstring; each report's ``megatron_core`` says which).
+- A tree from the committed snapshot (CI) has no ``megatron/core``: the installed megatron-core
+  wheel's is used (``megatron_lm_tree``'s docstring; each report's ``megatron_core`` says which).
 
 Each case reports how it ended (``boundary``: reached the NCCL call; ``exit``: SystemExit, with the
-captured stderr; ``error``: another exception), the Megatron-LM functions it passed through, how many
-times the command line was parsed, and the parsed arguments that matter here. Between cases Megatron's
-own ``unset_global_variables`` / ``destroy_rerun_state_machine`` reset its globals, and Megatron-LM's
-own ``add_megatron_arguments`` is put back (the launcher wraps it).
+captured stderr; ``error``: another exception), the Megatron-LM functions it passed through, how
+many times the command line was parsed, and the parsed arguments that matter here. Between cases
+Megatron's own ``unset_global_variables`` / ``destroy_rerun_state_machine`` reset its globals, and
+Megatron-LM's own ``add_megatron_arguments`` is put back (the launcher wraps it).
 
 ``builds`` then check the pieces on one gloo rank (``megatron_cpu`` shims): Megatron-LM's own
 ``parse_args`` with and without ``add_dpsl_args``, its ``core_transformer_config_from_args``, the
@@ -46,16 +48,45 @@ from support.megatron_lm_tree import use_tree
 
 # Functions whose passage the tests check, by name; recorded when defined under the tree.
 WATCHED = {
-    "maybe_wrap_for_inprocess_restart", "parse_args", "parse_and_validate_args", "setup", "pretrain",
-    "initialize_megatron", "validate_args", "set_global_variables", "_build_tokenizer", "setup_logging",
-    "initialize_rerun_state_machine", "_initialize_distributed", "gpt_config_from_args",
-    "pretrain_cfg_container_from_args", "core_transformer_config_from_args", "add_megatron_arguments",
+    "maybe_wrap_for_inprocess_restart",
+    "parse_args",
+    "parse_and_validate_args",
+    "setup",
+    "pretrain",
+    "initialize_megatron",
+    "validate_args",
+    "set_global_variables",
+    "_build_tokenizer",
+    "setup_logging",
+    "initialize_rerun_state_machine",
+    "_initialize_distributed",
+    "gpt_config_from_args",
+    "pretrain_cfg_container_from_args",
+    "core_transformer_config_from_args",
+    "add_megatron_arguments",
 }
 ARG_FIELDS = (
-    "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_dpsl_coeff", "moe_dpsl_alpha",
-    "moe_dpsl_group_alphas", "moe_dpsl_alpha_base", "moe_dpsl_alpha_shift", "moe_dpsl_num_groups",
-    "moe_dpsl_gather", "moe_dpsl_log_interval", "num_experts", "load", "save", "train_iters", "mock_data",
-    "tokenizer_type", "padded_vocab_size", "data_path", "distributed_backend", "bf16", "position_embedding_type",
+    "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff",
+    "moe_dpsl_coeff",
+    "moe_dpsl_alpha",
+    "moe_dpsl_group_alphas",
+    "moe_dpsl_alpha_base",
+    "moe_dpsl_alpha_shift",
+    "moe_dpsl_num_groups",
+    "moe_dpsl_gather",
+    "moe_dpsl_log_interval",
+    "num_experts",
+    "load",
+    "save",
+    "train_iters",
+    "mock_data",
+    "tokenizer_type",
+    "padded_vocab_size",
+    "data_path",
+    "distributed_backend",
+    "bf16",
+    "position_embedding_type",
 )
 
 
@@ -77,7 +108,8 @@ def run_case(tree: str, case: dict, stock_add_megatron_arguments) -> dict:
 
     seen: list[str] = []
     boundary: dict = {}
-    # the tree's files, and megatron.core's where it comes from the installed wheel (a snapshot tree)
+    # the tree's files, and megatron.core's where it comes from the installed wheel (a snapshot
+    # tree)
     prefixes = tuple(dict.fromkeys(os.path.abspath(d) + os.sep for d in (tree, _core_dir())))
 
     def profile(frame, event, arg):
@@ -86,13 +118,24 @@ def run_case(tree: str, case: dict, stock_add_megatron_arguments) -> dict:
             seen.append(f"{Path(code.co_filename).stem}.{code.co_name}")
 
     def init_process_group(*args, **kwargs):
-        boundary.update({k: _jsonable(v) for k, v in kwargs.items() if k in ("backend", "world_size", "rank")})
+        boundary.update(
+            {k: _jsonable(v) for k, v in kwargs.items() if k in ("backend", "world_size", "rank")}
+        )
         raise CudaBoundary("torch.distributed.init_process_group")
 
     report = {"ended": None}
-    stderr = tempfile.TemporaryFile("w+")  # a real file: Megatron-LM calls faulthandler.enable() on import
-    old = (torch.cuda.is_available, torch.distributed.init_process_group, sys.argv, dict(os.environ))
-    torch.cuda.is_available = lambda: True  # replaced leaf: Megatron's "Megatron requires CUDA." assert
+    stderr = tempfile.TemporaryFile(
+        "w+"
+    )  # a real file: Megatron-LM calls faulthandler.enable() on import
+    old = (
+        torch.cuda.is_available,
+        torch.distributed.init_process_group,
+        sys.argv,
+        dict(os.environ),
+    )
+    torch.cuda.is_available = lambda: (
+        True
+    )  # replaced leaf: Megatron's "Megatron requires CUDA." assert
     torch.distributed.init_process_group = init_process_group  # replaced leaf: the boundary (NCCL)
     os.environ.update(case.get("env", {}))
     try:
@@ -126,11 +169,15 @@ def run_case(tree: str, case: dict, stock_add_megatron_arguments) -> dict:
         os.environ.clear()
         os.environ.update(old[3])
         arguments = sys.modules["megatron.training.arguments"]
-        arguments.add_megatron_arguments = stock_add_megatron_arguments  # undo the launcher's parser hook
+        arguments.add_megatron_arguments = (
+            stock_add_megatron_arguments  # undo the launcher's parser hook
+        )
     stderr.seek(0)
     report["stderr"] = stderr.read()[-3000:]
     report["calls"] = list(dict.fromkeys(seen))  # first passage of each, in order
-    report["megatron_core"] = "tree" if _core_dir().startswith(os.path.abspath(tree) + os.sep) else _core_dir()
+    report["megatron_core"] = (
+        "tree" if _core_dir().startswith(os.path.abspath(tree) + os.sep) else _core_dir()
+    )
     report["parses"] = sum(1 for s in seen if s.endswith((".parse_args",)))
     report.update(_megatron_state())
     return report
@@ -162,8 +209,15 @@ def _megatron_state() -> dict:
 # --------------------------------------------------------------------------- builds
 
 
-CONFIG_FIELDS = ("moe_dpsl_alpha", "moe_dpsl_coeff", "moe_dpsl_gather", "moe_dpsl_log_interval",
-                 "moe_router_load_balancing_type", "moe_aux_loss_coeff", "num_moe_experts")
+CONFIG_FIELDS = (
+    "moe_dpsl_alpha",
+    "moe_dpsl_coeff",
+    "moe_dpsl_gather",
+    "moe_dpsl_log_interval",
+    "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff",
+    "num_moe_experts",
+)
 
 
 def _parse(argv, provider):
@@ -171,7 +225,11 @@ def _parse(argv, provider):
     from megatron.training import arguments
 
     sys.argv = ["pretrain_gpt.py", *argv]
-    with tempfile.TemporaryFile("w+") as sink, contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+    with (
+        tempfile.TemporaryFile("w+") as sink,
+        contextlib.redirect_stderr(sink),
+        contextlib.redirect_stdout(sink),
+    ):
         try:
             args = arguments.parse_args(extra_args_provider=provider)
         except SystemExit:
@@ -187,7 +245,10 @@ def _routers(model) -> list[str]:
 def _modules(model) -> dict:
     """The routers and the MoE layer classes of ``model``, in module order."""
     names = [type(m).__name__ for m in model.modules()]
-    return {"routers": [n for n in names if n.endswith("Router")], "moe_layers": [n for n in names if n.endswith("MoELayer")]}
+    return {
+        "routers": [n for n in names if n.endswith("Router")],
+        "moe_layers": [n for n in names if n.endswith("MoELayer")],
+    }
 
 
 def build_report(argv: list, patched: bool) -> dict:
@@ -201,9 +262,14 @@ def build_report(argv: list, patched: bool) -> dict:
     args = _parse(argv, add_dpsl_args)
     report["core_config"] = type(arguments.core_transformer_config_from_args(args)).__name__
     config = megatron_lm_config_from_args(args)
-    report["dpsl_config"] = {"class": type(config).__name__, **{k: getattr(config, k) for k in CONFIG_FIELDS}}
+    report["dpsl_config"] = {
+        "class": type(config).__name__,
+        **{k: getattr(config, k) for k in CONFIG_FIELDS},
+    }
     try:
-        arguments.core_transformer_config_from_args(_parse([*argv, "--moe-dpsl-alpha", "1", "2", "3"], add_dpsl_args))
+        arguments.core_transformer_config_from_args(
+            _parse([*argv, "--moe-dpsl-alpha", "1", "2", "3"], add_dpsl_args)
+        )
         report["bad_alpha_error"] = None
     except ValueError as e:
         report["bad_alpha_error"] = str(e)
@@ -227,7 +293,10 @@ def build_report(argv: list, patched: bool) -> dict:
             from megatron.training.models.gpt import GPTModelBuilder
 
             pgs = ProcessGroupCollection.use_mpu_process_groups()
-            build = lambda cfg: GPTModelBuilder(cfg).build_model(pgs, pre_process=True, post_process=True)  # noqa: E731
+
+            def build(cfg):
+                return GPTModelBuilder(cfg).build_model(pgs, pre_process=True, post_process=True)
+
             report["launcher"] = _modules(build(launcher.dpsl_gpt_config(args)))
             if patched:
                 report["megatron_lm"] = _modules(build(gpt_config_from_args(args)))
@@ -239,7 +308,8 @@ def build_report(argv: list, patched: bool) -> dict:
     return report
 
 
-# --------------------------------------------------------------------------- the upcycle stage, rehearsed
+# --------------------------------------------------------------------------- the upcycle stage,
+# rehearsed
 
 
 def rehearse_upcycle(dense_argv: list, upcycle_argv: list, moe_argv: list, iteration: int) -> dict:
@@ -247,12 +317,13 @@ def rehearse_upcycle(dense_argv: list, upcycle_argv: list, moe_argv: list, itera
 
     The dense GPTModel of ``dense_argv`` (Megatron-LM's parse, validate and globals; the launcher's
     builder) is saved as Megatron-LM lays a torch_dist step out (``iter_*/``: ``model``, ``args``,
-    ``iteration``, ``checkpoint_version``; the tree's own dist_checkpointing, so core_v0.19 keeps the
-    common state inside the DCP files), converted by the upcycler CLI with ``upcycle_argv``, then
-    checked the way Megatron-LM's ``load_checkpoint`` would for ``moe_argv``: its own
+    ``iteration``, ``checkpoint_version``; the tree's own dist_checkpointing, so core_v0.19 keeps
+    the common state inside the DCP files), converted by the upcycler CLI with ``upcycle_argv``,
+    then checked the way Megatron-LM's ``load_checkpoint`` would for ``moe_argv``: its own
     ``check_checkpoint_args`` on the converted ``args``, and a strict load of the DPSL MoE model's
-    sharded state dict. Replaced leaves: ``args.use_cpu_initialization = True`` (the GPU run initialises
-    on the device) and, for the MoE model, the allgather token dispatcher (alltoall's constructor makes
+    sharded state dict. Replaced leaves: ``args.use_cpu_initialization = True`` (the GPU run
+    initialises on the device) and, for the MoE model, the allgather token dispatcher (alltoall's
+    constructor makes
     a ``torch.cuda.Stream``; the dispatcher owns no parameters, so the state dict is the same).
     """
     import torch
@@ -273,7 +344,9 @@ def rehearse_upcycle(dense_argv: list, upcycle_argv: list, moe_argv: list, itera
             args.moe_token_dispatcher_type = "allgather"  # alltoall creates a torch.cuda.Stream
         global_vars.unset_global_variables()
         with tempfile.TemporaryFile("w+") as sink, contextlib.redirect_stdout(sink):
-            global_vars.set_global_variables(args, build_tokenizer=True)  # padded_vocab_size, as on the GPU
+            global_vars.set_global_variables(
+                args, build_tokenizer=True
+            )  # padded_vocab_size, as on the GPU
         return args, _launcher_model(args)
 
     report: dict = {}
@@ -282,8 +355,15 @@ def rehearse_upcycle(dense_argv: list, upcycle_argv: list, moe_argv: list, itera
         save = Path(args.save)
         step = save / f"iter_{iteration:07d}"
         step.mkdir(parents=True, exist_ok=True)
-        state = {"model": dense.sharded_state_dict(), "args": args, "iteration": iteration, "checkpoint_version": 3.0}
-        dist_checkpointing.save(state, str(step), sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1))
+        state = {
+            "model": dense.sharded_state_dict(),
+            "args": args,
+            "iteration": iteration,
+            "checkpoint_version": 3.0,
+        }
+        dist_checkpointing.save(
+            state, str(step), sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1)
+        )
         (save / "latest_checkpointed_iteration.txt").write_text(str(iteration))
         report["dense_files"] = sorted(p.name for p in step.iterdir())
 
@@ -292,13 +372,20 @@ def rehearse_upcycle(dense_argv: list, upcycle_argv: list, moe_argv: list, itera
 
         args, moe = model_for(moe_argv)
         release = Path(args.load) / "release"
-        report["tracker"] = (Path(args.load) / "latest_checkpointed_iteration.txt").read_text().strip()
+        report["tracker"] = (
+            (Path(args.load) / "latest_checkpointed_iteration.txt").read_text().strip()
+        )
         common = dist_checkpointing.load_common_state_dict(str(release))
-        checkpointing.set_checkpoint_version(common.get("checkpoint_version", 0))  # as load_checkpoint does
+        checkpointing.set_checkpoint_version(
+            common.get("checkpoint_version", 0)
+        )  # as load_checkpoint does
         try:
             checkpointing.check_checkpoint_args(common["args"])
             report["check_checkpoint_args"] = "ok"
-        except (AssertionError, AttributeError) as e:  # a differing value / an argument the checkpoint lacks
+        except (
+            AssertionError,
+            AttributeError,
+        ) as e:  # a differing value / an argument the checkpoint lacks
             report["check_checkpoint_args"] = f"{type(e).__name__}: {e}"
         loaded = dist_checkpointing.load({"model": moe.sharded_state_dict()}, str(release))
         missing, unexpected = moe.load_state_dict(loaded["model"], strict=False)
@@ -323,7 +410,8 @@ def _launcher_model(args):
     from megatron.training.models.gpt import GPTModelBuilder
 
     return GPTModelBuilder(launcher.dpsl_gpt_config(args)).build_model(
-        ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
+        ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True
+    )
 
 
 def _pretrain_parameters():
@@ -337,7 +425,9 @@ def _pretrain_parameters():
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     use_tree(spec["tree"])
-    from megatron.training import arguments  # imported here, not under a case's stderr capture (faulthandler)
+    from megatron.training import (
+        arguments,
+    )  # imported here, not under a case's stderr capture (faulthandler)
 
     stock = arguments.add_megatron_arguments
     reports = {case["name"]: run_case(spec["tree"], case, stock) for case in spec.get("cases", [])}

@@ -2,23 +2,26 @@
 the committed snapshots of the training code.
 
 Two sources, in this order:
-1. ``$MEGATRON_LM_GIT_DIR`` (a clone or mirror of github.com/NVIDIA/Megatron-LM): ``git archive`` of the
-   tag's ``megatron/`` (core included), ``pretrain_gpt.py``, ``gpt_builders.py``, ``model_provider.py``:
-   exactly a checkout. scripts/prepare_gpu_carry.sh needs this one.
-2. Otherwise ``tests/fixtures/megatron_lm/<tag>.tar.xz`` (``snapshots.json`` pins each archive's commit and
-   sha256; ``python tests/support/megatron_lm_tree.py snapshot TAG`` rewrites one from a git dir): the same
-   files without ``megatron/core`` (+ Megatron-LM's LICENSE, BSD-3-Clause). ``megatron`` is a namespace
-   package at both tags, so ``megatron.core`` then comes from the installed megatron-core wheel. Replaced
-   leaf, named in every report: the tag's ``megatron/core`` by the wheel's (0.16.1: the same Python files
-   as core_v0.16.1; 0.19.2: the patch release GPU users install on top of core_v0.19.0). This is what
-   CI runs: a clean clone has no Megatron-LM git dir and nothing is downloaded.
+1. ``$MEGATRON_LM_GIT_DIR`` (a clone or mirror of github.com/NVIDIA/Megatron-LM): ``git archive`` of
+   the tag's ``megatron/`` (core included), ``pretrain_gpt.py``, ``gpt_builders.py``,
+   ``model_provider.py``: exactly a checkout. scripts/prepare_gpu_carry.sh needs this one.
+2. Otherwise ``tests/fixtures/megatron_lm/<tag>.tar.xz`` (``snapshots.json`` pins each archive's
+   commit and sha256; ``python tests/support/megatron_lm_tree.py snapshot TAG`` rewrites one from a
+   git dir): the same files without ``megatron/core`` (+ Megatron-LM's LICENSE, BSD-3-Clause).
+   ``megatron`` is a namespace package at both tags, so ``megatron.core`` then comes from the
+   installed megatron-core wheel. Replaced leaf, named in every report: the tag's ``megatron/core``
+   by the wheel's (0.16.1: the same Python files as core_v0.16.1; 0.19.2: the patch release GPU
+   users install on top of core_v0.19.0). This is what CI runs: a clean clone has no Megatron-LM git
+   dir and nothing is downloaded.
 
-A test runs Megatron-LM in a child interpreter (megatron_lm_chain.py) with the tree first on ``sys.path``,
-exactly as ``python pretrain_gpt.py`` in a checkout does. The tag tested is the one of the installed
-megatron-core (0.16 -> core_v0.16.1, 0.19 -> core_v0.19.0; ``tag_for_installed_core``).
+A test runs Megatron-LM in a child interpreter (megatron_lm_chain.py) with the tree first on
+``sys.path``, exactly as ``python pretrain_gpt.py`` in a checkout does. The tag tested is the one of
+the installed megatron-core (0.16 -> core_v0.16.1, 0.19 -> core_v0.19.0;
+``tag_for_installed_core``).
 
-    python tests/support/megatron_lm_tree.py export core_v0.19.0 OUT     # what prepare_gpu_carry.sh runs (git dir)
-    python tests/support/megatron_lm_tree.py snapshot core_v0.19.0       # rewrite the committed snapshot (git dir)
+    python tests/support/megatron_lm_tree.py export core_v0.19.0 OUT     # what prepare_gpu_carry.sh
+    runs (git dir) python tests/support/megatron_lm_tree.py snapshot core_v0.19.0       # rewrite
+    the committed snapshot (git dir)
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from typing import Optional
 
 GIT_DIR_ENV = "MEGATRON_LM_GIT_DIR"
 # megatron-core release (major, minor) -> the Megatron-LM tag whose training code goes with it
 TAGS = {(0, 16): "core_v0.16.1", (0, 19): "core_v0.19.0"}
-# What pretrain_gpt.py needs from a checkout (megatron/ holds core, training, legacy, rl, post_training, ...)
+# What pretrain_gpt.py needs from a checkout (megatron/ holds core, training, legacy, rl,
+# post_training, ...)
 TREE_PATHS = ("megatron", "pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
 # The committed snapshots: what a tree needs but megatron/core (the installed wheel supplies it)
 SNAPSHOT_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "megatron_lm"
@@ -50,7 +53,7 @@ SNAPSHOT_EXCLUDE = "megatron/core"
 _TOP_MODULES = ("pretrain_gpt", "gpt_builders", "model_provider")
 
 
-def git_dir() -> Optional[str]:
+def git_dir() -> str | None:
     """``$MEGATRON_LM_GIT_DIR`` when it names a git directory, else None."""
     value = os.environ.get(GIT_DIR_ENV)
     return value if value and Path(value).is_dir() else None
@@ -75,7 +78,7 @@ def snapshots() -> dict:
     return json.loads(SNAPSHOT_MANIFEST.read_text()) if SNAPSHOT_MANIFEST.is_file() else {}
 
 
-def source_or_skip(tag: str) -> Optional[str]:
+def source_or_skip(tag: str) -> str | None:
     """Where ``tag``'s tree comes from: the git dir (returned), else the committed snapshot (None), else
     pytest.skip saying what to set."""
     import pytest
@@ -83,8 +86,10 @@ def source_or_skip(tag: str) -> Optional[str]:
     value = git_dir()
     if value is not None or tag in snapshots():
         return value
-    pytest.skip(f"no snapshot of {tag} in {SNAPSHOT_DIR} and ${GIT_DIR_ENV} is unset: set it to a clone or mirror "
-                "of https://github.com/NVIDIA/Megatron-LM to run the Megatron-LM tests")
+    pytest.skip(
+        f"no snapshot of {tag} in {SNAPSHOT_DIR} and ${GIT_DIR_ENV} is unset: set it to a clone or mirror "
+        "of https://github.com/NVIDIA/Megatron-LM to run the Megatron-LM tests"
+    )
 
 
 def installed_core_version() -> tuple[int, int]:
@@ -99,32 +104,46 @@ def tag_for_installed_core() -> str:
 
     version = installed_core_version()
     if version not in TAGS:
-        pytest.skip(f"megatron-core {version[0]}.{version[1]}: no Megatron-LM tag is tested with it ({TAGS})")
+        pytest.skip(
+            f"megatron-core {version[0]}.{version[1]}: no Megatron-LM tag is tested with it ({TAGS})"
+        )
     return TAGS[version]
 
 
 def commit_of(tag: str, git_dir_: str) -> str:
-    proc = subprocess.run(["git", "--git-dir", git_dir_, "rev-parse", f"{tag}^{{commit}}"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["git", "--git-dir", git_dir_, "rev-parse", f"{tag}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{git_dir_}: no tag {tag} ({proc.stderr.strip()})")
     return proc.stdout.strip()
 
 
-def export_tree(tag: str, out: Path, git_dir_: Optional[str] = None, paths: tuple[str, ...] = TREE_PATHS,
-                snapshot: bool = False) -> Path:
+def export_tree(
+    tag: str,
+    out: Path,
+    git_dir_: str | None = None,
+    paths: tuple[str, ...] = TREE_PATHS,
+    snapshot: bool = False,
+) -> Path:
     """Write ``paths`` of Megatron-LM at ``tag`` under ``out``; returns ``out``. From ``git_dir_`` or
-    ``$MEGATRON_LM_GIT_DIR`` (``git archive | tar -x``), else (or with ``snapshot``) from the committed
-    snapshot (module docstring: without ``megatron/core``, which then comes from the installed wheel).
+    ``$MEGATRON_LM_GIT_DIR`` (``git archive | tar -x``), else (or with ``snapshot``) from the
+    committed snapshot (module docstring: without ``megatron/core``, which then comes from the
+    installed wheel).
 
-    Paths the tag lacks are skipped (core_v0.19.0 has no ``megatron/legacy``). A finished export leaves
-    ``out/.megatron-lm-export`` naming the source; a second call with the same tag and paths reuses it.
+    Paths the tag lacks are skipped (core_v0.19.0 has no ``megatron/legacy``). A finished export
+    leaves ``out/.megatron-lm-export`` naming the source; a second call with the same tag and paths
+    reuses it.
     """
     git_dir_ = None if snapshot else git_dir_ or git_dir()
     if git_dir_ is None:
         entry = snapshots().get(tag)
         if entry is None:
-            raise RuntimeError(f"no snapshot of {tag} in {SNAPSHOT_DIR}: set ${GIT_DIR_ENV} to a Megatron-LM git dir")
+            raise RuntimeError(
+                f"no snapshot of {tag} in {SNAPSHOT_DIR}: set ${GIT_DIR_ENV} to a Megatron-LM git dir"
+            )
         want = f"{tag} {entry['commit']} snapshot {' '.join(paths)}\n"
     else:
         want = f"{tag} {commit_of(tag, git_dir_)} {' '.join(paths)}\n"
@@ -142,11 +161,18 @@ def export_tree(tag: str, out: Path, git_dir_: Optional[str] = None, paths: tupl
 
 
 def _extract_git(tag: str, git_dir_: str, out: Path, paths: tuple[str, ...]) -> None:
-    present = subprocess.run(["git", "--git-dir", git_dir_, "ls-tree", "--name-only", tag, *paths],
-                             capture_output=True, text=True).stdout.split()
-    archive = subprocess.run(["git", "--git-dir", git_dir_, "archive", tag, *present], capture_output=True)
+    present = subprocess.run(
+        ["git", "--git-dir", git_dir_, "ls-tree", "--name-only", tag, *paths],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    archive = subprocess.run(
+        ["git", "--git-dir", git_dir_, "archive", tag, *present], capture_output=True
+    )
     if archive.returncode != 0:
-        raise RuntimeError(f"git archive {tag} {' '.join(present)}: {archive.stderr.decode().strip()}")
+        raise RuntimeError(
+            f"git archive {tag} {' '.join(present)}: {archive.stderr.decode().strip()}"
+        )
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
 
 
@@ -155,28 +181,50 @@ def _extract_snapshot(tag: str, entry: dict, out: Path, paths: tuple[str, ...]) 
     data = (SNAPSHOT_DIR / f"{tag}.tar.xz").read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry["sha256"]:
-        raise RuntimeError(f"{SNAPSHOT_DIR / (tag + '.tar.xz')}: sha256 {digest}, {SNAPSHOT_MANIFEST.name} says "
-                           f"{entry['sha256']}; rewrite it with: python tests/support/megatron_lm_tree.py snapshot {tag}")
+        raise RuntimeError(
+            f"{SNAPSHOT_DIR / (tag + '.tar.xz')}: sha256 {digest}, {SNAPSHOT_MANIFEST.name} says "
+            f"{entry['sha256']}; rewrite it with: python tests/support/megatron_lm_tree.py snapshot {tag}"
+        )
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tar:
-        members = [m for m in tar.getmembers() if any(m.name == p or m.name.startswith(p + "/") for p in paths)]
+        members = [
+            m
+            for m in tar.getmembers()
+            if any(m.name == p or m.name.startswith(p + "/") for p in paths)
+        ]
         tar.extractall(out, members=members, filter="data")
 
 
-def write_snapshot(tag: str, git_dir_: Optional[str] = None) -> dict:
+def write_snapshot(tag: str, git_dir_: str | None = None) -> dict:
     """Rewrite ``tests/fixtures/megatron_lm/<tag>.tar.xz`` from the git dir (deterministic: ``git archive``
     sets every mtime to the commit's) and its entry in ``snapshots.json``; returns the entry."""
     git_dir_ = git_dir_ or git_dir()
     if git_dir_ is None:
         raise RuntimeError(f"set ${GIT_DIR_ENV} to a Megatron-LM git directory")
     commit = commit_of(tag, git_dir_)
-    archive = subprocess.run(["git", "--git-dir", git_dir_, "archive", "--format=tar", commit, *SNAPSHOT_PATHS,
-                              f":(exclude){SNAPSHOT_EXCLUDE}"], capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        [
+            "git",
+            "--git-dir",
+            git_dir_,
+            "archive",
+            "--format=tar",
+            commit,
+            *SNAPSHOT_PATHS,
+            f":(exclude){SNAPSHOT_EXCLUDE}",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
     data = lzma.compress(archive, preset=9 | lzma.PRESET_EXTREME)
     SNAPSHOT_DIR.mkdir(parents=True, exist_ok=True)
     (SNAPSHOT_DIR / f"{tag}.tar.xz").write_bytes(data)
     manifest = snapshots()
-    manifest[tag] = {"commit": commit, "sha256": hashlib.sha256(data).hexdigest(), "paths": list(SNAPSHOT_PATHS),
-                     "exclude": SNAPSHOT_EXCLUDE}
+    manifest[tag] = {
+        "commit": commit,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "paths": list(SNAPSHOT_PATHS),
+        "exclude": SNAPSHOT_EXCLUDE,
+    }
     SNAPSHOT_MANIFEST.write_text(json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
     return manifest[tag]
 
@@ -205,13 +253,17 @@ def use_tree(root: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Megatron-LM trees for the tests, from $MEGATRON_LM_GIT_DIR")
+    parser = argparse.ArgumentParser(
+        description="Megatron-LM trees for the tests, from $MEGATRON_LM_GIT_DIR"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("export", help=f"write {', '.join(TREE_PATHS)} of TAG under OUT")
     p.add_argument("tag")
     p.add_argument("out", type=Path)
     p.add_argument("--git-dir", default=None, help=f"default ${GIT_DIR_ENV}")
-    p = sub.add_parser("snapshot", help=f"rewrite {SNAPSHOT_DIR.name}/TAG.tar.xz and {SNAPSHOT_MANIFEST.name}")
+    p = sub.add_parser(
+        "snapshot", help=f"rewrite {SNAPSHOT_DIR.name}/TAG.tar.xz and {SNAPSHOT_MANIFEST.name}"
+    )
     p.add_argument("tag")
     p.add_argument("--git-dir", default=None, help=f"default ${GIT_DIR_ENV}")
     args = parser.parse_args(argv)
@@ -219,8 +271,10 @@ def main(argv=None) -> int:
         print(json.dumps(write_snapshot(args.tag, args.git_dir)))
     else:
         if (args.git_dir or git_dir()) is None:
-            parser.error(f"export needs a Megatron-LM git dir (--git-dir or ${GIT_DIR_ENV}): "
-                         "the snapshots lack megatron/core")
+            parser.error(
+                f"export needs a Megatron-LM git dir (--git-dir or ${GIT_DIR_ENV}): "
+                "the snapshots lack megatron/core"
+            )
         print(export_tree(args.tag, args.out, args.git_dir))
     return 0
 

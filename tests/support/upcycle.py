@@ -64,7 +64,9 @@ def transformer_config(args, *, router_dtype=None, **overrides):
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups if getattr(args, "group_query_attention", False) else None,
+        num_query_groups=args.num_query_groups
+        if getattr(args, "group_query_attention", False)
+        else None,
         kv_channels=getattr(args, "kv_channels", None),
         gated_linear_unit=bool(args.swiglu),
         activation_func=ACTIVATIONS[act],
@@ -102,7 +104,10 @@ def transformer_config(args, *, router_dtype=None, **overrides):
 def build_gpt(args, config=None, layer_spec=None, **kwargs):
     """A GPTModel (local spec) for ``args``; model-parallel state must be initialised."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+    )
 
     config = config or transformer_config(args)
     if layer_spec is None:
@@ -126,10 +131,9 @@ def build_gpt(args, config=None, layer_spec=None, **kwargs):
 
 def save_megatron_lm(model, save_dir, args, iteration=7):
     """Save like Megatron-LM: tracker file + iter_XXXXXXX/ with 'model' and 'args' (+ an optimizer-like extra)."""
+    import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-
-    import torch.distributed as dist
 
     step = os.path.join(save_dir, f"iter_{iteration:07d}")
     rank0 = dist.get_rank() == 0
@@ -142,8 +146,14 @@ def save_megatron_lm(model, save_dir, args, iteration=7):
     model_sd = model.sharded_state_dict()
     emb = model_sd["embedding.word_embeddings.weight"]
     # training state a Megatron-LM checkpoint also holds (the converter must skip it)
-    optimizer = {"exp_avg": make_sharded_optimizer_tensor(emb, torch.zeros_like(emb.data), "optimizer.state.exp_avg")}
-    rng = ShardedObject("rng_state", {"seed": 1}, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+    optimizer = {
+        "exp_avg": make_sharded_optimizer_tensor(
+            emb, torch.zeros_like(emb.data), "optimizer.state.exp_avg"
+        )
+    }
+    rng = ShardedObject(
+        "rng_state", {"seed": 1}, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0
+    )
     state = {
         "model": model_sd,
         "optimizer": optimizer,
@@ -152,7 +162,9 @@ def save_megatron_lm(model, save_dir, args, iteration=7):
         "checkpoint_version": 3.0,
         "iteration": iteration,
     }
-    dist_checkpointing.save(state, step, sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1))
+    dist_checkpointing.save(
+        state, step, sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+    )
     if rank0:
         with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
             f.write(str(iteration))
@@ -198,9 +210,13 @@ def moe_training_model(args, dpsl_coeff=0.01, **kwargs):
 
         base = transformer_config(args)
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
-        fields.update(moe_router_load_balancing_type="dpsl", moe_dpsl_coeff=dpsl_coeff, moe_dpsl_alpha=1.0)
+        fields.update(
+            moe_router_load_balancing_type="dpsl", moe_dpsl_coeff=dpsl_coeff, moe_dpsl_alpha=1.0
+        )
         config = DPSLTransformerConfig(**fields)
-        spec = get_dpsl_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization)
+        spec = get_dpsl_decoder_block_spec(
+            config, use_transformer_engine=False, normalization=args.normalization
+        )
     except ImportError:  # the DPSL router package is not (fully) present: Megatron's TopKRouter
         return build_gpt(args, **kwargs), "TopKRouter"
     model = build_gpt(args, config=config, layer_spec=spec, **kwargs)
@@ -228,7 +244,8 @@ def train_steps(model, tokens, steps=4, lr=3e-3, grad_hook=None, loss_hook=None)
 
 def write_tiny_hf_llama(path, *, layers=2, hidden=32, ffn=64, heads=4, groups=2, vocab=96, seed=0):
     """A random Llama checkpoint in the HF layout (config.json + model.safetensors), written with
-    safetensors alone: a source for tests that need a conversion but not the transformers package."""
+    safetensors alone: a source for tests that need a conversion but not the transformers
+    package."""
     import json
 
     from safetensors.torch import save_file

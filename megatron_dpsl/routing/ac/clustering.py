@@ -2,18 +2,20 @@
 ICLR 2025): the math, free of process groups and of Megatron.
 
 Notation: ``N`` tokens, ``H`` features (the router's input width), ``E`` experts, which are also the
-clusters. ``hidden`` ``[N, H]`` is the current MoE layer's router input; ``clusters`` ``[N]`` (int64)
-is each token's cluster, the expert the *previous* MoE layer gave it the largest routing weight
-(``-1``: no cluster, e.g. a padding token). With ``n_k`` the size of cluster k:
+clusters. ``hidden`` ``[N, H]`` is the current MoE layer's router input; ``clusters`` ``[N]``
+(int64) is each token's cluster, the expert the *previous* MoE layer gave it the largest routing
+weight (``-1``: no cluster, e.g. a padding token). With ``n_k`` the size of cluster k:
 
-- ``μ_k = (1/n_k) Σ_{c(t)=k} h_t`` and ``s_k = (1/n_k) Σ_{c(t)=k} |h_t − μ_k|``: per-feature mean and
-  mean absolute deviation (MAD) of each cluster, ``[E, H]``;
+- ``μ_k = (1/n_k) Σ_{c(t)=k} h_t`` and ``s_k = (1/n_k) Σ_{c(t)=k} |h_t − μ_k|``: per-feature mean
+  and mean absolute deviation (MAD) of each cluster, ``[E, H]``;
 - ``W = 1 / (s + eps)``: large where the cluster is tight;
-- ``W = min(W, clip · mean(W))``: no feature dominates because one cluster happens to be constant on it;
+- ``W = min(W, clip · mean(W))``: no feature dominates because one cluster happens to be constant on
+  it;
 - ``W = W / norm(W)``: ``"feature"`` divides each feature by its mean over clusters (each column has
   mean 1; the official language-model code), ``"cluster"`` each cluster by its mean over features
   (each ``M_k`` has mean 1), ``"global"`` everything by the overall mean (the official Swin code);
-- ``m_t = W[c(t)]`` ``[N, H]`` (``1`` for tokens without a cluster): the router scores ``m_t ⊙ h_t``.
+- ``m_t = W[c(t)]`` ``[N, H]`` (``1`` for tokens without a cluster): the router scores ``m_t ⊙
+  h_t``.
 
 Means, the clip and the normalisation run over the *non-empty* clusters only (docs/ac_router.md:
 the official code also averages the constant ``1/eps`` rows of empty clusters). Everything here
@@ -27,7 +29,7 @@ a single process that holds every token.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 
@@ -40,7 +42,9 @@ def _rows(clusters: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.where(clusters >= 0, clusters, torch.full_like(clusters, num_experts))
 
 
-def cluster_sums(hidden: torch.Tensor, clusters: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def cluster_sums(
+    hidden: torch.Tensor, clusters: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """First pass: token counts ``[E]`` and feature sums ``[E, H]`` per cluster (dtype of ``hidden``)."""
     rows = _rows(clusters, num_experts)
     sums = hidden.new_zeros(num_experts + 1, hidden.shape[1]).index_add_(0, rows, hidden)
@@ -53,7 +57,9 @@ def cluster_means(counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     return sums / counts.clamp(min=1).unsqueeze(1)
 
 
-def cluster_abs_dev_sums(hidden: torch.Tensor, clusters: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+def cluster_abs_dev_sums(
+    hidden: torch.Tensor, clusters: torch.Tensor, means: torch.Tensor
+) -> torch.Tensor:
     """Second pass: ``Σ_{c(t)=k} |h_t − μ_k|`` ``[E, H]``."""
     num_experts = means.shape[0]
     rows = _rows(clusters, num_experts)
@@ -67,7 +73,7 @@ def feature_weights(
     abs_dev_sums: torch.Tensor,
     *,
     eps: float = 1e-4,
-    clip: Optional[float] = 10.0,
+    clip: float | None = 10.0,
     norm: str = "feature",
 ) -> torch.Tensor:
     """The per-cluster feature weights ``W`` ``[E, H]`` from counts ``[E]`` and ``Σ|h − μ|`` ``[E, H]``.
@@ -111,14 +117,15 @@ def adaptive_clustering_weights(
     num_experts: int,
     *,
     eps: float = 1e-4,
-    clip: Optional[float] = 10.0,
+    clip: float | None = 10.0,
     norm: str = "feature",
-    all_reduce: Optional[Callable[[torch.Tensor], None]] = None,
+    all_reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """``W`` ``[E, H]`` for ``hidden`` ``[N, H]`` grouped by ``clusters`` ``[N]``.
 
     Args:
-        all_reduce: in-place sum of a tensor over the ranks holding the batch's other tokens, applied
+        all_reduce: in-place sum of a tensor over the ranks holding the batch's other tokens,
+        applied
             to each pass's partial sums (``None``: this process holds every token).
 
     Statistics are computed in float32 (float64 if ``hidden`` is float64) and carry no gradient.

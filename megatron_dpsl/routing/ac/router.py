@@ -2,33 +2,35 @@
 
 An AC layer scores each token in a space reweighted by its *previous* cluster: tokens are grouped by
 the expert the previous MoE layer sent them to, every cluster gets per-feature weights that are
-large where the cluster is tight (``megatron_dpsl.routing.ac.clustering``), and the router computes its
-logits from ``m_t ⊙ h_t`` instead of ``h_t``. The router weight, the routing that follows (top-k,
-score function, capacity, expert bias), the aux losses, DPSL and the ``state_dict`` are those of
-``DPSLRouter``/``TopKRouter``; only ``gating``'s input changes, and the experts still receive the
-unscaled tokens (as in the official language-model code). With DPSL on, DPSL shapes the AC
-router's probabilities.
+large where the cluster is tight (``megatron_dpsl.routing.ac.clustering``), and the router computes
+its logits from ``m_t ⊙ h_t`` instead of ``h_t``. The router weight, the routing that follows
+(top-k, score function, capacity, expert bias), the aux losses, DPSL and the ``state_dict`` are
+those of ``DPSLRouter``/``TopKRouter``; only ``gating``'s input changes, and the experts still
+receive the unscaled tokens (as in the official language-model code). With DPSL on, DPSL shapes the
+AC router's probabilities.
 
 Which MoE layers use AC is ``DPSLTransformerConfig.moe_ac_layers``; every MoE layer of the model
-gets an ``ACRouter`` (through ``megatron_dpsl.models.specs``) so that each one hands its top-1 on. How that
-hand-over survives micro-batches, pipeline stages and activation recompute is described in
-``megatron_dpsl.routing.ac.state``. An AC layer whose previous MoE layer is on another pipeline stage has
-no assignment to use and routes like a standard router (a warning says so, once per layer).
+gets an ``ACRouter`` (through ``megatron_dpsl.models.specs``) so that each one hands its top-1 on.
+How that hand-over survives micro-batches, pipeline stages and activation recompute is described in
+``megatron_dpsl.routing.ac.state``. An AC layer whose previous MoE layer is on another pipeline
+stage has no assignment to use and routes like a standard router (a warning says so, once per
+layer).
 
 The dispersion statistics are summed over the ranks that hold the micro-batch's tokens
-(``megatron_dpsl.parallel.token_gather.TokenSum``: TP×CP, plus the EP ranks DPSL's ``"micro_batch"`` gather
-covers), without gradient and without host synchronisation, so routing equals a single-process run.
+(``megatron_dpsl.parallel.token_gather.TokenSum``: TP×CP, plus the EP ranks DPSL's ``"micro_batch"``
+gather covers), without gradient and without host synchronisation, so routing equals a
+single-process run.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from megatron.core.transformer.moe import moe_utils
 
+from megatron_dpsl.parallel.token_gather import TokenSum
 from megatron_dpsl.routing.ac.clustering import adaptive_clustering_weights, token_scales
 from megatron_dpsl.routing.ac.state import (
     ACRoutingState,
@@ -38,7 +40,6 @@ from megatron_dpsl.routing.ac.state import (
     moe_layer_numbers,
     previous_moe_layer,
 )
-from megatron_dpsl.parallel.token_gather import TokenSum
 from megatron_dpsl.routing.router import DPSLRouter
 
 
@@ -46,8 +47,8 @@ from megatron_dpsl.routing.router import DPSLRouter
 class _Call:
     """One forward call's AC inputs, handed from ``forward`` to ``gating``."""
 
-    clusters: Optional[torch.Tensor]  # [N] int64 (-1 = none), or None: standard routing
-    weights: Optional[torch.Tensor] = None  # [E, H], computed by gating (or replayed)
+    clusters: torch.Tensor | None  # [N] int64 (-1 = none), or None: standard routing
+    weights: torch.Tensor | None = None  # [E, H], computed by gating (or replayed)
 
 
 class ACRouter(DPSLRouter):
@@ -55,12 +56,15 @@ class ACRouter(DPSLRouter):
 
     Args:
         config: ``DPSLTransformerConfig`` (fields ``moe_ac_*``).
-        pg_collection: Megatron's process groups (``tp_cp``, ``ep``, ``expt_tp``, ... as for ``DPSLRouter``).
-        ac_state: the ``ACRoutingState`` shared by every router of this model chunk (the specs pass it).
+        pg_collection: Megatron's process groups (``tp_cp``, ``ep``, ``expt_tp``, ... as for
+        ``DPSLRouter``). ac_state: the ``ACRoutingState`` shared by every router of this model chunk
+        (the specs pass it).
         **kwargs: forwarded to ``DPSLRouter`` (newer Megatron passes e.g. ``is_mtp_layer``).
     """
 
-    def __init__(self, config, pg_collection=None, ac_state: Optional[ACRoutingState] = None, **kwargs) -> None:
+    def __init__(
+        self, config, pg_collection=None, ac_state: ACRoutingState | None = None, **kwargs
+    ) -> None:
         if not hasattr(config, "moe_ac_layers"):
             raise TypeError(
                 f"ACRouter needs a megatron_dpsl.DPSLTransformerConfig (got {type(config).__name__})"
@@ -77,14 +81,18 @@ class ACRouter(DPSLRouter):
         self._ac_state = ac_state if ac_state is not None else ACRoutingState()
         self._ac_layers = frozenset(config.moe_ac_layers or ())
         self._moe_layers = moe_layer_numbers(config.num_layers, config.moe_layer_freq)
-        self._ac_call: Optional[_Call] = None
+        self._ac_call: _Call | None = None
         self._ac_warned = False
-        self._ac_sum = TokenSum(
-            tp_cp_group=self.tp_cp_group,
-            ep_group=getattr(pg_collection, "ep", None),
-            expt_tp_group=getattr(pg_collection, "expt_tp", None),
-            field="moe_ac_layers",
-        ) if self._ac_layers else None
+        self._ac_sum = (
+            TokenSum(
+                tp_cp_group=self.tp_cp_group,
+                ep_group=getattr(pg_collection, "ep", None),
+                expt_tp_group=getattr(pg_collection, "expt_tp", None),
+                field="moe_ac_layers",
+            )
+            if self._ac_layers
+            else None
+        )
 
     @property
     def ac_enabled(self) -> bool:
@@ -92,12 +100,13 @@ class ACRouter(DPSLRouter):
         return self.layer_number in self._ac_layers and not getattr(self, "is_mtp_layer", False)
 
     # ---- forward: pick the clusters, record/replay, hand the top-1 on ----
-    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """``TopKRouter.forward`` with AC gating; publishes this layer's top-1 for the next MoE layer.
 
         Args:
             input: ``[s, b, hidden]`` router input.
-            padding_mask: ``[s, b]`` bool, True = padding (excluded from the statistics and the hand-over).
+            padding_mask: ``[s, b]`` bool, True = padding (excluded from the statistics and the
+            hand-over).
 
         Returns:
             ``(probs, routing_map)``, both ``[s * b, num_experts]``.
@@ -118,12 +127,14 @@ class ACRouter(DPSLRouter):
         finally:
             self._ac_call = None
         if self.ac_enabled and phase is ForwardPhase.CHECKPOINTED:
-            self._ac_state.save_for_recompute(self.layer_number, ReplayEntry(call.clusters, call.weights))
+            self._ac_state.save_for_recompute(
+                self.layer_number, ReplayEntry(call.clusters, call.weights)
+            )
         if phase is not ForwardPhase.RECOMPUTE and not getattr(self, "is_mtp_layer", False):
             self._ac_state.publish(self.layer_number, _top1(probs, routing_map, padding_mask))
         return probs, routing_map
 
-    def _incoming_clusters(self, padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _incoming_clusters(self, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
         previous = previous_moe_layer(self.layer_number, self._moe_layers)
         clusters = self._ac_state.clusters_from(previous)
         if clusters is None:
@@ -155,15 +166,24 @@ class ACRouter(DPSLRouter):
         with torch.no_grad():  # statistics carry no gradient (paper and official code)
             if call.weights is None:
                 call.weights = adaptive_clustering_weights(
-                    hidden, call.clusters, self.config.num_moe_experts, eps=self.config.moe_ac_eps,
-                    clip=self.config.moe_ac_clip, norm=self.config.moe_ac_weight_norm, all_reduce=self._ac_sum,
+                    hidden,
+                    call.clusters,
+                    self.config.num_moe_experts,
+                    eps=self.config.moe_ac_eps,
+                    clip=self.config.moe_ac_clip,
+                    norm=self.config.moe_ac_weight_norm,
+                    all_reduce=self._ac_sum,
                 )
             scales = token_scales(call.weights, call.clusters).reshape(input.shape)  # [s, b, H]
-        router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, input.dtype)
+        router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
+            self.config.moe_router_dtype, input.dtype
+        )
         return super().gating(input.to(router_dtype) * scales.to(router_dtype))
 
 
-def _top1(probs: torch.Tensor, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _top1(
+    probs: torch.Tensor, routing_map: torch.Tensor, padding_mask: torch.Tensor | None
+) -> torch.Tensor:
     """``[N]`` the selected expert with the largest routing weight; -1 for padding and fully dropped tokens."""
     with torch.no_grad():
         top1 = probs.detach().argmax(dim=-1)

@@ -1,20 +1,21 @@
 """How the previous MoE layer's per-token top-1 expert reaches the next Adaptive-Clustering router.
 
-An AC router (``megatron_dpsl.routing.ac.router.ACRouter``) at layer L groups its tokens by the expert the
-previous MoE layer P sent them to. That assignment must come from the *same* forward pass of the
+An AC router (``megatron_dpsl.routing.ac.router.ACRouter``) at layer L groups its tokens by the
+expert the previous MoE layer P sent them to. That assignment must come from the *same* forward pass
+of the
 *same* micro-batch, on the same pipeline stage, and an activation-recompute pass must see exactly
 what the original pass saw. No global state is involved; the design has two parts.
 
 **One ``ACRoutingState`` per model chunk** (one pipeline stage, or one virtual-pipeline chunk),
 shared by the routers of that chunk: the layer spec builds it and hands the same object to every
-router it creates (``megatron_dpsl.models.specs``). It holds one slot, ``(layer_number, top1 [N])``, written
-by every router after its forward. Layer L reads the slot only if it was written by P, the MoE layer
-right before L in the model (``previous_moe_layer``). Megatron runs a chunk's layers in order and one
-micro-batch's forward through a chunk without interruption, so at L's read the slot holds P's
-output for this micro-batch if P is in this chunk; if P is on another stage (or another chunk) the
-slot holds a different layer's number and L falls back to standard routing. A stale slot from an
-earlier micro-batch can never pass the check: within a chunk the last write of every forward is
-the chunk's last MoE layer, which is no layer's predecessor in that chunk.
+router it creates (``megatron_dpsl.models.specs``). It holds one slot, ``(layer_number, top1 [N])``,
+written by every router after its forward. Layer L reads the slot only if it was written by P, the
+MoE layer right before L in the model (``previous_moe_layer``). Megatron runs a chunk's layers in
+order and one micro-batch's forward through a chunk without interruption, so at L's read the slot
+holds P's output for this micro-batch if P is in this chunk; if P is on another stage (or another
+chunk) the slot holds a different layer's number and L falls back to standard routing. A stale slot
+from an earlier micro-batch can never pass the check: within a chunk the last write of every forward
+is the chunk's last MoE layer, which is no layer's predecessor in that chunk.
 
 **Recompute replay per layer.** Megatron's activation recompute (``recompute_granularity="full"``,
 or ``"selective"`` with ``"moe"`` in ``recompute_modules``; ``tensor_parallel.checkpoint`` and
@@ -45,7 +46,6 @@ from __future__ import annotations
 import collections
 import enum
 from dataclasses import dataclass
-from typing import Deque, Dict, List, Optional
 
 import torch
 
@@ -70,7 +70,7 @@ def forward_phase(training: bool) -> ForwardPhase:
     return ForwardPhase.PLAIN
 
 
-def moe_layer_numbers(num_layers: int, moe_layer_freq) -> List[int]:
+def moe_layer_numbers(num_layers: int, moe_layer_freq) -> list[int]:
     """1-based numbers of the MoE layers, by Megatron's ``moe_layer_freq`` rule (int N: every N-th
     layer from the first; list: a 0/1 pattern with one entry per layer)."""
     if isinstance(moe_layer_freq, int) and not isinstance(moe_layer_freq, bool):
@@ -78,7 +78,7 @@ def moe_layer_numbers(num_layers: int, moe_layer_freq) -> List[int]:
     return [i + 1 for i, flag in enumerate(moe_layer_freq) if flag == 1]
 
 
-def previous_moe_layer(layer_number: int, moe_layers: List[int]) -> Optional[int]:
+def previous_moe_layer(layer_number: int, moe_layers: list[int]) -> int | None:
     """The MoE layer right before ``layer_number`` in the whole model, or ``None``."""
     earlier = [n for n in moe_layers if n < layer_number]
     return earlier[-1] if earlier else None
@@ -89,8 +89,8 @@ class ReplayEntry:
     """What one AC layer used in a checkpointed forward: ``clusters [N]`` and ``weights [E, H]``
     (both ``None`` when it routed without AC)."""
 
-    clusters: Optional[torch.Tensor]
-    weights: Optional[torch.Tensor]
+    clusters: torch.Tensor | None
+    weights: torch.Tensor | None
 
 
 class ACRoutingState:
@@ -101,16 +101,18 @@ class ACRoutingState:
     """
 
     def __init__(self) -> None:
-        self._slot_layer: Optional[int] = None
-        self._slot_top1: Optional[torch.Tensor] = None  # [N] int64, -1 = no expert
-        self._pending: Dict[int, Deque[ReplayEntry]] = collections.defaultdict(collections.deque)
+        self._slot_layer: int | None = None
+        self._slot_top1: torch.Tensor | None = None  # [N] int64, -1 = no expert
+        self._pending: dict[int, collections.deque[ReplayEntry]] = collections.defaultdict(
+            collections.deque
+        )
 
     # ---- the slot (PLAIN and CHECKPOINTED forwards) ----
     def publish(self, layer_number: int, top1: torch.Tensor) -> None:
         """Record layer ``layer_number``'s per-token top-1 expert ``[N]`` (``-1``: none)."""
         self._slot_layer, self._slot_top1 = layer_number, top1.detach()
 
-    def clusters_from(self, previous_layer: Optional[int]) -> Optional[torch.Tensor]:
+    def clusters_from(self, previous_layer: int | None) -> torch.Tensor | None:
         """``[N]`` top-1 of ``previous_layer`` if the slot holds it (this forward), else ``None``."""
         if previous_layer is None or self._slot_layer != previous_layer:
             return None

@@ -23,7 +23,9 @@ def singleton_pg_collection(world):
         g = dist.new_group([r])
         if r == dist.get_rank():
             mine = g
-    return ProcessGroupCollection(tp=mine, cp=mine, tp_cp=mine, tp_dp_cp=mine, ep=mine, dp=mine, dp_cp=mine)
+    return ProcessGroupCollection(
+        tp=mine, cp=mine, tp_cp=mine, tp_dp_cp=mine, ep=mine, dp=mine, dp_cp=mine
+    )
 
 
 def cp_slice(t_bs, cp_group):
@@ -31,7 +33,11 @@ def cp_slice(t_bs, cp_group):
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     # megatron-core 0.19 added a required is_hybrid_cp (False: plain CP)
-    extra = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters else {}
+    extra = (
+        {"is_hybrid_cp": False}
+        if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters
+        else {}
+    )
     return get_batch_on_this_cp_rank({"t": t_bs}, cp_group=cp_group, **extra)["t"]
 
 
@@ -41,7 +47,9 @@ def main(doc: str, cases: dict, run_case, setup=None) -> None:
     A failing layout is reported as ``{"name", "world", "error"}`` and the others still run.
     """
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--out", required=True, help="JSON file rank 0 writes the per-layout results to")
+    parser.add_argument(
+        "--out", required=True, help="JSON file rank 0 writes the per-layout results to"
+    )
     parser.add_argument("--only", nargs="*", help="run only these case names")
     args = parser.parse_args()
     torch.set_num_threads(1)

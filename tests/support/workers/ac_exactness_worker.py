@@ -8,8 +8,8 @@ Launched by tests/distributed/test_ac_distributed.py; by hand:
         tests/support/workers/ac_exactness_worker.py --out /tmp/ac_4.json
 
 For every layout in CASES[world_size] it builds a chain of three real routers from
-``megatron_dpsl.models.specs.router_for`` (``ACRouter`` sharing one ``ACRoutingState``: layer 1 standard,
-layers 2 and 3 AC) with Megatron's process groups, joined token-locally
+``megatron_dpsl.models.specs.router_for`` (``ACRouter`` sharing one ``ACRoutingState``: layer 1
+standard, layers 2 and 3 AC) with Megatron's process groups, joined token-locally
 (``h ← h + tanh(probs @ P_l)``), wraps the chain in Megatron's ``DistributedDataParallel`` and runs
 two micro-batches through Megatron's ``forward_step_calc_loss`` and ``finalize_model_grads`` (DDP
 averaging over dp×cp, TP sum of sequence-parallel grads), LM loss ``Σ out·T``. The router is the
@@ -18,14 +18,13 @@ compares is exactly the cross-rank part.
 
 The reference is the same chain with one-rank process groups and the same weights, fed the
 unsharded tokens of each set of replicas that shares statistics (the TP×CP shards of a micro-batch,
-plus the EP peers' micro-batches, as DPSL's ``"micro_batch"`` gather); its objective is the mean over
-micro-batches and data-parallel replicas. Rank 0 writes one JSON record per layout: the largest
+plus the EP peers' micro-batches, as DPSL's ``"micro_batch"`` gather); its objective is the mean
+over micro-batches and data-parallel replicas. Rank 0 writes one JSON record per layout: the largest
 differences of the AC layers' probabilities, routing maps and router-weight gradients, and how far
 the probabilities move when the statistics are left unreduced (the test's teeth).
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.distributed as dist
@@ -72,8 +71,11 @@ def _config(case):
 
     # DPSL alone: Megatron's aux_loss under EP is a per-replica loss, not one over the EP set the
     # reference concatenates (its own exactness is Megatron's business)
-    lb = dict(moe_router_load_balancing_type="dpsl", moe_dpsl_coeff=0.5) \
-        if case["dpsl"] else dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+    lb = (
+        dict(moe_router_load_balancing_type="dpsl", moe_dpsl_coeff=0.5)
+        if case["dpsl"]
+        else dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+    )
     return DPSLTransformerConfig(
         num_layers=3,
         hidden_size=H,
@@ -145,8 +147,14 @@ def _shard_sb(t, tp_group, cp_group):
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     # megatron-core 0.19 added a required is_hybrid_cp argument
-    extra = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters else {}
-    t = get_batch_on_this_cp_rank({"t": t.transpose(0, 1).contiguous()}, cp_group=cp_group, **extra)["t"].transpose(0, 1)
+    extra = (
+        {"is_hybrid_cp": False}
+        if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters
+        else {}
+    )
+    t = get_batch_on_this_cp_rank(
+        {"t": t.transpose(0, 1).contiguous()}, cp_group=cp_group, **extra
+    )["t"].transpose(0, 1)
     rows = t.shape[0] // tp_group.size()
     return t[tp_group.rank() * rows : (tp_group.rank() + 1) * rows].contiguous()
 
@@ -154,7 +162,8 @@ def _shard_sb(t, tp_group, cp_group):
 def run_pipeline_case(case):
     """GPTModel in two pipeline stages (layers 1-2 | 3-4, every layer MoE), one forward, hidden states
     sent by hand. Stage 2's first AC layer (3) must route as if it were standard, while layer 4 uses
-    layer 3's assignment: outputs with ``moe_ac_layers`` [2, 3, 4] equal [2, 4] and differ from [2]."""
+    layer 3's assignment: outputs with ``moe_ac_layers`` [2, 3, 4] equal [2, 4] and differ from
+    [2]."""
     import warnings
 
     from megatron.core.models.gpt import GPTModel
@@ -171,16 +180,34 @@ def run_pipeline_case(case):
 
     def stage_output(ac_layers):
         config = DPSLTransformerConfig(
-            num_layers=4, hidden_size=H, ffn_hidden_size=8, num_attention_heads=4, num_moe_experts=E, moe_router_topk=2,
-            moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_ac_layers=ac_layers,
-            moe_token_dispatcher_type="allgather", pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
-            use_cpu_initialization=True, add_bias_linear=False, init_method_std=0.5, hidden_dropout=0.0,
+            num_layers=4,
+            hidden_size=H,
+            ffn_hidden_size=8,
+            num_attention_heads=4,
+            num_moe_experts=E,
+            moe_router_topk=2,
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_ac_layers=ac_layers,
+            moe_token_dispatcher_type="allgather",
+            pipeline_model_parallel_size=2,
+            pipeline_dtype=torch.float32,
+            use_cpu_initialization=True,
+            add_bias_linear=False,
+            init_method_std=0.5,
+            hidden_dropout=0.0,
             attention_dropout=0.0,
         )
         torch.manual_seed(5)  # the same weights for every variant
-        model = GPTModel(config=config, transformer_layer_spec=get_dpsl_decoder_block_spec(config), vocab_size=32,
-                         max_sequence_length=S, pre_process=rank == 0, post_process=rank == 1,
-                         share_embeddings_and_output_weights=False)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=get_dpsl_decoder_block_spec(config),
+            vocab_size=32,
+            max_sequence_length=S,
+            pre_process=rank == 0,
+            post_process=rank == 1,
+            share_embeddings_and_output_weights=False,
+        )
         layers = [layer.layer_number for layer in model.decoder.layers]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -199,17 +226,22 @@ def run_pipeline_case(case):
     full, layers, warned = stage_output([2, 3, 4])
     skip3, _, _ = stage_output([2, 4])
     only2, _, _ = stage_output([2])
-    flags = torch.tensor([
-        float(torch.equal(full, skip3)),
-        float(not torch.allclose(full, only2)) if rank == 1 else 1.0,
-        float(len(warned) == (1 if rank == 1 else 0)),
-    ])
+    flags = torch.tensor(
+        [
+            float(torch.equal(full, skip3)),
+            float(not torch.allclose(full, only2)) if rank == 1 else 1.0,
+            float(len(warned) == (1 if rank == 1 else 0)),
+        ]
+    )
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     all_layers = [None] * dist.get_world_size()
     dist.all_gather_object(all_layers, layers)
     return dict(
-        name=case["name"], world=dist.get_world_size(), stage_layers=all_layers,
-        first_ac_layer_of_stage_is_standard=bool(flags[0]), later_ac_layer_uses_hand_over=bool(flags[1]),
+        name=case["name"],
+        world=dist.get_world_size(),
+        stage_layers=all_layers,
+        first_ac_layer_of_stage_is_standard=bool(flags[0]),
+        later_ac_layer_uses_hand_over=bool(flags[1]),
         warned_once_on_stage_2=bool(flags[2]),
     )
 
@@ -218,11 +250,18 @@ def run_case(case, singleton_pg):
     if case.get("kind") == "pipeline":
         return run_pipeline_case(case)
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
     from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        clear_aux_losses_tracker,
+    )
 
     from megatron_dpsl.routing.ac.router import ACRouter
 
@@ -271,7 +310,9 @@ def run_case(case, singleton_pg):
         x, target, pad = data[micro_batch]
         x_local = _shard_sb(x[my_replica], tp_group, cp_group)
         t_local = _shard_sb(target[my_replica], tp_group, cp_group)
-        pad_local = None if pad is None else _shard_sb(pad[my_replica].t(), tp_group, cp_group)  # [s, b]
+        pad_local = (
+            None if pad is None else _shard_sb(pad[my_replica].t(), tp_group, cp_group)
+        )  # [s, b]
         out, routed = model(x_local, padding_mask=pad_local)
         routed_dist.append(routed)
 
@@ -285,8 +326,16 @@ def run_case(case, singleton_pg):
     for mb in range(NUM_MICROBATCHES):
         output, loss_func = forward_step(mb)
         loss, _ = forward_step_calc_loss(
-            model, output, loss_func, config, None, False, NUM_MICROBATCHES, [],
-            cp_group_size=cp_group.size(), is_last_stage=True,
+            model,
+            output,
+            loss_func,
+            config,
+            None,
+            False,
+            NUM_MICROBATCHES,
+            [],
+            cp_group_size=cp_group.size(),
+            is_last_stage=True,
         )
         torch.autograd.backward(loss)
     finalize_model_grads([model], None)
@@ -299,7 +348,9 @@ def run_case(case, singleton_pg):
     with torch.no_grad():
         x, _, pad = data[0]
         pad_local = None if pad is None else _shard_sb(pad[my_replica].t(), tp_group, cp_group)
-        _, routed_local = chain(_shard_sb(x[my_replica], tp_group, cp_group), padding_mask=pad_local)
+        _, routed_local = chain(
+            _shard_sb(x[my_replica], tp_group, cp_group), padding_mask=pad_local
+        )
 
     # --- unsharded single-process reference ---
     ref_case = dict(case, tp=1, cp=1, ep=1, etp=1)
@@ -314,7 +365,9 @@ def run_case(case, singleton_pg):
         for sset in stat_sets:
             xs = torch.cat([x[j] for j in sset], dim=1)  # [S, B * |set|, H]
             ts = torch.cat([target[j] for j in sset], dim=1)
-            pads = None if pad is None else torch.cat([pad[j] for j in sset], dim=0).t()  # [S, B * |set|]
+            pads = (
+                None if pad is None else torch.cat([pad[j] for j in sset], dim=0).t()
+            )  # [S, B * |set|]
             out, routed_ref = ref(xs, padding_mask=pads)
             # LM objective: mean over replicas (DDP) and micro-batches of Σ out·T
             ((out * ts).sum() / (num_replicas * NUM_MICROBATCHES)).backward()
@@ -330,7 +383,9 @@ def run_case(case, singleton_pg):
                 probs_diff = max(probs_diff, (p_dist - p_ref).abs().max().item())
                 map_diff += int((m_dist != m_ref).sum())
                 if mb == 0:
-                    unreduced_diff = max(unreduced_diff, (routed_local[layer][0] - p_ref).abs().max().item())
+                    unreduced_diff = max(
+                        unreduced_diff, (routed_local[layer][0] - p_ref).abs().max().item()
+                    )
     ref_grads = [r.weight.grad.detach() for r in ref.routers]
     # AC matters on this data: the reference with AC switched off routes some tokens differently
     x, _, pad = data[0]
@@ -344,7 +399,9 @@ def run_case(case, singleton_pg):
     ac_changed = sum(int((a[1] != b[1]).any(-1).sum()) for a, b in zip(with_ac[1:], without_ac[1:]))
     grad_diff = max((d - g).abs().max().item() for d, g in zip(dist_grads, ref_grads))
     ref_grad_max = max(g.abs().max().item() for g in ref_grads)
-    stats = torch.tensor([grad_diff, probs_diff, float(map_diff), ref_grad_max, unreduced_diff], dtype=torch.float64)
+    stats = torch.tensor(
+        [grad_diff, probs_diff, float(map_diff), ref_grad_max, unreduced_diff], dtype=torch.float64
+    )
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     return dict(

@@ -10,9 +10,10 @@ Launched by tests/distributed/test_dpsl_distributed.py; by hand:
 For every layout in CASES[world_size] it builds a real Megatron ``MoELayer`` (allgather
 dispatcher, ``SequentialMLP`` experts) from ``get_dpsl_layer_spec`` — i.e. with ``DPSLRouter`` —,
 wraps it in Megatron's ``DistributedDataParallel`` and runs Megatron's own
-``forward_backward_no_pipelining`` schedule (which sets the aux-loss scale, accumulates micro-batches
-and calls ``finalize_model_grads``: DDP averaging over dp×cp, TP sum of sequence-parallel grads).
-The LM loss is 0·output, so the router-weight gradient is the DPSL gradient alone.
+``forward_backward_no_pipelining`` schedule (which sets the aux-loss scale, accumulates
+micro-batches and calls ``finalize_model_grads``: DDP averaging over dp×cp, TP sum of
+sequence-parallel grads). The LM loss is 0·output, so the router-weight gradient is the DPSL
+gradient alone.
 
 The reference is a ``DPSLRouter`` with one-rank process groups on the same weight, fed the
 unsharded tokens of each gather group; its objective is the mean over micro-batches and over
@@ -51,14 +52,25 @@ CASES = {
         dict(name="cp2_dp2_global_batch", cp=2, gather="global_batch", groups=True),
         dict(name="tp2_dp2_micro_batch", tp=2, padding=True),
         dict(name="ep4", ep=4, groups=True),
-        # EP group spans two TP groups: EP peers inside one TP group hold the same tokens (de-duplicated)
+        # EP group spans two TP groups: EP peers inside one TP group hold the same tokens
+        # (de-duplicated)
         dict(name="tp2_ep4_etp1", tp=2, ep=4, etp=1, groups=True, padding=True),
     ],
 }
 
 
 def _case_defaults(case):
-    out = dict(tp=1, cp=1, ep=1, etp=None, gather="micro_batch", groups=False, cp_sliced=False, padding=False, per_token=False)
+    out = dict(
+        tp=1,
+        cp=1,
+        ep=1,
+        etp=None,
+        gather="micro_batch",
+        groups=False,
+        cp_sliced=False,
+        padding=False,
+        per_token=False,
+    )
     out.update(case)
     if out["etp"] is None:
         out["etp"] = 1 if out["ep"] > 1 else out["tp"]
@@ -112,12 +124,16 @@ def _global_data(case, num_replicas):
 def _shard(case, x, ids, pad, tp_group, cp_group):
     """This rank's slice of one replica's micro-batch, as GPTModel/get_batch would hand it over."""
     tp, tp_rank = tp_group.size(), tp_group.rank()
-    x_local = exactness.cp_slice(x.transpose(0, 1).contiguous(), cp_group).transpose(0, 1)  # [S/cp, B, H]
+    x_local = exactness.cp_slice(x.transpose(0, 1).contiguous(), cp_group).transpose(
+        0, 1
+    )  # [S/cp, B, H]
     rows = x_local.shape[0] // tp
     x_local = x_local[tp_rank * rows : (tp_rank + 1) * rows].contiguous()  # sequence parallel
     pad_local = None
     if pad is not None:
-        pad_local = exactness.cp_slice(pad, cp_group)[:, tp_rank * rows : (tp_rank + 1) * rows].contiguous()  # [B, s_local]
+        pad_local = exactness.cp_slice(pad, cp_group)[
+            :, tp_rank * rows : (tp_rank + 1) * rows
+        ].contiguous()  # [B, s_local]
     ids_given = exactness.cp_slice(ids, cp_group) if case["cp_sliced"] else ids
     return x_local, ids_given, pad_local
 
@@ -150,21 +166,36 @@ def run_gather_unit(case):
     err = torch.tensor(max(errors), dtype=torch.float64)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
     # exact: copies and one multiply by 3 of fp32 values
-    return dict(name=case["name"], world=world, max_grad_diff=err.item(), max_loss_diff=0.0, ref_grad_max=1.0, gather_groups=[])
+    return dict(
+        name=case["name"],
+        world=world,
+        max_grad_diff=err.item(),
+        max_loss_diff=0.0,
+        ref_grad_max=1.0,
+        gather_groups=[],
+    )
 
 
 def run_case(case, singleton_pg):
     if case.get("kind") == "gather_unit":
         return run_gather_unit(case)
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
-    from support.common import build_mlp  # the MoE layer spec: ModuleSpec (0.16) or partial (0.19)
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+    )
 
-    from megatron_dpsl.routing.router import DPSLRouter
     from megatron_dpsl.models.specs import get_dpsl_layer_spec
     from megatron_dpsl.parallel.token_groups import dpsl_token_groups
+    from megatron_dpsl.routing.router import DPSLRouter
+    from support.common import build_mlp  # the MoE layer spec: ModuleSpec (0.16) or partial (0.19)
 
     case = _case_defaults(case)
     init_torchrun(
@@ -197,14 +228,33 @@ def run_case(case, singleton_pg):
 
     batches = []
     for x, ids, pad in data:
-        batches.append(_shard(case, x[my_replica], ids[my_replica], None if pad is None else pad[my_replica], tp_group, cp_group))
+        batches.append(
+            _shard(
+                case,
+                x[my_replica],
+                ids[my_replica],
+                None if pad is None else pad[my_replica],
+                tp_group,
+                cp_group,
+            )
+        )
 
     def forward_step(data_iterator, model):
         x_local, ids_given, pad_local = next(data_iterator)
-        ctx = dpsl_token_groups(ids_given, cp_sliced=case["cp_sliced"]) if case["groups"] else contextlib.nullcontext()
+        ctx = (
+            dpsl_token_groups(ids_given, cp_sliced=case["cp_sliced"])
+            if case["groups"]
+            else contextlib.nullcontext()
+        )
         with ctx:
             out, _ = model(x_local, padding_mask=pad_local)
-        valid = torch.tensor(int(S // case["cp"] * B if pad_local is None else (~exactness.cp_slice(data[0][2][my_replica], cp_group)).sum()))
+        valid = torch.tensor(
+            int(
+                S // case["cp"] * B
+                if pad_local is None
+                else (~exactness.cp_slice(data[0][2][my_replica], cp_group)).sum()
+            )
+        )
 
         def loss_func(output):
             zero = (output * 0).sum()  # LM loss 0: the router gradient is DPSL's alone
@@ -225,8 +275,16 @@ def run_case(case, singleton_pg):
     for _ in range(NUM_MICROBATCHES):
         output, loss_func = forward_step(it, model)
         loss, num_tokens = forward_step_calc_loss(
-            model, output, loss_func, config, None, False, NUM_MICROBATCHES, [],
-            cp_group_size=cp_group.size(), is_last_stage=True,
+            model,
+            output,
+            loss_func,
+            config,
+            None,
+            False,
+            NUM_MICROBATCHES,
+            [],
+            cp_group_size=cp_group.size(),
+            is_last_stage=True,
         )
         total_num_tokens += num_tokens
         torch.autograd.backward(loss)
@@ -246,10 +304,14 @@ def run_case(case, singleton_pg):
     all_sets = [None] * world
     dist.all_gather_object(all_sets, my_set)
     gather_sets = sorted({tuple(s) for s in all_sets})
-    assert len(gather_sets) == num_groups, f"gather groups do not partition the replicas: {gather_sets}"
+    assert len(gather_sets) == num_groups, (
+        f"gather groups do not partition the replicas: {gather_sets}"
+    )
 
     # --- unsharded single-process reference ---
-    ref_config = _config(dict(case, tp=1, cp=1, ep=1, etp=1, per_token=False), expert_tensor_parallel_size=1)
+    ref_config = _config(
+        dict(case, tp=1, cp=1, ep=1, etp=1, per_token=False), expert_tensor_parallel_size=1
+    )
     ref = DPSLRouter(ref_config, pg_collection=singleton_pg)
     ref.set_layer_number(1)
     ref.train()
@@ -260,14 +322,18 @@ def run_case(case, singleton_pg):
         for gset in gather_sets:
             xs = torch.cat([x[j] for j in gset], dim=1)  # [S, B * |gset|, H]
             ids_s = torch.cat([ids[j] for j in gset], dim=0)  # [B * |gset|, S]
-            pad_s = None if pad is None else torch.cat([pad[j] for j in gset], dim=0).t()  # [S, B*|gset|]
+            pad_s = (
+                None if pad is None else torch.cat([pad[j] for j in gset], dim=0).t()
+            )  # [S, B*|gset|]
             clear_aux_losses_tracker()
             ctx = dpsl_token_groups(ids_s) if case["groups"] else contextlib.nullcontext()
             with ctx:
                 probs, _ = ref(xs, padding_mask=pad_s)
             (probs * 0).sum().backward()
             if list(gset) == my_set:
-                ref_loss_mine += get_moe_layer_wise_logging_tracker()["dpsl_loss"]["values"][0].item()
+                ref_loss_mine += get_moe_layer_wise_logging_tracker()["dpsl_loss"]["values"][
+                    0
+                ].item()
     ref_grad = ref.weight.grad.detach()
     grad_diff = (dist_grad - ref_grad).abs().max().item()
     loss_diff = abs(dist_loss - ref_loss_mine)

@@ -17,14 +17,22 @@ from megatron_dpsl.parallel.token_gather import equal_plan, gather_for_loss, pla
 
 
 def rows_of(rank: int, num_rows: int) -> torch.Tensor:
-    return torch.randn(num_rows, 3, generator=torch.Generator().manual_seed(100 + rank), dtype=torch.float64)
+    return torch.randn(
+        num_rows, 3, generator=torch.Generator().manual_seed(100 + rank), dtype=torch.float64
+    )
 
 
 def run_case(name, sizes, replica_ids, grad_scale, planned):
     rank, world = dist.get_rank(), dist.get_world_size()
-    x = rows_of(rank if replica_ids is None else replica_ids[rank], sizes[rank]).requires_grad_(True)
+    x = rows_of(rank if replica_ids is None else replica_ids[rank], sizes[rank]).requires_grad_(
+        True
+    )
     if planned:
-        plan = plan_gather(sizes[rank], dist.group.WORLD, replica_id=None if replica_ids is None else replica_ids[rank])
+        plan = plan_gather(
+            sizes[rank],
+            dist.group.WORLD,
+            replica_id=None if replica_ids is None else replica_ids[rank],
+        )
     else:
         plan = equal_plan(sizes[rank], dist.group.WORLD)
     y = gather_for_loss(x, dist.group.WORLD, plan=plan, grad_scale=grad_scale)
@@ -47,7 +55,9 @@ def run_case(name, sizes, replica_ids, grad_scale, planned):
         "forward_max_diff": float((y.detach() - expected).abs().max()),
         "grad_max_diff": float((x.grad - expected_grad).abs().max()),
         # what a reduce-scatter backward (the usual all-gather adjoint) would have given
-        "reduce_scatter_grad_diff": float((x.grad - world * weights[offset : offset + sizes[rank]]).abs().max()),
+        "reduce_scatter_grad_diff": float(
+            (x.grad - world * weights[offset : offset + sizes[rank]]).abs().max()
+        ),
         "keep": plan.keep,
         "my_slot": plan.my_slot,
     }

@@ -21,6 +21,7 @@ def main():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from support.megatron_cpu import init_torchrun
     from support.upcycle import (
         build_gpt,
         causal_mask,
@@ -31,7 +32,6 @@ def main():
         save_megatron_lm,
         train_steps,
     )
-    from support.megatron_cpu import init_torchrun
 
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", required=True)
@@ -58,7 +58,15 @@ def main():
     if rank == 0:
         from megatron_dpsl.upcycle import upcycle
 
-        upcycle(src, dst, num_experts=E, granularity=2, moe_router_topk=2, weight_scaling="exact", progress=False)
+        upcycle(
+            src,
+            dst,
+            num_experts=E,
+            granularity=2,
+            moe_router_topk=2,
+            weight_scaling="exact",
+            progress=False,
+        )
     dist.barrier()
     margs = torch.load(os.path.join(dst, "release", "common.pt"), weights_only=False)["args"]
 
@@ -84,7 +92,9 @@ def main():
 
     # 4. EP=2
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=2, expert_tensor_parallel_size=1)
+    parallel_state.initialize_model_parallel(
+        expert_model_parallel_size=2, expert_tensor_parallel_size=1
+    )
     ep, _ = moe_training_model(margs, dpsl_coeff=0.0)
     load_megatron_lm(ep, dst)
     ep_logits = gpt_logits(ep, tokens)
@@ -93,7 +103,11 @@ def main():
 
     def expert_global(name):
         m = re.search(r"local_experts\.(\d+)\.", name)
-        return None if m is None else name.replace(m.group(0), f"local_experts.{rank * E // 2 + int(m.group(1))}.")
+        return (
+            None
+            if m is None
+            else name.replace(m.group(0), f"local_experts.{rank * E // 2 + int(m.group(1))}.")
+        )
 
     def sync(grads):
         out = {}

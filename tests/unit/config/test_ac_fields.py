@@ -9,9 +9,15 @@ import dataclasses
 import pytest
 
 from megatron_dpsl.megatron_lm import args as dpsl_args
-from megatron_dpsl.megatron_lm.args import add_dpsl_args, add_moe_load_balancing_args, dpsl_config_from_args
+from megatron_dpsl.megatron_lm.args import (
+    add_dpsl_args,
+    add_moe_load_balancing_args,
+    dpsl_config_from_args,
+)
 
-BASE = dict(num_layers=4, hidden_size=16, num_attention_heads=4, num_moe_experts=4, moe_router_topk=2)
+BASE = dict(
+    num_layers=4, hidden_size=16, num_attention_heads=4, num_moe_experts=4, moe_router_topk=2
+)
 FLAGS = "--num-layers 4 --hidden-size 16 --num-attention-heads 2 --num-experts 4"
 
 
@@ -38,7 +44,12 @@ def config_from(cmdline: str, **overrides):
 # ---------------------------------------------------------------- config
 def test_defaults_are_the_official_language_model_recipe_and_off():
     c = make()
-    assert (c.moe_ac_layers, c.moe_ac_eps, c.moe_ac_clip, c.moe_ac_weight_norm) == (None, 1e-4, 10.0, "feature")
+    assert (c.moe_ac_layers, c.moe_ac_eps, c.moe_ac_clip, c.moe_ac_weight_norm) == (
+        None,
+        1e-4,
+        10.0,
+        "feature",
+    )
     assert not c.moe_ac_enabled
     assert not make(moe_ac_layers=[]).moe_ac_enabled
 
@@ -52,11 +63,26 @@ def test_fields_are_keyword_only():
 
 @pytest.mark.parametrize(
     "over",
-    [dict(moe_ac_layers=[2, 3, 4]), dict(moe_ac_layers=[3, 4], moe_layer_freq=[1, 0, 1, 1]),
-     dict(moe_ac_layers=[3], moe_layer_freq=2), dict(moe_ac_layers=[2], moe_ac_clip=None, moe_ac_weight_norm="global"),
-     dict(moe_ac_layers=[2], moe_router_load_balancing_type=["aux_loss", "dpsl"], moe_aux_loss_coeff=[1e-2, 0.0]),
-     dict(moe_ac_layers=[2], cuda_graph_impl="transformer_engine", cuda_graph_scope=["attn"])],
-    ids=["all_but_first", "pattern_list", "every_other", "no_clip_global", "with_dpsl", "attention_graphs"],
+    [
+        dict(moe_ac_layers=[2, 3, 4]),
+        dict(moe_ac_layers=[3, 4], moe_layer_freq=[1, 0, 1, 1]),
+        dict(moe_ac_layers=[3], moe_layer_freq=2),
+        dict(moe_ac_layers=[2], moe_ac_clip=None, moe_ac_weight_norm="global"),
+        dict(
+            moe_ac_layers=[2],
+            moe_router_load_balancing_type=["aux_loss", "dpsl"],
+            moe_aux_loss_coeff=[1e-2, 0.0],
+        ),
+        dict(moe_ac_layers=[2], cuda_graph_impl="transformer_engine", cuda_graph_scope=["attn"]),
+    ],
+    ids=[
+        "all_but_first",
+        "pattern_list",
+        "every_other",
+        "no_clip_global",
+        "with_dpsl",
+        "attention_graphs",
+    ],
 )
 def test_valid(over):
     assert make(**over).moe_ac_enabled
@@ -66,26 +92,50 @@ def test_valid(over):
     "over, message",
     [
         (dict(moe_ac_layers=[1, 2]), "moe_ac_layers: layer 1 is the first MoE layer"),
-        (dict(moe_ac_layers=[3], moe_layer_freq=[0, 0, 1, 1]), "moe_ac_layers: layer 3 is the first MoE layer"),
+        (
+            dict(moe_ac_layers=[3], moe_layer_freq=[0, 0, 1, 1]),
+            "moe_ac_layers: layer 3 is the first MoE layer",
+        ),
         (dict(moe_ac_layers=[5]), "moe_ac_layers: layer 5 is outside 1..num_layers=4"),
         (dict(moe_ac_layers=[0]), "moe_ac_layers: layer 0 is outside"),
-        (dict(moe_ac_layers=[2], moe_layer_freq=[1, 0, 1, 1]), "moe_ac_layers: layer 2 is not an MoE layer (MoE layers: [1, 3, 4])"),
+        (
+            dict(moe_ac_layers=[2], moe_layer_freq=[1, 0, 1, 1]),
+            "moe_ac_layers: layer 2 is not an MoE layer (MoE layers: [1, 3, 4])",
+        ),
         (dict(moe_ac_layers=[2, 2]), "moe_ac_layers lists a layer more than once"),
         (dict(moe_ac_layers=["2"]), "moe_ac_layers: expected a list of layer numbers"),
         (dict(moe_ac_layers=[True]), "moe_ac_layers: expected a list of layer numbers"),
         (dict(moe_ac_layers=2), "moe_ac_layers: expected a list of layer numbers"),
-        (dict(moe_ac_layers=[2], num_moe_experts=None, moe_router_topk=2), "moe_ac_layers: the AC router needs MoE layers"),
-        (dict(moe_ac_layers=[2], moe_input_jitter_eps=0.1), "moe_input_jitter_eps=0.1 cannot be combined with moe_ac_layers"),
-        (dict(moe_ac_layers=[2], cuda_graph_impl="local"), "moe_ac_layers cannot be combined with cuda_graph_impl='local'"),
-        (dict(moe_ac_layers=[2], cuda_graph_impl="transformer_engine", cuda_graph_scope=["attn", "moe_router"]),
-         "capturing the router"),
+        (
+            dict(moe_ac_layers=[2], num_moe_experts=None, moe_router_topk=2),
+            "moe_ac_layers: the AC router needs MoE layers",
+        ),
+        (
+            dict(moe_ac_layers=[2], moe_input_jitter_eps=0.1),
+            "moe_input_jitter_eps=0.1 cannot be combined with moe_ac_layers",
+        ),
+        (
+            dict(moe_ac_layers=[2], cuda_graph_impl="local"),
+            "moe_ac_layers cannot be combined with cuda_graph_impl='local'",
+        ),
+        (
+            dict(
+                moe_ac_layers=[2],
+                cuda_graph_impl="transformer_engine",
+                cuda_graph_scope=["attn", "moe_router"],
+            ),
+            "capturing the router",
+        ),
         (dict(moe_ac_eps=0.0), "moe_ac_eps: must be > 0 and finite, got 0.0"),
         (dict(moe_ac_eps=-1e-4), "moe_ac_eps: must be > 0"),
         (dict(moe_ac_eps=float("nan")), "moe_ac_eps: must be > 0 and finite"),
         (dict(moe_ac_eps=True), "moe_ac_eps: must be > 0"),
         (dict(moe_ac_clip=0), "moe_ac_clip: must be > 0 and finite (or None: no cap), got 0"),
         (dict(moe_ac_clip=float("inf")), "moe_ac_clip: must be > 0 and finite"),
-        (dict(moe_ac_weight_norm="rows"), "moe_ac_weight_norm must be one of ['feature', 'cluster', 'global'], got 'rows'"),
+        (
+            dict(moe_ac_weight_norm="rows"),
+            "moe_ac_weight_norm must be one of ['feature', 'cluster', 'global'], got 'rows'",
+        ),
     ],
 )
 def test_bad_values_name_the_field(over, message):
@@ -114,8 +164,15 @@ def test_every_ac_flag_is_a_config_field_given_as_none_by_default():
 
 
 def test_flags_fill_the_fields():
-    c = config_from("--moe-ac-layers 2 4 --moe-ac-eps 1e-3 --moe-ac-clip 1.5 --moe-ac-weight-norm cluster")
-    assert (c.moe_ac_layers, c.moe_ac_eps, c.moe_ac_clip, c.moe_ac_weight_norm) == ([2, 4], 1e-3, 1.5, "cluster")
+    c = config_from(
+        "--moe-ac-layers 2 4 --moe-ac-eps 1e-3 --moe-ac-clip 1.5 --moe-ac-weight-norm cluster"
+    )
+    assert (c.moe_ac_layers, c.moe_ac_eps, c.moe_ac_clip, c.moe_ac_weight_norm) == (
+        [2, 4],
+        1e-3,
+        1.5,
+        "cluster",
+    )
     assert config_from("--moe-ac-layers 2 --moe-ac-clip none").moe_ac_clip is None
     c = config_from("--moe-ac-layers 3")
     assert (c.moe_ac_eps, c.moe_ac_clip, c.moe_ac_weight_norm) == (1e-4, 10.0, "feature")
@@ -123,7 +180,9 @@ def test_flags_fill_the_fields():
 
 
 def test_ac_combines_with_dpsl_flags():
-    c = config_from("--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 1e-3 0 --moe-ac-layers 2 3 4")
+    c = config_from(
+        "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 1e-3 0 --moe-ac-layers 2 3 4"
+    )
     assert c.moe_dpsl_enabled and c.moe_ac_enabled
 
 
@@ -141,7 +200,10 @@ def test_flags_added_once():
         ("--moe-ac-layers 2 --moe-ac-eps 0", "--moe-ac-eps: must be > 0"),
         ("--moe-ac-layers 2 --moe-ac-clip -1", "--moe-ac-clip: must be > 0"),
         ("--moe-ac-eps 1e-3", "--moe-ac-eps: the Adaptive Clustering flags need --moe-ac-layers"),
-        ("--moe-ac-weight-norm global", "--moe-ac-weight-norm: the Adaptive Clustering flags need --moe-ac-layers"),
+        (
+            "--moe-ac-weight-norm global",
+            "--moe-ac-weight-norm: the Adaptive Clustering flags need --moe-ac-layers",
+        ),
     ],
 )
 def test_errors_name_the_flag(cmdline, message):
@@ -151,15 +213,19 @@ def test_errors_name_the_flag(cmdline, message):
 
 
 def test_megatron_flag_conflict_names_both_flags():
-    with pytest.raises(ValueError, match="--moe-input-jitter-eps=0.1 cannot be combined with --moe-ac-layers"):
+    with pytest.raises(
+        ValueError, match="--moe-input-jitter-eps=0.1 cannot be combined with --moe-ac-layers"
+    ):
         config_from("--moe-ac-layers 2", moe_input_jitter_eps=0.1)
 
 
 @pytest.mark.parametrize(
     "cmdline, message",
-    [("--moe-ac-weight-norm rows", "argument --moe-ac-weight-norm: invalid choice: 'rows'"),
-     ("--moe-ac-clip lots", "argument --moe-ac-clip: expected a number or 'none', got 'lots'"),
-     ("--moe-ac-layers two", "argument --moe-ac-layers: invalid int value: 'two'")],
+    [
+        ("--moe-ac-weight-norm rows", "argument --moe-ac-weight-norm: invalid choice: 'rows'"),
+        ("--moe-ac-clip lots", "argument --moe-ac-clip: expected a number or 'none', got 'lots'"),
+        ("--moe-ac-layers two", "argument --moe-ac-layers: invalid int value: 'two'"),
+    ],
 )
 def test_bad_flag_values_are_argparse_errors(cmdline, message, capsys):
     with pytest.raises(SystemExit):
@@ -175,4 +241,6 @@ def test_python_api_is_exported_lazily():
 
     assert megatron_dpsl.ACRouter is ACRouter and megatron_dpsl.ACRoutingState is ACRoutingState
     assert megatron_dpsl.adaptive_clustering_weights is adaptive_clustering_weights
-    assert {"ACRouter", "ACRoutingState", "adaptive_clustering_weights"} <= set(megatron_dpsl.__all__)
+    assert {"ACRouter", "ACRoutingState", "adaptive_clustering_weights"} <= set(
+        megatron_dpsl.__all__
+    )

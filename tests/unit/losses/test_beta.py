@@ -53,7 +53,9 @@ def test_cf_bfloat16_input():
     out = beta_cdf(x, a, b)
     assert out.dtype == torch.bfloat16
     ref = _scipy(x, a, b)
-    assert (out.double() - ref).abs().max().item() <= 4e-3  # bf16 output rounding: 2^-8 relative, |F| <= 1
+    assert (
+        out.double() - ref
+    ).abs().max().item() <= 4e-3  # bf16 output rounding: 2^-8 relative, |F| <= 1
 
 
 def test_cf_gradient_is_pdf_and_gradcheck():
@@ -63,7 +65,9 @@ def test_cf_gradient_is_pdf_and_gradcheck():
     assert torch.autograd.gradcheck(lambda t: beta_cdf(t, a, b), (x,), fast_mode=True)
     (g,) = torch.autograd.grad(beta_cdf(x, a, b).sum(), x)
     pdf = scipy.stats.beta.pdf(x.detach().numpy(), a.numpy(), b.numpy())
-    np.testing.assert_allclose(g.numpy(), pdf, rtol=1e-10, atol=0)  # same formula, float64 rounding only
+    np.testing.assert_allclose(
+        g.numpy(), pdf, rtol=1e-10, atol=0
+    )  # same formula, float64 rounding only
     # broadcasting: gradient of a [3] x against [3, 3] parameters is summed back to [3]
     x1 = x.detach()[0].clone().requires_grad_()
     beta_cdf(x1, a, b).sum().backward()
@@ -87,7 +91,8 @@ def test_cf_domain_and_nan():
     assert out[0] == 0 and out[1] == 1 and torch.isnan(out[2]) and out[3] == 0 and out[4] == 1
 
 
-# ------------------------------------------------------------------------------ table (the loss path)
+# ------------------------------------------------------------------------------ table (the loss
+# path)
 def _table_rows():
     a, b = _ab()
     return a[:, 0], b[:, 0]
@@ -105,7 +110,9 @@ def test_table_float64_accuracy(tables):
     x = _points(a.numel(), seed=3)
     f, d = t64.evaluate(x)
     err = (f - _scipy(x, a[:, None], b[:, None])).abs().max().item()
-    assert err <= 2e-10, err  # measured 1.03e-10 (a=5, b=500): cubic Hermite with h = 0.015 min(1, sd)
+    assert err <= 2e-10, (
+        err
+    )  # measured 1.03e-10 (a=5, b=500): cubic Hermite with h = 0.015 min(1, sd)
     assert torch.isfinite(d).all()
 
 
@@ -115,7 +122,8 @@ def test_table_float32_accuracy(tables):
     x = _points(a.numel(), seed=4).float()
     f, d = t32.evaluate(x)
     err = (f.double() - _scipy(x, a[:, None], b[:, None])).abs().max().item()
-    # measured 3.5e-7: float32 rounding of the grid coordinate times the steepest dF/du (~2 at a=30, b=2000)
+    # measured 3.5e-7: float32 rounding of the grid coordinate times the steepest dF/du (~2 at a=30,
+    # b=2000)
     assert err <= 5e-7, err
     assert torch.isfinite(d).all()
 
@@ -126,7 +134,9 @@ def test_table_derivative_close_to_pdf(tables):
     x = _points(a.numel(), seed=5)[:, :599]  # interior points
     _, d = t64.evaluate(x)
     pdf = torch.from_numpy(scipy.stats.beta.pdf(x.numpy(), a[:, None].numpy(), b[:, None].numpy()))
-    big = (pdf > 1e-3) & (x > 0) & (x < 1)  # sigmoid(40) rounds to 1.0 (derivative 0 there by design)
+    big = (
+        (pdf > 1e-3) & (x > 0) & (x < 1)
+    )  # sigmoid(40) rounds to 1.0 (derivative 0 there by design)
     rel = ((d - pdf).abs() / pdf)[big].max().item()
     assert rel <= 5e-5, rel  # the interpolant's derivative: O(h^3) relative, measured 1.3e-5
 
@@ -154,7 +164,9 @@ def test_table_endpoints_and_invalid(tables):
         x = torch.tensor([0.0, 1.0], dtype=dt).expand(rows, 2)
         f, d = t.evaluate(x)
         assert (f[:, 0] == 0).all() and (f[:, 1] == 1).all() and torch.isfinite(d).all()
-        bad = torch.tensor([float("nan"), -0.1, 1.1, float("inf"), float("-inf")], dtype=dt).expand(rows, 5)
+        bad = torch.tensor([float("nan"), -0.1, 1.1, float("inf"), float("-inf")], dtype=dt).expand(
+            rows, 5
+        )
         f, _ = t.evaluate(bad)
         assert torch.isnan(f).all()  # invalid probabilities surface as NaN in the loss
 
@@ -167,7 +179,9 @@ def test_table_bulk_evaluator_matches_general(tables):
         x = lo + (hi - lo) * torch.rand(500, generator=g, dtype=torch.float64)
         f1, d1 = t64.evaluate(x, row)
         f2, d2 = t64.evaluate_bulk(x, row)
-        torch.testing.assert_close(f1, f2, rtol=0, atol=1e-14)  # same interpolant, different op order
+        torch.testing.assert_close(
+            f1, f2, rtol=0, atol=1e-14
+        )  # same interpolant, different op order
         torch.testing.assert_close(d1, d2, rtol=1e-12, atol=0)
 
 

@@ -46,7 +46,8 @@ def test_matches_scipy_reference_float64_value_and_gradient():
     assert loss.dtype == torch.float64 and loss.shape == ()
     # table error <= 2e-10 per CDF value -> <= 4e-10 per expert (|d loss| <= 2 max|dF|)
     assert abs(loss.item() - ref_loss.sum()) <= 6 * 4e-10
-    # the gradient is the table's derivative, within 5e-5 relative of the pdf (test_beta) -> same here
+    # the gradient is the table's derivative, within 5e-5 relative of the pdf (test_beta) -> same
+    # here
     np.testing.assert_allclose(probs.grad.numpy(), ref_grad, rtol=5e-5, atol=1e-12)
 
 
@@ -58,14 +59,18 @@ def test_matches_exact_continued_fraction():
     a, b = alpha[:, None], alpha.sum() - alpha[:, None]
     j = torch.arange(1, 201, dtype=torch.float64) / 200
     exact = ((j - beta_cdf(x, a, b)) ** 2).sum(-1) / 200
-    torch.testing.assert_close(dpsl_loss_per_expert(probs, alpha), exact, rtol=0, atol=4e-10)  # 2 x 2e-10
+    torch.testing.assert_close(
+        dpsl_loss_per_expert(probs, alpha), exact, rtol=0, atol=4e-10
+    )  # 2 x 2e-10
     # float32 path: the same values rounded to float32 (per-CDF error <= 5e-7 -> <= 1e-6 per expert)
     p32 = probs.float()
     x32, _ = torch.sort(p32.double().t(), dim=-1, stable=True)
     exact32 = ((j - beta_cdf(x32, a, b)) ** 2).sum(-1) / 200
     out32 = dpsl_loss_per_expert(p32, alpha)
     assert out32.dtype == torch.float32
-    torch.testing.assert_close(out32.double(), exact32, rtol=0, atol=2e-6)  # + float32 summation rounding
+    torch.testing.assert_close(
+        out32.double(), exact32, rtol=0, atol=2e-6
+    )  # + float32 summation rounding
 
 
 def test_float32_and_bfloat16_inputs():
@@ -93,13 +98,18 @@ def test_gradcheck_dense_groups_padding():
     pad[::7] = True
     assert torch.autograd.gradcheck(lambda p: dpsl_loss(p, alpha), (probs,))
     assert torch.autograd.gradcheck(lambda p: dpsl_loss(p, alpha2, gids, pad), (probs,))
-    for fn in (lambda p: dpsl_loss(p, alpha2, gids), lambda p: dpsl_loss(p, alpha, padding_mask=pad)):
+    for fn in (
+        lambda p: dpsl_loss(p, alpha2, gids),
+        lambda p: dpsl_loss(p, alpha, padding_mask=pad),
+    ):
         assert torch.autograd.gradcheck(fn, (probs,), fast_mode=True)
 
 
 def test_groups_are_sum_of_separate_losses():
     probs = _probs(600, 4, seed=4).requires_grad_()
-    alpha2 = torch.tensor([[1.5, 1.5, 0.5, 0.5], [0.5, 0.5, 1.5, 1.5], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    alpha2 = torch.tensor(
+        [[1.5, 1.5, 0.5, 0.5], [0.5, 0.5, 1.5, 1.5], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64
+    )
     gids = torch.randint(0, 3, (600,), generator=torch.Generator().manual_seed(1))
     loss = dpsl_loss(probs, alpha2, gids)
     loss.backward()
@@ -107,7 +117,9 @@ def test_groups_are_sum_of_separate_losses():
     probs.grad = None
     total = sum(dpsl_loss(probs[gids == g], alpha2[g]) for g in range(3))
     total.backward()
-    torch.testing.assert_close(loss, total, rtol=0, atol=1e-12)  # same arithmetic, summation order only
+    torch.testing.assert_close(
+        loss, total, rtol=0, atol=1e-12
+    )  # same arithmetic, summation order only
     torch.testing.assert_close(grad, probs.grad, rtol=0, atol=1e-12)
 
 
@@ -148,7 +160,9 @@ def test_empty_group_and_all_padding_give_zero():
 
 def test_ties_are_deterministic_and_follow_token_order():
     g = torch.Generator().manual_seed(7)
-    probs = torch.softmax(torch.randint(0, 3, (200, 4), generator=g).double(), -1).requires_grad_()  # many ties
+    probs = torch.softmax(
+        torch.randint(0, 3, (200, 4), generator=g).double(), -1
+    ).requires_grad_()  # many ties
     alpha = [1.0] * 4
     loss1 = dpsl_loss(probs, alpha)
     (g1,) = torch.autograd.grad(loss1, probs)
@@ -156,12 +170,16 @@ def test_ties_are_deterministic_and_follow_token_order():
     (g2,) = torch.autograd.grad(loss2, probs)
     assert torch.equal(loss1, loss2) and torch.equal(g1, g2)
     ref_loss, ref_grad = _ref_per_expert(probs, alpha, with_grad=True)  # ties ranked in token order
-    np.testing.assert_allclose(g1.numpy(), ref_grad, rtol=5e-5, atol=1e-12)  # table derivative vs pdf
+    np.testing.assert_allclose(
+        g1.numpy(), ref_grad, rtol=5e-5, atol=1e-12
+    )  # table derivative vs pdf
     for dtype in (torch.float32, torch.bfloat16):
         p = probs.detach().to(dtype).requires_grad_()
         (gd,) = torch.autograd.grad(dpsl_loss(p, alpha), p)
         _, ref = _ref_per_expert(p.float(), alpha, with_grad=True)
-        np.testing.assert_allclose(gd.float().numpy(), ref, rtol=2e-2, atol=1e-6)  # bf16 grad rounding
+        np.testing.assert_allclose(
+            gd.float().numpy(), ref, rtol=2e-2, atol=1e-6
+        )  # bf16 grad rounding
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -176,7 +194,8 @@ def test_invalid_probabilities_propagate(dtype, bad):
 
 
 def test_extreme_probabilities_use_tails_accurately():
-    # one-hot-like routing: probabilities down to 1e-30 and up to 1 - 1e-7 exercise both tail formulas
+    # one-hot-like routing: probabilities down to 1e-30 and up to 1 - 1e-7 exercise both tail
+    # formulas
     probs = _probs(3000, 4, seed=9, scale=12.0)
     alpha = [0.2, 0.2, 0.2, 0.2]
     assert probs.min() < 1e-20 and probs.max() > 1 - 1e-6
@@ -187,11 +206,14 @@ def test_extreme_probabilities_use_tails_accurately():
 
 
 def test_long_rows_span_several_chunks():
-    # the CPU path evaluates each row's bulk (points between the table's junctions) in chunks of _CHUNK
+    # the CPU path evaluates each row's bulk (points between the table's junctions) in chunks of
+    # _CHUNK
     probs = _probs(_CHUNK + _CHUNK // 2, 2, seed=10).float()
     table = prepare(probs, [1.0, 1.0]).table
     bulk = ((probs >= table.x_lo) & (probs <= table.x_hi)).sum(0)
-    assert (bulk > _CHUNK).all(), bulk  # the test's premise: every row's bulk crosses a chunk boundary
+    assert (bulk > _CHUNK).all(), (
+        bulk
+    )  # the test's premise: every row's bulk crosses a chunk boundary
     ref = _ref_per_expert(probs, [1.0, 1.0]).sum()
     assert abs(dpsl_loss(probs, [1.0, 1.0]).item() - ref) <= 2e-6  # 2 experts x 2 x 5e-7
 
@@ -203,8 +225,15 @@ def test_device_path_matches_cpu_path(dtype):
     alpha2 = torch.tensor([[1.5, 1.5, 0.5, 0.5], [0.5, 0.5, 1.5, 1.5]], dtype=torch.float64)
     gids = torch.randint(0, 2, (300,), generator=torch.Generator().manual_seed(3))
     pad = torch.rand(300, generator=torch.Generator().manual_seed(4)) < 0.2
-    atol = 1e-12 if dtype == torch.float64 else 1e-6  # same tables; float32 op order and tail split differ
-    for args in ((alpha2[0], None, None), (alpha2, gids, None), (alpha2, gids, pad), (alpha2[1], None, pad)):
+    atol = (
+        1e-12 if dtype == torch.float64 else 1e-6
+    )  # same tables; float32 op order and tail split differ
+    for args in (
+        (alpha2[0], None, None),
+        (alpha2, gids, None),
+        (alpha2, gids, pad),
+        (alpha2[1], None, pad),
+    ):
         inputs = prepare(probs, *args)
         out_cpu, grad_cpu = _eq4_cpu(probs, inputs, True)
         out_dev, grad_dev = _eq4_device(probs, inputs, True)
@@ -225,7 +254,10 @@ def test_bad_input_names_the_argument():
         (lambda: dpsl_loss(probs, torch.ones(2, 4), torch.zeros(10)), "group_ids"),
         (lambda: dpsl_loss(probs, torch.ones(2, 4), torch.full((10,), 2)), "group_ids"),
         (lambda: dpsl_loss(probs, [1.0] * 4, padding_mask=torch.zeros(10)), "padding_mask"),
-        (lambda: dpsl_loss(probs, [1.0] * 4, padding_mask=torch.zeros(3, dtype=torch.bool)), "padding_mask"),
+        (
+            lambda: dpsl_loss(probs, [1.0] * 4, padding_mask=torch.zeros(3, dtype=torch.bool)),
+            "padding_mask",
+        ),
     ]
     for fn, name in cases:
         with pytest.raises(ValueError, match=name):

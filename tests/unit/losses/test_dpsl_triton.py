@@ -1,12 +1,12 @@
 """The fused Triton path (megatron_dpsl/losses/dpsl_triton.py) equals the torch path: values and gradients.
 
-CPU-only machines run the kernels under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-before Triton is imported; the interpreter's launch shape is 32-element blocks and 3 spans per expert row,
-so these small batches exercise the loops, the span prefixes and partial blocks). With a GPU the same
-tests run the compiled kernels on CUDA tensors.
+CPU-only machines run the kernels under Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before Triton is imported; the interpreter's launch shape is 32-element blocks
+and 3 spans per expert row, so these small batches exercise the loops, the span prefixes and partial
+blocks). With a GPU the same tests run the compiled kernels on CUDA tensors.
 
-Tolerances: both paths evaluate the same float32 table with the same formulas; only the op order and the
-log/exp implementations (NumPy or CUDA vs torch) differ, by a few float32 ulps per CDF value:
+Tolerances: both paths evaluate the same float32 table with the same formulas; only the op order and
+the log/exp implementations (NumPy or CUDA vs torch) differ, by a few float32 ulps per CDF value:
 <= 1e-6 relative on per-expert losses, <= 1e-6 x the largest entry on gradients.
 """
 
@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from megatron_dpsl import dpsl_loss, dpsl_loss_per_expert
-
 from megatron_dpsl.losses import dpsl_triton as fused_loss
 from megatron_dpsl.losses.dpsl import IMPL_ENV
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
     not fused_loss.runs_on(DEVICE),
-    reason="Triton not installed (pip install triton)" if fused_loss.triton is None
+    reason="Triton not installed (pip install triton)"
+    if fused_loss.triton is None
     else "Triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it on CPU-only machines)",
 )
 
@@ -50,10 +50,15 @@ def _both(probs, alpha, group_ids=None, padding_mask=None, dtype=torch.float32, 
 def _assert_same(fused, ref):
     (lf, gf), (lr, gr) = fused, ref
     assert lf.dtype == lr.dtype == torch.float32 and gf.dtype == gr.dtype
-    torch.testing.assert_close(lf, lr, rtol=1e-6, atol=1e-7)  # a few float32 ulps per CDF value (docstring)
-    # bf16 gradients: float32 values an ulp apart may round to neighbouring bf16 values (2^-7 relative)
+    torch.testing.assert_close(
+        lf, lr, rtol=1e-6, atol=1e-7
+    )  # a few float32 ulps per CDF value (docstring)
+    # bf16 gradients: float32 values an ulp apart may round to neighbouring bf16 values (2^-7
+    # relative)
     rtol = 2.0**-7 if gf.dtype == torch.bfloat16 else 0.0
-    torch.testing.assert_close(gf.float(), gr.float(), rtol=rtol, atol=1e-6 * gr.float().abs().max().item())
+    torch.testing.assert_close(
+        gf.float(), gr.float(), rtol=rtol, atol=1e-6 * gr.float().abs().max().item()
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,11 +74,15 @@ def test_dense_matches_torch(dtype, per_expert):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_groups_padding_empty_group_match_torch(dtype):
     probs = _probs(161, 4, seed=2)  # 3 spans of 64, 64, 33 tokens under the interpreter
-    alpha = torch.tensor([[1.5, 1.5, 0.5, 0.5], [0.5, 0.5, 1.5, 1.5], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    alpha = torch.tensor(
+        [[1.5, 1.5, 0.5, 0.5], [0.5, 0.5, 1.5, 1.5], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64
+    )
     g = torch.Generator().manual_seed(3)
     gids = torch.randint(0, 2, (161,), generator=g)  # group 2 empty
     pad = torch.rand(161, generator=g) < 0.25
-    probs_nan = probs.masked_fill(pad[:, None], float("nan"))  # padded rows are never read into the loss
+    probs_nan = probs.masked_fill(
+        pad[:, None], float("nan")
+    )  # padded rows are never read into the loss
     for ids, mask in ((gids, None), (gids, pad), (None, pad)):
         a = alpha if ids is not None else alpha[0]
         fused, ref = _both(probs if mask is None else probs_nan, a, ids, mask, dtype=dtype)
@@ -84,7 +93,9 @@ def test_groups_padding_empty_group_match_torch(dtype):
 
 def test_ties_match_torch():
     g = torch.Generator().manual_seed(4)
-    probs = torch.softmax(torch.randint(0, 3, (120, 4), generator=g).float(), -1)  # each column: 3 values
+    probs = torch.softmax(
+        torch.randint(0, 3, (120, 4), generator=g).float(), -1
+    )  # each column: 3 values
     gids = torch.arange(120) % 2
     fused, ref = _both(probs, [1.0] * 4)
     _assert_same(fused, ref)  # ties ranked in token order in both paths: the same gradient entries
@@ -95,7 +106,9 @@ def test_no_grad_and_all_padding():
     probs = _probs(90, 3, seed=5).to(DEVICE)
     with torch.no_grad():
         out = dpsl_loss_per_expert(probs, [1.0] * 3, impl="triton")
-    torch.testing.assert_close(out, dpsl_loss_per_expert(probs, [1.0] * 3, impl="torch"), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        out, dpsl_loss_per_expert(probs, [1.0] * 3, impl="torch"), rtol=1e-6, atol=1e-7
+    )
     pad = torch.ones(90, dtype=torch.bool, device=DEVICE)
     p = probs.clone().requires_grad_()
     loss = dpsl_loss(p, [1.0] * 3, padding_mask=pad, impl="triton")
@@ -109,7 +122,9 @@ def test_invalid_inputs():
     assert torch.isnan(dpsl_loss(probs, [1.0] * 4, impl="triton"))
     gids = torch.arange(64, device=DEVICE) % 2
     assert torch.isnan(dpsl_loss_per_expert(probs, torch.ones(2, 4), gids, impl="triton")[2])
-    if DEVICE.type == "cpu":  # on a GPU a device-side assert, which would end this process's CUDA context
+    if (
+        DEVICE.type == "cpu"
+    ):  # on a GPU a device-side assert, which would end this process's CUDA context
         with pytest.raises(RuntimeError, match="group_ids out of range"):
             dpsl_loss(probs, torch.ones(2, 4), torch.full((64,), 2), impl="triton")
 
@@ -127,9 +142,12 @@ def test_impl_selection(monkeypatch):
     with pytest.raises(ValueError, match=IMPL_ENV):
         dpsl_loss(probs, [1.0] * 4)
     monkeypatch.delenv(IMPL_ENV)
-    # auto: the fused kernels for CUDA tensors, the torch path on the CPU (the interpreter is for tests)
+    # auto: the fused kernels for CUDA tensors, the torch path on the CPU (the interpreter is for
+    # tests)
     auto = dpsl_loss(probs, [1.0] * 4)
-    assert torch.equal(auto, dpsl_loss(probs, [1.0] * 4, impl="triton" if DEVICE.type == "cuda" else "torch"))
+    assert torch.equal(
+        auto, dpsl_loss(probs, [1.0] * 4, impl="triton" if DEVICE.type == "cuda" else "torch")
+    )
 
 
 _OFFLINE_COMPILE = r"""
@@ -173,10 +191,18 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    run = subprocess.run([sys.executable, "-c", _OFFLINE_COMPILE], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", _OFFLINE_COMPILE],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     usage = json.loads(run.stdout.strip().splitlines()[-1])
     for name, text in usage.items():
-        if text:  # cuobjdump ships with Triton's NVIDIA backend; without it only the build is checked
+        if (
+            text
+        ):  # cuobjdump ships with Triton's NVIDIA backend; without it only the build is checked
             assert "LOCAL:0" in text and "STACK:0" in text, f"{name} spills registers:\n{text}"

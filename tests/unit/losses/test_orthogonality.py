@@ -6,11 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_dpsl.losses.orthogonality import EPS, gram, orthogonality_loss, orthogonality_sum, span_projection_sum
+from megatron_dpsl.losses.orthogonality import (
+    EPS,
+    gram,
+    orthogonality_loss,
+    orthogonality_sum,
+    span_projection_sum,
+)
 
 
 def outputs(num_tokens, k, hidden, seed=0, dtype=torch.float64):
-    return torch.randn(num_tokens, k, hidden, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return torch.randn(
+        num_tokens, k, hidden, generator=torch.Generator().manual_seed(seed), dtype=dtype
+    )
 
 
 def eq6_numpy(x: np.ndarray, valid: np.ndarray, eps: float = EPS) -> float:
@@ -55,7 +63,9 @@ def test_paper_form_is_eq6(k, padding):
     valid = np.ones(11, bool) if pad is None else ~pad.numpy()
     # float64 throughout: the Gram-matrix route and the literal loops differ by rounding only
     assert orthogonality_loss(x, pad).item() == pytest.approx(eq6_numpy(x.numpy(), valid), rel=1e-6)
-    assert orthogonality_sum(x, pad).item() == pytest.approx(eq6_numpy(x.numpy(), valid) * k * valid.sum(), rel=1e-12)
+    assert orthogonality_sum(x, pad).item() == pytest.approx(
+        eq6_numpy(x.numpy(), valid) * k * valid.sum(), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])
@@ -63,18 +73,26 @@ def test_reference_code_form_is_the_official_gram_schmidt(k):
     x = outputs(9, k, 7, seed=10 + k)
     pad = torch.tensor([False] * 7 + [True] * 2)
     expected = reference_code_numpy(x.numpy(), ~pad.numpy())
-    assert orthogonality_loss(x, pad, form="reference_code").item() == pytest.approx(expected, rel=1e-6)
+    assert orthogonality_loss(x, pad, form="reference_code").item() == pytest.approx(
+        expected, rel=1e-6
+    )
     # the span projection is at least the largest single projection and at most the output itself
     assert span_projection_sum(x).item() <= (x**2).sum().item()
 
 
 def test_forms_agree_for_two_experts_and_differ_for_more():
     x2 = outputs(20, 2, 8, seed=3)
-    # k = 2: one projection per output in both; they differ only in where ε enters (1e-6 of |x|² ~ 8)
-    torch.testing.assert_close(orthogonality_loss(x2), orthogonality_loss(x2, form="reference_code"), rtol=1e-5, atol=0)
+    # k = 2: one projection per output in both; they differ only in where ε enters (1e-6 of |x|² ~
+    # 8)
+    torch.testing.assert_close(
+        orthogonality_loss(x2), orthogonality_loss(x2, form="reference_code"), rtol=1e-5, atol=0
+    )
     x3 = outputs(20, 3, 8, seed=3)
     # k = 3: Σ of pairwise projections ≠ projection onto the span of the other two
-    assert abs(orthogonality_loss(x3).item() - orthogonality_loss(x3, form="reference_code").item()) > 1e-3
+    assert (
+        abs(orthogonality_loss(x3).item() - orthogonality_loss(x3, form="reference_code").item())
+        > 1e-3
+    )
 
 
 def test_orthogonal_outputs_cost_nothing_and_parallel_ones_cost_their_norm():

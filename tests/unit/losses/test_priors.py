@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from megatron_dpsl.losses.priors import group_alpha, per_expert_alpha, resolve_alpha, symmetric_alpha
+from megatron_dpsl.losses.priors import (
+    group_alpha,
+    per_expert_alpha,
+    resolve_alpha,
+    symmetric_alpha,
+)
 
 
 def test_symmetric_and_per_expert():
@@ -20,10 +25,18 @@ def test_symmetric_and_per_expert():
 def test_group_alpha_matches_paper_section_3_4():
     g = group_alpha(4, 2, alpha_base=0.5, alpha_shift=1.0)
     assert g.tolist() == [[1.5, 1.5, 0.5, 0.5], [0.5, 0.5, 1.5, 1.5]]  # vision, language
-    task = group_alpha(3, 3, alpha_base=0.2, alpha_shift=2.0)  # task-specific: alpha_m^(m) = a_b + a_s
-    assert torch.allclose(task, torch.full((3, 3), 0.2, dtype=torch.float64) + 2.0 * torch.eye(3, dtype=torch.float64))
+    task = group_alpha(
+        3, 3, alpha_base=0.2, alpha_shift=2.0
+    )  # task-specific: alpha_m^(m) = a_b + a_s
+    assert torch.allclose(
+        task, torch.full((3, 3), 0.2, dtype=torch.float64) + 2.0 * torch.eye(3, dtype=torch.float64)
+    )
     big = group_alpha(8, 4, 1.0, 0.5)
-    assert big.shape == (4, 8) and big[2, 4:6].tolist() == [1.5, 1.5] and big[2, :4].tolist() == [1.0] * 4
+    assert (
+        big.shape == (4, 8)
+        and big[2, 4:6].tolist() == [1.5, 1.5]
+        and big[2, :4].tolist() == [1.0] * 4
+    )
 
 
 def test_resolve_alpha_forms():
@@ -57,7 +70,10 @@ def test_resolve_alpha_forms():
         (lambda: resolve_alpha(2, group_alphas=[[1.0, 0.0]]), "group_alphas"),
         (lambda: resolve_alpha(2, group_alphas=[[1.0, 1.0]], num_groups=1), "group_alphas"),
         (lambda: resolve_alpha(4, alpha_base=0.5, num_groups=2), "alpha_shift"),
-        (lambda: resolve_alpha(4, alpha=1.0, alpha_base=0.5, alpha_shift=1.0, num_groups=2), "alpha"),
+        (
+            lambda: resolve_alpha(4, alpha=1.0, alpha_base=0.5, alpha_shift=1.0, num_groups=2),
+            "alpha",
+        ),
         (lambda: resolve_alpha(4, alpha=1.0, group_alphas=[[1.0] * 4]), "alpha"),
     ],
 )

@@ -62,7 +62,9 @@ def test_sums_of_shards_equal_the_unsharded_loss():
     probs, _ = topk_probs(30, 6, 3, seed=4)
     pad = torch.arange(30) % 7 == 0
     whole = variance_loss_from_sums(variance_sums(probs, pad))
-    parts = sum(variance_sums(p, m) for p, m in zip(probs.split([7, 13, 10]), pad.split([7, 13, 10])))
+    parts = sum(
+        variance_sums(p, m) for p, m in zip(probs.split([7, 13, 10]), pad.split([7, 13, 10]))
+    )
     # the same float64 sums in another order
     assert variance_loss_from_sums(parts).item() == pytest.approx(whole.item(), rel=1e-13)
 
@@ -80,14 +82,19 @@ def test_gradient_is_the_centred_score():
 def test_gradcheck_both_forms_with_padding():
     probs, logits = topk_probs(9, 4, 2, seed=6)
     pad = torch.tensor([0, 1, 0, 0, 0, 1, 0, 0, 0], dtype=torch.bool)
-    assert torch.autograd.gradcheck(lambda s: variance_loss_from_sums(variance_sums(s, pad)), (probs.requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda s: variance_loss_from_sums(variance_sums(s, pad)), (probs.requires_grad_(),)
+    )
     # float64 logits keep the softmax in float64 (router logits are fp32 and stay fp32)
-    assert torch.autograd.gradcheck(lambda x: sharpness_loss_from_sums(sharpness_sums(x, pad)), (logits.requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda x: sharpness_loss_from_sums(sharpness_sums(x, pad)), (logits.requires_grad_(),)
+    )
 
 
 def test_reference_code_form_is_the_official_expression():
     _, logits = topk_probs(16, 8, 2, seed=7, dtype=torch.float32)
-    # modeling_deepseek.py: variance_loss = torch.var(logits.softmax(dim=-1), dim=-1).mean(); total -= it
+    # modeling_deepseek.py: variance_loss = torch.var(logits.softmax(dim=-1), dim=-1).mean(); total
+    # -= it
     scores = np.exp(logits.numpy().astype(np.float64))
     scores /= scores.sum(-1, keepdims=True)
     expected = -np.var(scores, axis=-1, ddof=1).mean()

@@ -39,10 +39,17 @@ def megatron_style_parser() -> argparse.ArgumentParser:
     """The two flags exactly as Megatron-LM core_v0.16.1's ``_add_moe_args`` defines them (no 'dpsl')."""
     parser = argparse.ArgumentParser(allow_abbrev=False)
     group = parser.add_argument_group(title="moe")
-    group.add_argument("--moe-router-load-balancing-type", nargs="+", type=str,
-                       choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"],
-                       default="aux_loss", help="Determines the load balancing strategy for the router.")
-    group.add_argument("--moe-aux-loss-coeff", type=float, nargs="+", default=0.0, help="Scaling coefficient.")
+    group.add_argument(
+        "--moe-router-load-balancing-type",
+        nargs="+",
+        type=str,
+        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"],
+        default="aux_loss",
+        help="Determines the load balancing strategy for the router.",
+    )
+    group.add_argument(
+        "--moe-aux-loss-coeff", type=float, nargs="+", default=0.0, help="Scaling coefficient."
+    )
     return parser
 
 
@@ -76,21 +83,40 @@ def test_every_dpsl_flag_is_a_config_field_with_matching_default():
         (
             "--moe-router-load-balancing-type dpsl --moe-dpsl-coeff 0.05 --moe-dpsl-alpha 0.75 "
             "--moe-dpsl-gather global_batch --moe-dpsl-log-interval 7",
-            dict(moe_dpsl_coeff=0.05, moe_dpsl_alpha=0.75, moe_dpsl_gather="global_batch", moe_dpsl_log_interval=7,
-                 moe_router_load_balancing_type="dpsl", moe_dpsl_group_alphas=None, moe_dpsl_num_groups=None),
+            dict(
+                moe_dpsl_coeff=0.05,
+                moe_dpsl_alpha=0.75,
+                moe_dpsl_gather="global_batch",
+                moe_dpsl_log_interval=7,
+                moe_router_load_balancing_type="dpsl",
+                moe_dpsl_group_alphas=None,
+                moe_dpsl_num_groups=None,
+            ),
         ),
         (
             "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha 0.5 1.0 1.5 2.0",
-            dict(moe_dpsl_alpha=[0.5, 1.0, 1.5, 2.0], moe_dpsl_gather="micro_batch", moe_dpsl_log_interval=100),
+            dict(
+                moe_dpsl_alpha=[0.5, 1.0, 1.5, 2.0],
+                moe_dpsl_gather="micro_batch",
+                moe_dpsl_log_interval=100,
+            ),
         ),
         (
             "--moe-router-load-balancing-type dpsl --moe-dpsl-group-alphas [[2,2,1,1],[1,1,2,2]]",
-            dict(moe_dpsl_group_alphas=[[2.0, 2.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0]], moe_dpsl_num_groups=None),
+            dict(
+                moe_dpsl_group_alphas=[[2.0, 2.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0]],
+                moe_dpsl_num_groups=None,
+            ),
         ),
         (
             "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha-base 1.0 --moe-dpsl-alpha-shift 0.5 "
             "--moe-dpsl-num-groups 2",
-            dict(moe_dpsl_alpha_base=1.0, moe_dpsl_alpha_shift=0.5, moe_dpsl_num_groups=2, moe_dpsl_group_alphas=None),
+            dict(
+                moe_dpsl_alpha_base=1.0,
+                moe_dpsl_alpha_shift=0.5,
+                moe_dpsl_num_groups=2,
+                moe_dpsl_group_alphas=None,
+            ),
         ),
     ],
     ids=["symmetric", "per_expert", "group_alphas", "modality_shortcut"],
@@ -122,7 +148,9 @@ def test_group_alphas_from_json_file(tmp_path):
 
 
 def test_args_namespace_is_not_modified():
-    ns = standalone_parser().parse_args(f"{BASE} --moe-router-load-balancing-type dpsl --moe-dpsl-alpha 0.75".split())
+    ns = standalone_parser().parse_args(
+        f"{BASE} --moe-router-load-balancing-type dpsl --moe-dpsl-alpha 0.75".split()
+    )
     before = dict(vars(ns))
     dpsl_config_from_args(ns)
     assert vars(ns) == before
@@ -135,17 +163,34 @@ def test_args_namespace_is_not_modified():
     "cmdline, types, coeffs, lam",
     [
         # λ from dpsl's slot of --moe-aux-loss-coeff
-        ("--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.001 0.02",
-         ["aux_loss", "dpsl"], [0.001, 0.02], 0.02),
+        (
+            "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.001 0.02",
+            ["aux_loss", "dpsl"],
+            [0.001, 0.02],
+            0.02,
+        ),
         # slot 0: λ from --moe-dpsl-coeff
-        ("--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.001 0 --moe-dpsl-coeff 0.03",
-         ["aux_loss", "dpsl"], [0.001, 0.0], 0.03),
+        (
+            "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.001 0 --moe-dpsl-coeff 0.03",
+            ["aux_loss", "dpsl"],
+            [0.001, 0.0],
+            0.03,
+        ),
         # both given and equal
-        ("--moe-router-load-balancing-type dpsl seq_aux_loss --moe-aux-loss-coeff 0.04 0.002 --moe-dpsl-coeff 0.04",
-         ["dpsl", "seq_aux_loss"], [0.04, 0.002], 0.04),
-        ("--moe-router-load-balancing-type seq_aux_loss global_aux_loss dpsl --moe-aux-loss-coeff 0.001 0.002 0.005",
-         ["seq_aux_loss", "global_aux_loss", "dpsl"], [0.001, 0.002, 0.005], 0.005),
-        # single type: the one coefficient is dpsl's; one-element lists become scalars (Megatron's validate_args)
+        (
+            "--moe-router-load-balancing-type dpsl seq_aux_loss --moe-aux-loss-coeff 0.04 0.002 --moe-dpsl-coeff 0.04",
+            ["dpsl", "seq_aux_loss"],
+            [0.04, 0.002],
+            0.04,
+        ),
+        (
+            "--moe-router-load-balancing-type seq_aux_loss global_aux_loss dpsl --moe-aux-loss-coeff 0.001 0.002 0.005",
+            ["seq_aux_loss", "global_aux_loss", "dpsl"],
+            [0.001, 0.002, 0.005],
+            0.005,
+        ),
+        # single type: the one coefficient is dpsl's; one-element lists become scalars (Megatron's
+        # validate_args)
         ("--moe-router-load-balancing-type dpsl --moe-aux-loss-coeff 0.07", "dpsl", 0.07, 0.07),
         ("--moe-router-load-balancing-type dpsl", "dpsl", 0.0, 0.01),
     ],
@@ -159,7 +204,9 @@ def test_list_form_with_per_type_coefficients(cmdline, types, coeffs, lam):
 
 
 def test_without_dpsl_the_config_is_plain_megatron():
-    config = config_from("--moe-router-load-balancing-type aux_loss seq_aux_loss --moe-aux-loss-coeff 0.01 0.02")
+    config = config_from(
+        "--moe-router-load-balancing-type aux_loss seq_aux_loss --moe-aux-loss-coeff 0.01 0.02"
+    )
     assert not config.moe_dpsl_enabled
     assert config.moe_router_load_balancing_type == ["aux_loss", "seq_aux_loss"]
 
@@ -171,10 +218,15 @@ def test_megatron_parser_choices_are_widened_not_duplicated():
     parser = add_dpsl_args(megatron_style_parser())
     lb = [a for a in parser._actions if a.dest == "moe_router_load_balancing_type"]
     # every plugin type appended once, after Megatron's own
-    assert len(lb) == 1 and lb[0].choices[-len(PLUGIN_LOAD_BALANCING_TYPES):] == list(PLUGIN_LOAD_BALANCING_TYPES)
-    ns = parser.parse_args("--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01 0".split())
+    assert len(lb) == 1 and lb[0].choices[-len(PLUGIN_LOAD_BALANCING_TYPES) :] == list(
+        PLUGIN_LOAD_BALANCING_TYPES
+    )
+    ns = parser.parse_args(
+        "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01 0".split()
+    )
     assert ns.moe_router_load_balancing_type == ["aux_loss", "dpsl"]
-    # a second call (patched Megatron-LM plus the launcher's provider) adds nothing and does not raise
+    # a second call (patched Megatron-LM plus the launcher's provider) adds nothing and does not
+    # raise
     assert add_dpsl_args(parser) is parser
     assert len(dpsl_actions(parser)) == 8
     assert lb[0].choices.count("variance") == 1
@@ -202,32 +254,65 @@ def test_standalone_parser_gets_no_load_balancing_flag_from_add_dpsl_args():
 @pytest.mark.parametrize(
     "cmdline, message",
     [
-        ("--moe-router-load-balancing-type dpsl --moe-dpsl-alpha 1 2 3",
-         "--moe-dpsl-alpha: expected 1 or 4 values (num experts), got 3"),
-        ("--moe-router-load-balancing-type dpsl --moe-dpsl-alpha 0", "--moe-dpsl-alpha: every α must be > 0"),
-        ("--moe-router-load-balancing-type aux_loss --moe-dpsl-alpha 0.75",
-         "--moe-dpsl-alpha: DPSL flags need --moe-router-load-balancing-type to include 'dpsl'"),
-        ("--moe-router-load-balancing-type dpsl --moe-dpsl-group-alphas [[1,2],[2,1]]",
-         "--moe-dpsl-group-alphas: every row needs 4 values (num experts), got rows of 2"),
-        ("--moe-router-load-balancing-type dpsl --moe-dpsl-alpha 1 --moe-dpsl-group-alphas [[1,1,1,1]]",
-         "--moe-dpsl-group-alphas: give only one prior"),
-        ("--moe-router-load-balancing-type dpsl --moe-dpsl-alpha-base 1 --moe-dpsl-num-groups 2",
-         "--moe-dpsl-alpha-shift: the modality prior needs"),
-        ("--moe-router-load-balancing-type dpsl --moe-dpsl-alpha-base 1 --moe-dpsl-alpha-shift 1 "
-         "--moe-dpsl-num-groups 3", "--moe-dpsl-num-groups: must be >= 1 and divide --num-experts 4, got 3"),
-        ("--moe-router-load-balancing-type dpsl --moe-dpsl-log-interval -1", "--moe-dpsl-log-interval: must be >= 0"),
-        ("--moe-router-load-balancing-type dpsl --moe-dpsl-coeff -0.1", "--moe-dpsl-coeff: must be >= 0"),
-        ("--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01 -0.02",
-         "--moe-aux-loss-coeff: the value in dpsl's slot is λ and must be >= 0, got -0.02"),
-        ("--moe-router-load-balancing-type dpsl --moe-dpsl-alpha-base 1 --moe-dpsl-alpha-shift -0.5 "
-         "--moe-dpsl-num-groups 2", "--moe-dpsl-alpha-shift: must be >= 0, got -0.5"),
-        ("--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01",
-         "--moe-aux-loss-coeff: expected 2 values (one per --moe-router-load-balancing-type aux_loss dpsl), got 1"),
-        ("--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01 0.02 --moe-dpsl-coeff 0.03",
-         "--moe-dpsl-coeff: 0.03 disagrees with 0.02"),
+        (
+            "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha 1 2 3",
+            "--moe-dpsl-alpha: expected 1 or 4 values (num experts), got 3",
+        ),
+        (
+            "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha 0",
+            "--moe-dpsl-alpha: every α must be > 0",
+        ),
+        (
+            "--moe-router-load-balancing-type aux_loss --moe-dpsl-alpha 0.75",
+            "--moe-dpsl-alpha: DPSL flags need --moe-router-load-balancing-type to include 'dpsl'",
+        ),
+        (
+            "--moe-router-load-balancing-type dpsl --moe-dpsl-group-alphas [[1,2],[2,1]]",
+            "--moe-dpsl-group-alphas: every row needs 4 values (num experts), got rows of 2",
+        ),
+        (
+            "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha 1 --moe-dpsl-group-alphas [[1,1,1,1]]",
+            "--moe-dpsl-group-alphas: give only one prior",
+        ),
+        (
+            "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha-base 1 --moe-dpsl-num-groups 2",
+            "--moe-dpsl-alpha-shift: the modality prior needs",
+        ),
+        (
+            "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha-base 1 --moe-dpsl-alpha-shift 1 "
+            "--moe-dpsl-num-groups 3",
+            "--moe-dpsl-num-groups: must be >= 1 and divide --num-experts 4, got 3",
+        ),
+        (
+            "--moe-router-load-balancing-type dpsl --moe-dpsl-log-interval -1",
+            "--moe-dpsl-log-interval: must be >= 0",
+        ),
+        (
+            "--moe-router-load-balancing-type dpsl --moe-dpsl-coeff -0.1",
+            "--moe-dpsl-coeff: must be >= 0",
+        ),
+        (
+            "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01 -0.02",
+            "--moe-aux-loss-coeff: the value in dpsl's slot is λ and must be >= 0, got -0.02",
+        ),
+        (
+            "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha-base 1 --moe-dpsl-alpha-shift -0.5 "
+            "--moe-dpsl-num-groups 2",
+            "--moe-dpsl-alpha-shift: must be >= 0, got -0.5",
+        ),
+        (
+            "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01",
+            "--moe-aux-loss-coeff: expected 2 values (one per --moe-router-load-balancing-type aux_loss dpsl), got 1",
+        ),
+        (
+            "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01 0.02 --moe-dpsl-coeff 0.03",
+            "--moe-dpsl-coeff: 0.03 disagrees with 0.02",
+        ),
         # raised by DPSLTransformerConfig with field names, translated to flags
-        ("--moe-router-load-balancing-type sinkhorn dpsl --moe-aux-loss-coeff 0 0",
-         "--moe-router-load-balancing-type: 'dpsl' cannot be combined with 'sinkhorn'"),
+        (
+            "--moe-router-load-balancing-type sinkhorn dpsl --moe-aux-loss-coeff 0 0",
+            "--moe-router-load-balancing-type: 'dpsl' cannot be combined with 'sinkhorn'",
+        ),
     ],
 )
 def test_errors_name_the_flag(cmdline, message):
@@ -238,8 +323,10 @@ def test_errors_name_the_flag(cmdline, message):
 
 def test_dpsl_without_experts_names_num_experts():
     parser = standalone_parser()
-    ns = parser.parse_args("--num-layers 2 --hidden-size 16 --num-attention-heads 2 "
-                           "--moe-router-load-balancing-type dpsl".split())
+    ns = parser.parse_args(
+        "--num-layers 2 --hidden-size 16 --num-attention-heads 2 "
+        "--moe-router-load-balancing-type dpsl".split()
+    )
     with pytest.raises(ValueError, match="--num-experts"):
         dpsl_config_from_args(ns)
 
@@ -254,8 +341,15 @@ def test_dpsl_without_experts_names_num_experts():
 )
 def test_bad_group_alphas_value_is_an_argparse_error(value, message, capsys):
     with pytest.raises(SystemExit):
-        standalone_parser().parse_args([*BASE.split(), "--moe-router-load-balancing-type", "dpsl",
-                                        "--moe-dpsl-group-alphas", value])
+        standalone_parser().parse_args(
+            [
+                *BASE.split(),
+                "--moe-router-load-balancing-type",
+                "dpsl",
+                "--moe-dpsl-group-alphas",
+                value,
+            ]
+        )
     assert message in capsys.readouterr().err
 
 
@@ -267,8 +361,10 @@ def test_bad_gather_choice_is_an_argparse_error(capsys):
 
 
 def test_translate_config_error_rewrites_field_names():
-    assert (translate_config_error("moe_dpsl_gather must be one of [...]; num_moe_experts=4")
-            == "--moe-dpsl-gather must be one of [...]; --num-experts=4")
+    assert (
+        translate_config_error("moe_dpsl_gather must be one of [...]; num_moe_experts=4")
+        == "--moe-dpsl-gather must be one of [...]; --num-experts=4"
+    )
     # already a flag, or not a field name: unchanged
     assert translate_config_error("--moe-dpsl-alpha: bad") == "--moe-dpsl-alpha: bad"
     assert translate_config_error("hidden_size must be > 0") == "hidden_size must be > 0"
@@ -279,7 +375,9 @@ def test_translate_config_error_rewrites_field_names():
 
 def test_flags_doc_is_current():
     committed = (REPO / "docs" / "flags.md").read_text(encoding="utf-8")
-    assert dpsl_docs.render() == committed, "regenerate: python -m megatron_dpsl.megatron_lm.docs > docs/flags.md"
+    assert dpsl_docs.render() == committed, (
+        "regenerate: python -m megatron_dpsl.megatron_lm.docs > docs/flags.md"
+    )
 
 
 def test_flags_doc_lists_every_flag():
@@ -288,7 +386,8 @@ def test_flags_doc_lists_every_flag():
         assert f"| `{action.option_strings[0]}` |" in rendered
 
 
-# --------------------------------------------------------------------------- the launcher's parser hook
+# --------------------------------------------------------------------------- the launcher's parser
+# hook
 
 
 def _fake_megatron_arguments():
@@ -312,8 +411,13 @@ def _fake_megatron_arguments():
 
 def megatron_style_parser_into(parser):
     group = parser.add_argument_group(title="moe")
-    group.add_argument("--moe-router-load-balancing-type", nargs="+", type=str,
-                       choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"], default="aux_loss")
+    group.add_argument(
+        "--moe-router-load-balancing-type",
+        nargs="+",
+        type=str,
+        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"],
+        default="aux_loss",
+    )
     group.add_argument("--moe-aux-loss-coeff", type=float, nargs="+", default=0.0)
     return parser
 
@@ -346,13 +450,21 @@ def test_plugin_types_come_from_one_constant(monkeypatch):
     from megatron_dpsl.megatron_lm.hooks import plugin_track_names
 
     monkeypatch.setattr(dpsl_args, "PLUGIN_LOAD_BALANCING_TYPES", ("dpsl", "variance"))
-    monkeypatch.setattr("megatron_dpsl.config.load_balancing.PLUGIN_LOAD_BALANCING_TYPES", ("dpsl", "variance"))
+    monkeypatch.setattr(
+        "megatron_dpsl.config.load_balancing.PLUGIN_LOAD_BALANCING_TYPES", ("dpsl", "variance")
+    )
     parser = add_dpsl_args(megatron_style_parser())
     lb = next(a for a in parser._actions if a.dest == "moe_router_load_balancing_type")
     assert lb.choices[-2:] == ["dpsl", "variance"]
-    assert parser.parse_args("--moe-router-load-balancing-type aux_loss variance".split()).moe_router_load_balancing_type \
-        == ["aux_loss", "variance"]
+    assert parser.parse_args(
+        "--moe-router-load-balancing-type aux_loss variance".split()
+    ).moe_router_load_balancing_type == ["aux_loss", "variance"]
     standalone = add_moe_load_balancing_args(argparse.ArgumentParser())
-    assert "variance" in next(a for a in standalone._actions if a.dest == "moe_router_load_balancing_type").choices
+    assert (
+        "variance"
+        in next(
+            a for a in standalone._actions if a.dest == "moe_router_load_balancing_type"
+        ).choices
+    )
     assert plugin_track_names(["aux_loss", "variance", "dpsl"]) == ["variance_loss", "dpsl_loss"]
     assert plugin_track_names("aux_loss") == []

@@ -1,11 +1,12 @@
 """The launcher through Megatron-LM's real call chain on CPU, up to the first CUDA-only call.
 
 For the Megatron-LM tag of the installed megatron-core (core_v0.16.1 with 0.16.1, core_v0.19.0 with
-0.19.2: the second CI leg), an exported tree runs in a child interpreter (tests/support/megatron_lm_chain.py,
-which names the replaced CUDA-only leaves): ``main()`` -> ``maybe_wrap_for_inprocess_restart`` (parse
-without our provider) -> [0.19: ``parse_and_validate_args``, ``gpt_config_from_args``, the config
-container] -> ``pretrain`` -> ``ft_integration.setup`` (parse without our provider) ->
-``initialize_megatron`` (parse, ``validate_args``, ``set_global_variables``: tokenizer, TensorBoard)
+0.19.2: the second CI leg), an exported tree runs in a child interpreter
+(tests/support/megatron_lm_chain.py, which names the replaced CUDA-only leaves): ``main()`` ->
+``maybe_wrap_for_inprocess_restart`` (parse without our provider) -> [0.19:
+``parse_and_validate_args``, ``gpt_config_from_args``, the config container] -> ``pretrain`` ->
+``ft_integration.setup`` (parse without our provider) -> ``initialize_megatron`` (parse,
+``validate_args``, ``set_global_variables``: tokenizer, TensorBoard)
 -> ``_initialize_distributed`` -> ``init_process_group`` (NCCL: the boundary).
 
 Before the parser hook (``registration.py``) the launcher died in the first parse with
@@ -18,9 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import megatron_lm_story as story
+import pytest
 
 # Megatron-LM functions every run passes through before the boundary, in this order (both tags) ...
 CHAIN = [
@@ -30,13 +30,20 @@ CHAIN = [
     "initialize.initialize_megatron",
     "initialize._initialize_distributed",
 ]
-# ... and these somewhere on the way (core_v0.19.0 validates before pretrain, core_v0.16.1 inside it)
-ALSO = ["arguments.validate_args", "global_vars.set_global_variables", "global_vars._build_tokenizer"]
+# ... and these somewhere on the way (core_v0.19.0 validates before pretrain, core_v0.16.1 inside
+# it)
+ALSO = [
+    "arguments.validate_args",
+    "global_vars.set_global_variables",
+    "global_vars._build_tokenizer",
+]
 
 
 def _explain(report: dict) -> str:
-    return (f"ended: {report.get('ended')} {report.get('error') or ''}\n{report.get('traceback') or ''}\n"
-            f"stderr: {report.get('stderr', '')[-1500:]}")
+    return (
+        f"ended: {report.get('ended')} {report.get('error') or ''}\n{report.get('traceback') or ''}\n"
+        f"stderr: {report.get('stderr', '')[-1500:]}"
+    )
 
 
 def _assert_reached_boundary(report: dict) -> None:
@@ -49,7 +56,9 @@ def _assert_reached_boundary(report: dict) -> None:
     assert report["parses"] == 3, calls
 
 
-def test_unpatched_launcher_runs_the_readme_command_to_the_cuda_boundary(megatron_lm_reports, megatron_lm_trees):
+def test_unpatched_launcher_runs_the_readme_command_to_the_cuda_boundary(
+    megatron_lm_reports, megatron_lm_trees
+):
     report = megatron_lm_reports["unpatched"]["launcher_readme"]
     _assert_reached_boundary(report)
     args = report["args"]
@@ -58,7 +67,11 @@ def test_unpatched_launcher_runs_the_readme_command_to_the_cuda_boundary(megatro
     assert args["moe_aux_loss_coeff"] == [0.001, 0.01]
     assert args["moe_dpsl_alpha"] == [0.75]
     assert (args["load"], args["save"]) == (str(work / "ckpt"), str(work / "ckpt"))
-    assert (args["tokenizer_type"], args["mock_data"], args["bf16"]) == ("NullTokenizer", True, True)
+    assert (args["tokenizer_type"], args["mock_data"], args["bf16"]) == (
+        "NullTokenizer",
+        True,
+        True,
+    )
     if megatron_lm_trees["tag"] == "core_v0.19.0":
         # the launcher builds the model config itself, before pretrain
         assert "argument_utils.gpt_config_from_args" in report["calls"]
@@ -84,7 +97,8 @@ def test_stock_megatron_lm_script_still_rejects_dpsl(megatron_lm_reports):
 
 
 def test_launcher_registration_is_undone_between_runs(megatron_lm_reports):
-    # the build ran after the launcher cases in the same interpreter: Megatron-LM's parser is stock again
+    # the build ran after the launcher cases in the same interpreter: Megatron-LM's parser is stock
+    # again
     assert megatron_lm_reports["unpatched"]["build"]["parses_dpsl_without_provider"] is False
 
 
@@ -96,8 +110,10 @@ def test_unpatched_launcher_refuses_group_priors(megatron_lm_reports, megatron_l
         _assert_reached_boundary(report)
     else:
         assert report["ended"] == "exit", _explain(report)
-        assert str(report["exit_code"]).startswith("--moe-dpsl-group-alphas/--moe-dpsl-num-groups: not supported "
-                                                   "on an unpatched Megatron-LM")
+        assert str(report["exit_code"]).startswith(
+            "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: not supported "
+            "on an unpatched Megatron-LM"
+        )
 
 
 @pytest.mark.parametrize("entry", ["megatron_lm", "launcher"])
@@ -105,8 +121,14 @@ def test_patched_tree_runs_group_priors_to_the_cuda_boundary(megatron_lm_reports
     report = megatron_lm_reports["patched"][f"{entry}_groups"]
     _assert_reached_boundary(report)
     args = report["args"]
-    assert (args["moe_dpsl_alpha_base"], args["moe_dpsl_alpha_shift"], args["moe_dpsl_num_groups"]) == (0.75, 0.5, 2)
-    assert args["data_path"][0::2] == ["1", "1"] and args["data_path"][1].endswith("code_text_document")
+    assert (
+        args["moe_dpsl_alpha_base"],
+        args["moe_dpsl_alpha_shift"],
+        args["moe_dpsl_num_groups"],
+    ) == (0.75, 0.5, 2)
+    assert args["data_path"][0::2] == ["1", "1"] and args["data_path"][1].endswith(
+        "code_text_document"
+    )
 
 
 def test_patched_megatron_lm_script_runs_the_readme_command(megatron_lm_reports):
@@ -115,7 +137,9 @@ def test_patched_megatron_lm_script_runs_the_readme_command(megatron_lm_reports)
 
 
 @pytest.mark.parametrize("stage", [s.name for s in story.megatron_lm_stages(Path("/"))])
-def test_every_gpu_story_stage_reaches_the_cuda_boundary(megatron_lm_reports, megatron_lm_trees, stage):
+def test_every_gpu_story_stage_reaches_the_cuda_boundary(
+    megatron_lm_reports, megatron_lm_trees, stage
+):
     """The GPU script's exact argv (scripts/megatron_lm_story.py), on the tree and entry that stage uses."""
     work = Path(megatron_lm_trees["work"]) / "story"
     spec = next(s for s in story.megatron_lm_stages(work) if s.name == stage)

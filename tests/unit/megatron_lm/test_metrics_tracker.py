@@ -1,9 +1,9 @@
 """megatron-core 0.19: ``dpsl_loss`` reaches Megatron-LM's MoE report through ``DPSLMetricsTracker``.
 
-core_v0.19.0's ``training_log`` calls ``get_moe_metrics_tracker().report(track_names=[...])`` with the
-stock names only, and ``MoEMetricsTracker.report`` returns only those: the stock tracker drops the
-``dpsl_loss`` a real ``DPSLRouter`` recorded, the plugin's tracker reports it (megatron-core 0.16 has no
-tracker class: skipped there, with the reason).
+core_v0.19.0's ``training_log`` calls ``get_moe_metrics_tracker().report(track_names=[...])`` with
+the stock names only, and ``MoEMetricsTracker.report`` returns only those: the stock tracker drops
+the ``dpsl_loss`` a real ``DPSLRouter`` recorded, the plugin's tracker reports it (megatron-core
+0.16 has no tracker class: skipped there, with the reason).
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("megatron.core.transformer.moe.moe_logging",
-                    reason="megatron-core < 0.19 has no MoEMetricsTracker (the 0.19 CI leg runs this)")
+pytest.importorskip(
+    "megatron.core.transformer.moe.moe_logging",
+    reason="megatron-core < 0.19 has no MoEMetricsTracker (the 0.19 CI leg runs this)",
+)
 
 from support.common import build_mlp, reset_moe_tracker  # noqa: E402
 from support.megatron_cpu import init_single_process  # noqa: E402
@@ -31,10 +33,19 @@ def _record_with_a_real_router():
     from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
     from megatron_dpsl.models.specs import get_dpsl_layer_spec
 
-    cfg = DPSLTransformerConfig(num_layers=2, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
-                                num_moe_experts=4, moe_router_topk=2, use_cpu_initialization=True,
-                                moe_router_load_balancing_type=["aux_loss", "dpsl"], moe_aux_loss_coeff=[1e-3, 0.01],
-                                moe_token_dispatcher_type="allgather", add_bias_linear=False)
+    cfg = DPSLTransformerConfig(
+        num_layers=2,
+        hidden_size=16,
+        ffn_hidden_size=32,
+        num_attention_heads=2,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        use_cpu_initialization=True,
+        moe_router_load_balancing_type=["aux_loss", "dpsl"],
+        moe_aux_loss_coeff=[1e-3, 0.01],
+        moe_token_dispatcher_type="allgather",
+        add_bias_linear=False,
+    )
     torch.manual_seed(0)
     layer = build_mlp(get_dpsl_layer_spec(cfg).submodules.mlp, cfg)
     layer.set_layer_number(1)
@@ -45,16 +56,27 @@ def _record_with_a_real_router():
 def _training_log_report(tracker) -> dict:
     """What core_v0.19.0's training_log does (training.py 2758-2794), on one rank."""
     total = {}
-    tracker.report(loss_scale=1.0, iteration=1, per_layer_logging=False, force_initialize=True,
-                   track_names=["load_balancing_loss"], num_layers=2, moe_layer_freq=1, mtp_num_layers=None,
-                   total_loss_dict=total)
+    tracker.report(
+        loss_scale=1.0,
+        iteration=1,
+        per_layer_logging=False,
+        force_initialize=True,
+        track_names=["load_balancing_loss"],
+        num_layers=2,
+        moe_layer_freq=1,
+        mtp_num_layers=None,
+        total_loss_dict=total,
+    )
     return total
 
 
 def test_stock_tracker_drops_dpsl_loss_the_plugin_tracker_reports_it():
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
-    from megatron_dpsl.megatron_lm.metrics_tracker import DPSLMetricsTracker, install_dpsl_metrics_tracker
+    from megatron_dpsl.megatron_lm.metrics_tracker import (
+        DPSLMetricsTracker,
+        install_dpsl_metrics_tracker,
+    )
 
     _record_with_a_real_router()
     stock = get_moe_metrics_tracker()
@@ -67,7 +89,8 @@ def test_stock_tracker_drops_dpsl_loss_the_plugin_tracker_reports_it():
     _record_with_a_real_router()
     total = _training_log_report(tracker)
     assert set(total) == {"load_balancing_loss", "dpsl_loss"}
-    # averaged over the 2 MoE layers of num_layers=2 with moe_layer_freq=1, as load_balancing_loss is
+    # averaged over the 2 MoE layers of num_layers=2 with moe_layer_freq=1, as load_balancing_loss
+    # is
     torch.testing.assert_close(total["dpsl_loss"].item(), recorded / 2)
 
 

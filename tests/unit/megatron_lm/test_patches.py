@@ -41,8 +41,10 @@ def _git_dir_or_skip(lock: Lock) -> str:
     from support.megatron_lm_tree import git_dir_or_skip
 
     git_dir = git_dir_or_skip()
-    probe = subprocess.run(["git", "--git-dir", git_dir, "cat-file", "-e", f"{lock.commit}^{{commit}}"],
-                           capture_output=True)
+    probe = subprocess.run(
+        ["git", "--git-dir", git_dir, "cat-file", "-e", f"{lock.commit}^{{commit}}"],
+        capture_output=True,
+    )
     if probe.returncode != 0:
         pytest.skip(f"{git_dir} lacks commit {lock.commit} ({lock.tag}); fetch that tag into it")
     return git_dir
@@ -55,7 +57,8 @@ def patch_set(request) -> tuple[Path, Lock]:
 
 @pytest.fixture(scope="module")
 def workdir():
-    # Our own directory, not tmp_path: concurrent pytest sessions of one user prune each other's basetemp.
+    # Our own directory, not tmp_path: concurrent pytest sessions of one user prune each other's
+    # basetemp.
     with tempfile.TemporaryDirectory(prefix="dpsl-test-patches-") as d:
         yield Path(d)
 
@@ -66,7 +69,9 @@ def _snapshot_originals(lock: Lock, out: Path) -> Path:
 
     entry = snapshots().get(lock.tag)
     if entry is None or entry["commit"] != lock.commit:
-        pytest.skip(f"no snapshot of {lock.tag} at {lock.commit[:12]} and $MEGATRON_LM_GIT_DIR is unset")
+        pytest.skip(
+            f"no snapshot of {lock.tag} at {lock.commit[:12]} and $MEGATRON_LM_GIT_DIR is unset"
+        )
     export_tree(lock.tag, out, paths=tuple(f.path for f in lock.files), snapshot=True)
     for f in lock.files:  # as export_originals checks the git blobs
         if sha256_of(out / f.path) != f.sha256:
@@ -100,7 +105,8 @@ def test_snapshots_hold_the_locked_originals(patch_set, workdir):
     assert file_states(root, lock) == {f.path: "original" for f in lock.files}
 
 
-# --------------------------------------------------------------------------- the patch sets themselves
+# --------------------------------------------------------------------------- the patch sets
+# themselves
 
 
 def test_one_patch_set_per_supported_tag():
@@ -119,18 +125,29 @@ def test_lock_names_every_patch_and_each_patch_explains_itself(patch_set):
         assert "Why:" in header and f.path in header and lock.tag in header, f.patch
         assert f"--- a/{f.path}\n+++ b/{f.path}\n" in text, f.patch
         assert patching.patched_path(set_dir / f.patch) == f.path
-        changed = [l for l in text.splitlines() if l[:1] in "+-" and not l.startswith(("+++", "---"))]
-        assert 0 < len(changed) <= 12, f"{f.patch}: {len(changed)} changed lines; keep patches small"
+        changed = [
+            line
+            for line in text.splitlines()
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))
+        ]
+        assert 0 < len(changed) <= 12, (
+            f"{f.patch}: {len(changed)} changed lines; keep patches small"
+        )
 
 
 def test_originals_match_the_lock(patch_set, workdir):
     _, lock = patch_set
     git_dir = _git_dir_or_skip(lock)
-    tag = subprocess.run(["git", "--git-dir", git_dir, "rev-parse", f"{lock.tag}^{{commit}}"],
-                         capture_output=True, text=True)
+    tag = subprocess.run(
+        ["git", "--git-dir", git_dir, "rev-parse", f"{lock.tag}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
     if tag.returncode == 0:  # a mirror without tags still has the commit
         assert tag.stdout.strip() == lock.commit
-    root = export_originals(git_dir, workdir / f"lock-check-{lock.tag}", lock)  # raises PatchError on a mismatch
+    root = export_originals(
+        git_dir, workdir / f"lock-check-{lock.tag}", lock
+    )  # raises PatchError on a mismatch
     assert file_states(root, lock) == {f.path: "original" for f in lock.files}
 
 
@@ -147,12 +164,18 @@ def test_lock_is_reproducible_from_git(patch_set, workdir):
 def test_patches_apply_cleanly_compile_and_are_idempotent(patch_set, originals):
     _, lock = patch_set
     # patches/ as a whole: the set is picked by the tree's hashes
-    assert apply_patches(originals, PATCHES, check_only=True) == {f.path: "would apply" for f in lock.files}
-    assert file_states(originals, lock) == {f.path: "original" for f in lock.files}  # --check changed nothing
+    assert apply_patches(originals, PATCHES, check_only=True) == {
+        f.path: "would apply" for f in lock.files
+    }
+    assert file_states(originals, lock) == {
+        f.path: "original" for f in lock.files
+    }  # --check changed nothing
     assert apply_patches(originals, PATCHES) == {f.path: "applied" for f in lock.files}
     for f in lock.files:
         assert sha256_of(originals / f.path) == f.patched_sha256
-        py_compile.compile(str(originals / f.path), cfile=str(originals / (f.path + ".pyc")), doraise=True)
+        py_compile.compile(
+            str(originals / f.path), cfile=str(originals / (f.path + ".pyc")), doraise=True
+        )
     assert apply_patches(originals, PATCHES) == {f.path: "already applied" for f in lock.files}
 
 
@@ -165,7 +188,7 @@ def test_drift_fails_naming_the_file_and_touches_nothing(patch_set, originals):
         apply_patches(originals, PATCHES)
     message = str(info.value)
     closest = message.split("\n  core_v")[1]  # the closest release comes first: this tree's
-    assert closest.startswith(lock.tag[len("core_v"):]) and f"{drifted}: drift" in closest
+    assert closest.startswith(lock.tag[len("core_v") :]) and f"{drifted}: drift" in closest
     assert all(f.path not in closest for f in lock.files if f.path != drifted)
     # no other file was patched before the failure
     states = file_states(originals, lock)
@@ -181,8 +204,12 @@ def test_missing_file_fails_naming_it(patch_set, originals):
 def test_apply_script_fails_loudly_on_drift(patch_set, originals):
     script = REPO / "scripts" / "apply_megatron_patches.sh"
     (originals / "megatron/training/training.py").write_text("drifted\n")
-    proc = subprocess.run(["bash", str(script), str(originals)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": sys.executable})
+    proc = subprocess.run(
+        ["bash", str(script), str(originals)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert proc.returncode != 0
     assert "megatron/training/training.py: drift" in proc.stderr
 
@@ -192,26 +219,38 @@ def test_git_dir_comes_from_the_environment_only(monkeypatch, capsys):
     assert patching.default_git_dir() is None
     with pytest.raises(SystemExit):
         patching.main(["lock", "--tag", "core_v0.19.0"])
-    assert "--git-dir: give a local Megatron-LM git directory (or set $MEGATRON_LM_GIT_DIR)" in capsys.readouterr().err
+    assert (
+        "--git-dir: give a local Megatron-LM git directory (or set $MEGATRON_LM_GIT_DIR)"
+        in capsys.readouterr().err
+    )
     monkeypatch.setenv(patching.GIT_DIR_ENV, "/some/clone")
     assert patching.default_git_dir() == "/some/clone"
 
 
 def test_package_code_names_no_machine_path():
-    offenders = [str(p.relative_to(REPO)) for p in (REPO / "megatron_dpsl").rglob("*.py")
-                 if "/work/" in p.read_text(encoding="utf-8") or ".mirror" in p.read_text(encoding="utf-8")]
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "megatron_dpsl").rglob("*.py")
+        if "/work/" in p.read_text(encoding="utf-8") or ".mirror" in p.read_text(encoding="utf-8")
+    ]
     assert offenders == []
 
 
-# --------------------------------------------------------------------------- Megatron-LM's own code, patched
-# (tests/support/megatron_lm_chain.py builds: Megatron-LM's parse_args + validate_args, its config function, and
-# the routers of the GPT model built by its builder and by the launcher's, on one gloo rank)
+# --------------------------------------------------------------------------- Megatron-LM's own
+# code, patched (tests/support/megatron_lm_chain.py builds: Megatron-LM's parse_args +
+# validate_args, its config function, and the routers of the GPT model built by its builder and by
+# the launcher's, on one gloo rank)
 
 
 EXPECTED_CONFIG = {
-    "class": "DPSLTransformerConfig", "moe_dpsl_alpha": 0.75, "moe_dpsl_coeff": 0.02,
-    "moe_dpsl_gather": "global_batch", "moe_dpsl_log_interval": 5,
-    "moe_router_load_balancing_type": ["aux_loss", "dpsl"], "moe_aux_loss_coeff": [0.01, 0.0], "num_moe_experts": 4,
+    "class": "DPSLTransformerConfig",
+    "moe_dpsl_alpha": 0.75,
+    "moe_dpsl_coeff": 0.02,
+    "moe_dpsl_gather": "global_batch",
+    "moe_dpsl_log_interval": 5,
+    "moe_router_load_balancing_type": ["aux_loss", "dpsl"],
+    "moe_aux_loss_coeff": [0.01, 0.0],
+    "num_moe_experts": 4,
 }
 
 
@@ -221,14 +260,19 @@ def _build(reports, flavor) -> dict:
     return report
 
 
-def test_patched_megatron_lm_parses_dpsl_and_builds_dpsl_routers(megatron_lm_reports, megatron_lm_trees):
+def test_patched_megatron_lm_parses_dpsl_and_builds_dpsl_routers(
+    megatron_lm_reports, megatron_lm_trees
+):
     report = _build(megatron_lm_reports, "patched")
     assert report["arguments_file"].startswith(megatron_lm_trees["patched"])
-    # patch 1: Megatron-LM's own parser has the flags, and its config function builds the DPSL config
+    # patch 1: Megatron-LM's own parser has the flags, and its config function builds the DPSL
+    # config
     assert report["parses_dpsl_without_provider"]
     assert report["core_config"] == "DPSLTransformerConfig"
     assert report["dpsl_config"] == EXPECTED_CONFIG
-    assert report["bad_alpha_error"].startswith("--moe-dpsl-alpha: expected 1 or 4 values (num experts), got 3")
+    assert report["bad_alpha_error"].startswith(
+        "--moe-dpsl-alpha: expected 1 or 4 values (num experts), got 3"
+    )
     # the spec patch: Megatron-LM's builder picks the DPSL spec; the launcher's agrees
     assert report["megatron_lm_routers"] == ["DPSLRouter", "DPSLRouter"]
     assert report["launcher_routers"] == ["DPSLRouter", "DPSLRouter"]
@@ -241,7 +285,9 @@ def test_unpatched_megatron_lm_with_the_launcher(megatron_lm_reports, megatron_l
     assert not report["parses_dpsl_without_provider"]
     assert report["core_config"] == "TransformerConfig"
     assert report["dpsl_config"] == EXPECTED_CONFIG
-    assert report["bad_alpha_error"] is None  # stock config ignores DPSL fields; the launcher's path checks them
+    assert (
+        report["bad_alpha_error"] is None
+    )  # stock config ignores DPSL fields; the launcher's path checks them
     assert report["launcher_routers"] == ["DPSLRouter", "DPSLRouter"]
 
 
@@ -250,10 +296,14 @@ def test_baselines_without_dpsl_get_the_plugin_modules(megatron_lm_reports):
     # function and builder, and the launcher on both trees, build the plugin's config and modules
     patched = megatron_lm_reports["patched"]["build_baselines"]
     unpatched = megatron_lm_reports["unpatched"]["build_baselines"]
-    assert "error" not in patched and "error" not in unpatched, (patched.get("error"), unpatched.get("error"))
+    assert "error" not in patched and "error" not in unpatched, (
+        patched.get("error"),
+        unpatched.get("error"),
+    )
     assert patched["core_config"] == "DPSLTransformerConfig"  # patch 1 (core_v0.19.0: patch 2)
     assert unpatched["core_config"] == "TransformerConfig"
-    # every MoE layer gets ACRouter (layer 1 routes as TopKRouter and hands its assignment to layer 2)
+    # every MoE layer gets ACRouter (layer 1 routes as TopKRouter and hands its assignment to layer
+    # 2)
     expected = {"routers": ["ACRouter", "ACRouter"], "moe_layers": ["DPSLMoELayer", "DPSLMoELayer"]}
     assert patched["megatron_lm"] == expected
     assert patched["launcher"] == expected and unpatched["launcher"] == expected
@@ -263,7 +313,9 @@ def test_launcher_names_the_env_var_when_megatron_lm_is_missing(tmp_path, monkey
     from megatron_dpsl.megatron_lm import pretrain_gpt as launcher
 
     monkeypatch.setenv(launcher.PATH_ENV, str(tmp_path))
-    with pytest.raises(SystemExit, match=f"{launcher.PATH_ENV}={tmp_path}: no pretrain_gpt.py there"):
+    with pytest.raises(
+        SystemExit, match=f"{launcher.PATH_ENV}={tmp_path}: no pretrain_gpt.py there"
+    ):
         launcher.import_pretrain_gpt()
     monkeypatch.delenv(launcher.PATH_ENV)
     if "megatron.training" in sys.modules or Path("pretrain_gpt.py").exists():
@@ -283,8 +335,16 @@ def test_dataset_token_groups_follow_the_blend_index():
     from megatron_dpsl.parallel.token_groups import get_dpsl_token_groups
 
     init_single_process()
-    args = type("Args", (), dict(moe_router_load_balancing_type="dpsl", moe_dpsl_group_alphas=None,
-                                 moe_dpsl_num_groups=2, overlap_moe_expert_parallel_comm=False))()
+    args = type(
+        "Args",
+        (),
+        dict(
+            moe_router_load_balancing_type="dpsl",
+            moe_dpsl_group_alphas=None,
+            moe_dpsl_num_groups=2,
+            overlap_moe_expert_parallel_comm=False,
+        ),
+    )()
     batches = iter([{"dataset_id": torch.tensor([1, 0, 1]), "tokens": torch.zeros(3, 5)}])
     groups = DatasetTokenGroups(args, batches)
     batch = next(groups.data_iterator)  # what get_batch_on_this_tp_rank does on TP rank 0
@@ -315,8 +375,15 @@ def test_dataset_token_groups_follow_the_blend_index():
 
 
 def test_dataset_token_groups_are_a_no_op_without_group_priors():
-    args = type("Args", (), dict(moe_router_load_balancing_type=["aux_loss", "dpsl"], moe_dpsl_group_alphas=None,
-                                 moe_dpsl_num_groups=None))()
+    args = type(
+        "Args",
+        (),
+        dict(
+            moe_router_load_balancing_type=["aux_loss", "dpsl"],
+            moe_dpsl_group_alphas=None,
+            moe_dpsl_num_groups=None,
+        ),
+    )()
     from megatron_dpsl.megatron_lm.hooks import DatasetTokenGroups
 
     data = iter([{"tokens": 0}])

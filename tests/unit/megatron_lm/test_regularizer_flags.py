@@ -14,7 +14,9 @@ from megatron_dpsl.megatron_lm.args import (
     dpsl_config_from_args,
 )
 
-BASE = dict(num_layers=1, hidden_size=16, num_attention_heads=4, num_moe_experts=4, moe_router_topk=2)
+BASE = dict(
+    num_layers=1, hidden_size=16, num_attention_heads=4, num_moe_experts=4, moe_router_topk=2
+)
 CMD = "--num-layers 1 --hidden-size 16 --num-attention-heads 4 --num-experts 4"
 
 
@@ -26,8 +28,13 @@ def make(**over):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False)
-    for flag, kind in (("--num-layers", int), ("--hidden-size", int), ("--num-attention-heads", int),
-                       ("--num-experts", int), ("--moe-router-topk", int)):
+    for flag, kind in (
+        ("--num-layers", int),
+        ("--hidden-size", int),
+        ("--num-attention-heads", int),
+        ("--num-experts", int),
+        ("--moe-router-topk", int),
+    ):
         p.add_argument(flag, type=kind)
     p.add_argument("--moe-token-dispatcher-type", default="allgather")
     add_moe_load_balancing_args(p)
@@ -53,44 +60,110 @@ def config_from(cmdline: str):
 def test_coefficient_is_the_slot(types, coeffs, variance, orthogonality):
     c = make(moe_router_load_balancing_type=types, moe_aux_loss_coeff=coeffs, moe_dpsl_coeff=None)
     assert (c.moe_variance_coeff, c.moe_orthogonality_coeff) == (variance, orthogonality)
-    assert c.moe_plugin_enabled == (types != "aux_loss")  # the launcher must then build the plugin's spec
-    assert c.moe_router_load_balancing_type == types and c.moe_aux_loss_coeff == coeffs  # kept as written
+    assert c.moe_plugin_enabled == (
+        types != "aux_loss"
+    )  # the launcher must then build the plugin's spec
+    assert (
+        c.moe_router_load_balancing_type == types and c.moe_aux_loss_coeff == coeffs
+    )  # kept as written
     assert (c.moe_variance_loss_form, c.moe_orthogonality_loss_form) == ("paper", "paper")
 
 
 def test_megatron_validation_sees_only_its_types():
     # stock TransformerConfig rejects unknown types as soon as capacity dropping is on
-    c = make(moe_router_load_balancing_type=["aux_loss", "variance", "orthogonality"], moe_aux_loss_coeff=[1e-2, 1e-3, 1e-4],
-             moe_expert_capacity_factor=1.0)
-    c2 = dataclasses.replace(c, moe_orthogonality_loss_form="reference_code")  # re-validation keeps working
+    c = make(
+        moe_router_load_balancing_type=["aux_loss", "variance", "orthogonality"],
+        moe_aux_loss_coeff=[1e-2, 1e-3, 1e-4],
+        moe_expert_capacity_factor=1.0,
+    )
+    c2 = dataclasses.replace(
+        c, moe_orthogonality_loss_form="reference_code"
+    )  # re-validation keeps working
     assert c2.moe_orthogonality_coeff == 1e-4
 
 
 @pytest.mark.parametrize(
     "over, message",
     [
-        (dict(moe_router_load_balancing_type=["aux_loss", "variance"], moe_aux_loss_coeff=[1e-2, -1e-3]),
-         "moe_aux_loss_coeff: the value in variance's slot is its coefficient and must be >= 0, got -0.001"),
-        (dict(moe_router_load_balancing_type="orthogonality", moe_aux_loss_coeff=float("nan")),
-         "moe_aux_loss_coeff: the value in orthogonality's slot"),
-        (dict(moe_router_load_balancing_type="orthogonality", moe_aux_loss_coeff=1e-4, moe_router_topk=1),
-         "moe_router_load_balancing_type 'orthogonality' compares the outputs of one token's k experts: it needs "
-         "moe_router_topk >= 2, got 1"),
-        (dict(moe_router_load_balancing_type="orthogonality", moe_aux_loss_coeff=1e-4, moe_apply_probs_on_input=True),
-         "not compatible with moe_apply_probs_on_input"),
-        (dict(moe_router_load_balancing_type="orthogonality", moe_aux_loss_coeff=1e-4, moe_token_dispatcher_type="flex"),
-         "supports moe_token_dispatcher_type 'allgather' and 'alltoall', got 'flex'"),
-        (dict(moe_router_load_balancing_type="orthogonality", moe_aux_loss_coeff=1e-4, moe_expert_capacity_factor=1.0,
-              moe_pad_expert_input_to_capacity=True), "not supported with moe_pad_expert_input_to_capacity"),
-        (dict(moe_router_load_balancing_type="orthogonality", moe_aux_loss_coeff=1e-4, cuda_graph_impl="local"),
-         "not supported with cuda_graph_impl='local'"),
-        (dict(moe_router_load_balancing_type=["aux_loss", "varianse"], moe_aux_loss_coeff=[1e-2, 1e-3]),
-         "moe_router_load_balancing_type: unknown type 'varianse'; choose from"),
-        (dict(moe_router_load_balancing_type=["sinkhorn", "variance"], moe_aux_loss_coeff=[0.0, 1e-3]),
-         "'variance' cannot be combined with 'sinkhorn'"),
-        (dict(moe_router_load_balancing_type="variance", moe_aux_loss_coeff=1e-3, num_moe_experts=None),
-         "moe_router_load_balancing_type 'variance' needs num_moe_experts"),
-        (dict(moe_variance_loss_form="code"), "moe_variance_loss_form must be one of ['paper', 'reference_code']"),
+        (
+            dict(
+                moe_router_load_balancing_type=["aux_loss", "variance"],
+                moe_aux_loss_coeff=[1e-2, -1e-3],
+            ),
+            "moe_aux_loss_coeff: the value in variance's slot is its coefficient and must be >= 0, got -0.001",
+        ),
+        (
+            dict(moe_router_load_balancing_type="orthogonality", moe_aux_loss_coeff=float("nan")),
+            "moe_aux_loss_coeff: the value in orthogonality's slot",
+        ),
+        (
+            dict(
+                moe_router_load_balancing_type="orthogonality",
+                moe_aux_loss_coeff=1e-4,
+                moe_router_topk=1,
+            ),
+            "moe_router_load_balancing_type 'orthogonality' compares the outputs of one token's k experts: it needs "
+            "moe_router_topk >= 2, got 1",
+        ),
+        (
+            dict(
+                moe_router_load_balancing_type="orthogonality",
+                moe_aux_loss_coeff=1e-4,
+                moe_apply_probs_on_input=True,
+            ),
+            "not compatible with moe_apply_probs_on_input",
+        ),
+        (
+            dict(
+                moe_router_load_balancing_type="orthogonality",
+                moe_aux_loss_coeff=1e-4,
+                moe_token_dispatcher_type="flex",
+            ),
+            "supports moe_token_dispatcher_type 'allgather' and 'alltoall', got 'flex'",
+        ),
+        (
+            dict(
+                moe_router_load_balancing_type="orthogonality",
+                moe_aux_loss_coeff=1e-4,
+                moe_expert_capacity_factor=1.0,
+                moe_pad_expert_input_to_capacity=True,
+            ),
+            "not supported with moe_pad_expert_input_to_capacity",
+        ),
+        (
+            dict(
+                moe_router_load_balancing_type="orthogonality",
+                moe_aux_loss_coeff=1e-4,
+                cuda_graph_impl="local",
+            ),
+            "not supported with cuda_graph_impl='local'",
+        ),
+        (
+            dict(
+                moe_router_load_balancing_type=["aux_loss", "varianse"],
+                moe_aux_loss_coeff=[1e-2, 1e-3],
+            ),
+            "moe_router_load_balancing_type: unknown type 'varianse'; choose from",
+        ),
+        (
+            dict(
+                moe_router_load_balancing_type=["sinkhorn", "variance"],
+                moe_aux_loss_coeff=[0.0, 1e-3],
+            ),
+            "'variance' cannot be combined with 'sinkhorn'",
+        ),
+        (
+            dict(
+                moe_router_load_balancing_type="variance",
+                moe_aux_loss_coeff=1e-3,
+                num_moe_experts=None,
+            ),
+            "moe_router_load_balancing_type 'variance' needs num_moe_experts",
+        ),
+        (
+            dict(moe_variance_loss_form="code"),
+            "moe_variance_loss_form must be one of ['paper', 'reference_code']",
+        ),
     ],
 )
 def test_bad_config_names_the_field(over, message):
@@ -101,16 +174,23 @@ def test_bad_config_names_the_field(over, message):
 
 def test_orthogonality_off_needs_none_of_its_requirements():
     # top-1 with a pre-softmax router and the flex dispatcher are fine when the type is not named
-    make(moe_router_topk=1, moe_router_pre_softmax=True, moe_token_dispatcher_type="flex",
-         moe_router_load_balancing_type=["aux_loss", "variance"], moe_aux_loss_coeff=[1e-2, 1e-3])
+    make(
+        moe_router_topk=1,
+        moe_router_pre_softmax=True,
+        moe_token_dispatcher_type="flex",
+        moe_router_load_balancing_type=["aux_loss", "variance"],
+        moe_aux_loss_coeff=[1e-2, 1e-3],
+    )
 
 
 # --------------------------------------------------------------------------- flags
 
 
 def test_the_lead_example_command_line():
-    c = config_from("--moe-router-load-balancing-type aux_loss dpsl variance orthogonality "
-                    "--moe-aux-loss-coeff 1e-3 0.01 1e-3 1e-4 --moe-router-topk 2 --moe-orthogonality-loss-form reference_code")
+    c = config_from(
+        "--moe-router-load-balancing-type aux_loss dpsl variance orthogonality "
+        "--moe-aux-loss-coeff 1e-3 0.01 1e-3 1e-4 --moe-router-topk 2 --moe-orthogonality-loss-form reference_code"
+    )
     assert (c.moe_dpsl_coeff, c.moe_variance_coeff, c.moe_orthogonality_coeff) == (0.01, 1e-3, 1e-4)
     assert (c.moe_variance_loss_form, c.moe_orthogonality_loss_form) == ("paper", "reference_code")
 
@@ -122,25 +202,38 @@ def test_each_form_flag_is_a_config_field_with_the_config_default():
     actions = {a.dest: a for a in parser()._actions}
     for flag, field, _ in REGULARIZER_FLAGS:
         assert actions[field].option_strings == [flag] and field in fields and fields[field].kw_only
-        assert actions[field].default is None and fields[field].default == "paper"  # None: not given
+        assert (
+            actions[field].default is None and fields[field].default == "paper"
+        )  # None: not given
 
 
 @pytest.mark.parametrize(
     "cmdline, message",
     [
-        ("--moe-router-load-balancing-type aux_loss variance --moe-aux-loss-coeff 1e-3 -0.001 --moe-router-topk 2",
-         "--moe-aux-loss-coeff: the value in variance's slot is its coefficient and must be >= 0, got -0.001"),
-        ("--moe-router-load-balancing-type orthogonality --moe-aux-loss-coeff 1e-4 --moe-router-topk 1",
-         "--moe-router-load-balancing-type 'orthogonality' compares the outputs of one token's k experts: it needs "
-         "--moe-router-topk >= 2, got 1"),
-        ("--moe-router-load-balancing-type orthogonality --moe-aux-loss-coeff 1e-4 --moe-router-topk 2 "
-         "--moe-token-dispatcher-type flex", "supports --moe-token-dispatcher-type 'allgather' and 'alltoall'"),
-        ("--moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 1e-2 --moe-router-topk 2 "
-         "--moe-variance-loss-form reference_code",
-         "--moe-variance-loss-form needs --moe-router-load-balancing-type to include 'variance'"),
-        ("--moe-router-load-balancing-type variance --moe-aux-loss-coeff 1e-3 --moe-router-topk 2 "
-         "--moe-orthogonality-loss-form paper",
-         "--moe-orthogonality-loss-form needs --moe-router-load-balancing-type to include 'orthogonality'"),
+        (
+            "--moe-router-load-balancing-type aux_loss variance --moe-aux-loss-coeff 1e-3 -0.001 --moe-router-topk 2",
+            "--moe-aux-loss-coeff: the value in variance's slot is its coefficient and must be >= 0, got -0.001",
+        ),
+        (
+            "--moe-router-load-balancing-type orthogonality --moe-aux-loss-coeff 1e-4 --moe-router-topk 1",
+            "--moe-router-load-balancing-type 'orthogonality' compares the outputs of one token's k experts: it needs "
+            "--moe-router-topk >= 2, got 1",
+        ),
+        (
+            "--moe-router-load-balancing-type orthogonality --moe-aux-loss-coeff 1e-4 --moe-router-topk 2 "
+            "--moe-token-dispatcher-type flex",
+            "supports --moe-token-dispatcher-type 'allgather' and 'alltoall'",
+        ),
+        (
+            "--moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 1e-2 --moe-router-topk 2 "
+            "--moe-variance-loss-form reference_code",
+            "--moe-variance-loss-form needs --moe-router-load-balancing-type to include 'variance'",
+        ),
+        (
+            "--moe-router-load-balancing-type variance --moe-aux-loss-coeff 1e-3 --moe-router-topk 2 "
+            "--moe-orthogonality-loss-form paper",
+            "--moe-orthogonality-loss-form needs --moe-router-load-balancing-type to include 'orthogonality'",
+        ),
     ],
 )
 def test_errors_name_the_flag(cmdline, message):
@@ -152,8 +245,14 @@ def test_errors_name_the_flag(cmdline, message):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        ("--moe-router-load-balancing-type varianse", "argument --moe-router-load-balancing-type: invalid choice: 'varianse'"),
-        ("--moe-variance-loss-form code", "argument --moe-variance-loss-form: invalid choice: 'code'"),
+        (
+            "--moe-router-load-balancing-type varianse",
+            "argument --moe-router-load-balancing-type: invalid choice: 'varianse'",
+        ),
+        (
+            "--moe-variance-loss-form code",
+            "argument --moe-variance-loss-form: invalid choice: 'code'",
+        ),
     ],
 )
 def test_unknown_values_are_argparse_errors(argv, message, capsys):

@@ -11,12 +11,16 @@ from megatron_dpsl import metrics
 
 def _probs(num_tokens, num_experts, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return torch.softmax(torch.randn(num_tokens, num_experts, generator=g, dtype=torch.float64) * 2, -1).to(dtype)
+    return torch.softmax(
+        torch.randn(num_tokens, num_experts, generator=g, dtype=torch.float64) * 2, -1
+    ).to(dtype)
 
 
 def test_expert_load_cov():
     counts = torch.tensor([1, 2, 3, 4])
-    assert metrics.expert_load_cov(counts).item() == pytest.approx(np.std([1, 2, 3, 4]) / 2.5, rel=1e-6)
+    assert metrics.expert_load_cov(counts).item() == pytest.approx(
+        np.std([1, 2, 3, 4]) / 2.5, rel=1e-6
+    )
     routing_map = torch.zeros(6, 3, dtype=torch.bool)
     routing_map[:, 0] = True
     routing_map[:3, 1] = True
@@ -36,7 +40,9 @@ def test_entropy_and_max_prob():
     uniform = torch.full((10, 4), 0.25)
     assert metrics.routing_entropy(uniform).item() == pytest.approx(np.log(4), rel=1e-6)
     one_hot = torch.eye(4)
-    assert metrics.routing_entropy(one_hot).item() == 0 and metrics.mean_max_prob(one_hot).item() == 1
+    assert (
+        metrics.routing_entropy(one_hot).item() == 0 and metrics.mean_max_prob(one_hot).item() == 1
+    )
     assert metrics.routing_entropy(torch.zeros(0, 4)).item() == 0
 
 
@@ -60,7 +66,8 @@ def test_prior_distance_matches_independent_eq4():
     pad = torch.arange(300) % 5 == 0
     d = metrics.prior_distance(p, alpha2, gids, pad)
     assert d.shape == (4,) and d.dtype == torch.float64 and not d.requires_grad
-    # table CDF error <= 2e-10 -> each squared term within 2 x 2e-10 (|j/n - F| <= 1), 2 groups per expert
+    # table CDF error <= 2e-10 -> each squared term within 2 x 2e-10 (|j/n - F| <= 1), 2 groups per
+    # expert
     np.testing.assert_allclose(d.numpy(), _eq4_scipy(p, alpha2, gids, pad), rtol=0, atol=8e-10)
 
 
@@ -70,10 +77,14 @@ def test_ks_distance_matches_scipy(dtype):
     alpha = [0.5, 1.0, 1.0, 2.0]
     ks = metrics.ks_distance(p, alpha)
     ref = [
-        scipy.stats.kstest(p[:, k].double().numpy(), scipy.stats.beta(alpha[k], sum(alpha) - alpha[k]).cdf).statistic
+        scipy.stats.kstest(
+            p[:, k].double().numpy(), scipy.stats.beta(alpha[k], sum(alpha) - alpha[k]).cdf
+        ).statistic
         for k in range(4)
     ]
-    np.testing.assert_allclose(ks.double().numpy(), ref, atol=1e-6)  # table CDF error <= 5e-7 in float32
+    np.testing.assert_allclose(
+        ks.double().numpy(), ref, atol=1e-6
+    )  # table CDF error <= 5e-7 in float32
 
 
 def test_ks_distance_groups_padding_nan():

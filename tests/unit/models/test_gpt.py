@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from support.megatron_cpu import init_single_process
 
 
@@ -20,9 +19,18 @@ def megatron_state():
 def _config(**over):
     from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
 
-    kw = dict(num_layers=2, hidden_size=16, ffn_hidden_size=32, num_attention_heads=4, num_moe_experts=4,
-              moe_router_topk=2, moe_router_load_balancing_type="dpsl", moe_aux_loss_coeff=0.0,
-              use_cpu_initialization=True, add_bias_linear=False)
+    kw = dict(
+        num_layers=2,
+        hidden_size=16,
+        ffn_hidden_size=32,
+        num_attention_heads=4,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_router_load_balancing_type="dpsl",
+        moe_aux_loss_coeff=0.0,
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+    )
     kw.update(over)
     return DPSLTransformerConfig(**kw)
 
@@ -38,24 +46,41 @@ def test_moe_model_has_dpsl_routers_and_gets_gpt_kwargs(spec):
     from megatron_dpsl.models.gpt import build_gpt_model
 
     # qk_l2_norm in the config too: megatron-core 0.19 refuses an L2Norm spec on a config without it
-    model = build_gpt_model(_config(qk_l2_norm=True), spec=spec, spec_kwargs={"qk_l2_norm": True}, vocab_size=40,
-                            max_sequence_length=8, share_embeddings_and_output_weights=False)
+    model = build_gpt_model(
+        _config(qk_l2_norm=True),
+        spec=spec,
+        spec_kwargs={"qk_l2_norm": True},
+        vocab_size=40,
+        max_sequence_length=8,
+        share_embeddings_and_output_weights=False,
+    )
     assert _routers(model) == ["DPSLRouter", "DPSLRouter"]
-    assert model.embedding.word_embeddings.weight.shape == (40, 16)  # GPTModel's keyword arguments arrive
+    assert model.embedding.word_embeddings.weight.shape == (
+        40,
+        16,
+    )  # GPTModel's keyword arguments arrive
     assert model.output_layer.weight is not model.embedding.word_embeddings.weight
     # spec_kwargs reach Megatron's spec function: L2Norm on queries and keys in both layers
     assert sum(type(m).__name__ == "L2Norm" for m in model.modules()) == 4
     tokens = torch.randint(0, 40, (2, 8))
-    logits = model(tokens, torch.arange(8).expand(2, 8), torch.triu(torch.ones(1, 1, 8, 8, dtype=torch.bool), 1))
+    logits = model(
+        tokens,
+        torch.arange(8).expand(2, 8),
+        torch.triu(torch.ones(1, 1, 8, 8, dtype=torch.bool), 1),
+    )
     assert logits.shape == (2, 8, 40) and torch.isfinite(logits).all()
 
 
 def test_decoder_block_follows_moe_layer_freq_and_dense_layer_spec_has_no_router():
     from megatron_dpsl.models.gpt import build_gpt_model
 
-    mixed = build_gpt_model(_config(moe_layer_freq=[0, 1]), spec="decoder_block", vocab_size=32, max_sequence_length=8)
+    mixed = build_gpt_model(
+        _config(moe_layer_freq=[0, 1]), spec="decoder_block", vocab_size=32, max_sequence_length=8
+    )
     assert _routers(mixed) == ["DPSLRouter"]  # the per-layer block spec: layer 0 dense, layer 1 MoE
-    dense_cfg = _config(num_moe_experts=None, moe_router_load_balancing_type="aux_loss", moe_router_topk=2)
+    dense_cfg = _config(
+        num_moe_experts=None, moe_router_load_balancing_type="aux_loss", moe_router_topk=2
+    )
     dense = build_gpt_model(dense_cfg, vocab_size=32, max_sequence_length=8)
     assert _routers(dense) == [] and len(dense.decoder.layers) == 2
 
@@ -63,5 +88,7 @@ def test_decoder_block_follows_moe_layer_freq_and_dense_layer_spec_has_no_router
 def test_unknown_spec_names_the_argument_and_choices():
     from megatron_dpsl.models.gpt import build_gpt_model
 
-    with pytest.raises(ValueError, match=r"spec must be one of \['layer', 'decoder_block'\], got 'block'"):
+    with pytest.raises(
+        ValueError, match=r"spec must be one of \['layer', 'decoder_block'\], got 'block'"
+    ):
         build_gpt_model(_config(), spec="block", vocab_size=32, max_sequence_length=8)

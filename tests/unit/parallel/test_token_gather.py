@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from support.common import torchrun
 from support.workers.gather_worker import CASES  # plain data; the worker imports no Megatron
 

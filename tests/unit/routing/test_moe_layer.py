@@ -1,17 +1,21 @@
 """DPSLMoELayer (one process): the orthogonality loss on real Megatron MoE layers and dispatchers.
 
 The reference runs every (token, expert) pair through a copy of the layer's experts one token at a
-time, with a stock TopKRouter: no dispatcher, no permutation, nothing shared with the code under test.
-CPU shims for Megatron's CUDA-only calls (and the alltoall dispatcher's stream): tests/megatron_cpu.py.
+time, with a stock TopKRouter: no dispatcher, no permutation, nothing shared with the code under
+test. CPU shims for Megatron's CUDA-only calls (and the alltoall dispatcher's stream):
+tests/megatron_cpu.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-
 from support.common import build_mlp, moe_tracked, reset_moe_tracker
-from support.megatron_cpu import init_single_process, install_alltoall_shims, install_recompute_shims
+from support.megatron_cpu import (
+    init_single_process,
+    install_alltoall_shims,
+    install_recompute_shims,
+)
 
 H, E, K, BETA = 16, 4, 2, 0.3
 
@@ -32,10 +36,20 @@ def make_config(types=("orthogonality",), coeffs=(BETA,), **over):
     from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
 
     kw = dict(
-        num_layers=2, hidden_size=H, ffn_hidden_size=8, num_attention_heads=4, num_moe_experts=E, moe_router_topk=K,
-        moe_router_load_balancing_type=list(types), moe_aux_loss_coeff=list(coeffs), moe_dpsl_coeff=None,
-        moe_dpsl_log_interval=0, moe_token_dispatcher_type="allgather", use_cpu_initialization=True,
-        add_bias_linear=False, init_method_std=0.5,
+        num_layers=2,
+        hidden_size=H,
+        ffn_hidden_size=8,
+        num_attention_heads=4,
+        num_moe_experts=E,
+        moe_router_topk=K,
+        moe_router_load_balancing_type=list(types),
+        moe_aux_loss_coeff=list(coeffs),
+        moe_dpsl_coeff=None,
+        moe_dpsl_log_interval=0,
+        moe_token_dispatcher_type="allgather",
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        init_method_std=0.5,
     )
     kw.update(over)
     return DPSLTransformerConfig(**kw)
@@ -79,10 +93,16 @@ def reference(layer, config, x, pad, form):
     rows, out = [], []
     for t in range(tokens.shape[0]):
         chosen = routing_map[t].nonzero().flatten().tolist()  # ascending expert id = slot order
-        slot_outputs = [experts.local_experts[e](tokens[t : t + 1], torch.ones(1))[0][0] for e in chosen]
+        slot_outputs = [
+            experts.local_experts[e](tokens[t : t + 1], torch.ones(1))[0][0] for e in chosen
+        ]
         slot_outputs += [tokens.new_zeros(H)] * (K - len(chosen))  # a dropped expert: an empty slot
         rows.append(torch.stack(slot_outputs))
-        out.append(sum(probs[t, e] * y for e, y in zip(chosen, slot_outputs)) if chosen else tokens.new_zeros(H))
+        out.append(
+            sum(probs[t, e] * y for e, y in zip(chosen, slot_outputs))
+            if chosen
+            else tokens.new_zeros(H)
+        )
     slots = torch.stack(rows)  # [T, k, H]
     loss = BETA * orthogonality_loss(slots, None if pad is None else pad.reshape(-1), form=form)
     return torch.stack(out).reshape(x.shape), loss, x, router, experts
@@ -100,7 +120,9 @@ CASES = {
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
 def test_loss_output_and_gradients_match_the_per_token_reference(dispatcher, form, case):
     over, with_padding = CASES[case]
-    config = make_config(moe_token_dispatcher_type=dispatcher, moe_orthogonality_loss_form=form, **over)
+    config = make_config(
+        moe_token_dispatcher_type=dispatcher, moe_orthogonality_loss_form=form, **over
+    )
     layer = build(config)
     x = hidden().requires_grad_(True)
     pad = (torch.arange(18).reshape(6, 3) % 4 == 1) if with_padding else None
@@ -109,11 +131,16 @@ def test_loss_output_and_gradients_match_the_per_token_reference(dispatcher, for
     out, _ = layer(x, padding_mask=None if pad is None else pad.t())  # MoELayer takes [b, s]
     (out * g).sum().backward()
     ((ref_out * g).sum() + ref_loss).backward()
-    # fp32: the same products and sums in another order (weights applied after fc2 instead of before)
+    # fp32: the same products and sums in another order (weights applied after fc2 instead of
+    # before)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(tracker("orthogonality_loss")[0], ref_loss.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        tracker("orthogonality_loss")[0], ref_loss.detach(), rtol=1e-5, atol=1e-7
+    )
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.router.weight.grad, ref_router.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        layer.router.weight.grad, ref_router.weight.grad, rtol=1e-5, atol=1e-6
+    )
     for (name, p), q in zip(layer.experts.named_parameters(), ref_experts.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
     assert ref_loss > 0
@@ -132,7 +159,11 @@ def test_the_loss_moves_expert_and_input_gradients_but_not_the_router():
 
 @pytest.mark.parametrize("mode", ["coeff0", "eval", "no_grad", "other_types_only"])
 def test_off_the_layer_is_moe_layer(mode):
-    types, coeffs = (("aux_loss", "variance"), (1e-2, 0.1)) if mode == "other_types_only" else (("orthogonality",), (0.0 if mode == "coeff0" else BETA,))
+    types, coeffs = (
+        (("aux_loss", "variance"), (1e-2, 0.1))
+        if mode == "other_types_only"
+        else (("orthogonality",), (0.0 if mode == "coeff0" else BETA,))
+    )
     config = make_config(types, coeffs)
     layer, stock = build(config), build(config, stock=True)
     stock.load_state_dict(layer.state_dict())
@@ -157,7 +188,9 @@ def test_per_token_loss_multiplies_by_the_valid_tokens():
         grads[per_token] = layer.experts.local_experts[1].linear_fc2.weight.grad.clone()
         logged[per_token] = tracker("orthogonality_loss")[0]
     valid = int((~pad).sum())
-    torch.testing.assert_close(grads[True], valid * grads[False], rtol=1e-5, atol=1e-6 * grads[True].abs().max().item())
+    torch.testing.assert_close(
+        grads[True], valid * grads[False], rtol=1e-5, atol=1e-6 * grads[True].abs().max().item()
+    )
     assert torch.equal(logged[True], logged[False])  # the logged value is per token either way
 
 
@@ -169,19 +202,29 @@ def test_with_shared_experts_recompute_and_every_router_loss():
     results = {}
     for recompute in (False, True):
         reset_moe_tracker()
-        extra = dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}
+        extra = (
+            dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}
+        )
         layer = build(make_config(types, coeffs, **over, **extra))
         xi = x.clone().requires_grad_(True)
         out, _ = layer(xi)
         out.sum().backward()
-        results[recompute] = (out.detach(), xi.grad, [p.grad.clone() for p in layer.parameters()],
-                              {n: tracker(n) for n in ("load_balancing_loss", "dpsl_loss", "variance_loss", "orthogonality_loss")})
+        results[recompute] = (
+            out.detach(),
+            xi.grad,
+            [p.grad.clone() for p in layer.parameters()],
+            {
+                n: tracker(n)
+                for n in ("load_balancing_loss", "dpsl_loss", "variance_loss", "orthogonality_loss")
+            },
+        )
     (o0, x0, g0, l0), (o1, x1, g1, l1) = results[False], results[True]
     for name, value in l0.items():
         assert value is not None and value[0] != 0, name
         torch.testing.assert_close(l1[name], value)
-    # under recompute the first forward runs without grad, so Megatron's weighting-in-the-expert path
-    # produces the output (the loss path runs in the replay): fp32 rounding apart, the same numbers
+    # under recompute the first forward runs without grad, so Megatron's weighting-in-the-expert
+    # path produces the output (the loss path runs in the replay): fp32 rounding apart, the same
+    # numbers
     torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x1, x0)
     for a, b in zip(g0, g1):
@@ -191,14 +234,18 @@ def test_with_shared_experts_recompute_and_every_router_loss():
 def test_gpt_model_with_the_decoder_block_spec_logs_every_moe_layer():
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_dpsl.models.specs import get_dpsl_decoder_block_spec
     from megatron_dpsl.routing.moe_layer import DPSLMoELayer
     from megatron_dpsl.routing.router import DPSLRouter
-    from megatron_dpsl.models.specs import get_dpsl_decoder_block_spec
 
     config = make_config(("variance", "orthogonality"), (0.1, BETA))
     torch.manual_seed(0)
-    model = GPTModel(config=config, transformer_layer_spec=get_dpsl_decoder_block_spec(config), vocab_size=32,
-                     max_sequence_length=8)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_dpsl_decoder_block_spec(config),
+        vocab_size=32,
+        max_sequence_length=8,
+    )
     moe = [m for m in model.modules() if isinstance(m, DPSLMoELayer)]
     assert len(moe) == 2 and all(type(m.router) is DPSLRouter for m in moe)
     tokens = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(3))
@@ -218,9 +265,9 @@ def test_specs_swap_router_and_layer_in_both_spec_shapes():
     from megatron.core.transformer.moe.router import TopKRouter
     from megatron.core.transformer.spec_utils import ModuleSpec
 
+    from megatron_dpsl.models.specs import get_dpsl_layer_spec, with_plugin_modules, with_router
     from megatron_dpsl.routing.moe_layer import DPSLMoELayer
     from megatron_dpsl.routing.router import DPSLRouter
-    from megatron_dpsl.models.specs import get_dpsl_layer_spec, with_plugin_modules, with_router
 
     def parts(mlp):
         if isinstance(mlp, functools.partial):
@@ -233,7 +280,13 @@ def test_specs_swap_router_and_layer_in_both_spec_shapes():
     assert parts(stock) == (MoELayer, TopKRouter)  # the input is not changed
     # the other shape than the installed Megatron's, built by hand; one node shared by two layers
     sub = MoESubmodules(experts=None, router=TopKRouter)
-    other = functools.partial(MoELayer, submodules=sub) if isinstance(stock, ModuleSpec) else ModuleSpec(module=MoELayer, submodules=sub)
+    other = (
+        functools.partial(MoELayer, submodules=sub)
+        if isinstance(stock, ModuleSpec)
+        else ModuleSpec(module=MoELayer, submodules=sub)
+    )
     swapped = with_plugin_modules([other, other])
-    assert [parts(s) for s in swapped] == [(DPSLMoELayer, DPSLRouter)] * 2 and swapped[0] is swapped[1]
+    assert [parts(s) for s in swapped] == [(DPSLMoELayer, DPSLRouter)] * 2 and swapped[
+        0
+    ] is swapped[1]
     assert parts(other) == (MoELayer, TopKRouter)

@@ -1,13 +1,13 @@
 """DPSLRouter in one process: parity with TopKRouter, DPSL on the right probabilities, hooks, specs.
 
-Real Megatron modules (TopKRouter, MoELayer, GPTModel) on CPU with the shims of tests/megatron_cpu.py.
+Real Megatron modules (TopKRouter, MoELayer, GPTModel) on CPU with the shims of
+tests/megatron_cpu.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-
 from support.common import build_mlp, moe_tracked, pg, reset_moe_tracker
 from support.megatron_cpu import init_single_process
 
@@ -81,7 +81,11 @@ def reference_dpsl(weight, x, coeff, alpha, padding_mask=None, group_ids=None):
 
 # ---------------------------------------------------------------- state dict
 def test_state_dict_identical_to_topk_router_both_ways():
-    cfg = make_config(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid", add_bias_linear=True)
+    cfg = make_config(
+        moe_router_enable_expert_bias=True,
+        moe_router_score_function="sigmoid",
+        add_bias_linear=True,
+    )
     d, t = pair(cfg)
     assert list(d.state_dict()) == list(t.state_dict())  # the prior buffer is non-persistent
     with torch.no_grad():
@@ -98,13 +102,19 @@ def test_state_dict_identical_to_topk_router_both_ways():
 # ---------------------------------------------------------------- routing parity
 PARITY = {
     "softmax": {},
-    "softmax_pre_softmax_scaled": dict(moe_router_pre_softmax=True, moe_router_topk_scaling_factor=2.5),
+    "softmax_pre_softmax_scaled": dict(
+        moe_router_pre_softmax=True, moe_router_topk_scaling_factor=2.5
+    ),
     "sigmoid": dict(moe_router_score_function="sigmoid"),
-    "sigmoid_expert_bias": dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True),
+    "sigmoid_expert_bias": dict(
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True
+    ),
     "group_limited": dict(moe_router_num_groups=4, moe_router_group_topk=2),
     "capacity_drop_probs": dict(moe_expert_capacity_factor=0.5),
     "capacity_drop_position_padded": dict(
-        moe_expert_capacity_factor=0.5, moe_token_drop_policy="position", moe_pad_expert_input_to_capacity=True
+        moe_expert_capacity_factor=0.5,
+        moe_token_drop_policy="position",
+        moe_pad_expert_input_to_capacity=True,
     ),
     "z_loss": dict(moe_z_loss_coeff=1e-2),
     "fp32_router_dtype": dict(moe_router_dtype="fp32"),
@@ -121,12 +131,16 @@ def test_routing_bit_identical_to_topk_router(name, padding):
     cfg = make_config(**PARITY[name])
     d, t = pair(cfg)
     x = hidden()
-    pad = (torch.arange(x.shape[0] * x.shape[1]).reshape(x.shape[0], x.shape[1]) % 4 == 3) if padding else None
+    pad = (
+        (torch.arange(x.shape[0] * x.shape[1]).reshape(x.shape[0], x.shape[1]) % 4 == 3)
+        if padding
+        else None
+    )
     bias_and_pad = padding and PARITY[name].get("moe_router_enable_expert_bias", False)
     if bias_and_pad:
-        # Megatron 0.16/0.19 TopKRouter crashes here (NVIDIA/Megatron-LM#6111: [N] mask & [N, E] map);
-        # DPSLRouter broadcasts the mask. Padding does not change probs/routing_map, so compare to
-        # TopKRouter without the mask and check the bias token count by hand.
+        # Megatron 0.16/0.19 TopKRouter crashes here (NVIDIA/Megatron-LM#6111: [N] mask & [N, E]
+        # map); DPSLRouter broadcasts the mask. Padding does not change probs/routing_map, so
+        # compare to TopKRouter without the mask and check the bias token count by hand.
         with pytest.raises(RuntimeError):
             t(x, padding_mask=pad)
         t.local_tokens_per_expert.zero_()
@@ -148,11 +162,21 @@ def test_routing_bit_identical_to_topk_router(name, padding):
 @pytest.mark.parametrize("stock", ["aux_loss", "seq_aux_loss", "global_aux_loss"])
 def test_stock_aux_losses_unchanged_and_gradients_add(stock):
     """[stock, "dpsl"]: the stock loss is logged as before and the router gradient is stock + DPSL."""
-    stock_cfg = make_config(moe_router_load_balancing_type=stock, moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)
-    both_cfg = make_config(moe_router_load_balancing_type=[stock, "dpsl"], moe_aux_loss_coeff=[1e-2, 0.0], moe_z_loss_coeff=1e-3)
+    stock_cfg = make_config(
+        moe_router_load_balancing_type=stock, moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3
+    )
+    both_cfg = make_config(
+        moe_router_load_balancing_type=[stock, "dpsl"],
+        moe_aux_loss_coeff=[1e-2, 0.0],
+        moe_z_loss_coeff=1e-3,
+    )
     only_cfg = make_config(moe_z_loss_coeff=None)
     x = hidden()
-    names = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss", "global_aux_loss": "global_load_balancing_loss"}
+    names = {
+        "aux_loss": "load_balancing_loss",
+        "seq_aux_loss": "seq_load_balancing_loss",
+        "global_aux_loss": "global_load_balancing_loss",
+    }
     grads, logged = {}, {}
     for key, cfg in (("both", both_cfg), ("stock", stock_cfg), ("only", only_cfg)):
         reset_moe_tracker()
@@ -173,7 +197,12 @@ def test_stock_aux_losses_unchanged_and_gradients_add(stock):
 # ---------------------------------------------------------------- which probabilities DPSL sees
 @pytest.mark.parametrize(
     "over",
-    [{}, dict(moe_router_score_function="sigmoid"), dict(moe_router_pre_softmax=True), dict(moe_router_topk_scaling_factor=3.0, moe_router_pre_softmax=True)],
+    [
+        {},
+        dict(moe_router_score_function="sigmoid"),
+        dict(moe_router_pre_softmax=True),
+        dict(moe_router_topk_scaling_factor=3.0, moe_router_pre_softmax=True),
+    ],
     ids=["softmax", "sigmoid", "pre_softmax", "scaled"],
 )
 def test_dpsl_is_full_fp32_softmax_whatever_the_score_function(over):
@@ -200,7 +229,9 @@ def test_padding_true_means_padding_and_is_excluded():
     d(x, padding_mask=pad)
     first = tracker("dpsl_loss")[0].clone()
     x2 = x.clone()
-    x2[-2:] = 100 * torch.randn_like(x2[-2:])  # padding tokens change wildly: DPSL must not see them
+    x2[-2:] = 100 * torch.randn_like(
+        x2[-2:]
+    )  # padding tokens change wildly: DPSL must not see them
     d(x2, padding_mask=pad)
     assert torch.equal(tracker("dpsl_loss")[0], 2 * first)
     ref = reference_dpsl(d.weight.detach(), x[:-2], 0.3, torch.ones(E, dtype=torch.float64))
@@ -209,7 +240,8 @@ def test_padding_true_means_padding_and_is_excluded():
 
 # ---------------------------------------------------------------- when no loss / no communication
 def _no_gather(monkeypatch):
-    # the router's gather (megatron_dpsl.parallel.token_gather.TokenGather) calls these module functions
+    # the router's gather (megatron_dpsl.parallel.token_gather.TokenGather) calls these module
+    # functions
     from megatron_dpsl.parallel import token_gather as distributed
 
     def boom(*a, **k):
@@ -286,10 +318,18 @@ def test_group_priors_follow_token_groups():
     cfg = make_config(moe_dpsl_group_alphas=group_alphas)
     d, _ = pair(cfg)
     x = hidden()  # [s, b, h]
-    ids_bs = (torch.arange(x.shape[1]).unsqueeze(1) + torch.arange(x.shape[0]).unsqueeze(0)) % 2  # [b, s]
+    ids_bs = (
+        torch.arange(x.shape[1]).unsqueeze(1) + torch.arange(x.shape[0]).unsqueeze(0)
+    ) % 2  # [b, s]
     with dpsl_token_groups(ids_bs):
         d(x)
-    ref = reference_dpsl(d.weight.detach(), x, 0.3, torch.tensor(group_alphas, dtype=torch.float64), group_ids=ids_bs.t().reshape(-1))
+    ref = reference_dpsl(
+        d.weight.detach(),
+        x,
+        0.3,
+        torch.tensor(group_alphas, dtype=torch.float64),
+        group_ids=ids_bs.t().reshape(-1),
+    )
     torch.testing.assert_close(tracker("dpsl_loss")[0], ref, rtol=1e-6, atol=1e-7)
     with dpsl_token_groups(ids_bs[:, :-1]), pytest.raises(ValueError, match="group ids give"):
         d(x)
@@ -307,7 +347,9 @@ def test_prior_stays_exact_float64_when_the_model_is_cast_to_bf16():
     x = hidden().to(torch.bfloat16)
     d(x)
     # fp32 router dtype: the reference sees the same bf16-valued weights and inputs in fp32
-    ref = reference_dpsl(d.weight.detach().float(), x.float(), 0.3, torch.tensor(alpha, dtype=torch.float64))
+    ref = reference_dpsl(
+        d.weight.detach().float(), x.float(), 0.3, torch.tensor(alpha, dtype=torch.float64)
+    )
     # a bf16-rounded α moves the loss by ~1e-3 relative; summation order alone by < 1e-6
     torch.testing.assert_close(tracker("dpsl_loss")[0], ref, rtol=1e-6, atol=1e-8)
 
@@ -324,7 +366,9 @@ def test_gating_without_transformer_engine_matches_megatron(router_dtype, monkey
     monkeypatch.delattr(moe_utils, "te_general_gemm", raising=False)  # a user without TE
     plain_logits = d.gating(x)
     assert plain_logits.dtype == megatron_logits.dtype
-    torch.testing.assert_close(plain_logits, megatron_logits, rtol=1e-6, atol=1e-6)  # mm vs linear kernels
+    torch.testing.assert_close(
+        plain_logits, megatron_logits, rtol=1e-6, atol=1e-6
+    )  # mm vs linear kernels
     d(hidden())  # the whole router runs without te_general_gemm bound
     assert tracker("dpsl_loss") is not None
 
@@ -344,9 +388,13 @@ def test_diagnostics_every_log_interval_calls():
             probs = torch.softmax((x.reshape(-1, H) @ d.weight.detach().t()).float(), dim=-1)
             expected = expected + metrics.routing_entropy(probs)
     assert seen[0] is None and seen[1] is None  # calls 1, 2: nothing logged
-    torch.testing.assert_close(seen[6][0], expected, rtol=1e-6, atol=0)  # calls 3 and 6, nothing else
+    torch.testing.assert_close(
+        seen[6][0], expected, rtol=1e-6, atol=0
+    )  # calls 3 and 6, nothing else
     assert torch.equal(seen[2], seen[3]) and torch.equal(seen[3], seen[4])  # calls 4, 5 log nothing
-    assert not torch.equal(seen[4], seen[5]) and torch.equal(seen[5], seen[6])  # call 6 logs, call 7 not
+    assert not torch.equal(seen[4], seen[5]) and torch.equal(
+        seen[5], seen[6]
+    )  # call 6 logs, call 7 not
     for name in ("dpsl_cov", "dpsl_prior_distance"):
         values = tracker(name)
         assert values is not None and torch.isfinite(values).all() and values[0] != 0, name
@@ -358,11 +406,13 @@ def test_layer_spec_swaps_router_local_and_te_error():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from megatron_dpsl.routing.router import DPSLRouter
     from megatron_dpsl.models.specs import count_routers, get_dpsl_layer_spec
+    from megatron_dpsl.routing.router import DPSLRouter
 
     cfg = make_config()
-    spec = get_dpsl_layer_spec(cfg)  # the MoE layer is a ModuleSpec (megatron-core 0.16) or a partial (0.19)
+    spec = get_dpsl_layer_spec(
+        cfg
+    )  # the MoE layer is a ModuleSpec (megatron-core 0.16) or a partial (0.19)
     assert count_routers(spec, DPSLRouter) == 1 and count_routers(spec, TopKRouter) == 0
     assert count_routers(get_gpt_layer_local_spec(num_experts=E), TopKRouter) == 1
     try:
@@ -377,8 +427,8 @@ def test_moe_layer_and_gpt_model_with_dpsl_decoder_block_spec():
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from megatron_dpsl.routing.router import DPSLRouter
     from megatron_dpsl.models.specs import get_dpsl_decoder_block_spec
+    from megatron_dpsl.routing.router import DPSLRouter
 
     cfg = make_config(moe_layer_freq=[1, 0])
     block = get_dpsl_decoder_block_spec(cfg)
@@ -406,13 +456,20 @@ def test_moe_layer_padding_mask_reaches_dpsl():
     pad_bs = torch.zeros(x.shape[1], x.shape[0], dtype=torch.bool)  # MoELayer takes [b, s]
     pad_bs[:, -1] = True
     out, _ = layer(x, padding_mask=pad_bs)
-    ref = reference_dpsl(layer.router.weight.detach(), x[:-1], 0.3, torch.ones(E, dtype=torch.float64))
+    ref = reference_dpsl(
+        layer.router.weight.detach(), x[:-1], 0.3, torch.ones(E, dtype=torch.float64)
+    )
     torch.testing.assert_close(tracker("dpsl_loss")[0], ref, rtol=1e-6, atol=1e-7)
 
 
-# ---------------------------------------------------------------- token groups and the gather, one rank
+# ---------------------------------------------------------------- token groups and the gather, one
+# rank
 def test_token_groups_context_and_setter():
-    from megatron_dpsl.parallel.token_groups import dpsl_token_groups, get_dpsl_token_groups, set_dpsl_token_groups
+    from megatron_dpsl.parallel.token_groups import (
+        dpsl_token_groups,
+        get_dpsl_token_groups,
+        set_dpsl_token_groups,
+    )
 
     ids = torch.zeros(2, 4, dtype=torch.long)
     assert get_dpsl_token_groups() is None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from support.common import build_mlp, moe_tracked, pg, reset_moe_tracker
 from support.megatron_cpu import init_single_process
 
@@ -27,10 +26,19 @@ def make_config(types=("variance",), coeffs=(GAMMA,), **over):
     from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
 
     kw = dict(
-        num_layers=2, hidden_size=H, ffn_hidden_size=8, num_attention_heads=4, num_moe_experts=E, moe_router_topk=2,
-        moe_router_load_balancing_type=list(types), moe_aux_loss_coeff=list(coeffs), moe_dpsl_log_interval=0,
+        num_layers=2,
+        hidden_size=H,
+        ffn_hidden_size=8,
+        num_attention_heads=4,
+        num_moe_experts=E,
+        moe_router_topk=2,
+        moe_router_load_balancing_type=list(types),
+        moe_aux_loss_coeff=list(coeffs),
+        moe_dpsl_log_interval=0,
         moe_dpsl_coeff=None,  # λ from dpsl's slot, like the other plugin types
-        use_cpu_initialization=True, add_bias_linear=False, init_method_std=0.5,
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        init_method_std=0.5,
     )
     kw.update(over)
     return DPSLTransformerConfig(**kw)
@@ -66,7 +74,8 @@ def padding(s=6, b=3):
 
 @pytest.mark.parametrize("with_padding", [False, True])
 @pytest.mark.parametrize(
-    "over", [{}, dict(moe_router_score_function="sigmoid"), dict(moe_expert_capacity_factor=0.5)],
+    "over",
+    [{}, dict(moe_router_score_function="sigmoid"), dict(moe_expert_capacity_factor=0.5)],
     ids=["softmax", "sigmoid", "capacity_drop"],
 )
 def test_paper_form_is_eq7_on_topk_router_probs(over, with_padding):
@@ -106,10 +115,14 @@ def test_reference_code_form_is_the_full_softmax_sharpness():
 @pytest.mark.parametrize("stock", ["aux_loss", "seq_aux_loss", "global_aux_loss"])
 def test_megatron_sees_only_its_types_and_gradients_add(stock):
     """[stock, dpsl, variance, orthogonality]: Megatron's loss is logged as with [stock] alone; grads add."""
-    names = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
-             "global_aux_loss": "global_load_balancing_loss"}
+    names = {
+        "aux_loss": "load_balancing_loss",
+        "seq_aux_loss": "seq_load_balancing_loss",
+        "global_aux_loss": "global_load_balancing_loss",
+    }
     configs = {
-        # orthogonality named with coefficient 0: a router outside DPSLMoELayer refuses a live one (below)
+        # orthogonality named with coefficient 0: a router outside DPSLMoELayer refuses a live one
+        # (below)
         "all": make_config((stock, "dpsl", "variance", "orthogonality"), (1e-2, 0.3, GAMMA, 0.0)),
         "stock": make_config((stock,), (1e-2,)),
         "dpsl": make_config(("dpsl",), (0.3,)),
@@ -123,13 +136,18 @@ def test_megatron_sees_only_its_types_and_gradients_add(stock):
         probs, _ = d(x)
         (probs * 0).sum().backward()
         grads[key] = d.weight.grad.clone()
-        logged[key] = {n: tracker(n) for n in (names[stock], "dpsl_loss", "variance_loss", "orthogonality_loss")}
+        logged[key] = {
+            n: tracker(n)
+            for n in (names[stock], "dpsl_loss", "variance_loss", "orthogonality_loss")
+        }
     assert torch.equal(logged["all"][names[stock]], logged["stock"][names[stock]])
     assert torch.equal(logged["all"]["dpsl_loss"], logged["dpsl"]["dpsl_loss"])
     assert torch.equal(logged["all"]["variance_loss"], logged["variance"]["variance_loss"])
     assert logged["all"]["orthogonality_loss"] is None  # the MoE layer's loss, not the router's
     # fp32 sums of the same terms in another order
-    torch.testing.assert_close(grads["all"], grads["stock"] + grads["dpsl"] + grads["variance"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        grads["all"], grads["stock"] + grads["dpsl"] + grads["variance"], rtol=1e-5, atol=1e-7
+    )
 
 
 def test_padding_tokens_are_left_out():
@@ -154,9 +172,12 @@ def test_per_token_loss_multiplies_by_the_valid_tokens():
         grads[per_token] = d.weight.grad.clone()
         logged = tracker("variance_loss")[0]
     valid = int((~pad).sum())
-    # finalize_model_grads later divides by the global valid-token count; the logged value is unscaled
-    # the same fp32 graph, its loss scaled before (not after) the backward: fp32 rounding of each term
-    torch.testing.assert_close(grads[True], valid * grads[False], rtol=1e-5, atol=1e-6 * grads[True].abs().max().item())
+    # finalize_model_grads later divides by the global valid-token count; the logged value is
+    # unscaled the same fp32 graph, its loss scaled before (not after) the backward: fp32 rounding
+    # of each term
+    torch.testing.assert_close(
+        grads[True], valid * grads[False], rtol=1e-5, atol=1e-6 * grads[True].abs().max().item()
+    )
     assert logged < 0
 
 

@@ -1,9 +1,10 @@
 """The quickstart end to end: ``python -m megatron_dpsl.train.quickstart`` (one torchrun launch, 2 ranks).
 
 Both are multi-process end-to-end runs, in the ``slow`` suite (CI runs it): ``--tiny`` (~70 s on an
-idle 2-core machine) and the full length. Both check the artefacts a newcomer is promised: the printed table, the figures, the TensorBoard
-event files, finite metrics, a dpsl_loss for the DPSL runs and Megatron's load-balancing loss for the
-aux-loss run, and that the MoE runs started from the upcycled dense model.
+idle 2-core machine) and the full length. Both check the artefacts a newcomer is promised: the
+printed table, the figures, the TensorBoard event files, finite metrics, a dpsl_loss for the DPSL
+runs and Megatron's load-balancing loss for the aux-loss run, and that the MoE runs started from the
+upcycled dense model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import subprocess
 import sys
 
 import pytest
-
 from support.common import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -26,7 +26,11 @@ RUNS = ("aux_loss", "dpsl_symmetric", "dpsl_modality")
 def _run_quickstart(out, *flags, timeout):
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_dpsl.train.quickstart", "--out", str(out), *flags],
-        cwd=REPO, env=child_env(PYTHONWARNINGS="ignore"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO,
+        env=child_env(PYTHONWARNINGS="ignore"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
@@ -47,8 +51,15 @@ def _check(out, log):
     rows = {r["run"]: r for r in summary["rows"]}
     assert set(rows) == set(RUNS)
     for name, r in rows.items():
-        for key in ("valid_loss", "cov", "entropy", "prior_distance", "ks_distance",
-                    "code_on_experts_0_3", "prose_on_experts_4_7"):
+        for key in (
+            "valid_loss",
+            "cov",
+            "entropy",
+            "prior_distance",
+            "ks_distance",
+            "code_on_experts_0_3",
+            "prose_on_experts_4_7",
+        ):
             assert math.isfinite(r[key]), (name, key, r[key])
         assert 0 <= r["code_on_experts_0_3"] <= 1 and 0 <= r["prose_on_experts_4_7"] <= 1
         assert 0 < r["valid_loss"] < math.log(256) + 1  # a byte-level LM at or below chance

@@ -1,8 +1,8 @@
 """The embedded trainer (megatron_dpsl.train): flags, config, schedule, optimizer, checkpoints, logging,
 data, and the multi-node torchrun path.
 
-In-process tests run the real trainer in a one-rank gloo world (``pretrain`` creates it, or reuses the
-suite's). The multi-node test launches two torchrun agents joined by the c10d rendezvous.
+In-process tests run the real trainer in a one-rank gloo world (``pretrain`` creates it, or reuses
+the suite's). The multi-node test launches two torchrun agents joined by the c10d rendezvous.
 """
 
 from __future__ import annotations
@@ -17,23 +17,66 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from support.common import REPO, WORKERS, child_env, free_port
 
 from megatron_dpsl.train.arguments import parse_args, validate_args
 
 TINY = [
-    "--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-    "--ffn-hidden-size", "64", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
-    "--lr", "1e-2", "--hidden-dropout", "0", "--attention-dropout", "0", "--disable-bias-linear",
-    "--log-interval", "1", "--eval-iters", "1", "--seed", "7", "--device", "cpu",
+    "--mock-data",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--ffn-hidden-size",
+    "64",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--lr",
+    "1e-2",
+    "--hidden-dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+    "--disable-bias-linear",
+    "--log-interval",
+    "1",
+    "--eval-iters",
+    "1",
+    "--seed",
+    "7",
+    "--device",
+    "cpu",
 ]
 # Megatron's aux loss and DPSL (modality priors from per-token group ids) together, list form
 MOE = [
-    "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
-    "--moe-router-load-balancing-type", "aux_loss", "dpsl", "--moe-aux-loss-coeff", "0.01", "0.0",
-    "--moe-dpsl-coeff", "0.1", "--moe-dpsl-alpha-base", "0.75", "--moe-dpsl-alpha-shift", "0.5",
-    "--moe-dpsl-num-groups", "2", "--moe-dpsl-log-interval", "1",
+    "--num-experts",
+    "4",
+    "--moe-router-topk",
+    "2",
+    "--moe-ffn-hidden-size",
+    "32",
+    "--moe-router-load-balancing-type",
+    "aux_loss",
+    "dpsl",
+    "--moe-aux-loss-coeff",
+    "0.01",
+    "0.0",
+    "--moe-dpsl-coeff",
+    "0.1",
+    "--moe-dpsl-alpha-base",
+    "0.75",
+    "--moe-dpsl-alpha-shift",
+    "0.5",
+    "--moe-dpsl-num-groups",
+    "2",
+    "--moe-dpsl-log-interval",
+    "1",
 ]
 
 
@@ -47,19 +90,81 @@ def _args(*extra, world_size=1):
 
 def test_megatron_flag_names_parse_and_derive():
     args = validate_args(
-        parse_args([
-            "--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "256", "--num-attention-heads", "8",
-            "--seq-length", "128", "--max-position-embeddings", "256", "--num-experts", "8", "--moe-router-topk", "2",
-            "--moe-ffn-hidden-size", "128", "--moe-router-load-balancing-type", "dpsl", "--moe-aux-loss-coeff", "0",
-            "--moe-z-loss-coeff", "1e-3", "--moe-token-dispatcher-type", "allgather", "--tensor-model-parallel-size",
-            "2", "--sequence-parallel", "--expert-model-parallel-size", "2", "--context-parallel-size", "1",
-            "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "10",
-            "--train-iters", "100", "--micro-batch-size", "2", "--global-batch-size", "16", "--seed", "3",
-            "--save", "/tmp/x", "--load", "/tmp/y", "--save-interval", "50", "--tensorboard-dir", "/tmp/tb",
-            "--log-interval", "5", "--eval-interval", "20", "--eval-iters", "2", "--disable-bias-linear",
-            "--moe-dpsl-alpha", "0.75", "--moe-dpsl-gather", "global_batch", "--mock-data",
-            "--transformer-impl", "transformer_engine",
-        ]),
+        parse_args(
+            [
+                "--num-layers",
+                "4",
+                "--hidden-size",
+                "64",
+                "--ffn-hidden-size",
+                "256",
+                "--num-attention-heads",
+                "8",
+                "--seq-length",
+                "128",
+                "--max-position-embeddings",
+                "256",
+                "--num-experts",
+                "8",
+                "--moe-router-topk",
+                "2",
+                "--moe-ffn-hidden-size",
+                "128",
+                "--moe-router-load-balancing-type",
+                "dpsl",
+                "--moe-aux-loss-coeff",
+                "0",
+                "--moe-z-loss-coeff",
+                "1e-3",
+                "--moe-token-dispatcher-type",
+                "allgather",
+                "--tensor-model-parallel-size",
+                "2",
+                "--sequence-parallel",
+                "--expert-model-parallel-size",
+                "2",
+                "--context-parallel-size",
+                "1",
+                "--lr",
+                "1e-3",
+                "--min-lr",
+                "1e-4",
+                "--lr-decay-style",
+                "cosine",
+                "--lr-warmup-iters",
+                "10",
+                "--train-iters",
+                "100",
+                "--micro-batch-size",
+                "2",
+                "--global-batch-size",
+                "16",
+                "--seed",
+                "3",
+                "--save",
+                "/tmp/x",
+                "--load",
+                "/tmp/y",
+                "--save-interval",
+                "50",
+                "--tensorboard-dir",
+                "/tmp/tb",
+                "--log-interval",
+                "5",
+                "--eval-interval",
+                "20",
+                "--eval-iters",
+                "2",
+                "--disable-bias-linear",
+                "--moe-dpsl-alpha",
+                "0.75",
+                "--moe-dpsl-gather",
+                "global_batch",
+                "--mock-data",
+                "--transformer-impl",
+                "transformer_engine",
+            ]
+        ),
         world_size=8,
     )
     assert args.data_parallel_size == 4  # 8 ranks / TP 2
@@ -75,15 +180,25 @@ def test_megatron_flag_names_parse_and_derive():
     "extra, world, flag",
     [
         (["--global-batch-size", "5"], 1, "--global-batch-size"),
-        (["--num-experts", "4", "--expert-model-parallel-size", "3"], 3, "--expert-model-parallel-size"),
+        (
+            ["--num-experts", "4", "--expert-model-parallel-size", "3"],
+            3,
+            "--expert-model-parallel-size",
+        ),
         (["--num-experts", "4", "--moe-router-topk", "5"], 1, "--moe-router-topk"),
         (["--context-parallel-size", "2"], 2, "--context-parallel-size"),
         (["--pipeline-model-parallel-size", "2"], 2, "--pipeline-model-parallel-size"),
         (["--num-attention-heads", "5"], 1, "--num-attention-heads"),
         (["--seq-length", "64", "--max-position-embeddings", "32"], 1, "--seq-length"),
         (["--tensor-model-parallel-size", "2", "--num-experts", "4"], 2, "--sequence-parallel"),
-        pytest.param(["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2, "--sequence-parallel",
-                     marks=pytest.mark.skipif(importlib.util.find_spec("apex") is not None, reason="apex norm supports SP")),
+        pytest.param(
+            ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+            2,
+            "--sequence-parallel",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("apex") is not None, reason="apex norm supports SP"
+            ),
+        ),
         (["--expert-model-parallel-size", "2"], 2, "--expert-model-parallel-size"),
         (["--min-lr", "1"], 1, "--min-lr"),
     ],
@@ -132,9 +247,17 @@ def test_config_by_field_name_and_dpsl_spec():
     args, config, model = _setup([*TINY, *MOE, "--moe-z-loss-coeff", "1e-3"])
     assert type(config).__name__ == "DPSLTransformerConfig"
     assert (config.num_layers, config.hidden_size, config.ffn_hidden_size) == (2, 32, 64)
-    assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (4, 2, 32)
+    assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (
+        4,
+        2,
+        32,
+    )
     assert config.moe_z_loss_coeff == 1e-3 and config.moe_dpsl_coeff == 0.1
-    assert (config.moe_dpsl_alpha_base, config.moe_dpsl_alpha_shift, config.moe_dpsl_num_groups) == (0.75, 0.5, 2)
+    assert (
+        config.moe_dpsl_alpha_base,
+        config.moe_dpsl_alpha_shift,
+        config.moe_dpsl_num_groups,
+    ) == (0.75, 0.5, 2)
     assert config.add_bias_linear is False
     routers = [m for m in model.modules() if isinstance(m, DPSLRouter)]
     assert len(routers) == 2 and all(r.dpsl_enabled for r in routers)
@@ -143,7 +266,8 @@ def test_config_by_field_name_and_dpsl_spec():
 @pytest.mark.parametrize("ac", [False, True], ids=["dpsl_router", "ac_router"])
 def test_routing_stats_hook_records_what_the_routers_saw(ac):
     """The recorded probabilities are those of the logits routing() got: for the AC router (layer 2) they
-    come from AC gating, which needs the previous layer's assignment and differs from plain gating."""
+    come from AC gating, which needs the previous layer's assignment and differs from plain
+    gating."""
     from megatron_dpsl.parallel.token_groups import dpsl_token_groups
     from megatron_dpsl.tracking.routing_stats import RoutingStats
 
@@ -151,10 +275,14 @@ def test_routing_stats_hook_records_what_the_routers_saw(ac):
     stats = RoutingStats(model)
     seen = {}  # reference: each router's logits and routing_map, captured at routing() on the instance
     for index, router in enumerate(stats.routers):
+
         def spy(logits, *a, _routing=router.routing, _index=index, **k):
             probs, routing_map = _routing(logits, *a, **k)
-            seen.setdefault(_index, []).append((torch.softmax(logits.reshape(-1, 4).float(), -1), routing_map))
+            seen.setdefault(_index, []).append(
+                (torch.softmax(logits.reshape(-1, 4).float(), -1), routing_map)
+            )
             return probs, routing_map
+
         router.routing = spy
     batch = next(_sampler(args).iterator(0))
 
@@ -181,10 +309,14 @@ def test_routing_stats_hook_records_what_the_routers_saw(ac):
         router = stats.routers[1]
         assert router.ac_enabled
         hidden = {}
-        handle = router.register_forward_pre_hook(lambda module, args: hidden.setdefault("input", args[0]))
+        handle = router.register_forward_pre_hook(
+            lambda module, args: hidden.setdefault("input", args[0])
+        )
         forward()
         handle.remove()
-        plain = torch.softmax(DPSLRouter.gating(router, hidden["input"]).reshape(-1, 4).float(), -1)  # no AC
+        plain = torch.softmax(
+            DPSLRouter.gating(router, hidden["input"]).reshape(-1, 4).float(), -1
+        )  # no AC
         assert not torch.allclose(plain, seen[1][-1][0])
 
 
@@ -200,9 +332,15 @@ def _twin(args, config, model):
 
 
 def _ddp(config, model):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
 
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    ddp = DistributedDataParallel(
+        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model
+    )
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     return ddp
@@ -211,14 +349,26 @@ def _ddp(config, model):
 def _sampler(args):
     from megatron_dpsl.train.data import BatchSampler, ByteCorpus
 
-    return BatchSampler(ByteCorpus.mock(1 << 14, args.seed), "train", seq_length=args.seq_length,
-                        micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
-                        dp_rank=0, dp_size=1, seed=args.seed, device="cpu")
+    return BatchSampler(
+        ByteCorpus.mock(1 << 14, args.seed),
+        "train",
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        global_batch_size=args.global_batch_size,
+        dp_rank=0,
+        dp_size=1,
+        seed=args.seed,
+        device="cpu",
+    )
 
 
 def test_cpu_schedule_equals_full_batch_backward_dense():
     """Two micro-batches accumulated by the CPU schedule + DDP == one backward on the whole batch."""
-    from megatron_dpsl.train.schedule import forward_backward_no_pipelining, loss_func, make_forward_step
+    from megatron_dpsl.train.schedule import (
+        forward_backward_no_pipelining,
+        loss_func,
+        make_forward_step,
+    )
 
     args, config, model = _setup([*TINY, "--global-batch-size", "4"])  # 2 micro-batches of 2
     reference = _twin(args, config, model)
@@ -227,7 +377,9 @@ def test_cpu_schedule_equals_full_batch_backward_dense():
     ddp.zero_grad_buffer()
     forward_backward_no_pipelining(
         forward_step_func=make_forward_step(lambda g: __import__("contextlib").nullcontext()),
-        data_iterator=sampler.iterator(0), model=[ddp], num_microbatches=2,
+        data_iterator=sampler.iterator(0),
+        model=[ddp],
+        num_microbatches=2,
     )
     mbs = [sampler.micro_batch(0, m) for m in range(2)]
     cat = {k: torch.cat([b[k] for b in mbs]) for k in ("tokens", "labels", "loss_mask")}
@@ -246,15 +398,25 @@ def test_cpu_schedule_sets_aux_loss_scale_and_accumulates_router_losses():
     from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
 
     from megatron_dpsl.parallel.token_groups import dpsl_token_groups
-    from megatron_dpsl.train.schedule import forward_backward_no_pipelining, loss_func, make_forward_step
+    from megatron_dpsl.train.schedule import (
+        forward_backward_no_pipelining,
+        loss_func,
+        make_forward_step,
+    )
 
-    args, config, model = _setup([*TINY, *MOE, "--global-batch-size", "6", "--micro-batch-size", "2"])  # 3 micro-batches
+    args, config, model = _setup(
+        [*TINY, *MOE, "--global-batch-size", "6", "--micro-batch-size", "2"]
+    )  # 3 micro-batches
     reference = _twin(args, config, model)
     ddp = _ddp(config, model)
     sampler = _sampler(args)
     ddp.zero_grad_buffer()
-    forward_backward_no_pipelining(forward_step_func=make_forward_step(dpsl_token_groups),
-                                   data_iterator=sampler.iterator(0), model=[ddp], num_microbatches=3)
+    forward_backward_no_pipelining(
+        forward_step_func=make_forward_step(dpsl_token_groups),
+        data_iterator=sampler.iterator(0),
+        model=[ddp],
+        num_microbatches=3,
+    )
     assert float(MoEAuxLossAutoScaler.main_loss_backward_scale) == pytest.approx(1 / 3)
 
     for m in range(3):
@@ -292,7 +454,9 @@ def test_torch_adamw_param_groups_and_grad_norm():
     assert norm == pytest.approx(expected, rel=1e-5)
     for n, p in model.named_parameters():
         # clipped to --clip-grad 1e-3, as Megatron's clip_grad_by_total_norm_fp32 scales
-        torch.testing.assert_close(p.grad, grad_before[n] * (1e-3 / (norm + 1e-6)), rtol=1e-5, atol=0, msg=n)
+        torch.testing.assert_close(
+            p.grad, grad_before[n] * (1e-3 / (norm + 1e-6)), rtol=1e-5, atol=0, msg=n
+        )
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
@@ -311,8 +475,15 @@ def test_train_log_tensorboard_checkpoint_resume(tmp_path, capsys):
 
     save = str(tmp_path / "ckpt")
     tb = str(tmp_path / "tb")
-    sched = ["--lr-decay-iters", "6", "--lr-warmup-iters", "1"]  # one schedule for the 3- and 6-iteration runs
-    straight = _train(tmp_path, *sched, "--train-iters", "6", "--tensorboard-dir", tb, "--eval-interval", "3")
+    sched = [
+        "--lr-decay-iters",
+        "6",
+        "--lr-warmup-iters",
+        "1",
+    ]  # one schedule for the 3- and 6-iteration runs
+    straight = _train(
+        tmp_path, *sched, "--train-iters", "6", "--tensorboard-dir", tb, "--eval-interval", "3"
+    )
     log = capsys.readouterr().out
     assert "iteration        6/       6" in log and "lm loss:" in log
     assert "dpsl_loss:" in log and "load_balancing_loss:" in log
@@ -327,13 +498,22 @@ def test_train_log_tensorboard_checkpoint_resume(tmp_path, capsys):
     events = EventAccumulator(tb)
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"lm loss", "dpsl_loss", "load_balancing_loss", "learning-rate", "lm loss validation", "routing/cov"} <= tags
+    assert {
+        "lm loss",
+        "dpsl_loss",
+        "load_balancing_loss",
+        "learning-rate",
+        "lm loss validation",
+        "routing/cov",
+    } <= tags
 
     first = _train(tmp_path, *sched, "--train-iters", "3", "--save", save)
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "3"
     step_dir = os.path.join(save, "iter_0000003")
     common = dist_checkpointing.load_common_state_dict(step_dir)
-    assert {"args", "iteration", "checkpoint_version", "optimizer", "opt_param_scheduler"} <= set(common)
+    assert {"args", "iteration", "checkpoint_version", "optimizer", "opt_param_scheduler"} <= set(
+        common
+    )
     assert common["iteration"] == 3 and common["checkpoint_version"] == 3.0
     assert common["args"].num_experts == 4 and common["args"].hidden_size == 32
     keys = set(dist_checkpointing.load_tensors_metadata(step_dir))
@@ -386,7 +566,10 @@ def test_data_parallel_ranks_split_the_global_batch():
     corpus = ByteCorpus.mock(1 << 14, 0)
     kw = dict(seq_length=16, seed=3, device="cpu", global_batch_size=8)
     one = BatchSampler(corpus, "train", micro_batch_size=4, dp_rank=0, dp_size=1, **kw)
-    two = [BatchSampler(corpus, "train", micro_batch_size=2, dp_rank=r, dp_size=2, **kw) for r in range(2)]
+    two = [
+        BatchSampler(corpus, "train", micro_batch_size=2, dp_rank=r, dp_size=2, **kw)
+        for r in range(2)
+    ]
     for it in range(2):
         full = torch.cat([one.micro_batch(it, m)["tokens"] for m in range(2)])
         split = torch.cat([two[r].micro_batch(it, m)["tokens"] for m in range(2) for r in range(2)])
@@ -398,15 +581,34 @@ def test_data_parallel_ranks_split_the_global_batch():
 # ---------------------------------------------------------------------------------------------
 # multi-node: two torchrun agents (1 process each) joined by the c10d rendezvous on 127.0.0.1
 
+
 def _phases(ckpt: str) -> dict:
     """phase "dp": DPSL with modality priors, experts replicated (EP 1, DP 2), saved to ``ckpt``;
     phase "ep": Megatron's aux loss + z-loss, experts split over the two nodes (EP 2), starting from
-    ``ckpt`` (saved under EP 1: resharded on load; also gives the reference the same initial weights)."""
+    ``ckpt`` (saved under EP 1: resharded on load; also gives the reference the same initial
+    weights)."""
     return {
         "dp": [*TINY, *MOE, "--train-iters", "3", "--save", ckpt],
-        "ep": [*TINY, "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
-               "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001", "--expert-model-parallel-size", "2",
-               "--train-iters", "3", "--load", ckpt, "--finetune"],
+        "ep": [
+            *TINY,
+            "--num-experts",
+            "4",
+            "--moe-router-topk",
+            "2",
+            "--moe-ffn-hidden-size",
+            "32",
+            "--moe-aux-loss-coeff",
+            "0.01",
+            "--moe-z-loss-coeff",
+            "0.001",
+            "--expert-model-parallel-size",
+            "2",
+            "--train-iters",
+            "3",
+            "--load",
+            ckpt,
+            "--finetune",
+        ],
     }
 
 
@@ -430,10 +632,30 @@ def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
     worker = str(WORKERS / "trainer_multinode_worker.py")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-             "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-             "--rdzv-id", "trainer-multinode-test", worker, str(tmp_path), str(phases_path)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "trainer-multinode-test",
+                worker,
+                str(tmp_path),
+                str(phases_path),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for node in range(2)
     ]
@@ -445,10 +667,16 @@ def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
 
     for phase, argv in phases.items():
         ranks = [torch.load(tmp_path / f"{phase}_rank{r}.pt", weights_only=False) for r in range(2)]
-        assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+        assert sorted(r["rank"] for r in ranks) == [0, 1] and all(
+            r["world_size"] == 2 for r in ranks
+        )
         a, b = ranks
-        assert len(a["train_losses"]) == 3 and all(math.isfinite(x) for x in a["train_losses"]), phase
-        assert a["train_losses"] == b["train_losses"], phase  # the DP-averaged loss is one number everywhere
+        assert len(a["train_losses"]) == 3 and all(math.isfinite(x) for x in a["train_losses"]), (
+            phase
+        )
+        assert a["train_losses"] == b["train_losses"], (
+            phase
+        )  # the DP-averaged loss is one number everywhere
         if phase == "dp":
             assert "dpsl_loss" in a["aux_losses"]
             for name in a["params"]:
@@ -458,12 +686,18 @@ def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
             assert {"load_balancing_loss", "z_loss"} <= set(a["aux_losses"])
             assert sorted(r["ep_rank"] for r in ranks) == [0, 1]
             for name in a["params"]:
-                if "local_experts" not in name:  # the non-expert part is replicated over the 2 nodes
+                if (
+                    "local_experts" not in name
+                ):  # the non-expert part is replicated over the 2 nodes
                     assert torch.equal(a["params"][name], b["params"][name]), name
 
-        # one process over the same global batches (2 micro-batches instead of 2 DP ranks, all experts)
+        # one process over the same global batches (2 micro-batches instead of 2 DP ranks, all
+        # experts)
         ref_argv = list(argv)
-        for flag in ("--expert-model-parallel-size", "--save"):  # one process; keep the agents' checkpoint
+        for flag in (
+            "--expert-model-parallel-size",
+            "--save",
+        ):  # one process; keep the agents' checkpoint
             if flag in ref_argv:
                 i = ref_argv.index(flag)
                 del ref_argv[i : i + 2]
@@ -473,9 +707,15 @@ def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
         np.testing.assert_allclose(a["train_losses"], ref.train_losses, rtol=1e-5, err_msg=phase)
         for r in ranks:
             for name, p in r["params"].items():
-                # three Adam steps (lr 1e-2) from the same grads up to fp32 reassociation: 1e-5 absolute
-                torch.testing.assert_close(p, ref_params[_global_expert_name(name, r["ep_rank"], 2)],
-                                           rtol=0, atol=1e-5, msg=f"{phase} {name}")
+                # three Adam steps (lr 1e-2) from the same grads up to fp32 reassociation: 1e-5
+                # absolute
+                torch.testing.assert_close(
+                    p,
+                    ref_params[_global_expert_name(name, r["ep_rank"], 2)],
+                    rtol=0,
+                    atol=1e-5,
+                    msg=f"{phase} {name}",
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,14 +727,35 @@ def test_gpu_path_uses_megatron_optimizer_and_schedule(tmp_path):
     """``--device cuda`` on one GPU: NCCL, get_megatron_optimizer, get_forward_backward_func, save/resume."""
     env = child_env(PYTHONWARNINGS="ignore")
     argv = [a for a in [*TINY, *MOE] if a not in ("--device", "cpu")] + [
-        "--device", "cuda", "--lr-decay-iters", "4", "--save", str(tmp_path / "ckpt"),
-        "--tensorboard-dir", str(tmp_path / "tb"),
+        "--device",
+        "cuda",
+        "--lr-decay-iters",
+        "4",
+        "--save",
+        str(tmp_path / "ckpt"),
+        "--tensorboard-dir",
+        str(tmp_path / "tb"),
     ]
     runs = []
     for iters in ("2", "4"):
         load = ["--load", str(tmp_path / "ckpt")] if iters == "4" else []
-        proc = subprocess.run([sys.executable, "-m", "megatron_dpsl.train.trainer", *argv, "--train-iters", iters, *load],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "megatron_dpsl.train.trainer",
+                *argv,
+                "--train-iters",
+                iters,
+                *load,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout[-4000:]
         runs.append(proc.stdout)
     assert "optimizer megatron | schedule megatron" in runs[0] and "(nccl, cuda)" in runs[0]

@@ -3,9 +3,10 @@
 One in-process ``pretrain`` (one-rank gloo world, mock data) with all of them at once: Megatron's
 aux loss and z-loss, DPSL, the variance and orthogonality losses (coefficients in their
 ``--moe-aux-loss-coeff`` slots), the aux-loss-free expert bias (``--moe-router-enable-expert-bias``,
-``--moe-router-bias-update-rate``) and the AC router (``--moe-ac-layers``). One run keeps the default
-suite fast (the first call of Megatron's expert-bias update compiles it with ``torch.compile``); the
-comparison's slow test (tests/unit/train/test_compare_routers.py) runs each method alone on 2 ranks.
+``--moe-router-bias-update-rate``) and the AC router (``--moe-ac-layers``). One run keeps the
+default suite fast (the first call of Megatron's expert-bias update compiles it with
+``torch.compile``); the comparison's slow test (tests/unit/train/test_compare_routers.py) runs each
+method alone on 2 ranks.
 """
 
 from __future__ import annotations
@@ -19,18 +20,66 @@ import torch
 from megatron_dpsl.train.arguments import parse_args, validate_args
 
 TINY = [
-    "--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-    "--ffn-hidden-size", "64", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
-    "--lr", "1e-2", "--hidden-dropout", "0", "--attention-dropout", "0", "--disable-bias-linear",
-    "--log-interval", "1", "--eval-iters", "1", "--seed", "7", "--device", "cpu",
-    "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
+    "--mock-data",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--ffn-hidden-size",
+    "64",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--lr",
+    "1e-2",
+    "--hidden-dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+    "--disable-bias-linear",
+    "--log-interval",
+    "1",
+    "--eval-iters",
+    "1",
+    "--seed",
+    "7",
+    "--device",
+    "cpu",
+    "--num-experts",
+    "4",
+    "--moe-router-topk",
+    "2",
+    "--moe-ffn-hidden-size",
+    "32",
 ]
 RATE = 0.25  # large, so a wrong update (or none) cannot hide in float32 rounding
 EVERYTHING = [
-    "--moe-router-load-balancing-type", "aux_loss", "dpsl", "variance", "orthogonality",
-    "--moe-aux-loss-coeff", "1e-2", "0.01", "1e-3", "1e-4", "--moe-z-loss-coeff", "1e-3",
-    "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
-    "--moe-router-bias-update-rate", str(RATE), "--moe-ac-layers", "2", "--moe-dpsl-log-interval", "1",
+    "--moe-router-load-balancing-type",
+    "aux_loss",
+    "dpsl",
+    "variance",
+    "orthogonality",
+    "--moe-aux-loss-coeff",
+    "1e-2",
+    "0.01",
+    "1e-3",
+    "1e-4",
+    "--moe-z-loss-coeff",
+    "1e-3",
+    "--moe-router-score-function",
+    "sigmoid",
+    "--moe-router-enable-expert-bias",
+    "--moe-router-bias-update-rate",
+    str(RATE),
+    "--moe-ac-layers",
+    "2",
+    "--moe-dpsl-log-interval",
+    "1",
 ]
 
 
@@ -71,9 +120,18 @@ def test_every_method_from_the_command_line(monkeypatch):
     for h in seen["handles"]:
         h.remove()
 
-    for name in ("load_balancing_loss", "z_loss", "dpsl_loss", "variance_loss", "orthogonality_loss"):
+    for name in (
+        "load_balancing_loss",
+        "z_loss",
+        "dpsl_loss",
+        "variance_loss",
+        "orthogonality_loss",
+    ):
         values = [v for _, v in result.aux_losses.get(name, [])]
-        assert len(values) == iters and all(math.isfinite(v) and v != 0 for v in values), (name, values)
+        assert len(values) == iters and all(math.isfinite(v) and v != 0 for v in values), (
+            name,
+            values,
+        )
     assert all(v < 0 for _, v in result.aux_losses["variance_loss"])  # -γ·variance
 
     routers = seen["routers"]
@@ -84,7 +142,7 @@ def test_every_method_from_the_command_line(monkeypatch):
         assert len(loads) == iters * args.num_microbatches
         expected = torch.zeros(args.num_experts)
         for step in range(iters):  # Megatron's get_updated_expert_bias, once per global batch
-            tokens = sum(loads[step * args.num_microbatches:(step + 1) * args.num_microbatches])
+            tokens = sum(loads[step * args.num_microbatches : (step + 1) * args.num_microbatches])
             expected = expected + torch.sign(tokens.mean() - tokens) * RATE
         assert torch.equal(router.expert_bias, expected), (index, router.expert_bias, expected)
         assert router.expert_bias.abs().sum() > 0  # it moved

@@ -5,9 +5,10 @@ Megatron-LM compares a checkpoint's ``args`` with the run's flags on every ``--l
 (``load_args_from_checkpoint``), both in ``megatron/training/checkpointing.py``. This test runs
 those functions of the Megatron-LM tag that matches the installed megatron-core (core_v0.16.1
 with 0.16, core_v0.19.0 with 0.19; CI runs a leg for each), exported from ``$MEGATRON_LM_GIT_DIR``
-or from the committed snapshot (``megatron_lm_tree.py``), against namespaces that the tag's own ``parse_args`` + ``validate_args`` make
-from a Llama-style MoE command line (the flags of Megatron-LM's Mixtral example:
-``--position-embedding-type rope --no-position-embedding --normalization RMSNorm --swiglu
+or from the committed snapshot (``megatron_lm_tree.py``), against namespaces that the tag's own
+``parse_args`` + ``validate_args`` make from a Llama-style MoE command line (the flags of
+Megatron-LM's Mixtral example: ``--position-embedding-type rope --no-position-embedding
+--normalization RMSNorm --swiglu
 --untie-embeddings-and-output-weights --disable-bias-linear --group-query-attention ...``), for
 four conversions: Hugging Face Llama (untied, GQA), Hugging Face Qwen2 (tied, q/k/v bias), a
 ``torch_dist`` checkpoint saved with args from Megatron-LM's own parser, and a ``torch_dist``
@@ -31,14 +32,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from support.common import child_env
 from support.megatron_lm_tree import export_tree, source_or_skip, tag_for_installed_core
 
-# Megatron-LM's training package and what it imports at each tag (core_v0.19.0 has no megatron/legacy);
-# megatron.core is the installed wheel's. Each tree imports only against its own series (0.19.0's
-# training needs megatron.core.tokenizers.utils, 0.16.1's the 0.16 datasets package), so a venv tests
-# one tag (megatron_lm_tree.tag_for_installed_core): the default CI leg 0.16.1, the second leg 0.19.0.
+# Megatron-LM's training package and what it imports at each tag (core_v0.19.0 has no
+# megatron/legacy); megatron.core is the installed wheel's. Each tree imports only against its own
+# series (0.19.0's training needs megatron.core.tokenizers.utils, 0.16.1's the 0.16 datasets
+# package), so a venv tests one tag (megatron_lm_tree.tag_for_installed_core): the default CI leg
+# 0.16.1, the second leg 0.19.0.
 TREES = ("megatron/training", "megatron/legacy", "megatron/rl")
 
 VOCAB = 96  # HF models below and the dense GPT: NullTokenizer --vocab-size 95 (+1 eod) padded by 32
@@ -86,9 +87,13 @@ def _tiny_hf(kind: str, path: Path) -> None:
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)  # fmt: skip
     if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=False))
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**common, tie_word_embeddings=False)
+        )
     else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
+        model = transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(**common, tie_word_embeddings=True)
+        )
     model.save_pretrained(path)
 
 
@@ -110,18 +115,24 @@ def fields_read_by(source: str, function: str, reader: str) -> set[str]:
 def report():
     tag = tag_for_installed_core()
     git_dir = source_or_skip(tag)
-    pytest.importorskip("six", reason="Megatron-LM's megatron/training imports six: pip install -e '.[test]'")
-    # Our own directory, not tmp_path: concurrent pytest sessions of one user prune each other's basetemp.
+    pytest.importorskip(
+        "six", reason="Megatron-LM's megatron/training imports six: pip install -e '.[test]'"
+    )
+    # Our own directory, not tmp_path: concurrent pytest sessions of one user prune each other's
+    # basetemp.
     with tempfile.TemporaryDirectory(prefix="dpsl-test-ckpt-args-") as d:
         work = Path(d)
         root = export_tree(tag, work / "Megatron-LM", git_dir, paths=TREES)
         _tiny_hf("llama", work / "hf_llama")
         _tiny_hf("qwen2", work / "hf_qwen2")
-        # child_env: the child hosts its own one-rank store, not on the port an earlier test of this pytest holds
+        # child_env: the child hosts its own one-rank store, not on the port an earlier test of this
+        # pytest holds
         proc = subprocess.run([sys.executable, __file__, str(root), str(work)], capture_output=True, text=True,
                               env=child_env(PYTHONWARNINGS="ignore"), timeout=600)  # fmt: skip
         if proc.returncode != 0:
-            raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+            raise AssertionError(
+                f"child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+            )
         result = json.loads((work / "report.json").read_text())
         result["tag"] = tag
         result["checkpointing_py"] = (root / "megatron/training/checkpointing.py").read_text()
@@ -131,7 +142,9 @@ def report():
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_check_checkpoint_args_accepts_the_llama_command_line(report, case):
     """Megatron-LM's own check, run against the flags a user passes (no --finetune): no mismatch."""
-    assert report["cases"][case]["check_checkpoint_args"] == "ok", f"{report['tag']}: {report['cases'][case]}"
+    assert report["cases"][case]["check_checkpoint_args"] == "ok", (
+        f"{report['tag']}: {report['cases'][case]}"
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -154,7 +167,11 @@ def test_every_field_megatron_lm_reads_is_written(report, case):
     source = report["checkpointing_py"]
     compared = fields_read_by(source, "check_checkpoint_args", "_compare")
     copied = fields_read_by(source, "load_args_from_checkpoint", "_set_arg")
-    assert {"add_position_embedding", "num_layers", "tokenizer_type"} <= compared  # the parse found them
+    assert {
+        "add_position_embedding",
+        "num_layers",
+        "tokenizer_type",
+    } <= compared  # the parse found them
     assert {"position_embedding_type", "num_experts", "moe_router_topk"} <= copied
     # the checkpoint version < 3.0 branch reads model_parallel_size; we write 3.0 checkpoints
     missing = (compared | copied) - set(report["cases"][case]["ckpt_fields"])
@@ -166,13 +183,23 @@ def test_written_values_for_rope_models(report):
     for ckpt in (llama, qwen):
         assert ckpt["position_embedding_type"] == "rope" and ckpt["add_position_embedding"] is False
         assert ckpt["rotary_base"] == 10000 and ckpt["rotary_interleaved"] is False
-        assert ckpt["num_query_groups"] == 2 and ckpt["group_query_attention"] is True and ckpt["kv_channels"] == 8
+        assert (
+            ckpt["num_query_groups"] == 2
+            and ckpt["group_query_attention"] is True
+            and ckpt["kv_channels"] == 8
+        )
         assert ckpt["consumed_train_samples"] == 0 and ckpt["no_save_optim"] is True
     assert llama["untie_embeddings_and_output_weights"] is True and llama["add_qkv_bias"] is False
     assert qwen["untie_embeddings_and_output_weights"] is False and qwen["add_qkv_bias"] is True
     partial = report["cases"]["partial_args"]
-    assert partial["ckpt"]["add_position_embedding"] is False and partial["ckpt"]["make_vocab_size_divisible_by"] == 32
-    assert "add_position_embedding" in partial["filled"] and "num_attention_heads" not in partial["filled"]
+    assert (
+        partial["ckpt"]["add_position_embedding"] is False
+        and partial["ckpt"]["make_vocab_size_divisible_by"] == 32
+    )
+    assert (
+        "add_position_embedding" in partial["filled"]
+        and "num_attention_heads" not in partial["filled"]
+    )
 
 
 def test_complete_args_reads_what_the_shapes_decide():
@@ -190,7 +217,9 @@ def test_complete_args_reads_what_the_shapes_decide():
         "layer.mlp.linear_fc1.weight": (64, 32), "layer.mlp.linear_fc2.weight": (32, 64),
     }  # fmt: skip
     source = argparse.Namespace(num_attention_heads=4, seq_length=77)
-    args, filled = complete_args(source, shapes, num_layers=3, activation="gelu", dtype=torch.bfloat16)
+    args, filled = complete_args(
+        source, shapes, num_layers=3, activation="gelu", dtype=torch.bfloat16
+    )
     assert not hasattr(source, "kv_channels")  # the source's namespace is not modified
     expected = dict(num_layers=3, hidden_size=32, ffn_hidden_size=64, kv_channels=8, num_query_groups=4,
                     group_query_attention=False, position_embedding_type="learned_absolute",
@@ -199,11 +228,23 @@ def test_complete_args_reads_what_the_shapes_decide():
                     normalization="LayerNorm", padded_vocab_size=50304, make_vocab_size_divisible_by=128,
                     params_dtype=torch.bfloat16, bf16=True, seq_length=77)  # fmt: skip
     assert {k: getattr(args, k) for k in expected} == expected
-    assert "seq_length" not in filled and "num_attention_heads" not in filled and filled["kv_channels"] == 8
+    assert (
+        "seq_length" not in filled
+        and "num_attention_heads" not in filled
+        and filled["kv_channels"] == 8
+    )
     rope, _ = complete_args(None, {k: v for k, v in shapes.items() if "position_embeddings" not in k},
                             num_layers=3, activation="squared_relu", dtype=torch.float32)  # fmt: skip
-    assert (rope.position_embedding_type, rope.add_position_embedding, rope.rotary_base) == ("rope", False, 10000)
-    assert rope.squared_relu is True and not hasattr(rope, "num_attention_heads") and not hasattr(rope, "kv_channels")
+    assert (rope.position_embedding_type, rope.add_position_embedding, rope.rotary_base) == (
+        "rope",
+        False,
+        10000,
+    )
+    assert (
+        rope.squared_relu is True
+        and not hasattr(rope, "num_attention_heads")
+        and not hasattr(rope, "kv_channels")
+    )
 
 
 # ------------------------------------------------------------------------------------------- child
@@ -221,8 +262,8 @@ def _import_megatron_lm(root: str):
     sys.path[:0] = [root]
     import megatron  # namespace package: megatron.core from the wheel, megatron/training from ``root``
 
-    # replaced leaf: megatron/training/__init__.py (imports initialize.py -> Triton/GPU stack) is not run;
-    # the package is registered bare and the names its submodules import from it are bound.
+    # replaced leaf: megatron/training/__init__.py (imports initialize.py -> Triton/GPU stack) is
+    # not run; the package is registered bare and the names its submodules import from it are bound.
     pkg = types.ModuleType("megatron.training")
     pkg.__path__ = [os.path.join(root, "megatron", "training")]
     sys.modules["megatron.training"] = megatron.training = pkg
@@ -293,16 +334,25 @@ def _child(root: str, work: Path) -> dict:
     init_single_process()
     # The Megatron-LM-saved dense source: args from the tag's own parser, the model from them.
     dense_cli = parse(MODEL + UNTIED + RUN)
-    dense_cli.padded_vocab_size = VOCAB  # what the tag's tokenizer build sets (NullTokenizer 95 + eod, /32)
+    dense_cli.padded_vocab_size = (
+        VOCAB  # what the tag's tokenizer build sets (NullTokenizer 95 + eod, /32)
+    )
     torch.manual_seed(0)
     save_megatron_lm(build_gpt(dense_cli), str(work / "megatron_lm_args"), dense_cli)
-    partial = dense_args(hidden=32, ffn=64, heads=4, groups=2, vocab=VOCAB)  # no add_position_embedding etc.
+    partial = dense_args(
+        hidden=32, ffn=64, heads=4, groups=2, vocab=VOCAB
+    )  # no add_position_embedding etc.
     partial.max_position_embeddings = 64
-    del partial.group_query_attention, partial.num_query_groups, partial.kv_channels  # found from the shapes
+    del (
+        partial.group_query_attention,
+        partial.num_query_groups,
+        partial.kv_channels,
+    )  # found from the shapes
     torch.manual_seed(0)
     save_megatron_lm(build_gpt(dense_args(vocab=VOCAB)), str(work / "partial_args"), partial)
-    # Megatron-LM reads checkpoint args before it initialises torch.distributed (initialize_megatron);
-    # read_metadata would otherwise all-reduce the iteration on a CUDA tensor.
+    # Megatron-LM reads checkpoint args before it initialises torch.distributed
+    # (initialize_megatron); read_metadata would otherwise all-reduce the iteration on a CUDA
+    # tensor.
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
 
@@ -318,13 +368,22 @@ def _child(root: str, work: Path) -> dict:
             "ckpt": {k: _plain(v) for k, v in vars(ckpt_args).items()},
             "filled": result.record.get("args_filled_in", {}),
             "check_checkpoint_args": check(full, ckpt_args, common["checkpoint_version"]),
-            "full_command_line": {k: _plain(getattr(full, k, None)) for k in (*SHAPE_FIELDS, "padded_vocab_size")},
+            "full_command_line": {
+                k: _plain(getattr(full, k, None)) for k in (*SHAPE_FIELDS, "padded_vocab_size")
+            },
         }
         try:
-            loaded = parse_with_checkpoint_args(RUN + MOE[-2:] + ["--use-checkpoint-args", "--load", str(out)])
+            loaded = parse_with_checkpoint_args(
+                RUN + MOE[-2:] + ["--use-checkpoint-args", "--load", str(out)]
+            )
             entry["from_checkpoint"] = {
                 k: _plain(getattr(loaded, k, None))
-                for k in (*SHAPE_FIELDS, "padded_vocab_size", "moe_grouped_gemm", "moe_token_dispatcher_type")
+                for k in (
+                    *SHAPE_FIELDS,
+                    "padded_vocab_size",
+                    "moe_grouped_gemm",
+                    "moe_token_dispatcher_type",
+                )
             }
             entry["use_checkpoint_args"] = check(loaded, ckpt_args, common["checkpoint_version"])
         except (AssertionError, AttributeError, TypeError, ValueError, RuntimeError) as exc:
@@ -335,4 +394,6 @@ def _child(root: str, work: Path) -> dict:
 
 if __name__ == "__main__":
     megatron_lm_root, work_dir = sys.argv[1], Path(sys.argv[2])
-    (work_dir / "report.json").write_text(json.dumps(_child(megatron_lm_root, work_dir), default=str))
+    (work_dir / "report.json").write_text(
+        json.dumps(_child(megatron_lm_root, work_dir), default=str)
+    )

@@ -6,7 +6,6 @@ import argparse
 import re
 
 import pytest
-
 from support.upcycle import write_tiny_hf_llama
 
 from megatron_dpsl.upcycle.cli import build_parser, main
@@ -21,7 +20,9 @@ def _help_blocks(text: str) -> dict[str, str]:
         match = re.match(r"  (-[-\w]+)", line)
         if match:
             current = match.group(1)
-            head, _, rest = line.strip().partition("  ")  # option column, then the help on the same line
+            head, _, rest = line.strip().partition(
+                "  "
+            )  # option column, then the help on the same line
             blocks[current] = rest.strip()
         elif current and line.startswith("    "):
             blocks[current] = f"{blocks[current]} {line.strip()}".strip()
@@ -43,7 +44,9 @@ def test_help_shows_a_text_and_the_default_of_every_flag(monkeypatch, capsys):
         help_text = blocks[action.option_strings[0]]
         words = help_text.split("(default")[0].split("(required")[0]
         assert len(words.split()) >= 3, f"{action.option_strings[0]}: no help text: {help_text!r}"
-        assert help_text.count("default") <= 1, f"{action.option_strings[0]}: default shown twice: {help_text!r}"
+        assert help_text.count("default") <= 1, (
+            f"{action.option_strings[0]}: default shown twice: {help_text!r}"
+        )
         if action.required:
             assert help_text.endswith("(required)"), help_text
         elif isinstance(action, argparse._StoreTrueAction):
@@ -51,7 +54,9 @@ def test_help_shows_a_text_and_the_default_of_every_flag(monkeypatch, capsys):
         elif action.default is not None:
             assert help_text.endswith(f"(default: {action.default})"), help_text
         else:  # computed defaults say what they are in words
-            assert re.search(r"\((default: [^)]+|required unless --dry-run)\)$", help_text), help_text
+            assert re.search(r"\((default: [^)]+|required unless --dry-run)\)$", help_text), (
+                help_text
+            )
 
 
 @pytest.mark.parametrize(
@@ -65,7 +70,20 @@ def test_sizes_below_a_gib_are_not_zero_gib(n, text):
 
 def test_summary_of_a_small_conversion_prints_kib_not_zero_gib(tmp_path, capsys):
     src = write_tiny_hf_llama(tmp_path / "hf")
-    assert main(["--source", str(src), "--output", str(tmp_path / "moe"), "--num-experts", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--source",
+                str(src),
+                "--output",
+                str(tmp_path / "moe"),
+                "--num-experts",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     written = re.search(r"written\s+\| (.*)", out).group(1)
     size = sum(f.stat().st_size for f in (tmp_path / "moe" / "release").iterdir())

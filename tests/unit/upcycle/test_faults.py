@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support.common import WORKERS, child_env
 from support.upcycle import write_tiny_hf_llama
 
@@ -31,12 +30,23 @@ def _hidden(parent: Path, name: str = "moe") -> list[Path]:
 
 def _start_stuck_conversion(src: Path, out: Path, ready: Path) -> subprocess.Popen:
     """A real CLI run in its own process, stopped while writing layer 1 (layer 0 is on disk)."""
-    cmd = [sys.executable, str(WORKER), str(ready), "--source", str(src), "--output", str(out), *ARGS]
+    cmd = [
+        sys.executable,
+        str(WORKER),
+        str(ready),
+        "--source",
+        str(src),
+        "--output",
+        str(out),
+        *ARGS,
+    ]
     proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while not ready.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"worker exited {proc.returncode}: {proc.stdout.read().decode()[-3000:]}")
+            raise AssertionError(
+                f"worker exited {proc.returncode}: {proc.stdout.read().decode()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError("worker never reached layer 1")
@@ -50,27 +60,39 @@ def test_sigkilled_conversion_is_swept_by_the_next_run_but_a_live_one_is_not(tmp
     worker = _start_stuck_conversion(src, out, tmp_path / "ready")
     try:
         [tmp] = _hidden(tmp_path)
-        assert tmp.name.startswith(".moe.upcycle-tmp-") and ownership.read_owner(tmp).pid == worker.pid
+        assert (
+            tmp.name.startswith(".moe.upcycle-tmp-") and ownership.read_owner(tmp).pid == worker.pid
+        )
         data_bytes = ownership.tree_size(tmp)
         assert data_bytes > 0  # layer 0 and the non-layer tensors are written
 
         # a concurrent conversion of the same output: the live worker's directory is left alone
         assert main(["--source", str(src), "--output", str(out), *ARGS]) == 0
         err = capsys.readouterr().err
-        assert f"left alone {tmp}" in err and f"in use by a live conversion (pid {worker.pid} on host" in err
+        assert (
+            f"left alone {tmp}" in err
+            and f"in use by a live conversion (pid {worker.pid} on host" in err
+        )
         assert tmp.is_dir() and (out / "release").is_dir()
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=60)
     assert worker.returncode == -signal.SIGKILL
-    assert _hidden(tmp_path) == [tmp]  # SIGKILL: nothing cleaned up, the record still names the dead pid
+    assert _hidden(tmp_path) == [
+        tmp
+    ]  # SIGKILL: nothing cleaned up, the record still names the dead pid
 
-    # the next run of this output removes it and says so (with --force: the output exists from above)
+    # the next run of this output removes it and says so (with --force: the output exists from
+    # above)
     assert main(["--source", str(src), "--output", str(out), "--force", *ARGS]) == 0
     err = capsys.readouterr().err
     assert f"removed stale temporary directory {tmp}" in err and f"pid {worker.pid}" in err
     assert "no longer running" in err
-    assert _hidden(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["hf", "moe", "ready"]
+    assert _hidden(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "hf",
+        "moe",
+        "ready",
+    ]
     assert json.loads((out / "upcycle_config.json").read_text())["options"]["num_experts"] == 4
 
 
@@ -93,32 +115,48 @@ def test_sweep_removes_only_what_is_provably_ours_and_dead(tmp_path):
     child.wait()
     dead = _fake_leftover(tmp_path, ".moe.upcycle-tmp-dead0001", record)
     # another node's conversion on a shared filesystem: its processes cannot be seen from here
-    other_host = _fake_leftover(tmp_path, ".moe.upcycle-tmp-node0002", {**record, "host": socket.gethostname() + "-b"})
+    other_host = _fake_leftover(
+        tmp_path, ".moe.upcycle-tmp-node0002", {**record, "host": socket.gethostname() + "-b"}
+    )
     # the same host after a reboot (or a second machine with this name): not provable
-    rebooted = _fake_leftover(tmp_path, ".moe.upcycle-tmp-boot0003", {**record, "boot_id": "another-boot"})
+    rebooted = _fake_leftover(
+        tmp_path, ".moe.upcycle-tmp-boot0003", {**record, "boot_id": "another-boot"}
+    )
     # no record: an older megatron-dpsl, or a conversion in its first instant
     unrecorded = _fake_leftover(tmp_path, ".moe.upcycle-tmp-none0004", None)
     # a previous output moved aside by --force: the user's checkpoint
     aside = _fake_leftover(tmp_path, ".moe.upcycle-old-0005", None)
     # a record naming another output, a symlink with our prefix, and another output's directory
-    elsewhere = _fake_leftover(tmp_path, ".moe.upcycle-tmp-else0006", {**record, "target": str(tmp_path / "x")})
+    elsewhere = _fake_leftover(
+        tmp_path, ".moe.upcycle-tmp-else0006", {**record, "target": str(tmp_path / "x")}
+    )
     (tmp_path / ".moe.upcycle-tmp-link0007").symlink_to(other_host)
-    other_output = _fake_leftover(tmp_path, ".moe2.upcycle-tmp-dead0008", {**record, "target": str(tmp_path / "moe2")})
+    other_output = _fake_leftover(
+        tmp_path, ".moe2.upcycle-tmp-dead0008", {**record, "target": str(tmp_path / "moe2")}
+    )
 
-    report = {lo.path.name: lo for lo in ownership.sweep(target, remove=False)}  # what --dry-run does
+    report = {
+        lo.path.name: lo for lo in ownership.sweep(target, remove=False)
+    }  # what --dry-run does
     assert not report[dead.name].removed and "a real run removes it" in report[dead.name].reason
     assert dead.is_dir()
 
     dead_size = ownership.tree_size(dead)  # 4096 payload bytes + the record
     report = {lo.path.name: lo for lo in ownership.sweep(target)}
     assert report[dead.name].removed and not dead.exists()
-    assert report[dead.name].size == dead_size and f"({dead_size / 1024:.1f} KiB)" in report[dead.name].message()
+    assert (
+        report[dead.name].size == dead_size
+        and f"({dead_size / 1024:.1f} KiB)" in report[dead.name].message()
+    )
     assert f"pid {child.pid}" in report[dead.name].message()
     for kept, why in [(other_host, "another host"), (rebooted, "reboot"), (unrecorded, "no owner record"),
                       (aside, "moved aside by --force"), (elsewhere, "names another output")]:  # fmt: skip
         assert not report[kept.name].removed and why in report[kept.name].reason, report[kept.name]
         assert (kept / "release" / "__0_0.distcp").stat().st_size == 4096
-    assert ".moe.upcycle-tmp-link0007" not in report and (tmp_path / ".moe.upcycle-tmp-link0007").is_symlink()
+    assert (
+        ".moe.upcycle-tmp-link0007" not in report
+        and (tmp_path / ".moe.upcycle-tmp-link0007").is_symlink()
+    )
     assert other_output.name not in report and other_output.is_dir()
 
 
@@ -128,9 +166,13 @@ def test_reused_pid_counts_as_dead(tmp_path):
     record = dict(vars(ownership.Owner.current(target)))
     record["start_ticks"] -= 1  # same pid, different start: the owner is gone, the pid was reused
     stale = _fake_leftover(tmp_path, ".moe.upcycle-tmp-reus0001", record)
-    live = _fake_leftover(tmp_path, ".moe.upcycle-tmp-live0002", dict(vars(ownership.Owner.current(target))))
+    live = _fake_leftover(
+        tmp_path, ".moe.upcycle-tmp-live0002", dict(vars(ownership.Owner.current(target)))
+    )
     report = {lo.path.name: lo for lo in ownership.sweep(target)}
-    assert report[stale.name].removed and "now belongs to another process" in report[stale.name].reason
+    assert (
+        report[stale.name].removed and "now belongs to another process" in report[stale.name].reason
+    )
     assert not report[live.name].removed and live.is_dir()
 
 
@@ -148,11 +190,25 @@ def test_failed_conversion_leaves_nothing_and_names_the_flag(tmp_path, capsys):
          "--weight-scaling exact cannot be exact here: --expert-noise-std"),
     ]  # fmt: skip
     for flags, message in cases:
-        assert main(["--source", str(src), "--output", str(tmp_path / "moe"), "--no-progress", *flags]) == 2
+        assert (
+            main(["--source", str(src), "--output", str(tmp_path / "moe"), "--no-progress", *flags])
+            == 2
+        )
         err = capsys.readouterr().err
         assert f"megatron-dpsl-upcycle: error: {message}" in err, (flags, err)
     with pytest.raises(SystemExit) as exc:  # argparse: the flag and the allowed choices
-        main(["--source", str(src), "--output", str(tmp_path / "moe"), "--num-experts", "4", "--router-init", "x"])
+        main(
+            [
+                "--source",
+                str(src),
+                "--output",
+                str(tmp_path / "moe"),
+                "--num-experts",
+                "4",
+                "--router-init",
+                "x",
+            ]
+        )
     assert exc.value.code == 2
     assert "argument --router-init: invalid choice: 'x' (choose from" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

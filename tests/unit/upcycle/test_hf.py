@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-
 from support.common import child_env
 from support.upcycle import build_gpt, gpt_logits, load_megatron_lm
 
@@ -43,7 +42,10 @@ def _tiny_hf(kind, path):
     else:
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
         model = transformers.Qwen2ForCausalLM(cfg)
-        for name, p in model.named_parameters():  # random q/k/v biases (HF initialises them to zero)
+        for (
+            name,
+            p,
+        ) in model.named_parameters():  # random q/k/v biases (HF initialises them to zero)
             if name.endswith("proj.bias"):
                 torch.nn.init.normal_(p, std=0.1)
     model.eval()
@@ -80,7 +82,9 @@ def test_hf_dense_round_trip_and_exact_upcycling(megatron, tmp_path, kind):
     moe = build_gpt(margs)
     load_megatron_lm(moe, str(tmp_path / "moe"))
     d_moe = (gpt_logits(moe, TOKENS) - ref).abs().max().item()
-    print(f"{kind}: dense round trip {d_dense:.3e}, exact G=2 upcycle {d_moe:.3e} (|logits| max {ref.abs().max():.2f})")
+    print(
+        f"{kind}: dense round trip {d_dense:.3e}, exact G=2 upcycle {d_moe:.3e} (|logits| max {ref.abs().max():.2f})"
+    )
     assert d_dense <= HF_ATOL and d_moe <= HF_ATOL
 
 
@@ -105,7 +109,8 @@ def test_hf_errors(tmp_path):
 @pytest.mark.parametrize("kind", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_cpu_loading_recipe_of_the_docs(tmp_path, kind):
     """docs/upcycling.md's CPU recipe as a user runs it: the CLI, then examples/load_upcycled_cpu.py
-    (megatron-core builds the MoE from the checkpoint's args, loads it strictly, compares with HF)."""
+    (megatron-core builds the MoE from the checkpoint's args, loads it strictly, compares with
+    HF)."""
     import re
     import subprocess
     from pathlib import Path
@@ -113,15 +118,39 @@ def test_cpu_loading_recipe_of_the_docs(tmp_path, kind):
     repo = Path(__file__).resolve().parents[3]
     _tiny_hf(kind, tmp_path / "hf")
     env = child_env()
-    run = lambda *cmd: subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env)  # noqa: E731
+
+    def run(*cmd):
+        return subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env)
+
     from megatron_dpsl.upcycle.cli import main
 
-    assert main(["--source", str(tmp_path / "hf"), "--output", str(tmp_path / "moe"), "--num-experts", "8",
-                 "--granularity", "2", "--moe-router-topk", "4", "--weight-scaling", "exact", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--source",
+                str(tmp_path / "hf"),
+                "--output",
+                str(tmp_path / "moe"),
+                "--num-experts",
+                "8",
+                "--granularity",
+                "2",
+                "--moe-router-topk",
+                "4",
+                "--weight-scaling",
+                "exact",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     load = run(str(repo / "examples" / "load_upcycled_cpu.py"), "--load", str(tmp_path / "moe"),
                "--compare-hf", str(tmp_path / "hf"))  # fmt: skip
     assert load.returncode == 0, load.stderr[-3000:]
     print(load.stdout)
-    assert re.search(r"\(strict\): \d+ parameters, 8 experts, top-4; logits \[2, 16, 96\], finite: True", load.stdout)
+    assert re.search(
+        r"\(strict\): \d+ parameters, 8 experts, top-4; logits \[2, 16, 96\], finite: True",
+        load.stdout,
+    )
     diff = float(re.search(r"max \|logit diff\| vs .*: (\S+)", load.stdout).group(1))
     assert diff <= HF_ATOL

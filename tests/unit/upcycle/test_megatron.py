@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-
 from support.upcycle import (
     build_gpt,
     dense_args,
@@ -60,7 +59,9 @@ def swiglu_ckpt(megatron, tmp_path_factory):
 @pytest.fixture(scope="module")
 def gelu_ckpt(megatron, tmp_path_factory):
     torch.manual_seed(1)
-    args = dense_args(glu=False, activation="gelu", bias=True, tied=True, normalization="LayerNorm", groups=4)
+    args = dense_args(
+        glu=False, activation="gelu", bias=True, tied=True, normalization="LayerNorm", groups=4
+    )
     model = build_gpt(args)
     for p in model.parameters():  # non-zero biases so that bias handling is exercised
         if p.dim() == 1:
@@ -76,7 +77,14 @@ TOKENS = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(5
 @pytest.mark.parametrize("G,E,k", [(1, 4, 2), (2, 8, 4), (4, 16, 8)])
 def test_exact_upcycling_swiglu_matches_dense_logits(swiglu_ckpt, tmp_path, G, E, k):
     src, _, dense = swiglu_ckpt
-    _upcycle(src, tmp_path / "moe", num_experts=E, granularity=G, moe_router_topk=k, weight_scaling="exact")
+    _upcycle(
+        src,
+        tmp_path / "moe",
+        num_experts=E,
+        granularity=G,
+        moe_router_topk=k,
+        weight_scaling="exact",
+    )
     moe = build_gpt(_args_of(tmp_path / "moe"))
     load_megatron_lm(moe, str(tmp_path / "moe"))
     diff = (gpt_logits(moe, TOKENS) - gpt_logits(dense, TOKENS)).abs().max().item()
@@ -86,7 +94,14 @@ def test_exact_upcycling_swiglu_matches_dense_logits(swiglu_ckpt, tmp_path, G, E
 
 def test_exact_upcycling_gelu_bias_tied_matches_dense_logits(gelu_ckpt, tmp_path):
     src, _, dense = gelu_ckpt
-    _upcycle(src, tmp_path / "moe", num_experts=8, granularity=2, moe_router_topk=4, weight_scaling="exact")
+    _upcycle(
+        src,
+        tmp_path / "moe",
+        num_experts=8,
+        granularity=2,
+        moe_router_topk=4,
+        weight_scaling="exact",
+    )
     moe = build_gpt(_args_of(tmp_path / "moe"))
     load_megatron_lm(moe, str(tmp_path / "moe"))
     diff = (gpt_logits(moe, TOKENS) - gpt_logits(dense, TOKENS)).abs().max().item()
@@ -147,8 +162,8 @@ def _sharded_shapes(model):
 
     out = {}
     for v in model.sharded_state_dict(metadata={"singleton_local_shards": False}).values():
-        for sh in v.build() if isinstance(v, ShardedTensorFactory) else [v]:
-            for sh in sh if isinstance(sh, (list, tuple)) else [sh]:
+        for built in v.build() if isinstance(v, ShardedTensorFactory) else [v]:
+            for sh in built if isinstance(built, (list, tuple)) else [built]:
                 name = sh.unique_key if isinstance(sh, ShardedObject) else sh.key
                 out[name] = None if isinstance(sh, ShardedObject) else tuple(sh.global_shape)
     return out
@@ -164,7 +179,9 @@ def test_written_keys_and_shapes_are_the_moe_models(swiglu_ckpt, tmp_path, extra
     reader = DcpReader(tmp_path / "moe" / "release")
     written = {k: tuple(s) for k, (s, _) in reader.tensor_entries().items()}
     written.update({k: None for k in reader.object_entries()})
-    te_aliases = {k for k in written if ".pre_mlp_layernorm." in k}  # for the TE MoE spec (layers.py)
+    te_aliases = {
+        k for k in written if ".pre_mlp_layernorm." in k
+    }  # for the TE MoE spec (layers.py)
     assert set(written) - te_aliases == set(model_shapes)
     assert all(written[k] == model_shapes[k] for k in model_shapes)
 
@@ -175,7 +192,14 @@ def test_he2024_reproduces_megatron_runtime_upcycling(megatron, swiglu_ckpt, tmp
 
     src, args, dense = swiglu_ckpt
     E, G, k = 8, 2, 4
-    _upcycle(src, tmp_path / "moe", num_experts=E, granularity=G, moe_router_topk=k, weight_scaling="he2024")
+    _upcycle(
+        src,
+        tmp_path / "moe",
+        num_experts=E,
+        granularity=G,
+        moe_router_topk=k,
+        weight_scaling="he2024",
+    )
     ours = build_gpt(_args_of(tmp_path / "moe"))
     load_megatron_lm(ours, str(tmp_path / "moe"))
     ours_sd = ours.state_dict()
@@ -190,7 +214,9 @@ def test_he2024_reproduces_megatron_runtime_upcycling(megatron, swiglu_ckpt, tmp
             # the runtime takes its router's first E/G rows and repeats each G times; ours draws
             # E/G rows from our seed: compare the virtual-group structure, not the random values
             for r in (ref, ours_sd[key]):
-                assert torch.equal(r.view(E // G, G, -1), r.view(E // G, G, -1)[:, :1].expand(-1, G, -1))
+                assert torch.equal(
+                    r.view(E // G, G, -1), r.view(E // G, G, -1)[:, :1].expand(-1, G, -1)
+                )
             continue
         worst = max(worst, (ours_sd[key] - ref).abs().max().item())
     print(f"he2024 vs megatron.core upcycling_utils: max |diff| = {worst:.3e}")
@@ -202,7 +228,14 @@ def test_converted_checkpoint_trains_ep1(megatron, swiglu_ckpt, tmp_path):
     from support.upcycle import moe_training_model, train_steps
 
     src, _, _ = swiglu_ckpt
-    _upcycle(src, tmp_path / "moe", num_experts=8, granularity=2, moe_router_topk=4, expert_noise_std=0.01)
+    _upcycle(
+        src,
+        tmp_path / "moe",
+        num_experts=8,
+        granularity=2,
+        moe_router_topk=4,
+        expert_noise_std=0.01,
+    )
     model, router_name = moe_training_model(_args_of(tmp_path / "moe"))
     load_megatron_lm(model, str(tmp_path / "moe"))
     losses = train_steps(model, TOKENS, steps=4)
@@ -258,7 +291,10 @@ def test_record_json_dry_run_and_hash(swiglu_ckpt, tmp_path, capsys):
         == 0
     )
     record = json.loads((tmp_path / "moe" / "upcycle_config.json").read_text())
-    assert record["options"]["expert_noise_std"] == 0.01 and record["options"]["drop_upcycling_ratio"] == 0.5
+    assert (
+        record["options"]["expert_noise_std"] == 0.01
+        and record["options"]["drop_upcycling_ratio"] == 0.5
+    )
     assert record["options"]["seed"] == 7
     assert record["source"]["sha256"] == MegatronDenseSource(src).content_hash()
     assert (tmp_path / "moe" / "latest_checkpointed_iteration.txt").read_text() == "release"
@@ -281,9 +317,25 @@ def test_errors(swiglu_ckpt, tmp_path, capsys):
     _upcycle(src, tmp_path / "moe", num_experts=4)
     with pytest.raises(UpcycleError, match="already an MoE"):
         _upcycle(tmp_path / "moe", tmp_path / "o2", num_experts=4)
-    assert main(["--source", str(tmp_path / "empty"), "--output", str(tmp_path / "o3"), "--num-experts", "4"]) == 2
+    assert (
+        main(
+            [
+                "--source",
+                str(tmp_path / "empty"),
+                "--output",
+                str(tmp_path / "o3"),
+                "--num-experts",
+                "4",
+            ]
+        )
+        == 2
+    )
     assert "not a checkpoint" in capsys.readouterr().err
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+    assert (
+        not (tmp_path / "o1").exists()
+        and not (tmp_path / "o2").exists()
+        and not (tmp_path / "o3").exists()
+    )
 
 
 def test_atomic_write_force_and_interrupt(swiglu_ckpt, tmp_path, monkeypatch):

@@ -23,7 +23,10 @@ H, FF = 16, 32
 def dense_mlp(gated, bias=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     rows = 2 * FF if gated else FF
-    mlp = {"linear_fc1.weight": torch.randn(rows, H, generator=g), "linear_fc2.weight": torch.randn(H, FF, generator=g)}
+    mlp = {
+        "linear_fc1.weight": torch.randn(rows, H, generator=g),
+        "linear_fc2.weight": torch.randn(H, FF, generator=g),
+    }
     if bias:
         mlp["linear_fc1.bias"] = torch.randn(rows, generator=g)
         mlp["linear_fc2.bias"] = torch.randn(H, generator=g)
@@ -69,7 +72,9 @@ def test_shards_sum_to_dense_ffn(gated, act, G):
 @pytest.mark.parametrize("G,E,k", [(1, 4, 2), (2, 8, 4), (4, 16, 8)])
 def test_exact_scaling_preserves_the_dense_function(gated, act, bias, G, E, k):
     mlp = {n: t.double() for n, t in dense_mlp(gated, bias).items()}
-    scales = weight_scales("exact", num_experts=E, granularity=G, topk=k, gated=gated, activation="silu")
+    scales = weight_scales(
+        "exact", num_experts=E, granularity=G, topk=k, gated=gated, activation="silu"
+    )
     experts = upcycle_experts(mlp, num_experts=E, granularity=G, gated=gated, scales=scales)
     router = init_router(
         "virtual-group",
@@ -91,7 +96,9 @@ def test_exact_scaling_preserves_the_dense_function(gated, act, bias, G, E, k):
         mlp.get("linear_fc2.bias"),
     )
     # float64: only summation-order rounding separates the two
-    torch.testing.assert_close(moe_forward(x, router, experts, k, gated, act), dense, rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        moe_forward(x, router, experts, k, gated, act), dense, rtol=0, atol=1e-10
+    )
 
 
 def test_without_scaling_granular_moe_is_dense_over_G():
@@ -103,7 +110,9 @@ def test_without_scaling_granular_moe_is_dense_over_G():
         num_experts=E,
         granularity=G,
         gated=True,
-        scales=weight_scales("none", num_experts=E, granularity=G, topk=k, gated=True, activation="silu"),
+        scales=weight_scales(
+            "none", num_experts=E, granularity=G, topk=k, gated=True, activation="silu"
+        ),
     )
     router = init_router(
         "virtual-group",
@@ -116,7 +125,9 @@ def test_without_scaling_granular_moe_is_dense_over_G():
     )
     x = torch.randn(3, H, dtype=torch.float64)
     dense = ffn(x, mlp["linear_fc1.weight"], mlp["linear_fc2.weight"], True, F.silu)
-    torch.testing.assert_close(moe_forward(x, router, experts, k, True, F.silu), dense / G, rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        moe_forward(x, router, experts, k, True, F.silu), dense / G, rtol=0, atol=1e-10
+    )
 
 
 def test_virtual_group_router_rows():
@@ -129,9 +140,16 @@ def test_virtual_group_router_rows():
         generator=torch.Generator().manual_seed(0),
     )
     groups = r.view(4, 3, H)
-    assert torch.equal(groups, groups[:, :1].expand_as(groups))  # the G experts of a copy share a row
+    assert torch.equal(
+        groups, groups[:, :1].expand_as(groups)
+    )  # the G experts of a copy share a row
     assert torch.unique(r, dim=0).shape[0] == 4
-    assert init_router("zeros", num_experts=4, granularity=1, hidden_size=H, std=0.02, generator=None).abs().sum() == 0
+    assert (
+        init_router("zeros", num_experts=4, granularity=1, hidden_size=H, std=0.02, generator=None)
+        .abs()
+        .sum()
+        == 0
+    )
 
 
 def test_expert_e_gets_shard_e_mod_G():
@@ -141,7 +159,9 @@ def test_expert_e_gets_shard_e_mod_G():
         num_experts=8,
         granularity=4,
         gated=True,
-        scales=weight_scales("none", num_experts=8, granularity=4, topk=4, gated=True, activation="silu"),
+        scales=weight_scales(
+            "none", num_experts=8, granularity=4, topk=4, gated=True, activation="silu"
+        ),
     )
     shards = split_fc1(mlp["linear_fc1.weight"], 4, True)
     for e, ex in enumerate(experts):
@@ -158,19 +178,32 @@ def test_expert_e_gets_shard_e_mod_G():
     ],
 )
 def test_he2024_factors(mode, gated, act, pre, expect):
-    s = weight_scales(mode, num_experts=16, granularity=4, topk=8, gated=gated, activation=act, pre_softmax=pre)
+    s = weight_scales(
+        mode, num_experts=16, granularity=4, topk=8, gated=gated, activation=act, pre_softmax=pre
+    )
     assert math.isclose(s.fc1, expect) and math.isclose(s.fc2, expect) and s.fc2_bias == 1.0
 
 
 def test_exact_with_shared_expert_halves_both_paths():
-    s = weight_scales("exact", num_experts=8, granularity=2, topk=4, gated=True, activation="silu", shared_expert=True)
+    s = weight_scales(
+        "exact",
+        num_experts=8,
+        granularity=2,
+        topk=4,
+        gated=True,
+        activation="silu",
+        shared_expert=True,
+    )
     assert (s.fc1, s.fc2, s.fc2_bias, s.shared) == (1.0, 1.0, 0.5, 0.5)
 
 
 def test_drop_upcycling_reinitialises_the_requested_units():
     g = torch.Generator().manual_seed(0)
     f = 400
-    fc1, fc2 = torch.randn(2 * f, H, generator=g) * 0.3 + 1.0, torch.randn(H, f, generator=g) * 0.5 - 2.0
+    fc1, fc2 = (
+        torch.randn(2 * f, H, generator=g) * 0.3 + 1.0,
+        torch.randn(H, f, generator=g) * 0.5 - 2.0,
+    )
     new1, new2 = fc1.clone(), fc2.clone()
     idx = drop_upcycle_(new1, new2, 0.25, True, torch.Generator().manual_seed(3))
     assert len(idx) == 100
@@ -192,7 +225,9 @@ def test_noise_std_and_independent_experts():
         num_experts=4,
         granularity=1,
         gated=True,
-        scales=weight_scales("none", num_experts=4, granularity=1, topk=2, gated=True, activation="silu"),
+        scales=weight_scales(
+            "none", num_experts=4, granularity=1, topk=2, gated=True, activation="silu"
+        ),
         noise_std=0.01,
         generators=gens,
     )
@@ -211,9 +246,18 @@ def test_noise_std_and_independent_experts():
         (dict(num_experts=4, weight_scaling="magic"), "--weight-scaling"),
         (dict(num_experts=4, drop_upcycling_ratio=1.0), "--drop-upcycling-ratio"),
         (dict(num_experts=4, activation="relu6"), "unknown activation"),
-        (dict(num_experts=8, granularity=2, moe_router_topk=3, weight_scaling="exact"), "multiple of --granularity"),
         (
-            dict(num_experts=8, granularity=2, moe_router_topk=4, weight_scaling="exact", router_init="normal"),
+            dict(num_experts=8, granularity=2, moe_router_topk=3, weight_scaling="exact"),
+            "multiple of --granularity",
+        ),
+        (
+            dict(
+                num_experts=8,
+                granularity=2,
+                moe_router_topk=4,
+                weight_scaling="exact",
+                router_init="normal",
+            ),
             "virtual-group",
         ),
         (dict(num_experts=4, weight_scaling="exact", moe_router_pre_softmax=True), "pre-softmax"),
@@ -222,7 +266,9 @@ def test_noise_std_and_independent_experts():
     ],
 )
 def test_option_errors_name_the_flag(kwargs, flag):
-    with pytest.raises(UpcycleError, match=flag.replace("-", r"\-") if flag.startswith("--") else flag):
+    with pytest.raises(
+        UpcycleError, match=flag.replace("-", r"\-") if flag.startswith("--") else flag
+    ):
         UpcycleOptions(**kwargs)
 
 
@@ -233,4 +279,10 @@ def test_layer_freq_spellings():
     assert parse_layer_freq("([1]*2+[0])*2") == [1, 1, 0, 1, 1, 0]
     with pytest.raises(UpcycleError):
         parse_layer_freq("__import__('os')")
-    assert UpcycleOptions(num_experts=4, moe_layer_freq=2).moe_layers(5) == [True, False, True, False, True]
+    assert UpcycleOptions(num_experts=4, moe_layer_freq=2).moe_layers(5) == [
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]

@@ -21,7 +21,9 @@ N, H, E = 40, 6, 5
 def data(seed=0, n=N, empty=(3,), unassigned=4):
     """hidden [n, H] float64, clusters [n] with the ``empty`` experts unused and ``unassigned`` tokens at -1."""
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, H, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3.0, H, dtype=torch.float64)
+    hidden = torch.randn(n, H, generator=g, dtype=torch.float64) * torch.linspace(
+        0.2, 3.0, H, dtype=torch.float64
+    )
     used = [k for k in range(E) if k not in empty]
     clusters = torch.tensor(used, dtype=torch.long)[torch.randint(0, len(used), (n,), generator=g)]
     clusters[torch.randperm(n, generator=g)[:unassigned]] = -1
@@ -72,14 +74,18 @@ def test_matches_official_language_model_code_when_every_cluster_has_tokens():
     10·mean, divide by the mean over clusters; equal to ours when no cluster is empty."""
     hidden, clusters = data(empty=(), unassigned=0)
     k = int(clusters.max()) + 1
-    mean = torch.zeros(k, H, dtype=torch.float64).index_reduce(0, clusters, hidden, "mean", include_self=False)
+    mean = torch.zeros(k, H, dtype=torch.float64).index_reduce(
+        0, clusters, hidden, "mean", include_self=False
+    )
     mad = torch.zeros(k, H, dtype=torch.float64).index_reduce(
         0, clusters, (hidden - mean[clusters]).abs(), "mean", include_self=False
     )
     w = 1 / (mad + 1e-4)
     w = torch.clamp(w, max=10 * w.mean())
     w = w / w.mean(dim=0)
-    ours = adaptive_clustering_weights(hidden, clusters, E)  # defaults: eps 1e-4, clip 10, "feature"
+    ours = adaptive_clustering_weights(
+        hidden, clusters, E
+    )  # defaults: eps 1e-4, clip 10, "feature"
     torch.testing.assert_close(ours, w, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(token_scales(ours, clusters), w[clusters], rtol=0, atol=0)
 
@@ -136,7 +142,9 @@ def test_two_passes_summed_over_shards_equal_one_process():
     means = cluster_means(counts, sums)
     dev = sum(cluster_abs_dev_sums(hidden[s], clusters[s], means) for s in shards)
     sharded = feature_weights(counts, dev)
-    torch.testing.assert_close(sharded, adaptive_clustering_weights(hidden, clusters, E), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        sharded, adaptive_clustering_weights(hidden, clusters, E), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_all_reduce_hook_sees_both_passes():
@@ -149,7 +157,9 @@ def test_all_reduce_hook_sees_both_passes():
 
     w = adaptive_clustering_weights(hidden, clusters, E, all_reduce=double)
     assert seen == [(E, H + 1), (E, H)]  # counts ride with the sums: two collectives per call
-    torch.testing.assert_close(w, adaptive_clustering_weights(hidden, clusters, E), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        w, adaptive_clustering_weights(hidden, clusters, E), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_statistics_in_float32_without_gradient():

@@ -12,7 +12,6 @@ import functools
 
 import pytest
 import torch
-
 from support.common import moe_tracked, pg
 from support.megatron_cpu import init_single_process
 
@@ -95,7 +94,9 @@ def scaled_input(x, clusters, cfg):
     from megatron_dpsl.routing.ac.clustering import adaptive_clustering_weights, token_scales
 
     flat = x.reshape(-1, H)
-    w = adaptive_clustering_weights(flat, clusters, E, eps=cfg.moe_ac_eps, clip=cfg.moe_ac_clip, norm=cfg.moe_ac_weight_norm)
+    w = adaptive_clustering_weights(
+        flat, clusters, E, eps=cfg.moe_ac_eps, clip=cfg.moe_ac_clip, norm=cfg.moe_ac_weight_norm
+    )
     return x * token_scales(w, clusters).reshape(x.shape)
 
 
@@ -123,8 +124,13 @@ def test_standard_layers_route_like_topk_router_and_publish_top1():
 
 @pytest.mark.parametrize(
     "over",
-    [{}, dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True), dict(moe_router_dtype="fp32"),
-     dict(moe_ac_weight_norm="cluster", moe_ac_clip=None), dict(moe_ac_weight_norm="global", moe_ac_clip=1.5)],
+    [
+        {},
+        dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True),
+        dict(moe_router_dtype="fp32"),
+        dict(moe_ac_weight_norm="cluster", moe_ac_clip=None),
+        dict(moe_ac_weight_norm="global", moe_ac_clip=1.5),
+    ],
     ids=["softmax", "sigmoid_bias", "fp32_router", "cluster_noclip", "global_clip1.5"],
 )
 def test_ac_layer_is_topk_router_on_reweighted_tokens(over):
@@ -152,14 +158,20 @@ def test_ac_layer_is_topk_router_on_reweighted_tokens(over):
 def test_ac_with_dpsl_shapes_the_ac_probabilities():
     from megatron_dpsl.losses.dpsl import dpsl_loss
 
-    cfg = make_config(moe_router_load_balancing_type=["aux_loss", "dpsl"], moe_aux_loss_coeff=[1e-2, 0.0],
-                      moe_dpsl_coeff=0.3, moe_dpsl_alpha=0.75)
+    cfg = make_config(
+        moe_router_load_balancing_type=["aux_loss", "dpsl"],
+        moe_aux_loss_coeff=[1e-2, 0.0],
+        moe_dpsl_coeff=0.3,
+        moe_dpsl_alpha=0.75,
+    )
     (r1, r2), _ = ac_routers(cfg, [1, 2])
     p1, m1 = r1(hidden(seed=1))
     x2 = hidden(seed=2)
     r2(x2)
     logits = scaled_input(x2, expected_top1(p1, m1), cfg).reshape(-1, H) @ r2.weight.detach().t()
-    ref = 0.3 * dpsl_loss(torch.softmax(logits.float(), -1), torch.full((E,), 0.75, dtype=torch.float64))
+    ref = 0.3 * dpsl_loss(
+        torch.softmax(logits.float(), -1), torch.full((E,), 0.75, dtype=torch.float64)
+    )
     # the tracker keeps one row per layer (row 1: layer 2); same fp32 math, another matmul kernel
     torch.testing.assert_close(moe_tracked("dpsl_loss")[1], ref, rtol=1e-6, atol=1e-7)
     assert moe_tracked("load_balancing_loss")[1] > 0
@@ -183,7 +195,11 @@ def test_padding_is_excluded_from_statistics_and_hand_over():
 
 
 def test_fully_dropped_tokens_hand_over_no_cluster():
-    cfg = make_config(moe_expert_capacity_factor=0.25, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.0)
+    cfg = make_config(
+        moe_expert_capacity_factor=0.25,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=0.0,
+    )
     (r1,), state = ac_routers(cfg, [1])
     p, m = r1(hidden())
     dropped = ~m.any(-1)
@@ -201,7 +217,9 @@ def test_bf16_tokens_with_fp32_router():
     x2 = hidden(seed=2).bfloat16()
     p2, m2 = r2(x2)
     t2 = topk_twin(r2)
-    pt, mt = t2(scaled_input(x2.float(), expected_top1(p1, m1), cfg))  # statistics in fp32 from bf16 values
+    pt, mt = t2(
+        scaled_input(x2.float(), expected_top1(p1, m1), cfg)
+    )  # statistics in fp32 from bf16 values
     assert torch.equal(m2, mt) and torch.equal(p2, pt)
 
 
@@ -211,7 +229,9 @@ def test_first_ac_layer_of_a_pipeline_stage_routes_without_ac():
     cfg = make_config()
     (r3, r4), state = ac_routers(cfg, [3, 4])
     x3, x4 = hidden(seed=3), hidden(seed=4)
-    for micro_batch in range(2):  # the second micro-batch finds layer 4's slot: still no predecessor
+    for micro_batch in range(
+        2
+    ):  # the second micro-batch finds layer 4's slot: still no predecessor
         if micro_batch == 0:
             with pytest.warns(UserWarning, match="layer 3.*MoE layer 2.*another pipeline stage"):
                 p3, m3 = r3(x3)
@@ -252,7 +272,9 @@ def test_needs_the_shared_state_and_a_dpsl_config():
 
     with pytest.raises(TypeError, match="ac_state shared by the routers"):
         ACRouter(make_config(), pg_collection=pg())
-    stock = TransformerConfig(num_layers=2, hidden_size=H, num_attention_heads=4, num_moe_experts=E, moe_router_topk=2)
+    stock = TransformerConfig(
+        num_layers=2, hidden_size=H, num_attention_heads=4, num_moe_experts=E, moe_router_topk=2
+    )
     with pytest.raises(TypeError, match="DPSLTransformerConfig"):
         ACRouter(stock, pg_collection=pg(), ac_state=None)
 
@@ -309,13 +331,19 @@ def spec_router(layer_spec):
     """``MoESubmodules.router`` of a GPT layer spec: megatron-core 0.16 ``ModuleSpec(MoELayer, submodules=...)``,
     0.19 ``functools.partial(MoELayer, submodules=...)``."""
     mlp = layer_spec.submodules.mlp
-    return (mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules).router
+    return (
+        mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules
+    ).router
 
 
 def test_specs_put_ac_router_with_one_state_per_spec_call():
+    from megatron_dpsl.models.specs import (
+        get_dpsl_decoder_block_spec,
+        get_dpsl_layer_spec,
+        router_for,
+    )
     from megatron_dpsl.routing.ac.router import ACRouter
     from megatron_dpsl.routing.router import DPSLRouter
-    from megatron_dpsl.models.specs import get_dpsl_decoder_block_spec, get_dpsl_layer_spec, router_for
 
     cfg = make_config()
     assert router_for(make_config(moe_ac_layers=None)) is DPSLRouter
@@ -339,7 +367,12 @@ def gpt(cfg, seed=0):
     from megatron_dpsl.models.specs import get_dpsl_decoder_block_spec
 
     torch.manual_seed(seed)
-    return GPTModel(config=cfg, transformer_layer_spec=get_dpsl_decoder_block_spec(cfg), vocab_size=32, max_sequence_length=8)
+    return GPTModel(
+        config=cfg,
+        transformer_layer_spec=get_dpsl_decoder_block_spec(cfg),
+        vocab_size=32,
+        max_sequence_length=8,
+    )
 
 
 def batch(seed):
@@ -358,26 +391,41 @@ def routers_of(model):
 
 
 def test_gpt_model_uses_ac_layers_and_micro_batches_do_not_leak():
-    cfg = make_config(moe_router_load_balancing_type=["aux_loss", "dpsl"], moe_aux_loss_coeff=[1e-2, 0.0])
+    cfg = make_config(
+        moe_router_load_balancing_type=["aux_loss", "dpsl"], moe_aux_loss_coeff=[1e-2, 0.0]
+    )
     model = gpt(cfg)
     fresh = gpt(cfg)  # same seed: same weights; its own spec call: its own state
     rs = routers_of(model)
     assert [r.ac_enabled for r in rs] == [False, True, True, True]
-    assert len({id(r._ac_state) for r in rs}) == 1 and rs[0]._ac_state is not routers_of(fresh)[0]._ac_state
+    assert (
+        len({id(r._ac_state) for r in rs}) == 1
+        and rs[0]._ac_state is not routers_of(fresh)[0]._ac_state
+    )
     tokens_a, pos, mask, target = batch(1)
     tokens_b, _, _, _ = batch(2)
     out_a = model(tokens_a, pos, mask)
     (out_a * target).sum().backward()
     out_b = model(tokens_b, pos, mask)
     assert torch.equal(out_b, fresh(tokens_b, pos, mask))  # nothing of micro-batch A reached B
-    plain = gpt(make_config(moe_ac_layers=None, moe_router_load_balancing_type=["aux_loss", "dpsl"], moe_aux_loss_coeff=[1e-2, 0.0]))
+    plain = gpt(
+        make_config(
+            moe_ac_layers=None,
+            moe_router_load_balancing_type=["aux_loss", "dpsl"],
+            moe_aux_loss_coeff=[1e-2, 0.0],
+        )
+    )
     plain.load_state_dict(model.state_dict())
     assert not torch.allclose(plain(tokens_b, pos, mask), out_b)  # AC is active in the model
 
 
 RECOMPUTE = {
-    "full_uniform_1": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-    "full_uniform_2": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2),
+    "full_uniform_1": dict(
+        recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+    ),
+    "full_uniform_2": dict(
+        recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2
+    ),
     "selective_moe": dict(recompute_granularity="selective", recompute_modules=["moe"]),
 }
 
@@ -424,4 +472,6 @@ def test_activation_recompute_replays_the_original_assignment(name, monkeypatch)
     monkeypatch.setattr(ac_router, "forward_phase", lambda training: ac_router.ForwardPhase.PLAIN)
     naive = gpt(make_config(**lb, **RECOMPUTE[name]))
     _, naive_grads = _grads_two_micro_batches(naive, interleave=True)
-    assert any(not torch.allclose(naive_grads[k], ref_grads[k], rtol=1e-4, atol=1e-6) for k in ref_grads)
+    assert any(
+        not torch.allclose(naive_grads[k], ref_grads[k], rtol=1e-4, atol=1e-6) for k in ref_grads
+    )
