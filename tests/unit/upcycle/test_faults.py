@@ -181,7 +181,7 @@ def test_failed_conversion_leaves_nothing_and_names_the_flag(tmp_path, capsys):
     src = write_tiny_hf_llama(tmp_path / "hf")
     cases = [
         (["--num-experts", "6", "--granularity", "4"], "--num-experts 6 is not a multiple of --granularity 4"),
-        (["--num-experts", "4", "--moe-router-topk", "5"], "--moe-router-topk 5 must be in [1, --num-experts=4]"),
+        (["--num-experts", "4", "--moe-router-topk", "5"], "--moe-router-topk must be in [1, 4], got 5"),
         (["--num-experts", "6", "--granularity", "3", "--moe-router-topk", "3"],
          "FFN hidden size 64 is not divisible by --granularity 3"),
         (["--num-experts", "4", "--moe-layer-freq", "[1,0,1]"], "--moe-layer-freq has 3 entries; the source has 2"),
