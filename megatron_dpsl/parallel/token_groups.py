@@ -19,6 +19,11 @@ load-balanced 2×CP chunking itself), or as this CP rank's slice ``[b, s / cp]``
 ``get_batch_on_this_cp_rank``). Under sequence parallelism the router then takes this TP rank's
 ``s_local / tp`` rows of the ``[s_local, b]`` transpose, as ``scatter_to_sequence_parallel_region``
 does for the embeddings, and flattens like the router flattens its logits (``s``-major).
+
+Padding (``padding_mask``, optional, ``[b, s]`` bool, True = padding, in the ids' layout): rows no
+router loss may count (e.g. ``LLaVAModel``'s right padding: it gives its language model no mask). It is
+sharded like the ids and OR-ed into the padding mask ``DPSLRouter`` passes to DPSL and to Megatron's aux
+losses, z-loss and expert-bias counts, whether or not group priors are configured.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class TokenGroups:
 
     group_ids: torch.Tensor  # [b, s] or [b, s / cp] int
     cp_sliced: bool = False
+    padding_mask: torch.Tensor | None = None  # [b, s] or [b, s / cp] bool, True = padding
 
 
 _CURRENT: contextvars.ContextVar[TokenGroups | None] = contextvars.ContextVar(
@@ -60,12 +66,39 @@ def _check(group_ids: torch.Tensor) -> None:
         )
 
 
-def set_dpsl_token_groups(group_ids: torch.Tensor | None, cp_sliced: bool = False):
-    """Set (or clear, with ``None``) the ids the next forward passes read; returns a reset token."""
+def _check_padding(group_ids: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
+    if padding_mask is None:
+        return
+    if not isinstance(padding_mask, torch.Tensor) or padding_mask.shape != group_ids.shape:
+        shape = (
+            tuple(padding_mask.shape)
+            if isinstance(padding_mask, torch.Tensor)
+            else type(padding_mask).__name__
+        )
+        raise ValueError(
+            "dpsl_token_groups: padding_mask must be a bool tensor shaped like group_ids "
+            f"{tuple(group_ids.shape)}, got {shape}"
+        )
+
+
+def set_dpsl_token_groups(
+    group_ids: torch.Tensor | None,
+    cp_sliced: bool = False,
+    padding_mask: torch.Tensor | None = None,
+):
+    """Set (or clear, with ``None``) the ids (and padding flags) the next forward passes read;
+    returns a reset token."""
     if group_ids is None:
         return _CURRENT.set(None)
     _check(group_ids)
-    return _CURRENT.set(TokenGroups(group_ids, cp_sliced))
+    _check_padding(group_ids, padding_mask)
+    padding_mask = None if padding_mask is None else padding_mask.bool()
+    return _CURRENT.set(TokenGroups(group_ids, cp_sliced, padding_mask))
+
+
+def reset_dpsl_token_groups(token) -> None:
+    """Put back the ids set before the ``set_dpsl_token_groups`` call that returned ``token``."""
+    _CURRENT.reset(token)
 
 
 def get_dpsl_token_groups() -> TokenGroups | None:
@@ -74,9 +107,14 @@ def get_dpsl_token_groups() -> TokenGroups | None:
 
 
 @contextlib.contextmanager
-def dpsl_token_groups(group_ids: torch.Tensor | None, cp_sliced: bool = False) -> Iterator[None]:
-    """Make ``group_ids`` ``[batch, seq]`` visible to every ``DPSLRouter`` in this block."""
-    token = set_dpsl_token_groups(group_ids, cp_sliced)
+def dpsl_token_groups(
+    group_ids: torch.Tensor | None,
+    cp_sliced: bool = False,
+    padding_mask: torch.Tensor | None = None,
+) -> Iterator[None]:
+    """Make ``group_ids`` ``[batch, seq]`` (and ``padding_mask``, same shape) visible to every
+    ``DPSLRouter`` in this block."""
+    token = set_dpsl_token_groups(group_ids, cp_sliced, padding_mask)
     try:
         yield
     finally:
@@ -97,6 +135,24 @@ def _cp_slice(batch: dict, cp_group) -> dict:
     return get_batch_on_this_cp_rank(batch, cp_group=cp_group)
 
 
+def _shard(tokens: torch.Tensor, cp_sliced: bool, tp_group, cp_group, sequence_parallel: bool):
+    """This rank's ``[s_local * b]`` part of ``[b, s]`` ``tokens`` (see ``shard_token_group_ids``)."""
+    cp_size = 1 if cp_group is None else cp_group.size()
+    if cp_size > 1 and not cp_sliced:
+        tokens = _cp_slice({"dpsl_group_ids": tokens}, cp_group)["dpsl_group_ids"]
+    tokens = tokens.transpose(0, 1)  # [s_local, b], the layout of hidden states
+    tp_size = 1 if tp_group is None else tp_group.size()
+    if sequence_parallel and tp_size > 1:
+        s_local = tokens.shape[0]
+        if s_local % tp_size:
+            raise ValueError(
+                f"dpsl_token_groups: sequence length {s_local} not divisible by TP size {tp_size}"
+            )
+        rows = s_local // tp_size
+        tokens = tokens[tp_group.rank() * rows : (tp_group.rank() + 1) * rows]
+    return tokens.reshape(-1)
+
+
 def shard_token_group_ids(
     groups: TokenGroups,
     tp_group=None,
@@ -110,21 +166,19 @@ def shard_token_group_ids(
         tp_group / cp_group: Megatron's TP and CP groups (``None`` = size 1).
         sequence_parallel: whether hidden states are split along the sequence over TP.
     """
-    ids = groups.group_ids
-    cp_size = 1 if cp_group is None else cp_group.size()
-    if cp_size > 1 and not groups.cp_sliced:
-        ids = _cp_slice({"dpsl_group_ids": ids}, cp_group)["dpsl_group_ids"]
-    ids = ids.transpose(0, 1)  # [s_local, b], the layout of hidden states
-    tp_size = 1 if tp_group is None else tp_group.size()
-    if sequence_parallel and tp_size > 1:
-        s_local = ids.shape[0]
-        if s_local % tp_size:
-            raise ValueError(
-                f"dpsl_token_groups: sequence length {s_local} not divisible by TP size {tp_size}"
-            )
-        rows = s_local // tp_size
-        ids = ids[tp_group.rank() * rows : (tp_group.rank() + 1) * rows]
-    return ids.reshape(-1)
+    return _shard(groups.group_ids, groups.cp_sliced, tp_group, cp_group, sequence_parallel)
+
+
+def shard_token_padding(
+    groups: TokenGroups,
+    tp_group=None,
+    cp_group=None,
+    sequence_parallel: bool = False,
+) -> torch.Tensor | None:
+    """This rank's padding flags, ``[s_local * b]`` bool, sharded like the ids (``None``: none set)."""
+    if groups.padding_mask is None:
+        return None
+    return _shard(groups.padding_mask, groups.cp_sliced, tp_group, cp_group, sequence_parallel)
 
 
 def check_group_ids(ids: torch.Tensor, num_groups: int) -> None:

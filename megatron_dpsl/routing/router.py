@@ -25,6 +25,7 @@ from megatron_dpsl.parallel.token_groups import (
     check_group_ids,
     get_dpsl_token_groups,
     shard_token_group_ids,
+    shard_token_padding,
 )
 from megatron_dpsl.routing.aux_losses import attach_aux_loss
 from megatron_dpsl.tracking.router_diagnostics import routing_diagnostics
@@ -101,6 +102,8 @@ class DPSLRouter(TopKRouter):
         Args:
             logits: ``[s, b, num_experts]``.
             padding_mask: ``[s, b]`` bool, True = padding (Megatron's code convention), or None.
+                The padding flags set with the token groups (``dpsl_token_groups(...,
+                padding_mask=)``) are OR-ed in, for Megatron's losses as for the plugin's.
 
         Returns:
             ``(probs, routing_map)``, both ``[s * b, num_experts]``, TopKRouter's values; the losses
@@ -114,6 +117,7 @@ class DPSLRouter(TopKRouter):
                 "layer; build the spec with megatron_dpsl.models.specs.get_dpsl_layer_spec / with_plugin_modules "
                 "(with_router swaps only the router)"
             )
+        padding_mask = self._with_group_padding(padding_mask, logits)
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         flat_logits = logits.reshape(-1, self.config.num_moe_experts)
         flat_pad = None if padding_mask is None else padding_mask.reshape(-1).bool()
@@ -164,6 +168,26 @@ class DPSLRouter(TopKRouter):
         if padding_mask is not None and padding_mask.dim() == 1:
             padding_mask = padding_mask.unsqueeze(-1)
         return super()._apply_expert_bias(routing_map, padding_mask=padding_mask)
+
+    def _with_group_padding(self, padding_mask, logits):
+        """``padding_mask`` ``[s, b]`` OR-ed with the padding flags set with the token groups."""
+        groups = get_dpsl_token_groups()
+        if groups is None or groups.padding_mask is None:
+            return padding_mask
+        pad = shard_token_padding(
+            groups,
+            tp_group=self.tp_group,
+            cp_group=self.cp_group,
+            sequence_parallel=self.config.sequence_parallel,
+        )
+        num_tokens = logits.shape[0] * logits.shape[1]
+        if pad.numel() != num_tokens:
+            raise ValueError(
+                f"dpsl_token_groups: padding flags give {pad.numel()} tokens on this rank, the router "
+                f"has {num_tokens}; pass them shaped like the [batch, seq] ids"
+            )
+        pad = pad.to(logits.device).reshape(logits.shape[:2])
+        return pad if padding_mask is None else padding_mask.bool() | pad
 
     def _token_group_ids(self, num_tokens: int, device) -> torch.Tensor | None:
         if self._dpsl_num_groups is None:

@@ -10,6 +10,7 @@ launched by tests) call :func:`install` before building Megatron modules.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -155,3 +156,32 @@ def init_torchrun(**parallel_kwargs) -> None:
         dist.init_process_group("gloo")
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(**parallel_kwargs)
+
+
+@contextlib.contextmanager
+def llava_construction():
+    """Build ``LLaVAModel`` (its ``CLIPViTModel``) on a machine without CUDA or Transformer Engine.
+
+    Without TE, CLIP's default norm is ``torch.nn.LayerNorm``, which ``build_module`` passes ``config=``
+    (TypeError): LLaVAModel's ``CLIPViTModel`` gets Megatron's ``WrappedTorchNorm`` instead (looked up at
+    call time). ``CLIPViTModel.__init__`` moves its position ids with ``.cuda()``: a no-op while building.
+    Both are undone on exit.
+    """
+    install()
+    from megatron.core.models.multimodal import llava_model
+    from megatron.core.models.vision import clip_vit_model
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    changes = []
+    if clip_vit_model.NORM_IMPL is torch.nn.LayerNorm:
+        clip = functools.partial(
+            clip_vit_model.CLIPViTModel, ln_pre_impl=WrappedTorchNorm, ln_post_impl=WrappedTorchNorm
+        )
+        changes.append((llava_model, "CLIPViTModel", clip))
+    if not torch.cuda.is_available():
+        changes.append((torch.Tensor, "cuda", lambda self, *a, **k: self))
+    undo = _patch(changes)
+    try:
+        yield
+    finally:
+        undo()
