@@ -81,13 +81,12 @@ def _shard_factor(llava) -> int:
 
 class _Hook:
     """Pre-hook: this call's layout -> ``set_dpsl_token_groups(ids, padding_mask=pad)``; post-hook: the
-    previous ids back, unless the language model recomputes activations (its routers then read the ids
-    again in backward, after the forward has returned)."""
+    previous ids back. A recompute in the backward pass replays the ids its checkpoint recorded in the
+    forward (``megatron_dpsl.parallel.token_groups``), so nothing needs them after the forward."""
 
     def __init__(self, groups: ModalityGroups, llava) -> None:
         self.groups = groups
         self.signature = inspect.signature(type(llava).forward)
-        self.keep_after_forward = llava.language_model.config.recompute_granularity is not None
         self.tokens = []  # reset tokens of the forwards in flight (a stack: re-entrant calls)
 
     def before(self, llava, args, kwargs):
@@ -103,9 +102,7 @@ class _Hook:
         return args, kwargs
 
     def after(self, llava, args, output):
-        token = self.tokens.pop()
-        if not self.keep_after_forward:
-            reset_dpsl_token_groups(token)
+        reset_dpsl_token_groups(self.tokens.pop())
 
     def ids(self, llava, call: dict, task_ids: torch.Tensor | None):
         """``([b, S] long ids, [b, S] bool padding)`` for one forward call's bound arguments."""

@@ -26,12 +26,14 @@ def megatron_state():
 
 @pytest.fixture(autouse=True)
 def no_token_groups_left():
-    """The hook leaves the ids set after a forward (recompute reads them in backward): clear them so
-    later tests in this process (GPT models) start without any."""
-    from megatron_dpsl.parallel.token_groups import set_dpsl_token_groups
+    """The hook sets the ids for its forward only (a recompute replays what the forward recorded):
+    none may be left for the next test."""
+    from megatron_dpsl.parallel.token_groups import get_dpsl_token_groups, set_dpsl_token_groups
 
     yield
+    left = get_dpsl_token_groups()
     set_dpsl_token_groups(None)
+    assert left is None, "the modality hook left token groups set after the forward"
 
 
 def _lm_config(**over):
@@ -202,7 +204,7 @@ def test_hook_equals_explicit_token_groups(fresh_moe_losses):
     images, input_ids, tiles = _inputs()
     probe = _Probe(auto, mark=False)
     out_auto, _ = _forward(auto, images, input_ids, tiles, 15)
-    assert get_dpsl_token_groups() is None  # set for the forward only (no recompute replays it)
+    assert get_dpsl_token_groups() is None  # set for the forward only
     loss_auto = moe_tracked("dpsl_loss").clone()
     out_auto.float().sum().backward()
     reset_moe_tracker()
