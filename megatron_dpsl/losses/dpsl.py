@@ -236,7 +236,8 @@ def dpsl_loss_per_expert(
     *,
     impl: str | None = None,
 ) -> torch.Tensor:
-    """Eq. 4 (without λ) for each expert: ``[num_experts]``, summed over groups. ``dpsl_loss`` sums it.
+    """Eq. 4 (without λ) for each expert: ``[num_experts]``, summed over groups. ``dpsl_loss`` sums
+    it.
 
     Same arguments as ``dpsl_loss``. Output dtype float32 (float64 for float64 ``probs``).
     """

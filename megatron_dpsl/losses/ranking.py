@@ -49,7 +49,8 @@ def _check_inputs(probs, alpha, group_ids, padding_mask):
     num_tokens, num_experts = probs.shape
     if alpha.dim() not in (1, 2) or alpha.shape[-1] != num_experts or alpha.numel() == 0:
         raise ValueError(
-            f"dpsl_loss: alpha must be [num_experts] or [num_groups, num_experts] with num_experts={num_experts} "
+            "dpsl_loss: alpha must be [num_experts] or [num_groups, num_experts] with "
+            f"num_experts={num_experts} "
             f"(probs.shape[1]), got shape {tuple(alpha.shape)}"
         )
     if group_ids is not None:
@@ -78,7 +79,8 @@ def _check_inputs(probs, alpha, group_ids, padding_mask):
                 else padding_mask
             )
             raise ValueError(
-                f"dpsl_loss: padding_mask must be a bool tensor of shape [{num_tokens}] (True = padding), got {got}"
+                f"dpsl_loss: padding_mask must be a bool tensor of shape [{num_tokens}] (True "
+                f"= padding), got {got}"
             )
 
 
@@ -108,7 +110,8 @@ def table_for(probs, alpha, group_ids=None, padding_mask=None) -> tuple[BetaCDFT
     )
     if num_groups > 1 and group_ids is None:
         raise ValueError(
-            f"dpsl_loss: alpha has {num_groups} rows (one prior per token group); pass group_ids [{num_tokens}]"
+            f"dpsl_loss: alpha has {num_groups} rows (one prior per token group); pass "
+            f"group_ids [{num_tokens}]"
         )
     return table, num_groups
 
@@ -123,7 +126,8 @@ def _cached_table(values: tuple, num_experts: int, dtype: torch.dtype, device: t
 
 
 def prepare(probs, alpha, group_ids=None, padding_mask=None) -> Eq4Inputs:
-    """``table_for`` plus the tokens' row layout (``row_layout``): what the torch implementation takes."""
+    """``table_for`` plus the tokens' row layout (``row_layout``): what the torch implementation
+    takes."""
     table, num_groups = table_for(probs, alpha, group_ids, padding_mask)
     return row_layout(probs, table, num_groups, group_ids, padding_mask)
 
@@ -142,7 +146,8 @@ def row_layout(probs, table, num_groups: int, group_ids, padding_mask) -> Eq4Inp
         if group_ids.device.type == "cpu":
             if bool(bad.any()):
                 raise ValueError(
-                    f"dpsl_loss: group_ids must lie in [0, {num_groups}) (alpha has {num_groups} rows), "
+                    f"dpsl_loss: group_ids must lie in [0, {num_groups}) (alpha has "
+                    f"{num_groups} rows), "
                     f"got values {sorted(set(group_ids[bad].tolist()))[:8]}"
                 )
         else:  # no host sync on accelerators: device-side assert
@@ -171,7 +176,8 @@ def sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rank_dense(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """No groups, no padding. p ``[T, E]`` -> (sorted ``[E, T]``, token index ``[E, T]``); rank j = column + 1."""
+    """No groups, no padding. p ``[T, E]`` -> (sorted ``[E, T]``, token index ``[E, T]``); rank j =
+    column + 1."""
     return sort_rows(p.t().contiguous())  # each expert's column becomes a contiguous row
 
 
@@ -235,7 +241,8 @@ class RankedCDF(NamedTuple):
 
 
 def ranked_cdf(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool) -> RankedCDF:
-    """Rank ``p`` ``[T, E]`` (already in ``inputs.table.dtype``) by row and evaluate F at every point.
+    """Rank ``p`` ``[T, E]`` (already in ``inputs.table.dtype``) by row and evaluate F at every
+    point.
 
     ``inputs.group_ids`` None means one group without padding. Padding points are evaluated with the
     last valid row's constants (any value, NaN included): callers mask them with ``valid``.

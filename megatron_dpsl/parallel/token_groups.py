@@ -1,4 +1,5 @@
-"""Per-token group ids (modality/task priors) reaching ``DPSLRouter``, sharded exactly like the tokens.
+"""Per-token group ids (modality/task priors) reaching ``DPSLRouter``, sharded exactly like the
+tokens.
 
 The training step knows each token's group (e.g. 0 = vision, 1 = language); the router, deep inside
 the model, needs it aligned with its ``[num_tokens, num_experts]`` logits. The step sets the ids for
@@ -103,7 +104,8 @@ def shard_token_group_ids(
     cp_group=None,
     sequence_parallel: bool = False,
 ) -> torch.Tensor:
-    """This rank's ids, ``[s_local * b]``, aligned with the router's flattened ``[s_local, b, E]`` logits.
+    """This rank's ids, ``[s_local * b]``, aligned with the router's flattened ``[s_local, b, E]``
+    logits.
 
     Args:
         groups: the ids as set by the training step.

@@ -31,7 +31,8 @@ from megatron_dpsl.tracking.router_diagnostics import routing_diagnostics
 
 
 class DPSLRouter(TopKRouter):
-    """``TopKRouter`` with DPSL (needs a ``DPSLTransformerConfig``-like config with the ``moe_dpsl_*`` fields).
+    """``TopKRouter`` with DPSL (needs a ``DPSLTransformerConfig``-like config with the
+    ``moe_dpsl_*`` fields).
 
     Args:
         config: ``DPSLTransformerConfig`` (DPSL on when ``moe_router_load_balancing_type`` names
@@ -43,7 +44,8 @@ class DPSLRouter(TopKRouter):
     def __init__(self, config, pg_collection=None, **kwargs) -> None:
         if not hasattr(config, "moe_dpsl_coeff"):
             raise TypeError(
-                f"DPSLRouter needs a megatron_dpsl.DPSLTransformerConfig (got {type(config).__name__}); "
+                "DPSLRouter needs a megatron_dpsl.DPSLTransformerConfig (got "
+                f"{type(config).__name__}); "
                 "build the model config with DPSLTransformerConfig(...)"
             )
         if pg_collection is None:
@@ -110,8 +112,10 @@ class DPSLRouter(TopKRouter):
             # the orthogonality loss lives in DPSLMoELayer, which marks its router: without it no
             # loss runs
             raise RuntimeError(
-                "moe_router_load_balancing_type 'orthogonality' needs megatron_dpsl.DPSLMoELayer as the MoE "
-                "layer; build the spec with megatron_dpsl.models.specs.get_dpsl_layer_spec / with_plugin_modules "
+                "moe_router_load_balancing_type 'orthogonality' needs "
+                "megatron_dpsl.DPSLMoELayer as the MoE "
+                "layer; build the spec with megatron_dpsl.models.specs.get_dpsl_layer_spec / "
+                "with_plugin_modules "
                 "(with_router swaps only the router)"
             )
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
@@ -171,7 +175,8 @@ class DPSLRouter(TopKRouter):
         groups = get_dpsl_token_groups()
         if groups is None:
             raise RuntimeError(
-                "DPSLRouter: group priors are configured (moe_dpsl_group_alphas or moe_dpsl_num_groups) "
+                "DPSLRouter: group priors are configured (moe_dpsl_group_alphas or "
+                "moe_dpsl_num_groups) "
                 "but no per-token group ids are set; wrap the forward pass in "
                 "`with megatron_dpsl.dpsl_token_groups(group_ids):` ([batch, seq] int)"
             )
@@ -183,8 +188,10 @@ class DPSLRouter(TopKRouter):
         )
         if ids.numel() != num_tokens:
             raise ValueError(
-                f"dpsl_token_groups: group ids give {ids.numel()} tokens on this rank, the router has "
-                f"{num_tokens}; pass [batch, seq] ids of the model input (cp_sliced={groups.cp_sliced})"
+                f"dpsl_token_groups: group ids give {ids.numel()} tokens on this rank, the "
+                "router has "
+                f"{num_tokens}; pass [batch, seq] ids of the model input "
+                f"(cp_sliced={groups.cp_sliced})"
             )
         ids = ids.to(device)
         check_group_ids(ids, self._dpsl_num_groups)
