@@ -76,6 +76,17 @@ class UpcycleOptions:
     activation: str | None = None
     """Override the activation for sources without args (``silu``, ``gelu``, ``squared_relu``,
     ``quick_gelu``)."""
+    img_h: int | None = None
+    """LLaVA sources: image height the ViT takes (``--img-h``); checked against the checkpoint."""
+    img_w: int | None = None
+    """LLaVA sources: image width (``--img-w``); checked against the checkpoint."""
+    patch_dim: int | None = None
+    """LLaVA sources: ViT patch size (``--patch-dim``); checked against the checkpoint."""
+    encoder_num_layers: int | None = None
+    """LLaVA sources: ViT layers (``--encoder-num-layers``); checked against the checkpoint."""
+    disable_vision_class_token: bool | None = None
+    """LLaVA sources: the class token is dropped before the projector
+    (``--disable-vision-class-token``)."""
     seed: int = 1234
     force: bool = False
     dry_run: bool = False
@@ -117,6 +128,12 @@ class UpcycleOptions:
                 f"--activation {self.activation!r}: unknown activation; allowed silu, gelu, "
                 "squared_relu, quick_gelu"
             )
+        for name in ("img_h", "img_w", "patch_dim", "encoder_num_layers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UpcycleError(
+                    f"--{name.replace('_', '-')} must be a positive int, got {value!r}"
+                )
         freq = parse_layer_freq(self.moe_layer_freq)
         object.__setattr__(self, "moe_layer_freq", freq)
         if isinstance(freq, int) and freq < 1:
@@ -139,8 +156,8 @@ class UpcycleOptions:
             )
         if self.moe_router_score_function != "softmax":
             why.append(
-                "--moe-router-score-function sigmoid: Megatron renormalises sigmoid scores "
-                "only for k > 1, "
+                "--moe-router-score-function sigmoid: Megatron renormalises sigmoid scores only "
+                "for k > 1, "
                 "with an epsilon; use softmax"
             )
         if G > 1 and self.router_init != "virtual-group":
@@ -151,8 +168,8 @@ class UpcycleOptions:
             )
         if k % G:
             why.append(
-                f"--moe-router-topk {k} is not a multiple of --granularity {G}: top-k would "
-                "select partial "
+                f"--moe-router-topk {k} is not a multiple of --granularity {G}: top-k would select "
+                "partial "
                 "copies of the FFN"
             )
         if self.expert_noise_std:
