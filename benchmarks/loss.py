@@ -255,7 +255,7 @@ def host_breakdown(num_tokens: int, num_experts: int, dtype, repeats: int, devic
     are the kernels' launches and allocations (eq4 - sort), the wrapper (validation, table lookup,
     autograd Function: forward - eq4) and the backward (autograd engine, ``ones_like`` seed, one multiply)."""
     from megatron_dpsl.losses import dpsl_triton as fused_loss
-    from megatron_dpsl.losses.ranking import table_for
+    from megatron_dpsl.losses.dpsl_inputs import table_for
 
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     probs = _probs(num_tokens, num_experts, device, dtype)

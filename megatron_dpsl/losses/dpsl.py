@@ -36,14 +36,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from megatron_dpsl.losses import dpsl_triton as fused_loss
-from megatron_dpsl.losses.ranking import (
-    Eq4Inputs,
-    rank_dense,
-    ranked_cdf,
-    row_layout,
-    sort_rows,
-    table_for,
-)
+from megatron_dpsl.losses.dpsl_inputs import Eq4Inputs, row_layout, table_for
+from megatron_dpsl.losses.ranking import rank_dense, ranked_cdf, sort_rows
 
 _CHUNK = 1 << 17  # elements per CPU chunk (measured: fewer, larger ops beat cache-sized ones here)
 IMPL_ENV = "MEGATRON_DPSL_LOSS_IMPL"

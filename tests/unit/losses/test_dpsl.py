@@ -8,7 +8,7 @@ import torch
 
 from megatron_dpsl import beta_cdf, dpsl_loss, dpsl_loss_per_expert
 from megatron_dpsl.losses.dpsl import _CHUNK, _eq4_cpu, _eq4_device
-from megatron_dpsl.losses.ranking import prepare
+from megatron_dpsl.losses.dpsl_inputs import prepare
 
 
 def _probs(num_tokens, num_experts, seed=0, scale=2.0, dtype=torch.float64):
