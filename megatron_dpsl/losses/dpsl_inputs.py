@@ -19,14 +19,14 @@ import torch
 from megatron_dpsl.losses.beta import BetaCDFTable, beta_cdf_table
 
 
-class Eq4Inputs(NamedTuple):
+class RowLayout(NamedTuple):
     """What ``prepare`` returns: the table, the group count and the tokens' row layout."""
 
     table: BetaCDFTable  # rows g * E + k, evaluation dtype float32 (float64 for float64 probs)
     num_groups: int  # rows of alpha
     group_ids: (
         torch.Tensor | None
-    )  # [T] int64 in [0, num_groups] (num_groups = padding); None: 1 group, no padding
+    )  # [B] int64 in [0, num_groups] (num_groups = padding); None: 1 group, no padding
 
 
 def _check_inputs(probs, alpha, group_ids, padding_mask):
@@ -111,13 +111,13 @@ def _cached_table(values: tuple, num_experts: int, dtype: torch.dtype, device: t
     return beta_cdf_table(alpha2d.reshape(-1), b.reshape(-1), dtype, device), alpha2d.shape[0]
 
 
-def prepare(probs, alpha, group_ids=None, padding_mask=None) -> Eq4Inputs:
+def prepare(probs, alpha, group_ids=None, padding_mask=None) -> RowLayout:
     """``table_for`` plus the tokens' row layout (``row_layout``): what the torch implementation takes."""
     table, num_groups = table_for(probs, alpha, group_ids, padding_mask)
     return row_layout(probs, table, num_groups, group_ids, padding_mask)
 
 
-def row_layout(probs, table, num_groups: int, group_ids, padding_mask) -> Eq4Inputs:
+def row_layout(probs, table, num_groups: int, group_ids, padding_mask) -> RowLayout:
     """Checked, merged group ids for ``table_for``'s validated arguments.
 
     Group ids are range-checked on the host for CPU tensors, by a device-side assert elsewhere (no
@@ -146,4 +146,4 @@ def row_layout(probs, table, num_groups: int, group_ids, padding_mask) -> Eq4Inp
         group_ids = torch.where(padding_mask, num_groups, base)
     elif group_ids is not None and num_groups == 1:
         group_ids = None  # a single group and no padding: the dense path
-    return Eq4Inputs(table, num_groups, group_ids)
+    return RowLayout(table, num_groups, group_ids)

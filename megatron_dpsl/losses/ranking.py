@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from megatron_dpsl.losses.dpsl_inputs import Eq4Inputs
+from megatron_dpsl.losses.dpsl_inputs import RowLayout
 
 VALUE_BITS = 30  # float32 bit patterns of [0, 1] are < 2**30 (1.0 == 0x3F800000)
 MAX_BITS = (
@@ -40,15 +40,15 @@ def sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rank_dense(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """No groups, no padding. p ``[T, E]`` -> (sorted ``[E, T]``, token index ``[E, T]``); rank j = column + 1."""
+    """No groups, no padding. p ``[B, E]`` -> (sorted ``[E, B]``, token index ``[E, B]``); rank j = column + 1."""
     return sort_rows(p.t().contiguous())  # each expert's column becomes a contiguous row
 
 
 class Ranked(NamedTuple):
-    """Every element of ``probs`` in row-sorted order, flat ``[T * E]`` each."""
+    """Every element of ``probs`` in row-sorted order, flat ``[B * E]`` each."""
 
     x: torch.Tensor  # sorted values
-    perm: torch.Tensor  # flat index into probs (row-major [T, E])
+    perm: torch.Tensor  # flat index into probs (row-major [B, E])
     row: torch.Tensor  # g * E + k; >= num_groups * E for padding
     j: torch.Tensor  # rank, 1-based, float
     n: torch.Tensor  # size of the point's row, float
@@ -67,19 +67,19 @@ def rank_ragged(p: torch.Tensor, group_ids: torch.Tensor, num_groups: int) -> Ra
     counts.index_add_(0, group_ids, torch.ones_like(group_ids))  # no host sync (unlike bincount)
     expert = torch.arange(num_experts, device=dev)
     if p.dtype == torch.float32:
-        row_te = group_ids[:, None] * num_experts + expert  # [T, E]
+        row_te = group_ids[:, None] * num_experts + expert  # [B, E]
         bits = p.view(torch.int32).clamp(0, MAX_BITS).long()
         skey, perm = torch.sort(((row_te << VALUE_BITS) | bits).reshape(-1), stable=True)
         row = skey >> VALUE_BITS
         size = counts.repeat_interleave(num_experts)  # row-major over (g, k): row sizes counts[g]
         start = torch.cumsum(size, 0) - size
     else:
-        vals, order = torch.sort(p.t(), dim=-1, stable=True)  # [E, T]
+        vals, order = torch.sort(p.t(), dim=-1, stable=True)  # [E, B]
         g_sorted, order2 = torch.sort(group_ids[order], dim=-1, stable=True)
         order = torch.gather(order, -1, order2)
         perm = (order * num_experts + expert[:, None]).reshape(-1)
         row = (g_sorted * num_experts + expert[:, None]).reshape(-1)
-        # expert-major: row (g, k) starts at k * T + sum_{g' < g} counts[g']
+        # expert-major: row (g, k) starts at k * B + sum_{g' < g} counts[g']
         g_start = torch.cumsum(counts, 0) - counts  # [G + 1]
         start = (expert[None, :] * num_tokens + g_start[:, None]).reshape(
             -1
@@ -92,7 +92,7 @@ def rank_ragged(p: torch.Tensor, group_ids: torch.Tensor, num_groups: int) -> Ra
 
 
 class RankedCDF(NamedTuple):
-    """``rank_ragged``'s points with the Beta CDF of their row, flat ``[T * E]`` each."""
+    """``rank_ragged``'s points with the Beta CDF of their row, flat ``[B * E]`` each."""
 
     perm: torch.Tensor  # flat index into probs
     expert: torch.Tensor  # k
@@ -103,8 +103,8 @@ class RankedCDF(NamedTuple):
     d: torch.Tensor | None  # dF/dx (None unless need_grad)
 
 
-def ranked_cdf(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool) -> RankedCDF:
-    """Rank ``p`` ``[T, E]`` (already in ``inputs.table.dtype``) by row and evaluate F at every point.
+def ranked_cdf(p: torch.Tensor, inputs: RowLayout, need_grad: bool) -> RankedCDF:
+    """Rank ``p`` ``[B, E]`` (already in ``inputs.table.dtype``) by row and evaluate F at every point.
 
     ``inputs.group_ids`` None means one group without padding. Padding points are evaluated with the
     last valid row's constants (any value, NaN included): callers mask them with ``valid``.
