@@ -258,11 +258,11 @@ def bench_gpu_shape(num_tokens, num_experts, grouped, dtype, calls, repeats, imp
 def host_breakdown(num_tokens: int, num_experts: int, dtype, repeats: int, device="cuda") -> dict:
     """Median host ms to issue each cumulative stage of one fused call on an idle device (sync
     before, none after): where the host time of the 'host enqueue' column goes. The differences
-    between rows are the kernels' launches and allocations (eq4 - sort), the wrapper (validation,
-    table lookup, autograd Function: forward - eq4) and the backward (autograd engine, ``ones_like``
-    seed, one multiply)."""
-    from megatron_dpsl.losses import dpsl_triton as fused_loss
-    from megatron_dpsl.losses.ranking import table_for
+    between rows are the kernels' launches and allocations (loss_and_grad - sort), the wrapper
+    (validation, table lookup, autograd Function: forward - loss_and_grad) and the backward
+    (autograd engine, ``ones_like`` seed, one multiply)."""
+    from megatron_dpsl.losses import dpsl_triton
+    from megatron_dpsl.losses.dpsl_inputs import table_for
 
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     probs = _probs(num_tokens, num_experts, device, dtype)
@@ -277,7 +277,7 @@ def host_breakdown(num_tokens: int, num_experts: int, dtype, repeats: int, devic
         "transpose + torch.sort": lambda: torch.sort(
             probs.detach().t().contiguous(), dim=-1, stable=True
         ),
-        "+ buffers, kernels, sum (fused_loss.eq4)": lambda: fused_loss.eq4(
+        "+ buffers, kernels, sum (dpsl_triton.loss_and_grad)": lambda: dpsl_triton.loss_and_grad(
             probs, table, 1, None, None, True, True
         ),
         "+ checks, table lookup, autograd Function (dpsl_loss forward)": lambda: dpsl_loss(
@@ -301,19 +301,19 @@ def host_breakdown(num_tokens: int, num_experts: int, dtype, repeats: int, devic
 
 
 def main_gpu(args):
-    from megatron_dpsl.losses import dpsl_triton as fused_loss
+    from megatron_dpsl.losses import dpsl_triton
 
     t_start = time.perf_counter()
     dtype = getattr(torch, args.dtype)
     fused = (
-        fused_loss.runs_on(torch.device("cuda")) and dtype != torch.float64
+        dpsl_triton.runs_on(torch.device("cuda")) and dtype != torch.float64
     )  # float64: torch path only
     impls = ["torch", "triton"] if fused else ["torch"]
     shapes = GPU_SHAPES[:1] if args.quick else GPU_SHAPES
     print(
         f"`dpsl_loss` forward+backward on {torch.cuda.get_device_name()}, torch "
         f"{torch.__version__}, "
-        f"triton {fused_loss.triton.__version__ if fused_loss.triton else 'not installed'}; "
+        f"triton {dpsl_triton.triton.__version__ if dpsl_triton.triton else 'not installed'}; "
         f"{args.dtype} probs, "
         f"eager; events over {args.calls} back-to-back calls, sync/host medians of {args.repeats}."
     )
@@ -332,8 +332,8 @@ def main_gpu(args):
             r = res[impl]
             agree = f"{diff:.1e}" if diff is not None and impl == "triton" else ""
             print(
-                f"| {label} | {impl} | {r['events']:.3f} | {r['synced']:.3f} | {r['host']:.3f} "
-                f"| {r['kernels']:.0f} "
+                f"| {label} | {impl} | {r['events']:.3f} | {r['synced']:.3f} | {r['host']:.3f} | "
+                f"{r['kernels']:.0f} "
                 f"| {floor['events']:.3f} ({floor['kernels']:.0f}) | "
                 f"{r['events'] / floor['events']:.2f} | {agree} |"
             )
@@ -341,8 +341,8 @@ def main_gpu(args):
         label, num_tokens, num_experts, _ = GPU_SHAPES[0]
         print()
         print(
-            f"Host time of the fused path, {label}, by cumulative stage (median of "
-            f"{args.repeats}, idle GPU):"
+            f"Host time of the fused path, {label}, by cumulative stage (median of {args.repeats}, "
+            "idle GPU):"
         )
         print()
         print("| stage | host ms |")
