@@ -1,12 +1,14 @@
-"""Modality ids for every ``LLaVAModel`` forward: a forward pre-hook sets them, no user code computes them.
+"""Modality ids for every ``LLaVAModel`` forward: a forward pre-hook sets them, no user code
+computes them.
 
 ``attach_llava_token_groups(model)`` registers a ``with_kwargs`` forward pre-hook on the unwrapped
-``LLaVAModel``. Each call it reads ``input_ids``, ``images``, ``num_image_tiles`` and ``image_token_index``
-(positional or keyword, through DDP / ``Float16Module``), recomputes ``_preprocess_data``'s layout
-(``megatron_dpsl.models.llava_modality``) and sets the ``[b, S]`` group ids and padding flags with
-``set_dpsl_token_groups``: every ``DPSLRouter`` then shards them like the combined embeddings (SP, sbhd
-CP) and leaves the padding rows out of DPSL and of Megatron's aux losses. Task priors: pass
-``dpsl_task_ids=[b] int`` to the model's forward; the hook takes it out before ``LLaVAModel`` sees it::
+``LLaVAModel``. Each call it reads ``input_ids``, ``images``, ``num_image_tiles`` and
+``image_token_index`` (positional or keyword, through DDP / ``Float16Module``), recomputes
+``_preprocess_data``'s layout (``megatron_dpsl.models.llava_modality``) and sets the ``[b, S]``
+group ids and padding flags with ``set_dpsl_token_groups``: every ``DPSLRouter`` then shards them
+like the combined embeddings (SP, sbhd CP) and leaves the padding rows out of DPSL and of Megatron's
+aux losses. Task priors: pass ``dpsl_task_ids=[b] int`` to the model's forward; the hook takes it
+out before ``LLaVAModel`` sees it::
 
     handle = attach_llava_token_groups(model, ModalityGroups(vision=0, text=1, num_tasks=4))
     output, loss_mask = model(images, input_ids, position_ids, attention_mask, labels=labels,
@@ -52,7 +54,8 @@ def unwrap_llava(model):
 
 
 def check_llava_groups(llava, groups: ModalityGroups) -> None:
-    """One-line errors for a model the ids cannot describe (no vision encoder, pipeline stages, group count)."""
+    """One-line errors for a model the ids cannot describe (no vision encoder, pipeline stages,
+    group count)."""
     config = llava.language_model.config
     wanted = getattr(config, "moe_dpsl_num_token_groups", None)
     if wanted is not None and groups.vision is not None and not llava.add_encoder:
@@ -62,27 +65,31 @@ def check_llava_groups(llava, groups: ModalityGroups) -> None:
         )
     if llava._language_is_pipeline_parallel:
         raise ValueError(
-            "LLaVA token groups need pipeline_model_parallel_size=1: stages after the first never see "
+            "LLaVA token groups need pipeline_model_parallel_size=1: stages after the first never "
+            "see "
             "input_ids, so the ids cannot follow the micro-batch there yet"
         )
     if wanted is not None and wanted != groups.num_groups:
         raise ValueError(
-            f"ModalityGroups give {groups.num_groups} groups but the language model's DPSL prior has "
+            f"ModalityGroups give {groups.num_groups} groups but the language model's DPSL prior "
+            "has "
             f"{wanted} (moe_dpsl_num_groups / moe_dpsl_group_alphas)"
         )
 
 
 def _shard_factor(llava) -> int:
-    """The multiple ``_process_embedding_token_parallel`` pads (0.19) or asserts (0.16) the length to."""
+    """The multiple ``_process_embedding_token_parallel`` pads (0.19) or asserts (0.16) the length
+    to."""
     cp, tp = llava.context_parallel_lm, llava.tensor_model_parallel_size_lm
     factor = 2 * cp if cp > 1 else 1
     return factor * tp if llava.sequence_parallel_lm else factor
 
 
 class _Hook:
-    """Pre-hook: this call's layout -> ``set_dpsl_token_groups(ids, padding_mask=pad)``; post-hook: the
-    previous ids back. A recompute in the backward pass replays the ids its checkpoint recorded in the
-    forward (``megatron_dpsl.parallel.token_groups``), so nothing needs them after the forward."""
+    """Pre-hook: this call's layout -> ``set_dpsl_token_groups(ids, padding_mask=pad)``; post-hook:
+    the previous ids back. A recompute in the backward pass replays the ids its checkpoint recorded
+    in the forward (``megatron_dpsl.parallel.token_groups``), so nothing needs them after the
+    forward."""
 
     def __init__(self, groups: ModalityGroups, llava) -> None:
         self.groups = groups

@@ -1,4 +1,5 @@
-"""An MoE vision-language model with DPSL: Megatron-Core's ``LLaVAModel``, the plugin's language spec.
+"""An MoE vision-language model with DPSL: Megatron-Core's ``LLaVAModel``, the plugin's language
+spec.
 
     from megatron_dpsl import DPSLTransformerConfig
     from megatron_dpsl.models.llava_modality import ModalityGroups
@@ -15,15 +16,15 @@
                               loss_mask=loss_mask, num_image_tiles=tiles)
 
 The language model gets ``DPSLRouter`` (or ``ACRouter``) in its MoE layers (``models.gpt``); the ViT
-and the projector are dense: their configs may not name experts, and the projector spec is built here,
-never taken from the language spec (Megatron-LM's ``pretrain_vlm.py`` fails that way with
+and the projector are dense: their configs may not name experts, and the projector spec is built
+here, never taken from the language spec (Megatron-LM's ``pretrain_vlm.py`` fails that way with
 ``--num-experts``). Every forward computes the modality ids itself (``models.llava_token_groups``):
 image rows, text rows (split by data subset with ``dpsl_task_ids=``), padding left out of every
 router loss. No user code computes ids.
 
 LLaVA-1.5 (the paper's setting): ``clip_vision_config(lm)`` is CLIP ViT-L/14 cut at its penultimate
-layer (HF layers - 1, quick-GELU, no ``ln_post``); ``drop_vision_class_token=True`` and the norm-free
-two-layer GELU projector (``projector_norm=False``) are the defaults. Tied language models
+layer (HF layers - 1, quick-GELU, no ``ln_post``); ``drop_vision_class_token=True`` and the
+norm-free two-layer GELU projector (``projector_norm=False``) are the defaults. Tied language models
 (Llama-3.2-1B, Qwen2-1.5B) need ``share_embeddings_and_output_weights=True`` and Llama-3.2 its RoPE
 factor (``language_rope_scaling=True, language_rope_scaling_factor=32.0``); ``LLaVAModel``'s
 defaults (untied, factor 8) are wrong for them. docs/vlm.md has the details.
@@ -71,12 +72,13 @@ def clip_vision_config(
     ffn_hidden_size: int = 4096,
     **overrides,
 ):
-    """A dense CLIP ViT ``TransformerConfig`` (``vision_model_type="clip"``), LLaVA-1.5's by default.
+    """A dense CLIP ViT ``TransformerConfig`` (``vision_model_type="clip"``), LLaVA-1.5's by
+    default.
 
     HF LLaVA reads ``hidden_states[vision_feature_layer]`` (-2: the penultimate layer, before
     ``post_layernorm``); Megatron's CLIP returns its last layer, so the ViT keeps
-    ``hf_num_layers + 1 + vision_feature_layer`` layers (23 for CLIP-L). quick-GELU, biases, LayerNorm,
-    no dropout, as OpenAI CLIP. ``overrides`` go to ``TransformerConfig`` last.
+    ``hf_num_layers + 1 + vision_feature_layer`` layers (23 for CLIP-L). quick-GELU, biases,
+    LayerNorm, no dropout, as OpenAI CLIP. ``overrides`` go to ``TransformerConfig`` last.
     """
     from megatron.core.activations import quick_gelu
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -88,7 +90,8 @@ def clip_vision_config(
     )
     if not 1 <= num_layers <= hf_num_layers:
         raise ValueError(
-            f"clip_vision_config: vision_feature_layer={vision_feature_layer} selects no layer of {hf_num_layers}"
+            f"clip_vision_config: vision_feature_layer={vision_feature_layer} selects no layer of "
+            f"{hf_num_layers}"
         )
     fields = dict(
         _shared(language_config),
@@ -112,8 +115,9 @@ def clip_vision_config(
 
 
 def projection_config(language_config, **overrides):
-    """The dense projector's ``TransformerConfig``: LLaVA-1.5's ``mlp2x_gelu`` (vision hidden → LM hidden →
-    LM hidden, erf GELU, biases). ``overrides`` (e.g. ``ffn_hidden_size``) go to ``TransformerConfig`` last."""
+    """The dense projector's ``TransformerConfig``: LLaVA-1.5's ``mlp2x_gelu`` (vision hidden → LM
+    hidden → LM hidden, erf GELU, biases). ``overrides`` (e.g. ``ffn_hidden_size``) go to
+    ``TransformerConfig`` last."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     fields = dict(
@@ -132,7 +136,8 @@ def projection_config(language_config, **overrides):
 
 
 def vision_layer_spec(use_transformer_engine: bool = False):
-    """Megatron's ViT layer spec with bidirectional attention (0.16's local spec says causal: a bug)."""
+    """Megatron's ViT layer spec with bidirectional attention (0.16's local spec says causal: a
+    bug)."""
     from megatron.core.models.vision import vit_layer_specs
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -144,8 +149,8 @@ def vision_layer_spec(use_transformer_engine: bool = False):
 
 
 def projection_submodules(use_transformer_engine: bool = False, norm: bool = False):
-    """The projector's dense ``MLPSubmodules`` (fc1 → activation → fc2); ``norm`` puts a LayerNorm on
-    fc1's input (TE only: Megatron-LM's TE projector has one; LLaVA-1.5's has none)."""
+    """The projector's dense ``MLPSubmodules`` (fc1 → activation → fc2); ``norm`` puts a LayerNorm
+    on fc1's input (TE only: Megatron-LM's TE projector has one; LLaVA-1.5's has none)."""
     from megatron.core.transformer.mlp import MLPSubmodules
 
     if use_transformer_engine:
@@ -177,7 +182,8 @@ def _hook_groups(language_config, vision_config, token_groups, llava_kwargs):
     """The ``ModalityGroups`` to attach (``None``: no hook), after the checks that need no model."""
     if vision_config is None:
         raise ValueError(
-            "build_llava_model: vision_config is None: LLaVAModel (and modality priors) need a vision "
+            "build_llava_model: vision_config is None: LLaVAModel (and modality priors) need a "
+            "vision "
             "encoder config; for a text-only model use megatron_dpsl.models.gpt.build_gpt_model"
         )
     uses_groups = getattr(language_config, "moe_dpsl_num_token_groups", None) is not None
@@ -187,7 +193,8 @@ def _hook_groups(language_config, vision_config, token_groups, llava_kwargs):
         if uses_groups:
             raise ValueError(
                 "group priors (moe_dpsl_num_groups / moe_dpsl_group_alphas) with LLaVA need "
-                "pipeline_model_parallel_size=1: later stages never see input_ids, the ids cannot follow yet"
+                "pipeline_model_parallel_size=1: later stages never see input_ids, the ids cannot "
+                "follow yet"
             )
         return None  # no ids to follow the micro-batch: stock behaviour (padding rows counted)
     if (
@@ -203,7 +210,8 @@ def _hook_groups(language_config, vision_config, token_groups, llava_kwargs):
 
 
 def _llava_parts(language_config, vision_config, projection, use_te, language_layer_spec, norm):
-    """``LLaVAModel``'s config and spec arguments for its three parts, the ViT and projector dense."""
+    """``LLaVAModel``'s config and spec arguments for its three parts, the ViT and projector
+    dense."""
     _check_dense(vision_config, "vision_config")
     _check_dense(projection, "vision_projection_config")
     if not hasattr(vision_config, "vision_model_type"):
@@ -234,7 +242,8 @@ def build_llava_model(
     token_groups: ModalityGroups | None = MODALITY_PRIOR,
     **llava_kwargs,
 ):
-    """Megatron-Core's ``LLaVAModel``: the plugin's language spec, a dense ViT and projector, modality ids.
+    """Megatron-Core's ``LLaVAModel``: the plugin's language spec, a dense ViT and projector,
+    modality ids.
 
     Args:
         language_config: the language model's ``DPSLTransformerConfig`` (MoE or dense).

@@ -1,9 +1,10 @@
-"""LLaVA modality ids under TP+SP and CP (sbhd): torchrun (gloo, CPU) against ``LLaVAModel``'s own sharding.
+"""LLaVA modality ids under TP+SP and CP (sbhd): torchrun (gloo, CPU) against ``LLaVAModel``'s own
+sharding.
 
-One launch per world size (the worker, ``tests/support/workers/llava_sharding_worker.py``, runs every
-layout of ``CASES[world]``): marker embeddings go through ``LLaVAModel._preprocess_data`` and
-``_process_embedding_token_parallel``; the rows each rank keeps must carry the ids and padding flags the
-modality hook set, as ``DPSLRouter`` shards them. Marked slow (~15 s per launch on 2 cores):
+One launch per world size (the worker, ``tests/support/workers/llava_sharding_worker.py``, runs
+every layout of ``CASES[world]``): marker embeddings go through ``LLaVAModel._preprocess_data`` and
+``_process_embedding_token_parallel``; the rows each rank keeps must carry the ids and padding flags
+the modality hook set, as ``DPSLRouter`` shards them. Marked slow (~15 s per launch on 2 cores):
 ``pytest -m slow tests/distributed/test_llava_sharding.py``.
 """
 

@@ -10,7 +10,6 @@ launched by tests) call :func:`install` before building Megatron modules.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
@@ -49,8 +48,9 @@ def install() -> None:
 
 
 class _HostStream:
-    """Stands in for ``torch.cuda.Stream`` (a class, so annotations like ``torch.cuda.Stream | None``
-    elsewhere keep working) and its events on CPU, where every copy is already synchronous."""
+    """Stands in for ``torch.cuda.Stream`` (a class, so annotations like ``torch.cuda.Stream |
+    None`` elsewhere keep working) and its events on CPU, where every copy is already
+    synchronous."""
 
     def __init__(self, *args, **kwargs) -> None:
         pass
@@ -79,11 +79,12 @@ def _patch(changes):
 
 
 def install_alltoall_shims():
-    """Let ``MoEAlltoAllTokenDispatcher`` run on CPU; returns a function that undoes it (call it when done:
-    other libraries read ``torch.cuda.Stream``). The dispatcher makes a ``torch.cuda.Stream`` when
-    built and moves split sizes to the host on it; on CPU the sizes already are host tensors, so the
-    stream, ``torch.cuda.stream(...)`` and ``current_stream()`` become no-ops, and the sizes become
-    NumPy arrays as the CUDA path makes them (what ``all_to_all_single`` takes)."""
+    """Let ``MoEAlltoAllTokenDispatcher`` run on CPU; returns a function that undoes it (call it
+    when done: other libraries read ``torch.cuda.Stream``). The dispatcher makes a
+    ``torch.cuda.Stream`` when built and moves split sizes to the host on it; on CPU the sizes
+    already are host tensors, so the stream, ``torch.cuda.stream(...)`` and ``current_stream()``
+    become no-ops, and the sizes become NumPy arrays as the CUDA path makes them (what
+    ``all_to_all_single`` takes)."""
     install()
     if torch.cuda.is_available():
         return lambda: None
@@ -116,8 +117,8 @@ def install_alltoall_shims():
 
 
 def install_recompute_shims():
-    """Let Megatron's activation recompute (``tensor_parallel.checkpoint``) run on CPU; returns the undo.
-    It saves and restores the CUDA RNG state; on CPU there is none (the CPU state is still
+    """Let Megatron's activation recompute (``tensor_parallel.checkpoint``) run on CPU; returns the
+    undo. It saves and restores the CUDA RNG state; on CPU there is none (the CPU state is still
     restored)."""
     install()
     if torch.cuda.is_available():
@@ -160,24 +161,21 @@ def init_torchrun(**parallel_kwargs) -> None:
 
 @contextlib.contextmanager
 def llava_construction():
-    """Build ``LLaVAModel`` (its ``CLIPViTModel``) on a machine without CUDA or Transformer Engine.
-
-    Without TE, CLIP's default norm is ``torch.nn.LayerNorm``, which ``build_module`` passes ``config=``
-    (TypeError): LLaVAModel's ``CLIPViTModel`` gets Megatron's ``WrappedTorchNorm`` instead (looked up at
-    call time). ``CLIPViTModel.__init__`` moves its position ids with ``.cuda()``: a no-op while building.
-    Both are undone on exit.
-    """
+    """Build a megatron-core ``LLaVAModel`` on CPU (VLM_NOTES §6.2): without Transformer Engine,
+    ``CLIPViTModel``'s default ``ln_pre`` is ``torch.nn.LayerNorm``, which ``build_module`` passes
+    ``config=`` (a TypeError), so the ViT gets ``WrappedTorchNorm``; and its constructor moves the
+    position ids to CUDA (``clip_vit_model.py``), a no-op here."""
     install()
+    import functools
+
     from megatron.core.models.multimodal import llava_model
-    from megatron.core.models.vision import clip_vit_model
+    from megatron.core.models.vision.clip_vit_model import CLIPViTModel
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    changes = []
-    if clip_vit_model.NORM_IMPL is torch.nn.LayerNorm:
-        clip = functools.partial(
-            clip_vit_model.CLIPViTModel, ln_pre_impl=WrappedTorchNorm, ln_post_impl=WrappedTorchNorm
-        )
-        changes.append((llava_model, "CLIPViTModel", clip))
+    vit = functools.partial(
+        CLIPViTModel, ln_pre_impl=WrappedTorchNorm, ln_post_impl=WrappedTorchNorm
+    )
+    changes = [(llava_model, "CLIPViTModel", vit)]
     if not torch.cuda.is_available():
         changes.append((torch.Tensor, "cuda", lambda self, *a, **k: self))
     undo = _patch(changes)

@@ -1,20 +1,20 @@
-"""torchrun worker: ``LLaVAModel``'s own SP/CP sharding of marker embeddings vs the router's sharding of the
-modality hook's ids.
+"""torchrun worker: ``LLaVAModel``'s own SP/CP sharding of marker embeddings vs the router's
+sharding of the modality hook's ids.
 
 Launched by tests/distributed/test_llava_sharding.py; by hand:
 
     PYTHONPATH=.:tests python -m torch.distributed.run --nproc-per-node 2 \
         tests/support/workers/llava_sharding_worker.py --out /tmp/llava_2.json
 
-Per layout: a real ``LLaVAModel`` is built with SP and CP off (its constructor asserts Transformer Engine
-attention for them), then given the layout's ``sequence_parallel_lm``, ``context_parallel_lm``,
-``tensor_model_parallel_size_lm`` and ``cp_group``. Marker embeddings (text 1, image 2) go through its
-``_preprocess_data`` (splice, right padding) and ``_process_embedding_token_parallel`` (0.19's shard
-padding, ``get_batch_on_this_cp_rank``, ``scatter_to_sequence_parallel_region``): the rows this rank
-keeps say which positions it holds. The ids come from the hook ``build_llava_model`` attaches (called
-with the forward's arguments), sharded by ``shard_token_group_ids`` / ``shard_token_padding`` as
-``DPSLRouter`` does. At megatron-core 0.16 CP needs ``megatron.training`` (not in the wheel): the
-committed Megatron-LM snapshot supplies it.
+Per layout: a real ``LLaVAModel`` is built with SP and CP off (its constructor asserts Transformer
+Engine attention for them), then given the layout's ``sequence_parallel_lm``,
+``context_parallel_lm``, ``tensor_model_parallel_size_lm`` and ``cp_group``. Marker embeddings (text
+1, image 2) go through its ``_preprocess_data`` (splice, right padding) and
+``_process_embedding_token_parallel`` (0.19's shard padding, ``get_batch_on_this_cp_rank``,
+``scatter_to_sequence_parallel_region``): the rows this rank keeps say which positions it holds. The
+ids come from the hook ``build_llava_model`` attaches (called with the forward's arguments), sharded
+by ``shard_token_group_ids`` / ``shard_token_padding`` as ``DPSLRouter`` does. At megatron-core 0.16
+CP needs ``megatron.training`` (not in the wheel): the committed Megatron-LM snapshot supplies it.
 """
 
 from __future__ import annotations
@@ -38,15 +38,16 @@ CASES = {
 
 
 def inputs(even: bool):
-    """Uneven images (2 + 1 tiles mid-row, text only, one at the start): 16 combined rows when ``even``
-    (divisible by every shard factor here), else 15 (0.19 pads, 0.16 asserts)."""
+    """Uneven images (2 + 1 tiles mid-row, text only, one at the start): 16 combined rows when
+    ``even`` (divisible by every shard factor here), else 15 (0.19 pads, 0.16 asserts)."""
     tail = [17] if even else []
     ids = [[5, IMG, 6, IMG, 7, *tail], [8, 9, 10, 11, 12, *tail], [IMG, 13, 14, 15, 16, *tail]]
     return torch.tensor(ids), torch.tensor([2, 1, 1], dtype=torch.int)
 
 
 def _megatron_training_on_path() -> None:
-    """megatron-core 0.16's LLaVA imports ``get_batch_on_this_cp_rank`` from ``megatron.training``."""
+    """megatron-core 0.16's LLaVA imports ``get_batch_on_this_cp_rank`` from
+    ``megatron.training``."""
     try:
         import megatron.training.utils  # noqa: F401  (0.19.2 ships it)
     except ImportError:

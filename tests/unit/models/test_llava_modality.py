@@ -1,8 +1,9 @@
-"""``megatron_dpsl.models.llava_modality``: the layout arithmetic and the row → group mapping (no Megatron).
+"""``megatron_dpsl.models.llava_modality``: the layout arithmetic and the row → group mapping (no
+Megatron).
 
-The layout's agreement with ``LLaVAModel``'s own splice is tested on a real model with marker embeddings
-(tests/unit/models/test_vlm.py); these tests pin the parts the model does not reach: 0.19's shard
-padding, pipeline padding, and the group mapping's rules.
+The layout's agreement with ``LLaVAModel``'s own splice is tested on a real model with marker
+embeddings (tests/unit/models/test_vlm.py); these tests pin the parts the model does not reach:
+0.19's shard padding, pipeline padding, and the group mapping's rules.
 """
 
 from __future__ import annotations

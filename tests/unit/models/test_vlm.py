@@ -1,9 +1,10 @@
-"""``megatron_dpsl.models.vlm``: a real Megatron-Core ``LLaVAModel`` with a DPSL language model, on CPU.
+"""``megatron_dpsl.models.vlm``: a real Megatron-Core ``LLaVAModel`` with a DPSL language model, on
+CPU.
 
-The modality ids are checked against an independent per-position reference: the projector's output is
-forced to a marker value, and the ``decoder_input`` ``LLaVAModel`` hands its language model (its own
-splice, padding and truncation) is read by a pre-hook on ``language_model``: marker rows are image rows,
-all-zero rows are padding.
+The modality ids are checked against an independent per-position reference: the projector's output
+is forced to a marker value, and the ``decoder_input`` ``LLaVAModel`` hands its language model (its
+own splice, padding and truncation) is read by a pre-hook on ``language_model``: marker rows are
+image rows, all-zero rows are padding.
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ def test_recompute_gives_the_same_gradients(fresh_moe_losses):
             out, _ = _forward(model, images, input_ids, tiles, 15)
             out.float().square().mean().backward()
             grads[recompute] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-        # the same ops in the same order, replayed: bitwise equal up to fp32 reassociation in autograd
+        # the same ops in the same order, replayed: bitwise equal up to fp32 reassociation in
+        # autograd
         for a, b in zip(grads[False], grads[True], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
     finally:
@@ -332,7 +334,8 @@ def test_group_count_and_dense_parts_are_checked():
 
 
 def test_hook_finds_the_model_inside_ddp_and_task_ids_pass_through():
-    """Megatron-LM calls the DDP-wrapped model (a one-chunk list); keywords reach the hook through it."""
+    """Megatron-LM calls the DDP-wrapped model (a one-chunk list); keywords reach the hook
+    through it."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_dpsl.models.llava_modality import ModalityGroups

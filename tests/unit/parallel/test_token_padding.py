@@ -1,6 +1,7 @@
-"""Padding flags set with the token groups (``set_dpsl_token_groups(ids, padding_mask=...)``): the API's
-checks and the reset. Their effect on the router losses is tested through a real ``LLaVAModel``
-(tests/unit/models/test_vlm.py) and their sharding under SP/CP by tests/distributed/test_llava_sharding.py."""
+"""Padding flags set with the token groups (``set_dpsl_token_groups(ids, padding_mask=...)``): the
+API's checks and the reset. Their effect on the router losses is tested through a real
+``LLaVAModel`` (tests/unit/models/test_vlm.py) and their sharding under SP/CP by
+tests/distributed/test_llava_sharding.py."""
 
 from __future__ import annotations
 
