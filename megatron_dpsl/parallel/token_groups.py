@@ -1,4 +1,5 @@
-"""Per-token group ids (modality/task priors) reaching ``DPSLRouter``, sharded exactly like the tokens.
+"""Per-token group ids (modality/task priors) reaching ``DPSLRouter``, sharded exactly like the
+tokens.
 
 The training step knows each token's group (e.g. 0 = vision, 1 = language); the router, deep inside
 the model, needs it aligned with its ``[s, b, num_experts]`` logits. The step sets the ids for the
@@ -13,18 +14,19 @@ or, in a loop that cannot wrap the forward, ``set_dpsl_token_groups(group_ids)``
 per asyncio task), not in the model.
 
 **The ids travel with the micro-batch.** A forward reads the ids that are set while it runs. Under
-activation recompute (Megatron's ``tensor_parallel.checkpoint``, Transformer Engine's checkpoint, full
-or selective ``"moe"`` recompute) a router runs twice: once inside the checkpoint's forward, with
-gradients off, and once more inside the backward pass, when the ``with`` block has long closed and,
-under a pipeline schedule, other micro-batches have set their own ids. :func:`token_groups_for_forward`
-therefore attaches the ids to the checkpoint's autograd node during the first run (the ``ctx`` of the
-reentrant checkpoint ``Function`` whose forward is running) and, in the replay, reads them back from
-the node the autograd engine is executing (``torch._C._current_autograd_node()``): the checkpoint of
-this very micro-batch and layer range. No queue and no ordering assumption: any number of micro-batches
-may be in flight (1F1B, interleaved virtual stages), and the ids are freed with the micro-batch's
-autograd graph (after its backward, or when a forward that is never backpropagated is dropped).
-Non-reentrant checkpointing (the original forward keeps gradients enabled; no Megatron recompute
-path uses it) is refused with an error in the replay.
+activation recompute (Megatron's ``tensor_parallel.checkpoint``, Transformer Engine's checkpoint,
+full or selective ``"moe"`` recompute) a router runs twice: once inside the checkpoint's forward,
+with gradients off, and once more inside the backward pass, when the ``with`` block has long closed
+and, under a pipeline schedule, other micro-batches have set their own ids.
+:func:`token_groups_for_forward` therefore attaches the ids to the checkpoint's autograd node during
+the first run (the ``ctx`` of the reentrant checkpoint ``Function`` whose forward is running) and,
+in the replay, reads them back from the node the autograd engine is executing
+(``torch._C._current_autograd_node()``): the checkpoint of this very micro-batch and layer range. No
+queue and no ordering assumption: any number of micro-batches may be in flight (1F1B, interleaved
+virtual stages), and the ids are freed with the micro-batch's autograd graph (after its backward, or
+when a forward that is never backpropagated is dropped). Non-reentrant checkpointing (the original
+forward keeps gradients enabled; no Megatron recompute path uses it) is refused with an error in the
+replay.
 
 Layouts (``cp_sliced``): pass the ids either as the full sequence, ``[b, s]`` *before*
 ``get_batch_on_this_cp_rank`` (``cp_sliced=False``, the default: the router applies Megatron's
@@ -106,12 +108,13 @@ def dpsl_token_groups(group_ids: torch.Tensor | None, cp_sliced: bool = False) -
 
 # ---- the ids of the micro-batch a forward computes (module docstring) ----
 def _running_checkpoint_node():
-    """The ``ctx`` (autograd node) of the innermost custom ``Function`` whose ``forward`` is running.
+    """The ``ctx`` (autograd node) of the innermost custom ``Function`` whose ``forward`` is
+    running.
 
     A reentrant checkpoint (``CheckpointFunction.forward(ctx, run_function, ...)`` in Megatron,
-    Transformer Engine and torch) runs the checkpointed layers inside its ``forward``; PyTorch has no
-    API for the running ``ctx``, so the caller's frames are searched for it (a few dozen frames, only
-    on a forward with gradients off in training mode).
+    Transformer Engine and torch) runs the checkpointed layers inside its ``forward``; PyTorch has
+    no API for the running ``ctx``, so the caller's frames are searched for it (a few dozen frames,
+    only on a forward with gradients off in training mode).
     """
     frame = sys._getframe(2)
     while frame is not None:
@@ -132,17 +135,19 @@ def in_recompute() -> bool:
 def token_groups_for_forward(training: bool) -> TokenGroups | None:
     """The ids of the micro-batch the running forward computes, or ``None`` if none were set.
 
-    ``training``: the calling module's ``training`` flag. In a replay inside the backward pass the ids
-    come from the checkpoint node that runs it (raises if its forward recorded none); otherwise they
-    are the ids set now, which a training forward with gradients off (a checkpoint's first run)
+    ``training``: the calling module's ``training`` flag. In a replay inside the backward pass the
+    ids come from the checkpoint node that runs it (raises if its forward recorded none); otherwise
+    they are the ids set now, which a training forward with gradients off (a checkpoint's first run)
     attaches to its checkpoint's node for the replay.
     """
     if in_recompute():
         node = torch._C._current_autograd_node()
         if not hasattr(node, _NODE_ATTR):
             raise RuntimeError(
-                "dpsl_token_groups: a router is being recomputed in the backward pass but its forward "
-                "recorded no group ids: set them around that forward (with dpsl_token_groups(ids): ...); "
+                "dpsl_token_groups: a router is being recomputed in the backward pass but its "
+                "forward "
+                "recorded no group ids: set them around that forward (with dpsl_token_groups(ids): "
+                "...); "
                 "non-reentrant checkpointing is not supported with group priors"
             )
         return getattr(node, _NODE_ATTR)
@@ -176,8 +181,10 @@ def _local_ids(groups: TokenGroups, tp_group, cp_group, sequence_parallel: bool)
     if cp_size > 1 and not groups.cp_sliced:
         if ids.shape[1] % (2 * cp_size):
             raise ValueError(
-                f"dpsl_token_groups: group ids [batch, seq] = {tuple(ids.shape)}: seq is not divisible by "
-                f"2 x CP size {cp_size}; pass the full sequence's ids (or cp_sliced=True with this rank's slice)"
+                f"dpsl_token_groups: group ids [batch, seq] = {tuple(ids.shape)}: seq is not "
+                "divisible by "
+                f"2 x CP size {cp_size}; pass the full sequence's ids (or cp_sliced=True with this "
+                "rank's slice)"
             )
         ids = _cp_slice({"dpsl_group_ids": ids}, cp_group)["dpsl_group_ids"]
     ids = ids.transpose(0, 1)  # [s_local, b], the layout of hidden states
@@ -200,7 +207,8 @@ def shard_token_group_ids(
     sequence_parallel: bool = False,
     hidden_shape: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """This rank's ids, ``[s_local * b]``, aligned with the router's flattened ``[s_local, b, E]`` logits.
+    """This rank's ids, ``[s_local * b]``, aligned with the router's flattened ``[s_local, b, E]``
+    logits.
 
     Args:
         groups: the ids as set by the training step.
@@ -215,7 +223,8 @@ def shard_token_group_ids(
         given = tuple(groups.group_ids.shape)
         raise ValueError(
             f"dpsl_token_groups: group ids give [s, b] = {list(ids.shape)} on this rank (from "
-            f"[batch, seq] = {list(given)}), but the router's hidden states are [s, b] = [{s}, {b}]; "
+            f"[batch, seq] = {list(given)}), but the router's hidden states are [s, b] = [{s}, "
+            f"{b}]; "
             f"pass [batch, seq] ids of the model input (cp_sliced={groups.cp_sliced})"
         )
     return ids.reshape(-1)
