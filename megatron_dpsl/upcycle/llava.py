@@ -160,11 +160,12 @@ def _check_args(info: VisionInfo, args, where) -> None:
 def norm_aliases(w: LayerWeights) -> LayerWeights:
     """A language-model layer's norms under the names of every LLaVA language spec.
 
-    Megatron-Core's ``decoder_model_with_local_default_spec`` (upstream ``pretrain_vlm.py``) maps no
-    keys: ``input_layernorm.*`` and ``pre_mlp_layernorm.*``; the GPT local spec (the plugin's builder)
-    and the TE specs say ``self_attention.linear_qkv.layer_norm_*`` and ``mlp.linear_fc1.layer_norm_*``.
-    The input norm is written under both names; the pre-MLP norm goes to the MLP, which an MoE layer
-    writes under both (layers.py). A load ignores the names its model does not ask for.
+    Megatron-Core's ``decoder_model_with_local_default_spec`` (upstream ``pretrain_vlm.py``) maps
+    no keys: ``input_layernorm.*`` and ``pre_mlp_layernorm.*``; the GPT local spec (the plugin's
+    builder) and the TE specs say ``self_attention.linear_qkv.layer_norm_*`` and
+    ``mlp.linear_fc1.layer_norm_*``. The input norm is written under both names; the pre-MLP norm
+    goes to the MLP, which an MoE layer writes under both (layers.py). A load ignores the names its
+    model does not ask for.
     """
     for kind in ("weight", "bias"):
         plain, fused = f"input_layernorm.{kind}", f"self_attention.linear_qkv.layer_norm_{kind}"
