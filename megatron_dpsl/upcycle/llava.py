@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from megatron_dpsl.upcycle.errors import UpcycleError
 from megatron_dpsl.upcycle.pieces import Piece
+from megatron_dpsl.upcycle.source import LayerWeights
 
 LM_PREFIX = "language_model."
 VISION_PREFIX = "vision_model."
@@ -71,7 +72,8 @@ def check_image_size(info: VisionInfo, img_h: int | None, img_w: int | None, whe
     if expect != info.num_positions:
         raise UpcycleError(
             f"{where}: image {img_h}x{img_w} in {p}x{p} patches gives {expect} positions "
-            f"(class tokens included), but the ViT's position embeddings have {info.num_positions} rows"
+            f"(class tokens included), but the ViT's position embeddings have {info.num_positions} "
+            "rows"
         )
 
 
@@ -102,14 +104,16 @@ def check_vision_flags(vision: VisionInfo | None, flags: dict, source) -> dict:
 
 
 def vision_info(shapes: dict, args, where) -> VisionInfo:
-    """The ViT's shape from the global shapes of its sharded keys (``vision_model.*``, layers stacked or
-    per layer); ``args`` (the checkpoint's Megatron-LM args, or None) must agree with them."""
+    """The ViT's shape from the global shapes of its sharded keys (``vision_model.*``, layers
+    stacked or per layer); ``args`` (the checkpoint's Megatron-LM args, or None) must agree with
+    them."""
     shape = shapes.get
     conv = shape(VISION_PREFIX + "conv1.weight")
     pos = shape(VISION_PREFIX + "position_embeddings.weight")
     if conv is None or pos is None:
         raise UpcycleError(
-            f"{where} holds a LLaVA language model but no vision encoder (vision_model.conv1.weight, "
+            f"{where} holds a LLaVA language model but no vision encoder "
+            "(vision_model.conv1.weight, "
             "vision_model.position_embeddings.weight): a LLaVA without a vision tower cannot be "
             "passed through"
         )
@@ -147,9 +151,31 @@ def _check_args(info: VisionInfo, args, where) -> None:
     layers = getattr(args, "encoder_num_layers", None)
     if layers is not None and layers != info.num_layers:
         raise UpcycleError(
-            f"{where}: args.encoder_num_layers={layers} contradicts vision_model's {info.num_layers} layers"
+            f"{where}: args.encoder_num_layers={layers} contradicts vision_model's "
+            f"{info.num_layers} layers"
         )
     check_image_size(info, info.img_h, info.img_w, f"{where}: args.img_h/img_w")
+
+
+def norm_aliases(w: LayerWeights) -> LayerWeights:
+    """A language-model layer's norms under the names of every LLaVA language spec.
+
+    Megatron-Core's ``decoder_model_with_local_default_spec`` (upstream ``pretrain_vlm.py``) maps
+    no keys: ``input_layernorm.*`` and ``pre_mlp_layernorm.*``; the GPT local spec (the plugin's
+    builder) and the TE specs say ``self_attention.linear_qkv.layer_norm_*`` and
+    ``mlp.linear_fc1.layer_norm_*``. The input norm is written under both names; the pre-MLP norm
+    goes to the MLP, which an MoE layer writes under both (layers.py). A load ignores the names its
+    model does not ask for.
+    """
+    for kind in ("weight", "bias"):
+        plain, fused = f"input_layernorm.{kind}", f"self_attention.linear_qkv.layer_norm_{kind}"
+        norm = w.other.get(plain, w.other.get(fused))
+        if norm is not None:
+            w.other[plain] = w.other[fused] = norm
+        pre = w.other.pop(f"pre_mlp_layernorm.{kind}", None)
+        if pre is not None:
+            w.mlp.setdefault(f"linear_fc1.layer_norm_{kind}", pre)
+    return w
 
 
 class LlavaSource:
@@ -157,7 +183,8 @@ class LlavaSource:
     plus the vision encoder and projector, copied unchanged.
 
     ``passthrough``: sharded key -> function ``(meta) -> list[Piece]`` giving that entry's pieces
-    with full keys (``vision_model.*``, ``vision_projection.*``); objects are listed under their key too.
+    with full keys (``vision_model.*``, ``vision_projection.*``); objects are listed under their key
+    too.
     """
 
     def __init__(
@@ -186,7 +213,7 @@ class LlavaSource:
         return pieces
 
     def read_layer(self, layer: int, meta: bool = False):
-        return self.lm.read_layer(layer, meta=meta)
+        return norm_aliases(self.lm.read_layer(layer, meta=meta))
 
     def output_key(self, key: str) -> str:
         """Sharded key in the LLaVA checkpoint of a key this source yields."""
@@ -200,8 +227,8 @@ class LlavaSource:
 
 
 def check_vision_options(source, opts) -> None:
-    """The vision flags of ``opts`` against ``source`` (a :class:`LlavaSource` or a text-only one); the
-    values they resolve are written into the output's args."""
+    """The vision flags of ``opts`` against ``source`` (a :class:`LlavaSource` or a text-only one);
+    the values they resolve are written into the output's args."""
     flags = {k: getattr(opts, k) for k in VISION_FLAGS}
     values = check_vision_flags(getattr(source, "vision", None), flags, source.info.path)
     for key, value in values.items():
