@@ -1,4 +1,4 @@
-"""Range checks for numeric command-line flags: one ``ValueError`` naming the flag and the allowed range.
+"""Range checks for numeric command-line flags: a ``ValueError`` naming the flag and the range.
 
 Shared by the trainer's ``validate_args`` and the quickstart's up-front checks. NaN and infinities
 are never in range (argparse's ``float`` accepts ``nan`` and ``inf``).

@@ -1,4 +1,4 @@
-"""The quickstart's ``--out`` directory: it replaces what an earlier quickstart wrote there, nothing else.
+"""The quickstart's ``--out``: it replaces what an earlier quickstart wrote there, nothing else.
 
 Before writing anything, a launch records the paths it is about to write (relative to ``--out``) in
 the marker file :data:`MARKER`. A later launch may replace a path only if the marker lists it: a
@@ -68,15 +68,16 @@ def claim(out: str, paths: Iterable[str], *, force: bool = False) -> None:
     recorded = _read_marker(out) if os.path.isdir(out) else None
     if recorded is None and os.path.isdir(out) and os.listdir(out) and not force:
         raise ValueError(
-            f"--out {out}: not empty and not written by the quickstart (no {MARKER}); choose a new or "
-            "empty directory, or add --force to write beside its files (they are never replaced)"
+            f"--out {out}: not empty and not written by the quickstart (no {MARKER}); choose a new "
+            "or empty directory, or add --force to write beside its files (they are never replaced)"
         )
     owned = set(recorded or ())
     for rel in paths:
         link = _through_link(out, rel)
         if link is not None:
             raise ValueError(
-                f"--out {out}: {link} is a symbolic link; the quickstart does not write through links"
+                f"--out {out}: {link} is a symbolic link; the quickstart does not write through "
+                "links"
             )
         if os.path.lexists(os.path.join(out, rel)) and rel not in owned:
             raise ValueError(

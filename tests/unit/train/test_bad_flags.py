@@ -1,9 +1,9 @@
 """Bad flags of the CLIs that train: exit code 2 and one line naming the flag, before anything runs.
 
 The quickstart's table runs its ``main`` in this process (the same code path as
-``python -m megatron_dpsl.train.quickstart``; one subprocess case checks the real exit status): every
-case must fail in the launcher's own up-front checks, so no torchrun is started and ``--out`` is not
-created.
+``python -m megatron_dpsl.train.quickstart``; one subprocess case checks the real exit status):
+every case must fail in the launcher's own up-front checks, so no torchrun is started and
+``--out`` is not created.
 """
 
 from __future__ import annotations

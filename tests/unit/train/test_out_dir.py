@@ -1,4 +1,4 @@
-"""``--out`` of the quickstart: what an earlier launch wrote is replaced, nothing a user had ever is."""
+"""The quickstart's ``--out``: what an earlier launch wrote is replaced, nothing a user had is."""
 
 from __future__ import annotations
 
