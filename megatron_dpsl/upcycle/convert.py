@@ -1,4 +1,5 @@
-"""``upcycle(src, dst, **options)``: dense checkpoint -> Megatron-LM-layout MoE ``torch_dist`` checkpoint."""
+"""``upcycle(src, dst, **options)``: dense checkpoint -> Megatron-LM-layout MoE ``torch_dist``
+checkpoint."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from megatron_dpsl.upcycle.errors import UpcycleError
 from megatron_dpsl.upcycle.flags import megatron_lm_flags, not_restored
 from megatron_dpsl.upcycle.hf import HFDenseSource, is_hf_checkpoint
+from megatron_dpsl.upcycle.llava import check_vision_options
 from megatron_dpsl.upcycle.megatron_args import FRESH_START, complete_args, moe_fields
 from megatron_dpsl.upcycle.options import UpcycleOptions
 from megatron_dpsl.upcycle.ownership import Leftover, sweep
@@ -25,7 +27,8 @@ from megatron_dpsl.upcycle.summary import Counts, format_table, summary_rows
 from megatron_dpsl.upcycle.writer import atomic_directory, write_torch_dist
 
 CONFIG_JSON = "upcycle_config.json"
-STEP = "release"  # Megatron-LM loads a 'release' checkpoint from iteration 0 without optimizer/RNG state
+# Megatron-LM loads a 'release' checkpoint from iteration 0 without optimizer/RNG state
+STEP = "release"
 
 
 @dataclasses.dataclass
@@ -38,12 +41,14 @@ class UpcycleResult:
     table: str
     pieces: list[str] = dataclasses.field(default_factory=list)
     leftovers: list[Leftover] = dataclasses.field(default_factory=list)
-    """Temporary directories of the same output from earlier runs: removed if provably dead, else reported."""
+    """Temporary directories of the same output from earlier runs: removed if provably dead, else
+    reported."""
     flags: list[str] = dataclasses.field(default_factory=list)
     """Megatron-LM flags that build the output's model (flags.py)."""
 
     def flags_text(self) -> str:
-        """The flags as the CLI prints them, and those ``--use-checkpoint-args`` does not restore."""
+        """The flags as the CLI prints them, and those ``--use-checkpoint-args`` does not
+        restore."""
         text = "Megatron-LM flags of this model:\n  " + shlex.join(self.flags)
         kept = not_restored(self.flags)
         if kept:
@@ -58,13 +63,14 @@ def open_source(src: Path, activation: str | None = None):
         if activation not in (None, "silu"):
             raise UpcycleError(f"--activation {activation!r} conflicts with the HF config (silu)")
         return HFDenseSource(src)
-    from megatron_dpsl.upcycle.readers import MegatronDenseSource
+    from megatron_dpsl.upcycle.llava_megatron import open_megatron
 
-    return MegatronDenseSource(src, activation=activation)
+    return open_megatron(src, activation=activation)
 
 
 def source_shapes(source) -> dict[str, tuple[int, ...]]:
-    """Global shapes of the source's non-layer tensors and of layer 0's (under ``layer.``), from metadata."""
+    """Global shapes of the source's non-layer tensors and of layer 0's (under ``layer.``), from
+    metadata."""
     shapes = {
         p.key: tuple(p.data.shape) for p in source.global_pieces(meta=True) if not p.is_object
     }
@@ -148,13 +154,15 @@ def upcycle(src, dst=None, **options) -> UpcycleResult:
     _check_output_keeps_source(Path(src), None if dst is None else Path(dst))
     source = open_source(Path(src), activation=opts.activation)
     try:
+        check_vision_options(source, opts)
         return _run(source, Path(dst) if dst is not None else None, opts)
     finally:
         source.close()
 
 
 def convert_dense(src, dst, *, force: bool = False, progress: bool = True) -> UpcycleResult:
-    """Write ``src`` (HF or Megatron) unchanged as a dense Megatron-LM-layout ``torch_dist`` checkpoint.
+    """Write ``src`` (HF or Megatron) unchanged as a dense Megatron-LM-layout ``torch_dist``
+    checkpoint.
 
     The G=1, no-expert path of the same reader/writer: checks the HF -> Megatron mapping on its own.
     """
@@ -168,13 +176,15 @@ def convert_dense(src, dst, *, force: bool = False, progress: bool = True) -> Up
 
 
 def _check_output_keeps_source(src: Path, dst: Path | None) -> None:
-    """Refuse an output that is, or contains, the source: replacing it (``--force``) would delete the source."""
+    """Refuse an output that is, or contains, the source: replacing it (``--force``) would delete
+    the source."""
     if dst is None:
         return
     src_r, dst_r = src.resolve(), dst.resolve()
     if src_r == dst_r or dst_r in src_r.parents:
         raise UpcycleError(
-            f"--output {dst} is or contains --source {src}: writing there would replace the source; "
+            f"--output {dst} is or contains --source {src}: writing there would replace the "
+            "source; "
             "choose another output directory"
         )
 
@@ -193,8 +203,9 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
         return _dry_run_result(source.info, opts, counts, filled, planned, leftovers, dst, args)
     record = _write(source, shape, planned, counts, args, filled, dst)
     table = format_table(summary_rows(source.info, opts, counts))
-    return UpcycleResult(dst, counts, record, table, leftovers=leftovers,
-                         flags=megatron_lm_flags(args))  # fmt: skip
+    return UpcycleResult(
+        dst, counts, record, table, leftovers=leftovers, flags=megatron_lm_flags(args)
+    )
 
 
 def _check_output_free(dst, opts: UpcycleOptions) -> None:
@@ -217,12 +228,21 @@ def _write(source, shape, planned, counts, args, filled, dst) -> dict:
 
     info, opts = source.info, shape.opts
     src_hash = source.content_hash()
-    common = {"args": args, "checkpoint_version": 3.0, "iteration": 0,
-              "num_floating_point_operations_so_far": 0}  # fmt: skip
+    common = {
+        "args": args,
+        "checkpoint_version": 3.0,
+        "iteration": 0,
+        "num_floating_point_operations_so_far": 0,
+    }
     cache = LayerCache(source)
     with atomic_directory(dst, force=opts.force) as tmp:
-        bar = tqdm(total=info.num_layers, desc="upcycling layers", unit="layer",
-                   disable=not opts.progress, file=sys.stderr)  # fmt: skip
+        bar = tqdm(
+            total=info.num_layers,
+            desc="upcycling layers",
+            unit="layer",
+            disable=not opts.progress,
+            file=sys.stderr,
+        )
         with bar:
             counts.bytes_written = write_torch_dist(
                 tmp / STEP,

@@ -10,8 +10,14 @@ from megatron_dpsl.upcycle.megatron_args import vocab_divisor
 # Model-shaping args that load_args_from_checkpoint (megatron/training/checkpointing.py) does not
 # copy at core_v0.16.1 or core_v0.19.0: a --use-checkpoint-args run gets Megatron-LM's defaults
 # (rope_scaling off, factor 8; norm epsilon 1e-5) unless these flags are passed too.
-NOT_RESTORED = ("--use-rope-scaling", "--rope-scaling-factor", "--norm-epsilon",
-                "--make-vocab-size-divisible-by", "--bf16", "--fp16")  # fmt: skip
+NOT_RESTORED = (
+    "--use-rope-scaling",
+    "--rope-scaling-factor",
+    "--norm-epsilon",
+    "--make-vocab-size-divisible-by",
+    "--bf16",
+    "--fp16",
+)
 
 
 def _num(value) -> str:
@@ -19,8 +25,14 @@ def _num(value) -> str:
 
 
 def _shape_flags(a: argparse.Namespace) -> list[str]:
-    flags = ["--num-layers", str(a.num_layers), "--hidden-size", str(a.hidden_size),
-             "--ffn-hidden-size", str(a.ffn_hidden_size)]  # fmt: skip
+    flags = [
+        "--num-layers",
+        str(a.num_layers),
+        "--hidden-size",
+        str(a.hidden_size),
+        "--ffn-hidden-size",
+        str(a.ffn_hidden_size),
+    ]
     if getattr(a, "num_attention_heads", None):
         flags += ["--num-attention-heads", str(a.num_attention_heads)]
     if getattr(a, "kv_channels", None):
@@ -37,8 +49,13 @@ def _shape_flags(a: argparse.Namespace) -> list[str]:
 def _position_flags(a: argparse.Namespace) -> list[str]:
     if a.position_embedding_type != "rope":
         return ["--position-embedding-type", a.position_embedding_type]
-    flags = ["--position-embedding-type", "rope", "--no-position-embedding",
-             "--rotary-base", _num(a.rotary_base)]  # fmt: skip
+    flags = [
+        "--position-embedding-type",
+        "rope",
+        "--no-position-embedding",
+        "--rotary-base",
+        _num(a.rotary_base),
+    ]
     if a.rotary_percent != 1.0:
         flags += ["--rotary-percent", _num(a.rotary_percent)]
     if a.rotary_interleaved:
@@ -53,10 +70,15 @@ def _layer_flags(a: argparse.Namespace) -> list[str]:
     flags = ["--normalization", a.normalization]
     if eps is not None:
         flags += ["--norm-epsilon", repr(float(eps))]
-    for name, flag in (("swiglu", "--swiglu"), ("squared_relu", "--squared-relu"),
-                       ("quick_geglu", "--quick-geglu"),
-                       ("untie_embeddings_and_output_weights", "--untie-embeddings-and-output-weights"),
-                       ("add_qkv_bias", "--add-qkv-bias"), ("bf16", "--bf16"), ("fp16", "--fp16")):  # fmt: skip
+    for name, flag in (
+        ("swiglu", "--swiglu"),
+        ("squared_relu", "--squared-relu"),
+        ("quick_geglu", "--quick-geglu"),
+        ("untie_embeddings_and_output_weights", "--untie-embeddings-and-output-weights"),
+        ("add_qkv_bias", "--add-qkv-bias"),
+        ("bf16", "--bf16"),
+        ("fp16", "--fp16"),
+    ):
         if getattr(a, name, False):
             flags.append(flag)
     if not a.add_bias_linear:
@@ -67,8 +89,14 @@ def _layer_flags(a: argparse.Namespace) -> list[str]:
 def _moe_flags(a: argparse.Namespace) -> list[str]:
     if not getattr(a, "num_experts", None):
         return []
-    flags = ["--num-experts", str(a.num_experts), "--moe-ffn-hidden-size", str(a.moe_ffn_hidden_size),
-             "--moe-router-topk", str(a.moe_router_topk)]  # fmt: skip
+    flags = [
+        "--num-experts",
+        str(a.num_experts),
+        "--moe-ffn-hidden-size",
+        str(a.moe_ffn_hidden_size),
+        "--moe-router-topk",
+        str(a.moe_router_topk),
+    ]
     if a.moe_layer_freq != 1:
         freq = a.moe_layer_freq
         flags += [
@@ -94,7 +122,8 @@ def megatron_lm_flags(args: argparse.Namespace) -> list[str]:
 
 
 def not_restored(flags: list[str]) -> list[str]:
-    """The part of ``flags`` a ``--use-checkpoint-args`` run must still pass (:data:`NOT_RESTORED`)."""
+    """The part of ``flags`` a ``--use-checkpoint-args`` run must still pass
+    (:data:`NOT_RESTORED`)."""
     out, i = [], 0
     while i < len(flags):
         takes_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")

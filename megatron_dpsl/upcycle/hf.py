@@ -6,9 +6,9 @@ Mapping (HF -> Megatron-Core GPTModel, local or TE spec; see docs/upcycling.md):
 - ``model.embed_tokens.weight`` -> ``embedding.word_embeddings.weight`` ``[V, H]``
 - ``layers.i.input_layernorm.weight`` -> ``self_attention.linear_qkv.layer_norm_weight`` (RMSNorm)
 - ``q_proj [nh*d, H]``, ``k_proj``/``v_proj [ng*d, H]`` -> ``linear_qkv.weight [(nh+2ng)*d, H]``,
-  grouped per query group: ``[q heads of group g (nh/ng*d rows), k_g (d), v_g (d)]`` for g in 0..ng-1
-  (Megatron splits the fused projection per group, so GQA needs this interleave); biases alike.
-  Phi-3's ``qkv_proj`` is ``[q; k; v]`` rows: split, then grouped the same way.
+  grouped per query group: ``[q heads of group g (nh/ng*d rows), k_g (d), v_g (d)]`` for g in
+  0..ng-1 (Megatron splits the fused projection per group, so GQA needs this interleave); biases
+  alike. Phi-3's ``qkv_proj`` is ``[q; k; v]`` rows: split, then grouped the same way.
 - ``o_proj`` -> ``linear_proj.weight``
 - ``post_attention_layernorm.weight`` -> ``mlp.linear_fc1.layer_norm_weight`` (the pre-MLP norm)
 - ``gate_proj``, ``up_proj`` ``[F, H]`` -> ``linear_fc1.weight = cat(gate, up) [2F, H]`` (Megatron's
@@ -16,8 +16,9 @@ Mapping (HF -> Megatron-Core GPTModel, local or TE spec; see docs/upcycling.md):
   ``down_proj`` -> ``linear_fc2.weight [H, F]``
 - ``model.norm.weight`` -> ``decoder.final_layernorm.weight``; ``lm_head.weight`` ->
   ``output_layer.weight`` unless ``tie_word_embeddings``
-- RoPE: HF's rotate-half convention is Megatron's non-interleaved rotary (``rotary_interleaved=False``);
-  ``rope_theta`` -> ``rotary_base``, llama3 scaling -> ``rope_scaling_factor`` (hf_config.py).
+- RoPE: HF's rotate-half convention is Megatron's non-interleaved rotary
+  (``rotary_interleaved=False``); ``rope_theta`` -> ``rotary_base``, llama3 scaling ->
+  ``rope_scaling_factor`` (hf_config.py).
 
 :func:`describe_language_model` (config dict + tensor files -> :class:`HFLanguageModel`) and
 :class:`HFLanguageModelReader` serve any checkpoint that holds such a decoder under a prefix
@@ -68,16 +69,30 @@ def layer_tensor_shapes(c: HFTextConfig) -> dict[str, tuple[int, ...]]:
     """HF names (relative to ``layers.<i>.``) and shapes of one decoder layer, as ``c`` declares."""
     H, F, d = c.hidden_size, c.ffn_hidden_size, c.head_dim
     q, kv = c.num_attention_heads * d, c.num_query_groups * d
-    shapes = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
-              "self_attn.o_proj.weight": (H, q), "mlp.down_proj.weight": (H, F)}  # fmt: skip
+    shapes = {
+        "input_layernorm.weight": (H,),
+        "post_attention_layernorm.weight": (H,),
+        "self_attn.o_proj.weight": (H, q),
+        "mlp.down_proj.weight": (H, F),
+    }
     if c.fused_qkv:
         shapes["self_attn.qkv_proj.weight"] = (q + 2 * kv, H)
     else:
-        shapes.update({"self_attn.q_proj.weight": (q, H), "self_attn.k_proj.weight": (kv, H),
-                       "self_attn.v_proj.weight": (kv, H)})  # fmt: skip
+        shapes.update(
+            {
+                "self_attn.q_proj.weight": (q, H),
+                "self_attn.k_proj.weight": (kv, H),
+                "self_attn.v_proj.weight": (kv, H),
+            }
+        )
     if c.qkv_bias:
-        shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-                       "self_attn.v_proj.bias": (kv,)})  # fmt: skip
+        shapes.update(
+            {
+                "self_attn.q_proj.bias": (q,),
+                "self_attn.k_proj.bias": (kv,),
+                "self_attn.v_proj.bias": (kv,),
+            }
+        )
     if c.fused_gate_up:
         shapes["mlp.gate_up_proj.weight"] = (2 * F, H)
     else:
@@ -86,18 +101,23 @@ def layer_tensor_shapes(c: HFTextConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _declared(c: HFTextConfig) -> str:
-    return (f"hidden_size={c.hidden_size}, intermediate_size={c.ffn_hidden_size}, "
-            f"num_attention_heads={c.num_attention_heads}, num_key_value_heads={c.num_query_groups}, "
-            f"head_dim={c.head_dim}, vocab_size={c.vocab_size}")  # fmt: skip
+    return (
+        f"hidden_size={c.hidden_size}, intermediate_size={c.ffn_hidden_size}, "
+        f"num_attention_heads={c.num_attention_heads}, num_key_value_heads={c.num_query_groups}, "
+        f"head_dim={c.head_dim}, vocab_size={c.vocab_size}"
+    )
 
 
 def check_tensors(
     c: HFTextConfig, tensors: SafetensorsFiles, prefix: str, lm_head: str, where: str
 ):
     """Every tensor the config implies exists with the implied shape and one float dtype, and the
-    files hold no layer beyond ``num_hidden_layers``; errors name both numbers. Returns the dtype."""
-    expected = {f"{prefix}embed_tokens.weight": (c.vocab_size, c.hidden_size),
-                f"{prefix}norm.weight": (c.hidden_size,)}  # fmt: skip
+    files hold no layer beyond ``num_hidden_layers``; errors name both numbers. Returns the
+    dtype."""
+    expected = {
+        f"{prefix}embed_tokens.weight": (c.vocab_size, c.hidden_size),
+        f"{prefix}norm.weight": (c.hidden_size,),
+    }
     if not c.tied:
         expected[lm_head] = (c.vocab_size, c.hidden_size)
     for i in range(c.num_layers):
@@ -126,9 +146,14 @@ def check_tensors(
 
 
 def describe_language_model(
-    cfg: dict, tensors: SafetensorsFiles, *, prefix: str = "model.", lm_head: str = "lm_head.weight",
-    where: str = "config.json", tokenizer_dir: Path | None = None,
-) -> HFLanguageModel:  # fmt: skip
+    cfg: dict,
+    tensors: SafetensorsFiles,
+    *,
+    prefix: str = "model.",
+    lm_head: str = "lm_head.weight",
+    where: str = "config.json",
+    tokenizer_dir: Path | None = None,
+) -> HFLanguageModel:
     """The dense decoder ``cfg`` (a ``config.json`` dict, or a VLM's ``text_config``) declares,
     checked against ``tensors``, with the Megatron-LM args that rebuild it."""
     config = parse_text_config(cfg, where)
@@ -153,7 +178,8 @@ def describe_language_model(
 
 
 def fuse_qkv(c: HFTextConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """HF q ``[nh*d, ...]``, k/v ``[ng*d, ...]`` -> Megatron ``[(nh+2ng)*d, ...]`` grouped per query group."""
+    """HF q ``[nh*d, ...]``, k/v ``[ng*d, ...]`` -> Megatron ``[(nh+2ng)*d, ...]`` grouped per query
+    group."""
     ng, d = c.num_query_groups, c.head_dim
     per = c.num_attention_heads // ng
     rest = q.shape[1:]
@@ -174,8 +200,10 @@ class HFLanguageModelReader:
 
     def __init__(self, model: HFLanguageModel):
         self.model, self.info = model, model.info
-        self._globals = {"embedding.word_embeddings.weight": f"{model.prefix}embed_tokens.weight",
-                         "decoder.final_layernorm.weight": f"{model.prefix}norm.weight"}  # fmt: skip
+        self._globals = {
+            "embedding.word_embeddings.weight": f"{model.prefix}embed_tokens.weight",
+            "decoder.final_layernorm.weight": f"{model.prefix}norm.weight",
+        }
         if not model.config.tied:
             self._globals["output_layer.weight"] = model.lm_head
 
@@ -202,15 +230,20 @@ class HFLanguageModelReader:
         }
         if c.qkv_bias:
             other["self_attention.linear_qkv.bias"] = self._qkv(g, "bias")
-        fc1 = (g("mlp.gate_up_proj.weight") if c.fused_gate_up
-               else torch.cat([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")], dim=0))  # fmt: skip
+        fc1 = (
+            g("mlp.gate_up_proj.weight")
+            if c.fused_gate_up
+            else torch.cat([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")], dim=0)
+        )
         mlp = {
             "linear_fc1.weight": fc1,
             "linear_fc2.weight": g("mlp.down_proj.weight"),
             "linear_fc1.layer_norm_weight": g("post_attention_layernorm.weight"),
         }
-        objects = {"self_attention.linear_qkv._extra_state": None,
-                   "self_attention.linear_proj._extra_state": None}  # fmt: skip
+        objects = {
+            "self_attention.linear_qkv._extra_state": None,
+            "self_attention.linear_proj._extra_state": None,
+        }
         return LayerWeights(other=other, other_objects=objects, mlp=mlp)
 
 
@@ -221,9 +254,11 @@ def read_hf_checkpoint(path: Path) -> HFLanguageModel:
     try:
         has_tokenizer = any((root / f).is_file() for f in TOKENIZER_FILES)
         return describe_language_model(
-            read_json(root / "config.json"), tensors, where=str(root / "config.json"),
+            read_json(root / "config.json"),
+            tensors,
+            where=str(root / "config.json"),
             tokenizer_dir=root if has_tokenizer else None,
-        )  # fmt: skip
+        )
     except BaseException:
         tensors.close()
         raise

@@ -41,7 +41,8 @@ def hf_megatron_args(
         seq_length=default_seq_length(c),
         position_embedding_type="rope",
         add_position_embedding=False,  # Megatron-LM's --no-position-embedding: RoPE adds no table
-        use_rotary_position_embeddings=False,  # the deprecated alias of --position-embedding-type rope
+        # the deprecated alias of --position-embedding-type rope
+        use_rotary_position_embeddings=False,
         rotary_base=_number(c.rotary_base),
         rotary_interleaved=False,
         rotary_percent=1.0,

@@ -24,8 +24,11 @@ from megatron_dpsl.upcycle.errors import UpcycleError
 FAMILIES = ("llama", "qwen2", "phi3")
 ROPE_TYPES = ("default", "llama3")
 # Megatron-Core's RotaryEmbedding._apply_scaling defaults, the only llama3 values it can express
-MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 8192}  # fmt: skip
+MEGATRON_LLAMA3 = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -113,8 +116,9 @@ def rope_of(cfg: Mapping, where: str) -> tuple[float, float | None]:
         why = (
             " (longrope switches per-dimension factor sets at original_max_position_embeddings; "
             "Megatron-Core's rotary embedding has no such rule: use a 4k-context variant)"
-            if rope_type in ("longrope", "su", "yarn") else ""
-        )  # fmt: skip
+            if rope_type in ("longrope", "su", "yarn")
+            else ""
+        )
         raise UpcycleError(
             f"{where}: rope_type {rope_type!r} is not supported{why}; supported: {ROPE_TYPES}"
         )
@@ -123,7 +127,8 @@ def rope_of(cfg: Mapping, where: str) -> tuple[float, float | None]:
         if name not in rope or float(rope[name]) != fixed:
             raise UpcycleError(
                 f"{where}: llama3 RoPE with {name}={rope.get(name)!r}: Megatron-Core's rotary "
-                f"embedding fixes it at {fixed:g} (only the factor is a flag); supported: {MEGATRON_LLAMA3}"
+                f"embedding fixes it at {fixed:g} (only the factor is a flag); supported: "
+                f"{MEGATRON_LLAMA3}"
             )
     return theta, factor
 
@@ -140,7 +145,8 @@ def _sliding_window(cfg: Mapping, family: str, where: str) -> int | None:
 
 
 def parse_text_config(cfg: Mapping, where: str = "config.json") -> HFTextConfig:
-    """The decoder ``cfg`` declares; :class:`UpcycleError` names the field and the allowed values."""
+    """The decoder ``cfg`` declares; :class:`UpcycleError` names the field and the allowed
+    values."""
     if not isinstance(cfg, Mapping):
         raise UpcycleError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
     family = _family(cfg, where)
@@ -149,7 +155,8 @@ def parse_text_config(cfg: Mapping, where: str = "config.json") -> HFTextConfig:
     groups = _field(cfg, "num_key_value_heads", where, heads, low=1)
     if heads % groups:
         raise UpcycleError(
-            f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}"
+            f"{where}: num_attention_heads={heads} is not a multiple of "
+            f"num_key_value_heads={groups}"
         )
     theta, factor = rope_of(cfg, where)
     max_pos = _field(cfg, "max_position_embeddings", where, 4096, low=1)

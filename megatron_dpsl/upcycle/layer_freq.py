@@ -95,7 +95,8 @@ class _Parser:
 
 
 def parse_layer_freq(value) -> int | list[int]:
-    """An int N (layers 0, N, 2N, ... are MoE) or a per-layer 0/1 list, from any accepted spelling."""
+    """An int N (layers 0, N, 2N, ... are MoE) or a per-layer 0/1 list, from any accepted
+    spelling."""
     if isinstance(value, bool):
         raise UpcycleError(f"--moe-layer-freq {value!r}: expected {_FORMS}")
     if isinstance(value, int):

@@ -37,12 +37,14 @@ def check_real(flag: str, value, low: float, high: float | None = None, *, high_
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class UpcycleOptions:
-    """Everything that shapes the upcycled checkpoint (recorded verbatim in ``upcycle_config.json``)."""
+    """Everything that shapes the upcycled checkpoint (recorded verbatim in
+    ``upcycle_config.json``)."""
 
     num_experts: int
     """E: routed experts per MoE layer (``--num-experts``)."""
     granularity: int = 1
-    """G: each dense FFN is split into G experts of ``F/G`` units; E/G copies (``--granularity``)."""
+    """G: each dense FFN is split into G experts of ``F/G`` units; E/G copies
+    (``--granularity``)."""
     moe_router_topk: int = 2
     """k: experts per token (``--moe-router-topk``)."""
     router_init: str = "virtual-group"
@@ -54,7 +56,8 @@ class UpcycleOptions:
     expert_noise_std: float = 0.0
     """Std of additive N(0, std^2) noise on each expert's fc1/fc2 weights (paper: 0.01)."""
     drop_upcycling_ratio: float = 0.0
-    """Fraction of each expert's units re-initialised (Drop-Upcycling; paper 0.5 for 4, 0.2 for 16 experts)."""
+    """Fraction of each expert's units re-initialised (Drop-Upcycling; paper 0.5 for 4, 0.2 for 16
+    experts)."""
     shared_expert: bool = False
     """Keep the whole dense FFN as a shared expert (``--shared-expert``)."""
     moe_layer_freq: int | list[int] = 1
@@ -64,7 +67,19 @@ class UpcycleOptions:
     moe_router_score_function: str = "softmax"
     """Written to args: ``softmax`` | ``sigmoid``."""
     activation: str | None = None
-    """Override the activation for sources without args (``silu``, ``gelu``, ``squared_relu``, ``quick_gelu``)."""
+    """Override the activation for sources without args (``silu``, ``gelu``, ``squared_relu``,
+    ``quick_gelu``)."""
+    img_h: int | None = None
+    """LLaVA sources: image height the ViT takes (``--img-h``); checked against the checkpoint."""
+    img_w: int | None = None
+    """LLaVA sources: image width (``--img-w``); checked against the checkpoint."""
+    patch_dim: int | None = None
+    """LLaVA sources: ViT patch size (``--patch-dim``); checked against the checkpoint."""
+    encoder_num_layers: int | None = None
+    """LLaVA sources: ViT layers (``--encoder-num-layers``); checked against the checkpoint."""
+    disable_vision_class_token: bool | None = None
+    """LLaVA sources: the class token is dropped before the projector
+    (``--disable-vision-class-token``)."""
     seq_length: int | None = None
     """Written to args as ``seq_length`` (what ``--use-checkpoint-args`` fills in when a run omits
     ``--seq-length``); default: the source's, or for a HF source the longest sequence on which
@@ -102,8 +117,9 @@ class UpcycleOptions:
         check_real("--drop-upcycling-ratio", self.drop_upcycling_ratio, 0.0, 1.0, high_open=True)
         if self.router_init_std is not None:
             check_real("--router-init-std", self.router_init_std, 0.0)
-        if self.seq_length is not None:
-            check_int("--seq-length", self.seq_length, 1)
+        for name in ("seq_length", "img_h", "img_w", "patch_dim", "encoder_num_layers"):
+            if getattr(self, name) is not None:
+                check_int(f"--{name.replace('_', '-')}", getattr(self, name), 1)
 
     def _check_choices(self):
         for flag, value, allowed in (
@@ -120,22 +136,26 @@ class UpcycleOptions:
         why = []
         if self.moe_router_pre_softmax:
             why.append(
-                "--moe-router-pre-softmax: top-k of a softmax over all experts is not renormalised, "
+                "--moe-router-pre-softmax: top-k of a softmax over all experts is not "
+                "renormalised, "
                 "so the selected probabilities sum to less than one (a token-dependent factor)"
             )
         if self.moe_router_score_function != "softmax":
             why.append(
-                "--moe-router-score-function sigmoid: Megatron renormalises sigmoid scores only for k > 1, "
+                "--moe-router-score-function sigmoid: Megatron renormalises sigmoid scores only "
+                "for k > 1, "
                 "with an epsilon; use softmax"
             )
         if G > 1 and self.router_init != "virtual-group":
             why.append(
-                f"--router-init {self.router_init}: with --granularity {G} the G shards of one copy must share "
+                f"--router-init {self.router_init}: with --granularity {G} the G shards of one "
+                "copy must share "
                 "a router row (virtual-group) so top-k selects whole copies"
             )
         if k % G:
             why.append(
-                f"--moe-router-topk {k} is not a multiple of --granularity {G}: top-k would select partial "
+                f"--moe-router-topk {k} is not a multiple of --granularity {G}: top-k would select "
+                "partial "
                 "copies of the FFN"
             )
         if self.expert_noise_std:
@@ -160,7 +180,8 @@ class UpcycleOptions:
         """Errors that need the source's shape."""
         if info.ffn_hidden_size % self.granularity:
             raise UpcycleError(
-                f"FFN hidden size {info.ffn_hidden_size} is not divisible by --granularity {self.granularity}"
+                f"FFN hidden size {info.ffn_hidden_size} is not divisible by --granularity "
+                f"{self.granularity}"
             )
         self.moe_layers(info.num_layers)
         if self.seq_length is not None:

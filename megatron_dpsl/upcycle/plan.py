@@ -104,16 +104,19 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 
 
 def pieces_for(source, shape: ConversionShape, cache: LayerCache, group, meta: bool) -> list[Piece]:
-    """The pieces of write unit ``group`` (meta tensors when ``meta``)."""
+    """The pieces of write unit ``group`` (meta tensors when ``meta``), under their output keys."""
     if group[0] == "global":
         pieces = source.global_pieces(meta=meta, key=group[1])
         if not meta:
-            check_finite({p.key: p.data for p in pieces}, "")
-        return pieces
-    if group[0] == "objects":
-        return [p for p in source.global_pieces(meta=True) if p.is_object]
-    layer, part = group
-    return layer_pieces(shape.layer_plan(layer), cache.get(layer, meta), part)
+            check_finite({p.key: p.data for p in pieces if not p.is_object}, "")
+    elif group[0] == "objects":
+        pieces = [p for p in source.global_pieces(meta=True) if p.is_object]
+    else:
+        layer, part = group
+        pieces = layer_pieces(shape.layer_plan(layer), cache.get(layer, meta), part)
+    # a LLaVA source yields the language model's keys without their "language_model." prefix
+    rename = getattr(source, "output_key", None)
+    return [dataclasses.replace(p, key=rename(p.key)) for p in pieces] if rename else pieces
 
 
 def write_groups(source, shape: ConversionShape) -> list[Hashable]:
@@ -144,14 +147,16 @@ def _count(counts: Counts, shape: ConversionShape, group, pieces: list[Piece], c
 
 
 def expert_params(info: DenseModelInfo, opts: UpcycleOptions) -> int:
-    """Parameters of one routed expert: fc1 ``[2F/G | F/G, H]`` (+ bias), fc2 ``[H, F/G]`` (+ bias)."""
+    """Parameters of one routed expert: fc1 ``[2F/G | F/G, H]`` (+ bias), fc2 ``[H, F/G]`` (+
+    bias)."""
     F, G, H = info.ffn_hidden_size, opts.granularity, info.hidden_size
     fc1_rows = (2 if info.gated_linear_unit else 1) * F // G
     return fc1_rows * H + H * F // G + fc1_rows * info.fc1_bias + H * info.fc2_bias
 
 
 def plan_conversion(source, shape: ConversionShape):
-    """(planned groups with meta pieces, counts): every chunk's key, shape and dtype, from shapes."""
+    """(planned groups with meta pieces, counts): every chunk's key, shape and dtype, from
+    shapes."""
     counts = Counts(expert_params=expert_params(shape.info, shape.opts))
     cache = LayerCache(source)
     planned = []

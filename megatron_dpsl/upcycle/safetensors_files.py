@@ -1,5 +1,5 @@
-"""The safetensors files of a Hugging Face directory, opened once and memory-mapped: which file holds
-each tensor, its shape and dtype without reading it, and the tensor itself.
+"""The safetensors files of a Hugging Face directory, opened once and memory-mapped: which file
+holds each tensor, its shape and dtype without reading it, and the tensor itself.
 
 Damage is reported as one :class:`UpcycleError` naming the file: a truncated or corrupt file, an
 index (``model.safetensors.index.json``) that is not JSON or names a shard that is missing.

@@ -35,7 +35,8 @@ def _fmt(n: int) -> str:
 
 
 def format_bytes(n: int) -> str:
-    """``3.80 GiB``, ``412.5 MiB``, ``20.1 KiB``: the largest binary unit that keeps a digit before the point."""
+    """``3.80 GiB``, ``412.5 MiB``, ``20.1 KiB``: the largest binary unit that keeps a digit before
+    the point."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
@@ -67,8 +68,13 @@ def summary_rows(info, opts, counts: Counts) -> list[tuple[str, str]]:
     if counts.bytes_planned:
         rows.append(("output tensors (disk)", format_bytes(counts.bytes_planned)))
     if counts.peak_bytes:
-        rows.append(("memory to convert", f"about {format_bytes(counts.peak_bytes)} above the "
-                     "interpreter (one source layer + the largest write unit, twice)"))  # fmt: skip
+        rows.append(
+            (
+                "memory to convert",
+                f"about {format_bytes(counts.peak_bytes)} above the "
+                "interpreter (one source layer + the largest write unit, twice)",
+            )
+        )
     if counts.bytes_written:
         rows.append(("written", format_bytes(counts.bytes_written)))
     return rows

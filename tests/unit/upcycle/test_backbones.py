@@ -25,24 +25,53 @@ SEQ = {"llama": 2112, "qwen2": 384, "phi3": 320}  # llama: past the llama3 knee 
 # two RMSNorm/RoPE implementations: measured <= 9e-6 (|logits| <= 5.4); a wrong head order, gate/up
 # swap, RoPE factor or missing scale moves logits by > 1e-2.
 ATOL = 1e-4
-COMMON = dict(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-              num_attention_heads=6, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-              initializer_range=0.15)  # fmt: skip
-LLAMA3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8192}  # fmt: skip
+COMMON = dict(
+    vocab_size=101,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    initializer_range=0.15,
+)
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 FAMILIES = {
     # Llama-3.2-1B: tied embeddings, llama3 RoPE (factor 32), theta 500000
-    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        **COMMON, rope_scaling=LLAMA3, rope_theta=500000.0, max_position_embeddings=131072,
-        tie_word_embeddings=True)),
+    "llama": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            **COMMON,
+            rope_scaling=LLAMA3,
+            rope_theta=500000.0,
+            max_position_embeddings=131072,
+            tie_word_embeddings=True,
+        )
+    ),
     # Qwen2-1.5B: tied embeddings, q/k/v biases, theta 1e6
-    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        **COMMON, rope_theta=1e6, max_position_embeddings=131072, tie_word_embeddings=True)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            **COMMON, rope_theta=1e6, max_position_embeddings=131072, tie_word_embeddings=True
+        )
+    ),
     # Phi-3-mini-4k: fused qkv_proj and gate_up_proj, untied, a sliding window the sequence fits in
-    "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
-        **COMMON, max_position_embeddings=4096, sliding_window=SEQ["phi3"], pad_token_id=100,
-        eos_token_id=99, bos_token_id=1)),
-}  # fmt: skip
+    "phi3": lambda: transformers.Phi3ForCausalLM(
+        transformers.Phi3Config(
+            **COMMON,
+            max_position_embeddings=4096,
+            sliding_window=SEQ["phi3"],
+            pad_token_id=100,
+            eos_token_id=99,
+            bos_token_id=1,
+        )
+    ),
+}
 SHAPES = {"2in4": ("4", "1", "2"), "8in16": ("16", "4", "8")}
 
 
@@ -71,8 +100,22 @@ def _convert(src, dst, shape: str, scaling: str, *extra: str) -> int:
     from megatron_dpsl.upcycle.cli import main
 
     E, G, k = SHAPES[shape]
-    argv = ["--source", str(src), "--output", str(dst), "--num-experts", E, "--granularity", G,
-            "--moe-router-topk", k, "--weight-scaling", scaling, "--no-progress", *extra]  # fmt: skip
+    argv = [
+        "--source",
+        str(src),
+        "--output",
+        str(dst),
+        "--num-experts",
+        E,
+        "--granularity",
+        G,
+        "--moe-router-topk",
+        k,
+        "--weight-scaling",
+        scaling,
+        "--no-progress",
+        *extra,
+    ]
     return main(argv)
 
 
@@ -108,8 +151,10 @@ def test_backbone_upcycles_exactly(megatron, tmp_path, family):
         )
     if family == "llama":  # the scaling matters at this length: without it, or with factor 8
         assert args.use_rope_scaling and args.rope_scaling_factor == 32.0
-        for name, rope in {"unscaled": dict(use_rope_scaling=False),
-                           "factor 8": dict(rope_scaling_factor=8.0)}.items():  # fmt: skip
+        for name, rope in {
+            "unscaled": dict(use_rope_scaling=False),
+            "factor 8": dict(rope_scaling_factor=8.0),
+        }.items():
             report[name] = (
                 (_megatron_logits(tmp_path / "2in4", tokens, **rope)[0] - ref).abs().max().item()
             )
