@@ -34,11 +34,12 @@ from pathlib import Path
 import torch
 
 from megatron_dpsl.upcycle.errors import UpcycleError
+from megatron_dpsl.upcycle.files import read_json
 from megatron_dpsl.upcycle.hf_args import hf_megatron_args
 from megatron_dpsl.upcycle.hf_config import HFTextConfig, parse_text_config
 from megatron_dpsl.upcycle.pieces import Piece
 from megatron_dpsl.upcycle.readers import hash_files
-from megatron_dpsl.upcycle.safetensors_files import INDEX, SafetensorsFiles, read_json
+from megatron_dpsl.upcycle.safetensors_files import INDEX, SafetensorsFiles
 from megatron_dpsl.upcycle.source import DenseModelInfo, LayerWeights
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

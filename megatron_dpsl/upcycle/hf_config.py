@@ -70,10 +70,10 @@ def _field(cfg: Mapping, name: str, where: str, default: Any = None, *, kind=int
         raise UpcycleError(f"{where}: {name} is missing")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UpcycleError(f"{where}: {name}={value!r} is not a number")
-    if kind is int and float(value) != int(value):
-        raise UpcycleError(f"{where}: {name}={value!r} is not an integer")
     if not math.isfinite(value) or (low is not None and value < low):
         raise UpcycleError(f"{where}: {name}={value!r} must be finite and >= {low}")
+    if kind is int and float(value) != int(value):
+        raise UpcycleError(f"{where}: {name}={value!r} is not an integer")
     return kind(value)
 
 

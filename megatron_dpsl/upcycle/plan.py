@@ -93,14 +93,19 @@ class LayerCache:
             self.weights = self.source.read_layer(layer, meta=meta)
             self.key = (layer, meta)
             if not meta:
-                check_finite({**self.weights.other, **self.weights.mlp}, f"layer {layer}")
+                named = {
+                    **self.weights.other,
+                    **{f"mlp.{n}": t for n, t in self.weights.mlp.items()},
+                }
+                check_finite(named, f"decoder.layers.{layer}.")
         return self.weights
 
 
-def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+def check_finite(tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Every float tensor finite, or an error naming the first one that is not."""
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UpcycleError(f"source {where}: {name} holds NaN or inf; the source is damaged")
+            raise UpcycleError(f"source tensor {prefix}{name} holds NaN or inf: damaged")
 
 
 def pieces_for(source, shape: ConversionShape, cache: LayerCache, group, meta: bool) -> list[Piece]:

@@ -7,25 +7,15 @@ index (``model.safetensors.index.json``) that is not JSON or names a shard that 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from megatron_dpsl.upcycle.errors import UpcycleError
+from megatron_dpsl.upcycle.files import read_json
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def read_json(path: Path) -> object:
-    """``path`` parsed; a missing or malformed file is one error naming it."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UpcycleError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UpcycleError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _open(file: Path):
