@@ -9,6 +9,7 @@ import pytest
 import torch
 from support.llava import (
     build_llava,
+    build_plugin_llava,
     llava_args,
     llava_logits,
     prompts,
@@ -118,32 +119,14 @@ def test_written_keys_and_shapes_are_the_moe_llavas(dense_llava, tmp_path, fmt):
 def test_upcycled_llava_trains_in_the_plugins_builder(dense_llava, tmp_path):
     """The output loads into ``build_llava_model`` (the GPT local spec, DPSLRouter, modality ids on
     every forward, priors on the two modalities) with the dense logits, and trains a step."""
-    import dataclasses
-
-    from support.llava import vision_configs
-    from support.megatron_cpu import llava_construction
-    from support.upcycle import transformer_config
-
-    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
-    from megatron_dpsl.models.vlm import build_llava_model
-
     root, _, _, ref = dense_llava
     _upcycle(
         root / "dist", tmp_path / "moe", num_experts=4, moe_router_topk=2, weight_scaling="exact"
     )
     args = torch.load(tmp_path / "moe" / "release" / "common.pt", weights_only=False)["args"]
-    base = transformer_config(args)
-    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
-    fields.update(moe_router_load_balancing_type="dpsl", moe_dpsl_coeff=0.01, moe_dpsl_num_groups=2,
-                  moe_dpsl_alpha_base=0.75, moe_dpsl_alpha_shift=0.5)  # fmt: skip
-    lm = DPSLTransformerConfig(**fields)
-    vit, proj = vision_configs(args, base)
-    with llava_construction():
-        model = build_llava_model(
-            lm, vit, vocab_size=args.padded_vocab_size, max_sequence_length=64,
-            vision_projection_config=proj, img_h=16, img_w=16, patch_dim=8,
-            language_position_embedding_type="rope",
-        )  # fmt: skip
+    model = build_plugin_llava(
+        args, moe_dpsl_num_groups=2, moe_dpsl_alpha_base=0.75, moe_dpsl_alpha_shift=0.5
+    )
     load_megatron_lm(model, str(tmp_path / "moe"))
     assert type(model.language_model.decoder.layers[0].mlp.router).__name__ == "DPSLRouter"
     images, tokens = prompts()
