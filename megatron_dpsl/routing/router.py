@@ -23,8 +23,8 @@ from megatron_dpsl.losses.dpsl import dpsl_loss
 from megatron_dpsl.parallel.token_gather import TokenGather
 from megatron_dpsl.parallel.token_groups import (
     check_group_ids,
-    get_dpsl_token_groups,
     shard_token_group_ids,
+    token_groups_for_forward,
 )
 from megatron_dpsl.routing.aux_losses import attach_aux_loss
 from megatron_dpsl.tracking.router_diagnostics import routing_diagnostics
@@ -114,13 +114,14 @@ class DPSLRouter(TopKRouter):
                 "layer; build the spec with megatron_dpsl.models.specs.get_dpsl_layer_spec / with_plugin_modules "
                 "(with_router swaps only the router)"
             )
+        group_ids = self._token_group_ids(logits)  # also records them for a recompute's replay
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         flat_logits = logits.reshape(-1, self.config.num_moe_experts)
         flat_pad = None if padding_mask is None else padding_mask.reshape(-1).bool()
         if self.variance_active():
             probs = self._apply_variance(probs, flat_logits, flat_pad)
         if self.dpsl_active():
-            probs = self._apply_dpsl(probs, flat_logits, routing_map, flat_pad)
+            probs = self._apply_dpsl(probs, flat_logits, routing_map, flat_pad, group_ids)
         return probs, routing_map
 
     def dpsl_active(self) -> bool:
@@ -165,14 +166,22 @@ class DPSLRouter(TopKRouter):
             padding_mask = padding_mask.unsqueeze(-1)
         return super()._apply_expert_bias(routing_map, padding_mask=padding_mask)
 
-    def _token_group_ids(self, num_tokens: int, device) -> torch.Tensor | None:
-        if self._dpsl_num_groups is None:
+    def _token_group_ids(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """This micro-batch's group ids ``[s * b]`` for the ``[s, b, E]`` logits (``None``: no group priors).
+
+        Read on every forward, also a checkpoint's first run, which records them for its replay in
+        the backward pass (``megatron_dpsl.parallel.token_groups``); missing ids raise only when the
+        loss needs them (training with gradients), ids of another layout always.
+        """
+        if not self.dpsl_enabled or self._dpsl_num_groups is None:
             return None
-        groups = get_dpsl_token_groups()
+        groups = token_groups_for_forward(self.training)
         if groups is None:
+            if not self.dpsl_active():
+                return None  # evaluation, or a checkpoint's first run: no loss to shape
             raise RuntimeError(
                 "DPSLRouter: group priors are configured (moe_dpsl_group_alphas or moe_dpsl_num_groups) "
-                "but no per-token group ids are set; wrap the forward pass in "
+                "but no per-token group ids are set for this micro-batch; wrap its forward pass in "
                 "`with megatron_dpsl.dpsl_token_groups(group_ids):` ([batch, seq] int)"
             )
         ids = shard_token_group_ids(
@@ -180,22 +189,16 @@ class DPSLRouter(TopKRouter):
             tp_group=self.tp_group,
             cp_group=self.cp_group,
             sequence_parallel=self.config.sequence_parallel,
-        )
-        if ids.numel() != num_tokens:
-            raise ValueError(
-                f"dpsl_token_groups: group ids give {ids.numel()} tokens on this rank, the router has "
-                f"{num_tokens}; pass [batch, seq] ids of the model input (cp_sliced={groups.cp_sliced})"
-            )
-        ids = ids.to(device)
+            hidden_shape=tuple(logits.shape[:2]),
+        ).to(logits.device)
         check_group_ids(ids, self._dpsl_num_groups)
         return ids
 
-    def _apply_dpsl(self, probs, logits, routing_map, padding_mask):
+    def _apply_dpsl(self, probs, logits, routing_map, padding_mask, group_ids=None):
         num_tokens, num_experts = logits.shape
         # DPSL sees the full softmax over all experts in fp32, whatever score function, pre-softmax
         # or top-k renormalisation the routing itself uses
         scores = torch.softmax(logits.float(), dim=-1)  # [num_tokens, num_experts]
-        group_ids = self._token_group_ids(num_tokens, logits.device)
         # one all-gather carries probs, group ids and the padding flag (exact in fp32: small ints)
         zeros = torch.zeros(num_tokens, device=logits.device)
         extra = torch.stack(
