@@ -145,6 +145,11 @@ def plot_modality_usage(runs: Sequence[dict], prior: torch.Tensor, path: str) ->
         _usage_panel(axes[r, num_experts], layer["group_usage"].numpy())
         axes[r, 0].set_ylabel(f"{name}\nlayer {index}", fontsize=7)
     axes[0, num_experts].set_title("usage by modality", fontsize=8)
+    fig.suptitle(
+        "routing probabilities per expert, vision (blue) and text (orange) tokens; lines: the Beta "
+        "marginals of each modality's prior",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
