@@ -252,10 +252,10 @@ def bench_gpu_shape(num_tokens, num_experts, grouped, dtype, calls, repeats, imp
 def host_breakdown(num_tokens: int, num_experts: int, dtype, repeats: int, device="cuda") -> dict:
     """Median host ms to issue each cumulative stage of one fused call on an idle device (sync before,
     none after): where the host time of the 'host enqueue' column goes. The differences between rows
-    are the kernels' launches and allocations (eq4 - sort), the wrapper (validation, table lookup,
-    autograd Function: forward - eq4) and the backward (autograd engine, ``ones_like`` seed, one multiply)."""
-    from megatron_dpsl.losses import dpsl_triton as fused_loss
-    from megatron_dpsl.losses.ranking import table_for
+    are the kernels' launches and allocations (loss_and_grad - sort), the wrapper (validation, table lookup,
+    autograd Function: forward - loss_and_grad) and the backward (autograd engine, ``ones_like`` seed, one multiply)."""
+    from megatron_dpsl.losses import dpsl_triton
+    from megatron_dpsl.losses.dpsl_inputs import table_for
 
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     probs = _probs(num_tokens, num_experts, device, dtype)
@@ -270,7 +270,7 @@ def host_breakdown(num_tokens: int, num_experts: int, dtype, repeats: int, devic
         "transpose + torch.sort": lambda: torch.sort(
             probs.detach().t().contiguous(), dim=-1, stable=True
         ),
-        "+ buffers, kernels, sum (fused_loss.eq4)": lambda: fused_loss.eq4(
+        "+ buffers, kernels, sum (dpsl_triton.loss_and_grad)": lambda: dpsl_triton.loss_and_grad(
             probs, table, 1, None, None, True, True
         ),
         "+ checks, table lookup, autograd Function (dpsl_loss forward)": lambda: dpsl_loss(
@@ -294,18 +294,18 @@ def host_breakdown(num_tokens: int, num_experts: int, dtype, repeats: int, devic
 
 
 def main_gpu(args):
-    from megatron_dpsl.losses import dpsl_triton as fused_loss
+    from megatron_dpsl.losses import dpsl_triton
 
     t_start = time.perf_counter()
     dtype = getattr(torch, args.dtype)
     fused = (
-        fused_loss.runs_on(torch.device("cuda")) and dtype != torch.float64
+        dpsl_triton.runs_on(torch.device("cuda")) and dtype != torch.float64
     )  # float64: torch path only
     impls = ["torch", "triton"] if fused else ["torch"]
     shapes = GPU_SHAPES[:1] if args.quick else GPU_SHAPES
     print(
         f"`dpsl_loss` forward+backward on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-        f"triton {fused_loss.triton.__version__ if fused_loss.triton else 'not installed'}; {args.dtype} probs, "
+        f"triton {dpsl_triton.triton.__version__ if dpsl_triton.triton else 'not installed'}; {args.dtype} probs, "
         f"eager; events over {args.calls} back-to-back calls, sync/host medians of {args.repeats}."
     )
     print()

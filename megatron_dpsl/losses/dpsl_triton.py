@@ -1,22 +1,23 @@
-"""Eq. 4 on accelerators at the cost of one sort: the work after the sort fused into Triton kernels.
+"""The DPSL loss on accelerators at the cost of one sort: the work after the sort fused into Triton
+kernels. Shape legend: B tokens, E experts, G token groups (the kernels call B ``T``).
 
-Same math and the same exact gradient as ``loss.py``'s torch path (tested equal under Triton's
+Same math and the same exact gradient as ``dpsl.py``'s torch path (tested equal under Triton's
 interpreter, ``tests/unit/losses/test_dpsl_triton.py``); float32 compute, for
 float32/bfloat16/float16 ``probs``.
 
-Per call (``probs`` ``[T, E]``, G groups; no host sync, fixed shapes, CUDA-graph capturable):
-  1. ``probs.t().contiguous()`` ``[E, T]`` and ONE ``torch.sort(dim=-1, stable=True)`` in the input
+Per call (``probs`` ``[B, E]``, G groups; no host sync, fixed shapes, CUDA-graph capturable):
+  1. ``probs.t().contiguous()`` ``[E, B]`` and ONE ``torch.sort(dim=-1, stable=True)`` in the input
      dtype (bf16 sorts 16-bit keys: fewer radix passes than the fp32 sort floor). Groups cost no
      extra sort: each (group, expert) row is a subsequence of the expert's value-sorted row, so a
      token's rank in its group is the number of same-group tokens before it there (ties keep token
      order, as the torch path).
   2. groups/padding only: ``_count_kernel`` gathers each sorted token's group (padding = group G)
-     into ``[E, T]`` int32 and counts groups per span of every expert row ``[E, S, G1]``.
+     into ``[E, B]`` int32 and counts groups per span of every expert row ``[E, S, G1]``.
   3. ``_eval_kernel``, one program per span of an expert row: the rank j (position + 1, or the
      span's prefix count + an in-block cumsum per group), the Beta CDF by the table's cubic Hermite
      in logit space with the analytic tails (the formulas of ``BetaCDFTable.evaluate``, constants
      and coefficients packed ``[R, 16]`` / ``[M, 4]``), the residual j/n - F, the loss partial per
-     program, and dL/dp = -(2/n)(j/n - F) F' scattered straight to the token layout ``[T, E]``
+     program, and dL/dp = -(2/n)(j/n - F) F' scattered straight to the token layout ``[B, E]``
      through the sort index.
   4. ``partials.sum()`` (deterministic: no atomics). Backward: one multiply by the incoming
      gradient.
@@ -25,7 +26,7 @@ Per call (``probs`` ``[T, E]``, G groups; no host sync, fixed shapes, CUDA-graph
 
 Why Triton kernels and not ``torch.compile`` of the chain (no GPU was available when this was
 written: the reasoning and the CPU-side measurements are in docs/performance.md): the post-sort work
-is one pass over ``[E, T]`` that gathers 4 Hermite coefficients, evaluates two tails, reduces per
+is one pass over ``[E, B]`` that gathers 4 Hermite coefficients, evaluates two tails, reduces per
 expert and scatters through the permutation: by hand, 1 kernel (2 with groups, whose ranks need no
 second sort), no intermediate tensors, registers checked offline for sm_90 (76, no spills).
 ``torch.compile`` of the same chain (inductor, CPU) also fused it, but compiled for 22 s at the
@@ -295,7 +296,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def eq4(
+def loss_and_grad(
     probs,
     table: BetaCDFTable,
     num_groups: int,
@@ -304,8 +305,8 @@ def eq4(
     need_grad: bool,
     reduce: bool,
 ):
-    """Eq. 4 and dL/dp with the kernels. ``probs`` ``[T, E]`` float32/bf16/fp16 (T >= 1) on a CUDA device, or on
-    the CPU (interpreter). Returns (loss: scalar if ``reduce`` else ``[E]``, float32; dL/dp ``[T,
+    """The DPSL loss and dL/dp with the kernels. ``probs`` ``[B, E]`` float32/bf16/fp16 (B >= 1) on a CUDA device, or on
+    the CPU (interpreter). Returns (loss: scalar if ``reduce`` else ``[E]``, float32; dL/dp ``[B,
     E]`` float32 or None)."""
     num_tokens, num_experts = probs.shape
     dev = probs.device
@@ -316,7 +317,7 @@ def eq4(
     num_spans = _cdiv(num_tokens, span)
     consts, coefs = _packed(table)
 
-    vals, idx = torch.sort(probs.detach().t().contiguous(), dim=-1, stable=True)  # [E, T] each
+    vals, idx = torch.sort(probs.detach().t().contiguous(), dim=-1, stable=True)  # [E, B] each
     grad = (
         torch.empty(num_tokens, num_experts, dtype=torch.float32, device=dev) if need_grad else None
     )
@@ -375,14 +376,16 @@ def eq4(
 
 
 class FusedDPSL(torch.autograd.Function):
-    """probs ``[T, E]`` -> Eq. 4 (scalar, or ``[E]`` per expert); the forward forms dL/dp, the backward scales it."""
+    """probs ``[B, E]`` -> the DPSL loss (scalar, or ``[E]`` per expert); the forward forms dL/dp, the backward scales it."""
 
     @staticmethod
     def forward(
         ctx, probs, table, num_groups, group_ids, padding_mask, reduce: bool, need_grad: bool
     ):
         need_grad = need_grad and probs.requires_grad
-        out, grad = eq4(probs, table, num_groups, group_ids, padding_mask, need_grad, reduce)
+        out, grad = loss_and_grad(
+            probs, table, num_groups, group_ids, padding_mask, need_grad, reduce
+        )
         if need_grad:
             ctx.save_for_backward(grad)
         ctx.in_dtype, ctx.reduce = probs.dtype, reduce

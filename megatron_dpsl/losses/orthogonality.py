@@ -67,18 +67,18 @@ def orthogonality_sum(
         padding_mask: ``[num_tokens]`` bool, True = padding (left out), or None.
         eps: ε of Eq. 6.
     """
-    g = gram(expert_outputs)  # [T, k, k]
+    g = gram(expert_outputs)  # [B, k, k]
     k = g.shape[-1]
-    diag = g.diagonal(dim1=-2, dim2=-1)  # [T, k]: ‖x_ib‖²
+    diag = g.diagonal(dim1=-2, dim2=-1)  # [B, k]: ‖x_ib‖²
     # ‖(G_ab/(G_bb+ε)) x_ib‖² = G_ab² G_bb/(G_bb+ε)², with b the column index
-    terms = g.square() * (diag / (diag + eps).square()).unsqueeze(-2)  # [T, k(a), k(b)]
+    terms = g.square() * (diag / (diag + eps).square()).unsqueeze(-2)  # [B, k(a), k(b)]
     off_diagonal = ~torch.eye(k, dtype=torch.bool, device=g.device)
-    per_token = (terms * off_diagonal).sum(dim=(-2, -1))  # [T]
+    per_token = (terms * off_diagonal).sum(dim=(-2, -1))  # [B]
     return (per_token * _weights(g.shape[0], padding_mask, g.device)).sum()
 
 
 def _inner(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """⟨Σ_c u_c x_c, Σ_d v_d x_d⟩ = uᵀ G v per token: ``[T, k]``, ``[T, k]``, ``[T, k, k]`` -> ``[T]``."""
+    """⟨Σ_c u_c x_c, Σ_d v_d x_d⟩ = uᵀ G v per token: ``[B, k]``, ``[B, k]``, ``[B, k, k]`` -> ``[B]``."""
     return torch.einsum("tc,tcd,td->t", u, g, v)
 
 
@@ -91,7 +91,7 @@ def span_projection_sum(
     the code does (modified Gram-Schmidt, ``v / (‖v‖ + 1e-6)``). Basis vectors are kept as
     coefficients over the token's k outputs, so every inner product is read off the Gram matrix.
     """
-    g = gram(expert_outputs)  # [T, k, k]
+    g = gram(expert_outputs)  # [B, k, k]
     num_tokens, k = g.shape[0], g.shape[-1]
     unit = torch.eye(k, dtype=g.dtype, device=g.device)
     per_token = g.new_zeros(num_tokens)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from megatron_dpsl.losses.dpsl import dpsl_loss_per_expert
-from megatron_dpsl.losses.ranking import prepare, ranked_cdf
+from megatron_dpsl.losses.dpsl_inputs import prepare
+from megatron_dpsl.losses.ranking import ranked_cdf
 
 
 def expert_load_cov(routing_map_or_counts: torch.Tensor) -> torch.Tensor:

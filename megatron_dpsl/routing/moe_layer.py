@@ -18,7 +18,7 @@ therefore runs the experts with unit weights and applies ``probs`` itself after 
 Slot ``a`` of a token holds its a-th selected expert in ascending expert id; the dispatcher's rows
 are expert-major with tokens ascending (Megatron's ``permute``; the allgather dispatcher relies on
 the same order for its probs). The output equals ``MoELayer``'s up to rounding. Extra memory: the
-slots, ``T·k·hidden`` per layer (kept for the backward), plus an fp32 copy for half-precision
+slots, ``B·k·hidden`` per layer (kept for the backward), plus an fp32 copy for half-precision
 activations. Everything else (routing, shared experts, latent projections, recompute) is
 ``MoELayer``'s. With the loss off (no ``"orthogonality"`` type, coefficient 0, eval, or no grad) the
 layer *is* ``MoELayer``.
@@ -41,9 +41,9 @@ from megatron_dpsl.routing.aux_losses import attach_aux_loss
 class _Routing:
     """One forward's routing, kept from ``route`` to ``combine`` (like the dispatcher's own state)."""
 
-    probs: torch.Tensor  # [T, E]
-    routing_map: torch.Tensor  # [T, E] bool
-    padding_mask: torch.Tensor | None  # [T] bool, True = padding
+    probs: torch.Tensor  # [B, E]
+    routing_map: torch.Tensor  # [B, E] bool
+    padding_mask: torch.Tensor | None  # [B] bool, True = padding
     permuted_probs: torch.Tensor | None = None  # alltoall: the dispatcher's row weights
 
 
@@ -67,8 +67,8 @@ def rows_to_slots(
     num_tokens = routing_map.shape[0]
     slot_of = (
         routing_map.long().cumsum(dim=1) - 1
-    )  # [T, E]: rank of each selected expert within its token
-    selected = routing_map[:, experts].T  # [E_rows, T]
+    )  # [B, E]: rank of each selected expert within its token
+    selected = routing_map[:, experts].T  # [E_rows, B]
     token = (
         torch.arange(num_tokens, device=rows.device)
         .unsqueeze(0)
@@ -150,7 +150,7 @@ class DPSLMoELayer(MoELayer):
         assert mlp_bias is None, f"mlp_bias is not supported for {type(dispatcher)}"
         local = slice(self.local_expert_indices[0], self.local_expert_indices[-1] + 1)
         slots = rows_to_slots(rows, gathered_map, local, self.config.moe_router_topk)
-        # [T_g, k·hidden]: the dispatcher's reduce-scatter brings each rank its own tokens' slots
+        # [B_g, k·hidden]: the dispatcher's reduce-scatter brings each rank its own tokens' slots
         return slots.flatten(1), mlp_bias
 
     def combine(self, output: torch.Tensor):
@@ -162,20 +162,20 @@ class DPSLMoELayer(MoELayer):
         if self._alltoall():
             slots = rows_to_slots(
                 output, routing.routing_map, slice(0, num_experts), topk
-            )  # [T, k, h]
+            )  # [B, k, h]
             weights = routing.permuted_probs.unsqueeze(-1)
             output_for_loss, weighted = (
                 slots,
                 (output.float() * weights).to(output.dtype),
             )  # unpermute sums rows
         else:
-            slots = output.view(output.shape[0], topk, -1)  # [T, k, h], this rank's tokens
+            slots = output.view(output.shape[0], topk, -1)  # [B, k, h], this rank's tokens
             row_probs = routing.probs.T.masked_select(routing.routing_map.T).unsqueeze(
                 -1
             )  # expert-major
             slot_probs = rows_to_slots(
                 row_probs, routing.routing_map, slice(0, num_experts), topk
-            )  # [T, k, 1]
+            )  # [B, k, 1]
             output_for_loss = slots
             weighted = (slots.float() * slot_probs).sum(dim=1).to(output.dtype)
         return self._attach_orthogonality(weighted, output_for_loss, routing.padding_mask)

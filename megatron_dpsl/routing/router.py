@@ -9,6 +9,9 @@ logged as ``dpsl_loss`` (= λ·DPSL). The variance loss (Guo et al., ``moe_varia
 covers the same tokens through partial sums and is logged as ``variance_loss`` (= γ·L_v). Both are
 attached with ``MoEAuxLossAutoScaler`` like Megatron's aux losses
 (``megatron_dpsl.routing.aux_losses``).
+
+Shape legend: s sequence, b micro-batch, E experts; B tokens (``s * b`` on this rank, or every token
+of the gather group once gathered), G token groups.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class DPSLRouter(TopKRouter):
             self._dpsl_alpha = config.dpsl_alpha()
             self._dpsl_num_groups = config.moe_dpsl_num_token_groups
         if self.dpsl_enabled or self.variance_coeff > 0:
-            self._dpsl_gather = TokenGather(
+            self._token_gather = TokenGather(
                 mode=config.moe_dpsl_gather,
                 tp_cp_group=self.tp_cp_group,
                 tp_dp_cp_group=self.tp_dp_cp_group,
@@ -145,7 +148,7 @@ class DPSLRouter(TopKRouter):
         )
         # the loss is a function of sums over the batch's tokens: gather each rank's sums (one row)
         # through the DPSL gather, whose backward gives every rank the full gradient (×replicas)
-        rows, replicas = self._dpsl_gather(sums.unsqueeze(0))  # [ranks kept, C]
+        rows, replicas = self._token_gather(sums.unsqueeze(0))  # [ranks kept, C]
         total = rows.sum(0)
         loss = vl.variance_loss_from_sums(total) if paper else vl.sharpness_loss_from_sums(total)
         return attach_aux_loss(
@@ -198,7 +201,7 @@ class DPSLRouter(TopKRouter):
         num_tokens, num_experts = logits.shape
         # DPSL sees the full softmax over all experts in fp32, whatever score function, pre-softmax
         # or top-k renormalisation the routing itself uses
-        scores = torch.softmax(logits.float(), dim=-1)  # [num_tokens, num_experts]
+        scores = torch.softmax(logits.float(), dim=-1)  # [B, E]
         # one all-gather carries probs, group ids and the padding flag (exact in fp32: small ints)
         zeros = torch.zeros(num_tokens, device=logits.device)
         extra = torch.stack(
@@ -208,9 +211,9 @@ class DPSLRouter(TopKRouter):
             ],
             dim=-1,
         )
-        gathered, replicas = self._dpsl_gather(
+        gathered, replicas = self._token_gather(
             torch.cat([scores, extra.detach()], dim=-1)
-        )  # [B, E + 2]
+        )  # [B gathered, E + 2]
         all_scores = gathered[:, :num_experts]
         all_groups = gathered[:, num_experts].long() if group_ids is not None else None
         all_pad = gathered[:, num_experts + 1] > 0.5 if padding_mask is not None else None

@@ -140,6 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="activation of a source whose args do not say (default: from the source's args, else the "
         "shapes: gated -> silu, else gelu)",
     )
+    vision = p.add_argument_group(
+        "LLaVA sources",
+        "the vision side, checked against the checkpoint (its ViT and projector are copied)",
+    )
+    for flag, what in (("--img-h", "image height"), ("--img-w", "image width"),
+                       ("--patch-dim", "ViT patch size"), ("--encoder-num-layers", "ViT layers")):  # fmt: skip
+        vision.add_argument(
+            flag, type=int, default=None, metavar="N",
+            help=f"{what} the source's ViT takes; an error if it says otherwise (default: the checkpoint's)",
+        )  # fmt: skip
+    vision.add_argument(
+        "--disable-vision-class-token",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the ViT's class token is dropped before the projector; an error if the checkpoint says "
+        "otherwise (default: the checkpoint's)",
+    )
     p.add_argument(
         "--seed",
         type=int,
@@ -183,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             moe_router_pre_softmax=args.moe_router_pre_softmax,
             moe_router_score_function=args.moe_router_score_function,
             activation=args.activation,
+            img_h=args.img_h,
+            img_w=args.img_w,
+            patch_dim=args.patch_dim,
+            encoder_num_layers=args.encoder_num_layers,
+            disable_vision_class_token=args.disable_vision_class_token,
             seed=args.seed,
             force=args.force,
             dry_run=args.dry_run,

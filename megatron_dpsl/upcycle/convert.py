@@ -14,6 +14,7 @@ import torch
 from megatron_dpsl.upcycle.errors import UpcycleError
 from megatron_dpsl.upcycle.hf import HFDenseSource, is_hf_checkpoint
 from megatron_dpsl.upcycle.layers import LayerPlan, layer_parts, layer_pieces
+from megatron_dpsl.upcycle.llava import check_vision_options
 from megatron_dpsl.upcycle.megatron_args import FRESH_START, complete_args, moe_fields
 from megatron_dpsl.upcycle.options import UpcycleOptions
 from megatron_dpsl.upcycle.ownership import Leftover, sweep
@@ -47,9 +48,9 @@ def open_source(src: Path, activation: str | None = None):
         if activation not in (None, "silu"):
             raise UpcycleError(f"--activation {activation!r} conflicts with the HF config (silu)")
         return HFDenseSource(src)
-    from megatron_dpsl.upcycle.readers import MegatronDenseSource
+    from megatron_dpsl.upcycle.llava_megatron import open_megatron
 
-    return MegatronDenseSource(src, activation=activation)
+    return open_megatron(src, activation=activation)
 
 
 def source_shapes(source) -> dict[str, tuple[int, ...]]:
@@ -135,6 +136,7 @@ def upcycle(src, dst=None, **options) -> UpcycleResult:
     _check_output_keeps_source(Path(src), None if dst is None else Path(dst))
     source = open_source(Path(src), activation=opts.activation)
     try:
+        check_vision_options(source, opts)
         return _run(source, Path(dst) if dst is not None else None, opts)
     finally:
         source.close()
@@ -226,11 +228,15 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
         """Write unit ``group``: ("global", key) one non-layer tensor, ("objects",) all non-layer
         objects, (layer, part) one part of a layer (layers.layer_parts)."""
         if group[0] == "global":
-            return source.global_pieces(meta=meta, key=group[1])
-        if group[0] == "objects":
-            return [p for p in source.global_pieces(meta=True) if p.is_object]
-        layer, part = group
-        return layer_pieces(plan_of(layer), layer_weights(layer, meta), part)
+            pieces = source.global_pieces(meta=meta, key=group[1])
+        elif group[0] == "objects":
+            pieces = [p for p in source.global_pieces(meta=True) if p.is_object]
+        else:
+            layer, part = group
+            pieces = layer_pieces(plan_of(layer), layer_weights(layer, meta), part)
+        # a LLaVA source yields the language model's keys without their "language_model." prefix
+        rename = getattr(source, "output_key", None)
+        return [dataclasses.replace(p, key=rename(p.key)) for p in pieces] if rename else pieces
 
     # plan every chunk from shapes (meta tensors): keys, shapes and counts without reading weights
     groups = [("global", p.key) for p in source.global_pieces(meta=True) if not p.is_object] + [

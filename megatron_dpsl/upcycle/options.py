@@ -71,6 +71,16 @@ class UpcycleOptions:
     """Written to args: ``softmax`` | ``sigmoid``."""
     activation: str | None = None
     """Override the activation for sources without args (``silu``, ``gelu``, ``squared_relu``, ``quick_gelu``)."""
+    img_h: int | None = None
+    """LLaVA sources: image height the ViT takes (``--img-h``); checked against the checkpoint."""
+    img_w: int | None = None
+    """LLaVA sources: image width (``--img-w``); checked against the checkpoint."""
+    patch_dim: int | None = None
+    """LLaVA sources: ViT patch size (``--patch-dim``); checked against the checkpoint."""
+    encoder_num_layers: int | None = None
+    """LLaVA sources: ViT layers (``--encoder-num-layers``); checked against the checkpoint."""
+    disable_vision_class_token: bool | None = None
+    """LLaVA sources: the class token is dropped before the projector (``--disable-vision-class-token``)."""
     seed: int = 1234
     force: bool = False
     dry_run: bool = False
@@ -110,6 +120,12 @@ class UpcycleOptions:
             raise UpcycleError(
                 f"--activation {self.activation!r}: unknown activation; allowed silu, gelu, squared_relu, quick_gelu"
             )
+        for name in ("img_h", "img_w", "patch_dim", "encoder_num_layers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UpcycleError(
+                    f"--{name.replace('_', '-')} must be a positive int, got {value!r}"
+                )
         freq = parse_layer_freq(self.moe_layer_freq)
         object.__setattr__(self, "moe_layer_freq", freq)
         if isinstance(freq, int) and freq < 1:

@@ -50,11 +50,9 @@ def resolve_step_dir(path: Path) -> tuple[Path, int | None]:
     if (path / "metadata.json").is_file():
         match = re.fullmatch(r"iter_(\d{7})", path.name)
         return path, int(match.group(1)) if match else None
-    if any(path.glob("mp_rank_*")):
-        raise UpcycleError(
-            f"{path} is a legacy 'torch' format checkpoint (mp_rank_*/); convert it to torch_dist "
-            "first (Megatron-LM: --ckpt-convert-format torch_dist)"
-        )
+    if any(path.glob("mp_rank_*")):  # the legacy per-rank 'torch' format (legacy.py)
+        match = re.fullmatch(r"iter_(\d{7})", path.name)
+        return path, int(match.group(1)) if match else None
     raise UpcycleError(
         f"{path} is not a checkpoint: expected {TRACKER} (Megatron-LM save dir), metadata.json "
         "(torch_dist step dir) or config.json + *.safetensors (Hugging Face)"
@@ -90,6 +88,52 @@ def _activation_from_args(args: argparse.Namespace | None, glu: bool) -> str:
     return "gelu"
 
 
+def dense_model_info(
+    *, path: Path, num_layers: int, meta_of, args, iteration, activation
+) -> DenseModelInfo:
+    """The dense model's shape from layer 0's MLP; ``meta_of(layer, name)`` gives the (per-layer
+    shape, dtype) of a layer entry or None. ``args``: the checkpoint's Megatron-LM args or None."""
+    fc1 = meta_of(0, "mlp.linear_fc1.weight")
+    fc2 = meta_of(0, "mlp.linear_fc2.weight")
+    if fc1 is None or fc2 is None:
+        raise UpcycleError(
+            f"{path}: layer 0 has no mlp.linear_fc1/linear_fc2 weights (not a dense GPT MLP)"
+        )
+    fc1_shape, fc2_shape = fc1[0], fc2[0]
+    hidden, ffn = fc2_shape[0], fc2_shape[1]
+    if fc1_shape[0] not in (ffn, 2 * ffn) or fc1_shape[1] != hidden:
+        raise UpcycleError(
+            f"fc1 {list(fc1_shape)} and fc2 {list(fc2_shape)} shapes do not form an MLP"
+        )
+    glu = fc1_shape[0] == 2 * ffn
+    if args is not None and getattr(args, "num_experts", None):
+        raise UpcycleError(
+            f"source is already an MoE checkpoint (args.num_experts={args.num_experts})"
+        )
+    act = activation or _activation_from_args(args, glu)
+    if args is None:
+        args = argparse.Namespace(
+            num_layers=num_layers,
+            hidden_size=hidden,
+            ffn_hidden_size=ffn,
+            swiglu=glu and act == "silu",
+        )
+    return DenseModelInfo(
+        source_kind="megatron",
+        path=path,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        gated_linear_unit=glu,
+        activation=act,
+        fc1_bias=meta_of(0, "mlp.linear_fc1.bias") is not None,
+        fc2_bias=meta_of(0, "mlp.linear_fc2.bias") is not None,
+        dtype=fc1[1],
+        args=args,
+        iteration=iteration,
+    )
+
+
 class MegatronDenseSource:
     """A dense GPTModel ``torch_dist`` checkpoint (any TP/PP layout), streamed layer by layer."""
 
@@ -97,6 +141,11 @@ class MegatronDenseSource:
         self.root = Path(path)
         self.step_dir, iteration = resolve_step_dir(self.root)
         meta_file = self.step_dir / "metadata.json"
+        if not meta_file.is_file() and any(self.step_dir.glob("mp_rank_*")):
+            raise UpcycleError(
+                f"{self.step_dir} is a legacy 'torch' format checkpoint (mp_rank_*/) of a model other "
+                "than LLaVA; convert it to torch_dist first (Megatron-LM: --ckpt-convert-format torch_dist)"
+            )
         if not meta_file.is_file():
             raise UpcycleError(
                 f"{self.step_dir} has no metadata.json: not a dist_checkpointing checkpoint"
@@ -207,44 +256,13 @@ class MegatronDenseSource:
             num_layers = max(self.per_layer) + 1
         else:
             raise UpcycleError(f"{self.step_dir} holds no 'decoder.layers.*' tensors")
-        fc1 = self._meta_of(0, "mlp.linear_fc1.weight")
-        fc2 = self._meta_of(0, "mlp.linear_fc2.weight")
-        if fc1 is None or fc2 is None:
-            raise UpcycleError(
-                f"{self.step_dir}: layer 0 has no mlp.linear_fc1/linear_fc2 weights (not a dense GPT MLP)"
-            )
-        fc1_shape, fc2_shape = fc1[0], fc2[0]
-        hidden, ffn = fc2_shape[0], fc2_shape[1]
-        if fc1_shape[0] not in (ffn, 2 * ffn) or fc1_shape[1] != hidden:
-            raise UpcycleError(
-                f"fc1 {list(fc1_shape)} and fc2 {list(fc2_shape)} shapes do not form an MLP"
-            )
-        glu = fc1_shape[0] == 2 * ffn
-        if args is not None and getattr(args, "num_experts", None):
-            raise UpcycleError(
-                f"source is already an MoE checkpoint (args.num_experts={args.num_experts})"
-            )
-        act = activation or _activation_from_args(args, glu)
-        if args is None:
-            args = argparse.Namespace(
-                num_layers=num_layers,
-                hidden_size=hidden,
-                ffn_hidden_size=ffn,
-                swiglu=glu and act == "silu",
-            )
-        return DenseModelInfo(
-            source_kind="megatron",
+        return dense_model_info(
             path=self.step_dir,
             num_layers=num_layers,
-            hidden_size=hidden,
-            ffn_hidden_size=ffn,
-            gated_linear_unit=glu,
-            activation=act,
-            fc1_bias=self._meta_of(0, "mlp.linear_fc1.bias") is not None,
-            fc2_bias=self._meta_of(0, "mlp.linear_fc2.bias") is not None,
-            dtype=fc1[1],
+            meta_of=self._meta_of,
             args=args,
             iteration=iteration,
+            activation=activation,
         )
 
     def _meta_of(self, layer: int, name: str):

@@ -155,3 +155,29 @@ def init_torchrun(**parallel_kwargs) -> None:
         dist.init_process_group("gloo")
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(**parallel_kwargs)
+
+
+@contextlib.contextmanager
+def llava_construction():
+    """Build a megatron-core ``LLaVAModel`` on CPU (VLM_NOTES §6.2): without Transformer Engine,
+    ``CLIPViTModel``'s default ``ln_pre`` is ``torch.nn.LayerNorm``, which ``build_module`` passes
+    ``config=`` (a TypeError), so the ViT gets ``WrappedTorchNorm``; and its constructor moves the
+    position ids to CUDA (``clip_vit_model.py``), a no-op here."""
+    install()
+    import functools
+
+    from megatron.core.models.multimodal import llava_model
+    from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    vit = functools.partial(
+        CLIPViTModel, ln_pre_impl=WrappedTorchNorm, ln_post_impl=WrappedTorchNorm
+    )
+    changes = [(llava_model, "CLIPViTModel", vit)]
+    if not torch.cuda.is_available():
+        changes.append((torch.Tensor, "cuda", lambda self, *a, **k: self))
+    undo = _patch(changes)
+    try:
+        yield
+    finally:
+        undo()

@@ -144,7 +144,8 @@ def save_megatron_lm(model, save_dir, args, iteration=7):
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
     model_sd = model.sharded_state_dict()
-    emb = model_sd["embedding.word_embeddings.weight"]
+    # the word embeddings: "embedding.word_embeddings.weight", "language_model.embedding..." in a LLaVA
+    emb = model_sd[min((k for k in model_sd if k.endswith("word_embeddings.weight")), key=len)]
     # training state a Megatron-LM checkpoint also holds (the converter must skip it)
     optimizer = {
         "exp_avg": make_sharded_optimizer_tensor(
@@ -273,3 +274,17 @@ def write_tiny_hf_llama(path, *, layers=2, hidden=32, ffn=64, heads=4, groups=2,
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     return path
+
+
+def sharded_shapes(model) -> dict:
+    """Sharded key (an object's unique key) -> global shape (None for objects) of every entry
+    ``model.sharded_state_dict()`` asks a checkpoint for."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
+
+    out = {}
+    for entry in model.sharded_state_dict(metadata={"singleton_local_shards": False}).values():
+        for built in entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]:
+            for sh in built if isinstance(built, (list, tuple)) else [built]:
+                name = sh.unique_key if isinstance(sh, ShardedObject) else sh.key
+                out[name] = None if isinstance(sh, ShardedObject) else tuple(sh.global_shape)
+    return out

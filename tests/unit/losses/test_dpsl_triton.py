@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from megatron_dpsl import dpsl_loss, dpsl_loss_per_expert
-from megatron_dpsl.losses import dpsl_triton as fused_loss
+from megatron_dpsl.losses import dpsl_triton
 from megatron_dpsl.losses.dpsl import IMPL_ENV
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
-    not fused_loss.runs_on(DEVICE),
+    not dpsl_triton.runs_on(DEVICE),
     reason="Triton not installed (pip install triton)"
-    if fused_loss.triton is None
+    if dpsl_triton.triton is None
     else "Triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it on CPU-only machines)",
 )
 

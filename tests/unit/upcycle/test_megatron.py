@@ -16,6 +16,7 @@ from support.upcycle import (
     gpt_logits,
     load_megatron_lm,
     save_megatron_lm,
+    sharded_shapes,
 )
 
 # fp32 on CPU: the MoE path sums k weighted expert outputs whose probabilities sum to one up to
@@ -157,25 +158,13 @@ def test_mixed_layers_shared_expert_and_bare_dir(megatron, swiglu_ckpt, tmp_path
     assert diff <= EXACT_ATOL
 
 
-def _sharded_shapes(model):
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
-
-    out = {}
-    for v in model.sharded_state_dict(metadata={"singleton_local_shards": False}).values():
-        for built in v.build() if isinstance(v, ShardedTensorFactory) else [v]:
-            for sh in built if isinstance(built, (list, tuple)) else [built]:
-                name = sh.unique_key if isinstance(sh, ShardedObject) else sh.key
-                out[name] = None if isinstance(sh, ShardedObject) else tuple(sh.global_shape)
-    return out
-
-
 @pytest.mark.parametrize("extra", [{}, {"shared_expert": True, "moe_layer_freq": "[1,0]"}])
 def test_written_keys_and_shapes_are_the_moe_models(swiglu_ckpt, tmp_path, extra):
     from megatron_dpsl.upcycle.dcp_io import DcpReader
 
     src, _, _ = swiglu_ckpt
     _upcycle(src, tmp_path / "moe", num_experts=4, moe_router_topk=2, **extra)
-    model_shapes = _sharded_shapes(build_gpt(_args_of(tmp_path / "moe")))
+    model_shapes = sharded_shapes(build_gpt(_args_of(tmp_path / "moe")))
     reader = DcpReader(tmp_path / "moe" / "release")
     written = {k: tuple(s) for k, (s, _) in reader.tensor_entries().items()}
     written.update({k: None for k in reader.object_entries()})
