@@ -10,9 +10,9 @@ For every (group g, expert k) "row", the valid tokens of group g are sorted by `
     sum_k alpha_gk.
 
 Implementations (``impl=`` or $MEGATRON_DPSL_LOSS_IMPL; "auto" picks the fused one for CUDA
-float32/bf16/fp16 when Triton imports): ``dpsl_triton.py`` (one sort + Triton kernels), and the torch
-path here (CPU, float64, accelerators without Triton). The torch path (O(num_tokens * num_experts)
-memory, no B x B intermediate):
+float32/bf16/fp16 when Triton imports): ``dpsl_triton.py`` (one sort + Triton kernels), and the
+torch path here (CPU, float64, accelerators without Triton). The torch path (O(num_tokens *
+num_experts) memory, no B x B intermediate):
   1. rank (``dpsl_inputs.py``: validation, the row layout; ``ranking.py``: the sorts; ties keep
      token order). CPU: per
      group (tokens selected on the host) and per expert, a stable 1-D sort of the float32 bit
@@ -231,7 +231,8 @@ def dpsl_loss_per_expert(
     *,
     impl: str | None = None,
 ) -> torch.Tensor:
-    """Eq. 4 (without λ) for each expert: ``[num_experts]``, summed over groups. ``dpsl_loss`` sums it.
+    """Eq. 4 (without λ) for each expert: ``[num_experts]``, summed over groups. ``dpsl_loss`` sums
+    it.
 
     Same arguments as ``dpsl_loss``. Output dtype float32 (float64 for float64 ``probs``).
     """

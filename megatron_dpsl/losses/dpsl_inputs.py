@@ -38,7 +38,8 @@ def _check_inputs(probs, alpha, group_ids, padding_mask):
     num_tokens, num_experts = probs.shape
     if alpha.dim() not in (1, 2) or alpha.shape[-1] != num_experts or alpha.numel() == 0:
         raise ValueError(
-            f"dpsl_loss: alpha must be [num_experts] or [num_groups, num_experts] with num_experts={num_experts} "
+            "dpsl_loss: alpha must be [num_experts] or [num_groups, num_experts] with "
+            f"num_experts={num_experts} "
             f"(probs.shape[1]), got shape {tuple(alpha.shape)}"
         )
     if group_ids is not None:
@@ -67,7 +68,8 @@ def _check_inputs(probs, alpha, group_ids, padding_mask):
                 else padding_mask
             )
             raise ValueError(
-                f"dpsl_loss: padding_mask must be a bool tensor of shape [{num_tokens}] (True = padding), got {got}"
+                f"dpsl_loss: padding_mask must be a bool tensor of shape [{num_tokens}] (True = "
+                f"padding), got {got}"
             )
 
 
@@ -97,7 +99,8 @@ def table_for(probs, alpha, group_ids=None, padding_mask=None) -> tuple[BetaCDFT
     )
     if num_groups > 1 and group_ids is None:
         raise ValueError(
-            f"dpsl_loss: alpha has {num_groups} rows (one prior per token group); pass group_ids [{num_tokens}]"
+            f"dpsl_loss: alpha has {num_groups} rows (one prior per token group); pass group_ids "
+            f"[{num_tokens}]"
         )
     return table, num_groups
 
@@ -112,7 +115,8 @@ def _cached_table(values: tuple, num_experts: int, dtype: torch.dtype, device: t
 
 
 def prepare(probs, alpha, group_ids=None, padding_mask=None) -> RowLayout:
-    """``table_for`` plus the tokens' row layout (``row_layout``): what the torch implementation takes."""
+    """``table_for`` plus the tokens' row layout (``row_layout``): what the torch implementation
+    takes."""
     table, num_groups = table_for(probs, alpha, group_ids, padding_mask)
     return row_layout(probs, table, num_groups, group_ids, padding_mask)
 
@@ -131,7 +135,8 @@ def row_layout(probs, table, num_groups: int, group_ids, padding_mask) -> RowLay
         if group_ids.device.type == "cpu":
             if bool(bad.any()):
                 raise ValueError(
-                    f"dpsl_loss: group_ids must lie in [0, {num_groups}) (alpha has {num_groups} rows), "
+                    f"dpsl_loss: group_ids must lie in [0, {num_groups}) (alpha has {num_groups} "
+                    "rows), "
                     f"got values {sorted(set(group_ids[bad].tolist()))[:8]}"
                 )
         else:  # no host sync on accelerators: device-side assert

@@ -84,9 +84,9 @@ _TINY = torch.finfo(torch.float32).tiny  # the pdf's denominator floor
 
 
 def runs_on(device: torch.device) -> bool:
-    """Whether the kernels can run on ``device``: CUDA (compiled), or the CPU under Triton's interpreter
-    (TRITON_INTERPRET=1 set before Triton is imported, as tests/conftest.py does on CPU-only
-    machines)."""
+    """Whether the kernels can run on ``device``: CUDA (compiled), or the CPU under Triton's
+    interpreter (TRITON_INTERPRET=1 set before Triton is imported, as tests/conftest.py does on
+    CPU-only machines)."""
     if triton is None:
         return False
     if device.type == "cpu":
@@ -114,7 +114,8 @@ if triton is not None:
         BLOCK: tl.constexpr,
         G1P: tl.constexpr,
     ):
-        """Program (k, s): group of every token of span s of expert row k (sorted order) and their counts."""
+        """Program (k, s): group of every token of span s of expert row k (sorted order) and their
+        counts."""
         k = tl.program_id(0)
         s = tl.program_id(1)
         start = s * span
@@ -166,7 +167,8 @@ if triton is not None:
         SP: tl.constexpr,
         NC: tl.constexpr,
     ):
-        """Program (k, s): Eq. 4 terms and dL/dp of span s of expert row k; one loss partial per program."""
+        """Program (k, s): Eq. 4 terms and dL/dp of span s of expert row k; one loss partial per
+        program."""
         k = tl.program_id(0)
         s = tl.program_id(1)
         start = s * span
@@ -267,7 +269,8 @@ if triton is not None:
 # A bounded memo keyed on immutable tables (cached per alpha themselves), not state.
 @functools.lru_cache(maxsize=16)
 def _packed(table: BetaCDFTable):
-    """The table's per-row constants ``[R, 16]`` and Hermite coefficients ``[M, 4]``, float32, on its device."""
+    """The table's per-row constants ``[R, 16]`` and Hermite coefficients ``[M, 4]``, float32, on
+    its device."""
     consts = torch.zeros(table.num_rows, _NUM_CONSTS, dtype=torch.float32, device=table.device)
     consts[:, : len(_CONST_NAMES)] = torch.stack([table.rows[n].float() for n in _CONST_NAMES], 1)
     coefs = torch.stack([table.c0, table.c1, table.c2, table.c3], 1).float().contiguous()
@@ -276,9 +279,9 @@ def _packed(table: BetaCDFTable):
 
 @functools.cache
 def _launch_shape(device: torch.device, num_experts: int, g1p: int):
-    """(block, spans per expert row, warps). CUDA: ~4 programs per SM; 4 elements per thread without groups,
-    2 x G1P one-hot entries with them (sm_90 builds: 76 / ~120 registers, no spills). CPU (the
-    interpreter, i.e. tests): small blocks and 3 spans, so test-sized batches run the loops,
+    """(block, spans per expert row, warps). CUDA: ~4 programs per SM; 4 elements per thread without
+    groups, 2 x G1P one-hot entries with them (sm_90 builds: 76 / ~120 registers, no spills). CPU
+    (the interpreter, i.e. tests): small blocks and 3 spans, so test-sized batches run the loops,
     prefixes and partial blocks."""
     if device.type != "cuda":
         return 32, 3, 4
@@ -292,7 +295,8 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _next_pow2(n: int) -> int:
-    """``triton.next_power_of_2`` on the host: 0.15 µs per call here vs 2 µs for Triton 3.9's constexpr function."""
+    """``triton.next_power_of_2`` on the host: 0.15 µs per call here vs 2 µs for Triton 3.9's
+    constexpr function."""
     return 1 << max(n - 1, 0).bit_length()
 
 
@@ -305,9 +309,9 @@ def loss_and_grad(
     need_grad: bool,
     reduce: bool,
 ):
-    """The DPSL loss and dL/dp with the kernels. ``probs`` ``[B, E]`` float32/bf16/fp16 (B >= 1) on a CUDA device, or on
-    the CPU (interpreter). Returns (loss: scalar if ``reduce`` else ``[E]``, float32; dL/dp ``[B,
-    E]`` float32 or None)."""
+    """The DPSL loss and dL/dp with the kernels. ``probs`` ``[B, E]`` float32/bf16/fp16 (B >= 1) on
+    a CUDA device, or on the CPU (interpreter). Returns (loss: scalar if ``reduce`` else ``[E]``,
+    float32; dL/dp ``[B, E]`` float32 or None)."""
     num_tokens, num_experts = probs.shape
     dev = probs.device
     has_groups = padding_mask is not None or (group_ids is not None and num_groups > 1)
@@ -376,7 +380,8 @@ def loss_and_grad(
 
 
 class FusedDPSL(torch.autograd.Function):
-    """probs ``[B, E]`` -> the DPSL loss (scalar, or ``[E]`` per expert); the forward forms dL/dp, the backward scales it."""
+    """probs ``[B, E]`` -> the DPSL loss (scalar, or ``[E]`` per expert); the forward forms dL/dp,
+    the backward scales it."""
 
     @staticmethod
     def forward(

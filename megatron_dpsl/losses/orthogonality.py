@@ -1,4 +1,5 @@
-"""The orthogonality loss of Guo et al. (arXiv 2505.22323, Eq. 6): one token's k experts answer differently.
+"""The orthogonality loss of Guo et al. (arXiv 2505.22323, Eq. 6): one token's k experts answer
+differently.
 
 Input: the *unweighted* outputs of each token's k selected experts, ``x_ia`` (``[num_tokens, k,
 hidden]``; a slot whose expert was dropped is a zero vector and contributes nothing).
@@ -30,21 +31,24 @@ PAPER, REFERENCE_CODE = "paper", "reference_code"
 FORMS = (PAPER, REFERENCE_CODE)
 
 EPS = 1e-6
-"""ε of Eq. 6 (the paper gives no value): keeps a zero output (a dropped slot) at zero loss and gradient."""
+"""ε of Eq. 6 (the paper gives no value): keeps a zero output (a dropped slot) at zero loss and
+gradient."""
 
 GRAM_SCHMIDT_EPS = 1e-6
 """The reference code's ``v / (‖v‖ + 1e-6)``."""
 
 
 def gram(expert_outputs: torch.Tensor) -> torch.Tensor:
-    """Per-token Gram matrices ``[num_tokens, k, k]`` (float64) of ``expert_outputs`` ``[num_tokens, k, hidden]``.
+    """Per-token Gram matrices ``[num_tokens, k, k]`` (float64) of ``expert_outputs`` ``[num_tokens,
+    k, hidden]``.
 
     The matmul runs in fp32 for half-precision inputs (the inner products of bf16 vectors need fp32
     accumulation and an fp32 result) and in the input's precision otherwise.
     """
     if expert_outputs.dim() != 3:
         raise ValueError(
-            f"expert_outputs must be [num_tokens, k, hidden], got shape {tuple(expert_outputs.shape)}"
+            "expert_outputs must be [num_tokens, k, hidden], got shape "
+            f"{tuple(expert_outputs.shape)}"
         )
     x = expert_outputs.to(torch.promote_types(expert_outputs.dtype, torch.float32))
     return torch.bmm(x, x.transpose(1, 2)).to(torch.float64)
@@ -78,14 +82,16 @@ def orthogonality_sum(
 
 
 def _inner(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """⟨Σ_c u_c x_c, Σ_d v_d x_d⟩ = uᵀ G v per token: ``[B, k]``, ``[B, k]``, ``[B, k, k]`` -> ``[B]``."""
+    """⟨Σ_c u_c x_c, Σ_d v_d x_d⟩ = uᵀ G v per token: ``[B, k]``, ``[B, k]``, ``[B, k, k]`` ->
+    ``[B]``."""
     return torch.einsum("tc,tcd,td->t", u, g, v)
 
 
 def span_projection_sum(
     expert_outputs: torch.Tensor, padding_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The reference code's loss summed over this shard's valid tokens, times k (no normalisation): 0-dim float64.
+    """The reference code's loss summed over this shard's valid tokens, times k (no normalisation):
+    0-dim float64.
 
     For each slot a: Σ_u ‖⟨u, x_a⟩ u‖² over the Gram-Schmidt basis u of the other slots, built as
     the code does (modified Gram-Schmidt, ``v / (‖v‖ + 1e-6)``). Basis vectors are kept as

@@ -1,8 +1,8 @@
 """The DPSL loss's ranks: sorted rows -> the Beta CDF at every ranked point.
 
 Shared by the loss (``dpsl.py``) and the diagnostics (``metrics/routing.py``); the arguments are
-checked and laid out in rows by ``dpsl_inputs.py``. Pure tensor math: no process groups, no Megatron.
-Shapes: B tokens, E experts, G groups; ``probs`` is ``[B, E]``.
+checked and laid out in rows by ``dpsl_inputs.py``. Pure tensor math: no process groups, no
+Megatron. Shapes: B tokens, E experts, G groups; ``probs`` is ``[B, E]``.
 
 A *row* is one (group g, expert k) pair, id ``r = g * E + k``. Padding tokens get the group id
 ``G``: their rows (``r >= G * E``) are ranked after every valid row and weighted 0. Every point of
@@ -40,7 +40,8 @@ def sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rank_dense(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """No groups, no padding. p ``[B, E]`` -> (sorted ``[E, B]``, token index ``[E, B]``); rank j = column + 1."""
+    """No groups, no padding. p ``[B, E]`` -> (sorted ``[E, B]``, token index ``[E, B]``); rank j =
+    column + 1."""
     return sort_rows(p.t().contiguous())  # each expert's column becomes a contiguous row
 
 
@@ -104,7 +105,8 @@ class RankedCDF(NamedTuple):
 
 
 def ranked_cdf(p: torch.Tensor, inputs: RowLayout, need_grad: bool) -> RankedCDF:
-    """Rank ``p`` ``[B, E]`` (already in ``inputs.table.dtype``) by row and evaluate F at every point.
+    """Rank ``p`` ``[B, E]`` (already in ``inputs.table.dtype``) by row and evaluate F at every
+    point.
 
     ``inputs.group_ids`` None means one group without padding. Padding points are evaluated with the
     last valid row's constants (any value, NaN included): callers mask them with ``valid``.

@@ -1,4 +1,5 @@
-"""``DPSLMoELayer``: Megatron-Core's ``MoELayer`` plus the orthogonality loss of Guo et al. (expert side).
+"""``DPSLMoELayer``: Megatron-Core's ``MoELayer`` plus the orthogonality loss of Guo et al. (expert
+side).
 
 The loss needs, for each token, the *unweighted* outputs of its k selected experts after the token
 dispatcher has brought them back, before they are weighted by ``probs`` and summed. Megatron weighs
@@ -39,7 +40,8 @@ from megatron_dpsl.routing.aux_losses import attach_aux_loss
 
 @dataclass
 class _Routing:
-    """One forward's routing, kept from ``route`` to ``combine`` (like the dispatcher's own state)."""
+    """One forward's routing, kept from ``route`` to ``combine`` (like the dispatcher's own
+    state)."""
 
     probs: torch.Tensor  # [B, E]
     routing_map: torch.Tensor  # [B, E] bool
@@ -81,7 +83,8 @@ def rows_to_slots(
 
 
 class DPSLMoELayer(MoELayer):
-    """``MoELayer`` with the orthogonality loss (on when ``moe_router_load_balancing_type`` names it).
+    """``MoELayer`` with the orthogonality loss (on when ``moe_router_load_balancing_type`` names
+    it).
 
     Args: those of ``MoELayer`` (newer Megatron passes e.g. ``is_mtp_layer`` and ``name`` too).
     """
@@ -109,7 +112,8 @@ class DPSLMoELayer(MoELayer):
             )
 
     def orthogonality_active(self) -> bool:
-        """True when the loss is computed this forward: coefficient > 0, training and grad enabled."""
+        """True when the loss is computed this forward: coefficient > 0, training and grad
+        enabled."""
         return self.orthogonality_coeff > 0 and self.training and torch.is_grad_enabled()
 
     def _alltoall(self) -> bool:
@@ -181,7 +185,8 @@ class DPSLMoELayer(MoELayer):
         return self._attach_orthogonality(weighted, output_for_loss, routing.padding_mask)
 
     def _attach_orthogonality(self, output, slots, padding_mask):
-        """Add β·L_o of this rank's tokens; the replica's token count normalises it (docs/regularizers.md)."""
+        """Add β·L_o of this rank's tokens; the replica's token count normalises it
+        (docs/regularizers.md)."""
         x = slots.to(torch.promote_types(slots.dtype, torch.float32))
         paper = self.orthogonality_form == ol.PAPER
         total = (

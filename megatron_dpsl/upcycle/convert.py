@@ -1,4 +1,5 @@
-"""``upcycle(src, dst, **options)``: dense checkpoint -> Megatron-LM-layout MoE ``torch_dist`` checkpoint."""
+"""``upcycle(src, dst, **options)``: dense checkpoint -> Megatron-LM-layout MoE ``torch_dist``
+checkpoint."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from megatron_dpsl.upcycle.transforms import weight_scales
 from megatron_dpsl.upcycle.writer import atomic_directory, write_torch_dist
 
 CONFIG_JSON = "upcycle_config.json"
-STEP = "release"  # Megatron-LM loads a 'release' checkpoint from iteration 0 without optimizer/RNG state
+# Megatron-LM loads a 'release' checkpoint from iteration 0 without optimizer/RNG state
+STEP = "release"
 
 
 @dataclasses.dataclass
@@ -38,7 +40,8 @@ class UpcycleResult:
     table: str
     pieces: list[str] = dataclasses.field(default_factory=list)
     leftovers: list[Leftover] = dataclasses.field(default_factory=list)
-    """Temporary directories of the same output from earlier runs: removed if provably dead, else reported."""
+    """Temporary directories of the same output from earlier runs: removed if provably dead, else
+    reported."""
 
 
 def open_source(src: Path, activation: str | None = None):
@@ -54,7 +57,8 @@ def open_source(src: Path, activation: str | None = None):
 
 
 def source_shapes(source) -> dict[str, tuple[int, ...]]:
-    """Global shapes of the source's non-layer tensors and of layer 0's (under ``layer.``), from metadata."""
+    """Global shapes of the source's non-layer tensors and of layer 0's (under ``layer.``), from
+    metadata."""
     shapes = {
         p.key: tuple(p.data.shape) for p in source.global_pieces(meta=True) if not p.is_object
     }
@@ -143,7 +147,8 @@ def upcycle(src, dst=None, **options) -> UpcycleResult:
 
 
 def convert_dense(src, dst, *, force: bool = False, progress: bool = True) -> UpcycleResult:
-    """Write ``src`` (HF or Megatron) unchanged as a dense Megatron-LM-layout ``torch_dist`` checkpoint.
+    """Write ``src`` (HF or Megatron) unchanged as a dense Megatron-LM-layout ``torch_dist``
+    checkpoint.
 
     The G=1, no-expert path of the same reader/writer: checks the HF -> Megatron mapping on its own.
     """
@@ -157,13 +162,15 @@ def convert_dense(src, dst, *, force: bool = False, progress: bool = True) -> Up
 
 
 def _check_output_keeps_source(src: Path, dst: Path | None) -> None:
-    """Refuse an output that is, or contains, the source: replacing it (``--force``) would delete the source."""
+    """Refuse an output that is, or contains, the source: replacing it (``--force``) would delete
+    the source."""
     if dst is None:
         return
     src_r, dst_r = src.resolve(), dst.resolve()
     if src_r == dst_r or dst_r in src_r.parents:
         raise UpcycleError(
-            f"--output {dst} is or contains --source {src}: writing there would replace the source; "
+            f"--output {dst} is or contains --source {src}: writing there would replace the "
+            "source; "
             "choose another output directory"
         )
 

@@ -71,7 +71,8 @@ def check_image_size(info: VisionInfo, img_h: int | None, img_w: int | None, whe
     if expect != info.num_positions:
         raise UpcycleError(
             f"{where}: image {img_h}x{img_w} in {p}x{p} patches gives {expect} positions "
-            f"(class tokens included), but the ViT's position embeddings have {info.num_positions} rows"
+            f"(class tokens included), but the ViT's position embeddings have {info.num_positions} "
+            "rows"
         )
 
 
@@ -102,14 +103,16 @@ def check_vision_flags(vision: VisionInfo | None, flags: dict, source) -> dict:
 
 
 def vision_info(shapes: dict, args, where) -> VisionInfo:
-    """The ViT's shape from the global shapes of its sharded keys (``vision_model.*``, layers stacked or
-    per layer); ``args`` (the checkpoint's Megatron-LM args, or None) must agree with them."""
+    """The ViT's shape from the global shapes of its sharded keys (``vision_model.*``, layers
+    stacked or per layer); ``args`` (the checkpoint's Megatron-LM args, or None) must agree with
+    them."""
     shape = shapes.get
     conv = shape(VISION_PREFIX + "conv1.weight")
     pos = shape(VISION_PREFIX + "position_embeddings.weight")
     if conv is None or pos is None:
         raise UpcycleError(
-            f"{where} holds a LLaVA language model but no vision encoder (vision_model.conv1.weight, "
+            f"{where} holds a LLaVA language model but no vision encoder "
+            "(vision_model.conv1.weight, "
             "vision_model.position_embeddings.weight): a LLaVA without a vision tower cannot be "
             "passed through"
         )
@@ -147,7 +150,8 @@ def _check_args(info: VisionInfo, args, where) -> None:
     layers = getattr(args, "encoder_num_layers", None)
     if layers is not None and layers != info.num_layers:
         raise UpcycleError(
-            f"{where}: args.encoder_num_layers={layers} contradicts vision_model's {info.num_layers} layers"
+            f"{where}: args.encoder_num_layers={layers} contradicts vision_model's "
+            f"{info.num_layers} layers"
         )
     check_image_size(info, info.img_h, info.img_w, f"{where}: args.img_h/img_w")
 
@@ -157,7 +161,8 @@ class LlavaSource:
     plus the vision encoder and projector, copied unchanged.
 
     ``passthrough``: sharded key -> function ``(meta) -> list[Piece]`` giving that entry's pieces
-    with full keys (``vision_model.*``, ``vision_projection.*``); objects are listed under their key too.
+    with full keys (``vision_model.*``, ``vision_projection.*``); objects are listed under their key
+    too.
     """
 
     def __init__(
@@ -200,8 +205,8 @@ class LlavaSource:
 
 
 def check_vision_options(source, opts) -> None:
-    """The vision flags of ``opts`` against ``source`` (a :class:`LlavaSource` or a text-only one); the
-    values they resolve are written into the output's args."""
+    """The vision flags of ``opts`` against ``source`` (a :class:`LlavaSource` or a text-only one);
+    the values they resolve are written into the output's args."""
     flags = {k: getattr(opts, k) for k in VISION_FLAGS}
     values = check_vision_flags(getattr(source, "vision", None), flags, source.info.path)
     for key, value in values.items():

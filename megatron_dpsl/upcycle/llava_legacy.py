@@ -69,7 +69,8 @@ class LegacyLMSource:
         ]
         if moe:
             raise UpcycleError(
-                f"source is already an MoE checkpoint (found language_model.decoder.layers.0.{moe[0]}); upcycle a dense model"
+                "source is already an MoE checkpoint (found "
+                f"language_model.decoder.layers.0.{moe[0]}); upcycle a dense model"
             )
 
         def meta_of(layer, name):
@@ -179,7 +180,8 @@ def open_legacy_llava(step_dir: Path, root: Path, activation: str | None) -> Lla
     shards = LegacyShards(step_dir)
     if not any(k.startswith(LM_PREFIX) for k in shards.keys):
         raise UpcycleError(
-            f"{step_dir} is a legacy 'torch' checkpoint of a model other than LLaVA; only LLaVA is read "
+            f"{step_dir} is a legacy 'torch' checkpoint of a model other than LLaVA; only LLaVA is "
+            "read "
             "in this format. Convert it with Megatron-LM's --ckpt-convert-format torch_dist first"
         )
     lm = LegacyLMSource(shards, root, activation)

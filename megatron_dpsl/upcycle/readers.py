@@ -29,7 +29,8 @@ MODEL_ROOTS = ("embedding.", "decoder.", "output_layer.", "mtp.", "rotary_pos_em
 
 
 def resolve_step_dir(path: Path) -> tuple[Path, int | None]:
-    """Megatron-LM save dir (tracker file) or a bare ``dist_checkpointing`` dir -> (step dir, iteration)."""
+    """Megatron-LM save dir (tracker file) or a bare ``dist_checkpointing`` dir -> (step dir,
+    iteration)."""
     if not path.exists():
         raise UpcycleError(f"source {path} does not exist")
     if not path.is_dir():
@@ -71,7 +72,8 @@ def hash_files(root: Path, files: list[Path]) -> str:
 
 
 def _activation_from_args(args: argparse.Namespace | None, glu: bool) -> str:
-    """Megatron-LM flags -> activation name (``--swiglu``, ``--quick-geglu``, ``--squared-relu``)."""
+    """Megatron-LM flags -> activation name (``--swiglu``, ``--quick-geglu``,
+    ``--squared-relu``)."""
     if args is None:
         return "silu" if glu else "gelu"  # Megatron's defaults for the two shapes
     if getattr(args, "swiglu", False):
@@ -82,7 +84,8 @@ def _activation_from_args(args: argparse.Namespace | None, glu: bool) -> str:
         return "squared_relu"
     if glu:
         raise UpcycleError(
-            "unknown activation: fc1 is gated (2x ffn_hidden_size rows) but the checkpoint args set "
+            "unknown activation: fc1 is gated (2x ffn_hidden_size rows) but the checkpoint args "
+            "set "
             "none of swiglu/quick_geglu; supported: silu (swiglu), quick_gelu, gelu, squared_relu"
         )
     return "gelu"
@@ -143,8 +146,10 @@ class MegatronDenseSource:
         meta_file = self.step_dir / "metadata.json"
         if not meta_file.is_file() and any(self.step_dir.glob("mp_rank_*")):
             raise UpcycleError(
-                f"{self.step_dir} is a legacy 'torch' format checkpoint (mp_rank_*/) of a model other "
-                "than LLaVA; convert it to torch_dist first (Megatron-LM: --ckpt-convert-format torch_dist)"
+                f"{self.step_dir} is a legacy 'torch' format checkpoint (mp_rank_*/) of a model "
+                "other "
+                "than LLaVA; convert it to torch_dist first (Megatron-LM: --ckpt-convert-format "
+                "torch_dist)"
             )
         if not meta_file.is_file():
             raise UpcycleError(
@@ -170,8 +175,8 @@ class MegatronDenseSource:
         self.info = self._infer_info(args, iteration, activation)
 
     def _common_state(self) -> dict:
-        """The non-tensor state (``args``, ``iteration``, ...): ``common.pt`` (megatron-core <= 0.16),
-        or the ``common_state`` object inside the DCP checkpoint (megatron-core 0.19 saves it
+        """The non-tensor state (``args``, ``iteration``, ...): ``common.pt`` (megatron-core <=
+        0.16), or the ``common_state`` object inside the DCP checkpoint (megatron-core 0.19 saves it
         there)."""
         common_file = self.step_dir / "common.pt"
         # Megatron-LM pickles an argparse.Namespace (and dtypes) here; the source is user-chosen.
@@ -192,7 +197,8 @@ class MegatronDenseSource:
         ]
         if not embed:
             raise UpcycleError(
-                f"{self.step_dir} holds no 'embedding.word_embeddings.weight': not a GPTModel checkpoint"
+                f"{self.step_dir} holds no 'embedding.word_embeddings.weight': not a GPTModel "
+                "checkpoint"
             )
         self.prefix = min(embed, key=len)[: -len("embedding.word_embeddings.weight")]
 
@@ -231,7 +237,8 @@ class MegatronDenseSource:
         ]
         if moe:
             raise UpcycleError(
-                f"source is already an MoE checkpoint (found decoder.layers.{moe[0]}); upcycle a dense model"
+                f"source is already an MoE checkpoint (found decoder.layers.{moe[0]}); upcycle a "
+                "dense model"
             )
 
     @staticmethod
@@ -304,7 +311,8 @@ class MegatronDenseSource:
         return pieces
 
     def read_layer(self, layer: int, meta: bool = False) -> LayerWeights:
-        """Tensors of ``layer`` (meta tensors if ``meta``); object payloads are always read (small)."""
+        """Tensors of ``layer`` (meta tensors if ``meta``); object payloads are always read
+        (small)."""
         num_layers = self.info.num_layers
         request: dict[str, tuple] = {}
         shapes: dict[str, tuple] = {}
@@ -332,7 +340,8 @@ class MegatronDenseSource:
             if name.startswith("mlp."):
                 if name[4:] not in MLP_WEIGHTS:
                     raise UpcycleError(
-                        f"unsupported dense MLP entry decoder.layers.{name} (expected {MLP_WEIGHTS})"
+                        f"unsupported dense MLP entry decoder.layers.{name} (expected "
+                        f"{MLP_WEIGHTS})"
                     )
                 weights.mlp[name[4:]] = tensor
             else:

@@ -52,8 +52,15 @@ def test_tp2_llava_upcycles_exactly(tp2, tmp_path, fmt):
     work, reference, tp2_logits = tp2
     images, tokens = prompts()
     assert (llava_logits(reference, images, tokens) - tp2_logits).abs().max().item() <= ATOL
-    upcycle(work / fmt, tmp_path / "moe", num_experts=8, granularity=2, moe_router_topk=4,
-            weight_scaling="exact", progress=False)  # fmt: skip
+    upcycle(
+        work / fmt,
+        tmp_path / "moe",
+        num_experts=8,
+        granularity=2,
+        moe_router_topk=4,
+        weight_scaling="exact",
+        progress=False,
+    )
     moe = _moe(tmp_path / "moe")
     got, want = vision_state(moe), vision_state(reference)
     assert sorted(got) == sorted(want)

@@ -1,6 +1,7 @@
 """Helpers shared by the LLaVA upcycler tests (no tests here): real Megatron-Core ``LLaVAModel``s on
 CPU, built from the Megatron-LM ``args`` a checkpoint carries, saved the two ways Megatron-LM saves
-them (``torch_dist``; the legacy per-rank ``torch`` format), and their logits for prompts with images.
+them (``torch_dist``; the legacy per-rank ``torch`` format), and their logits for prompts with
+images.
 
 Two vision sides: by default the ViT and projector are what upstream's ``pretrain_vlm.py`` builds
 (a copy of the language model's config with ``--encoder-num-layers`` layers, the projector a dense
@@ -23,9 +24,9 @@ IMAGE_TOKEN = -200  # megatron.core.models.multimodal.llava_model.DEFAULT_IMAGE_
 
 
 def llava_args(tp=1, **lm) -> argparse.Namespace:
-    """Megatron-LM args of a tiny dense LLaVA as upstream's ``pretrain_vlm.py`` saves them: the dense
-    GPT of support.upcycle plus a 2-layer ViT on 16x16 images in 8x8 patches, class token dropped.
-    Weights drawn with std 0.2 so that logits are O(1) and a mapping error shows."""
+    """Megatron-LM args of a tiny dense LLaVA as upstream's ``pretrain_vlm.py`` saves them: the
+    dense GPT of support.upcycle plus a 2-layer ViT on 16x16 images in 8x8 patches, class token
+    dropped. Weights drawn with std 0.2 so that logits are O(1) and a mapping error shows."""
     args = dense_args(**lm)
     args.init_method_std = 0.2
     args.tensor_model_parallel_size = tp
@@ -38,14 +39,19 @@ def llava_args(tp=1, **lm) -> argparse.Namespace:
 
 def _dense(config):
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-    fields.update(num_moe_experts=None, moe_ffn_hidden_size=None, moe_router_topk=2,
-                  moe_shared_expert_intermediate_size=None, moe_layer_freq=1)  # fmt: skip
+    fields.update(
+        num_moe_experts=None,
+        moe_ffn_hidden_size=None,
+        moe_router_topk=2,
+        moe_shared_expert_intermediate_size=None,
+        moe_layer_freq=1,
+    )
     return type(config)(**fields)
 
 
 def vision_configs(args, lm_config):
-    """(ViT config, projector config): pretrain_vlm's copies of the language config, or the CLIP-style
-    fields the upcycler writes for a Hugging Face source."""
+    """(ViT config, projector config): pretrain_vlm's copies of the language config, or the
+    CLIP-style fields the upcycler writes for a Hugging Face source."""
     from megatron.core.activations import quick_gelu
 
     if getattr(args, "vision_hidden_size", None) is None:
@@ -55,23 +61,34 @@ def vision_configs(args, lm_config):
     else:
         acts = {"quick_gelu": quick_gelu, "gelu": F.gelu}
         vit = dataclasses.replace(
-            _dense(lm_config), num_layers=args.encoder_num_layers, hidden_size=args.vision_hidden_size,
-            ffn_hidden_size=args.vision_ffn_hidden_size, num_attention_heads=args.vision_num_attention_heads,
-            num_query_groups=args.vision_num_attention_heads, kv_channels=args.vision_kv_channels,
-            gated_linear_unit=False, activation_func=acts[args.vision_activation], normalization="LayerNorm",
-            layernorm_epsilon=args.vision_layernorm_epsilon, add_bias_linear=True, add_qkv_bias=True,
-        )  # fmt: skip
+            _dense(lm_config),
+            num_layers=args.encoder_num_layers,
+            hidden_size=args.vision_hidden_size,
+            ffn_hidden_size=args.vision_ffn_hidden_size,
+            num_attention_heads=args.vision_num_attention_heads,
+            num_query_groups=args.vision_num_attention_heads,
+            kv_channels=args.vision_kv_channels,
+            gated_linear_unit=False,
+            activation_func=acts[args.vision_activation],
+            normalization="LayerNorm",
+            layernorm_epsilon=args.vision_layernorm_epsilon,
+            add_bias_linear=True,
+            add_qkv_bias=True,
+        )
         proj = dataclasses.replace(
-            _dense(lm_config), ffn_hidden_size=args.vision_projector_ffn_hidden_size,
-            gated_linear_unit=False, activation_func=acts[args.vision_projector_activation],
+            _dense(lm_config),
+            ffn_hidden_size=args.vision_projector_ffn_hidden_size,
+            gated_linear_unit=False,
+            activation_func=acts[args.vision_projector_activation],
             add_bias_linear=args.vision_projector_bias,
-        )  # fmt: skip
+        )
     vit.vision_model_type = "clip"
     return vit, proj
 
 
 def _submodules(spec):
-    """A spec's submodules; megatron-core 0.19 builds some specs as partials (VLM_NOTES §6.2 (6))."""
+    """A spec's submodules; megatron-core 0.19 builds some specs as partials (VLM_NOTES §6.2
+    (6))."""
     try:
         from megatron.core.transformer.spec_utils import get_submodules
     except ImportError:  # megatron-core 0.16
@@ -93,7 +110,8 @@ def build_llava(args, lm_spec=None, tp=1, **kwargs):
     lm_config = transformer_config(args, tensor_model_parallel_size=tp)
     vit, proj = vision_configs(args, lm_config)
     vit_spec = get_vit_layer_with_local_spec()
-    # core_v0.16.1's local ViT spec says causal (fixed to no_mask at 0.19); CLIP attends to all patches
+    # core_v0.16.1's local ViT spec says causal (fixed to no_mask at 0.19); CLIP attends to all
+    # patches
     vit_spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
     with llava_construction():
         return LLaVAModel(
@@ -129,7 +147,8 @@ def prompts(vocab=96, seed=5):
 
 @torch.no_grad()
 def llava_logits(model, images, tokens):
-    """``[b, s_text]`` tokens with one ``-200`` per image -> ``[b, s, vocab]`` logits (s: the combined
+    """``[b, s_text]`` tokens with one ``-200`` per image -> ``[b, s, vocab]`` logits (s: the
+    combined
     length; explicit causal mask on CPU)."""
     model.eval()
     b, s_text = tokens.shape
@@ -151,8 +170,9 @@ def vision_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_legacy(model, save_dir, args, iteration=3, tp_rank=0):
-    """Save like Megatron-LM's ``--ckpt-format torch``: ``iter_XXXXXXX/mp_rank_TT/model_optim_rng.pt``
-    holding ``state_dict_for_save_checkpoint()`` (this rank's TP shards), args and iteration
+    """Save like Megatron-LM's ``--ckpt-format torch``:
+    ``iter_XXXXXXX/mp_rank_TT/model_optim_rng.pt`` holding ``state_dict_for_save_checkpoint()``
+    (this rank's TP shards), args and iteration
     (``get_checkpoint_name`` and ``generate_state_dict`` in megatron/training/checkpointing.py)."""
     step = os.path.join(save_dir, f"iter_{iteration:07d}", f"mp_rank_{tp_rank:02d}")
     os.makedirs(step, exist_ok=True)

@@ -18,7 +18,8 @@ def _probs(num_tokens, num_experts, seed=0, scale=2.0, dtype=torch.float64):
 
 
 def _ref_per_expert(probs, alpha, with_grad=False):
-    """Eq. 4 for one group with SciPy (float64): per-expert loss [E] and dL/dp [T, E] (stable ranks)."""
+    """Eq. 4 for one group with SciPy (float64): per-expert loss [E] and dL/dp [T, E] (stable
+    ranks)."""
     p = probs.detach().double().numpy()
     alpha = np.asarray(alpha, dtype=np.float64)
     num_tokens, num_experts = p.shape

@@ -1,4 +1,5 @@
-"""The fused Triton path (megatron_dpsl/losses/dpsl_triton.py) equals the torch path: values and gradients.
+"""The fused Triton path (megatron_dpsl/losses/dpsl_triton.py) equals the torch path: values and
+gradients.
 
 CPU-only machines run the kernels under Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before Triton is imported; the interpreter's launch shape is 32-element blocks
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.skipif(
     not dpsl_triton.runs_on(DEVICE),
     reason="Triton not installed (pip install triton)"
     if dpsl_triton.triton is None
-    else "Triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it on CPU-only machines)",
+    else "Triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it on "
+    "CPU-only machines)",
 )
 
 
@@ -183,8 +185,9 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
-    """The compiled (not interpreted) kernels build for an H100 (sm_90) here, without a GPU: Triton's own
-    compiler and ptxas, in a process without TRITON_INTERPRET. No local memory = no register spills."""
+    """The compiled (not interpreted) kernels build for an H100 (sm_90) here, without a GPU:
+    Triton's own compiler and ptxas, in a process without TRITON_INTERPRET. No local memory = no
+    register spills."""
     import json
     import subprocess
     import sys

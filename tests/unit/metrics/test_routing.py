@@ -47,7 +47,8 @@ def test_entropy_and_max_prob():
 
 
 def _prior_distance_scipy(probs, alpha2, gids, pad):
-    """Eq. 4 per expert, float64 NumPy/SciPy: per group, drop padding, sort, compare j/n with betainc."""
+    """Eq. 4 per expert, float64 NumPy/SciPy: per group, drop padding, sort, compare j/n with
+    betainc."""
     p, gids, pad = probs.detach().double().numpy(), gids.numpy(), pad.numpy()
     out = np.zeros(p.shape[1])
     for g, a in enumerate(np.asarray(alpha2, dtype=np.float64)):

@@ -69,7 +69,8 @@ def _assert_vision_bitwise(model, reference):
 
 @pytest.mark.parametrize("fmt,G,E,k", [("dist", 1, 4, 2), ("dist", 2, 8, 4), ("legacy", 2, 8, 4)])
 def test_dense_llava_exact_upcycling(dense_llava, tmp_path, fmt, G, E, k):
-    """torch_dist and the legacy torch format: ViT and projector bitwise, logits with images equal."""
+    """torch_dist and the legacy torch format: ViT and projector bitwise, logits with images
+    equal."""
     root, _, dense, ref = dense_llava
     out = tmp_path / "moe"
     _upcycle(
@@ -95,7 +96,8 @@ def test_dense_llava_negative_control(dense_llava, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["dist", "legacy"])
 def test_written_keys_and_shapes_are_the_moe_llavas(dense_llava, tmp_path, fmt):
-    """Every tensor and object the MoE LLaVAModel asks for, with its global shape, and nothing else."""
+    """Every tensor and object the MoE LLaVAModel asks for, with its global shape, and nothing
+    else."""
     from megatron_dpsl.upcycle.dcp_io import DcpReader
 
     root = dense_llava[0]
@@ -132,8 +134,16 @@ def test_vision_flags_the_checkpoint_contradicts(dense_llava, tmp_path, flags, m
 
 
 def test_vision_flags_that_agree_are_accepted(dense_llava, tmp_path):
-    _upcycle(dense_llava[0] / "dist", tmp_path / "out", num_experts=4, img_h=16, img_w=16,
-             patch_dim=8, encoder_num_layers=2, disable_vision_class_token=True)  # fmt: skip
+    _upcycle(
+        dense_llava[0] / "dist",
+        tmp_path / "out",
+        num_experts=4,
+        img_h=16,
+        img_w=16,
+        patch_dim=8,
+        encoder_num_layers=2,
+        disable_vision_class_token=True,
+    )
     assert (tmp_path / "out" / "release" / "common.pt").is_file()
 
 

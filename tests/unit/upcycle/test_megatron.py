@@ -111,7 +111,8 @@ def test_exact_upcycling_gelu_bias_tied_matches_dense_logits(gelu_ckpt, tmp_path
 
 
 def test_mixed_layers_shared_expert_and_bare_dir(megatron, swiglu_ckpt, tmp_path):
-    """moe_layer_freq [0,1] (per-layer keys) + shared expert, from a bare dist_checkpointing dir without args."""
+    """moe_layer_freq [0,1] (per-layer keys) + shared expert, from a bare dist_checkpointing dir
+    without args."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
@@ -137,8 +138,11 @@ def test_mixed_layers_shared_expert_and_bare_dir(megatron, swiglu_ckpt, tmp_path
     assert out_args.moe_layer_freq == [0, 1] and out_args.moe_shared_expert_intermediate_size == 64
     # no args in the source: what the tensors show is filled in, the head count is not guessed
     assert (out_args.position_embedding_type, out_args.add_position_embedding) == ("rope", False)
-    assert (out_args.normalization, out_args.padded_vocab_size, out_args.untie_embeddings_and_output_weights) == (
-        "RMSNorm", 96, True)  # fmt: skip
+    assert (
+        out_args.normalization,
+        out_args.padded_vocab_size,
+        out_args.untie_embeddings_and_output_weights,
+    ) == ("RMSNorm", 96, True)
     assert not hasattr(out_args, "num_attention_heads") and not hasattr(out_args, "kv_channels")
     full = dense_args()  # the bare dir has no args: attention shapes come from the test's config
     for name in (
@@ -213,7 +217,8 @@ def test_he2024_reproduces_megatron_runtime_upcycling(megatron, swiglu_ckpt, tmp
 
 
 def test_converted_checkpoint_trains_ep1(megatron, swiglu_ckpt, tmp_path):
-    """Load into an MoE GPTModel with the DPSL router (TopKRouter if the plugin router is absent) and train."""
+    """Load into an MoE GPTModel with the DPSL router (TopKRouter if the plugin router is absent)
+    and train."""
     from support.upcycle import moe_training_model, train_steps
 
     src, _, _ = swiglu_ckpt
@@ -359,7 +364,8 @@ def test_atomic_write_force_and_interrupt(swiglu_ckpt, tmp_path, monkeypatch):
 
 
 def test_output_that_is_or_contains_the_source_is_refused(swiglu_ckpt, tmp_path):
-    """--force on an output that is (or contains) the source would replace, i.e. delete, the source."""
+    """--force on an output that is (or contains) the source would replace, i.e. delete, the
+    source."""
     import shutil
 
     from megatron_dpsl.upcycle import UpcycleError
@@ -374,7 +380,8 @@ def test_output_that_is_or_contains_the_source_is_refused(swiglu_ckpt, tmp_path)
 
 
 def test_atomic_directory_dangling_symlink_and_failed_commit(tmp_path, monkeypatch):
-    """A dangling symlink counts as an existing target; a failed final rename leaves the target as it was."""
+    """A dangling symlink counts as an existing target; a failed final rename leaves the target as
+    it was."""
     import os
 
     from megatron_dpsl.upcycle import UpcycleError
@@ -406,7 +413,8 @@ def test_atomic_directory_dangling_symlink_and_failed_commit(tmp_path, monkeypat
 
 
 def test_keys_under_a_model_prefix(megatron, swiglu_ckpt, tmp_path):
-    """On-disk keys under a prefix (``model.decoder...``) are found; output keys are Megatron's own."""
+    """On-disk keys under a prefix (``model.decoder...``) are found; output keys are Megatron's
+    own."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
