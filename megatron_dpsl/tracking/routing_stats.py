@@ -9,9 +9,9 @@ router's own ``gating`` call (wrapped on the instance), not recomputed from its 
 router's gating depends on the previous MoE layer's assignment, which only its forward knows.
 Padding rows set with the token groups (``dpsl_token_groups(..., padding_mask=)``, e.g.
 ``LLaVAModel``'s right padding) are left out, as the router losses leave them out. ``summarize``
-gathers them on rank 0 and computes, per MoE layer, the metrics of ``megatron_dpsl.metrics.routing``:
-CoV of expert loads, routing entropy, distance to the prior (Eq. 4 per expert) and per-group expert
-usage.
+gathers them on rank 0 and computes, per MoE layer, the metrics of
+``megatron_dpsl.metrics.routing``: CoV of expert loads, routing entropy, distance to the prior
+(Eq. 4 per expert) and per-group expert usage.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class RoutingStats:
         routing_map = routing_map.detach()
         ids, pad = _router_token_groups(router)
         if pad is not None:
-            # padding rows (LLaVA's right padding) are no tokens of the batch: the losses skip them too
+            # padding rows (LLaVA's right padding) are no tokens of the batch; the losses skip them
             keep = ~pad.to(scores.device)
             scores, routing_map = scores[keep], routing_map[keep]
             ids = None if ids is None else ids[keep.to(ids.device)]
@@ -144,8 +144,8 @@ class RoutingStats:
 
 
 def _router_token_groups(router):
-    """The group ids and padding flags set for this forward, ``[s_local * b]`` each and aligned with the
-    router's flattened logits, or None (no token groups, no padding flags)."""
+    """The group ids and padding flags set for this forward, ``[s_local * b]`` each and aligned with
+    the router's flattened logits, or None (no token groups, no padding flags)."""
     from megatron_dpsl.parallel.token_groups import (
         get_dpsl_token_groups,
         shard_token_group_ids,

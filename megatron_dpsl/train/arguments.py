@@ -202,9 +202,10 @@ def add_llava_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--llava",
         action="store_true",
-        help="(trainer flag) train Megatron-Core's LLaVAModel (CLIP ViT + MLP projector + this language "
-        "model) on the procedural shapes data of megatron_dpsl.train.vlm_data (no --data-path); MoE routers "
-        "get each position's modality (group 0 = image embeddings, 1 = text; padding is excluded)",
+        help="(trainer flag) train Megatron-Core's LLaVAModel (CLIP ViT + MLP projector + this "
+        "language model) on the procedural shapes data of megatron_dpsl.train.vlm_data (no "
+        "--data-path); MoE routers get each position's modality (group 0 = image embeddings, "
+        "1 = text; padding is excluded)",
     )
     g.add_argument(
         "--patch-dim",
@@ -222,7 +223,8 @@ def add_llava_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--vision-hidden-size",
         type=int,
         default=None,
-        help="(trainer flag) ViT width (default --hidden-size); its FFN is 4x, its heads --num-attention-heads",
+        help="(trainer flag) ViT width (default --hidden-size); its FFN is 4x, its heads "
+        "--num-attention-heads",
     )
     g.add_argument(
         "--disable-vision-class-token",
@@ -277,8 +279,8 @@ def _validate_llava(args: argparse.Namespace) -> None:
     if args.seq_length < combined:
         _error(
             "--seq-length",
-            f"the shapes rows are {combined} positions long ({vlm_data.TEXT_LENGTH} text tokens, the image "
-            f"token replaced by {img_seq_len} embeddings), got {args.seq_length}",
+            f"the shapes rows are {combined} positions long ({vlm_data.TEXT_LENGTH} text tokens, "
+            f"the image token replaced by {img_seq_len} embeddings), got {args.seq_length}",
         )
 
 

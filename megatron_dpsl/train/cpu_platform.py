@@ -70,13 +70,14 @@ def enable() -> None:
 
 @contextlib.contextmanager
 def llava_construction():
-    """While ``LLaVAModel`` is built (``--llava``): the two calls its ``CLIPViTModel.__init__`` makes that
-    need CUDA or Transformer Engine. Undone on exit.
+    """While ``LLaVAModel`` is built (``--llava``): the two calls its ``CLIPViTModel.__init__``
+    makes that need CUDA or Transformer Engine. Undone on exit.
 
-    * ``CLIPViTModel.__init__`` moves its position ids with ``.cuda()``: a no-op (everything is on the CPU);
-    * without Transformer Engine CLIP's norm is ``torch.nn.LayerNorm``, which ``build_module`` passes
-      ``config=`` (TypeError): ``LLaVAModel`` (which looks ``CLIPViTModel`` up at call time) gets Megatron's
-      ``WrappedTorchNorm`` for ``ln_pre``/``ln_post`` instead.
+    * ``CLIPViTModel.__init__`` moves its position ids with ``.cuda()``: a no-op (everything is on
+      the CPU);
+    * without Transformer Engine CLIP's norm is ``torch.nn.LayerNorm``, which ``build_module``
+      passes ``config=`` (TypeError): ``LLaVAModel`` (which looks ``CLIPViTModel`` up at call time)
+      gets Megatron's ``WrappedTorchNorm`` for ``ln_pre``/``ln_post`` instead.
     """
     import functools
 

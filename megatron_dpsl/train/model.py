@@ -62,9 +62,10 @@ def build_model(args: argparse.Namespace, config):
 
 
 def build_llava_model(args: argparse.Namespace, config):
-    """A ``LLaVAModel`` (``--llava``): a CLIP ViT (``--encoder-num-layers``, ``--vision-hidden-size``),
-    LLaVA-1.5's two-layer GELU projector and this language model, with automatic modality ids
-    (``megatron_dpsl.models.vlm``); ``--freeze-LM`` / ``--freeze-ViT`` as Megatron-LM's ``pretrain_vlm``."""
+    """A ``LLaVAModel`` (``--llava``): a CLIP ViT (``--encoder-num-layers``,
+    ``--vision-hidden-size``), LLaVA-1.5's two-layer GELU projector and this language model, with
+    automatic modality ids (``megatron_dpsl.models.vlm``); ``--freeze-LM`` / ``--freeze-ViT`` as
+    Megatron-LM's ``pretrain_vlm``."""
     import contextlib
 
     from megatron_dpsl.models.vlm import build_llava_model as build
@@ -75,7 +76,7 @@ def build_llava_model(args: argparse.Namespace, config):
     vision = clip_vision_config(
         config,
         hf_num_layers=args.encoder_num_layers,
-        vision_feature_layer=-1,  # every layer: this ViT is trained here, not cut from a larger CLIP
+        vision_feature_layer=-1,  # every layer: this ViT is trained here, not cut from CLIP-L
         hidden_size=h,
         num_attention_heads=args.num_attention_heads,
         ffn_hidden_size=4 * h,

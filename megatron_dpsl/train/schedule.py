@@ -59,7 +59,7 @@ def make_forward_step(group_ids_context: Callable):
 
 
 def make_llava_forward_step():
-    """``forward_step(data_iterator, model)`` for ``LLaVAModel`` (``megatron_dpsl.train.vlm_data`` batches).
+    """``forward_step(data_iterator, model)`` for ``LLaVAModel`` on ``train.vlm_data`` batches.
 
     The loss mask is the one ``LLaVAModel`` returns, expanded to the combined text + image sequence.
     """

@@ -290,7 +290,7 @@ def _resume(args: argparse.Namespace, model, optimizer, scheduler) -> int:
 
 
 def _samplers(args: argparse.Namespace, device, model):
-    """This data-parallel rank's train and validation samplers (``VLMBatchSampler``s with --llava)."""
+    """This data-parallel rank's train and validation samplers (``VLMBatchSampler``: --llava)."""
     from megatron.core import parallel_state
 
     from megatron_dpsl.train.data import BatchSampler, ByteCorpus

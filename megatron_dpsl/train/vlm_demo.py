@@ -3,16 +3,18 @@
     python -m megatron_dpsl.train.vlm_demo --out outputs/vlm          # a few minutes on 2 CPU cores
     python -m megatron_dpsl.train.vlm_demo --out /tmp/vlm --tiny      # smoke run
 
-1. data: procedural 32×32 images of coloured shapes with captions and question/answer text, 5 % text-only
-   rows (``megatron_dpsl.train.vlm_data``; generated on the fly, deterministic, no download);
-2. stage I, projector alignment: a real Megatron-Core ``LLaVAModel`` (CLIP ViT, LLaVA-1.5's two-layer
-   GELU projector, a dense GPT) trained with ``--freeze-LM --freeze-ViT``;
+1. data: procedural 32×32 images of coloured shapes with captions and question/answer text, 5 %
+   text-only rows (``megatron_dpsl.train.vlm_data``; generated on the fly, deterministic, no
+   download);
+2. stage I, projector alignment: a real Megatron-Core ``LLaVAModel`` (CLIP ViT, LLaVA-1.5's
+   two-layer GELU projector, a dense GPT) trained with ``--freeze-LM --freeze-ViT``;
 3. stage II-a, dense: every part trained, saved in Megatron-LM's ``torch_dist`` layout;
-4. upcycling (``megatron_dpsl.upcycle``): the language model's FFNs become 4 experts, top-2 (the paper's
-   2in4), copies plus N(0, 0.01²) noise; the ViT and the projector are copied;
-5. stage II-b, MoE: three runs from the same upcycled checkpoint and seed, ViT frozen, experts split over
-   2 ranks (EP=2): Megatron's aux loss; DPSL with a symmetric prior; DPSL with the paper's modality
-   priors (vision tokens → experts 0-1, text → experts 2-3). Modality ids come from the model itself;
+4. upcycling (``megatron_dpsl.upcycle``): the language model's FFNs become 4 experts, top-2 (the
+   paper's 2in4), copies plus N(0, 0.01²) noise; the ViT and the projector are copied;
+5. stage II-b, MoE: three runs from the same upcycled checkpoint and seed, ViT frozen, experts split
+   over 2 ranks (EP=2): Megatron's aux loss; DPSL with a symmetric prior; DPSL with the paper's
+   modality priors (vision tokens → experts 0-1, text → experts 2-3). Modality ids come from the
+   model itself;
 6. report (``vlm_report``): one table (held-out caption loss and answer accuracy; per MoE layer CoV,
    distance to the modality prior per modality, share of vision tokens on experts 0-1 and of text on
    2-3) and one figure (Fig. 7-style histograms and expert usage per modality and layer).
@@ -39,8 +41,10 @@ NUM_EXPERTS, TOPK = 4, 2  # the paper's 2in4
 STAGE_DIRS = ("align", "dense", "moe_init", "runs")  # replaced by each launch
 
 
-# the tiny LLaVA of VLM_NOTES §6.2: a 2-layer CLIP ViT (width 32, 8×8 patches: 16 image rows without the
-# class token), LLaVA-1.5's projector, a 2-layer GPT (width 64, FFN 256, RoPE); rows are 16 text tokens
+# the tiny LLaVA of VLM_NOTES §6.2: a 2-layer CLIP ViT (width 32, 8×8 patches: 16 image rows without
+# the
+# class token), LLaVA-1.5's projector, a 2-layer GPT (width 64, FFN 256, RoPE); rows are 16 text
+# tokens
 MODEL_FLAGS = {
     "--llava": True,
     "--device": "cpu",  # the laptop demo: CPU + gloo even where a GPU exists
@@ -67,7 +71,8 @@ TINY_ITERATIONS = {"align": 4, "dense": 6, "moe": 4}
 
 
 def flags(table: dict) -> list[str]:
-    """``{"--flag": value}`` as a command line: ``True`` is a bare switch, ``None``/``False`` are left out."""
+    """``{"--flag": value}`` as a command line: ``True`` is a bare switch, ``None``/``False`` are
+    left out."""
     argv: list[str] = []
     for flag, value in table.items():
         if value is True:
@@ -89,7 +94,7 @@ def model_argv(a: argparse.Namespace) -> list[str]:
 
 
 def iterations(a: argparse.Namespace, stage: str) -> int:
-    """Iterations of ``stage`` (``align``, ``dense`` or each ``moe`` run): the flag, else the default."""
+    """Iterations of ``stage`` (``align``, ``dense`` or each ``moe`` run): flag, else default."""
     return getattr(a, f"{stage}_iters") or (TINY_ITERATIONS if a.tiny else ITERATIONS)[stage]
 
 
@@ -105,7 +110,7 @@ def schedule(iters: int, lr: float, eval_every: int) -> dict:
 
 
 def train_stage(a: argparse.Namespace, name: str, table: dict) -> dict:
-    """A training stage: ``model_argv`` + ``table``, with its TensorBoard (and, for MoE, routing) files."""
+    """A training stage: ``model_argv`` + ``table``, with its TensorBoard (MoE: routing) files."""
     out = os.path.abspath(a.out)
     d = os.path.join(out, name) if name in ("align", "dense") else os.path.join(out, "runs", name)
     extra = {"--tensorboard-dir": os.path.join(d, "tensorboard")}
@@ -139,7 +144,7 @@ def dense_stages(a: argparse.Namespace) -> list[dict]:
 
 
 def upcycle_stage(a: argparse.Namespace) -> dict:
-    """The converter's options: each language FFN → 4 copies plus the paper's N(0, 0.01²) noise, top-2."""
+    """The converter's options: each language FFN → 4 copies + N(0, 0.01²) noise (paper), top-2."""
     out = os.path.abspath(a.out)
     options = dict(
         src=os.path.join(out, "dense", "checkpoint"),
@@ -156,7 +161,7 @@ def upcycle_stage(a: argparse.Namespace) -> dict:
 
 
 def moe_flags(a: argparse.Namespace) -> dict:
-    """Flags of every MoE run: the upcycled model, ViT frozen, the experts split over 2 ranks (EP=2)."""
+    """Flags of every MoE run: the upcycled model, ViT frozen, experts split over 2 ranks (EP=2)."""
     n = iterations(a, "moe")
     return {
         **schedule(n, 1e-3, max(1, n // 4)),
@@ -199,7 +204,7 @@ def make_plan(a: argparse.Namespace) -> dict:
 
 
 def _await_upcycle(stage: dict) -> bool:
-    """Whether the launcher's converter succeeded (rank 0 waits for its marker; every rank learns it)."""
+    """Whether the launcher's converter succeeded (rank 0 waits for its marker, then tells all)."""
     import torch.distributed as dist
 
     ok = [True]
@@ -211,7 +216,7 @@ def _await_upcycle(stage: dict) -> bool:
 
 
 def _without_load(argv: list[str]) -> list[str]:
-    """``argv`` with ``--load DIR --finetune`` removed (the MoE runs' fallback when upcycling failed)."""
+    """``argv`` without ``--load DIR --finetune`` (the MoE runs' fallback when upcycling failed)."""
     argv = list(argv)
     i = argv.index("--load")
     del argv[i : i + 2]
@@ -281,7 +286,8 @@ def _worker(plan_path: str) -> None:
             if not upcycled and "--load" in argv and stage["name"] not in ("align", "dense"):
                 argv = _without_load(argv)
             print_rank_0(
-                f"\n=== {quickstart._stamp(plan['t0'])} {stage['name']}: megatron-dpsl-train {' '.join(argv)}"
+                f"\n=== {quickstart._stamp(plan['t0'])} {stage['name']}: "
+                f"megatron-dpsl-train {' '.join(argv)}"
             )
             _train(stage, plan, argv, upcycled)
     finally:
@@ -293,7 +299,7 @@ def _worker(plan_path: str) -> None:
 
 
 def _clean(out: str) -> None:
-    """Remove the previous launch's stage outputs (only those: the rest of ``out`` is the user's)."""
+    """Remove the last launch's stage outputs (only those: the rest of ``out`` is the user's)."""
     for sub in STAGE_DIRS:
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
     for marker in ("moe_init.done", "moe_init.failed"):
@@ -303,7 +309,8 @@ def _clean(out: str) -> None:
 
 
 def run_plan(plan: dict, nproc: int, t_start: float) -> None:
-    """Run every stage of ``plan`` in one torchrun launch; the converter runs here. SystemExit on failure."""
+    """Run every stage of ``plan`` in one torchrun launch; the converter runs here. SystemExit on
+    failure."""
     out = plan["out"]
     _clean(out)
     plan["t0"] = t_start
@@ -318,7 +325,8 @@ def run_plan(plan: dict, nproc: int, t_start: float) -> None:
         "-m", "megatron_dpsl.train.vlm_demo", "--worker", plan_path,
     ]  # fmt: skip
     print(
-        f"=== {quickstart._stamp(t_start)} torchrun ({nproc} ranks, every training stage): {' '.join(cmd[1:])}",
+        f"=== {quickstart._stamp(t_start)} torchrun ({nproc} ranks, every training stage): "
+        f"{' '.join(cmd[1:])}",
         flush=True,
     )
     proc = subprocess.Popen(cmd, env=env)
@@ -345,7 +353,8 @@ def _read_result(stage_dir: str) -> dict:
 
 
 def load_runs(plan: dict) -> list[dict]:
-    """Each MoE run's ``{"name", "layers" (final validation, per MoE layer), "held_out", "result"}``."""
+    """Each MoE run's ``{"name", "layers" (final validation, per MoE layer), "held_out",
+    "result"}``."""
     import torch
 
     runs = []
@@ -390,8 +399,9 @@ def write_report(plan: dict, a: argparse.Namespace, wall_s: float) -> dict:
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n\n" + vlm_report.TABLE_NOTES + "\n")
     print(
-        f"\n=== results (dense model before upcycling: caption loss {dense['caption_loss']:.4f}, answer "
-        f"accuracy {dense['answer_accuracy']:.3f}{'' if summary['upcycled'] else '; UPCYCLING FAILED'})"
+        f"\n=== results (dense model before upcycling: caption loss {dense['caption_loss']:.4f}, "
+        f"answer accuracy {dense['answer_accuracy']:.3f}"
+        f"{'' if summary['upcycled'] else '; UPCYCLING FAILED'})"
     )
     print(
         table + "\n\n" + vlm_report.TABLE_NOTES + f"\n\nfigure: {figure}\nwall time: {wall_s:.0f} s"
@@ -424,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{stage}-iters",
             type=int,
             default=None,
-            help=f"iterations of the {stage} stage{'s' if stage == 'moe' else ''} (default {ITERATIONS[stage]})",
+            help=f"iterations of the {stage} stage{'s' if stage == 'moe' else ''} "
+            f"(default {ITERATIONS[stage]})",
         )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument(

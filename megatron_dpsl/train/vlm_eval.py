@@ -1,10 +1,10 @@
-"""Held-out language metrics of a trained ``LLaVAModel`` on the procedural shapes data (``vlm_data``).
+"""Held-out language metrics of a trained ``LLaVAModel`` on the procedural shapes (``vlm_data``).
 
 Both are teacher-forced on the ``valid`` split (images never seen in training):
 
 * **caption loss**: mean cross entropy per caption token (``<eos>`` included) over the caption rows;
-* **answer accuracy**: the share of question rows whose every answer word is the argmax of the logits
-  at the position before it (``<eos>`` not counted).
+* **answer accuracy**: the share of question rows whose every answer word is the argmax of the
+  logits at the position before it (``<eos>`` not counted).
 
 Collective under expert parallelism: every rank must call it with the same arguments (each runs the
 same rows; the experts are split over the ranks).
@@ -21,8 +21,8 @@ def _row_scores(log_probs: torch.Tensor, sample: vlm_data.Sample, img_seq_len: i
     """(target log-probabilities ``[T]``, argmax hits ``[T]`` bool) of one row's targets.
 
     ``log_probs`` ``[S, V]`` over the combined sequence; text token ``j`` sits at combined position
-    ``j + img_seq_len - 1`` when the row starts with its image, else at ``j``; token ``j`` is predicted at
-    the position of token ``j - 1``.
+    ``j + img_seq_len - 1`` when the row starts with its image, else at ``j``; token ``j`` is
+    predicted at the position of token ``j - 1``.
     """
     offset = img_seq_len - 1 if sample.image is not None else 0
     end = sample.tokens.index(vlm_data.EOS)
@@ -41,8 +41,9 @@ def held_out_metrics(
     img_seq_len: int,
     device,
 ) -> dict[str, float]:
-    """``{"caption_loss", "answer_accuracy", "captions", "questions"}`` over the first ``num_samples``
-    rows of the ``valid`` split (``model``: the unwrapped ``LLaVAModel``; restored to train mode)."""
+    """``{"caption_loss", "answer_accuracy", "captions", "questions"}`` over the first
+    ``num_samples`` rows of the ``valid`` split (``model``: the unwrapped ``LLaVAModel``; left in
+    train mode)."""
     nll: list[torch.Tensor] = []
     hits: list[bool] = []
     model.eval()

@@ -1,9 +1,9 @@
 """The VLM demonstration's table and figure, per MoE layer and per modality.
 
-Inputs are the per-run dicts ``vlm_demo.load_runs`` returns: ``{"name", "layers": [the final validation's
-per-layer ``routing_stats.summarize`` entries], "held_out": {"caption_loss", "answer_accuracy"}}``.
-Group 0 is vision, group 1 text (``megatron_dpsl.models`` computes the ids; padding has none).
-Every run is measured against the same reference, the paper's modality priors
+Inputs are the per-run dicts ``vlm_demo.load_runs`` returns: ``{"name", "layers": [the final
+validation's per-layer ``routing_stats.summarize`` entries], "held_out": {"caption_loss",
+"answer_accuracy"}}``. Group 0 is vision, group 1 text (``megatron_dpsl.models`` computes the ids;
+padding has none). Every run is measured against the same reference, the paper's modality priors
 ``α^(vision) = (α_b+α_s, α_b+α_s, α_b, α_b)`` and ``α^(text)`` its mirror (Sec. 3.4), so the columns
 compare across runs; vision's favoured experts are the first half.
 """
@@ -36,8 +36,8 @@ def modality_prior(num_experts: int, alpha_base: float, alpha_shift: float) -> t
 
 
 def layer_row(layer: dict, prior: torch.Tensor) -> dict:
-    """Routing columns of one MoE layer: CoV, each modality's Eq. 4 distance (mean over experts) to its
-    modality prior, and the share of each modality's top-k on its favoured expert block."""
+    """Routing columns of one MoE layer: CoV, each modality's Eq. 4 distance (mean over experts) to
+    its modality prior, and the share of each modality's top-k on its favoured expert block."""
     from megatron_dpsl import metrics
 
     probs, ids = layer["probs_sample"].double(), layer["group_ids_sample"]
@@ -55,7 +55,7 @@ def layer_row(layer: dict, prior: torch.Tensor) -> dict:
 
 
 def table_rows(runs: Sequence[dict], prior: torch.Tensor) -> list[dict]:
-    """One row per (run, MoE layer): the held-out language metrics of the run and the layer's routing."""
+    """One row per (run, MoE layer): the run's held-out language metrics and the layer's routing."""
     rows = []
     for run in runs:
         for index, layer in enumerate(run["layers"]):
@@ -75,8 +75,8 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def _histogram_panel(ax, probs, ids, prior, expert: int, first: bool) -> None:
-    """Fig. 7-style: expert ``expert``'s routing probabilities per modality and each modality prior's
-    Beta(α_k, A − α_k) marginal."""
+    """Fig. 7-style: expert ``expert``'s routing probabilities per modality and each modality
+    prior's Beta(α_k, A − α_k) marginal."""
     from megatron_dpsl.train.plots import GROUP_COLORS, beta_pdf
 
     bins, grid = np.linspace(0, 1, 31), np.linspace(0.005, 0.995, 200)
@@ -123,8 +123,9 @@ def _usage_panel(ax, usage: np.ndarray) -> None:
 
 
 def plot_modality_usage(runs: Sequence[dict], prior: torch.Tensor, path: str) -> None:
-    """One figure: a row per (run, MoE layer); per expert the routing-probability histograms of vision and
-    text tokens against the modality priors' Beta marginals, then the expert usage by modality."""
+    """One figure: a row per (run, MoE layer); per expert the routing-probability histograms of
+    vision and text tokens against the modality priors' Beta marginals, then the expert usage by
+    modality."""
     from megatron_dpsl.train.plots import _plt
 
     plt = _plt()
@@ -156,11 +157,11 @@ def plot_modality_usage(runs: Sequence[dict], prior: torch.Tensor, path: str) ->
 
 
 TABLE_NOTES = (
-    "Held-out images (the valid split), final step. caption loss: cross entropy per caption token; answer acc.: "
-    "share of questions whose every answer word is the argmax (both teacher-forced, per run). Per MoE layer: "
-    "CoV: std/mean of expert loads (top-k assignments, padding excluded); dist. vision / dist. text: Eq. 4 "
-    "distance per expert (mean) of that modality's routing probabilities to its modality prior, "
-    "α^(vision) = (α_b+α_s, α_b+α_s, α_b, α_b) and α^(text) its mirror, the same reference in every run; "
-    "vision→E0-1 / text→E2-3: share of that modality's top-k assignments on the experts its prior favours "
-    "(0.5 = no preference)."
+    "Held-out images (the valid split), final step. caption loss: cross entropy per caption token; "
+    "answer acc.: share of questions whose every answer word is the argmax (both teacher-forced, "
+    "per run). Per MoE layer: CoV: std/mean of expert loads (top-k assignments, padding excluded); "
+    "dist. vision / dist. text: Eq. 4 distance per expert (mean) of that modality's routing "
+    "probabilities to its modality prior, α^(vision) = (α_b+α_s, α_b+α_s, α_b, α_b) and α^(text) "
+    "its mirror, the same reference in every run; vision→E0-1 / text→E2-3: share of that "
+    "modality's top-k assignments on the experts its prior favours (0.5 = no preference)."
 )

@@ -1,9 +1,9 @@
-"""The CPU vision-language demonstration end to end: ``python -m megatron_dpsl.train.vlm_demo --tiny``.
+"""The CPU vision-language demonstration end to end: ``python -m megatron_dpsl.train.vlm_demo``.
 
 One torchrun launch of 2 ranks through every stage (projector alignment, dense, upcycling, three MoE
-runs with EP=2), then the report. Checks what the user is promised: the table with finite columns for
-every run and MoE layer, the figure, ``summary.json``, and that the MoE runs started from the upcycled
-checkpoint.
+runs with EP=2), then the report. Checks what the user is promised: the table with finite columns
+for every run and MoE layer, the figure, ``summary.json``, and that the MoE runs started from the
+upcycled checkpoint.
 """
 
 from __future__ import annotations

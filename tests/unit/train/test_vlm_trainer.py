@@ -1,7 +1,7 @@
 """The embedded trainer's LLaVA path (``--llava``) and the demonstration's held-out metrics.
 
-In-process: the real trainer in a one-rank gloo world, a real Megatron-Core ``LLaVAModel`` (CLIP ViT,
-projector, MoE language model with DPSL modality priors).
+In-process: the real trainer in a one-rank gloo world, a real Megatron-Core ``LLaVAModel`` (CLIP
+ViT, projector, MoE language model with DPSL modality priors).
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from megatron_dpsl.train.arguments import parse_args, validate_args
 from megatron_dpsl.train.vlm_data import collate, make_sample
 
 LLAVA = [
-    "--llava", "--device", "cpu", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-    "--num-attention-heads", "4", "--position-embedding-type", "rope", "--disable-bias-linear",
-    "--seq-length", "32", "--vocab-size", "64", "--encoder-num-layers", "1", "--vision-hidden-size", "16",
-    "--patch-dim", "8", "--disable-vision-class-token", "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--llava", "--device", "cpu", "--num-layers", "2", "--hidden-size", "32",
+    "--ffn-hidden-size", "64", "--num-attention-heads", "4", "--position-embedding-type", "rope",
+    "--disable-bias-linear", "--seq-length", "32", "--vocab-size", "64",
+    "--encoder-num-layers", "1", "--vision-hidden-size", "16", "--patch-dim", "8",
+    "--disable-vision-class-token", "--hidden-dropout", "0", "--attention-dropout", "0",
     "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "1e-2", "--log-interval", "1",
     "--eval-iters", "1", "--seed", "4",
 ]  # fmt: skip
@@ -47,8 +48,9 @@ def test_vision_flags_need_llava():
 
 
 def test_llava_moe_trains_and_held_out_loss_matches_llavas_own_labels(tmp_path):
-    """Train a few steps through the trainer, then check ``vlm_eval``'s position bookkeeping: its caption
-    loss from the logits must equal the loss LLaVAModel computes from its own label splice."""
+    """Train a few steps through the trainer, then check ``vlm_eval``'s position bookkeeping: its
+    caption loss from the logits must equal the loss LLaVAModel computes from its own label
+    splice."""
     from megatron_dpsl.train.trainer import pretrain
     from megatron_dpsl.train.vlm_eval import held_out_metrics
 
@@ -87,7 +89,8 @@ def test_llava_moe_trains_and_held_out_loss_matches_llavas_own_labels(tmp_path):
         reference, rel=1e-5
     )  # fp32 sums in another order
     assert 0.0 <= metrics["answer_accuracy"] <= 1.0
-    # the validation routing statistics carry each position's modality (0 = image rows, 1 = text) and
+    # the validation routing statistics carry each position's modality (0 = image rows, 1 = text)
+    # and
     # leave LLaVA's right padding out: the final evaluation's one global batch is valid rows 0-7
     rows = [make_sample(4, "valid", i) for i in range(8)]
     images = sum(s.image is not None for s in rows)
