@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_dpsl.config.ac import WEIGHT_NORMS
 from megatron_dpsl.config.load_balancing import (
     AUX_LOSS_COEFF_FIELD,
     DPSL_TYPE,
@@ -40,9 +41,8 @@ from megatron_dpsl.config.load_balancing import (
     plugin_types_in,
     split_load_balancing,
 )
+from megatron_dpsl.config.moe_layers import moe_layer_numbers
 from megatron_dpsl.losses.priors import num_prior_groups, resolve_alpha
-from megatron_dpsl.routing.ac.clustering import WEIGHT_NORMS
-from megatron_dpsl.routing.ac.state import moe_layer_numbers
 
 DEFAULT_DPSL_COEFF = 0.01
 

@@ -276,7 +276,7 @@ def _add_ac_args(parser: argparse.ArgumentParser) -> None:
     """The Adaptive-Clustering router flags (idempotent); values are checked by the config."""
     if _find_action(parser, "moe_ac_layers") is not None:
         return
-    from megatron_dpsl.routing.ac.clustering import WEIGHT_NORMS
+    from megatron_dpsl.config.ac import WEIGHT_NORMS
 
     group = parser.add_argument_group(
         title="adaptive clustering router",

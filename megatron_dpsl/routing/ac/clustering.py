@@ -33,8 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-WEIGHT_NORMS = ("feature", "cluster", "global")
-"""Values of ``DPSLTransformerConfig.moe_ac_weight_norm`` (see the module docstring)."""
+from megatron_dpsl.config.ac import WEIGHT_NORMS
 
 
 def _rows(clusters: torch.Tensor, num_experts: int) -> torch.Tensor:
