@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -38,7 +37,9 @@ from megatron_dpsl.train import quickstart
 from megatron_dpsl.train.trainer import free_port
 
 NUM_EXPERTS, TOPK = 4, 2  # the paper's 2in4
-STAGE_DIRS = ("align", "dense", "moe_init", "runs")  # replaced by each launch
+# what a launch writes under --out (out_dir.claim records it; a later launch replaces only these)
+STAGE_OUTPUTS = ("plan.json", "align", "dense", "moe_init", "moe_init.done", "moe_init.failed")
+REPORT_FILES = ("summary.json", "table.md", "vlm_modality_usage.png")
 
 
 # the tiny LLaVA of VLM_NOTES §6.2: a 2-layer CLIP ViT (width 32, 8×8 patches: 16 image rows without
@@ -194,6 +195,7 @@ def make_plan(a: argparse.Namespace) -> dict:
     return {
         "out": os.path.abspath(a.out),
         "stages": stages,
+        "outputs": [*STAGE_OUTPUTS, *(f"runs/{name}" for name in moe_runs(a))],
         "seed": a.seed,
         "eval_samples": 64 if a.tiny else 512,
     }
@@ -298,21 +300,50 @@ def _worker(plan_path: str) -> None:
 # the launcher
 
 
-def _clean(out: str) -> None:
-    """Remove the last launch's stage outputs (only those: the rest of ``out`` is the user's)."""
-    for sub in STAGE_DIRS:
-        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
-    for marker in ("moe_init.done", "moe_init.failed"):
-        if os.path.exists(os.path.join(out, marker)):
-            os.remove(os.path.join(out, marker))
-    os.makedirs(out, exist_ok=True)
+def check_flags(a: argparse.Namespace) -> None:
+    """The demonstration's own flags; ValueError naming the flag."""
+    from megatron_dpsl.losses.priors import resolve_alpha
+    from megatron_dpsl.train.flag_checks import check_number
+
+    check_number("--nproc", a.nproc, 2, integer=True, note="the MoE runs use expert parallelism 2")
+    for stage in ITERATIONS:
+        value = getattr(a, f"{stage}_iters")
+        if value is not None:
+            check_number(f"--{stage}-iters", value, 1, integer=True)
+    check_number("--seed", a.seed, 0, 2**32 - 1, integer=True, note="NumPy's seed range")
+    check_number("--dpsl-coeff", a.dpsl_coeff, 0)
+    resolve_alpha(NUM_EXPERTS, alpha=a.alpha, names={"alpha": "--alpha"})
+    resolve_alpha(
+        NUM_EXPERTS,
+        alpha_base=a.alpha_base,
+        alpha_shift=a.alpha_shift,
+        num_groups=2,
+        names={"alpha_base": "--alpha-base", "alpha_shift": "--alpha-shift"},
+    )
+
+
+def prepare(plan: dict, a: argparse.Namespace) -> None:
+    """Before anything runs: every flag (ours and every stage's trainer flags), the plotting
+    packages, then claim ``--out`` for the outputs (``out_dir.claim``: nothing else is touched).
+
+    Bad input prints one line naming the flag and exits with code 2, as argparse does.
+    """
+    from megatron_dpsl.train import out_dir
+
+    try:
+        check_flags(a)
+        quickstart.check_plan(plan, a.nproc)
+        quickstart.check_plot_dependencies("vlm_demo")
+        out_dir.claim(plan["out"], [*plan["outputs"], *REPORT_FILES], force=a.force)
+    except ValueError as err:
+        print(f"vlm_demo: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def run_plan(plan: dict, nproc: int, t_start: float) -> None:
     """Run every stage of ``plan`` in one torchrun launch; the converter runs here. SystemExit on
     failure."""
     out = plan["out"]
-    _clean(out)
     plan["t0"] = t_start
     plan_path = os.path.join(out, "plan.json")
     with open(plan_path, "w", encoding="utf-8") as f:
@@ -421,7 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default="outputs/vlm",
-        help=f"output directory (its {', '.join(STAGE_DIRS)} are replaced)",
+        help="output directory (a later launch replaces only what an earlier one wrote there)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out the demonstration did not create, beside its files (an "
+        "existing path named like an output is still refused, never replaced)",
     )
     p.add_argument(
         "--tiny",
@@ -472,8 +509,8 @@ def main(argv=None) -> dict:
         _worker(a.worker)
         return {}
     t_start = time.time()
-    quickstart.check_plot_dependencies("vlm_demo")
     plan = make_plan(a)
+    prepare(plan, a)
     run_plan(plan, a.nproc, t_start)
     print(f"=== {quickstart._stamp(t_start)} table and figure", flush=True)
     return write_report(plan, a, time.time() - t_start)

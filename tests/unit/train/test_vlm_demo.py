@@ -17,9 +17,39 @@ import sys
 import pytest
 from support.common import REPO, child_env
 
+from megatron_dpsl.train import vlm_demo
+
 RUNS = ("aux_loss", "dpsl_symmetric", "dpsl_modality")
 COLUMNS = ("caption_loss", "answer_accuracy", "cov", "distance_vision", "distance_text",
            "vision_on_favoured", "text_on_others")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--moe-iters", "0"], "--moe-iters: "),
+        (["--nproc", "1"], "--nproc: "),
+        (["--alpha-base", "-1"], "--alpha-base"),
+    ],
+)
+def test_bad_flags_stop_before_anything_is_written(tmp_path, capsys, flags, message):
+    out = tmp_path / "vlm"
+    with pytest.raises(SystemExit) as exit_info:
+        vlm_demo.main(["--out", str(out), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_foreign_out_dir_is_refused_and_kept(tmp_path, capsys):
+    """A directory the demonstration did not write is refused (``--force`` to write beside it)."""
+    out = tmp_path / "mine"
+    (out / "dense").mkdir(parents=True)
+    (out / "dense" / "notes.txt").write_text("my notes")
+    with pytest.raises(SystemExit):
+        vlm_demo.main(["--out", str(out)])
+    assert "--out " in capsys.readouterr().err
+    assert (out / "dense" / "notes.txt").read_text() == "my notes"
 
 
 @pytest.mark.slow  # two torchrun ranks through six stages: ~90 s on an idle 2-core machine
