@@ -1,4 +1,5 @@
-"""One comparison run: every router method of this plugin on the quickstart's corpus and upcycled MoE (CPU).
+"""One comparison run: every router method of this plugin on the quickstart's corpus and upcycled
+MoE (CPU).
 
     python examples/compare_routers.py                                # ~4 min on 2 CPU cores
     python examples/compare_routers.py --out /tmp/cmp --tiny          # smoke run (~1 min)
@@ -47,6 +48,7 @@ import sys
 import time
 
 from megatron_dpsl.train import quickstart as qs
+from megatron_dpsl.train.flag_checks import check_number
 
 ALPHA = 1.0  # symmetric prior of the DPSL runs (DPSLTransformerConfig's default)
 ALPHA_BASE, ALPHA_SHIFT = 0.75, 0.5  # modality priors (paper Sec. 3.4; the quickstart's)
@@ -66,23 +68,32 @@ COLUMNS = (
 )
 
 TABLE_NOTES = (
-    "Validation set after the last step, mean over the MoE layers. CoV: std/mean of the expert loads (top-k "
-    "assignments). entropy: mean routing entropy (nats) of the softmax over all experts of the router logits. "
-    "dist. to prior: Eq. 4 distance per expert (mean) between that softmax and the run's DPSL prior; runs "
-    "without DPSL are measured against the symmetric Dir(1) reference. code→E0-3 / prose→E4-7: share of each "
-    "modality's top-k assignments on the expert block the modality prior favours (0.5 = no preference). "
-    "ms/step: median wall time of a training step (forward, backward, optimizer) on rank 0; CPU ms/step: the "
-    "median CPU time rank 0's process spent in it (all its threads), less sensitive to other jobs on the machine."
+    "Validation set after the last step, mean over the MoE layers. CoV: std/mean of the expert "
+    "loads (top-k "
+    "assignments). entropy: mean routing entropy (nats) of the softmax over all experts of the "
+    "router logits. "
+    "dist. to prior: Eq. 4 distance per expert (mean) between that softmax and the run's DPSL "
+    "prior; runs "
+    "without DPSL are measured against the symmetric Dir(1) reference. code→E0-3 / prose→E4-7: "
+    "share of each "
+    "modality's top-k assignments on the expert block the modality prior favours (0.5 = no "
+    "preference). "
+    "ms/step: median wall time of a training step (forward, backward, optimizer) on rank 0; "
+    "CPU ms/step: the "
+    "median CPU time rank 0's process spent in it (all its threads), less sensitive to other "
+    "jobs on the machine."
 )
 
 
 def ac_layers(a: argparse.Namespace) -> list[int]:
-    """Every MoE layer after the first (all layers are MoE layers; 1-based, Megatron's layer numbers)."""
+    """Every MoE layer after the first (all layers are MoE layers; 1-based, Megatron's layer
+    numbers)."""
     return list(range(2, qs.model_sizes(a.tiny)["layers"] + 1))
 
 
 def method_runs(a: argparse.Namespace) -> dict[str, list]:
-    """Run name -> the router flags it adds to the quickstart's MoE flags (see the module docstring)."""
+    """Run name -> the router flags it adds to the quickstart's MoE flags (see the module
+    docstring)."""
     lam, lb, coeff = a.dpsl_coeff, "--moe-router-load-balancing-type", "--moe-aux-loss-coeff"
     ac = ["--moe-ac-layers", *ac_layers(a)]
     return {
@@ -105,8 +116,17 @@ def method_runs(a: argparse.Namespace) -> dict[str, list]:
     }
 
 
+REPORT_FILES = ("summary.json", "table.md", "compare_usage.png", "compare_curves.png")
+
+
+def check_flags(a: argparse.Namespace) -> None:
+    """This example's own flag (the launch flags are ``quickstart.check_launch_args``'s)."""
+    check_number("--dpsl-coeff", a.dpsl_coeff, 0)
+
+
 def cpu_seconds() -> float:
-    """User + system CPU time of this process and its waited-for descendants (torchrun and its workers)."""
+    """User + system CPU time of this process and its waited-for descendants (torchrun and its
+    workers)."""
     own, children = (
         resource.getrusage(resource.RUSAGE_SELF),
         resource.getrusage(resource.RUSAGE_CHILDREN),
@@ -115,7 +135,8 @@ def cpu_seconds() -> float:
 
 
 def write_report(out: str, names: list[str]) -> dict:
-    """Table and figures of the finished runs ``names`` under ``out``; returns ``{"rows", "table", "figures"}``."""
+    """Table and figures of the finished runs ``names`` under ``out``; returns ``{"rows", "table",
+    "figures"}``."""
     from megatron_dpsl.train import plots
 
     runs = qs.load_runs(out, names)
@@ -154,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     a = build_parser().parse_args(argv)
     t_start = time.time()
-    qs.check_plot_dependencies("compare_routers")
     plan = qs.make_plan(a, method_runs(a))
+    qs.prepare_launch(plan, a, "compare_routers", REPORT_FILES, checks=(check_flags,))
     meta = qs.run_plan(plan, a, t_start)
     report = write_report(plan["out"], qs.run_names(plan))
     summary = {

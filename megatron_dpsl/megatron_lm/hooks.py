@@ -1,7 +1,8 @@
-"""What the patched Megatron-LM files (``patches/``) call: the DPSL layer spec and per-token group ids.
+"""What the patched Megatron-LM files (``patches/``) call: the DPSL layer spec and per-token group
+ids.
 
-Kept here, not in the patches, so that each patch stays a few lines that only forward to this module.
-Imports Megatron lazily: the patched files import this module from inside their functions.
+Kept here, not in the patches, so that each patch stays a few lines that only forward to this
+module. Imports Megatron lazily: the patched files import this module from inside their functions.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def decoder_block_spec_fn(config, default: Callable) -> Callable:
 
 
 def plugin_track_names(load_balancing_type) -> list[str]:
-    """The MoE tracker names of the plugin losses that ``--moe-router-load-balancing-type`` turns on.
+    """The MoE tracker names of the plugin losses that ``--moe-router-load-balancing-type`` turns
+    on.
 
     ``load_balancing_type``: Megatron-LM's ``args.moe_router_load_balancing_type`` (a string or a
     list). Each plugin type ``t`` records ``f"{t}_loss"`` (``dpsl`` -> ``dpsl_loss``), and
@@ -64,8 +66,9 @@ def dataset_on_every_stage(args) -> bool:
 class _DatasetIdTap:
     """Iterator wrapper that keeps the ``dataset_id`` of the last batch it handed out.
 
-    Megatron-LM's ``BlendedDataset`` yields ``{"dataset_id": i, **sample}``, ``i`` being the index of the
-    sample's dataset in ``--data-path``; ``get_batch_on_this_tp_rank`` drops that key, so it is read here.
+    Megatron-LM's ``BlendedDataset`` yields ``{"dataset_id": i, **sample}``, ``i`` being the index
+    of the sample's dataset in ``--data-path``; ``get_batch_on_this_tp_rank`` drops that key, so it
+    is read here.
     """
 
     def __init__(self, data_iterator: Iterator):
@@ -84,17 +87,20 @@ class _DatasetIdTap:
 
 
 class DatasetTokenGroups:
-    """Per-token group ids for DPSL group priors in Megatron-LM's ``forward_step`` (patched ``pretrain_gpt.py``).
+    """Per-token group ids for DPSL group priors in Megatron-LM's ``forward_step`` (patched
+    ``pretrain_gpt.py``).
 
     The group of a token is the index of its sample's dataset in the ``--data-path`` blend (e.g.
-    ``--data-path 1 code_text_document 1 prose_text_document``: code is group 0, prose group 1). Without
-    group priors this is a no-op: the data iterator is passed through and ``context`` enters nothing.
+    ``--data-path 1 code_text_document 1 prose_text_document``: code is group 0, prose group 1).
+    Without group priors this is a no-op: the data iterator is passed through and ``context``
+    enters nothing.
 
     Every pipeline stage runs this, each (virtual) stage on its own data iterator (the patched
     ``is_dataset_built_on_rank`` builds the datasets on every stage with group priors). Where
-    ``get_batch`` reads a sample (first and last stage) the tap records its ``dataset_id``; where it
-    reads none (a middle stage gets no batch) ``group_ids`` reads the micro-batch's sample itself, so
-    every stage's routers get the ids of the micro-batch they run, whatever the schedule.
+    ``get_batch`` reads a sample (first and last stage) the tap records its ``dataset_id``; where
+    it reads none (a middle stage gets no batch) ``group_ids`` reads the micro-batch's sample
+    itself, so every stage's routers get the ids of the micro-batch they run, whatever the
+    schedule.
 
     Usage (what the patch does)::
 
@@ -147,37 +153,44 @@ class DatasetTokenGroups:
                 group=parallel_state.get_tensor_model_parallel_group(),
             )
         self._check(ids)
-        # Every token of a sample belongs to the sample's dataset, so the CP slice needs no special care.
+        # Every token of a sample belongs to the sample's dataset, so the CP slice needs no special
+        # care.
         return ids[:, None].expand(batch, seq).contiguous()
 
     def _check(self, ids) -> None:
         if bool((ids < 0).any()):
             raise ValueError(
-                "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: the batch has no dataset_id, so tokens have no "
-                "group; give --data-path as a blend with one dataset per group (e.g. --data-path 1 code_text_document "
+                "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: the batch has no dataset_id, "
+                "so tokens have no "
+                "group; give --data-path as a blend with one dataset per group (e.g. "
+                "--data-path 1 code_text_document "
                 "1 prose_text_document: group 0 = code, group 1 = prose)"
             )
         if bool((ids >= self.num_groups).any()):
             raise ValueError(
-                f"--moe-dpsl-group-alphas/--moe-dpsl-num-groups: {self.num_groups} groups, but the --data-path "
-                f"blend has a dataset with index {int(ids.max())}; list exactly one dataset per group"
+                f"--moe-dpsl-group-alphas/--moe-dpsl-num-groups: {self.num_groups} groups, but the "
+                f"--data-path blend has a dataset with index {int(ids.max())}; list exactly one "
+                "dataset per group"
             )
 
     def context(self, tokens=None, packed_seq_params=None) -> Any:
-        """Context manager around the model forward: ``dpsl_token_groups(group_ids)``, or nothing."""
+        """Context manager around the model forward: ``dpsl_token_groups(group_ids)``, or
+        nothing."""
         if not self.enabled:
             return contextlib.nullcontext()
         if packed_seq_params is not None:
             raise ValueError(
-                "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: packed sequences (THD) mix samples of different "
+                "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: packed sequences (THD) mix "
+                "samples of different "
                 "datasets in one row; not supported with group priors"
             )
         if getattr(self.args, "overlap_moe_expert_parallel_comm", False):
             raise ValueError(
-                "--overlap-moe-expert-parallel-comm runs the model forward outside forward_step; not supported "
+                "--overlap-moe-expert-parallel-comm runs the model forward outside "
+                "forward_step; not supported "
                 "with --moe-dpsl-group-alphas/--moe-dpsl-num-groups"
             )
         from megatron_dpsl.parallel.token_groups import dpsl_token_groups
 
-        # the ids are this CP rank's slice already, like the tokens get_batch_on_this_cp_rank returns
+        # the ids are this CP rank's slice already, like the tokens of get_batch_on_this_cp_rank
         return dpsl_token_groups(self.group_ids(tokens), cp_sliced=True)

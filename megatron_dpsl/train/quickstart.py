@@ -1,4 +1,5 @@
-"""The quickstart: dense GPT -> granular upcycling -> three MoE runs (aux loss, DPSL, DPSL modality priors).
+"""The quickstart: dense GPT -> granular upcycling -> three MoE runs (aux loss, DPSL, DPSL modality
+priors).
 
     python -m megatron_dpsl.train.quickstart --out outputs/quickstart          # 3-5 min on 2 CPU
     cores python -m megatron_dpsl.train.quickstart --out /tmp/qs --tiny              # smoke run, ~1
@@ -31,12 +32,13 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 
+from megatron_dpsl.train import out_dir
+from megatron_dpsl.train.flag_checks import check_number
 from megatron_dpsl.train.trainer import free_port  # stdlib-only at import time, like this module
 
 GROUP_NAMES = ("code", "prose")
@@ -52,7 +54,8 @@ def _stamp(t0: float) -> str:
 
 
 def model_sizes(tiny: bool) -> dict:
-    """The dense GPT's (and the upcycled MoE's) shape: the full quickstart or the ``--tiny`` smoke run."""
+    """The dense GPT's (and the upcycled MoE's) shape: the full quickstart or the ``--tiny`` smoke
+    run."""
     hidden, ffn, layers, heads = (32, 128, 2, 4) if tiny else (64, 256, 2, 4)
     return {
         "hidden": hidden,
@@ -132,7 +135,8 @@ def dense_stage(a: argparse.Namespace) -> dict:
 
 
 def upcycle_stage(a: argparse.Namespace) -> dict:
-    """Stage 3: the converter's options (dense checkpoint -> 8 experts, G = 2, top-4, exact scaling)."""
+    """Stage 3: the converter's options (dense checkpoint -> 8 experts, G = 2, top-4, exact
+    scaling)."""
     out = os.path.abspath(a.out)
     options = dict(
         src=os.path.join(out, "dense", "checkpoint"),
@@ -150,7 +154,8 @@ def upcycle_stage(a: argparse.Namespace) -> dict:
 
 
 def moe_argv(a: argparse.Namespace) -> list:
-    """Trainer flags of every MoE run: the upcycled model on 2 ranks (EP=2), loaded with --finetune."""
+    """Trainer flags of every MoE run: the upcycled model on 2 ranks (EP=2), loaded with
+    --finetune."""
     iters = a.moe_iters or (8 if a.tiny else 120)
     return common_argv(a) + [
         "--num-experts",
@@ -178,7 +183,8 @@ def moe_argv(a: argparse.Namespace) -> list:
 
 
 def aux_loss_run(coeff: float = 1e-2) -> list:
-    """Megatron's load-balancing loss (GShard/Switch) at Megatron-LM's recommended starting coefficient."""
+    """Megatron's load-balancing loss (GShard/Switch) at Megatron-LM's recommended starting
+    coefficient."""
     return ["--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", coeff]
 
 
@@ -195,7 +201,8 @@ def dpsl_symmetric_run(lam: float, alpha: float) -> list:
 
 
 def dpsl_modality_run(lam: float, alpha_base: float, alpha_shift: float) -> list:
-    """DPSL alone with the paper's modality priors (Sec. 3.4): code -> experts 0-3, prose -> experts 4-7."""
+    """DPSL alone with the paper's modality priors (Sec. 3.4): code -> experts 0-3, prose -> experts
+    4-7."""
     return [
         "--moe-router-load-balancing-type",
         "dpsl",
@@ -210,8 +217,16 @@ def dpsl_modality_run(lam: float, alpha_base: float, alpha_shift: float) -> list
     ]
 
 
+# --out's entries every launch writes besides runs/<name> (the caller adds its report files)
+STAGE_OUTPUTS = ("plan.json", "corpus", "dense", "moe_init", "moe_init.done", "moe_init.failed")
+REPORT_FILES = ("summary.json", "table.md") + tuple(
+    f"quickstart_{n}.png" for n in ("histograms", "curves", "usage")
+)
+
+
 def make_plan(a: argparse.Namespace, runs: dict[str, list]) -> dict:
-    """The stages of one launch: dense, upcycle, then one MoE run per ``runs`` entry (name -> extra flags)."""
+    """The stages of one launch: dense, upcycle, then one MoE run per ``runs`` entry (name -> extra
+    flags)."""
     out = os.path.abspath(a.out)
     stages = [dense_stage(a), upcycle_stage(a)]
     for name, extra in runs.items():
@@ -234,7 +249,13 @@ def make_plan(a: argparse.Namespace, runs: dict[str, list]) -> dict:
     for s in stages:
         if "argv" in s:
             s["argv"] = [str(x) for x in s["argv"]]
-    return {"out": out, "stages": stages, "corpus_meta": os.path.join(out, "corpus", "meta.json")}
+    return {
+        "out": out,
+        "stages": stages,
+        "corpus_meta": os.path.join(out, "corpus", "meta.json"),
+        # what the launch writes under --out (out_dir.claim records it; nothing else is touched)
+        "outputs": [*STAGE_OUTPUTS, *(f"runs/{name}" for name in runs)],
+    }
 
 
 def build_plan(a: argparse.Namespace) -> dict:
@@ -295,7 +316,8 @@ def _worker(plan_path: str) -> None:
                 upcycled = ok[0]
                 if not upcycled:
                     print_rank_0(
-                        "!!! upcycling failed: the MoE runs start from a random initialisation instead"
+                        "!!! upcycling failed: the MoE runs start from a random initialisation "
+                        "instead"
                     )
                 continue
             argv = list(stage["argv"])
@@ -342,7 +364,8 @@ def _worker(plan_path: str) -> None:
 
 
 def load_runs(out: str, names: list[str]) -> list[dict]:
-    """Each run's ``result.json`` and routing statistics, in ``names`` order (the dicts ``plots`` takes)."""
+    """Each run's ``result.json`` and routing statistics, in ``names`` order (the dicts ``plots``
+    takes)."""
     import torch
 
     from megatron_dpsl.megatron_lm.args import dpsl_enabled
@@ -426,7 +449,8 @@ QUICKSTART_COLUMNS = (
 
 
 def format_table(rows: list[dict], columns=QUICKSTART_COLUMNS) -> str:
-    """A Markdown table: the run name, then one column per ``(header, key, decimals)``; None prints as -."""
+    """A Markdown table: the run name, then one column per ``(header, key, decimals)``; None prints
+    as -."""
     head = "| run | " + " | ".join(h for h, _, _ in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 1)]
     for r in rows:
@@ -436,11 +460,16 @@ def format_table(rows: list[dict], columns=QUICKSTART_COLUMNS) -> str:
 
 
 TABLE_NOTES = (
-    "Validation set, final step, mean over MoE layers. CoV: std/mean of expert loads (top-k assignments). "
-    "entropy: mean routing entropy (nats, softmax over all experts). dist. to prior: Eq. 4 distance per expert "
-    "(mean), to the run's prior (aux_loss: to the symmetric Dir(1) reference); KS: Kolmogorov–Smirnov distance "
-    "to the same marginals. code→E0-3 / prose→E4-7: share of each modality's top-k assignments landing on the "
-    "expert block its modality prior favours (0.5 = no preference). dpsl_loss: λ·DPSL, lb loss: Megatron's "
+    "Validation set, final step, mean over MoE layers. CoV: std/mean of expert loads (top-k "
+    "assignments). "
+    "entropy: mean routing entropy (nats, softmax over all experts). dist. to prior: Eq. 4 "
+    "distance per expert "
+    "(mean), to the run's prior (aux_loss: to the symmetric Dir(1) reference); KS: "
+    "Kolmogorov–Smirnov distance "
+    "to the same marginals. code→E0-3 / prose→E4-7: share of each modality's top-k assignments "
+    "landing on the "
+    "expert block its modality prior favours (0.5 = no preference). dpsl_loss: λ·DPSL, lb "
+    "loss: Megatron's "
     "load_balancing_loss / coeff (last training step)."
 )
 
@@ -452,11 +481,19 @@ TABLE_NOTES = (
 def add_launch_args(
     p: argparse.ArgumentParser, *, out: str, tiny_help: str
 ) -> argparse.ArgumentParser:
-    """The flags of one launch (output, sizes, ranks, seed), shared with ``examples/compare_routers.py``."""
+    """The flags of one launch (output, sizes, ranks, seed), shared with
+    ``examples/compare_routers.py``."""
     p.add_argument(
         "--out",
         default=out,
-        help="output directory (its dense/, moe_init/, runs/ and corpus/ are replaced)",
+        help="output directory: new, empty, or one this launch wrote before (its outputs there are "
+        "replaced; files it did not write never are)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out the quickstart did not create, beside its files (an "
+        "existing path named like an output is still refused, never replaced)",
     )
     p.add_argument("--tiny", action="store_true", help=tiny_help)
     p.add_argument("--nproc", type=int, default=2, help="ranks (EP = 2 needs 2)")
@@ -503,8 +540,78 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ---------------------------------------------------------------------------------------------
+# up-front checks: every stage's flags, in this process, before anything runs or is removed
+
+
+def check_launch_args(a: argparse.Namespace) -> None:
+    """The flags of ``add_launch_args``; ValueError naming the flag."""
+    check_number("--nproc", a.nproc, 2, integer=True, note="the MoE runs use expert parallelism 2")
+    for flag, value in (
+        ("--dense-iters", a.dense_iters),
+        ("--moe-iters", a.moe_iters),
+        ("--corpus-bytes", a.corpus_bytes),
+    ):
+        if value is not None:
+            check_number(flag, value, 1, integer=True)
+    check_number("--seed", a.seed, 0, 2**32 - 1, integer=True, note="NumPy's seed range")
+
+
+def check_quickstart_flags(a: argparse.Namespace) -> None:
+    """The quickstart's DPSL flags, by the priors' own validator under the user's flag names."""
+    from megatron_dpsl.losses.priors import resolve_alpha
+
+    check_number("--dpsl-coeff", a.dpsl_coeff, 0)
+    resolve_alpha(NUM_EXPERTS, alpha=a.alpha, names={"alpha": "--alpha"})
+    resolve_alpha(
+        NUM_EXPERTS,
+        alpha_base=a.alpha_base,
+        alpha_shift=a.alpha_shift,
+        num_groups=len(GROUP_NAMES),
+        names={"alpha_base": "--alpha-base", "alpha_shift": "--alpha-shift"},
+    )
+
+
+def check_plan(plan: dict, nproc: int) -> None:
+    """Every training stage's trainer flags, parsed and validated as its ``nproc`` workers will."""
+    from megatron_dpsl.megatron_lm.args import check_given_flags
+    from megatron_dpsl.train.arguments import parse_args, validate_args
+
+    for stage in plan["stages"]:
+        if stage["kind"] != "train":
+            continue
+        try:
+            args = validate_args(parse_args(stage["argv"]), nproc)
+            check_given_flags(args)
+        except ValueError as err:
+            raise ValueError(
+                f"--nproc {nproc}: the {stage['name']} stage cannot run: {err}"
+            ) from None
+
+
+def prepare_launch(
+    plan: dict, a: argparse.Namespace, prog: str, report_files=REPORT_FILES, checks=()
+) -> None:
+    """Before anything runs: check every flag (``checks``: more callables of ``a``), the plotting
+    packages, then claim ``--out`` for the plan's outputs and ``report_files`` (``out_dir.claim``).
+
+    Bad input prints one line naming the flag and exits with code 2, as argparse does.
+    """
+    try:
+        check_launch_args(a)
+        for check in checks:
+            check(a)
+        check_plan(plan, a.nproc)
+        check_plot_dependencies(prog)
+        out_dir.claim(plan["out"], [*plan["outputs"], *report_files], force=a.force)
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def _run_upcycle(plan: dict, alive) -> None:
-    """Upcycle the dense checkpoint once the workers have saved it (here: the converter is single-process).
+    """Upcycle the dense checkpoint once the workers have saved it (here: the converter is
+    single-process).
 
     Writes ``moe_init.done`` or ``moe_init.failed`` next to the output for the workers to read.
     """
@@ -551,17 +658,14 @@ def check_plot_dependencies(prog: str) -> None:
 
 
 def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
-    """Run every stage of ``plan`` in one torchrun launch of ``a.nproc`` ranks; returns the corpus metadata.
+    """Run every stage of ``plan`` in one torchrun launch of ``a.nproc`` ranks; returns the corpus
+    metadata.
 
-    Replaces the stage outputs under ``plan["out"]``; builds the corpus and runs the converter in this
-    process while the workers import and train. SystemExit if the workers fail.
+    Call ``prepare_launch`` first: it checks the flags and claims ``--out`` (this removes nothing).
+    Builds the corpus and runs the converter in this process while the workers import and train.
+    SystemExit if the workers fail.
     """
     out = plan["out"]
-    for sub in ("dense", "moe_init", "runs", "corpus"):
-        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
-    for marker in ("moe_init.done", "moe_init.failed"):
-        if os.path.exists(os.path.join(out, marker)):
-            os.remove(os.path.join(out, marker))
     os.makedirs(out, exist_ok=True)
 
     plan["t0"] = t_start
@@ -590,7 +694,8 @@ def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
     # The workers spend ~15 s importing megatron-core: build the corpus and import the converter
     # meanwhile.
     print(
-        f"=== {_stamp(t_start)} torchrun (one launch, {a.nproc} ranks, all training stages): {' '.join(cmd[1:])}",
+        f"=== {_stamp(t_start)} torchrun (one launch, {a.nproc} ranks, all training stages): "
+        f"{' '.join(cmd[1:])}",
         flush=True,
     )
     proc = subprocess.Popen(cmd, env=env)
@@ -605,7 +710,8 @@ def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
         )
         for split, m in meta["splits"].items():
             print(
-                f"    {split}: {m['num_tokens']} byte tokens, per group {dict(zip(GROUP_NAMES, m['tokens_per_group']))}",
+                f"    {split}: {m['num_tokens']} byte tokens, per group "
+                f"{dict(zip(GROUP_NAMES, m['tokens_per_group']))}",
                 flush=True,
             )
         _run_upcycle(plan, alive=lambda: proc.poll() is None)
@@ -638,8 +744,8 @@ def main(argv=None) -> dict:
         _worker(a.worker)
         return {}
     t_start = time.time()
-    check_plot_dependencies("quickstart")
     plan = build_plan(a)
+    prepare_launch(plan, a, "quickstart", checks=(check_quickstart_flags,))
     out = plan["out"]
     meta = run_plan(plan, a, t_start)
 
@@ -671,7 +777,8 @@ def main(argv=None) -> dict:
     print(table)
     print("\n" + TABLE_NOTES)
     print(
-        f"\nfigures: {', '.join(figures)}\nTensorBoard: tensorboard --logdir {os.path.join(out, 'runs')}"
+        f"\nfigures: {', '.join(figures)}\nTensorBoard: tensorboard --logdir "
+        f"{os.path.join(out, 'runs')}"
     )
     print(f"quickstart wall time: {wall:.0f} s")
     return summary

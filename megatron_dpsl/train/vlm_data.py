@@ -1,7 +1,8 @@
 """Procedural vision-language data for the CPU VLM demonstration: shapes, colours and positions.
 
 No download and no files: sample ``i`` of a split is a pure function of ``(seed, split, i)``
-(``numpy.random.default_rng``), so every rank, run and machine sees the same rows. A sample is one of
+(``numpy.random.default_rng``), so every rank, run and machine sees the same rows. A sample is one
+of
 
 * **caption** (45 %): a 32×32 RGB image of one or two shapes (circle, square, triangle, cross; six
   colours; four quadrants) and ``<image> describe : a red circle top left and a blue square bottom
@@ -9,12 +10,12 @@ No download and no files: sample ``i`` of a split is a pure function of ``(seed,
 * **question** (50 %): the same kind of image and ``<image> what colour is the circle ? red <eos>``,
   ``what shape is top left ? circle`` or ``where is the red circle ? top left``; the loss covers the
   answer (the tokens after ``?``);
-* **text** (5 %, no image): ``count : three four five six <eos>``, which exercises LLaVA's text-only path
-  (the row is right-padded where other rows hold image embeddings).
+* **text** (5 %, no image): ``count : three four five six <eos>``, which exercises LLaVA's text-only
+  path (the row is right-padded where other rows hold image embeddings).
 
-Token ids are word indices in ``VOCAB``; the image is the single ``IMAGE_TOKEN_INDEX`` (-200, LLaVA's
-default) at position 0, which ``LLaVAModel`` replaces by the image's ``img_seq_len`` embeddings. Rows
-are padded to ``TEXT_LENGTH`` tokens with ``<pad>`` (loss mask 0).
+Token ids are word indices in ``VOCAB``; the image is the single ``IMAGE_TOKEN_INDEX`` (-200,
+LLaVA's default) at position 0, which ``LLaVAModel`` replaces by the image's ``img_seq_len``
+embeddings. Rows are padded to ``TEXT_LENGTH`` tokens with ``<pad>`` (loss mask 0).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ _SPLIT_CODE = {"train": 0, "valid": 1}
 @dataclass(frozen=True)
 class Sample:
     """One row: text ids ``[TEXT_LENGTH]`` (``IMAGE_TOKEN_INDEX`` first when there is an image),
-    the first target index (loss from there to ``<eos>``), the kind and the image ``[3, H, W]`` or None."""
+    the first target index (loss from there to ``<eos>``), the kind and the image ``[3, H, W]`` or
+    None."""
 
     tokens: tuple[int, ...]
     target_start: int
@@ -90,8 +92,9 @@ class Sample:
 
 
 def image_seq_length(patch_dim: int, drop_class_token: bool) -> int:
-    """Embeddings per image in the language model: CLIP's patches, plus its class token unless dropped
-    (``megatron.core.models.vision.clip_vit_model.get_num_image_embeddings`` for one tile)."""
+    """Embeddings per image in the language model: CLIP's patches, plus its class token unless
+    dropped (``megatron.core.models.vision.clip_vit_model.get_num_image_embeddings`` for one
+    tile)."""
     return (IMAGE_SIZE // patch_dim) ** 2 + (0 if drop_class_token else 1)
 
 
@@ -114,8 +117,8 @@ def _shape_mask(shape: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def render(objects: list[tuple[int, int, int]], rng: np.random.Generator) -> np.ndarray:
-    """``[3, 32, 32]`` float32 in [-1, 1]: each ``(colour, shape, position)`` drawn in its quadrant on
-    dark noise."""
+    """``[3, 32, 32]`` float32 in [-1, 1]: each ``(colour, shape, position)`` drawn in its quadrant
+    on dark noise."""
     image = rng.normal(0.1, 0.05, size=(3, IMAGE_SIZE, IMAGE_SIZE))
     for colour, shape, position in objects:
         qy, qx = 16 * (position // 2), 16 * (position % 2)
@@ -126,7 +129,8 @@ def render(objects: list[tuple[int, int, int]], rng: np.random.Generator) -> np.
 
 
 def _draw_objects(rng: np.random.Generator) -> list[tuple[int, int, int]]:
-    """One or two objects with distinct colours, shapes and quadrants (so every question has one answer)."""
+    """One or two objects with distinct colours, shapes and quadrants (so every question has one
+    answer)."""
     n = int(rng.integers(1, 3))
     colours = rng.choice(len(COLOURS), size=n, replace=False)
     shapes = rng.choice(len(SHAPES), size=n, replace=False)
@@ -140,7 +144,8 @@ def _describe(obj: tuple[int, int, int]) -> list[str]:
 
 
 def _caption(objects) -> tuple[list[str], list[str]]:
-    """(prompt, caption); objects in reading order (by quadrant), so the caption is a function of the image."""
+    """(prompt, caption); objects in reading order (by quadrant), so the caption is a function of
+    the image."""
     objects = sorted(objects, key=lambda obj: obj[2])
     words = _describe(objects[0])
     for obj in objects[1:]:
@@ -184,11 +189,12 @@ def make_sample(seed: int, split: str, index: int) -> Sample:
 def collate(samples: list[Sample], img_seq_len: int) -> dict[str, torch.Tensor]:
     """One micro-batch in ``LLaVAModel.forward``'s layout.
 
-    Returns ``images`` ``[n_img, 3, H, W]`` float32, ``tokens``/``labels``/``position_ids`` ``[b, L]``
-    int64 (``labels[j]`` = ``tokens[j + 1]``), ``loss_mask`` ``[b, L]`` float32 (1 on caption, answer and
-    count targets), ``num_image_tiles`` ``[n_img]`` int32 (1 each), ``kinds`` ``[b]`` (index in ``KINDS``),
-    ``attention_mask`` ``[1, 1, S, S]`` bool causal over the combined length ``S`` (``L + img_seq_len - 1``
-    when a row has an image; Megatron's default mask is built on "cuda").
+    Returns ``images`` ``[n_img, 3, H, W]`` float32, ``tokens``/``labels``/``position_ids`` ``[b,
+    L]`` int64 (``labels[j]`` = ``tokens[j + 1]``), ``loss_mask`` ``[b, L]`` float32 (1 on caption,
+    answer and count targets), ``num_image_tiles`` ``[n_img]`` int32 (1 each), ``kinds`` ``[b]``
+    (index in ``KINDS``), ``attention_mask`` ``[1, 1, S, S]`` bool causal over the combined length
+    ``S`` (``L + img_seq_len - 1`` when a row has an image; Megatron's default mask is built on
+    "cuda").
     """
     b, L = len(samples), TEXT_LENGTH
     tokens = torch.tensor([s.tokens for s in samples], dtype=torch.long)

@@ -1,10 +1,10 @@
 """Group priors under Transformer Engine's activation checkpoint on one GPU (issue 21).
 
 Megatron's ``te_checkpoint`` (TE's reentrant ``checkpoint``; what selective ``moe`` and full
-recompute use under FP8) around a ``DPSLRouter`` with group priors: two micro-batches in flight, each
-forward inside ``dpsl_token_groups``, both backwards after both blocks closed. The replay in the
-backward finds each micro-batch's own ids (megatron_dpsl/parallel/token_groups.py), so the gradient
-equals the run without checkpoint. The CPU tests cover Megatron's and torch's checkpoints.
+recompute use under FP8) around a ``DPSLRouter`` with group priors: two micro-batches in flight,
+each forward inside ``dpsl_token_groups``, both backwards after both blocks closed. The replay in
+the backward finds each micro-batch's own ids (megatron_dpsl/parallel/token_groups.py), so the
+gradient equals the run without checkpoint. The CPU tests cover Megatron's and torch's checkpoints.
 Run: ``pytest -m gpu tests/gpu`` (on the device: ``bash scripts/run_gpu_tests.sh``).
 """
 

@@ -19,7 +19,8 @@ SAMPLE_DATASET_IDS = (1, 0, 1)  # the blend index of each micro-batch's sample
 
 
 def _middle_chunk(args):
-    """The launcher's GPT model chunk without pre- and post-process (a middle stage), training mode."""
+    """The launcher's GPT model chunk without pre- and post-process (a middle stage), in training
+    mode."""
     from megatron_dpsl.megatron_lm import pretrain_gpt as launcher
     from support.megatron_lm_chain import _pretrain_parameters
 

@@ -50,7 +50,8 @@ from dataclasses import dataclass
 import torch
 
 MAX_PENDING = 1024
-"""Waiting recompute entries per layer beyond which a forward raises (a leak, see module docstring)."""
+"""Waiting recompute entries per layer beyond which a forward raises (a leak, see module
+docstring)."""
 
 
 class ForwardPhase(enum.Enum):
@@ -68,20 +69,6 @@ def forward_phase(training: bool) -> ForwardPhase:
     if training and not torch.is_grad_enabled():
         return ForwardPhase.CHECKPOINTED
     return ForwardPhase.PLAIN
-
-
-def moe_layer_numbers(num_layers: int, moe_layer_freq) -> list[int]:
-    """1-based numbers of the MoE layers, by Megatron's ``moe_layer_freq`` rule (int N: every N-th
-    layer from the first; list: a 0/1 pattern with one entry per layer)."""
-    if isinstance(moe_layer_freq, int) and not isinstance(moe_layer_freq, bool):
-        return [i + 1 for i in range(num_layers) if i % moe_layer_freq == 0]
-    return [i + 1 for i, flag in enumerate(moe_layer_freq) if flag == 1]
-
-
-def previous_moe_layer(layer_number: int, moe_layers: list[int]) -> int | None:
-    """The MoE layer right before ``layer_number`` in the whole model, or ``None``."""
-    earlier = [n for n in moe_layers if n < layer_number]
-    return earlier[-1] if earlier else None
 
 
 @dataclass
@@ -113,7 +100,8 @@ class ACRoutingState:
         self._slot_layer, self._slot_top1 = layer_number, top1.detach()
 
     def clusters_from(self, previous_layer: int | None) -> torch.Tensor | None:
-        """``[N]`` top-1 of ``previous_layer`` if the slot holds it (this forward), else ``None``."""
+        """``[N]`` top-1 of ``previous_layer`` if the slot holds it (this forward), else
+        ``None``."""
         if previous_layer is None or self._slot_layer != previous_layer:
             return None
         return self._slot_top1
@@ -124,25 +112,32 @@ class ACRoutingState:
         queue = self._pending[layer_number]
         if len(queue) >= MAX_PENDING:
             raise RuntimeError(
-                f"ACRouter (layer {layer_number}): {len(queue)} training-mode forward passes without gradient "
-                "were never recomputed. Forward-only passes must run in evaluation mode (model.eval()); "
+                f"ACRouter (layer {layer_number}): {len(queue)} training-mode forward passes "
+                "without gradient "
+                "were never recomputed. Forward-only passes must run in evaluation mode "
+                "(model.eval()); "
                 "see megatron_dpsl/routing/ac/state.py"
             )
         queue.append(entry)
 
     def replay(self, layer_number: int) -> ReplayEntry:
-        """The oldest queued entry of ``layer_number`` (a RECOMPUTE forward); raises if there is none."""
+        """The oldest queued entry of ``layer_number`` (a RECOMPUTE forward); raises if there is
+        none."""
         queue = self._pending.get(layer_number)
         if not queue:
             raise RuntimeError(
-                f"ACRouter (layer {layer_number}) is being recomputed in the backward pass, but its original "
-                "forward was not recorded: the original forward must run with gradients disabled, as "
-                "Megatron's (reentrant) activation recompute does; non-reentrant checkpointing is not supported"
+                f"ACRouter (layer {layer_number}) is being recomputed in the backward pass, "
+                "but its original "
+                "forward was not recorded: the original forward must run with gradients "
+                "disabled, as "
+                "Megatron's (reentrant) activation recompute does; non-reentrant checkpointing "
+                "is not supported"
             )
         return queue.popleft()
 
     def discard_pending(self, layer_number: int) -> int:
-        """Drop ``layer_number``'s queued entries (a PLAIN training forward: they will never be replayed)."""
+        """Drop ``layer_number``'s queued entries (a PLAIN training forward: they will never be
+        replayed)."""
         queue = self._pending.pop(layer_number, None)
         return 0 if queue is None else len(queue)
 

@@ -1,4 +1,5 @@
-"""torchrun worker: group priors under Megatron's pipeline schedules vs one stage (forward loss and every gradient).
+"""torchrun worker: group priors under Megatron's pipeline schedules vs one stage (forward loss and
+every gradient).
 
 Launched by tests/distributed/test_token_groups_pipeline.py; by hand:
 
@@ -7,15 +8,15 @@ Launched by tests/distributed/test_token_groups_pipeline.py; by hand:
 
 Every rank first builds the whole ``GPTModel`` (the plugin's decoder spec, group priors) under one
 pipeline stage and runs the reference: micro-batch after micro-batch, each forward inside
-``dpsl_token_groups(ids)``, the loss scaled as Megatron's schedule scales it. Then, for every layout,
-Megatron's state is rebuilt with two pipeline stages (and two virtual chunks per stage), the stage's
-model chunks get the reference's weights (layer by layer number), and Megatron's own schedule
-(``get_forward_backward_func()``: 1F1B, or interleaved with virtual chunks) runs the embedded
-trainer's ``forward_step`` (``megatron_dpsl.train.schedule.make_forward_step``): every stage reads
-its micro-batch from its own data iterator, the group ids included, exactly as Megatron-LM's stages
-do with the patched ``pretrain_gpt.py``. Replaced leaf: the schedules' token counter
-``torch.zeros([], device="cuda")`` is made on the CPU (the only CUDA-only call on this path besides
-those of tests/support/megatron_cpu.py).
+``dpsl_token_groups(ids)``, the loss scaled as Megatron's schedule scales it. Then, for every
+layout, Megatron's state is rebuilt with two pipeline stages (and two virtual chunks per stage), the
+stage's model chunks get the reference's weights (layer by layer number), and Megatron's own
+schedule (``get_forward_backward_func()``: 1F1B, or interleaved with virtual chunks) runs the
+embedded trainer's ``forward_step`` (``megatron_dpsl.train.schedule.make_forward_step``): every
+stage reads its micro-batch from its own data iterator, the group ids included, exactly as
+Megatron-LM's stages do with the patched ``pretrain_gpt.py``. Replaced leaf: the schedules' token
+counter ``torch.zeros([], device="cuda")`` is made on the CPU (the only CUDA-only call on this path
+besides those of tests/support/megatron_cpu.py).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def _config(pp=1, vpp=None, **over):
         moe_token_dispatcher_type="allgather",
         use_cpu_initialization=True,
         add_bias_linear=False,
-        init_method_std=0.5,  # spread-out routing probabilities: a DPSL gradient well above rounding
+        # spread-out routing probabilities: a DPSL gradient well above rounding
+        init_method_std=0.5,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         pipeline_model_parallel_size=pp,
@@ -115,7 +117,8 @@ def _gpt(cfg, pre=True, post=True, **vp):
 
 
 def _micro_batches():
-    """The global batch, the same on every rank and stage: Megatron-LM's micro-batch dicts plus ``group_ids``."""
+    """The global batch, the same on every rank and stage: Megatron-LM's micro-batch dicts plus
+    ``group_ids``."""
     gen = torch.Generator().manual_seed(11)
     out = []
     for _ in range(NUM_MICROBATCHES):

@@ -2,10 +2,11 @@
 datasets, and upstream's ``forward_step`` gives its routers the ids of each micro-batch it runs,
 although ``get_batch`` gives a middle stage no batch.
 
-The report comes from the chain child (tests/support/megatron_lm_stage.py, its replaced leaves named
-there): the tree's own ``is_dataset_built_on_rank`` and ``forward_step`` on a real middle model chunk
-(the launcher's builder, DPSL routers), three micro-batches from a blend whose samples come from
-datasets 1, 0, 1, compared with the same chunk run inside ``dpsl_token_groups`` with those ids.
+The report comes from the chain child (tests/support/megatron_lm_stage.py, its replaced leaves
+named there): the tree's own ``is_dataset_built_on_rank`` and ``forward_step`` on a real middle
+model chunk (the launcher's builder, DPSL routers), three micro-batches from a blend whose samples
+come from datasets 1, 0, 1, compared with the same chunk run inside ``dpsl_token_groups`` with
+those ids.
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ def workdir():
 
 
 def _snapshot_originals(lock: Lock, out: Path) -> Path:
-    """The lock's original files under ``out`` from the committed snapshot, checked against the lock."""
+    """The lock's original files under ``out`` from the committed snapshot, checked against the
+    lock."""
     from support.megatron_lm_tree import export_tree, snapshots
 
     entry = snapshots().get(lock.tag)
@@ -80,7 +81,8 @@ def _snapshot_originals(lock: Lock, out: Path) -> Path:
 
 
 def _export_originals(lock: Lock, out: Path) -> Path:
-    """The lock's original files under ``out``: from the git dir, else from the committed snapshot."""
+    """The lock's original files under ``out``: from the git dir, else from the committed
+    snapshot."""
     from support.megatron_lm_tree import git_dir
 
     if git_dir() is not None:
@@ -95,7 +97,8 @@ def originals(patch_set, workdir, request) -> Path:
 
 
 def test_snapshots_hold_the_locked_originals(patch_set, workdir):
-    """The committed snapshot (what CI uses) is the lock's commit, and its files are the lock's originals."""
+    """The committed snapshot (what CI uses) is the lock's commit, and its files are the lock's
+    originals."""
     from support.megatron_lm_tree import snapshots
 
     _, lock = patch_set
@@ -328,7 +331,8 @@ def test_launcher_names_the_env_var_when_megatron_lm_is_missing(tmp_path, monkey
 
 
 def _group_args(**over):
-    """What ``DatasetTokenGroups`` reads of Megatron-LM's ``args`` (two groups, micro-batch 3, CP 2)."""
+    """What ``DatasetTokenGroups`` reads of Megatron-LM's ``args`` (two groups, micro-batch 3,
+    CP 2)."""
     fields = dict(
         moe_router_load_balancing_type="dpsl",
         moe_dpsl_group_alphas=None,
@@ -376,8 +380,8 @@ def test_dataset_token_groups_follow_the_blend_index():
 
 
 def test_every_pipeline_stage_reads_its_own_micro_batches_ids():
-    """A middle stage, whose get_batch reads nothing, reads the sample itself, once per micro-batch; a
-    first or last stage, whose get_batch read it, does not read again."""
+    """A middle stage, whose get_batch reads nothing, reads the sample itself, once per
+    micro-batch; a first or last stage, whose get_batch read it, does not read again."""
     import torch
     from support.megatron_cpu import init_single_process
 

@@ -1,5 +1,5 @@
-"""``megatron_dpsl.parallel.token_groups``: the public API, the ids' layout check, and how a replay in the
-backward pass finds its micro-batch's ids (any reentrant checkpoint; non-reentrant refused).
+"""``megatron_dpsl.parallel.token_groups``: the public API, the ids' layout check, and how a replay
+in the backward pass finds its micro-batch's ids (any reentrant checkpoint; non-reentrant refused).
 
 A real ``DPSLRouter`` with group priors on CPU; GPTModel-level recompute is in
 tests/unit/routing/test_token_groups_recompute.py.
@@ -85,7 +85,8 @@ def grad_of_two_micro_batches(checkpoint=None):
 
 
 def test_any_reentrant_checkpoint_replays_its_own_ids():
-    """Megatron's and torch's reentrant checkpoints (Transformer Engine's is the same kind of Function)."""
+    """Megatron's and torch's reentrant checkpoints (Transformer Engine's is the same kind of
+    Function)."""
     from megatron.core import tensor_parallel
 
     reference = grad_of_two_micro_batches()
@@ -117,7 +118,8 @@ def test_layout_is_checked_against_the_hidden_states():
         dpsl_token_groups(ids.t().contiguous()),
         pytest.raises(
             ValueError,
-            match=r"give \[s, b\] = \[3, 6\] on this rank \(from \[batch, seq\] = \[6, 3\]\), but the router's "
+            match=r"give \[s, b\] = \[3, 6\] on this rank \(from \[batch, seq\] = \[6, 3\]\), but "
+            r"the router's "
             r"hidden states are \[s, b\] = \[6, 3\]",
         ),
     ):

@@ -1,13 +1,14 @@
 """Group priors under activation recompute: the ids travel with the micro-batch (issue 21).
 
 A ``GPTModel`` with the plugin's decoder spec and group priors, the forward wrapped in
-``with dpsl_token_groups(ids):`` exactly as the README shows, ``loss.backward()`` after the block has
-closed. Under full recompute (uniform, block) and selective recompute (``moe`` replays the router, also
-beside ``core_attn``; ``moe_act`` and ``layernorm`` replay no router and need grouped GEMM or Transformer
-Engine, i.e. a GPU) the loss and every gradient equal the run without
+``with dpsl_token_groups(ids):`` exactly as the README shows, ``loss.backward()`` after the block
+has closed. Under full recompute (uniform, block) and selective recompute (``moe`` replays the
+router, also beside ``core_attn``; ``moe_act`` and ``layernorm`` replay no router and need grouped
+GEMM or Transformer Engine, i.e. a GPU) the loss and every gradient equal the run without
 recompute, with two micro-batches in flight (forward A, forward B, backward A, backward B, as 1F1B
 runs them). Then what must not leak: ids of a finished step, ids of a forward never backpropagated,
-and an evaluation forward under ``torch.no_grad()``. Real Megatron modules on CPU (tests/support/megatron_cpu.py).
+and an evaluation forward under ``torch.no_grad()``. Real Megatron modules on CPU
+(tests/support/megatron_cpu.py).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def make_config(**over):
         moe_dpsl_group_alphas=ALPHAS,
         use_cpu_initialization=True,
         add_bias_linear=False,
-        init_method_std=0.5,  # spread-out routing probabilities: a DPSL gradient well above rounding
+        # spread-out routing probabilities: a DPSL gradient well above rounding
+        init_method_std=0.5,
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
@@ -73,7 +75,8 @@ def gpt(cfg, seed=0):
 
 
 def micro_batch(seed):
-    """``(tokens, position_ids, attention_mask, group_ids)``; the ids ``[b, s]`` as the README passes them."""
+    """``(tokens, position_ids, attention_mask, group_ids)``; the ids ``[b, s]`` as the README
+    passes them."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, V, (B, S), generator=g)
     pos = torch.arange(S).unsqueeze(0).expand(B, S)
@@ -83,8 +86,8 @@ def micro_batch(seed):
 
 
 def forward(model, seed, ids=None):
-    """One micro-batch's forward as the README writes it; the LM loss weighs the logits lightly so that
-    the DPSL gradient is a visible part of every router gradient."""
+    """One micro-batch's forward as the README writes it; the LM loss weighs the logits lightly so
+    that the DPSL gradient is a visible part of every router gradient."""
     from megatron_dpsl import dpsl_token_groups
 
     tokens, pos, mask, own_ids = micro_batch(seed)
@@ -94,7 +97,8 @@ def forward(model, seed, ids=None):
 
 
 def losses_and_grads(model, in_flight: bool):
-    """Micro-batches 1 and 2: both forwards then both backwards (``in_flight``) or one after the other."""
+    """Micro-batches 1 and 2: both forwards then both backwards (``in_flight``) or one after the
+    other."""
     losses = []
     for seed in (1, 2):
         losses.append(forward(model, seed))
@@ -146,7 +150,8 @@ def test_recompute_equals_no_recompute_with_group_priors(name, reference):
 
 
 def test_the_ids_matter_here(reference):
-    """The comparison above could not pass with the other micro-batch's ids: the priors move the grads."""
+    """The comparison above could not pass with the other micro-batch's ids: the priors move the
+    grads."""
     _, ref_grads = reference
     model = gpt(make_config())
     for seed in (1, 2):
@@ -228,7 +233,8 @@ def test_ids_of_a_finished_step_never_reach_the_next():
 
 
 def test_a_dropped_forward_does_not_shift_later_micro_batches(reference):
-    """A forward never backpropagated (e.g. a probe) between two training micro-batches changes nothing."""
+    """A forward never backpropagated (e.g. a probe) between two training micro-batches changes
+    nothing."""
     _, ref_grads = reference
     model = gpt(
         make_config(

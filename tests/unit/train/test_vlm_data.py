@@ -1,7 +1,7 @@
 """The VLM demonstration's procedural data (megatron_dpsl.train.vlm_data): determinism and layout.
 
-Pure numpy/torch: no Megatron import. The samples must be a function of (seed, split, index) alone, so
-every rank and every run of the demonstration sees the same rows; the micro-batches must have the
+Pure numpy/torch: no Megatron import. The samples must be a function of (seed, split, index) alone,
+so every rank and every run of the demonstration sees the same rows; the micro-batches must have the
 layout ``LLaVAModel.forward`` takes.
 """
 
