@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--mock-data", action="store_true", help="random bytes with random group ids")
 
+    add_llava_args(p)
+
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
@@ -192,6 +194,94 @@ def build_parser() -> argparse.ArgumentParser:
         "group ids (rank 0, .pt) here; the quickstart's plots read it",
     )
     return p
+
+
+def add_llava_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The vision-language flags: Megatron-LM's ``pretrain_vlm.py`` names where it has one."""
+    g = p.add_argument_group("vision-language (LLaVA)")
+    g.add_argument(
+        "--llava",
+        action="store_true",
+        help="(trainer flag) train Megatron-Core's LLaVAModel (CLIP ViT + MLP projector + this "
+        "language model) on the procedural shapes data of megatron_dpsl.train.vlm_data (no "
+        "--data-path); MoE routers get each position's modality (group 0 = image embeddings, "
+        "1 = text; padding is excluded)",
+    )
+    g.add_argument(
+        "--patch-dim",
+        type=int,
+        default=16,
+        help="ViT patch size (the images are 32x32)",
+    )
+    g.add_argument(
+        "--encoder-num-layers",
+        type=int,
+        default=None,
+        help="ViT layers (default --num-layers)",
+    )
+    g.add_argument(
+        "--vision-hidden-size",
+        type=int,
+        default=None,
+        help="(trainer flag) ViT width (default --hidden-size); its FFN is 4x, its heads "
+        "--num-attention-heads",
+    )
+    g.add_argument(
+        "--disable-vision-class-token",
+        action="store_true",
+        help="drop the ViT's class token rows",
+    )
+    g.add_argument(
+        "--freeze-LM",
+        action="store_true",
+        help="do not train the language model's parameters",
+    )
+    g.add_argument(
+        "--freeze-ViT",
+        action="store_true",
+        help="do not train the vision encoder's parameters",
+    )
+    return p
+
+
+def _validate_llava(args: argparse.Namespace) -> None:
+    """The vision flags: with ``--llava`` its data, ViT shape and combined (text + image) sequence
+    length; without it, none of the flags that need a vision-language model."""
+    from megatron_dpsl.train import vlm_data
+
+    if not args.llava:
+        for flag, name in (("--freeze-LM", "freeze_LM"), ("--freeze-ViT", "freeze_ViT")):
+            if getattr(args, name):
+                _error(flag, "needs --llava (a vision-language model)")
+        return
+    if args.data_path is not None or args.mock_data:
+        _error(
+            "--llava",
+            "trains on the procedural shapes data: drop --data-path / --mock-data",
+        )
+    if args.patch_dim < 1 or vlm_data.IMAGE_SIZE % args.patch_dim:
+        _error(
+            "--patch-dim",
+            f"must divide the image size {vlm_data.IMAGE_SIZE}, got {args.patch_dim}",
+        )
+    if args.encoder_num_layers is None:
+        args.encoder_num_layers = args.num_layers
+    if args.vision_hidden_size is None:
+        args.vision_hidden_size = args.hidden_size
+    if args.vision_hidden_size % args.num_attention_heads:
+        _error(
+            "--vision-hidden-size",
+            f"must be a multiple of --num-attention-heads {args.num_attention_heads}, "
+            f"got {args.vision_hidden_size}",
+        )
+    img_seq_len = vlm_data.image_seq_length(args.patch_dim, args.disable_vision_class_token)
+    combined = vlm_data.TEXT_LENGTH + img_seq_len - 1
+    if args.seq_length < combined:
+        _error(
+            "--seq-length",
+            f"the shapes rows are {combined} positions long ({vlm_data.TEXT_LENGTH} text tokens, "
+            f"the image token replaced by {img_seq_len} embeddings), got {args.seq_length}",
+        )
 
 
 def _error(flag: str, message: str) -> None:
@@ -337,7 +427,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _error("--save-interval", f"must be >= 1, got {args.save_interval}")
     if args.log_interval < 1:
         _error("--log-interval", f"must be >= 1, got {args.log_interval}")
-    if args.data_path is None and not args.mock_data:
+    _validate_llava(args)
+    if args.data_path is None and not args.mock_data and not args.llava:
         _error(
             "--data-path",
             "give a corpus directory (python -m megatron_dpsl.train.corpus --out DIR) or "
