@@ -11,9 +11,9 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from megatron_dpsl.config.load_balancing import plugin_types_in
 from megatron_dpsl.losses.priors import num_prior_groups
 from megatron_dpsl.megatron_lm.args import dpsl_enabled
+from megatron_dpsl.tracking.moe_tracker import plugin_track_names  # noqa: F401 - the patches call it here
 
 
 def decoder_block_spec_fn(config, default: Callable) -> Callable:
@@ -27,19 +27,6 @@ def decoder_block_spec_fn(config, default: Callable) -> Callable:
 
         return get_dpsl_decoder_block_spec
     return default
-
-
-def plugin_track_names(load_balancing_type) -> list[str]:
-    """The MoE tracker names of the plugin losses that ``--moe-router-load-balancing-type`` turns
-    on.
-
-    ``load_balancing_type``: Megatron-LM's ``args.moe_router_load_balancing_type`` (a string or a
-    list). Each plugin type ``t`` records ``f"{t}_loss"`` (``dpsl`` -> ``dpsl_loss``), and
-    ``training_log`` must list it in ``track_names`` to reduce it over PP and DP (patch 4 of
-    core_v0.16.1) or, at core_v0.19, to log it at all (patch 5 of core_v0.19.0, or the launcher's
-    ``DPSLMetricsTracker``).
-    """
-    return [f"{t}_loss" for t in plugin_types_in(load_balancing_type)]
 
 
 def num_token_groups(args) -> int | None:
