@@ -17,7 +17,8 @@ Runs Megatron-LM's own flow (its ``__main__``: the datasets, ``forward_step`` an
    core_v0.16.1 through its own builder around ``gpt_builders.gpt_builder``; core_v0.19.0 through
    ``GPTModelConfig.transformer_layer_spec`` as a callable around Megatron-LM's
    ``default_layer_spec``.
-4. core_v0.19.0: ``DPSLMetricsTracker`` reports ``dpsl_loss`` (``metrics_tracker``).
+4. core_v0.19.0: ``DPSLMetricsTracker`` reports ``dpsl_loss``
+   (``megatron_dpsl.tracking.metrics_tracker``).
 
 The release is told apart by ``pretrain``'s signature: core_v0.16.x takes ``extra_args_provider``,
 core_v0.19 a ``PretrainConfigContainer``. Works on an unpatched checkout; group priors need
@@ -215,7 +216,7 @@ def _run_core_v019(pretrain_gpt, run, store) -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_dpsl.megatron_lm.metrics_tracker import install_dpsl_metrics_tracker
+    from megatron_dpsl.tracking.metrics_tracker import install_dpsl_metrics_tracker
 
     args = parse_and_validate_args(
         extra_args_provider=extra_args_provider,
