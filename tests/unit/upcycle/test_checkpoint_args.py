@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,12 @@ from pathlib import Path
 import pytest
 import torch
 from support.common import child_env
-from support.megatron_lm_tree import export_tree, source_or_skip, tag_for_installed_core
+from support.megatron_lm_tree import (
+    export_tree,
+    import_training,
+    source_or_skip,
+    tag_for_installed_core,
+)
 
 # Megatron-LM's training package and what it imports at each tag (core_v0.19.0 has no
 # megatron/legacy); megatron.core is the installed wheel's. Each tree imports only against its own
@@ -358,45 +362,6 @@ def test_complete_args_reads_what_the_shapes_decide():
 # ------------------------------------------------------------------------------------------- child
 
 
-def _import_megatron_lm(root: str):
-    """Import the exported tree's training package next to the installed megatron-core."""
-    import types
-    import typing
-
-    if not hasattr(typing, "override"):  # replaced leaf: typing.override is Python >= 3.12
-        import typing_extensions
-
-        typing.override = typing_extensions.override
-    sys.path[:0] = [root]
-    # namespace package: megatron.core from the wheel, megatron/training from ``root``
-    import megatron
-
-    # replaced leaf: megatron/training/__init__.py (imports initialize.py -> Triton/GPU stack) is
-    # not run; the package is registered bare and the names its submodules import from it are bound.
-    pkg = types.ModuleType("megatron.training")
-    pkg.__path__ = [os.path.join(root, "megatron", "training")]
-    sys.modules["megatron.training"] = megatron.training = pkg
-    from megatron.training import global_vars
-
-    for name in (
-        "get_args",
-        "get_timers",
-        "get_adlr_autoresume",
-        "get_tokenizer",
-        "get_tensorboard_writer",
-        "get_wandb_writer",
-        "get_one_logger",
-        "get_signal_handler",
-    ):
-        setattr(pkg, name, getattr(global_vars, name))
-    from megatron.training import utils
-
-    pkg.print_rank_0 = utils.print_rank_0
-    from megatron.training import arguments, checkpointing
-
-    return arguments, checkpointing, global_vars
-
-
 def _plain(value):
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
@@ -409,7 +374,7 @@ def _child(root: str, work: Path) -> dict:
     import contextlib
     import io
 
-    arguments, checkpointing, global_vars = _import_megatron_lm(root)
+    arguments, checkpointing, global_vars = import_training(root)
     from megatron.core import parallel_state
     from support.megatron_cpu import init_single_process
     from support.upcycle import build_gpt, dense_args, save_megatron_lm
