@@ -12,7 +12,7 @@ from typing import Any
 
 from megatron_dpsl.config.load_balancing import plugin_types_in
 from megatron_dpsl.losses.priors import num_prior_groups
-from megatron_dpsl.megatron_lm.args import dpsl_enabled
+from megatron_dpsl.megatron_lm.args import dpsl_enabled, require_token_groups
 
 
 def decoder_block_spec_fn(config, default: Callable) -> Callable:
@@ -90,6 +90,8 @@ class DatasetTokenGroups:
         self.args = args
         self.num_groups = num_token_groups(args)
         self.enabled = self.num_groups is not None
+        if self.enabled:
+            require_token_groups(args, ("dataset",), "pretrain_gpt")
         self._tap = (
             _DatasetIdTap(data_iterator) if self.enabled and data_iterator is not None else None
         )
