@@ -67,7 +67,8 @@ class _ScipyBetaCDF(torch.autograd.Function):
 
 
 def baseline_loss(probs: torch.Tensor, alpha: list) -> torch.Tensor:
-    """Eq. 4 the paper's way: per expert sort + SciPy CDF. probs [B, N] float32, alpha list of N floats."""
+    """Eq. 4 the paper's way: per expert sort + SciPy CDF. probs [B, N] float32, alpha list of N
+    floats."""
     num_tokens, num_experts = probs.shape
     total_alpha = float(sum(alpha))
     ecdf = torch.arange(1, num_tokens + 1, device=probs.device, dtype=torch.float32) / num_tokens
@@ -89,7 +90,8 @@ def _probs(num_tokens: int, num_experts: int, device, dtype) -> torch.Tensor:
 # CPU: against the SciPy-on-host baseline
 # --------------------------------------------------------------------------------------------------
 def _cpu_time(fn) -> float:
-    """ms of process CPU time for one call (other processes sharing the core inflate it far less than wall time)."""
+    """ms of process CPU time for one call (other processes sharing the core inflate it far less
+    than wall time)."""
     t0 = time.process_time()
     fn()
     return (time.process_time() - t0) * 1e3
@@ -143,7 +145,8 @@ def main_cpu(args):
             num_tokens, num_experts, dtype, args.repeats, not args.no_baseline, args.alpha
         )
         print(
-            f"{num_tokens:>8} {num_experts:>4} {t_ours:>10.2f} {t_base:>12.2f} {ratio:>7.2f} {peak / 2**20:>9.1f}"
+            f"{num_tokens:>8} {num_experts:>4} {t_ours:>10.2f} {t_base:>12.2f} {ratio:>7.2f} "
+            f"{peak / 2**20:>9.1f}"
         )
 
 
@@ -159,7 +162,8 @@ GPU_SHAPES = (  # (label, B, N, grouped): issue 12's shapes
 
 
 def _events_ms(fn, calls: int) -> float:
-    """ms per call: CUDA events around ``calls`` back-to-back calls (the host enqueues ahead of the GPU)."""
+    """ms per call: CUDA events around ``calls`` back-to-back calls (the host enqueues ahead of the
+    GPU)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -171,7 +175,8 @@ def _events_ms(fn, calls: int) -> float:
 
 
 def _synced_and_host_ms(fn, repeats: int):
-    """(median ms per call with a sync before and after; median host ms to enqueue one call on an idle GPU)."""
+    """(median ms per call with a sync before and after; median host ms to enqueue one call on an
+    idle GPU)."""
     synced, host = [], []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -186,7 +191,8 @@ def _synced_and_host_ms(fn, repeats: int):
 
 
 def _kernels_per_call(fn, calls: int = 5) -> float:
-    """CUDA kernels per call, from torch.profiler (memset/memcpy activity is not a kernel launch)."""
+    """CUDA kernels per call, from torch.profiler (memset/memcpy activity is not a kernel
+    launch)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -250,12 +256,13 @@ def bench_gpu_shape(num_tokens, num_experts, grouped, dtype, calls, repeats, imp
 
 
 def host_breakdown(num_tokens: int, num_experts: int, dtype, repeats: int, device="cuda") -> dict:
-    """Median host ms to issue each cumulative stage of one fused call on an idle device (sync before,
-    none after): where the host time of the 'host enqueue' column goes. The differences between rows
-    are the kernels' launches and allocations (eq4 - sort), the wrapper (validation, table lookup,
-    autograd Function: forward - eq4) and the backward (autograd engine, ``ones_like`` seed, one multiply)."""
-    from megatron_dpsl.losses import dpsl_triton as fused_loss
-    from megatron_dpsl.losses.ranking import table_for
+    """Median host ms to issue each cumulative stage of one fused call on an idle device (sync
+    before, none after): where the host time of the 'host enqueue' column goes. The differences
+    between rows are the kernels' launches and allocations (loss_and_grad - sort), the wrapper
+    (validation, table lookup, autograd Function: forward - loss_and_grad) and the backward
+    (autograd engine, ``ones_like`` seed, one multiply)."""
+    from megatron_dpsl.losses import dpsl_triton
+    from megatron_dpsl.losses.dpsl_inputs import table_for
 
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     probs = _probs(num_tokens, num_experts, device, dtype)
@@ -270,7 +277,7 @@ def host_breakdown(num_tokens: int, num_experts: int, dtype, repeats: int, devic
         "transpose + torch.sort": lambda: torch.sort(
             probs.detach().t().contiguous(), dim=-1, stable=True
         ),
-        "+ buffers, kernels, sum (fused_loss.eq4)": lambda: fused_loss.eq4(
+        "+ buffers, kernels, sum (dpsl_triton.loss_and_grad)": lambda: dpsl_triton.loss_and_grad(
             probs, table, 1, None, None, True, True
         ),
         "+ checks, table lookup, autograd Function (dpsl_loss forward)": lambda: dpsl_loss(
@@ -294,18 +301,20 @@ def host_breakdown(num_tokens: int, num_experts: int, dtype, repeats: int, devic
 
 
 def main_gpu(args):
-    from megatron_dpsl.losses import dpsl_triton as fused_loss
+    from megatron_dpsl.losses import dpsl_triton
 
     t_start = time.perf_counter()
     dtype = getattr(torch, args.dtype)
     fused = (
-        fused_loss.runs_on(torch.device("cuda")) and dtype != torch.float64
+        dpsl_triton.runs_on(torch.device("cuda")) and dtype != torch.float64
     )  # float64: torch path only
     impls = ["torch", "triton"] if fused else ["torch"]
     shapes = GPU_SHAPES[:1] if args.quick else GPU_SHAPES
     print(
-        f"`dpsl_loss` forward+backward on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-        f"triton {fused_loss.triton.__version__ if fused_loss.triton else 'not installed'}; {args.dtype} probs, "
+        f"`dpsl_loss` forward+backward on {torch.cuda.get_device_name()}, torch "
+        f"{torch.__version__}, "
+        f"triton {dpsl_triton.triton.__version__ if dpsl_triton.triton else 'not installed'}; "
+        f"{args.dtype} probs, "
         f"eager; events over {args.calls} back-to-back calls, sync/host medians of {args.repeats}."
     )
     print()
@@ -323,14 +332,17 @@ def main_gpu(args):
             r = res[impl]
             agree = f"{diff:.1e}" if diff is not None and impl == "triton" else ""
             print(
-                f"| {label} | {impl} | {r['events']:.3f} | {r['synced']:.3f} | {r['host']:.3f} | {r['kernels']:.0f} "
-                f"| {floor['events']:.3f} ({floor['kernels']:.0f}) | {r['events'] / floor['events']:.2f} | {agree} |"
+                f"| {label} | {impl} | {r['events']:.3f} | {r['synced']:.3f} | {r['host']:.3f} | "
+                f"{r['kernels']:.0f} "
+                f"| {floor['events']:.3f} ({floor['kernels']:.0f}) | "
+                f"{r['events'] / floor['events']:.2f} | {agree} |"
             )
     if fused:
         label, num_tokens, num_experts, _ = GPU_SHAPES[0]
         print()
         print(
-            f"Host time of the fused path, {label}, by cumulative stage (median of {args.repeats}, idle GPU):"
+            f"Host time of the fused path, {label}, by cumulative stage (median of {args.repeats}, "
+            "idle GPU):"
         )
         print()
         print("| stage | host ms |")
@@ -339,7 +351,8 @@ def main_gpu(args):
             print(f"| {name} | {ms:.3f} |")
     print()
     print(
-        "Goals (issue 12): B=73,728 N=16 bf16 eager <= 0.25 ms and <= 1.6x the floor; N=64 and B=589,824 "
+        "Goals (issue 12): B=73,728 N=16 bf16 eager <= 0.25 ms and <= 1.6x the floor; N=64 and "
+        "B=589,824 "
         "within 2x of their floors. 'fused vs torch': max of |dL|/|L| and ||dgrad||/||grad||. "
         f"Benchmark wall time {time.perf_counter() - t_start:.0f} s."
     )

@@ -79,8 +79,9 @@ class _HostScipyDPSL(torch.autograd.Function):
 
 
 def check_host_baseline(device: str) -> float:
-    """The host baseline computes the same Eq. 4 as ``dpsl_loss``: returns the max relative difference
-    (loss and gradient) on a random batch; the benchmark refuses to compare unequal functions."""
+    """The host baseline computes the same Eq. 4 as ``dpsl_loss``: returns the max relative
+    difference (loss and gradient) on a random batch; the benchmark refuses to compare unequal
+    functions."""
     from megatron_dpsl import dpsl_loss
 
     gen = torch.Generator(device=device).manual_seed(3)
@@ -128,7 +129,8 @@ def _host_router_class():
 # Set-up
 # --------------------------------------------------------------------------------------------------
 def _load_cpu_shims():
-    """tests/support/megatron_cpu.py (by path): makes megatron-core's CUDA-only calls work on a CPU."""
+    """tests/support/megatron_cpu.py (by path): makes megatron-core's CUDA-only calls work on a
+    CPU."""
     spec = importlib.util.spec_from_file_location(
         "megatron_cpu", REPO / "tests" / "megatron_cpu.py"
     )
@@ -240,7 +242,8 @@ def _sync(device):
 
 
 def time_steps(layer, x, grad_out, steps: int, device: str) -> list[float]:
-    """ms per forward+backward step (CUDA events on the GPU, perf_counter after a sync on the CPU)."""
+    """ms per forward+backward step (CUDA events on the GPU, perf_counter after a sync on the
+    CPU)."""
     times = []
     for _ in range(steps):
         layer.zero_grad(set_to_none=True)
@@ -298,7 +301,8 @@ def run(args) -> dict:
     res = {
         "device": torch.cuda.get_device_name()
         if args.device == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        "threads)",
         "torch": torch.__version__,
         "megatron_core": _version("megatron-core"),
         "transformer_engine": _version("transformer-engine") if args.te else None,
@@ -350,14 +354,17 @@ def markdown(res: dict, command: str) -> str:
     s = res["shape"]
     lines = [
         f"MoE layer step (forward+backward), {res['device']}; torch {res['torch']}, megatron-core "
-        f"{res['megatron_core']}, TE {res['transformer_engine'] or 'not used'} ({res['experts_module']}); "
+        f"{res['megatron_core']}, TE {res['transformer_engine'] or 'not used'} "
+        f"({res['experts_module']}); "
         f"hidden {s['hidden']}, ffn {s['ffn']}, {s['experts']} experts top-{s['topk']}, "
-        f"{s['seq']} x {s['micro_batch']} = {s['tokens']:,} tokens, {s['dtype']}, {s['dispatcher']} dispatcher; "
+        f"{s['seq']} x {s['micro_batch']} = {s['tokens']:,} tokens, {s['dtype']}, "
+        f"{s['dispatcher']} dispatcher; "
         f"median of {res['steps']} steps; dpsl_loss implementation: {res['dpsl_loss_impl']}.",
         "",
         f"Command: `{command}`",
         "",
-        "| variant | ms/step median | IQR ms | min ms | vs topk_aux (median) | vs topk_aux (min) | peak memory MiB |",
+        "| variant | ms/step median | IQR ms | min ms | vs topk_aux (median) | vs topk_aux "
+        "(min) | peak memory MiB |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
 
@@ -368,7 +375,8 @@ def markdown(res: dict, command: str) -> str:
         lo, hi = res["ms_spread"][v]
         mem = f"{res['peak_mib'][v]:.0f}" if v in res["peak_mib"] else "n/a (CPU)"
         lines.append(
-            f"| {v} | {ms:.3f} | {lo:.3f}–{hi:.3f} | {res['ms_min'][v]:.3f} | {ovh('overhead_pct', v)} "
+            f"| {v} | {ms:.3f} | {lo:.3f}–{hi:.3f} | {res['ms_min'][v]:.3f} | "
+            f"{ovh('overhead_pct', v)} "
             f"| {ovh('overhead_pct_min', v)} | {mem} |"
         )
     if "dpsl" in res["ms"] and "dpsl_scipy_host" in res["ms"] and "topk_aux" in res["ms"]:
@@ -380,8 +388,10 @@ def markdown(res: dict, command: str) -> str:
         )
         lines += [
             "",
-            f"Medians: DPSL adds {dev:+.3f} ms/step ({100 * dev / base:+.2f} %); the paper's SciPy-on-host "
-            f"DPSL adds {host:+.3f} ms/step ({100 * host / base:+.2f} %): host/device overhead ratio {ratio}.",
+            f"Medians: DPSL adds {dev:+.3f} ms/step ({100 * dev / base:+.2f} %); the paper's "
+            "SciPy-on-host "
+            f"DPSL adds {host:+.3f} ms/step ({100 * host / base:+.2f} %): host/device overhead "
+            f"ratio {ratio}.",
         ]
     if res.get("host_baseline_max_rel_diff") is not None:
         lines += [
@@ -392,7 +402,8 @@ def markdown(res: dict, command: str) -> str:
     if res["device"].startswith("CPU"):
         lines += [
             "",
-            f"Process peak RSS {res['process_max_rss_mib']:.0f} MiB (CPU: per-variant peak not tracked).",
+            f"Process peak RSS {res['process_max_rss_mib']:.0f} MiB (CPU: per-variant peak not "
+            "tracked).",
         ]
     return "\n".join(lines) + "\n"
 
@@ -421,7 +432,8 @@ def parse_args(argv=None):
         "--te",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="Transformer Engine layer spec with grouped GEMM (default: on when TE imports, GPU only)",
+        help="Transformer Engine layer spec with grouped GEMM (default: on when TE imports, GPU "
+        "only)",
     )
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
     p.add_argument("--warmup", type=int, help="warm-up steps per variant (default 3 / 2 quick)")
@@ -479,7 +491,8 @@ def main(argv=None) -> dict:
             if args.device != "cuda" or args.micro_batch == 1:
                 raise
             print(
-                f"out of GPU memory at micro-batch {args.micro_batch}; retrying with {args.micro_batch // 2}"
+                f"out of GPU memory at micro-batch {args.micro_batch}; retrying with "
+                f"{args.micro_batch // 2}"
             )
             args.micro_batch //= 2
         if res is None:  # outside the except block: the failed run's frames are gone by now

@@ -133,7 +133,8 @@ finally:
 
 
 def run_measured(module_argv, env) -> tuple[int, str, str, int]:
-    """Run ``python -m module_argv``; return (rc, stdout, stderr, that process's peak RSS in bytes)."""
+    """Run ``python -m module_argv``; return (rc, stdout, stderr, that process's peak RSS in
+    bytes)."""
     proc = subprocess.run(
         [sys.executable, "-c", _PEAK, *module_argv], env=env, capture_output=True, text=True
     )

@@ -1,4 +1,5 @@
-"""One comparison run: every router method of this plugin on the quickstart's corpus and upcycled MoE (CPU).
+"""One comparison run: every router method of this plugin on the quickstart's corpus and upcycled
+MoE (CPU).
 
     python examples/compare_routers.py                                # ~4 min on 2 CPU cores
     python examples/compare_routers.py --out /tmp/cmp --tiny          # smoke run (~1 min)
@@ -66,23 +67,32 @@ COLUMNS = (
 )
 
 TABLE_NOTES = (
-    "Validation set after the last step, mean over the MoE layers. CoV: std/mean of the expert loads (top-k "
-    "assignments). entropy: mean routing entropy (nats) of the softmax over all experts of the router logits. "
-    "dist. to prior: Eq. 4 distance per expert (mean) between that softmax and the run's DPSL prior; runs "
-    "without DPSL are measured against the symmetric Dir(1) reference. code→E0-3 / prose→E4-7: share of each "
-    "modality's top-k assignments on the expert block the modality prior favours (0.5 = no preference). "
-    "ms/step: median wall time of a training step (forward, backward, optimizer) on rank 0; CPU ms/step: the "
-    "median CPU time rank 0's process spent in it (all its threads), less sensitive to other jobs on the machine."
+    "Validation set after the last step, mean over the MoE layers. CoV: std/mean of the expert "
+    "loads (top-k "
+    "assignments). entropy: mean routing entropy (nats) of the softmax over all experts of the "
+    "router logits. "
+    "dist. to prior: Eq. 4 distance per expert (mean) between that softmax and the run's DPSL "
+    "prior; runs "
+    "without DPSL are measured against the symmetric Dir(1) reference. code→E0-3 / prose→E4-7: "
+    "share of each "
+    "modality's top-k assignments on the expert block the modality prior favours (0.5 = no "
+    "preference). "
+    "ms/step: median wall time of a training step (forward, backward, optimizer) on rank 0; "
+    "CPU ms/step: the "
+    "median CPU time rank 0's process spent in it (all its threads), less sensitive to other "
+    "jobs on the machine."
 )
 
 
 def ac_layers(a: argparse.Namespace) -> list[int]:
-    """Every MoE layer after the first (all layers are MoE layers; 1-based, Megatron's layer numbers)."""
+    """Every MoE layer after the first (all layers are MoE layers; 1-based, Megatron's layer
+    numbers)."""
     return list(range(2, qs.model_sizes(a.tiny)["layers"] + 1))
 
 
 def method_runs(a: argparse.Namespace) -> dict[str, list]:
-    """Run name -> the router flags it adds to the quickstart's MoE flags (see the module docstring)."""
+    """Run name -> the router flags it adds to the quickstart's MoE flags (see the module
+    docstring)."""
     lam, lb, coeff = a.dpsl_coeff, "--moe-router-load-balancing-type", "--moe-aux-loss-coeff"
     ac = ["--moe-ac-layers", *ac_layers(a)]
     return {
@@ -106,7 +116,8 @@ def method_runs(a: argparse.Namespace) -> dict[str, list]:
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process and its waited-for descendants (torchrun and its workers)."""
+    """User + system CPU time of this process and its waited-for descendants (torchrun and its
+    workers)."""
     own, children = (
         resource.getrusage(resource.RUSAGE_SELF),
         resource.getrusage(resource.RUSAGE_CHILDREN),
@@ -115,7 +126,8 @@ def cpu_seconds() -> float:
 
 
 def write_report(out: str, names: list[str]) -> dict:
-    """Table and figures of the finished runs ``names`` under ``out``; returns ``{"rows", "table", "figures"}``."""
+    """Table and figures of the finished runs ``names`` under ``out``; returns ``{"rows", "table",
+    "figures"}``."""
     from megatron_dpsl.train import plots
 
     runs = qs.load_runs(out, names)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 
 def step_dir(load: Path) -> Path:
-    """The directory Megatron-LM's ``--load`` reads: ``release/`` or ``iter_XXXXXXX/`` per the tracker file."""
+    """The directory Megatron-LM's ``--load`` reads: ``release/`` or ``iter_XXXXXXX/`` per the
+    tracker file."""
     tracker = (load / "latest_checkpointed_iteration.txt").read_text().strip()
     return load / ("release" if tracker == "release" else f"iter_{int(tracker):07d}")
 
@@ -76,7 +77,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def load_upcycled(load: Path):
-    """(model, args): the MoE GPTModel with the checkpoint's weights; model-parallel state must exist."""
+    """(model, args): the MoE GPTModel with the checkpoint's weights; model-parallel state must
+    exist."""
     from megatron.core import dist_checkpointing
     from megatron.core.models.gpt import GPTModel
 
@@ -107,7 +109,8 @@ def load_upcycled(load: Path):
 
 @torch.no_grad()
 def logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    """``[batch, seq]`` tokens -> ``[batch, seq, vocab]`` logits (explicit causal mask: CPU attention)."""
+    """``[batch, seq]`` tokens -> ``[batch, seq, vocab]`` logits (explicit causal mask: CPU
+    attention)."""
     model.eval()
     b, s = tokens.shape
     positions = torch.arange(s).unsqueeze(0).expand(b, s)

@@ -37,8 +37,8 @@ PRESETS = {
 
 
 def ks_per_category(probs: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """KS distance of each column of ``probs`` ``[num_points, num_categories]`` to Beta(α_k, A−α_k), float64
-    ``[num_categories]`` (``megatron_dpsl.metrics.routing.ks_distance``)."""
+    """KS distance of each column of ``probs`` ``[num_points, num_categories]`` to Beta(α_k, A−α_k),
+    float64 ``[num_categories]`` (``megatron_dpsl.metrics.routing.ks_distance``)."""
     return ks_distance(probs.double(), alpha.double()).double()
 
 
@@ -61,7 +61,8 @@ def run_shaping(
     """
     if steps < 0 or num_points < 2:
         raise ValueError(
-            f"run_shaping: need steps >= 0 and num_points >= 2, got steps={steps}, num_points={num_points}"
+            f"run_shaping: need steps >= 0 and num_points >= 2, got steps={steps}, "
+            f"num_points={num_points}"
         )
     alpha = torch.tensor(alphas, dtype=torch.float64)  # [num_sources, num_categories]
     num_sources, num_categories = alpha.shape
@@ -107,8 +108,8 @@ def _simplex_xy(probs: torch.Tensor):
 
 
 def plot_shaping(result: dict, path: str, dpi: int = 80) -> str:
-    """Fig. 2-style figure: CDFs at init and after training (rows 1-2), per-source histograms vs Beta pdfs
-    (rows 3-4), simplex scatter, loss curve. Returns ``path``."""
+    """Fig. 2-style figure: CDFs at init and after training (rows 1-2), per-source histograms vs
+    Beta pdfs (rows 3-4), simplex scatter, loss curve. Returns ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,10 +246,12 @@ def main(argv: list | None = None) -> dict:
     )
     alpha = result["alpha"]
     print(
-        f"DPSL loss: {result['losses'][0]:.5f} (init) -> {result['losses'][-1]:.5f} after {args.steps} steps"
+        f"DPSL loss: {result['losses'][0]:.5f} (init) -> {result['losses'][-1]:.5f} after "
+        f"{args.steps} steps"
     )
     print(
-        f"KS critical value, n={args.num_points}, 5% level: {1.358 / math.sqrt(args.num_points):.4f}"
+        f"KS critical value, n={args.num_points}, 5% level: "
+        f"{1.358 / math.sqrt(args.num_points):.4f}"
     )
     print("source  prior                 KS init per category       KS final per category")
     for s in range(alpha.shape[0]):

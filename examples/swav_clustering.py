@@ -1,4 +1,5 @@
-"""SwAV on 2-D synthetic clusters, with and without DPSL in the last epochs (paper Table 1 / Appendix B).
+"""SwAV on 2-D synthetic clusters, with and without DPSL in the last epochs (paper Table 1 /
+Appendix B).
 
     python examples/swav_clustering.py                   # 3 settings x 10 seeds x {SwAV, +DPSL},
     table + PNG python examples/swav_clustering.py --quick           # 1 seed per setting (smoke
@@ -41,15 +42,18 @@ GUESSES = {
     "data seed": "each seed draws its own data set, initialisation and augmentations",
     "sizes": "1500 × ratio, rounded down; the remainder goes to the largest cluster",
     "anisotropic covariance": "std σ·elongation along the major axis, σ across it",
-    "orientation": "major axis tangent to the triangle's circumcircle (vertices at 90°, 210°, 330°)",
+    "orientation": "major axis tangent to the triangle's circumcircle "
+    "(vertices at 90°, 210°, 330°)",
     "input scaling": "inputs standardised (zero mean, unit variance per coordinate)",
-    "embedding": "2→64 ReLU →32, L2-normalised; the '→3' layer is SwAV's prototype matrix (no bias), "
-    "re-normalised after every step",
+    "embedding": "2→64 ReLU →32, L2-normalised; the '→3' layer is SwAV's prototype matrix "
+    "(no bias), re-normalised after every step",
     "temperature": "τ = 0.1 (SwAV default)",
     "sinkhorn": "ε = 0.05, 3 iterations (SwAV defaults), uniform cluster marginals",
     "views": "two views per step, x + N(0, 0.1²) in standardised units",
-    "dpsl input": "softmax(scores/τ) of the un-augmented points (the probabilities that give the predictions)",
-    "prior order": "aligned: α permuted once, when DPSL switches on, to the order of the current cluster sizes",
+    "dpsl input": "softmax(scores/τ) of the un-augmented points "
+    "(the probabilities that give the predictions)",
+    "prior order": "aligned: α permuted once, when DPSL switches on, "
+    "to the order of the current cluster sizes",
 }
 
 
@@ -74,7 +78,8 @@ def cluster_sizes(ratio: Sequence[int], num_points: int) -> list:
 
 
 def make_data(setting: str, num_points: int = 1500, seed: int = 0):
-    """Returns ``x`` ``[num_points, 2]`` float32 (raw coordinates) and ``y`` ``[num_points]`` int64 labels."""
+    """Returns ``x`` ``[num_points, 2]`` float32 (raw coordinates) and ``y`` ``[num_points]`` int64
+    labels."""
     if setting not in SETTINGS:
         raise ValueError(f"make_data: setting must be one of {sorted(SETTINGS)}, got {setting!r}")
     rng = np.random.default_rng(seed)
@@ -109,7 +114,8 @@ def cluster_accuracy(pred: np.ndarray, labels: np.ndarray, num_clusters: int = 3
 
 
 class SwAVNet(torch.nn.Module):
-    """2→64→32 trunk (L2-normalised embedding) and 3 prototypes; ``forward`` gives scores ``[N, 3]``."""
+    """2→64→32 trunk (L2-normalised embedding) and 3 prototypes; ``forward`` gives scores ``[N,
+    3]``."""
 
     def __init__(self, hidden=(64, 32), num_clusters: int = 3):
         super().__init__()
@@ -156,7 +162,8 @@ def train_swav(
     aug_std: float = 0.1,
     return_probs: bool = False,
 ):
-    """Full-batch SwAV (one Adam step per epoch); with ``alpha``, + ``dpsl_lambda`` · DPSL from ``dpsl_start``.
+    """Full-batch SwAV (one Adam step per epoch); with ``alpha``, + ``dpsl_lambda`` · DPSL from
+    ``dpsl_start``.
 
     Args:
         x: ``[N, 2]`` raw points (standardised here).
@@ -210,8 +217,8 @@ def run_table(
     prior_orders: Sequence[str] = ("aligned",),
     **train_kw,
 ) -> dict:
-    """``{setting: {method: {"acc": [per seed], "fractions": [per seed: predicted cluster sizes / N, sorted
-    descending]}}}``; methods "SwAV" and "SwAV+DPSL λ=<λ> (<prior order>)"."""
+    """``{setting: {method: {"acc": [per seed], "fractions": [per seed: predicted cluster sizes / N,
+    sorted descending]}}}``; methods "SwAV" and "SwAV+DPSL λ=<λ> (<prior order>)"."""
     table = {}
     for name in settings:
         rows = {}
@@ -239,7 +246,8 @@ def _mean_std(values, fmt: str = ".2f") -> str:
 
 
 def format_table(table: dict) -> str:
-    """Markdown: accuracy mean ± std (%) per setting and method; DPSL columns add the paired difference to SwAV."""
+    """Markdown: accuracy mean ± std (%) per setting and method; DPSL columns add the paired
+    difference to SwAV."""
     methods = list(next(iter(table.values())).keys())
     lines = ["| setting | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for name, rows in table.items():
@@ -258,7 +266,8 @@ def format_table(table: dict) -> str:
 
 
 def format_fractions(table: dict) -> str:
-    """Markdown: mean predicted cluster sizes (fractions of N, largest first) next to the true ones."""
+    """Markdown: mean predicted cluster sizes (fractions of N, largest first) next to the true
+    ones."""
     methods = list(next(iter(table.values())).keys())
     lines = ["| setting | true | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
     for name, rows in table.items():

@@ -78,7 +78,8 @@ MODEL = [
     "--no-gradient-accumulation-fusion",
     "--no-rope-fusion",
     "--no-persist-layer-norm",
-    "--no-masked-softmax-fusion",  # the fused softmax kernel (scaled_masked_softmax_cuda) needs apex; not on the image
+    # the fused softmax kernel (scaled_masked_softmax_cuda) needs apex; not on the image
+    "--no-masked-softmax-fusion",
     "--bf16",
     "--tokenizer-type",
     "NullTokenizer",
@@ -182,7 +183,8 @@ def _train(iters: int, save: str, load: str | None = None) -> list[str]:
 
 
 def data_prefixes(work: Path) -> tuple[str, str]:
-    """The two indexed datasets of the group-prior stage (``make_blend`` writes them): code, prose."""
+    """The two indexed datasets of the group-prior stage (``make_blend`` writes them): code,
+    prose."""
     return str(work / "data" / "code_text_document"), str(work / "data" / "prose_text_document")
 
 
@@ -315,8 +317,8 @@ def prepare_trees(tree: Path, work: Path) -> dict:
 
 
 def make_blend(work: Path, tree: str) -> None:
-    """Two tiny indexed datasets (Megatron's own builder, the tree's megatron/core): token ids from two
-    disjoint halves of the vocabulary, so the two groups differ."""
+    """Two tiny indexed datasets (Megatron's own builder, the tree's megatron/core): token ids from
+    two disjoint halves of the vocabulary, so the two groups differ."""
     code = f"""
 import sys, numpy as np, torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -324,7 +326,8 @@ rng = np.random.default_rng(0)
 for prefix, lo in zip(sys.argv[1:3], (1, {VOCAB // 2})):
     b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
     for _ in range(64):
-        b.add_document(torch.from_numpy(rng.integers(lo, lo + {VOCAB // 2 - 1}, size=4 * {SEQ}).astype(np.int32)), [4 * {SEQ}])
+        tokens = rng.integers(lo, lo + {VOCAB // 2 - 1}, size=4 * {SEQ}).astype(np.int32)
+        b.add_document(torch.from_numpy(tokens), [4 * {SEQ}])
     b.finalize(prefix + ".idx")
 """
     Path(work, "data").mkdir(parents=True, exist_ok=True)
@@ -344,7 +347,8 @@ SHOWN = ("lm loss", "dpsl_loss", "load_balancing_loss", "variance_loss", "orthog
 
 
 def log_summary(log: str) -> str:
-    """The last training_log line's iteration and losses, e.g. "iteration 8/8, lm loss 6.873, dpsl_loss
+    """The last training_log line's iteration and losses, e.g. "iteration 8/8, lm loss 6.873,
+    dpsl_loss
     0.00573" ("" when the log has none: the upcycle stage)."""
     last = next((line for line in reversed(log.splitlines()) if _ITERATION.search(line)), None)
     if last is None:
@@ -366,7 +370,8 @@ def check(stage: Stage, log: str) -> list[str]:
 
 
 def run_logged(cmd: list[str], env: dict, log_path: Path, limit_s: int, cwd: Path):
-    """Run ``cmd`` (``env`` added) with its output in ``log_path`` (headed by the command); the return code,
+    """Run ``cmd`` (``env`` added) with its output in ``log_path`` (headed by the command); the
+    return code,
     or ``"timeout"`` after ``limit_s`` seconds."""
     with open(log_path, "w") as log:
         log.write(

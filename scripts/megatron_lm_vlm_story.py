@@ -1,22 +1,27 @@
-"""The VLM stage of the GPU story: an MoE LLaVA at the paper's shapes through ``megatron_dpsl.megatron_lm.pretrain_vlm``.
+"""The VLM stage of the GPU story: an MoE LLaVA at the paper's shapes through
+``megatron_dpsl.megatron_lm.pretrain_vlm``.
 
-Two runs of Megatron-LM's ``pretrain_vlm`` flow (its mock multimodal data) on the unpatched tree, the same
-random-init model and seed, differing only in the router loss:
+Two runs of Megatron-LM's ``pretrain_vlm`` flow (its mock multimodal data) on the unpatched tree,
+the same random-init model and seed, differing only in the router loss:
 
     vlm_aux    --moe-router-load-balancing-type aux_loss (coefficient 0.01): the baseline
     vlm_dpsl   --moe-router-load-balancing-type dpsl (λ 0.01) with the paper's modality priors
-               (α_b 0.75, α_s 0.5, vision on experts 0-1, text on 2-3; --moe-dpsl-token-groups modality)
+               (α_b 0.75, α_s 0.5, vision on experts 0-1, text on 2-3; --moe-dpsl-token-groups
+               modality)
 
 Model: CLIP ViT-L/14 at 336 px without the class token (24 layers, hidden 1024: 576 image rows,
-``--freeze-ViT``), a Llama-3.2-1B-shaped language model (16 layers, hidden 2048, 32/8 heads, FFN 8192,
-RoPE θ 500000 with llama3 scaling factor 32, tied embeddings) with 4 full-FFN experts, top-2. The TE
-spec when Transformer Engine is importable, else the local one. ``run`` writes ``vlm_<tag>.md``: each
-stage's result, its median step time (iterations after the first ``WARMUP``) and losses, DPSL's
-step-time overhead over aux_loss, and ``dpsl_loss`` per layer (TensorBoard, ``--moe-per-layer-logging``).
+``--freeze-ViT``), a Llama-3.2-1B-shaped language model (16 layers, hidden 2048, 32/8 heads, FFN
+8192, RoPE θ 500000 with llama3 scaling factor 32, tied embeddings) with 4 full-FFN experts, top-2.
+The TE spec when Transformer Engine is importable, else the local one. ``run`` writes
+``vlm_<tag>.md``: each stage's result, its median step time (iterations after the first ``WARMUP``)
+and losses, DPSL's step-time overhead over aux_loss, and ``dpsl_loss`` per layer (TensorBoard,
+``--moe-per-layer-logging``).
 
-    python scripts/megatron_lm_vlm_story.py run --tag core_v0.19.0 --tree .gpu_carry/trees/core_v0.19.0 \\
+    python scripts/megatron_lm_vlm_story.py run --tag core_v0.19.0 --tree
+    .gpu_carry/trees/core_v0.19.0 \\
         --work /tmp/vlm --out $OUT              # on the GPU (run_gpu_tests.sh's vlm stage)
     python scripts/megatron_lm_vlm_story.py show --tag core_v0.19.0 --work /tmp/vlm --te
+
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ VISION = [
     "--disable-vision-class-token",
     "--freeze-ViT",
 ]
-# Llama-3.2-1B's shapes (its config.json); text rows: 448 + 576 image rows = 1024 positions, the paper's T
+# Llama-3.2-1B's shapes (its config.json); text rows: 448 + 576 image rows = 1024 positions, the
+# paper's T
 LANGUAGE = [
     "--decoder-num-layers",
     "16",
@@ -187,7 +193,8 @@ def step_ms(log: str) -> float | None:
 
 
 def per_layer(tb_dir: Path, name: str = "dpsl_loss") -> dict:
-    """``{layer: last value}`` of ``moe/<name>_layer_<i>`` in the TensorBoard events ({} without tensorboard)."""
+    """``{layer: last value}`` of ``moe/<name>_layer_<i>`` in the TensorBoard events ({} without
+    tensorboard)."""
     if not Path(tb_dir).is_dir():
         return {}
     try:
@@ -220,7 +227,8 @@ def report(tag: str, rows: list[dict], work: Path) -> str:
     if ms.get("vlm_aux") and ms.get("vlm_dpsl"):
         lines += [
             "",
-            f"DPSL step-time overhead over aux_loss: {100 * (ms['vlm_dpsl'] / ms['vlm_aux'] - 1):+.1f} %",
+            "DPSL step-time overhead over aux_loss: "
+            f"{100 * (ms['vlm_dpsl'] / ms['vlm_aux'] - 1):+.1f} %",
         ]
     layers = per_layer(Path(work) / "tb_vlm_dpsl")
     if layers:
@@ -229,7 +237,8 @@ def report(tag: str, rows: list[dict], work: Path) -> str:
         lines += [
             "| dpsl_loss | " + " | ".join(f"{layers[i]:.4g}" for i in sorted(layers)) + " |",
             "",
-            f"mean over the {len(layers)} MoE layers: {sum(layers.values()) / len(layers):.4g} (the console's "
+            f"mean over the {len(layers)} MoE layers: {sum(layers.values()) / len(layers):.4g} "
+            "(the console's "
             "dpsl_loss divides the sum by --encoder-num-layers, docs/megatron_lm.md)",
         ]
     return "\n".join(lines) + "\n"

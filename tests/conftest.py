@@ -33,8 +33,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def fresh_moe_losses():
-    """An empty MoE metrics tracker and an aux-loss backward scale of 1 for one test; the scale (class state
-    shared by the whole pytest process) is left as found, the tracker empty."""
+    """An empty MoE metrics tracker and an aux-loss backward scale of 1 for one test; the scale
+    (class state shared by the whole pytest process) is left as found, the tracker empty."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from support.common import reset_moe_tracker
 
@@ -49,8 +49,9 @@ def fresh_moe_losses():
 
 @pytest.fixture(scope="session")
 def megatron_lm_trees(tmp_path_factory):
-    """Megatron-LM at the tag of the installed megatron-core, from $MEGATRON_LM_GIT_DIR or the committed
-    snapshot (megatron_lm_tree.py): ``{"tag", "git_dir" (None: snapshot), "unpatched", "patched", "work"}``."""
+    """Megatron-LM at the tag of the installed megatron-core, from $MEGATRON_LM_GIT_DIR or the
+    committed snapshot (megatron_lm_tree.py): ``{"tag", "git_dir" (None: snapshot), "unpatched",
+    "patched", "work"}``."""
     from support.megatron_lm_tree import export_tree, source_or_skip, tag_for_installed_core
 
     from megatron_dpsl.megatron_lm.patching import apply_patches
@@ -72,7 +73,8 @@ def megatron_lm_trees(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def megatron_lm_reports(megatron_lm_trees):
-    """What tests/support/megatron_lm_chain.py reports for every case and build, per tree (megatron_lm_cases.py)."""
+    """What tests/support/megatron_lm_chain.py reports for every case and build, per tree
+    (megatron_lm_cases.py)."""
     from support.megatron_lm_cases import run_reports
 
     return run_reports(megatron_lm_trees, megatron_lm_trees["work"])

@@ -21,7 +21,8 @@ VARIANCE_TYPE = "variance"
 """The type that enables the variance loss of Guo et al. (router side; docs/regularizers.md)."""
 
 ORTHOGONALITY_TYPE = "orthogonality"
-"""The type that enables the orthogonality loss of Guo et al. (expert side; docs/regularizers.md)."""
+"""The type that enables the orthogonality loss of Guo et al. (expert side;
+docs/regularizers.md)."""
 
 PLUGIN_LOAD_BALANCING_TYPES = (DPSL_TYPE, VARIANCE_TYPE, ORTHOGONALITY_TYPE)
 """Every load-balancing type this plugin adds (argparse choices, config split, log names)."""
@@ -33,7 +34,8 @@ MEGATRON_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", 
 """Megatron-LM core_v0.16.1's choices; used only where a parser does not define the flag itself."""
 
 KNOWN_MEGATRON_TYPES = (*MEGATRON_LOAD_BALANCING_TYPES, "quantile_balancing")
-"""Megatron's types the config accepts: core_v0.16.1's plus those newer releases added (0.19: quantile_balancing)."""
+"""Megatron's types the config accepts: core_v0.16.1's plus those newer releases added (0.19:
+quantile_balancing)."""
 
 GATHER_CHOICES = ("micro_batch", "global_batch")
 """Values of ``moe_dpsl_gather`` (docs/parallelism.md)."""
@@ -56,7 +58,8 @@ def plugin_types_in(load_balancing_type) -> list[str]:
 
 @dataclass(frozen=True)
 class LoadBalancingSplit:
-    """``moe_router_load_balancing_type`` / ``moe_aux_loss_coeff`` split into Megatron's part and ours.
+    """``moe_router_load_balancing_type`` / ``moe_aux_loss_coeff`` split into Megatron's part and
+    ours.
 
     Attributes:
         stock_type: what Megatron's code should see: the user's value without the plugin's types (a
@@ -74,7 +77,8 @@ class LoadBalancingSplit:
 
 
 def split_load_balancing(load_balancing_type, aux_loss_coeff) -> LoadBalancingSplit:
-    """Split the two Megatron fields; ``ValueError`` (naming the field) when they do not fit together."""
+    """Split the two Megatron fields; ``ValueError`` (naming the field) when they do not fit
+    together."""
     ours = plugin_types_in(load_balancing_type)
     if not ours:
         return LoadBalancingSplit(load_balancing_type, aux_loss_coeff)

@@ -71,8 +71,9 @@ class DPSLTransformerConfig(TransformerConfig):
     """
 
     moe_dpsl_coeff: float | None = DEFAULT_DPSL_COEFF
-    """λ, the DPSL coefficient (paper Eq. 5). 0 disables the loss (no computation, no communication).
-    ``None``: λ is the ``moe_aux_loss_coeff`` entry at the ``"dpsl"`` position (0.01 when that is
+    """λ, the DPSL coefficient (paper Eq. 5). 0 disables the loss (no computation, no
+    communication). ``None``: λ is the ``moe_aux_loss_coeff`` entry at the ``"dpsl"`` position (0.01
+    when that is
     0). Always a float after ``__post_init__``."""
 
     moe_dpsl_alpha: float | list[float] = 1.0
@@ -96,11 +97,12 @@ class DPSLTransformerConfig(TransformerConfig):
     """Number of token groups for the α_b/α_s shortcut (must divide ``num_moe_experts``)."""
 
     moe_dpsl_gather: str = "micro_batch"
-    """Which tokens one DPSL term covers. ``"micro_batch"``: every token of the micro-batch the layer
-    sees, all-gathered over the TP (sequence-parallel), CP and EP ranks that hold different tokens
-    (one loss per data-parallel replica; DDP averages them like the LM loss). ``"global_batch"``:
-    additionally over the data-parallel ranks (one loss over the whole global micro-batch, closest
-    to the paper's B). See docs/parallelism.md for B and the gradient under each option."""
+    """Which tokens one DPSL term covers. ``"micro_batch"``: every token of the micro-batch the
+    layer sees, all-gathered over the TP (sequence-parallel), CP and EP ranks that hold different
+    tokens (one loss per data-parallel replica; DDP averages them like the LM loss).
+    ``"global_batch"``: additionally over the data-parallel ranks (one loss over the whole global
+    micro-batch, closest to the paper's B). See docs/parallelism.md for B and the gradient under
+    each option."""
 
     moe_dpsl_log_interval: int = 100
     """Log the DPSL diagnostics (expert-load CoV, routing entropy, distance to the prior) to
@@ -108,31 +110,32 @@ class DPSLTransformerConfig(TransformerConfig):
 
     # ---- Adaptive Clustering (AC) router (megatron_dpsl.routing.ac.router, docs/ac_router.md) ----
     moe_ac_layers: list[int] | None = None
-    """Layer numbers (1-based, over the whole model, Megatron's ``layer_number``) of the MoE layers whose
-    router scores tokens with Adaptive Clustering (Nielsen et al., ICLR 2025): each token's features
-    are reweighted by the tightness of the cluster the previous MoE layer put it in. Each must be an
-    MoE layer (``moe_layer_freq``) with an earlier MoE layer; the paper keeps the first MoE layers
-    standard. ``None`` or empty: off. With it set, the specs put ``ACRouter`` into every MoE
-    layer."""
+    """Layer numbers (1-based, over the whole model, Megatron's ``layer_number``) of the MoE layers
+    whose router scores tokens with Adaptive Clustering (Nielsen et al., ICLR 2025): each token's
+    features are reweighted by the tightness of the cluster the previous MoE layer put it in. Each
+    must be an MoE layer (``moe_layer_freq``) with an earlier MoE layer; the paper keeps the first
+    MoE layers standard. ``None`` or empty: off. With it set, the specs put ``ACRouter`` into every
+    MoE layer."""
 
     moe_ac_eps: float = 1e-4
-    """Added to each cluster's per-feature mean absolute deviation before inverting it (official code: 1e-4)."""
+    """Added to each cluster's per-feature mean absolute deviation before inverting it (official
+    code: 1e-4)."""
 
     moe_ac_clip: float | None = 10.0
-    """Cap on the AC feature weights, as a multiple of their mean (official language-model code: 10; Swin
-    code: 1.5). ``None``: no cap."""
+    """Cap on the AC feature weights, as a multiple of their mean (official language-model code: 10;
+    Swin code: 1.5). ``None``: no cap."""
 
     moe_ac_weight_norm: str = "feature"
-    """How the AC weights are normalised: ``"feature"`` (each feature has mean weight 1 over the clusters;
-    official language-model code), ``"cluster"`` (each cluster's weights have mean 1 over the
-    features) or ``"global"`` (overall mean 1; official Swin code)."""
+    """How the AC weights are normalised: ``"feature"`` (each feature has mean weight 1 over the
+    clusters; official language-model code), ``"cluster"`` (each cluster's weights have mean 1 over
+    the features) or ``"global"`` (overall mean 1; official Swin code)."""
 
     moe_variance_loss_form: str = "paper"
-    """What the ``"variance"`` load-balancing type adds (Guo et al. 2025; docs/regularizers.md). ``"paper"``:
-    Eq. 7, minus each expert's variance of the post-top-k ``probs`` across the batch's tokens (the
-    tokens ``moe_dpsl_gather`` names), averaged over experts. ``"reference_code"``: the official
-    code, minus the per-token variance of the full softmax across experts. The coefficient is the
-    ``moe_aux_loss_coeff`` entry at "variance"'s position."""
+    """What the ``"variance"`` load-balancing type adds (Guo et al. 2025; docs/regularizers.md).
+    ``"paper"``: Eq. 7, minus each expert's variance of the post-top-k ``probs`` across the batch's
+    tokens (the tokens ``moe_dpsl_gather`` names), averaged over experts. ``"reference_code"``: the
+    official code, minus the per-token variance of the full softmax across experts. The coefficient
+    is the ``moe_aux_loss_coeff`` entry at "variance"'s position."""
 
     moe_orthogonality_loss_form: str = "paper"
     """What the ``"orthogonality"`` load-balancing type adds (expert side; needs
@@ -182,18 +185,21 @@ class DPSLTransformerConfig(TransformerConfig):
 
     @property
     def moe_plugin_enabled(self) -> bool:
-        """True when the model needs the plugin's spec (``DPSLRouter``/``ACRouter``, ``DPSLMoELayer``): a plugin
-        load-balancing type (dpsl, variance, orthogonality) or the AC router (``moe_ac_layers``)."""
+        """True when the model needs the plugin's spec (``DPSLRouter``/``ACRouter``,
+        ``DPSLMoELayer``): a plugin load-balancing type (dpsl, variance, orthogonality) or the AC
+        router (``moe_ac_layers``)."""
         return bool(plugin_types_in(self.moe_router_load_balancing_type)) or self.moe_ac_enabled
 
     @property
     def moe_variance_coeff(self) -> float:
-        """γ, the variance loss coefficient: the ``moe_aux_loss_coeff`` slot of ``"variance"`` (0.0 when off)."""
+        """γ, the variance loss coefficient: the ``moe_aux_loss_coeff`` slot of ``"variance"`` (0.0
+        when off)."""
         return _plugin_coeff(self, VARIANCE_TYPE)
 
     @property
     def moe_orthogonality_coeff(self) -> float:
-        """β, the orthogonality loss coefficient: the ``moe_aux_loss_coeff`` slot of ``"orthogonality"`` (0.0 when off)."""
+        """β, the orthogonality loss coefficient: the ``moe_aux_loss_coeff`` slot of
+        ``"orthogonality"`` (0.0 when off)."""
         return _plugin_coeff(self, ORTHOGONALITY_TYPE)
 
     @property
@@ -209,7 +215,8 @@ class DPSLTransformerConfig(TransformerConfig):
     def _validate_dpsl(self, split) -> None:
         if self.moe_dpsl_gather not in GATHER_CHOICES:
             raise ValueError(
-                f"moe_dpsl_gather must be one of {list(GATHER_CHOICES)}, got {self.moe_dpsl_gather!r}"
+                f"moe_dpsl_gather must be one of {list(GATHER_CHOICES)}, got "
+                f"{self.moe_dpsl_gather!r}"
             )
         interval = self.moe_dpsl_log_interval
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
@@ -217,7 +224,8 @@ class DPSLTransformerConfig(TransformerConfig):
                 f"moe_dpsl_log_interval: must be >= 0 (an int; 0 disables), got {interval!r}"
             )
         if self.num_moe_experts:
-            self.dpsl_alpha()  # the prior is checked even with DPSL off: a typo should not wait for it
+            # the prior is checked even with DPSL off: a typo should not wait for it
+            self.dpsl_alpha()
         elif split.plugin_coeffs:
             raise ValueError(
                 f"{LOAD_BALANCING_FIELD} {next(iter(split.plugin_coeffs))!r} needs num_moe_experts"
@@ -225,12 +233,14 @@ class DPSLTransformerConfig(TransformerConfig):
         if split.plugin_coeffs and split.stock_type == "sinkhorn":
             # sinkhorn asserts moe_aux_loss_coeff == 0 and replaces top-k routing altogether
             raise ValueError(
-                f"{LOAD_BALANCING_FIELD}: {next(iter(split.plugin_coeffs))!r} cannot be combined with 'sinkhorn'"
+                f"{LOAD_BALANCING_FIELD}: {next(iter(split.plugin_coeffs))!r} cannot be "
+                "combined with 'sinkhorn'"
             )
 
     @property
     def moe_ac_enabled(self) -> bool:
-        """True when ``moe_ac_layers`` names at least one layer (the specs then use ``ACRouter``)."""
+        """True when ``moe_ac_layers`` names at least one layer (the specs then use
+        ``ACRouter``)."""
         return bool(self.moe_ac_layers)
 
     def _validate_ac(self) -> None:
@@ -241,7 +251,8 @@ class DPSLTransformerConfig(TransformerConfig):
             raise ValueError(f"moe_ac_clip: must be > 0 and finite (or None: no cap), got {clip!r}")
         if self.moe_ac_weight_norm not in WEIGHT_NORMS:
             raise ValueError(
-                f"moe_ac_weight_norm must be one of {list(WEIGHT_NORMS)}, got {self.moe_ac_weight_norm!r}"
+                f"moe_ac_weight_norm must be one of {list(WEIGHT_NORMS)}, got "
+                f"{self.moe_ac_weight_norm!r}"
             )
         layers = self.moe_ac_layers
         if not layers:
@@ -268,13 +279,16 @@ class DPSLTransformerConfig(TransformerConfig):
                 )
         if moe_layers[0] in layers:
             raise ValueError(
-                f"moe_ac_layers: layer {moe_layers[0]} is the first MoE layer; AC routes by the previous MoE layer's "
+                f"moe_ac_layers: layer {moe_layers[0]} is the first MoE layer; AC routes by "
+                "the previous MoE layer's "
                 f"assignment, so the first MoE layer must stay standard (MoE layers: {moe_layers})"
             )
         if self.moe_input_jitter_eps is not None:
             raise ValueError(
-                f"moe_input_jitter_eps={self.moe_input_jitter_eps} cannot be combined with moe_ac_layers: the AC "
-                "router must be deterministic (an activation-recompute pass must route like the original)"
+                f"moe_input_jitter_eps={self.moe_input_jitter_eps} cannot be combined with "
+                "moe_ac_layers: the AC "
+                "router must be deterministic (an activation-recompute pass must route like "
+                "the original)"
             )
         # a CUDA graph that captures the router replays its kernels without the Python hand-over;
         # graphs of attention or dense MLPs only leave the router alone (cuda_graph_scope in 0.16,
@@ -289,9 +303,12 @@ class DPSLTransformerConfig(TransformerConfig):
             not scopes or scopes & _ROUTER_GRAPH_SCOPES
         ):
             raise ValueError(
-                f"moe_ac_layers cannot be combined with cuda_graph_impl={self.cuda_graph_impl!r} capturing the router "
-                f"(cuda_graph_scope={sorted(scopes) or 'whole layer'}): the AC router hands assignments between layers "
-                "in Python, which a replayed CUDA graph skips; capture only attn/mlp, or set cuda_graph_impl='none'"
+                "moe_ac_layers cannot be combined with "
+                f"cuda_graph_impl={self.cuda_graph_impl!r} capturing the router "
+                f"(cuda_graph_scope={sorted(scopes) or 'whole layer'}): the AC router hands "
+                "assignments between layers "
+                "in Python, which a replayed CUDA graph skips; capture only attn/mlp, or set "
+                "cuda_graph_impl='none'"
             )
 
     def dpsl_alpha(self):
@@ -330,12 +347,14 @@ def _plugin_coeff(config, load_balancing_type: str) -> float:
 
 
 def _validate_regularizers(config, split) -> None:
-    """The variance and orthogonality types (docs/regularizers.md): coefficients, forms, what L_o needs."""
+    """The variance and orthogonality types (docs/regularizers.md): coefficients, forms, what L_o
+    needs."""
     for name in (VARIANCE_TYPE, ORTHOGONALITY_TYPE):
         slot = split.plugin_coeffs.get(name, 0.0)
         if not math.isfinite(slot) or slot < 0:
             raise ValueError(
-                f"{AUX_LOSS_COEFF_FIELD}: the value in {name}'s slot is its coefficient and must be >= 0, got {slot}"
+                f"{AUX_LOSS_COEFF_FIELD}: the value in {name}'s slot is its coefficient and "
+                f"must be >= 0, got {slot}"
             )
     for field in ("moe_variance_loss_form", "moe_orthogonality_loss_form"):
         if getattr(config, field) not in LOSS_FORMS:
@@ -348,7 +367,8 @@ def _validate_regularizers(config, split) -> None:
     # L_o needs each token's k outputs unweighted, then weighs them itself (DPSLMoELayer)
     if config.moe_apply_probs_on_input:
         raise ValueError(
-            f"{what} needs the unweighted expert outputs: not compatible with moe_apply_probs_on_input"
+            f"{what} needs the unweighted expert outputs: not compatible with "
+            "moe_apply_probs_on_input"
         )
     if config.moe_router_topk < 2:
         raise ValueError(
@@ -377,7 +397,8 @@ def _validate_regularizers(config, split) -> None:
 
 
 def _resolve_dpsl_coeff(coeff, slot: float) -> float:
-    """λ from ``moe_dpsl_coeff`` and dpsl's slot of ``moe_aux_loss_coeff`` (the module docstring's rule)."""
+    """λ from ``moe_dpsl_coeff`` and dpsl's slot of ``moe_aux_loss_coeff`` (the module docstring's
+    rule)."""
     if not math.isfinite(slot) or slot < 0:
         raise ValueError(
             f"{AUX_LOSS_COEFF_FIELD}: the value in dpsl's slot is λ and must be >= 0, got {slot}"
@@ -393,7 +414,8 @@ def _resolve_dpsl_coeff(coeff, slot: float) -> float:
         raise ValueError(f"moe_dpsl_coeff: must be >= 0 and finite, got {coeff!r}")
     if slot not in (0.0, coeff):
         raise ValueError(
-            f"moe_dpsl_coeff: {coeff} disagrees with {slot} in dpsl's slot of {AUX_LOSS_COEFF_FIELD}; give one "
+            f"moe_dpsl_coeff: {coeff} disagrees with {slot} in dpsl's slot of "
+            f"{AUX_LOSS_COEFF_FIELD}; give one "
             "of them (or the same value)"
         )
     return float(coeff)

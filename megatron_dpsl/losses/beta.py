@@ -46,7 +46,8 @@ from collections import OrderedDict
 
 import torch
 
-_CF_ITERS = 48  # fixed count (max err 3.5e-11 vs SciPy over a<=50, b<=2000, test_beta.py): CUDA-graph friendly
+# fixed count (max err 3.5e-11 vs SciPy over a<=50, b<=2000, test_beta.py): CUDA-graph friendly
+_CF_ITERS = 48
 _TINY = 1e-300
 
 # Table design constants (see the module docstring for the measurements behind them).
@@ -89,7 +90,8 @@ def _betacf(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, iters: int) -> to
 def _betainc_xy(
     x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, iters: int = _CF_ITERS
 ):
-    """I_x(a, b) in float64 given both x and y = 1 - x (y exact near x = 1, e.g. from sigmoid(-u))."""
+    """I_x(a, b) in float64 given both x and y = 1 - x (y exact near x = 1, e.g. from
+    sigmoid(-u))."""
     swap = x > (a + 1.0) / (a + b + 2.0)
     xs = torch.where(swap, y, x)
     ys = torch.where(swap, x, y)
@@ -118,8 +120,8 @@ def betainc_f64(
 
 
 def _beta_pdf_f64(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tiny: float) -> torch.Tensor:
-    """x^a (1-x)^b / (B(a, b) max(x (1-x), tiny)) in float64: the pdf for every x with x (1-x) >= tiny,
-    finite everywhere (0 at x = 0 and x = 1; see "Gradient at the endpoints")."""
+    """x^a (1-x)^b / (B(a, b) max(x (1-x), tiny)) in float64: the pdf for every x with x (1-x) >=
+    tiny, finite everywhere (0 at x = 0 and x = 1; see "Gradient at the endpoints")."""
     x = x.double()
     num = torch.exp(a * torch.log(x) + b * torch.log1p(-x) - _log_beta(a, b))
     return num / (x * (1.0 - x)).clamp(min=tiny)
@@ -164,7 +166,8 @@ def beta_cdf(x: torch.Tensor, a, b) -> torch.Tensor:
 
 
 def _quantile_u(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per row, a u = logit(x) with F(u) <= eps < F(u + 0.013) (or -745): coarse-to-fine grid search, float64 [R]."""
+    """Per row, a u = logit(x) with F(u) <= eps < F(u + 0.013) (or -745): coarse-to-fine grid
+    search, float64 [R]."""
     lo = torch.full_like(a, -745.0)
     step = 790.0 / 255
     for _ in range(2):  # 790 / 255^2 = 0.012 in u: plenty for a junction
@@ -215,7 +218,8 @@ class BetaCDFTable:
             # interval indices are formed in the evaluation dtype; float32 counts exactly only below
             # 2^24
             raise ValueError(
-                f"BetaCDFTable: {self.num_rows} rows need {int(m1.sum())} intervals, too many for {dtype}"
+                f"BetaCDFTable: {self.num_rows} rows need {int(m1.sum())} intervals, too many "
+                f"for {dtype}"
             )
         h = (u_hi - u_lo) / m1  # [R]
 
@@ -327,11 +331,13 @@ class BetaCDFTable:
         return self._scalars[row]
 
     def evaluate_bulk(self, x: torch.Tensor, row, need_grad: bool = True, grad_scale: float = 1.0):
-        """Like ``evaluate``, for points ``x`` ``[n]`` of one ``row`` (an int) inside its grid [x_lo, x_hi] only.
+        """Like ``evaluate``, for points ``x`` ``[n]`` of one ``row`` (an int) inside its grid
+        [x_lo, x_hi] only.
 
-        The interpolant alone with Python-scalar constants (the CPU loss path splits each sorted row at the
-        junctions and sends the few points beyond them to ``evaluate``). Points slightly outside the grid are
-        clamped to its ends. The derivative is multiplied by ``grad_scale`` (saves the caller a pass).
+        The interpolant alone with Python-scalar constants (the CPU loss path splits each sorted row
+        at the junctions and sends the few points beyond them to ``evaluate``). Points slightly
+        outside the grid are clamped to its ends. The derivative is multiplied by ``grad_scale``
+        (saves the caller a pass).
         """
         k_c, inv_h, s_lo, s_hi, offset = self.row_scalars(row)
         y = 1.0 - x
@@ -341,10 +347,11 @@ class BetaCDFTable:
         )
 
     def _hermite(self, s, xy, s_hi, offset, d_scale, need_grad: bool):
-        """The cubic Hermite interpolant at grid coordinate ``s`` (clamped to [s_lo, s_hi]; overwritten).
+        """The cubic Hermite interpolant at grid coordinate ``s`` (clamped to [s_lo, s_hi];
+        overwritten).
 
-        Returns (F, dF/dx or None): dF/dx = dp/dt * d_scale / (x (1 - x)) with ``xy`` = x (1 - x) and
-        ``d_scale`` = 1/h (times a caller's factor), the exact derivative of F(u(x)).
+        Returns (F, dF/dx or None): dF/dx = dp/dt * d_scale / (x (1 - x)) with ``xy`` = x (1 - x)
+        and ``d_scale`` = 1/h (times a caller's factor), the exact derivative of F(u(x)).
         """
         cell = s.floor().clamp_(max=s_hi - 1.0)
         t = s.sub_(cell)
@@ -363,7 +370,8 @@ class BetaCDFTable:
 
 
 def _grid_coord(x, y, k_c, inv_h):
-    """Grid coordinate relative to the reference node: (u - u_c) / h = log(x / (1 - x) * k_c) / h."""
+    """Grid coordinate relative to the reference node: (u - u_c) / h = log(x / (1 - x) * k_c) /
+    h."""
     return torch.div(x, y).mul_(k_c).log_().mul_(inv_h)
 
 
@@ -372,10 +380,11 @@ _TABLE_CACHE: OrderedDict[tuple, BetaCDFTable] = OrderedDict()
 
 
 def beta_cdf_table(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, device) -> BetaCDFTable:
-    """Cached ``BetaCDFTable`` keyed on the values of ``a``, ``b`` (read on the host), dtype and device.
+    """Cached ``BetaCDFTable`` keyed on the values of ``a``, ``b`` (read on the host), dtype and
+    device.
 
-    A bounded LRU (16 tables): rebuilt only when alpha changes. Pass ``a``/``b`` as CPU tensors to avoid a
-    device-to-host copy per call; the table itself lives on ``device``.
+    A bounded LRU (16 tables): rebuilt only when alpha changes. Pass ``a``/``b`` as CPU tensors to
+    avoid a device-to-host copy per call; the table itself lives on ``device``.
     """
     a = torch.as_tensor(a).detach().reshape(-1)
     b = torch.as_tensor(b).detach().reshape(-1)

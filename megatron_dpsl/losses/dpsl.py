@@ -1,8 +1,8 @@
-"""Eq. 4 of the DPSL paper (Cramér–von Mises distance to the Dirichlet marginals), without λ.
+"""The DPSL loss: Cramér–von Mises distance of each expert's routing probabilities to the
+Dirichlet prior's Beta marginal (the paper's Eq. 4), without λ.
 
-Pure tensor math: no process groups, no Megatron. Shapes use Megatron's names:
-``probs`` ``[num_tokens, num_experts]``, ``alpha`` ``[num_experts]`` or ``[num_groups,
-num_experts]``.
+Pure tensor math: no process groups, no Megatron. Shape legend: B tokens, E experts, G token
+groups; ``probs`` ``[B, E]`` (``[num_tokens, num_experts]``), ``alpha`` ``[E]`` or ``[G, E]``.
 
 For every (group g, expert k) "row", the valid tokens of group g are sorted by ``probs[:, k]`` and
 
@@ -10,10 +10,11 @@ For every (group g, expert k) "row", the valid tokens of group g are sorted by `
     sum_k alpha_gk.
 
 Implementations (``impl=`` or $MEGATRON_DPSL_LOSS_IMPL; "auto" picks the fused one for CUDA
-float32/bf16/fp16 when Triton imports): ``fused_loss.py`` (one sort + Triton kernels), and the torch
-path here (CPU, float64, accelerators without Triton). The torch path (O(num_tokens * num_experts)
-memory, no B x B intermediate):
-  1. rank (``ranking.py``: validation, the row layout, the sorts; ties keep token order). CPU: per
+float32/bf16/fp16 when Triton imports): ``dpsl_triton.py`` (one sort + Triton kernels), and the
+torch path here (CPU, float64, accelerators without Triton). The torch path (O(num_tokens *
+num_experts) memory, no B x B intermediate):
+  1. rank (``dpsl_inputs.py``: validation, the row layout; ``ranking.py``: the sorts; ties keep
+     token order). CPU: per
      group (tokens selected on the host) and per expert, a stable 1-D sort of the float32 bit
      patterns of the contiguous [E, B] transpose. Accelerators: a branch-free, fixed-shape path (one
      [E, B] sort, or one 1-D int64 key sort (row << 30 | bits) with groups/padding; no host sync).
@@ -35,15 +36,9 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-from megatron_dpsl.losses import dpsl_triton as fused_loss
-from megatron_dpsl.losses.ranking import (
-    Eq4Inputs,
-    rank_dense,
-    ranked_cdf,
-    row_layout,
-    sort_rows,
-    table_for,
-)
+from megatron_dpsl.losses import dpsl_triton
+from megatron_dpsl.losses.dpsl_inputs import RowLayout, row_layout, table_for
+from megatron_dpsl.losses.ranking import rank_dense, ranked_cdf, sort_rows
 
 _CHUNK = 1 << 17  # elements per CPU chunk (measured: fewer, larger ops beat cache-sized ones here)
 IMPL_ENV = "MEGATRON_DPSL_LOSS_IMPL"
@@ -51,13 +46,13 @@ IMPLS = ("auto", "torch", "triton")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _eq4_cpu(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool):
+def _per_expert_loss_cpu(p: torch.Tensor, inputs: RowLayout, need_grad: bool):
     """CPU path: per group and expert, sort the row and split it at the table's junctions.
 
     The bulk (usually all points) uses the interpolant alone with Python-scalar constants, a row at
     a time (measured faster here than one [E, B] pass or cache-sized chunks); the few points beyond
     the junctions of all rows go through the full evaluator in one call. Data-dependent slicing is
-    free on the host. Returns (loss per expert [E], dL_k/dp [T, E] or None).
+    free on the host. Returns (loss per expert [E], dL_k/dp [B, E] or None).
     """
     table, num_groups, group_ids = inputs
     num_tokens, num_experts = p.shape
@@ -136,13 +131,13 @@ def _eq4_cpu(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool):
     return per_expert, grad
 
 
-def _eq4_device(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool):
+def _per_expert_loss_device(p: torch.Tensor, inputs: RowLayout, need_grad: bool):
     """Accelerator path: branch-free, fixed shapes (no host sync, CUDA-graph friendly)."""
     table, num_groups, group_ids = inputs
     num_tokens, num_experts = p.shape
     cdt = p.dtype
     if group_ids is None:
-        x, idx = rank_dense(p)  # [E, T]
+        x, idx = rank_dense(p)  # [E, B]
         f, d = table.evaluate(x, need_grad=need_grad)
         inv_n = 1.0 / max(num_tokens, 1)
         ranks = torch.arange(1, num_tokens + 1, dtype=cdt, device=p.device) * inv_n
@@ -164,18 +159,18 @@ def _eq4_device(p: torch.Tensor, inputs: Eq4Inputs, need_grad: bool):
 
 
 class _DPSLPerExpert(torch.autograd.Function):
-    """probs [T, E] -> Eq. 4 per expert [E] (summed over groups), in the compute dtype.
+    """probs [B, E] -> the loss per expert [E] (summed over groups), in the compute dtype.
 
-    The forward also forms dL_k/dp [T, E] (scattered back through the sort permutation: the ranks
+    The forward also forms dL_k/dp [B, E] (scattered back through the sort permutation: the ranks
     are locally constant, so only F(p) carries gradient); the backward only scales it by
     grad_out[k].
     """
 
     @staticmethod
-    def forward(ctx, probs, inputs: Eq4Inputs, need_grad: bool):
+    def forward(ctx, probs, inputs: RowLayout, need_grad: bool):
         p = probs.detach().to(inputs.table.dtype)
         need_grad = need_grad and probs.requires_grad
-        impl = _eq4_cpu if p.device.type == "cpu" else _eq4_device
+        impl = _per_expert_loss_cpu if p.device.type == "cpu" else _per_expert_loss_device
         out, grad = impl(p, inputs, need_grad)
         if need_grad:
             ctx.save_for_backward(grad)
@@ -193,7 +188,7 @@ def _per_expert_or_sum(probs, alpha, group_ids, padding_mask, impl: str | None, 
     table, num_groups = table_for(probs, alpha, group_ids, padding_mask)
     need_grad = torch.is_grad_enabled()
     if selected_impl(probs, impl) == "triton":
-        return fused_loss.FusedDPSL.apply(
+        return dpsl_triton.FusedDPSL.apply(
             probs, table, num_groups, group_ids, padding_mask, reduce, need_grad
         )
     out = _DPSLPerExpert.apply(
@@ -211,7 +206,7 @@ def selected_impl(probs: torch.Tensor, impl: str | None = None) -> str:
         raise ValueError(f"dpsl_loss: impl (or ${IMPL_ENV}) must be one of {IMPLS}, got {impl!r}")
     fusable = probs.dtype in _FUSED_DTYPES and 0 < probs.numel() < 2**31
     if impl == "triton":
-        if not fused_loss.runs_on(probs.device):
+        if not dpsl_triton.runs_on(probs.device):
             raise ValueError(
                 f"dpsl_loss: impl='triton' needs Triton (pip install triton) and a CUDA device, or "
                 f"TRITON_INTERPRET=1 for CPU tensors; got {probs.device}. Use impl='torch'"
@@ -222,7 +217,7 @@ def selected_impl(probs: torch.Tensor, impl: str | None = None) -> str:
                 f"(float64: impl='torch')"
             )
     elif impl == "auto":
-        fusable = fusable and probs.is_cuda and fused_loss.runs_on(probs.device)
+        fusable = fusable and probs.is_cuda and dpsl_triton.runs_on(probs.device)
     return (
         "triton" if impl != "torch" and fusable else "torch"
     )  # an empty batch takes the torch path
@@ -236,7 +231,8 @@ def dpsl_loss_per_expert(
     *,
     impl: str | None = None,
 ) -> torch.Tensor:
-    """Eq. 4 (without λ) for each expert: ``[num_experts]``, summed over groups. ``dpsl_loss`` sums it.
+    """Eq. 4 (without λ) for each expert: ``[num_experts]``, summed over groups. ``dpsl_loss`` sums
+    it.
 
     Same arguments as ``dpsl_loss``. Output dtype float32 (float64 for float64 ``probs``).
     """

@@ -1,22 +1,23 @@
-"""Eq. 4 on accelerators at the cost of one sort: the work after the sort fused into Triton kernels.
+"""The DPSL loss on accelerators at the cost of one sort: the work after the sort fused into Triton
+kernels. Shape legend: B tokens, E experts, G token groups (the kernels call B ``T``).
 
-Same math and the same exact gradient as ``loss.py``'s torch path (tested equal under Triton's
+Same math and the same exact gradient as ``dpsl.py``'s torch path (tested equal under Triton's
 interpreter, ``tests/unit/losses/test_dpsl_triton.py``); float32 compute, for
 float32/bfloat16/float16 ``probs``.
 
-Per call (``probs`` ``[T, E]``, G groups; no host sync, fixed shapes, CUDA-graph capturable):
-  1. ``probs.t().contiguous()`` ``[E, T]`` and ONE ``torch.sort(dim=-1, stable=True)`` in the input
+Per call (``probs`` ``[B, E]``, G groups; no host sync, fixed shapes, CUDA-graph capturable):
+  1. ``probs.t().contiguous()`` ``[E, B]`` and ONE ``torch.sort(dim=-1, stable=True)`` in the input
      dtype (bf16 sorts 16-bit keys: fewer radix passes than the fp32 sort floor). Groups cost no
      extra sort: each (group, expert) row is a subsequence of the expert's value-sorted row, so a
      token's rank in its group is the number of same-group tokens before it there (ties keep token
      order, as the torch path).
   2. groups/padding only: ``_count_kernel`` gathers each sorted token's group (padding = group G)
-     into ``[E, T]`` int32 and counts groups per span of every expert row ``[E, S, G1]``.
+     into ``[E, B]`` int32 and counts groups per span of every expert row ``[E, S, G1]``.
   3. ``_eval_kernel``, one program per span of an expert row: the rank j (position + 1, or the
      span's prefix count + an in-block cumsum per group), the Beta CDF by the table's cubic Hermite
      in logit space with the analytic tails (the formulas of ``BetaCDFTable.evaluate``, constants
      and coefficients packed ``[R, 16]`` / ``[M, 4]``), the residual j/n - F, the loss partial per
-     program, and dL/dp = -(2/n)(j/n - F) F' scattered straight to the token layout ``[T, E]``
+     program, and dL/dp = -(2/n)(j/n - F) F' scattered straight to the token layout ``[B, E]``
      through the sort index.
   4. ``partials.sum()`` (deterministic: no atomics). Backward: one multiply by the incoming
      gradient.
@@ -25,7 +26,7 @@ Per call (``probs`` ``[T, E]``, G groups; no host sync, fixed shapes, CUDA-graph
 
 Why Triton kernels and not ``torch.compile`` of the chain (no GPU was available when this was
 written: the reasoning and the CPU-side measurements are in docs/performance.md): the post-sort work
-is one pass over ``[E, T]`` that gathers 4 Hermite coefficients, evaluates two tails, reduces per
+is one pass over ``[E, B]`` that gathers 4 Hermite coefficients, evaluates two tails, reduces per
 expert and scatters through the permutation: by hand, 1 kernel (2 with groups, whose ranks need no
 second sort), no intermediate tensors, registers checked offline for sm_90 (76, no spills).
 ``torch.compile`` of the same chain (inductor, CPU) also fused it, but compiled for 22 s at the
@@ -83,9 +84,9 @@ _TINY = torch.finfo(torch.float32).tiny  # the pdf's denominator floor
 
 
 def runs_on(device: torch.device) -> bool:
-    """Whether the kernels can run on ``device``: CUDA (compiled), or the CPU under Triton's interpreter
-    (TRITON_INTERPRET=1 set before Triton is imported, as tests/conftest.py does on CPU-only
-    machines)."""
+    """Whether the kernels can run on ``device``: CUDA (compiled), or the CPU under Triton's
+    interpreter (TRITON_INTERPRET=1 set before Triton is imported, as tests/conftest.py does on
+    CPU-only machines)."""
     if triton is None:
         return False
     if device.type == "cpu":
@@ -113,7 +114,8 @@ if triton is not None:
         BLOCK: tl.constexpr,
         G1P: tl.constexpr,
     ):
-        """Program (k, s): group of every token of span s of expert row k (sorted order) and their counts."""
+        """Program (k, s): group of every token of span s of expert row k (sorted order) and their
+        counts."""
         k = tl.program_id(0)
         s = tl.program_id(1)
         start = s * span
@@ -165,7 +167,8 @@ if triton is not None:
         SP: tl.constexpr,
         NC: tl.constexpr,
     ):
-        """Program (k, s): Eq. 4 terms and dL/dp of span s of expert row k; one loss partial per program."""
+        """Program (k, s): Eq. 4 terms and dL/dp of span s of expert row k; one loss partial per
+        program."""
         k = tl.program_id(0)
         s = tl.program_id(1)
         start = s * span
@@ -266,7 +269,8 @@ if triton is not None:
 # A bounded memo keyed on immutable tables (cached per alpha themselves), not state.
 @functools.lru_cache(maxsize=16)
 def _packed(table: BetaCDFTable):
-    """The table's per-row constants ``[R, 16]`` and Hermite coefficients ``[M, 4]``, float32, on its device."""
+    """The table's per-row constants ``[R, 16]`` and Hermite coefficients ``[M, 4]``, float32, on
+    its device."""
     consts = torch.zeros(table.num_rows, _NUM_CONSTS, dtype=torch.float32, device=table.device)
     consts[:, : len(_CONST_NAMES)] = torch.stack([table.rows[n].float() for n in _CONST_NAMES], 1)
     coefs = torch.stack([table.c0, table.c1, table.c2, table.c3], 1).float().contiguous()
@@ -275,9 +279,9 @@ def _packed(table: BetaCDFTable):
 
 @functools.cache
 def _launch_shape(device: torch.device, num_experts: int, g1p: int):
-    """(block, spans per expert row, warps). CUDA: ~4 programs per SM; 4 elements per thread without groups,
-    2 x G1P one-hot entries with them (sm_90 builds: 76 / ~120 registers, no spills). CPU (the
-    interpreter, i.e. tests): small blocks and 3 spans, so test-sized batches run the loops,
+    """(block, spans per expert row, warps). CUDA: ~4 programs per SM; 4 elements per thread without
+    groups, 2 x G1P one-hot entries with them (sm_90 builds: 76 / ~120 registers, no spills). CPU
+    (the interpreter, i.e. tests): small blocks and 3 spans, so test-sized batches run the loops,
     prefixes and partial blocks."""
     if device.type != "cuda":
         return 32, 3, 4
@@ -291,11 +295,12 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _next_pow2(n: int) -> int:
-    """``triton.next_power_of_2`` on the host: 0.15 µs per call here vs 2 µs for Triton 3.9's constexpr function."""
+    """``triton.next_power_of_2`` on the host: 0.15 µs per call here vs 2 µs for Triton 3.9's
+    constexpr function."""
     return 1 << max(n - 1, 0).bit_length()
 
 
-def eq4(
+def loss_and_grad(
     probs,
     table: BetaCDFTable,
     num_groups: int,
@@ -304,9 +309,9 @@ def eq4(
     need_grad: bool,
     reduce: bool,
 ):
-    """Eq. 4 and dL/dp with the kernels. ``probs`` ``[T, E]`` float32/bf16/fp16 (T >= 1) on a CUDA device, or on
-    the CPU (interpreter). Returns (loss: scalar if ``reduce`` else ``[E]``, float32; dL/dp ``[T,
-    E]`` float32 or None)."""
+    """The DPSL loss and dL/dp with the kernels. ``probs`` ``[B, E]`` float32/bf16/fp16 (B >= 1) on
+    a CUDA device, or on the CPU (interpreter). Returns (loss: scalar if ``reduce`` else ``[E]``,
+    float32; dL/dp ``[B, E]`` float32 or None)."""
     num_tokens, num_experts = probs.shape
     dev = probs.device
     has_groups = padding_mask is not None or (group_ids is not None and num_groups > 1)
@@ -316,7 +321,7 @@ def eq4(
     num_spans = _cdiv(num_tokens, span)
     consts, coefs = _packed(table)
 
-    vals, idx = torch.sort(probs.detach().t().contiguous(), dim=-1, stable=True)  # [E, T] each
+    vals, idx = torch.sort(probs.detach().t().contiguous(), dim=-1, stable=True)  # [E, B] each
     grad = (
         torch.empty(num_tokens, num_experts, dtype=torch.float32, device=dev) if need_grad else None
     )
@@ -375,14 +380,17 @@ def eq4(
 
 
 class FusedDPSL(torch.autograd.Function):
-    """probs ``[T, E]`` -> Eq. 4 (scalar, or ``[E]`` per expert); the forward forms dL/dp, the backward scales it."""
+    """probs ``[B, E]`` -> the DPSL loss (scalar, or ``[E]`` per expert); the forward forms dL/dp,
+    the backward scales it."""
 
     @staticmethod
     def forward(
         ctx, probs, table, num_groups, group_ids, padding_mask, reduce: bool, need_grad: bool
     ):
         need_grad = need_grad and probs.requires_grad
-        out, grad = eq4(probs, table, num_groups, group_ids, padding_mask, need_grad, reduce)
+        out, grad = loss_and_grad(
+            probs, table, num_groups, group_ids, padding_mask, need_grad, reduce
+        )
         if need_grad:
             ctx.save_for_backward(grad)
         ctx.in_dtype, ctx.reduce = probs.dtype, reduce

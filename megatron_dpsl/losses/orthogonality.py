@@ -1,4 +1,5 @@
-"""The orthogonality loss of Guo et al. (arXiv 2505.22323, Eq. 6): one token's k experts answer differently.
+"""The orthogonality loss of Guo et al. (arXiv 2505.22323, Eq. 6): one token's k experts answer
+differently.
 
 Input: the *unweighted* outputs of each token's k selected experts, ``x_ia`` (``[num_tokens, k,
 hidden]``; a slot whose expert was dropped is a zero vector and contributes nothing).
@@ -30,21 +31,24 @@ PAPER, REFERENCE_CODE = "paper", "reference_code"
 FORMS = (PAPER, REFERENCE_CODE)
 
 EPS = 1e-6
-"""ε of Eq. 6 (the paper gives no value): keeps a zero output (a dropped slot) at zero loss and gradient."""
+"""ε of Eq. 6 (the paper gives no value): keeps a zero output (a dropped slot) at zero loss and
+gradient."""
 
 GRAM_SCHMIDT_EPS = 1e-6
 """The reference code's ``v / (‖v‖ + 1e-6)``."""
 
 
 def gram(expert_outputs: torch.Tensor) -> torch.Tensor:
-    """Per-token Gram matrices ``[num_tokens, k, k]`` (float64) of ``expert_outputs`` ``[num_tokens, k, hidden]``.
+    """Per-token Gram matrices ``[num_tokens, k, k]`` (float64) of ``expert_outputs`` ``[num_tokens,
+    k, hidden]``.
 
     The matmul runs in fp32 for half-precision inputs (the inner products of bf16 vectors need fp32
     accumulation and an fp32 result) and in the input's precision otherwise.
     """
     if expert_outputs.dim() != 3:
         raise ValueError(
-            f"expert_outputs must be [num_tokens, k, hidden], got shape {tuple(expert_outputs.shape)}"
+            "expert_outputs must be [num_tokens, k, hidden], got shape "
+            f"{tuple(expert_outputs.shape)}"
         )
     x = expert_outputs.to(torch.promote_types(expert_outputs.dtype, torch.float32))
     return torch.bmm(x, x.transpose(1, 2)).to(torch.float64)
@@ -67,31 +71,33 @@ def orthogonality_sum(
         padding_mask: ``[num_tokens]`` bool, True = padding (left out), or None.
         eps: ε of Eq. 6.
     """
-    g = gram(expert_outputs)  # [T, k, k]
+    g = gram(expert_outputs)  # [B, k, k]
     k = g.shape[-1]
-    diag = g.diagonal(dim1=-2, dim2=-1)  # [T, k]: ‖x_ib‖²
+    diag = g.diagonal(dim1=-2, dim2=-1)  # [B, k]: ‖x_ib‖²
     # ‖(G_ab/(G_bb+ε)) x_ib‖² = G_ab² G_bb/(G_bb+ε)², with b the column index
-    terms = g.square() * (diag / (diag + eps).square()).unsqueeze(-2)  # [T, k(a), k(b)]
+    terms = g.square() * (diag / (diag + eps).square()).unsqueeze(-2)  # [B, k(a), k(b)]
     off_diagonal = ~torch.eye(k, dtype=torch.bool, device=g.device)
-    per_token = (terms * off_diagonal).sum(dim=(-2, -1))  # [T]
+    per_token = (terms * off_diagonal).sum(dim=(-2, -1))  # [B]
     return (per_token * _weights(g.shape[0], padding_mask, g.device)).sum()
 
 
 def _inner(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """⟨Σ_c u_c x_c, Σ_d v_d x_d⟩ = uᵀ G v per token: ``[T, k]``, ``[T, k]``, ``[T, k, k]`` -> ``[T]``."""
+    """⟨Σ_c u_c x_c, Σ_d v_d x_d⟩ = uᵀ G v per token: ``[B, k]``, ``[B, k]``, ``[B, k, k]`` ->
+    ``[B]``."""
     return torch.einsum("tc,tcd,td->t", u, g, v)
 
 
 def span_projection_sum(
     expert_outputs: torch.Tensor, padding_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The reference code's loss summed over this shard's valid tokens, times k (no normalisation): 0-dim float64.
+    """The reference code's loss summed over this shard's valid tokens, times k (no normalisation):
+    0-dim float64.
 
     For each slot a: Σ_u ‖⟨u, x_a⟩ u‖² over the Gram-Schmidt basis u of the other slots, built as
     the code does (modified Gram-Schmidt, ``v / (‖v‖ + 1e-6)``). Basis vectors are kept as
     coefficients over the token's k outputs, so every inner product is read off the Gram matrix.
     """
-    g = gram(expert_outputs)  # [T, k, k]
+    g = gram(expert_outputs)  # [B, k, k]
     num_tokens, k = g.shape[0], g.shape[-1]
     unit = torch.eye(k, dtype=g.dtype, device=g.device)
     per_token = g.new_zeros(num_tokens)

@@ -76,7 +76,8 @@ def symmetric_alpha(
 def per_expert_alpha(
     values: AlphaLike, num_experts: int, *, names: Mapping[str, str] | None = None
 ) -> torch.Tensor:
-    """One α per expert: ``values`` of length ``num_experts`` (each > 0) -> ``[num_experts]`` float64 CPU."""
+    """One α per expert: ``values`` of length ``num_experts`` (each > 0) -> ``[num_experts]``
+    float64 CPU."""
     n = _named(names)
     num_experts = _check_int(n("num_experts"), num_experts)
     try:
@@ -99,7 +100,8 @@ def group_alpha(
     *,
     names: Mapping[str, str] | None = None,
 ) -> torch.Tensor:
-    """The paper's modality/task priors for ``num_groups`` token groups: ``[num_groups, num_experts]``.
+    """The paper's modality/task priors for ``num_groups`` token groups: ``[num_groups,
+    num_experts]``.
 
     Experts form ``num_groups`` contiguous blocks of ``num_experts / num_groups``; row g is
     ``alpha_base + alpha_shift`` on block g and ``alpha_base`` elsewhere.
@@ -120,7 +122,8 @@ def group_alpha(
         or num_experts % num_groups
     ):
         raise ValueError(
-            f"{n('num_groups')}: must be >= 1 and divide {n('num_experts')} {num_experts}, got {num_groups!r} "
+            f"{n('num_groups')}: must be >= 1 and divide {n('num_experts')} {num_experts}, got "
+            f"{num_groups!r} "
             "(each group gets a contiguous block of experts)"
         )
     alpha_base = _check_num(n("alpha_base"), alpha_base)
@@ -149,11 +152,13 @@ def _group_rows(group_alphas, num_experts: int, n) -> torch.Tensor:
         rows = torch.as_tensor(group_alphas, dtype=torch.float64).detach().cpu().clone()
     except (TypeError, ValueError) as err:
         raise ValueError(
-            f"{n('group_alphas')}: expected [num_groups][{num_experts}] numbers, got {group_alphas!r}"
+            f"{n('group_alphas')}: expected [num_groups][{num_experts}] numbers, got "
+            f"{group_alphas!r}"
         ) from err
     if rows.dim() != 2 or rows.shape[1] != num_experts or rows.shape[0] < 1:
         raise ValueError(
-            f"{n('group_alphas')}: every row needs {num_experts} values (num experts), got shape {tuple(rows.shape)}"
+            f"{n('group_alphas')}: every row needs {num_experts} values (num experts), got "
+            f"shape {tuple(rows.shape)}"
         )
     return _check_tensor(n("group_alphas"), rows)
 
@@ -168,7 +173,8 @@ def resolve_alpha(
     *,
     names: Mapping[str, str] | None = None,
 ) -> torch.Tensor:
-    """The one entry point the config and the router use: ``[num_experts]`` or ``[num_groups, num_experts]``.
+    """The one entry point the config and the router use: ``[num_experts]`` or ``[num_groups,
+    num_experts]``.
 
     Exactly one way of giving the prior:
       * ``alpha``: a number (symmetric), a length-1 list (symmetric) or ``num_experts`` values;
@@ -186,7 +192,8 @@ def resolve_alpha(
     if group_alphas is not None:
         if given:
             raise ValueError(
-                f"{n('group_alphas')}: give either it or {n('alpha_base')}/{n('alpha_shift')}/{n('num_groups')}, "
+                f"{n('group_alphas')}: give either it or "
+                f"{n('alpha_base')}/{n('alpha_shift')}/{n('num_groups')}, "
                 f"not both (got {', '.join(map(n, given))})"
             )
         if alpha is not None:
@@ -196,12 +203,14 @@ def resolve_alpha(
         missing = [k for k in shortcut if shortcut[k] is None]
         if missing:
             raise ValueError(
-                f"{n(missing[0])}: the modality prior needs {n('alpha_base')}, {n('alpha_shift')} and "
+                f"{n(missing[0])}: the modality prior needs {n('alpha_base')}, "
+                f"{n('alpha_shift')} and "
                 f"{n('num_groups')} together; missing {', '.join(map(n, missing))}"
             )
         if alpha is not None:
             raise ValueError(
-                f"{n('alpha')}: give either it or {n('alpha_base')}/{n('alpha_shift')}/{n('num_groups')}, not both"
+                f"{n('alpha')}: give either it or "
+                f"{n('alpha_base')}/{n('alpha_shift')}/{n('num_groups')}, not both"
             )
         return group_alpha(num_experts, num_groups, alpha_base, alpha_shift, names=names)
     if alpha is None:

@@ -1,4 +1,5 @@
-"""The variance loss of Guo et al. (arXiv 2505.22323, Eq. 7): routing scores spread out over the batch.
+"""The variance loss of Guo et al. (arXiv 2505.22323, Eq. 7): routing scores spread out over the
+batch.
 
 Paper form (the default), for n experts and the N valid tokens of a batch, with ``s_ij`` the
 post-top-k routing score (Megatron's ``probs``: zero where expert j was not selected):
@@ -53,7 +54,8 @@ def variance_sums(probs: torch.Tensor, padding_mask: torch.Tensor | None = None)
 
 
 def variance_loss_from_sums(sums: torch.Tensor) -> torch.Tensor:
-    """The paper-form loss (a 0-dim float64 tensor) from :func:`variance_sums` added over the batch's shards.
+    """The paper-form loss (a 0-dim float64 tensor) from :func:`variance_sums` added over the
+    batch's shards.
 
     A batch with no valid token gives 0 (and a zero gradient).
     """
@@ -68,7 +70,8 @@ def variance_loss_from_sums(sums: torch.Tensor) -> torch.Tensor:
 
 
 def variance_loss(probs: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Paper form of L_v on one unsharded batch (no coefficient): ``[num_tokens, num_experts]`` -> 0-dim float32."""
+    """Paper form of L_v on one unsharded batch (no coefficient): ``[num_tokens, num_experts]`` ->
+    0-dim float32."""
     return variance_loss_from_sums(variance_sums(probs, padding_mask)).to(torch.float32)
 
 
@@ -97,12 +100,14 @@ def sharpness_sums(logits: torch.Tensor, padding_mask: torch.Tensor | None = Non
 
 
 def sharpness_loss_from_sums(sums: torch.Tensor) -> torch.Tensor:
-    """The reference-code loss (0-dim float64) from :func:`sharpness_sums` added over the batch's shards."""
+    """The reference-code loss (0-dim float64) from :func:`sharpness_sums` added over the batch's
+    shards."""
     return -sums[0] / sums[1].clamp(min=1.0)
 
 
 def variance_loss_reference_code(
     logits: torch.Tensor, padding_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Reference-code form of L_v on one unsharded batch: ``[num_tokens, num_experts]`` logits -> 0-dim float32."""
+    """Reference-code form of L_v on one unsharded batch: ``[num_tokens, num_experts]`` logits ->
+    0-dim float32."""
     return sharpness_loss_from_sums(sharpness_sums(logits, padding_mask)).to(torch.float32)

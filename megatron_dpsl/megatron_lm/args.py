@@ -75,7 +75,8 @@ _FIELD_FLAGS = {"num_moe_experts": "--num-experts"}
 
 
 def flag_for_field(name: str) -> str:
-    """The Megatron-LM flag that fills config field ``name`` (``moe_dpsl_alpha`` -> ``--moe-dpsl-alpha``)."""
+    """The Megatron-LM flag that fills config field ``name`` (``moe_dpsl_alpha`` ->
+    ``--moe-dpsl-alpha``)."""
     return _FIELD_FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
@@ -85,7 +86,8 @@ def _group_alphas(value: str) -> list[list[float]]:
     if not text.startswith("["):
         if not os.path.isfile(text):
             raise argparse.ArgumentTypeError(
-                f"expected a JSON list of lists (e.g. '[[2,2,1,1],[1,1,2,2]]') or the path of a JSON file "
+                "expected a JSON list of lists (e.g. '[[2,2,1,1],[1,1,2,2]]') or the path of "
+                "a JSON file "
                 f"holding one; {value!r} is neither"
             )
         with open(text, encoding="utf-8") as f:
@@ -103,7 +105,8 @@ def _group_alphas(value: str) -> list[list[float]]:
         or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for r in rows for x in r)
     ):
         raise argparse.ArgumentTypeError(
-            f"expected a non-empty list of non-empty lists of numbers ([num_groups][num_experts]), got {rows!r}"
+            "expected a non-empty list of non-empty lists of numbers "
+            f"([num_groups][num_experts]), got {rows!r}"
         )
     return [[float(x) for x in r] for r in rows]
 
@@ -117,8 +120,9 @@ def _find_action(parser: argparse.ArgumentParser, dest: str) -> argparse.Action 
 
 
 def add_moe_load_balancing_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--moe-router-load-balancing-type`` and ``--moe-aux-loss-coeff`` as Megatron-LM defines them,
-    with ``dpsl`` among the types, to a parser that lacks them (a standalone trainer's parser).
+    """Add ``--moe-router-load-balancing-type`` and ``--moe-aux-loss-coeff`` as Megatron-LM defines
+    them, with ``dpsl`` among the types, to a parser that lacks them (a standalone trainer's
+    parser).
 
     Flags the parser already has are left alone (``add_dpsl_args`` widens their choices instead).
     """
@@ -129,9 +133,12 @@ def add_moe_load_balancing_args(parser: argparse.ArgumentParser) -> argparse.Arg
             type=str,
             choices=[*MEGATRON_LOAD_BALANCING_TYPES, *PLUGIN_LOAD_BALANCING_TYPES],
             default="aux_loss",
-            help="Router load-balancing strategy, one or several (each with its own --moe-aux-loss-coeff). "
-            "'dpsl' adds the Dirichlet-Prior Shaping Loss; it combines with aux_loss, seq_aux_loss, "
-            "global_aux_loss or none. 'variance' and 'orthogonality' add the losses of Guo et al. (2025), "
+            help="Router load-balancing strategy, one or several (each with its own "
+            "--moe-aux-loss-coeff). "
+            "'dpsl' adds the Dirichlet-Prior Shaping Loss; it combines with aux_loss, "
+            "seq_aux_loss, "
+            "global_aux_loss or none. 'variance' and 'orthogonality' add the losses of Guo et "
+            "al. (2025), "
             "see --moe-variance-loss-form / --moe-orthogonality-loss-form.",
         )
     if _find_action(parser, "moe_aux_loss_coeff") is None:
@@ -140,16 +147,19 @@ def add_moe_load_balancing_args(parser: argparse.ArgumentParser) -> argparse.Arg
             type=float,
             nargs="+",
             default=0.0,
-            help="Coefficient of each load-balancing loss, one per --moe-router-load-balancing-type. "
-            "The value in dpsl's slot, when non-zero, is the DPSL coefficient (same as --moe-dpsl-coeff); "
-            "the values in the variance and orthogonality slots are those losses' coefficients (>= 0).",
+            help="Coefficient of each load-balancing loss, one per "
+            "--moe-router-load-balancing-type. "
+            "The value in dpsl's slot, when non-zero, is the DPSL coefficient (same as "
+            "--moe-dpsl-coeff); "
+            "the values in the variance and orthogonality slots are those losses' coefficients "
+            "(>= 0).",
         )
     return parser
 
 
 def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron-LM ``extra_args_provider``: add the DPSL flags (and the ``--moe-ac-*`` flags of the Adaptive
-    Clustering router) and accept ``dpsl`` as a load-balancing type.
+    """Megatron-LM ``extra_args_provider``: add the DPSL flags (and the ``--moe-ac-*`` flags of the
+    Adaptive Clustering router) and accept ``dpsl`` as a load-balancing type.
 
     If ``parser`` defines ``--moe-router-load-balancing-type`` (Megatron-LM's parser does), ``dpsl``
     is appended to its choices; if it does not, nothing is added for it (call
@@ -176,85 +186,106 @@ def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     group = parser.add_argument_group(
         title="dpsl",
-        description="Dirichlet-Prior Shaping Loss (megatron-dpsl). On when --moe-router-load-balancing-type "
+        description="Dirichlet-Prior Shaping Loss (megatron-dpsl). On when "
+        "--moe-router-load-balancing-type "
         "includes 'dpsl'.",
     )
     group.add_argument(
         "--moe-dpsl-coeff",
         type=float,
         default=None,
-        help="DPSL coefficient λ (config default 0.01). In the list form of --moe-router-load-balancing-type "
-        "a non-zero --moe-aux-loss-coeff value in dpsl's slot sets it too; the two must agree if both are given.",
+        help="DPSL coefficient λ (config default 0.01). In the list form of "
+        "--moe-router-load-balancing-type "
+        "a non-zero --moe-aux-loss-coeff value in dpsl's slot sets it too; the two must agree "
+        "if both are given.",
     )
     group.add_argument(
         "--moe-dpsl-alpha",
         type=float,
         nargs="+",
         default=None,
-        help="Dirichlet prior α: one value (symmetric prior, default 1.0) or one per expert (--num-experts "
-        "values). α < 1 pushes routing towards confident, sparse distributions; α > 1 towards uniform.",
+        help="Dirichlet prior α: one value (symmetric prior, default 1.0) or one per expert "
+        "(--num-experts "
+        "values). α < 1 pushes routing towards confident, sparse distributions; α > 1 towards "
+        "uniform.",
     )
     group.add_argument(
         "--moe-dpsl-group-alphas",
         type=_group_alphas,
         default=None,
         metavar="JSON_OR_PATH",
-        help="Per-group priors [num_groups][num_experts], as inline JSON (e.g. '[[2,2,1,1],[1,1,2,2]]') or "
-        "the path of a JSON file holding that list. Token g's prior is row group_id[g]; the data must "
-        "supply per-token group ids. Excludes --moe-dpsl-alpha and the --moe-dpsl-alpha-base/shift shortcut.",
+        help="Per-group priors [num_groups][num_experts], as inline JSON (e.g. "
+        "'[[2,2,1,1],[1,1,2,2]]') or "
+        "the path of a JSON file holding that list. Token g's prior is row group_id[g]; the "
+        "data must "
+        "supply per-token group ids. Excludes --moe-dpsl-alpha and the "
+        "--moe-dpsl-alpha-base/shift shortcut.",
     )
     group.add_argument(
         "--moe-dpsl-alpha-base",
         type=float,
         default=None,
-        help="Modality/task prior shortcut (paper Sec. 3.4): α_b, the prior on experts outside a group's "
+        help="Modality/task prior shortcut (paper Sec. 3.4): α_b, the prior on experts outside a "
+        "group's "
         "block. Needs --moe-dpsl-alpha-shift and --moe-dpsl-num-groups.",
     )
     group.add_argument(
         "--moe-dpsl-alpha-shift",
         type=float,
         default=None,
-        help="Modality/task prior shortcut: α_s, added to α_b on the group's own contiguous block of "
+        help="Modality/task prior shortcut: α_s, added to α_b on the group's own contiguous block "
+        "of "
         "num_experts / num_groups experts.",
     )
     group.add_argument(
         "--moe-dpsl-num-groups",
         type=int,
         default=None,
-        help="Number of token groups (modalities/tasks) for the α_b/α_s shortcut; must divide --num-experts.",
+        help="Number of token groups (modalities/tasks) for the α_b/α_s shortcut; must divide "
+        "--num-experts.",
     )
     group.add_argument(
         "--moe-dpsl-token-groups",
         type=str,
         choices=list(TOKEN_GROUP_SOURCES),
         default=None,
-        help="Where a token's prior group comes from (group priors only). dataset: the index of its sample's "
-        "dataset in the --data-path blend (patched pretrain_gpt.py, where it is the default). modality: image "
-        "rows vs text, computed from each batch by megatron_dpsl.megatron_lm.pretrain_vlm (which needs it; "
+        help="Where a token's prior group comes from (group priors only). dataset: the index of "
+        "its sample's "
+        "dataset in the --data-path blend (patched pretrain_gpt.py, where it is the default). "
+        "modality: image "
+        "rows vs text, computed from each batch by megatron_dpsl.megatron_lm.pretrain_vlm (which "
+        "needs it; "
         "see --moe-dpsl-vision-group).",
     )
     group.add_argument(
         "--moe-dpsl-vision-group",
         type=int,
         default=None,
-        help="With --moe-dpsl-token-groups modality: the prior group (row) vision tokens take, 0 or 1 (default "
-        "0); text tokens take the other. With the α_b/α_s shortcut group g favours the g-th block of "
-        "num_experts/num_groups experts: 0 gives vision the first half of the experts, 1 the second.",
+        help="With --moe-dpsl-token-groups modality: the prior group (row) vision tokens take, 0 "
+        "or 1 (default "
+        "0); text tokens take the other. With the α_b/α_s shortcut group g favours the g-th block "
+        "of "
+        "num_experts/num_groups experts: 0 gives vision the first half of the experts, 1 the "
+        "second.",
     )
     group.add_argument(
         "--moe-dpsl-gather",
         type=str,
         choices=list(GATHER_CHOICES),
         default="micro_batch",
-        help="Tokens one DPSL loss covers. micro_batch: every token of the micro-batch the layer sees, "
-        "gathered over TP (sequence parallel), CP and EP ranks holding different tokens. global_batch: "
-        "additionally over data-parallel ranks (closer to the paper's whole-batch loss, one more all-gather).",
+        help="Tokens one DPSL loss covers. micro_batch: every token of the micro-batch the layer "
+        "sees, "
+        "gathered over TP (sequence parallel), CP and EP ranks holding different tokens. "
+        "global_batch: "
+        "additionally over data-parallel ranks (closer to the paper's whole-batch loss, one "
+        "more all-gather).",
     )
     group.add_argument(
         "--moe-dpsl-log-interval",
         type=int,
         default=100,
-        help="Steps between routing diagnostics (expert-load CoV, entropy, distance to prior); 0 disables. "
+        help="Steps between routing diagnostics (expert-load CoV, entropy, distance to prior); 0 "
+        "disables. "
         "Other steps add no communication.",
     )
     _add_ac_args(parser)
@@ -280,32 +311,40 @@ def _add_ac_args(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group(
         title="adaptive clustering router",
-        description="The Adaptive Clustering (AC) router of Nielsen et al., ICLR 2025 (megatron-dpsl, "
-        "docs/ac_router.md). On when --moe-ac-layers names layers; combines with every load-balancing type.",
+        description="The Adaptive Clustering (AC) router of Nielsen et al., ICLR 2025 "
+        "(megatron-dpsl, "
+        "docs/ac_router.md). On when --moe-ac-layers names layers; combines with every "
+        "load-balancing type.",
     )
     group.add_argument(
         "--moe-ac-layers",
         type=int,
         nargs="+",
         default=None,
-        help="Layer numbers (1-based, whole model) of the MoE layers whose router uses AC: tokens are scored "
-        "after reweighting their features by the tightness of the cluster (expert) the previous MoE layer "
-        "put them in. Each must be an MoE layer with an earlier MoE layer (the paper keeps the first MoE "
-        "layers standard). The first AC layer of a pipeline stage whose previous MoE layer is on another "
+        help="Layer numbers (1-based, whole model) of the MoE layers whose router uses AC: tokens "
+        "are scored "
+        "after reweighting their features by the tightness of the cluster (expert) the "
+        "previous MoE layer "
+        "put them in. Each must be an MoE layer with an earlier MoE layer (the paper keeps the "
+        "first MoE "
+        "layers standard). The first AC layer of a pipeline stage whose previous MoE layer is "
+        "on another "
         "stage routes without AC.",
     )
     group.add_argument(
         "--moe-ac-eps",
         type=float,
         default=None,
-        help="Added to each cluster's per-feature mean absolute deviation before inverting it (config default 1e-4).",
+        help="Added to each cluster's per-feature mean absolute deviation before inverting it "
+        "(config default 1e-4).",
     )
     group.add_argument(
         "--moe-ac-clip",
         type=_clip,
         default=None,
         metavar="FLOAT_OR_NONE",
-        help="Cap on the AC feature weights as a multiple of their mean (config default 10, the official "
+        help="Cap on the AC feature weights as a multiple of their mean (config default 10, the "
+        "official "
         "language-model code; its Swin code uses 1.5); 'none' disables the cap.",
     )
     group.add_argument(
@@ -313,8 +352,10 @@ def _add_ac_args(parser: argparse.ArgumentParser) -> None:
         type=str,
         choices=list(WEIGHT_NORMS),
         default=None,
-        help="Normalisation of the AC weights (config default feature): feature = each feature's weights "
-        "average 1 over the clusters (official language-model code); cluster = each cluster's weights "
+        help="Normalisation of the AC weights (config default feature): feature = each feature's "
+        "weights "
+        "average 1 over the clusters (official language-model code); cluster = each cluster's "
+        "weights "
         "average 1 over the features; global = overall mean 1 (official Swin code).",
     )
 
@@ -322,16 +363,20 @@ def _add_ac_args(parser: argparse.ArgumentParser) -> None:
 def _add_regularizer_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         title="variance and orthogonality losses",
-        description="Guo et al. (2025, arXiv 2505.22323), megatron-dpsl: on when --moe-router-load-balancing-type "
-        "includes 'variance' / 'orthogonality'; each coefficient is that type's --moe-aux-loss-coeff value.",
+        description="Guo et al. (2025, arXiv 2505.22323), megatron-dpsl: on when "
+        "--moe-router-load-balancing-type "
+        "includes 'variance' / 'orthogonality'; each coefficient is that type's "
+        "--moe-aux-loss-coeff value.",
     )
     group.add_argument(
         "--moe-variance-loss-form",
         type=str,
         choices=list(LOSS_FORMS),
         default=None,
-        help="paper (default): Eq. 7, minus each expert's variance of the post-top-k routing probabilities "
-        "across the batch's tokens (those --moe-dpsl-gather names). reference_code: the official code, minus "
+        help="paper (default): Eq. 7, minus each expert's variance of the post-top-k routing "
+        "probabilities "
+        "across the batch's tokens (those --moe-dpsl-gather names). reference_code: the "
+        "official code, minus "
         "the per-token variance of the full softmax across experts.",
     )
     group.add_argument(
@@ -339,8 +384,11 @@ def _add_regularizer_args(parser: argparse.ArgumentParser) -> None:
         type=str,
         choices=list(LOSS_FORMS),
         default=None,
-        help="paper (default): Eq. 6 / (k·N), squared projections of each of a token's k unweighted expert "
-        "outputs onto each other one. reference_code: onto the span of the other k-1 (the official code).",
+        help="paper (default): Eq. 6 / (k·N), squared projections of each of a token's k "
+        "unweighted "
+        "expert "
+        "outputs onto each other one. reference_code: onto the span of the other k-1 (the "
+        "official code).",
     )
 
 
@@ -357,7 +405,8 @@ def _scalar_if_single(value: Any) -> Any:
 
 def plugin_enabled(args: argparse.Namespace) -> bool:
     """Whether the run needs the plugin's config and spec: a plugin load-balancing type (``dpsl``,
-    ``variance``, ``orthogonality``) or ``--moe-ac-layers`` (``DPSLTransformerConfig.moe_plugin_enabled``)."""
+    ``variance``, ``orthogonality``) or ``--moe-ac-layers``
+    (``DPSLTransformerConfig.moe_plugin_enabled``)."""
     return bool(plugin_types_in(getattr(args, "moe_router_load_balancing_type", None))) or bool(
         getattr(args, "moe_ac_layers", None)
     )
@@ -396,7 +445,8 @@ def check_given_flags(args: argparse.Namespace) -> None:
         given.append("--moe-dpsl-coeff")
     if given and not dpsl_enabled(args):
         raise ValueError(
-            f"{given[0].split('/')[0]}: DPSL flags need {LOAD_BALANCING_FLAG} to include 'dpsl' (e.g. "
+            f"{given[0].split('/')[0]}: DPSL flags need {LOAD_BALANCING_FLAG} to include "
+            "'dpsl' (e.g. "
             f"'{LOAD_BALANCING_FLAG} dpsl' or 'aux_loss dpsl'), got "
             f"{getattr(args, 'moe_router_load_balancing_type', None)!r}"
         )
@@ -409,7 +459,8 @@ def check_given_flags(args: argparse.Namespace) -> None:
     ac_given = [flag_for_field(n) for n in AC_FIELDS[1:] if getattr(args, n, None) is not None]
     if ac_given and not getattr(args, "moe_ac_layers", None):
         raise ValueError(
-            f"{ac_given[0]}: the Adaptive Clustering flags need --moe-ac-layers (the layers that use AC)"
+            f"{ac_given[0]}: the Adaptive Clustering flags need --moe-ac-layers (the layers "
+            "that use AC)"
         )
     types = plugin_types_in(getattr(args, "moe_router_load_balancing_type", None))
     for flag, field, needed in REGULARIZER_FLAGS:
@@ -424,37 +475,45 @@ def _check_token_group_flags(args: argparse.Namespace, group_priors: bool) -> No
     source = getattr(args, "moe_dpsl_token_groups", None)
     if source is not None and not group_priors:
         raise ValueError(
-            f"--moe-dpsl-token-groups {source}: names where each token's prior group comes from; it needs "
-            "group priors (--moe-dpsl-group-alphas, or --moe-dpsl-alpha-base/--moe-dpsl-alpha-shift/"
+            f"--moe-dpsl-token-groups {source}: names where each token's prior group comes from; "
+            "it needs "
+            "group priors (--moe-dpsl-group-alphas, or "
+            "--moe-dpsl-alpha-base/--moe-dpsl-alpha-shift/"
             "--moe-dpsl-num-groups)"
         )
     vision = getattr(args, "moe_dpsl_vision_group", None)
     if vision is not None and source != "modality":
         raise ValueError(
-            f"--moe-dpsl-vision-group: only used with --moe-dpsl-token-groups modality, got {source or 'none'}"
+            "--moe-dpsl-vision-group: only used with --moe-dpsl-token-groups modality, got "
+            f"{source or 'none'}"
         )
 
 
 def require_token_groups(args: argparse.Namespace, supported: tuple, entry: str) -> None:
     """``ValueError`` when ``--moe-dpsl-token-groups`` names a source ``entry`` cannot supply.
 
-    ``entry``: what the run is (``"pretrain_gpt"``, ...), for the message; ``supported``: its sources.
+    ``entry``: what the run is (``"pretrain_gpt"``, ...), for the message; ``supported``: its
+    sources.
     """
     source = getattr(args, "moe_dpsl_token_groups", None)
     if source is None or source in supported:
         return
     if source == "modality":
         raise ValueError(
-            f"--moe-dpsl-token-groups modality: {entry} has no vision encoder, so no token is an image; modality "
-            f"priors need python -m megatron_dpsl.megatron_lm.pretrain_vlm (here: {', '.join(supported)})"
+            f"--moe-dpsl-token-groups modality: {entry} has no vision encoder, so no token is an "
+            "image; modality "
+            "priors need python -m megatron_dpsl.megatron_lm.pretrain_vlm (here: "
+            f"{', '.join(supported)})"
         )
     raise ValueError(
-        f"--moe-dpsl-token-groups {source}: {entry} cannot supply it; allowed here: {', '.join(supported)}"
+        f"--moe-dpsl-token-groups {source}: {entry} cannot supply it; allowed here: "
+        f"{', '.join(supported)}"
     )
 
 
 def translate_config_error(message: str) -> str:
-    """Rewrite config field names in ``message`` as their flags (``moe_dpsl_alpha`` -> ``--moe-dpsl-alpha``)."""
+    """Rewrite config field names in ``message`` as their flags (``moe_dpsl_alpha`` ->
+    ``--moe-dpsl-alpha``)."""
     return re.sub(
         r"(?<![\w-])(moe_[a-z0-9_]+|num_moe_experts|overlap_moe_expert_parallel_comm|cuda_graph_impl)\b",
         lambda m: flag_for_field(m.group(1)),
@@ -464,7 +523,8 @@ def translate_config_error(message: str) -> str:
 
 @contextlib.contextmanager
 def flag_errors() -> Iterator[None]:
-    """Re-raise a config ``ValueError`` with field names rewritten as flags (wrap config construction)."""
+    """Re-raise a config ``ValueError`` with field names rewritten as flags (wrap config
+    construction)."""
     try:
         yield
     except ValueError as e:
@@ -529,7 +589,8 @@ def dpsl_config_from_args(args: argparse.Namespace, config_class=None, **overrid
 
 
 def megatron_lm_config_from_args(args: argparse.Namespace, config_class=None):
-    """Megatron-LM's ``core_transformer_config_from_args`` with the DPSL config class and flag checks.
+    """Megatron-LM's ``core_transformer_config_from_args`` with the DPSL config class and flag
+    checks.
 
     Needs Megatron-LM's ``megatron/training`` on ``sys.path``; ``args`` is not changed.
     """
@@ -548,7 +609,8 @@ def megatron_lm_config_from_args(args: argparse.Namespace, config_class=None):
             else ("--heterogeneous-layers-config-path")
         )
         raise ValueError(
-            f"{flag}: Megatron-LM builds a {type(config).__name__} for it, which has no DPSL fields; "
+            f"{flag}: Megatron-LM builds a {type(config).__name__} for it, which has no DPSL "
+            "fields; "
             f"not supported with {LOAD_BALANCING_FLAG} {ours[0]}"
         )
     return config

@@ -1,4 +1,5 @@
-"""Render the DPSL flag reference from the argparse definitions: ``python -m megatron_dpsl.megatron_lm.docs > docs/flags.md``.
+"""Render the DPSL flag reference from the argparse definitions: ``python -m
+megatron_dpsl.megatron_lm.docs > docs/flags.md``.
 
 tests/unit/megatron_lm/test_args.py regenerates it and compares with the committed file.
 """

@@ -1,4 +1,5 @@
-"""What the patched Megatron-LM files (``patches/``) call: the DPSL layer spec and per-token group ids.
+"""What the patched Megatron-LM files (``patches/``) call: the DPSL layer spec and per-token group
+ids.
 
 Kept here, not in the patches, so that each patch stays a few lines that only forward to this
 module. Imports Megatron lazily: the patched files import this module from inside their functions.
@@ -29,7 +30,8 @@ def decoder_block_spec_fn(config, default: Callable) -> Callable:
 
 
 def plugin_track_names(load_balancing_type) -> list[str]:
-    """The MoE tracker names of the plugin losses that ``--moe-router-load-balancing-type`` turns on.
+    """The MoE tracker names of the plugin losses that ``--moe-router-load-balancing-type`` turns
+    on.
 
     ``load_balancing_type``: Megatron-LM's ``args.moe_router_load_balancing_type`` (a string or a
     list). Each plugin type ``t`` records ``f"{t}_loss"`` (``dpsl`` -> ``dpsl_loss``), and
@@ -71,7 +73,8 @@ class _DatasetIdTap:
 
 
 class DatasetTokenGroups:
-    """Per-token group ids for DPSL group priors in Megatron-LM's ``forward_step`` (patched ``pretrain_gpt.py``).
+    """Per-token group ids for DPSL group priors in Megatron-LM's ``forward_step`` (patched
+    ``pretrain_gpt.py``).
 
     The group of a token is the index of its sample's dataset in the ``--data-path`` blend (e.g.
     ``--data-path 1 code_text_document 1 prose_text_document``: code is group 0, prose group 1).
@@ -98,7 +101,8 @@ class DatasetTokenGroups:
         self.data_iterator = self._tap if self._tap is not None else data_iterator
 
     def group_ids(self, tokens):
-        """``[batch, seq]`` int64 group ids aligned with ``tokens`` (``[batch, seq]``, this rank's CP slice).
+        """``[batch, seq]`` int64 group ids aligned with ``tokens`` (``[batch, seq]``, this rank's
+        CP slice).
 
         Collective over the tensor-parallel group: only TP rank 0 reads the data iterator.
         """
@@ -118,13 +122,16 @@ class DatasetTokenGroups:
         num_groups = self.num_groups
         if bool((ids < 0).any()):
             raise ValueError(
-                "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: the batch has no dataset_id, so tokens have no "
-                "group; give --data-path as a blend with one dataset per group (e.g. --data-path 1 code_text_document "
+                "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: the batch has no dataset_id, "
+                "so tokens have no "
+                "group; give --data-path as a blend with one dataset per group (e.g. "
+                "--data-path 1 code_text_document "
                 "1 prose_text_document: group 0 = code, group 1 = prose)"
             )
         if bool((ids >= num_groups).any()):
             raise ValueError(
-                f"--moe-dpsl-group-alphas/--moe-dpsl-num-groups: {num_groups} groups, but the --data-path blend has "
+                f"--moe-dpsl-group-alphas/--moe-dpsl-num-groups: {num_groups} groups, but the "
+                "--data-path blend has "
                 f"a dataset with index {int(ids.max())}; list exactly one dataset per group"
             )
         # Every token of a sample belongs to the sample's dataset, so the CP slice needs no special
@@ -132,23 +139,28 @@ class DatasetTokenGroups:
         return ids[:, None].expand(batch, tokens.shape[1]).contiguous()
 
     def context(self, tokens, packed_seq_params=None) -> Any:
-        """Context manager around the model forward: ``dpsl_token_groups(group_ids)``, or nothing."""
+        """Context manager around the model forward: ``dpsl_token_groups(group_ids)``, or
+        nothing."""
         if not self.enabled:
             return contextlib.nullcontext()
         if tokens is None or getattr(self.args, "pipeline_model_parallel_size", 1) > 1:
             # middle stages get no batch, and the last stage's non-source TP ranks get no tokens
             raise ValueError(
-                "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: Megatron-LM's pipeline stages after the first get "
-                "no tokens, so their routers get no group ids; use --pipeline-model-parallel-size 1 with group priors"
+                "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: Megatron-LM's pipeline stages "
+                "after the first get "
+                "no tokens, so their routers get no group ids; use "
+                "--pipeline-model-parallel-size 1 with group priors"
             )
         if packed_seq_params is not None:
             raise ValueError(
-                "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: packed sequences (THD) mix samples of different "
+                "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: packed sequences (THD) mix "
+                "samples of different "
                 "datasets in one row; not supported with group priors"
             )
         if getattr(self.args, "overlap_moe_expert_parallel_comm", False):
             raise ValueError(
-                "--overlap-moe-expert-parallel-comm runs the model forward outside forward_step; not supported "
+                "--overlap-moe-expert-parallel-comm runs the model forward outside "
+                "forward_step; not supported "
                 "with --moe-dpsl-group-alphas/--moe-dpsl-num-groups"
             )
         from megatron_dpsl.parallel.token_groups import dpsl_token_groups

@@ -1,4 +1,5 @@
-"""Apply ``patches/`` to a Megatron-LM checkout, refusing any file that differs from a pinned release.
+"""Apply ``patches/`` to a Megatron-LM checkout, refusing any file that differs from a pinned
+release.
 
 ``patches/`` holds one patch set per supported Megatron-LM tag (``patches/core_v0.16.1/``,
 ``patches/core_v0.19.0/``), each with its ``upstream.lock`` (JSON): the tag and commit the patches
@@ -40,7 +41,8 @@ REPOSITORY = "https://github.com/NVIDIA/Megatron-LM"
 
 
 class PatchError(RuntimeError):
-    """A patch cannot be applied: drift from the pinned release, a failed dry run, a missing file."""
+    """A patch cannot be applied: drift from the pinned release, a failed dry run, a missing
+    file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +122,8 @@ def _run_patch(root: Path, patch_file: Path, dry_run: bool) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise PatchError(
-            f"{patch_file.name}: patch {'--dry-run ' if dry_run else ''}failed:\n{proc.stdout}{proc.stderr}"
+            f"{patch_file.name}: patch "
+            f"{'--dry-run ' if dry_run else ''}failed:\n{proc.stdout}{proc.stderr}"
         )
 
 
@@ -165,16 +168,19 @@ def select_patch_set(root: Path, patches_dir: Path = DEFAULT_PATCHES_DIR) -> tup
         )
     reports.sort(key=lambda r: r[0])  # the closest release first
     raise PatchError(
-        f"Megatron-LM at {root} is none of the releases the patches were written for; these files differ:\n"
+        f"Megatron-LM at {root} is none of the releases the patches were written for; these "
+        "files differ:\n"
         + "\n".join(text for _, text in reports)
-        + "\nCheck out one of these tags (git checkout <commit>) or port the patches (patches/README.md)."
+        + "\nCheck out one of these tags (git checkout <commit>) or port the patches "
+        "(patches/README.md)."
     )
 
 
 def apply_patches(
     root: Path, patches_dir: Path = DEFAULT_PATCHES_DIR, check_only: bool = False
 ) -> dict[str, str]:
-    """Apply the matching patch set to the Megatron-LM tree at ``root``; returns ``{path: what happened}``.
+    """Apply the matching patch set to the Megatron-LM tree at ``root``; returns ``{path: what
+    happened}``.
 
     ``patches_dir``: ``patches/`` (the set is picked by the tree's file hashes) or one set
     (``patches/core_v0.19.0``). Raises ``PatchError`` naming every drifted or missing file before
@@ -194,7 +200,8 @@ def apply_patches(
         _run_patch(root, patches_dir / f.patch, dry_run=False)
         if sha256_of(root / f.path) != f.patched_sha256:
             raise PatchError(
-                f"{f.path}: patched file's sha256 differs from {LOCK_NAME}; the patch and lock disagree"
+                f"{f.path}: patched file's sha256 differs from {LOCK_NAME}; the patch and lock "
+                "disagree"
             )
         result[f.path] = "applied"
     return result
@@ -231,7 +238,8 @@ def export_originals(
         digest = hashlib.sha256(data).hexdigest()
         if digest != f.sha256:
             raise PatchError(
-                f"{f.path}: sha256 at {lock.commit[:12]} in {git_dir} is {digest}, lock says {f.sha256}"
+                f"{f.path}: sha256 at {lock.commit[:12]} in {git_dir} is {digest}, lock says "
+                f"{f.sha256}"
             )
         (out / f.path).parent.mkdir(parents=True, exist_ok=True)
         (out / f.path).write_bytes(data)
@@ -242,7 +250,8 @@ def export_originals(
         )
         if archive.returncode != 0:
             raise PatchError(
-                f"git archive {lock.commit} {' '.join(extra_paths)}: {archive.stderr.decode().strip()}"
+                f"git archive {lock.commit} {' '.join(extra_paths)}: "
+                f"{archive.stderr.decode().strip()}"
             )
         out.mkdir(parents=True, exist_ok=True)
         subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
@@ -258,7 +267,8 @@ def patched_path(patch_file: Path) -> str:
 
 
 def write_lock(git_dir: str, patches_dir: Path, tag: str | None = None) -> Lock:
-    """(Re)write ``patches_dir/upstream.lock`` from ``git_dir`` at ``tag`` (default: the lock's tag).
+    """(Re)write ``patches_dir/upstream.lock`` from ``git_dir`` at ``tag`` (default: the lock's
+    tag).
 
     The files are those the set's ``*.patch`` change, in patch order; each is taken from git,
     patched in a temporary directory and hashed before and after.

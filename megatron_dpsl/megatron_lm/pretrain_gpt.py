@@ -54,9 +54,11 @@ def import_megatron_lm_script(name: str):
         return importlib.import_module(name)
     except ImportError as e:
         raise SystemExit(
-            f"megatron_dpsl.megatron_lm.{name} needs Megatron-LM's megatron/training and {name}.py, "
-            f"which the megatron-core wheel does not ship ({e}). Set {PATH_ENV}=/path/to/Megatron-LM "
-            f"(git clone https://github.com/NVIDIA/Megatron-LM && git -C Megatron-LM checkout core_v0.19.0, or "
+            f"megatron_dpsl.megatron_lm.{name} needs Megatron-LM's megatron/training and "
+            f"{name}.py, which the megatron-core wheel does not ship ({e}). Set "
+            f"{PATH_ENV}=/path/to/Megatron-LM "
+            "(git clone https://github.com/NVIDIA/Megatron-LM && git -C Megatron-LM checkout "
+            "core_v0.19.0, or "
             f"core_v0.16.1)."
         ) from e
 
@@ -73,7 +75,8 @@ def _is_patched(fn) -> bool:
 def dpsl_gpt_builder(
     args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None
 ):
-    """``gpt_builders.gpt_builder`` with the DPSL config and, for MoE with DPSL, the DPSL layer spec."""
+    """``gpt_builders.gpt_builder`` with the DPSL config and, for MoE with DPSL, the DPSL layer
+    spec."""
     import gpt_builders
 
     from megatron_dpsl.megatron_lm.args import megatron_lm_config_from_args
@@ -102,7 +105,8 @@ def _build_dpsl_gpt(args, config, pre_process, post_process, vp_stage, pg_collec
     for flag, on in unsupported:
         if on:
             raise SystemExit(
-                f"{flag}: not supported with --moe-router-load-balancing-type dpsl on an unpatched Megatron-LM; "
+                f"{flag}: not supported with --moe-router-load-balancing-type dpsl on an "
+                "unpatched Megatron-LM; "
                 f"apply patches/ (bash scripts/apply_megatron_patches.sh ${PATH_ENV})"
             )
     return build_gpt_model(
@@ -140,8 +144,9 @@ def extra_args_provider(parser):
 
 
 def dpsl_layer_spec(base=None):
-    """core_v0.19: a ``GPTModelConfig.transformer_layer_spec`` callable giving ``base`` with the plugin's modules
-    (``DPSLRouter``, or ``ACRouter``, and ``DPSLMoELayer``: ``specs.with_plugin_modules``).
+    """core_v0.19: a ``GPTModelConfig.transformer_layer_spec`` callable giving ``base`` with the
+    plugin's modules (``DPSLRouter``, or ``ACRouter``, and ``DPSLMoELayer``:
+    ``specs.with_plugin_modules``).
 
     ``base``: what the layer spec would have been (``None``: Megatron-LM's ``default_layer_spec``;
     or the ``--spec`` object, a ``ModuleSpec`` or a callable). ``GPTModelBuilder.build_model`` calls
@@ -168,7 +173,8 @@ def dpsl_layer_spec(base=None):
 
 
 def dpsl_gpt_config(args, model_config_cls=None):
-    """core_v0.19: ``gpt_config_from_args`` with the DPSL config and, with DPSL on, the DPSL layer spec."""
+    """core_v0.19: ``gpt_config_from_args`` with the DPSL config and, with DPSL on, the DPSL layer
+    spec."""
     from megatron.training.argument_utils import gpt_config_from_args
 
     from megatron_dpsl.megatron_lm.args import megatron_lm_config_from_args
@@ -198,8 +204,10 @@ def _refuse_unpatched_group_priors(config) -> None:
     # without patch 3 (4 at core_v0.19.0), forward_step never sets the token groups the router needs
     if config.moe_dpsl_uses_groups and not _is_patched(pretrain_gpt.forward_step):
         raise SystemExit(
-            "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: not supported on an unpatched Megatron-LM (its "
-            f"forward_step passes no token groups); apply patches/ (bash scripts/apply_megatron_patches.sh ${PATH_ENV})"
+            "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: not supported on an unpatched "
+            "Megatron-LM (its "
+            "forward_step passes no token groups); apply patches/ (bash "
+            f"scripts/apply_megatron_patches.sh ${PATH_ENV})"
         )
 
 

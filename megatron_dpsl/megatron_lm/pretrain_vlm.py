@@ -1,4 +1,5 @@
-"""Megatron-LM's ``pretrain_vlm.py`` with an MoE language model and DPSL: the same flags plus ``--moe-dpsl-*``.
+"""Megatron-LM's ``pretrain_vlm.py`` with an MoE language model and DPSL: the same flags plus
+``--moe-dpsl-*``.
 
     export MEGATRON_LM_PATH=/path/to/Megatron-LM        # core_v0.16.1 or core_v0.19.0
     torchrun --nproc-per-node 8 -m megatron_dpsl.megatron_lm.pretrain_vlm \\
@@ -8,15 +9,17 @@
         --moe-dpsl-token-groups modality
 
 Runs Megatron-LM's own ``pretrain_vlm`` flow (its datasets, ``get_batch``/``forward_step``, its
-``model_provider``'s sequence-length arithmetic and freezing) and changes what stock ``pretrain_vlm``
-gets wrong for an MoE LLaVA (``vlm_provider``):
+``model_provider``'s sequence-length arithmetic and freezing) and changes what stock
+``pretrain_vlm`` gets wrong for an MoE LLaVA (``vlm_provider``):
 
 1. Every argument parse knows the DPSL flags and the ``dpsl`` type (``registration``, as for GPT).
-2. The language model's config is ``DPSLTransformerConfig`` and its MoE layers get the plugin's modules.
+2. The language model's config is ``DPSLTransformerConfig`` and its MoE layers get the plugin's
+   modules.
 3. The vision projector is dense (stock builds it from the MoE spec and dies with
    ``'MoESubmodules' object has no attribute 'linear_fc1'``), the output layer is tied unless
-   ``--untie-embeddings-and-output-weights``, and ``--rotary-base`` / ``--rope-scaling-factor`` reach the
-   language model (stock drops both: a Llama-3.2 LLaVA silently gets θ=10000 and factor 8).
+   ``--untie-embeddings-and-output-weights``, and ``--rotary-base`` / ``--rope-scaling-factor``
+   reach the language model (stock drops both: a Llama-3.2 LLaVA silently gets θ=10000 and factor
+   8).
 4. ``--moe-dpsl-token-groups modality``: every forward computes each position's modality (image
    rows vs text) from the batch itself, so group priors need no patched script.
 5. core_v0.19.0: ``DPSLMetricsTracker`` reports ``dpsl_loss`` (``metrics_tracker``).
@@ -39,7 +42,8 @@ def import_pretrain_vlm():
 
 
 def extra_args_provider(parser):
-    """``pretrain_vlm``'s own flags (``--freeze-LM``, ``--freeze-ViT``, ...), the DPSL flags and the launcher's."""
+    """``pretrain_vlm``'s own flags (``--freeze-LM``, ``--freeze-ViT``, ...), the DPSL flags and the
+    launcher's."""
     import pretrain_vlm
 
     from megatron_dpsl.megatron_lm.args import add_dpsl_args

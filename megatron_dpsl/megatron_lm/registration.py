@@ -60,12 +60,14 @@ def _arguments_module(arguments: ModuleType | None) -> ModuleType:
 
 
 def is_registered(arguments: ModuleType | None = None) -> bool:
-    """Whether ``arguments.add_megatron_arguments`` adds the DPSL flags through this module's wrapper."""
+    """Whether ``arguments.add_megatron_arguments`` adds the DPSL flags through this module's
+    wrapper."""
     return getattr(getattr(_arguments_module(arguments), _HOOK), "__dpsl_wrapper__", False)
 
 
 def register_dpsl_arguments(arguments: ModuleType | None = None) -> None:
-    """Wrap ``megatron.training.arguments.add_megatron_arguments`` so every parser gets ``add_dpsl_args``.
+    """Wrap ``megatron.training.arguments.add_megatron_arguments`` so every parser gets
+    ``add_dpsl_args``.
 
     ``arguments``: Megatron-LM's ``megatron.training.arguments`` module (imported when omitted).
     Calling it again is a no-op.
@@ -92,7 +94,8 @@ def unregister_dpsl_arguments(arguments: ModuleType | None = None) -> None:
 
 @contextlib.contextmanager
 def dpsl_arguments_registered(arguments: ModuleType | None = None) -> Iterator[None]:
-    """``register_dpsl_arguments`` for the duration of a ``with`` block (restores what was there)."""
+    """``register_dpsl_arguments`` for the duration of a ``with`` block (restores what was
+    there)."""
     arguments = _arguments_module(arguments)
     was = is_registered(arguments)
     register_dpsl_arguments(arguments)

@@ -4,6 +4,7 @@ Megatron-LM writes ``DIR/latest_checkpointed_iteration.txt`` (an iteration or ``
 directory per saved step, ``iter_0000100/`` or ``release/``: ``torch_dist`` (one
 ``dist_checkpointing`` save; ``args`` is in its common state) or the legacy ``torch`` format (one
 ``mp_rank_XX[_YYY]/model_optim_rng.pt`` per rank, each holding ``args``).
+
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def step_dir(load: str, ckpt_step: int | None = None) -> Path | None:
-    """The step directory ``--load`` (and ``--ckpt-step``) points at, or ``None`` without a checkpoint."""
+    """The step directory ``--load`` (and ``--ckpt-step``) points at, or ``None`` without a
+    checkpoint."""
     root = Path(load)
     if ckpt_step is not None:
         step = root / f"iter_{int(ckpt_step):07d}"
@@ -34,7 +36,8 @@ def _torch_args(step: Path) -> argparse.Namespace | None:
     files = sorted(step.glob("mp_rank_*/model_optim_rng.pt"))
     if not files:
         return None
-    # mmap: the tensors stay on disk; only the pickled Namespace is read (a trusted checkpoint of the user's)
+    # mmap: the tensors stay on disk; only the pickled Namespace is read (a trusted checkpoint of
+    # the user's)
     state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
     return state.get("args")
 
@@ -48,8 +51,8 @@ def _dist_args(step: Path) -> argparse.Namespace | None:
 def read_saved_args(
     load: str, ckpt_step: int | None = None
 ) -> tuple[argparse.Namespace, str] | None:
-    """``(args, where)`` of the checkpoint ``--load`` names (``where``: its step directory, for messages),
-    or ``None`` when there is no checkpoint or it holds no ``args``."""
+    """``(args, where)`` of the checkpoint ``--load`` names (``where``: its step directory, for
+    messages), or ``None`` when there is no checkpoint or it holds no ``args``."""
     step = step_dir(load, ckpt_step)
     if step is None:
         return None

@@ -2,8 +2,9 @@
 
 ``check_vlm_args(args)`` raises ``ValueError`` with one line naming the flag, the cause and the
 allowed values; the launcher turns it into ``SystemExit`` before ``pretrain`` builds anything or
-writes a checkpoint. It reads Megatron-LM's parsed namespace (validated or not: core_v0.16.1's launcher
-checks a parse of its own before ``pretrain`` parses again).
+writes a checkpoint. It reads Megatron-LM's parsed namespace (validated or not: core_v0.16.1's
+launcher checks a parse of its own before ``pretrain`` parses again).
+
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ CKPT_FORMATS = ("torch", "torch_dist")
 _GROUP_FLAGS = "--moe-dpsl-group-alphas/--moe-dpsl-num-groups"
 
 # The flags that shape the vision encoder or the image positions, as (flag, args name). A checkpoint
-# saved with other values has a different ViT, or puts the images at other positions than these flags.
+# saved with other values has a different ViT, or puts the images at other positions than these
+# flags.
 VISION_FLAGS = (
     ("--img-h", "img_h"),
     ("--img-w", "img_w"),
@@ -42,9 +44,11 @@ def add_vlm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--vision-model-type",
         choices=list(VISION_MODEL_TYPES),
         default=None,
-        help="clip: the vision encoder gets CLIP ViT-L/14's widths (hidden 1024, 16 heads, FFN 4096, "
+        help="clip: the vision encoder gets CLIP ViT-L/14's widths (hidden 1024, 16 heads, FFN "
+        "4096, "
         "QuickGELU, LayerNorm, biases; examples/multimodal's --vision-model-type clip) with "
-        "--encoder-num-layers layers, whatever the language model's widths. Default: pretrain_vlm's "
+        "--encoder-num-layers layers, whatever the language model's widths. Default: "
+        "pretrain_vlm's "
         "encoder, a copy of the language model's config.",
     )
     return parser
@@ -56,14 +60,16 @@ def _encoder_layers(args) -> int | None:
 
 
 def check_token_groups(args) -> None:
-    """Group priors need ``--moe-dpsl-token-groups modality``, and it needs group priors with two groups."""
+    """Group priors need ``--moe-dpsl-token-groups modality``, and it needs group priors with two
+    groups."""
     source = getattr(args, "moe_dpsl_token_groups", None)
     groups = num_token_groups(args)
     if groups is None:
         return  # check_given_flags refuses --moe-dpsl-token-groups without group priors
     if source != "modality":
         raise ValueError(
-            f"{_GROUP_FLAGS}: pretrain_vlm's batches carry no dataset ids; pass --moe-dpsl-token-groups "
+            f"{_GROUP_FLAGS}: pretrain_vlm's batches carry no dataset ids; pass "
+            "--moe-dpsl-token-groups "
             f"modality (image rows take --moe-dpsl-vision-group's prior, text the other), got "
             f"{source or 'none'}"
         )
@@ -85,31 +91,37 @@ def check_parallel_layout(args) -> None:
         return
     if getattr(args, "pipeline_model_parallel_size", 1) > 1:
         raise ValueError(
-            "--pipeline-model-parallel-size: group priors (--moe-dpsl-token-groups modality) need 1; the "
+            "--pipeline-model-parallel-size: group priors (--moe-dpsl-token-groups modality) need "
+            "1; the "
             "stages after the first get no input_ids, so their routers get no modality ids"
         )
     if getattr(args, "context_parallel_size", 1) > 1 and getattr(
         args, "use_packed_sequence", False
     ):
         raise ValueError(
-            "--use-packed-sequence: with --context-parallel-size > 1 pretrain_vlm packs the batch as THD, "
-            "where the modality ids cannot follow; drop one of them with --moe-dpsl-token-groups modality"
+            "--use-packed-sequence: with --context-parallel-size > 1 pretrain_vlm packs the batch "
+            "as THD, "
+            "where the modality ids cannot follow; drop one of them with --moe-dpsl-token-groups "
+            "modality"
         )
     if getattr(args, "overlap_moe_expert_parallel_comm", False):
         raise ValueError(
-            "--overlap-moe-expert-parallel-comm runs micro-batches' forwards interleaved; not supported "
+            "--overlap-moe-expert-parallel-comm runs micro-batches' forwards interleaved; not "
+            "supported "
             "with --moe-dpsl-token-groups modality"
         )
 
 
 def check_checkpoint_vision(args) -> None:
-    """``--load``'s checkpoint (when there is one) must have been saved with this run's vision flags."""
+    """``--load``'s checkpoint (when there is one) must have been saved with this run's vision
+    flags."""
     load = getattr(args, "load", None)
     if not load or getattr(args, "use_checkpoint_args", False):
         return
     saved = read_saved_args(load, getattr(args, "ckpt_step", None))
     if saved is None:
-        return  # no checkpoint yet: Megatron-LM starts from scratch (or refuses, --exit-on-missing-checkpoint)
+        # no checkpoint yet: Megatron-LM starts from scratch (--exit-on-missing-checkpoint: refuses)
+        return
     theirs_ns, where = saved
     for flag, name in VISION_FLAGS:
         ours = _encoder_layers(args) if name == "encoder_num_layers" else getattr(args, name, None)
@@ -137,7 +149,8 @@ def check_vlm_args(args) -> None:
     fmt = getattr(args, "ckpt_format", "torch")
     if fmt not in CKPT_FORMATS:
         raise ValueError(
-            f"--ckpt-format: the VLM launcher saves and loads {' or '.join(CKPT_FORMATS)}, got {fmt}"
+            f"--ckpt-format: the VLM launcher saves and loads {' or '.join(CKPT_FORMATS)}, got "
+            f"{fmt}"
         )
     check_given_flags(
         args

@@ -1,12 +1,14 @@
-"""The VLM launcher's model provider: Megatron-LM's own ``pretrain_vlm.model_provider`` with the MoE fixes.
+"""The VLM launcher's model provider: Megatron-LM's own ``pretrain_vlm.model_provider`` with the MoE
+fixes.
 
-Stock ``pretrain_vlm.model_provider`` does four things right that the plugin keeps (the tag's own code
-runs them): the sequence-length arithmetic (image rows + ``--dataloader-seq-length``, CP/SP padding,
-``args.decoder_seq_length``), the padding attention-mask types, the ViT and projector configs copied from
-the language config, and ``model.freeze(--freeze-LM, --freeze-ViT)``. It gets four things wrong for an
-MoE LLaVA, which ``dpsl_vlm_model_provider`` fixes by giving it the DPSL config (its ``config=``
-argument) and, for the duration of the call, a ``LLaVAModel`` in its namespace that rewrites the
-keyword arguments (``llava_kwargs``) before building Megatron-Core's ``LLaVAModel``:
+Stock ``pretrain_vlm.model_provider`` does four things right that the plugin keeps (the tag's own
+code runs them): the sequence-length arithmetic (image rows + ``--dataloader-seq-length``, CP/SP
+padding, ``args.decoder_seq_length``), the padding attention-mask types, the ViT and projector
+configs copied from the language config, and ``model.freeze(--freeze-LM, --freeze-ViT)``. It gets
+four things wrong for an MoE LLaVA, which ``dpsl_vlm_model_provider`` fixes by giving it the DPSL
+config (its ``config=`` argument) and, for the duration of the call, a ``LLaVAModel`` in its
+namespace that rewrites the keyword arguments (``llava_kwargs``) before building Megatron-Core's
+``LLaVAModel``:
 
 ============================================  =================================================
 stock ``pretrain_vlm`` (core_v0.16.1, core_v0.19.0)  the launcher
@@ -27,6 +29,7 @@ local ViT spec causal (core_v0.16.1)           ``no_mask`` (the ViT attends to e
 
 After the build, ``--moe-dpsl-token-groups modality`` attaches the modality-id hook
 (``models.llava_token_groups``) to the model.
+
 """
 
 from __future__ import annotations
@@ -36,61 +39,30 @@ import copy
 from collections.abc import Iterator
 
 
-def dense_projection_submodules(use_transformer_engine: bool):
-    """``MLPSubmodules`` of the dense MLP of the local or TE backend (what ``MultimodalProjector('mlp')`` needs)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
-
-    spec = get_mlp_module_spec(use_te=use_transformer_engine, num_experts=None)
-    return copy.deepcopy(getattr(spec, "submodules", None) or spec.keywords["submodules"])
-
-
-def clip_vit_l_config(config):
-    """``config`` (a copy of the language config) with CLIP ViT-L/14's widths, as examples/multimodal's
-    ``get_vision_model_config(..., vision_model_type='clip')``; the depth stays ``--encoder-num-layers``."""
-    from megatron.core.activations import quick_gelu
-
-    for name, value in dict(
-        num_attention_heads=16,
-        num_query_groups=16,
-        kv_channels=64,
-        hidden_size=1024,
-        ffn_hidden_size=4096,
-        add_bias_linear=True,
-        add_qkv_bias=True,
-        gated_linear_unit=False,
-        activation_func=quick_gelu,
-        normalization="LayerNorm",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        layernorm_zero_centered_gamma=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        attention_softmax_in_fp32=True,
-        apply_rope_fusion=False,
-    ).items():
-        setattr(config, name, value)
-    return config
-
-
 def _dense(config):
     config = copy.copy(config)
     config.num_moe_experts = None
     return config
 
 
-def _vit_spec_without_causal_mask(spec):
-    from megatron.core.transformer.enums import AttnMaskType
+def _vision_config(args, stock):
+    """The ViT's config: stock's copy of the language config without experts, or with
+    ``--vision-model-type clip`` CLIP ViT-L/14's widths (``models.vlm.clip_vision_config``, all
+    ``--encoder-num-layers`` layers)."""
+    if getattr(args, "vision_model_type", None) != "clip":
+        return _dense(stock)
+    from megatron_dpsl.models.vlm import clip_vision_config
 
-    params = getattr(spec.submodules.self_attention, "params", None)
-    if params and params.get("attn_mask_type") == AttnMaskType.causal:
-        spec = copy.deepcopy(spec)
-        spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
-    return spec
+    return clip_vision_config(
+        stock, hf_num_layers=stock.num_layers, vision_feature_layer=-1, num_moe_experts=None
+    )
 
 
 def llava_kwargs(args, kwargs: dict) -> dict:
-    """The ``LLaVAModel`` keyword arguments the launcher builds with, from stock ``pretrain_vlm``'s ``kwargs``."""
+    """The ``LLaVAModel`` keyword arguments the launcher builds with, from stock ``pretrain_vlm``'s
+    ``kwargs``."""
     from megatron_dpsl.models.specs import router_for, with_plugin_modules
+    from megatron_dpsl.models.vlm import projection_submodules, vision_layer_spec
 
     out = dict(kwargs)
     language = kwargs["language_transformer_config"]
@@ -98,17 +70,12 @@ def llava_kwargs(args, kwargs: dict) -> dict:
         out["language_transformer_layer_spec"] = with_plugin_modules(
             kwargs["language_transformer_layer_spec"], router_for(language)
         )
-    vision = _dense(kwargs["vision_transformer_config"])
-    if getattr(args, "vision_model_type", None) == "clip":
-        vision = clip_vit_l_config(vision)
-    out["vision_transformer_config"] = vision
-    out["vision_transformer_layer_spec"] = _vit_spec_without_causal_mask(
-        kwargs["vision_transformer_layer_spec"]
-    )
+    use_te = args.transformer_impl == "transformer_engine"
+    out["vision_transformer_config"] = _vision_config(args, kwargs["vision_transformer_config"])
+    out["vision_transformer_layer_spec"] = vision_layer_spec(use_te)  # bidirectional at both tags
     out["vision_projection_config"] = _dense(kwargs["vision_projection_config"])
-    out["vision_projection_layer_spec"] = dense_projection_submodules(
-        args.transformer_impl == "transformer_engine"
-    )
+    # the dense MLP stock builds for the same LM without experts (TE: with its fused LayerNorm)
+    out["vision_projection_layer_spec"] = projection_submodules(use_te, norm=use_te)
     out["share_embeddings_and_output_weights"] = not args.untie_embeddings_and_output_weights
     out["language_rotary_base"] = args.rotary_base
     out["language_rope_scaling_factor"] = args.rope_scaling_factor
@@ -116,29 +83,27 @@ def llava_kwargs(args, kwargs: dict) -> dict:
 
 
 @contextlib.contextmanager
-def _llava_model_bound(pretrain_vlm, args) -> Iterator[list]:
-    """``pretrain_vlm.LLaVAModel`` builds with ``llava_kwargs`` inside the block; yields the models built."""
+def _llava_model_bound(pretrain_vlm, args) -> Iterator[None]:
+    """In the block ``pretrain_vlm.LLaVAModel`` builds with ``llava_kwargs``; stock afterwards."""
     from megatron.core.models.multimodal.llava_model import LLaVAModel
 
-    built = []
-
     def build(**kwargs):
-        built.append(LLaVAModel(**llava_kwargs(args, kwargs)))
-        return built[-1]
+        return LLaVAModel(**llava_kwargs(args, kwargs))
 
     stock = pretrain_vlm.LLaVAModel
     pretrain_vlm.LLaVAModel = build
     try:
-        yield built
+        yield
     finally:
         pretrain_vlm.LLaVAModel = stock
 
 
 @contextlib.contextmanager
 def _ckpt_format_checked_here(args) -> Iterator[None]:
-    """Stock ``model_provider`` asserts ``--ckpt-format torch``; the launcher also saves and loads torch_dist
-    (``LLaVAModel``'s sharded state dict; what the upcycler writes) and checks the flag itself
-    (``vlm_args.check_vlm_args``), so the stock assertion sees ``torch`` for the duration of the call."""
+    """Stock ``model_provider`` asserts ``--ckpt-format torch``; the launcher also saves and loads
+    torch_dist (``LLaVAModel``'s sharded state dict; what the upcycler writes) and checks the flag
+    itself (``vlm_args.check_vlm_args``), so the stock assertion sees ``torch`` for the duration of
+    the call."""
     fmt = args.ckpt_format
     args.ckpt_format = "torch"
     try:
@@ -157,7 +122,8 @@ def dpsl_vlm_model_provider(
     pg_collection=None,
     vp_stage=None,
 ):
-    """``pretrain_vlm.model_provider`` (same signature) building the LLaVA described in the module docstring."""
+    """``pretrain_vlm.model_provider`` (same signature) building the LLaVA described in the module
+    docstring."""
     import pretrain_vlm
     from megatron.training import get_args
 
@@ -182,8 +148,10 @@ def dpsl_vlm_model_provider(
 
 
 def attach_modality_ids(model, vision_group: int) -> None:
-    """Every forward of ``model`` sets the ``[b, S]`` modality ids (image rows ``vision_group``, text the
-    other; padding excluded) for the routers: ``models.llava_token_groups``' forward pre-hook."""
+    """Every forward of ``model`` sets the ``[b, S]`` modality ids (image rows ``vision_group``,
+    text
+    the other; padding excluded) for the routers: ``models.llava_token_groups``' forward pre-hook.
+    """
     from megatron_dpsl.models.llava_modality import ModalityGroups
     from megatron_dpsl.models.llava_token_groups import attach_llava_token_groups
 

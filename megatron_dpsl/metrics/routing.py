@@ -1,4 +1,5 @@
-"""Routing-distribution diagnostics: plain tensor functions (no process groups, no logging back-end).
+"""Routing-distribution diagnostics: plain tensor functions (no process groups, no logging
+back-end).
 
 Shapes use Megatron's names: ``probs`` ``[num_tokens, num_experts]`` (routing probabilities, rows on
 the simplex), ``routing_map`` ``[num_tokens, num_experts]`` bool (top-k selection). All return
@@ -11,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from megatron_dpsl.losses.dpsl import dpsl_loss_per_expert
-from megatron_dpsl.losses.ranking import prepare, ranked_cdf
+from megatron_dpsl.losses.dpsl_inputs import prepare
+from megatron_dpsl.losses.ranking import ranked_cdf
 
 
 def expert_load_cov(routing_map_or_counts: torch.Tensor) -> torch.Tensor:
@@ -32,7 +34,8 @@ def expert_load_cov(routing_map_or_counts: torch.Tensor) -> torch.Tensor:
         load = x.float()
     else:
         raise ValueError(
-            f"expert_load_cov: expected a [num_tokens, num_experts] routing map or [num_experts] counts, "
+            "expert_load_cov: expected a [num_tokens, num_experts] routing map or "
+            "[num_experts] counts, "
             f"got shape {tuple(x.shape)}"
         )
     with torch.no_grad():
@@ -46,7 +49,8 @@ def expert_load_cov(routing_map_or_counts: torch.Tensor) -> torch.Tensor:
 def _check_probs(name: str, probs: torch.Tensor):
     if probs.dim() != 2 or not probs.is_floating_point():
         raise ValueError(
-            f"{name}: probs must be a float tensor [num_tokens, num_experts], got {tuple(probs.shape)}"
+            f"{name}: probs must be a float tensor [num_tokens, num_experts], got "
+            f"{tuple(probs.shape)}"
         )
 
 
@@ -91,8 +95,8 @@ def prior_distance(
     group_ids: torch.Tensor | None = None,
     padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eq. 4 (without λ) per expert: the Cramér–von Mises distance of each expert's empirical marginal to
-    its Beta(α_k, A − α_k) target, summed over token groups. ``dpsl_loss`` is its sum.
+    """Eq. 4 (without λ) per expert: the Cramér–von Mises distance of each expert's empirical
+    marginal to its Beta(α_k, A − α_k) target, summed over token groups. ``dpsl_loss`` is its sum.
 
     Args:
         probs: ``[num_tokens, num_experts]``; alpha ``[num_experts]`` or ``[num_groups,

@@ -65,7 +65,8 @@ def _moe_submodules(node, seen=None) -> Iterator[MoESubmodules]:
 
 
 def _swap(node, router, moe_layer, memo):
-    """``node`` with ``router`` in every ``MoESubmodules`` below it and ``moe_layer`` for ``MoELayer``.
+    """``node`` with ``router`` in every ``MoESubmodules`` below it and ``moe_layer`` for
+    ``MoELayer``.
 
     Mutable nodes are changed in place; a ``functools.partial`` or tuple is rebuilt (``memo`` maps
     each visited node to its result, so a node shared by several layers is replaced once,
@@ -101,20 +102,23 @@ def _swap(node, router, moe_layer, memo):
 
 
 def with_plugin_modules(spec, router=DPSLRouter, moe_layer=DPSLMoELayer):
-    """A deep copy of ``spec`` (ModuleSpec / partial / TransformerBlockSubmodules / list) with ``router``
-    in every MoE layer and ``moe_layer`` in place of ``MoELayer`` (``None``: keep ``MoELayer``)."""
+    """A deep copy of ``spec`` (ModuleSpec / partial / TransformerBlockSubmodules / list) with
+    ``router`` in every MoE layer and ``moe_layer`` in place of ``MoELayer`` (``None``: keep
+    ``MoELayer``)."""
     spec = copy.deepcopy(spec)
     return _swap(spec, router, moe_layer, {})
 
 
 def with_router(spec, router=DPSLRouter):
-    """A deep copy of ``spec`` with ``router`` in every MoE layer (the MoE layer class unchanged)."""
+    """A deep copy of ``spec`` with ``router`` in every MoE layer (the MoE layer class
+    unchanged)."""
     return with_plugin_modules(spec, router, moe_layer=None)
 
 
 def router_for(config):
-    """The router class for ``config``'s MoE layers: ``ACRouter`` (bound to a fresh ``ACRoutingState``, one per
-    call, i.e. per model chunk) when ``config.moe_ac_layers`` is set, else ``DPSLRouter``."""
+    """The router class for ``config``'s MoE layers: ``ACRouter`` (bound to a fresh
+    ``ACRoutingState``, one per call, i.e. per model chunk) when ``config.moe_ac_layers`` is set,
+    else ``DPSLRouter``."""
     if not getattr(config, "moe_ac_enabled", False):
         return DPSLRouter
     from megatron_dpsl.routing.ac.router import ACRouter
@@ -134,7 +138,8 @@ def count_routers(spec, router=DPSLRouter) -> int:
 
 
 def get_dpsl_layer_spec(config, use_transformer_engine: bool = False, **kwargs) -> ModuleSpec:
-    """Megatron's GPT layer spec (local or TE) for ``config``'s MoE layer, with ``DPSLRouter`` and ``DPSLMoELayer``.
+    """Megatron's GPT layer spec (local or TE) for ``config``'s MoE layer, with ``DPSLRouter`` and
+    ``DPSLMoELayer``.
 
     Args:
         config: ``DPSLTransformerConfig`` (``num_moe_experts`` set).
@@ -168,7 +173,8 @@ def get_dpsl_layer_spec(config, use_transformer_engine: bool = False, **kwargs) 
 
 
 def get_dpsl_decoder_block_spec(config, use_transformer_engine: bool = False, **kwargs):
-    """``get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs)``, the plugin's modules in its MoE layers."""
+    """``get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs)``, the plugin's
+    modules in its MoE layers."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     _require_te(use_transformer_engine)

@@ -93,7 +93,8 @@ def equal_plan(
 
 
 class _GatherForLoss(torch.autograd.Function):
-    """All-gather along dim 0 (variable sizes, optional de-duplication); backward = own slice × scale."""
+    """All-gather along dim 0 (variable sizes, optional de-duplication); backward = own slice ×
+    scale."""
 
     @staticmethod
     def forward(
@@ -138,7 +139,8 @@ def gather_for_loss(
     plan: GatherPlan | None = None,
     grad_scale: float = 1.0,
 ) -> torch.Tensor:
-    """All-gather ``tensor`` ``[num_tokens, ...]`` over ``group`` along dim 0, for a loss every rank computes.
+    """All-gather ``tensor`` ``[num_tokens, ...]`` over ``group`` along dim 0, for a loss every rank
+    computes.
 
     Args:
         tensor: this rank's rows.
@@ -154,7 +156,8 @@ def gather_for_loss(
     me = 0 if group is None or group.size() == 1 else group.rank()
     if plan.sizes[me] != tensor.shape[0]:
         raise ValueError(
-            f"gather_for_loss: the plan says this rank has {plan.sizes[me]} rows, tensor has {tensor.shape[0]}"
+            f"gather_for_loss: the plan says this rank has {plan.sizes[me]} rows, tensor has "
+            f"{tensor.shape[0]}"
         )
     return _GatherForLoss.apply(tensor, group, plan, float(grad_scale))
 

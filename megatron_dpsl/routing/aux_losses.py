@@ -1,4 +1,5 @@
-"""How a plugin loss joins Megatron's: MTP scaling, the aux-loss tracker, per-token scaling, the autoscaler.
+"""How a plugin loss joins Megatron's: MTP scaling, the aux-loss tracker, per-token scaling, the
+autoscaler.
 
 Every plugin loss (DPSL and the variance loss in ``DPSLRouter``, the orthogonality loss in
 ``DPSLMoELayer``) goes through :func:`attach_aux_loss`, so the four rules Megatron's own aux losses
@@ -22,7 +23,8 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_t
 
 
 def tracker_position(module):
-    """``(layer_number, num_layers)`` for Megatron's tracker: MTP layers come after the decoder's layers."""
+    """``(layer_number, num_layers)`` for Megatron's tracker: MTP layers come after the decoder's
+    layers."""
     config = module.config
     num_layers = config.num_layers + (config.mtp_num_layers or 0)
     layer_number = module.layer_number

@@ -1,4 +1,5 @@
-"""``DPSLMoELayer``: Megatron-Core's ``MoELayer`` plus the orthogonality loss of Guo et al. (expert side).
+"""``DPSLMoELayer``: Megatron-Core's ``MoELayer`` plus the orthogonality loss of Guo et al. (expert
+side).
 
 The loss needs, for each token, the *unweighted* outputs of its k selected experts after the token
 dispatcher has brought them back, before they are weighted by ``probs`` and summed. Megatron weighs
@@ -18,7 +19,7 @@ therefore runs the experts with unit weights and applies ``probs`` itself after 
 Slot ``a`` of a token holds its a-th selected expert in ascending expert id; the dispatcher's rows
 are expert-major with tokens ascending (Megatron's ``permute``; the allgather dispatcher relies on
 the same order for its probs). The output equals ``MoELayer``'s up to rounding. Extra memory: the
-slots, ``T·k·hidden`` per layer (kept for the backward), plus an fp32 copy for half-precision
+slots, ``B·k·hidden`` per layer (kept for the backward), plus an fp32 copy for half-precision
 activations. Everything else (routing, shared experts, latent projections, recompute) is
 ``MoELayer``'s. With the loss off (no ``"orthogonality"`` type, coefficient 0, eval, or no grad) the
 layer *is* ``MoELayer``.
@@ -39,11 +40,12 @@ from megatron_dpsl.routing.aux_losses import attach_aux_loss
 
 @dataclass
 class _Routing:
-    """One forward's routing, kept from ``route`` to ``combine`` (like the dispatcher's own state)."""
+    """One forward's routing, kept from ``route`` to ``combine`` (like the dispatcher's own
+    state)."""
 
-    probs: torch.Tensor  # [T, E]
-    routing_map: torch.Tensor  # [T, E] bool
-    padding_mask: torch.Tensor | None  # [T] bool, True = padding
+    probs: torch.Tensor  # [B, E]
+    routing_map: torch.Tensor  # [B, E] bool
+    padding_mask: torch.Tensor | None  # [B] bool, True = padding
     permuted_probs: torch.Tensor | None = None  # alltoall: the dispatcher's row weights
 
 
@@ -67,8 +69,8 @@ def rows_to_slots(
     num_tokens = routing_map.shape[0]
     slot_of = (
         routing_map.long().cumsum(dim=1) - 1
-    )  # [T, E]: rank of each selected expert within its token
-    selected = routing_map[:, experts].T  # [E_rows, T]
+    )  # [B, E]: rank of each selected expert within its token
+    selected = routing_map[:, experts].T  # [E_rows, B]
     token = (
         torch.arange(num_tokens, device=rows.device)
         .unsqueeze(0)
@@ -81,7 +83,8 @@ def rows_to_slots(
 
 
 class DPSLMoELayer(MoELayer):
-    """``MoELayer`` with the orthogonality loss (on when ``moe_router_load_balancing_type`` names it).
+    """``MoELayer`` with the orthogonality loss (on when ``moe_router_load_balancing_type`` names
+    it).
 
     Args: those of ``MoELayer`` (newer Megatron passes e.g. ``is_mtp_layer`` and ``name`` too).
     """
@@ -109,7 +112,8 @@ class DPSLMoELayer(MoELayer):
             )
 
     def orthogonality_active(self) -> bool:
-        """True when the loss is computed this forward: coefficient > 0, training and grad enabled."""
+        """True when the loss is computed this forward: coefficient > 0, training and grad
+        enabled."""
         return self.orthogonality_coeff > 0 and self.training and torch.is_grad_enabled()
 
     def _alltoall(self) -> bool:
@@ -150,7 +154,7 @@ class DPSLMoELayer(MoELayer):
         assert mlp_bias is None, f"mlp_bias is not supported for {type(dispatcher)}"
         local = slice(self.local_expert_indices[0], self.local_expert_indices[-1] + 1)
         slots = rows_to_slots(rows, gathered_map, local, self.config.moe_router_topk)
-        # [T_g, k·hidden]: the dispatcher's reduce-scatter brings each rank its own tokens' slots
+        # [B_g, k·hidden]: the dispatcher's reduce-scatter brings each rank its own tokens' slots
         return slots.flatten(1), mlp_bias
 
     def combine(self, output: torch.Tensor):
@@ -162,26 +166,27 @@ class DPSLMoELayer(MoELayer):
         if self._alltoall():
             slots = rows_to_slots(
                 output, routing.routing_map, slice(0, num_experts), topk
-            )  # [T, k, h]
+            )  # [B, k, h]
             weights = routing.permuted_probs.unsqueeze(-1)
             output_for_loss, weighted = (
                 slots,
                 (output.float() * weights).to(output.dtype),
             )  # unpermute sums rows
         else:
-            slots = output.view(output.shape[0], topk, -1)  # [T, k, h], this rank's tokens
+            slots = output.view(output.shape[0], topk, -1)  # [B, k, h], this rank's tokens
             row_probs = routing.probs.T.masked_select(routing.routing_map.T).unsqueeze(
                 -1
             )  # expert-major
             slot_probs = rows_to_slots(
                 row_probs, routing.routing_map, slice(0, num_experts), topk
-            )  # [T, k, 1]
+            )  # [B, k, 1]
             output_for_loss = slots
             weighted = (slots.float() * slot_probs).sum(dim=1).to(output.dtype)
         return self._attach_orthogonality(weighted, output_for_loss, routing.padding_mask)
 
     def _attach_orthogonality(self, output, slots, padding_mask):
-        """Add β·L_o of this rank's tokens; the replica's token count normalises it (docs/regularizers.md)."""
+        """Add β·L_o of this rank's tokens; the replica's token count normalises it
+        (docs/regularizers.md)."""
         x = slots.to(torch.promote_types(slots.dtype, torch.float32))
         paper = self.orthogonality_form == ol.PAPER
         total = (

@@ -9,6 +9,9 @@ logged as ``dpsl_loss`` (= λ·DPSL). The variance loss (Guo et al., ``moe_varia
 covers the same tokens through partial sums and is logged as ``variance_loss`` (= γ·L_v). Both are
 attached with ``MoEAuxLossAutoScaler`` like Megatron's aux losses
 (``megatron_dpsl.routing.aux_losses``).
+
+Shape legend: s sequence, b micro-batch, E experts; B tokens (``s * b`` on this rank, or every token
+of the gather group once gathered), G token groups.
 """
 
 from __future__ import annotations
@@ -23,15 +26,17 @@ from megatron_dpsl.losses.dpsl import dpsl_loss
 from megatron_dpsl.parallel.token_gather import TokenGather
 from megatron_dpsl.parallel.token_groups import (
     check_group_ids,
-    get_dpsl_token_groups,
     shard_token_group_ids,
+    shard_token_padding,
+    token_groups_for_forward,
 )
 from megatron_dpsl.routing.aux_losses import attach_aux_loss
 from megatron_dpsl.tracking.router_diagnostics import routing_diagnostics
 
 
 class DPSLRouter(TopKRouter):
-    """``TopKRouter`` with DPSL (needs a ``DPSLTransformerConfig``-like config with the ``moe_dpsl_*`` fields).
+    """``TopKRouter`` with DPSL (needs a ``DPSLTransformerConfig``-like config with the
+    ``moe_dpsl_*`` fields).
 
     Args:
         config: ``DPSLTransformerConfig`` (DPSL on when ``moe_router_load_balancing_type`` names
@@ -43,7 +48,8 @@ class DPSLRouter(TopKRouter):
     def __init__(self, config, pg_collection=None, **kwargs) -> None:
         if not hasattr(config, "moe_dpsl_coeff"):
             raise TypeError(
-                f"DPSLRouter needs a megatron_dpsl.DPSLTransformerConfig (got {type(config).__name__}); "
+                "DPSLRouter needs a megatron_dpsl.DPSLTransformerConfig (got "
+                f"{type(config).__name__}); "
                 "build the model config with DPSLTransformerConfig(...)"
             )
         if pg_collection is None:
@@ -64,7 +70,7 @@ class DPSLRouter(TopKRouter):
             self._dpsl_alpha = config.dpsl_alpha()
             self._dpsl_num_groups = config.moe_dpsl_num_token_groups
         if self.dpsl_enabled or self.variance_coeff > 0:
-            self._dpsl_gather = TokenGather(
+            self._token_gather = TokenGather(
                 mode=config.moe_dpsl_gather,
                 tp_cp_group=self.tp_cp_group,
                 tp_dp_cp_group=self.tp_dp_cp_group,
@@ -101,6 +107,8 @@ class DPSLRouter(TopKRouter):
         Args:
             logits: ``[s, b, num_experts]``.
             padding_mask: ``[s, b]`` bool, True = padding (Megatron's code convention), or None.
+                The padding flags set with the token groups (``dpsl_token_groups(...,
+                padding_mask=)``) are OR-ed in, for Megatron's losses as for the plugin's.
 
         Returns:
             ``(probs, routing_map)``, both ``[s * b, num_experts]``, TopKRouter's values; the losses
@@ -110,17 +118,22 @@ class DPSLRouter(TopKRouter):
             # the orthogonality loss lives in DPSLMoELayer, which marks its router: without it no
             # loss runs
             raise RuntimeError(
-                "moe_router_load_balancing_type 'orthogonality' needs megatron_dpsl.DPSLMoELayer as the MoE "
-                "layer; build the spec with megatron_dpsl.models.specs.get_dpsl_layer_spec / with_plugin_modules "
+                "moe_router_load_balancing_type 'orthogonality' needs megatron_dpsl.DPSLMoELayer "
+                "as the MoE "
+                "layer; build the spec with megatron_dpsl.models.specs.get_dpsl_layer_spec / "
+                "with_plugin_modules "
                 "(with_router swaps only the router)"
             )
+        groups = self._micro_batch_groups()  # also records them for a recompute's replay
+        group_ids = self._token_group_ids(logits, groups)
+        padding_mask = self._with_group_padding(padding_mask, logits, groups)
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         flat_logits = logits.reshape(-1, self.config.num_moe_experts)
         flat_pad = None if padding_mask is None else padding_mask.reshape(-1).bool()
         if self.variance_active():
             probs = self._apply_variance(probs, flat_logits, flat_pad)
         if self.dpsl_active():
-            probs = self._apply_dpsl(probs, flat_logits, routing_map, flat_pad)
+            probs = self._apply_dpsl(probs, flat_logits, routing_map, flat_pad, group_ids)
         return probs, routing_map
 
     def dpsl_active(self) -> bool:
@@ -144,7 +157,7 @@ class DPSLRouter(TopKRouter):
         )
         # the loss is a function of sums over the batch's tokens: gather each rank's sums (one row)
         # through the DPSL gather, whose backward gives every rank the full gradient (×replicas)
-        rows, replicas = self._dpsl_gather(sums.unsqueeze(0))  # [ranks kept, C]
+        rows, replicas = self._token_gather(sums.unsqueeze(0))  # [ranks kept, C]
         total = rows.sum(0)
         loss = vl.variance_loss_from_sums(total) if paper else vl.sharpness_loss_from_sums(total)
         return attach_aux_loss(
@@ -165,14 +178,48 @@ class DPSLRouter(TopKRouter):
             padding_mask = padding_mask.unsqueeze(-1)
         return super()._apply_expert_bias(routing_map, padding_mask=padding_mask)
 
-    def _token_group_ids(self, num_tokens: int, device) -> torch.Tensor | None:
-        if self._dpsl_num_groups is None:
+    def _micro_batch_groups(self):
+        """This micro-batch's ``TokenGroups`` (ids and padding flags), or ``None``."""
+        uses_ids = self.dpsl_enabled and self._dpsl_num_groups is not None
+        return token_groups_for_forward(self.training, required=uses_ids)
+
+    def _with_group_padding(self, padding_mask, logits, groups):
+        """``padding_mask`` ``[s, b]`` OR-ed with the padding flags set with the token groups."""
+        if groups is None or groups.padding_mask is None:
+            return padding_mask
+        pad = shard_token_padding(
+            groups,
+            tp_group=self.tp_group,
+            cp_group=self.cp_group,
+            sequence_parallel=self.config.sequence_parallel,
+        )
+        num_tokens = logits.shape[0] * logits.shape[1]
+        if pad.numel() != num_tokens:
+            raise ValueError(
+                f"dpsl_token_groups: padding flags give {pad.numel()} tokens on this rank, the "
+                "router "
+                f"has {num_tokens}; pass them shaped like the [batch, seq] ids"
+            )
+        pad = pad.to(logits.device).reshape(logits.shape[:2])
+        return pad if padding_mask is None else padding_mask.bool() | pad
+
+    def _token_group_ids(self, logits: torch.Tensor, groups) -> torch.Tensor | None:
+        """This micro-batch's group ids ``[s * b]`` for the ``[s, b, E]`` logits (``None``: no group
+        priors).
+
+        Read on every forward, also a checkpoint's first run, which records them for its replay in
+        the backward pass (``megatron_dpsl.parallel.token_groups``); missing ids raise only when the
+        loss needs them (training with gradients), ids of another layout always.
+        """
+        if not self.dpsl_enabled or self._dpsl_num_groups is None:
             return None
-        groups = get_dpsl_token_groups()
         if groups is None:
+            if not self.dpsl_active():
+                return None  # evaluation, or a checkpoint's first run: no loss to shape
             raise RuntimeError(
-                "DPSLRouter: group priors are configured (moe_dpsl_group_alphas or moe_dpsl_num_groups) "
-                "but no per-token group ids are set; wrap the forward pass in "
+                "DPSLRouter: group priors are configured (moe_dpsl_group_alphas or "
+                "moe_dpsl_num_groups) "
+                "but no per-token group ids are set for this micro-batch; wrap its forward pass in "
                 "`with megatron_dpsl.dpsl_token_groups(group_ids):` ([batch, seq] int)"
             )
         ids = shard_token_group_ids(
@@ -180,22 +227,16 @@ class DPSLRouter(TopKRouter):
             tp_group=self.tp_group,
             cp_group=self.cp_group,
             sequence_parallel=self.config.sequence_parallel,
-        )
-        if ids.numel() != num_tokens:
-            raise ValueError(
-                f"dpsl_token_groups: group ids give {ids.numel()} tokens on this rank, the router has "
-                f"{num_tokens}; pass [batch, seq] ids of the model input (cp_sliced={groups.cp_sliced})"
-            )
-        ids = ids.to(device)
+            hidden_shape=tuple(logits.shape[:2]),
+        ).to(logits.device)
         check_group_ids(ids, self._dpsl_num_groups)
         return ids
 
-    def _apply_dpsl(self, probs, logits, routing_map, padding_mask):
+    def _apply_dpsl(self, probs, logits, routing_map, padding_mask, group_ids=None):
         num_tokens, num_experts = logits.shape
         # DPSL sees the full softmax over all experts in fp32, whatever score function, pre-softmax
         # or top-k renormalisation the routing itself uses
-        scores = torch.softmax(logits.float(), dim=-1)  # [num_tokens, num_experts]
-        group_ids = self._token_group_ids(num_tokens, logits.device)
+        scores = torch.softmax(logits.float(), dim=-1)  # [B, E]
         # one all-gather carries probs, group ids and the padding flag (exact in fp32: small ints)
         zeros = torch.zeros(num_tokens, device=logits.device)
         extra = torch.stack(
@@ -205,9 +246,9 @@ class DPSLRouter(TopKRouter):
             ],
             dim=-1,
         )
-        gathered, replicas = self._dpsl_gather(
+        gathered, replicas = self._token_gather(
             torch.cat([scores, extra.detach()], dim=-1)
-        )  # [B, E + 2]
+        )  # [B gathered, E + 2]
         all_scores = gathered[:, :num_experts]
         all_groups = gathered[:, num_experts].long() if group_ids is not None else None
         all_pad = gathered[:, num_experts + 1] > 0.5 if padding_mask is not None else None

@@ -46,7 +46,8 @@ def track_moe_metrics(
 
 
 def clear_tracker() -> None:
-    """Zero every tracked value (after forward-only evaluation, whose router losses are not logged)."""
+    """Zero every tracked value (after forward-only evaluation, whose router losses are not
+    logged)."""
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
     clear_aux_losses_tracker()

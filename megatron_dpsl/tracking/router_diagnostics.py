@@ -1,4 +1,5 @@
-"""DPSL's routing diagnostics for Megatron's aux-loss tracker: the router calls this, metrics compute.
+"""DPSL's routing diagnostics for Megatron's aux-loss tracker: the router calls this, metrics
+compute.
 
 Logged every ``moe_dpsl_log_interval`` router calls as ``dpsl_cov`` (coefficient of variation of the
 experts' token loads), ``dpsl_entropy`` (mean routing entropy) and ``dpsl_prior_distance`` (the

@@ -23,7 +23,9 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megatron-dpsl-train",
-        description="Compact GPT/MoE trainer on megatron-core with the DPSL router (Megatron-LM flag names).",
+        description="Compact GPT/MoE trainer on megatron-core with the DPSL router (Megatron-LM "
+        "flag "
+        "names).",
         allow_abbrev=False,
     )
     g = p.add_argument_group("network size")
@@ -64,21 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--moe-router-enable-expert-bias",
         action="store_true",
-        help="aux-loss-free load balancing (Wang et al., arXiv 2408.15664): a per-expert bias added to the scores "
-        "for top-k selection only, updated after every global batch by Megatron's finalize_model_grads; "
+        help="aux-loss-free load balancing (Wang et al., arXiv 2408.15664): a per-expert bias "
+        "added "
+        "to the scores "
+        "for top-k selection only, updated after every global batch by Megatron's "
+        "finalize_model_grads; "
         "Megatron requires --moe-router-score-function sigmoid",
     )
     g.add_argument(
         "--moe-router-bias-update-rate",
         type=float,
         default=1e-3,
-        help="step of the expert-bias update: bias += rate * sign(mean load - expert load) per global batch",
+        help="step of the expert-bias update: bias += rate * sign(mean load - expert load) per "
+        "global batch",
     )
     g.add_argument(
         "--moe-token-dispatcher-type",
         choices=["allgather", "alltoall", "flex"],
         default="allgather",
-        help="on CPU only allgather works (alltoall builds a torch.cuda.Stream); Megatron-LM's default is allgather",
+        help="on CPU only allgather works (alltoall builds a torch.cuda.Stream); Megatron-LM's "
+        "default is allgather",
     )
     g.add_argument("--moe-per-layer-logging", action="store_true")
     add_moe_load_balancing_args(p)
@@ -116,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizer-impl",
         choices=["auto", "megatron", "torch"],
         default="auto",
-        help="(trainer flag) megatron.core.optimizer (auto on GPU) or torch.optim.AdamW with Megatron's param "
-        "groups and grad-norm reduction (auto on CPU, where megatron.core.optimizer allocates on 'cuda')",
+        help="(trainer flag) megatron.core.optimizer (auto on GPU) or torch.optim.AdamW with "
+        "Megatron's param "
+        "groups and grad-norm reduction (auto on CPU, where megatron.core.optimizer allocates "
+        "on 'cuda')",
     )
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
 
@@ -178,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--routing-stats-path",
         default=None,
-        help="(trainer flag) after each evaluation, write the validation routing probabilities, expert loads and "
+        help="(trainer flag) after each evaluation, write the validation routing probabilities, "
+        "expert loads and "
         "group ids (rank 0, .pt) here; the quickstart's plots read it",
     )
     return p
@@ -189,7 +199,8 @@ def _error(flag: str, message: str) -> None:
 
 
 def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
-    """Fill derived values the way Megatron-LM's ``validate_args`` does; ValueError naming the flag."""
+    """Fill derived values the way Megatron-LM's ``validate_args`` does; ValueError naming the
+    flag."""
     for flag, value in (
         ("--num-layers", args.num_layers),
         ("--hidden-size", args.hidden_size),
@@ -246,7 +257,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if world_size % (ep * args.expert_tensor_parallel_size):
         _error(
             "--expert-model-parallel-size",
-            f"EP {ep} x ETP {args.expert_tensor_parallel_size} must divide the world size {world_size}",
+            f"EP {ep} x ETP {args.expert_tensor_parallel_size} must divide the world size "
+            f"{world_size}",
         )
     if tp == 1 and args.sequence_parallel:
         args.sequence_parallel = False  # Megatron-LM drops it silently too
@@ -260,7 +272,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _error(
             "--sequence-parallel",
             "needs --transformer-impl transformer_engine or NVIDIA apex (the local spec's "
-            "torch LayerNorm does not support sequence parallelism); on CPU use EP or DP instead of TP+SP",
+            "torch LayerNorm does not support sequence parallelism); on CPU use EP or DP "
+            "instead of TP+SP",
         )
     if cp > 1 and args.transformer_impl != "transformer_engine":
         _error(
@@ -286,12 +299,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             # refuses
             _error(
                 "--disable-bias-linear",
-                "MoE models need it with megatron-core 0.16.1's local experts (as Megatron-LM's MoE examples use)",
+                "MoE models need it with megatron-core 0.16.1's local experts (as "
+                "Megatron-LM's MoE examples use)",
             )
         if tp > 1 and not args.sequence_parallel:
             _error(
                 "--sequence-parallel",
-                "MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (Megatron's rule)",
+                "MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel "
+                "(Megatron's rule)",
             )
     elif ep > 1:
         _error("--expert-model-parallel-size", "needs --num-experts")
@@ -302,7 +317,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.global_batch_size % mb_dp:
         _error(
             "--global-batch-size",
-            f"must be a multiple of --micro-batch-size x data-parallel size = {args.micro_batch_size} x "
+            "must be a multiple of --micro-batch-size x data-parallel size = "
+            f"{args.micro_batch_size} x "
             f"{args.data_parallel_size}, got {args.global_batch_size}",
         )
     args.num_microbatches = args.global_batch_size // mb_dp
@@ -324,7 +340,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.data_path is None and not args.mock_data:
         _error(
             "--data-path",
-            "give a corpus directory (python -m megatron_dpsl.train.corpus --out DIR) or --mock-data",
+            "give a corpus directory (python -m megatron_dpsl.train.corpus --out DIR) or "
+            "--mock-data",
         )
     if args.data_path is not None and args.mock_data:
         _error("--mock-data", "give either --data-path or --mock-data")
@@ -340,5 +357,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` (default ``sys.argv[1:]``); ``validate_args`` runs once the world size is known."""
+    """Parse ``argv`` (default ``sys.argv[1:]``); ``validate_args`` runs once the world size is
+    known."""
     return build_parser().parse_args(argv)

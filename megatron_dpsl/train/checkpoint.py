@@ -68,7 +68,8 @@ def _save_strategy():
 
 
 def save_checkpoint(args: argparse.Namespace, iteration: int, model, optimizer, scheduler) -> str:
-    """Write ``args.save/iter_{iteration:07d}`` and update the tracker file; returns the step directory."""
+    """Write ``args.save/iter_{iteration:07d}`` and update the tracker file; returns the step
+    directory."""
     from megatron.core import dist_checkpointing
 
     path = checkpoint_dir(args.save, iteration)
@@ -125,7 +126,8 @@ def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> tu
             path = args.load  # a bare dist_checkpointing directory
         else:
             raise FileNotFoundError(
-                f"--load: no {TRACKER_FILENAME} (Megatron-LM layout) or metadata.json (dist_checkpointing) in {args.load}"
+                f"--load: no {TRACKER_FILENAME} (Megatron-LM layout) or metadata.json "
+                f"(dist_checkpointing) in {args.load}"
             )
     common = dist_checkpointing.load_common_state_dict(path)
     saved_args = common.get("args")

@@ -101,7 +101,8 @@ def prose_paths() -> list[str]:
 
 
 def _docstrings(paths: Iterable[str], max_bytes: int) -> Iterable[Document]:
-    """Module docstrings of standard-library files: English prose on any OS (the fallback source)."""
+    """Module docstrings of standard-library files: English prose on any OS (the fallback
+    source)."""
     for path in paths:
         raw = _read_text(path, 1 << 20)
         if raw is None:
@@ -154,7 +155,8 @@ def collect_documents(
         prose_docs += _take(_docstrings(code, max_doc_bytes), short, seen)
     if not code_docs or not prose_docs:
         raise RuntimeError(
-            f"corpus: found {len(code_docs)} code and {len(prose_docs)} prose documents on this machine; "
+            f"corpus: found {len(code_docs)} code and {len(prose_docs)} prose documents on "
+            "this machine; "
             f"need both (stdlib at {sysconfig.get_paths()['stdlib']!r})"
         )
     return {0: code_docs, 1: prose_docs}
@@ -172,7 +174,8 @@ def _pack(docs: Sequence[Document]):
 def build_corpus(
     out_dir: str, bytes_per_group: int = 1_000_000, valid_fraction: float = 0.1, seed: int = 1234
 ) -> dict:
-    """Write the corpus to ``out_dir`` (see module docstring) and return its ``meta.json`` content."""
+    """Write the corpus to ``out_dir`` (see module docstring) and return its ``meta.json``
+    content."""
     docs = collect_documents(bytes_per_group, seed=seed)
     rng = random.Random(seed + 1)
     splits: dict[str, list[Document]] = {"train": [], "valid": []}
@@ -220,7 +223,8 @@ def main(argv=None) -> None:
     meta = build_corpus(a.out, a.bytes_per_group, seed=a.seed)
     for split, m in meta["splits"].items():
         print(
-            f"{split}: {m['num_tokens']} tokens, per group {dict(zip(GROUP_NAMES, m['tokens_per_group']))}"
+            f"{split}: {m['num_tokens']} tokens, per group "
+            f"{dict(zip(GROUP_NAMES, m['tokens_per_group']))}"
         )
 
 

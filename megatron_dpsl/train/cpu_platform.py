@@ -1,4 +1,5 @@
-"""CPU stand-ins for the few CUDA-only calls megatron-core 0.16 makes while building and running a GPTModel.
+"""CPU stand-ins for the few CUDA-only calls megatron-core 0.16 makes while building and running a
+GPTModel.
 
 Why this module exists: the embedded trainer must run on a laptop CPU (the quickstart, CI), but
 megatron-core 0.16.1 asks CUDA for a device or an RNG state in a handful of places even when every

@@ -1,4 +1,5 @@
-"""Micro-batches from a byte corpus (``megatron_dpsl.train.corpus``), sharded over data-parallel ranks.
+"""Micro-batches from a byte corpus (``megatron_dpsl.train.corpus``), sharded over data-parallel
+ranks.
 
 Sample ``i`` of a split is the window ``tokens[o_i : o_i + seq_length + 1]`` at an offset drawn from
 ``numpy.random.default_rng((seed, split, i))``: every rank and every run with the same seed sees the
@@ -34,7 +35,8 @@ class ByteCorpus:
         for path in (tok, grp):
             if not os.path.isfile(path):
                 raise FileNotFoundError(
-                    f"--data-path: {path} not found; build a corpus with python -m megatron_dpsl.train.corpus --out {data_path}"
+                    f"--data-path: {path} not found; build a corpus with python -m "
+                    f"megatron_dpsl.train.corpus --out {data_path}"
                 )
         tokens, groups = np.fromfile(tok, dtype=np.uint8), np.fromfile(grp, dtype=np.uint8)
         if tokens.shape != groups.shape:
@@ -55,7 +57,8 @@ class ByteCorpus:
 
 
 def causal_attention_mask(seq_length: int, device) -> torch.Tensor:
-    """``[1, 1, s, s]`` bool, True = masked. Passed explicitly: Megatron's default mask is built on "cuda"."""
+    """``[1, 1, s, s]`` bool, True = masked. Passed explicitly: Megatron's default mask is built on
+    "cuda"."""
     return torch.triu(
         torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool, device=device), diagonal=1
     )
@@ -79,7 +82,8 @@ class BatchSampler:
     ):
         if corpus.tokens.size < seq_length + 2:
             raise ValueError(
-                f"--seq-length {seq_length} is longer than the {split} split ({corpus.tokens.size} tokens)"
+                f"--seq-length {seq_length} is longer than the {split} split "
+                f"({corpus.tokens.size} tokens)"
             )
         self.corpus, self.split = corpus, split
         self.seq_length, self.mbs, self.gbs = seq_length, micro_batch_size, global_batch_size

@@ -1,4 +1,5 @@
-"""Build the ``DPSLTransformerConfig`` from the parsed flags and a Megatron-Core ``GPTModel`` from it.
+"""Build the ``DPSLTransformerConfig`` from the parsed flags and a Megatron-Core ``GPTModel`` from
+it.
 
 The config is filled by dataclass field name (``dpsl_config_from_args``, as Megatron-LM's
 ``core_transformer_config_from_args`` does); the few values Megatron-LM derives rather than copies

@@ -1,4 +1,5 @@
-"""The optimizer: ``megatron.core.optimizer`` where it runs, else ``torch.optim.AdamW`` with Megatron's rules.
+"""The optimizer: ``megatron.core.optimizer`` where it runs, else ``torch.optim.AdamW`` with
+Megatron's rules.
 
 On a GPU the trainer uses Megatron's own ``get_megatron_optimizer(OptimizerConfig(...))``. On a CPU
 that is not possible: megatron-core 0.16.1's ``FP32Optimizer`` and ``clip_grads`` allocate with
@@ -72,7 +73,8 @@ def grad_norm_fp32(params: list[torch.nn.Parameter]) -> float:
 
 
 class TorchAdamW:
-    """``torch.optim.AdamW`` behind the slice of ``MegatronOptimizer``'s interface the trainer uses."""
+    """``torch.optim.AdamW`` behind the slice of ``MegatronOptimizer``'s interface the trainer
+    uses."""
 
     def __init__(self, model: torch.nn.Module, args: argparse.Namespace):
         self.model = model
@@ -97,7 +99,8 @@ class TorchAdamW:
             p.grad = None
 
     def step(self) -> tuple[bool, float, int | None]:
-        """Returns ``(update_successful, grad_norm, num_zeros_in_grad)`` like ``MegatronOptimizer.step``."""
+        """Returns ``(update_successful, grad_norm, num_zeros_in_grad)`` like
+        ``MegatronOptimizer.step``."""
         params = self._params()
         for p in params:
             main_grad = getattr(p, "main_grad", None)
@@ -151,14 +154,16 @@ class TorchAdamW:
 
 
 def build_optimizer(args: argparse.Namespace, ddp_model, unwrapped_model, on_cuda: bool):
-    """Megatron's optimizer (``--optimizer-impl megatron``, the default on GPU) or :class:`TorchAdamW`."""
+    """Megatron's optimizer (``--optimizer-impl megatron``, the default on GPU) or
+    :class:`TorchAdamW`."""
     impl = args.optimizer_impl
     if impl == "auto":
         impl = "megatron" if on_cuda else "torch"
     if impl == "megatron":
         if not on_cuda:
             raise ValueError(
-                "--optimizer-impl megatron: megatron.core.optimizer needs CUDA (it allocates on 'cuda'); use torch"
+                "--optimizer-impl megatron: megatron.core.optimizer needs CUDA (it allocates "
+                "on 'cuda'); use torch"
             )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 

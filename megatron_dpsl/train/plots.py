@@ -1,4 +1,5 @@
-"""Quickstart figures (matplotlib, Agg): routing histograms vs the Beta marginals, training curves, usage.
+"""Quickstart figures (matplotlib, Agg): routing histograms vs the Beta marginals, training curves,
+usage.
 
 Inputs are the per-run dicts the quickstart collects: ``{"name", "prior" [E] or [G, E] (float64),
 "history": [routing_stats.summarize() per evaluation], "valid_losses": [(iteration, loss)]}``.
@@ -34,8 +35,8 @@ GROUP_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 def plot_histograms(
     runs: Sequence[dict], path: str, group_names: Sequence[str], layer: int = -1
 ) -> None:
-    """Paper Fig. 7: per-expert histograms of routing probabilities (final validation, one MoE layer)
-    against the Beta(α_k, A − α_k) pdf of each run's prior (per group for group priors)."""
+    """Paper Fig. 7: per-expert histograms of routing probabilities (final validation, one MoE
+    layer) against the Beta(α_k, A − α_k) pdf of each run's prior (per group for group priors)."""
     plt = _plt()
     num_experts = runs[0]["prior"].shape[-1]
     fig, axes = plt.subplots(
@@ -92,7 +93,8 @@ def plot_histograms(
     ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.suptitle(
-        "Routing probabilities per expert (validation, last MoE layer) vs the prior's Beta marginals",
+        "Routing probabilities per expert (validation, last MoE layer) vs the prior's Beta "
+        "marginals",
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))

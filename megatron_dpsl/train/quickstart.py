@@ -1,4 +1,5 @@
-"""The quickstart: dense GPT -> granular upcycling -> three MoE runs (aux loss, DPSL, DPSL modality priors).
+"""The quickstart: dense GPT -> granular upcycling -> three MoE runs (aux loss, DPSL, DPSL modality
+priors).
 
     python -m megatron_dpsl.train.quickstart --out outputs/quickstart          # 3-5 min on 2 CPU
     cores python -m megatron_dpsl.train.quickstart --out /tmp/qs --tiny              # smoke run, ~1
@@ -52,7 +53,8 @@ def _stamp(t0: float) -> str:
 
 
 def model_sizes(tiny: bool) -> dict:
-    """The dense GPT's (and the upcycled MoE's) shape: the full quickstart or the ``--tiny`` smoke run."""
+    """The dense GPT's (and the upcycled MoE's) shape: the full quickstart or the ``--tiny`` smoke
+    run."""
     hidden, ffn, layers, heads = (32, 128, 2, 4) if tiny else (64, 256, 2, 4)
     return {
         "hidden": hidden,
@@ -132,7 +134,8 @@ def dense_stage(a: argparse.Namespace) -> dict:
 
 
 def upcycle_stage(a: argparse.Namespace) -> dict:
-    """Stage 3: the converter's options (dense checkpoint -> 8 experts, G = 2, top-4, exact scaling)."""
+    """Stage 3: the converter's options (dense checkpoint -> 8 experts, G = 2, top-4, exact
+    scaling)."""
     out = os.path.abspath(a.out)
     options = dict(
         src=os.path.join(out, "dense", "checkpoint"),
@@ -150,7 +153,8 @@ def upcycle_stage(a: argparse.Namespace) -> dict:
 
 
 def moe_argv(a: argparse.Namespace) -> list:
-    """Trainer flags of every MoE run: the upcycled model on 2 ranks (EP=2), loaded with --finetune."""
+    """Trainer flags of every MoE run: the upcycled model on 2 ranks (EP=2), loaded with
+    --finetune."""
     iters = a.moe_iters or (8 if a.tiny else 120)
     return common_argv(a) + [
         "--num-experts",
@@ -178,7 +182,8 @@ def moe_argv(a: argparse.Namespace) -> list:
 
 
 def aux_loss_run(coeff: float = 1e-2) -> list:
-    """Megatron's load-balancing loss (GShard/Switch) at Megatron-LM's recommended starting coefficient."""
+    """Megatron's load-balancing loss (GShard/Switch) at Megatron-LM's recommended starting
+    coefficient."""
     return ["--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", coeff]
 
 
@@ -195,7 +200,8 @@ def dpsl_symmetric_run(lam: float, alpha: float) -> list:
 
 
 def dpsl_modality_run(lam: float, alpha_base: float, alpha_shift: float) -> list:
-    """DPSL alone with the paper's modality priors (Sec. 3.4): code -> experts 0-3, prose -> experts 4-7."""
+    """DPSL alone with the paper's modality priors (Sec. 3.4): code -> experts 0-3, prose -> experts
+    4-7."""
     return [
         "--moe-router-load-balancing-type",
         "dpsl",
@@ -211,7 +217,8 @@ def dpsl_modality_run(lam: float, alpha_base: float, alpha_shift: float) -> list
 
 
 def make_plan(a: argparse.Namespace, runs: dict[str, list]) -> dict:
-    """The stages of one launch: dense, upcycle, then one MoE run per ``runs`` entry (name -> extra flags)."""
+    """The stages of one launch: dense, upcycle, then one MoE run per ``runs`` entry (name -> extra
+    flags)."""
     out = os.path.abspath(a.out)
     stages = [dense_stage(a), upcycle_stage(a)]
     for name, extra in runs.items():
@@ -295,7 +302,8 @@ def _worker(plan_path: str) -> None:
                 upcycled = ok[0]
                 if not upcycled:
                     print_rank_0(
-                        "!!! upcycling failed: the MoE runs start from a random initialisation instead"
+                        "!!! upcycling failed: the MoE runs start from a random initialisation "
+                        "instead"
                     )
                 continue
             argv = list(stage["argv"])
@@ -342,7 +350,8 @@ def _worker(plan_path: str) -> None:
 
 
 def load_runs(out: str, names: list[str]) -> list[dict]:
-    """Each run's ``result.json`` and routing statistics, in ``names`` order (the dicts ``plots`` takes)."""
+    """Each run's ``result.json`` and routing statistics, in ``names`` order (the dicts ``plots``
+    takes)."""
     import torch
 
     from megatron_dpsl.megatron_lm.args import dpsl_enabled
@@ -426,7 +435,8 @@ QUICKSTART_COLUMNS = (
 
 
 def format_table(rows: list[dict], columns=QUICKSTART_COLUMNS) -> str:
-    """A Markdown table: the run name, then one column per ``(header, key, decimals)``; None prints as -."""
+    """A Markdown table: the run name, then one column per ``(header, key, decimals)``; None prints
+    as -."""
     head = "| run | " + " | ".join(h for h, _, _ in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 1)]
     for r in rows:
@@ -436,11 +446,16 @@ def format_table(rows: list[dict], columns=QUICKSTART_COLUMNS) -> str:
 
 
 TABLE_NOTES = (
-    "Validation set, final step, mean over MoE layers. CoV: std/mean of expert loads (top-k assignments). "
-    "entropy: mean routing entropy (nats, softmax over all experts). dist. to prior: Eq. 4 distance per expert "
-    "(mean), to the run's prior (aux_loss: to the symmetric Dir(1) reference); KS: Kolmogorov–Smirnov distance "
-    "to the same marginals. code→E0-3 / prose→E4-7: share of each modality's top-k assignments landing on the "
-    "expert block its modality prior favours (0.5 = no preference). dpsl_loss: λ·DPSL, lb loss: Megatron's "
+    "Validation set, final step, mean over MoE layers. CoV: std/mean of expert loads (top-k "
+    "assignments). "
+    "entropy: mean routing entropy (nats, softmax over all experts). dist. to prior: Eq. 4 "
+    "distance per expert "
+    "(mean), to the run's prior (aux_loss: to the symmetric Dir(1) reference); KS: "
+    "Kolmogorov–Smirnov distance "
+    "to the same marginals. code→E0-3 / prose→E4-7: share of each modality's top-k assignments "
+    "landing on the "
+    "expert block its modality prior favours (0.5 = no preference). dpsl_loss: λ·DPSL, lb "
+    "loss: Megatron's "
     "load_balancing_loss / coeff (last training step)."
 )
 
@@ -452,7 +467,8 @@ TABLE_NOTES = (
 def add_launch_args(
     p: argparse.ArgumentParser, *, out: str, tiny_help: str
 ) -> argparse.ArgumentParser:
-    """The flags of one launch (output, sizes, ranks, seed), shared with ``examples/compare_routers.py``."""
+    """The flags of one launch (output, sizes, ranks, seed), shared with
+    ``examples/compare_routers.py``."""
     p.add_argument(
         "--out",
         default=out,
@@ -504,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_upcycle(plan: dict, alive) -> None:
-    """Upcycle the dense checkpoint once the workers have saved it (here: the converter is single-process).
+    """Upcycle the dense checkpoint once the workers have saved it (here: the converter is
+    single-process).
 
     Writes ``moe_init.done`` or ``moe_init.failed`` next to the output for the workers to read.
     """
@@ -551,10 +568,11 @@ def check_plot_dependencies(prog: str) -> None:
 
 
 def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
-    """Run every stage of ``plan`` in one torchrun launch of ``a.nproc`` ranks; returns the corpus metadata.
+    """Run every stage of ``plan`` in one torchrun launch of ``a.nproc`` ranks; returns the corpus
+    metadata.
 
-    Replaces the stage outputs under ``plan["out"]``; builds the corpus and runs the converter in this
-    process while the workers import and train. SystemExit if the workers fail.
+    Replaces the stage outputs under ``plan["out"]``; builds the corpus and runs the converter in
+    this process while the workers import and train. SystemExit if the workers fail.
     """
     out = plan["out"]
     for sub in ("dense", "moe_init", "runs", "corpus"):
@@ -590,7 +608,8 @@ def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
     # The workers spend ~15 s importing megatron-core: build the corpus and import the converter
     # meanwhile.
     print(
-        f"=== {_stamp(t_start)} torchrun (one launch, {a.nproc} ranks, all training stages): {' '.join(cmd[1:])}",
+        f"=== {_stamp(t_start)} torchrun (one launch, {a.nproc} ranks, all training stages): "
+        f"{' '.join(cmd[1:])}",
         flush=True,
     )
     proc = subprocess.Popen(cmd, env=env)
@@ -605,7 +624,8 @@ def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
         )
         for split, m in meta["splits"].items():
             print(
-                f"    {split}: {m['num_tokens']} byte tokens, per group {dict(zip(GROUP_NAMES, m['tokens_per_group']))}",
+                f"    {split}: {m['num_tokens']} byte tokens, per group "
+                f"{dict(zip(GROUP_NAMES, m['tokens_per_group']))}",
                 flush=True,
             )
         _run_upcycle(plan, alive=lambda: proc.poll() is None)
@@ -671,7 +691,8 @@ def main(argv=None) -> dict:
     print(table)
     print("\n" + TABLE_NOTES)
     print(
-        f"\nfigures: {', '.join(figures)}\nTensorBoard: tensorboard --logdir {os.path.join(out, 'runs')}"
+        f"\nfigures: {', '.join(figures)}\nTensorBoard: tensorboard --logdir "
+        f"{os.path.join(out, 'runs')}"
     )
     print(f"quickstart wall time: {wall:.0f} s")
     return summary

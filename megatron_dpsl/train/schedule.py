@@ -25,7 +25,8 @@ import torch
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Megatron-LM ``pretrain_gpt.loss_func`` (per-micro-batch mean form): mean LM loss over unmasked tokens.
+    """Megatron-LM ``pretrain_gpt.loss_func`` (per-micro-batch mean form): mean LM loss over
+    unmasked tokens.
 
     ``output_tensor`` ``[b, s]`` per-token cross entropy; returns ``(loss, {"lm loss":
     loss.detach()})``.

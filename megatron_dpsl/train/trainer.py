@@ -63,7 +63,8 @@ class TrainResult:
 
 @dataclass(kw_only=True)
 class TrainingRun:
-    """The state of one ``pretrain`` call, built by ``setup`` (the trainer keeps nothing at module level)."""
+    """The state of one ``pretrain`` call, built by ``setup`` (the trainer keeps nothing at module
+    level)."""
 
     args: argparse.Namespace
     device: object  # torch.device
@@ -97,7 +98,8 @@ class IntervalLog:
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (the rendezvous of a one-rank world, the quickstart's torchrun)."""
+    """A free TCP port on 127.0.0.1 (the rendezvous of a one-rank world, the quickstart's
+    torchrun)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -111,7 +113,8 @@ def print_rank_0(message: str) -> None:
 
 
 def initialize_distributed(args: argparse.Namespace):
-    """torch.distributed from torchrun's environment (or a one-rank world); returns (device, backend)."""
+    """torch.distributed from torchrun's environment (or a one-rank world); returns (device,
+    backend)."""
     import torch
     import torch.distributed as dist
 
@@ -137,7 +140,8 @@ def initialize_distributed(args: argparse.Namespace):
 
 
 def _set_random_seed(seed: int) -> None:
-    """Megatron-LM's ``_set_random_seed`` (no pipeline parallelism: the offset 100 * pp_rank is 0)."""
+    """Megatron-LM's ``_set_random_seed`` (no pipeline parallelism: the offset 100 * pp_rank is
+    0)."""
     import numpy as np
     import torch
     from megatron.core import tensor_parallel
@@ -170,7 +174,8 @@ def _group_context(model_config):
 
 
 def _stats_prior(config):
-    """The prior distances are measured to: the run's DPSL prior, else the symmetric Dir(1) reference."""
+    """The prior distances are measured to: the run's DPSL prior, else the symmetric Dir(1)
+    reference."""
     import torch
 
     if getattr(config, "moe_dpsl_enabled", False):
@@ -179,7 +184,8 @@ def _stats_prior(config):
 
 
 def evaluate(args, ddp_model, sampler, forward_backward, forward_step, device, stats=None) -> float:
-    """Mean validation lm loss over ``--eval-iters`` global batches (DP mean), Megatron-LM's ``evaluate``."""
+    """Mean validation lm loss over ``--eval-iters`` global batches (DP mean), Megatron-LM's
+    ``evaluate``."""
     import torch
 
     from megatron_dpsl.tracking import moe_tracker
@@ -211,7 +217,8 @@ def evaluate(args, ddp_model, sampler, forward_backward, forward_step, device, s
 
 
 def initialize(args: argparse.Namespace):
-    """torch.distributed, flag checks, Megatron's model-parallel state, seeds; returns (device, backend)."""
+    """torch.distributed, flag checks, Megatron's model-parallel state, seeds; returns (device,
+    backend)."""
     import torch.distributed as dist
 
     from megatron_dpsl.train.arguments import validate_args
@@ -224,7 +231,8 @@ def initialize(args: argparse.Namespace):
         and args.num_experts is not None
     ):
         raise ValueError(
-            f"--moe-token-dispatcher-type {args.moe_token_dispatcher_type}: only allgather runs on CPU/gloo "
+            f"--moe-token-dispatcher-type {args.moe_token_dispatcher_type}: only allgather "
+            "runs on CPU/gloo "
             "(megatron-core's alltoall dispatcher creates a torch.cuda.Stream)"
         )
 
@@ -246,7 +254,8 @@ def initialize(args: argparse.Namespace):
 
 
 def _build_model(args: argparse.Namespace, device):
-    """The config, the GPTModel on ``device`` and Megatron's DDP around it (wired into the config)."""
+    """The config, the GPTModel on ``device`` and Megatron's DDP around it (wired into the
+    config)."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -316,7 +325,8 @@ def _open_writer(args: argparse.Namespace):
 
 
 def setup(args: argparse.Namespace) -> TrainingRun:
-    """Everything ``pretrain`` needs before the first step: model, optimizer, resumed state, data, logging."""
+    """Everything ``pretrain`` needs before the first step: model, optimizer, resumed state, data,
+    logging."""
     from megatron_dpsl.tracking.routing_stats import RoutingStats
     from megatron_dpsl.train.optimizer import build_optimizer, build_scheduler
     from megatron_dpsl.train.schedule import get_forward_backward, make_forward_step
@@ -367,15 +377,20 @@ def _print_banner(run: TrainingRun, backend: str) -> None:
 
     args, result = run.args, run.result
     print_rank_0(
-        f" > megatron-dpsl trainer: world {dist.get_world_size()} ({backend}, {run.device.type}) | TP {args.tensor_model_parallel_size}"
-        f" EP {args.expert_model_parallel_size} DP {parallel_state.get_data_parallel_world_size()} | micro-batches {args.num_microbatches} | "
-        f"parameters on rank 0: {sum(p.numel() for p in run.model.parameters())} | optimizer {result.optimizer_impl} | "
+        f" > megatron-dpsl trainer: world {dist.get_world_size()} ({backend}, "
+        f"{run.device.type}) | TP {args.tensor_model_parallel_size}"
+        f" EP {args.expert_model_parallel_size} DP "
+        f"{parallel_state.get_data_parallel_world_size()} | micro-batches "
+        f"{args.num_microbatches} | "
+        f"parameters on rank 0: {sum(p.numel() for p in run.model.parameters())} | optimizer "
+        f"{result.optimizer_impl} | "
         f"schedule {result.schedule_impl}"
     )
 
 
 def train_step(run: TrainingRun):
-    """One global batch: forward/backward over the micro-batches, optimizer and LR steps; (lm loss, grad norm)."""
+    """One global batch: forward/backward over the micro-batches, optimizer and LR steps; (lm loss,
+    grad norm)."""
     args = run.args
     run.ddp_model.zero_grad_buffer()
     run.optimizer.zero_grad()
@@ -398,7 +413,8 @@ def train_step(run: TrainingRun):
 
 
 def _router_losses(run: TrainingRun) -> dict:
-    """Megatron's aux-loss tracker reduced and cleared (TensorBoard included): name -> value this step."""
+    """Megatron's aux-loss tracker reduced and cleared (TensorBoard included): name -> value this
+    step."""
     from megatron_dpsl.tracking import moe_tracker
 
     args = run.args
@@ -419,7 +435,8 @@ def _router_losses(run: TrainingRun) -> dict:
 
 
 def log_step(run: TrainingRun, log: IntervalLog, lm_loss: float, grad_norm: float) -> None:
-    """Record the step's losses, write its TensorBoard scalars, print the console line every --log-interval."""
+    """Record the step's losses, write its TensorBoard scalars, print the console line every
+    --log-interval."""
     args, result, writer = run.args, run.result, run.writer
     iteration = result.iteration
     result.train_losses.append(lm_loss)
@@ -438,7 +455,8 @@ def log_step(run: TrainingRun, log: IntervalLog, lm_loss: float, grad_norm: floa
 
 
 def _print_interval(run: TrainingRun, log: IntervalLog, lr: float, grad_norm: float) -> None:
-    """Megatron-LM's ``training_log`` line for the iterations since the last one; starts a new interval."""
+    """Megatron-LM's ``training_log`` line for the iterations since the last one; starts a new
+    interval."""
     args, iteration = run.args, run.result.iteration
     now = time.time()
     ms = 1000.0 * (now - log.t_last) / log.iters
@@ -459,7 +477,8 @@ def _print_interval(run: TrainingRun, log: IntervalLog, lr: float, grad_norm: fl
 
 
 def validate(run: TrainingRun) -> None:
-    """Evaluate at the current iteration; print, record and write the loss and the routing statistics."""
+    """Evaluate at the current iteration; print, record and write the loss and the routing
+    statistics."""
     it = run.result.iteration
     loss = evaluate(
         run.args,
@@ -473,7 +492,8 @@ def validate(run: TrainingRun) -> None:
     run.result.valid_losses.append((it, loss))
     ppl = math.exp(min(20.0, loss))
     print_rank_0(
-        f" validation loss at iteration {it} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+        f" validation loss at iteration {it} | lm loss value: {loss:.6E} | lm loss PPL: "
+        f"{ppl:.6E} | "
     )
     if run.writer is not None:
         run.writer.add_scalar("lm loss validation", loss, it)
@@ -483,7 +503,8 @@ def validate(run: TrainingRun) -> None:
 
 
 def _log_routing_stats(run: TrainingRun, it: int) -> None:
-    """Summarise the evaluation's routing on rank 0: history, TensorBoard ``routing/*``, --routing-stats-path."""
+    """Summarise the evaluation's routing on rank 0: history, TensorBoard ``routing/*``,
+    --routing-stats-path."""
     import torch
 
     from megatron_dpsl.tracking.routing_stats import summarize
@@ -520,7 +541,8 @@ def save(run: TrainingRun) -> None:
 
 
 def finish(run: TrainingRun) -> None:
-    """The final evaluation and checkpoint (unless the last iteration had them); closes the writer and hooks."""
+    """The final evaluation and checkpoint (unless the last iteration had them); closes the writer
+    and hooks."""
     args, iteration = run.args, run.result.iteration
     if not run.result.valid_losses or run.result.valid_losses[-1][0] != iteration:
         validate(run)
@@ -534,7 +556,8 @@ def finish(run: TrainingRun) -> None:
 
 
 def pretrain(args: argparse.Namespace) -> TrainResult:
-    """Train per ``args`` (parsed by ``arguments.parse_args``); callable several times in one process."""
+    """Train per ``args`` (parsed by ``arguments.parse_args``); callable several times in one
+    process."""
     run = setup(args)
     log = IntervalLog(t_last=time.time())
     while run.result.iteration < args.train_iters:

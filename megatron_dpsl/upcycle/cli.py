@@ -40,7 +40,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megatron-dpsl-upcycle",
-        description="Upcycle a dense Megatron-Core torch_dist (or HF Llama/Qwen2) checkpoint into an MoE "
+        description="Upcycle a dense Megatron-Core torch_dist (or HF Llama/Qwen2) checkpoint into "
+        "an MoE "
         "torch_dist checkpoint in the Megatron-LM layout (docs/upcycling.md).",
         formatter_class=_HelpFormatter,
     )
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="source",
         required=True,
         metavar="DIR",
-        help="dense checkpoint: Megatron-LM save dir, torch_dist step dir, or HF directory (config.json + "
+        help="dense checkpoint: Megatron-LM save dir, torch_dist step dir, or HF directory "
+        "(config.json + "
         "*.safetensors) (required)",
     )
     p.add_argument(
@@ -72,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="G",
-        help="split each dense FFN into G experts of F/G units; E/G copies of the FFN (8in16: E 16, G 4, k 8)",
+        help="split each dense FFN into G experts of F/G units; E/G copies of the FFN (8in16: E "
+        "16, "
+        "G 4, k 8)",
     )
     p.add_argument(
         "--moe-router-topk", type=int, default=2, metavar="K", help="experts per token, 1 <= K <= E"
@@ -81,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--router-init",
         choices=ROUTER_INITS,
         default="virtual-group",
-        help="virtual-group: one N(0, std^2) row per FFN copy, shared by its G experts; normal: independent "
+        help="virtual-group: one N(0, std^2) row per FFN copy, shared by its G experts; normal: "
+        "independent "
         "rows; zeros: uniform routing",
     )
     p.add_argument(
@@ -109,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="R",
-        help="Drop-Upcycling: re-initialise this fraction of each expert's units (paper: 0.5 for 4 experts, "
+        help="Drop-Upcycling: re-initialise this fraction of each expert's units (paper: 0.5 for 4 "
+        "experts, "
         "0.2 for 16)",
     )
     p.add_argument(
@@ -119,13 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--moe-layer-freq",
         default="1",
         metavar="FREQ",
-        help="which layers become MoE: int N (layers 0, N, 2N, ...) or a 0/1 list, e.g. [1,0,1,0] or "
+        help="which layers become MoE: int N (layers 0, N, 2N, ...) or a 0/1 list, e.g. [1,0,1,0] "
+        "or "
         "([1]*2+[0])*4",
     )
     p.add_argument(
         "--moe-router-pre-softmax",
         action="store_true",
-        help="softmax over all experts before top-k (written to args; not allowed with --weight-scaling exact)",
+        help="softmax over all experts before top-k (written to args; not allowed with "
+        "--weight-scaling exact)",
     )
     p.add_argument(
         "--moe-router-score-function",
@@ -137,8 +145,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--activation",
         choices=("silu", "gelu", "squared_relu", "quick_gelu"),
         default=None,
-        help="activation of a source whose args do not say (default: from the source's args, else the "
+        help="activation of a source whose args do not say (default: from the source's args, else "
+        "the "
         "shapes: gated -> silu, else gelu)",
+    )
+    vision = p.add_argument_group(
+        "LLaVA sources",
+        "the vision side, checked against the checkpoint (its ViT and projector are copied)",
+    )
+    for flag, what in (
+        ("--img-h", "image height"),
+        ("--img-w", "image width"),
+        ("--patch-dim", "ViT patch size"),
+        ("--encoder-num-layers", "ViT layers"),
+    ):
+        vision.add_argument(
+            flag,
+            type=int,
+            default=None,
+            metavar="N",
+            help=f"{what} the source's ViT takes; an error if it says otherwise (default: the "
+            "checkpoint's)",
+        )
+    vision.add_argument(
+        "--disable-vision-class-token",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the ViT's class token is dropped before the projector; an error if the checkpoint "
+        "says "
+        "otherwise (default: the checkpoint's)",
     )
     p.add_argument(
         "--seed",
@@ -183,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             moe_router_pre_softmax=args.moe_router_pre_softmax,
             moe_router_score_function=args.moe_router_score_function,
             activation=args.activation,
+            img_h=args.img_h,
+            img_w=args.img_w,
+            patch_dim=args.patch_dim,
+            encoder_num_layers=args.encoder_num_layers,
+            disable_vision_class_token=args.disable_vision_class_token,
             seed=args.seed,
             force=args.force,
             dry_run=args.dry_run,

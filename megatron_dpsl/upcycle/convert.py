@@ -1,4 +1,5 @@
-"""``upcycle(src, dst, **options)``: dense checkpoint -> Megatron-LM-layout MoE ``torch_dist`` checkpoint."""
+"""``upcycle(src, dst, **options)``: dense checkpoint -> Megatron-LM-layout MoE ``torch_dist``
+checkpoint."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from megatron_dpsl.upcycle.errors import UpcycleError
 from megatron_dpsl.upcycle.hf import HFDenseSource, is_hf_checkpoint
 from megatron_dpsl.upcycle.layers import LayerPlan, layer_parts, layer_pieces
+from megatron_dpsl.upcycle.llava import check_vision_options
 from megatron_dpsl.upcycle.megatron_args import FRESH_START, complete_args, moe_fields
 from megatron_dpsl.upcycle.options import UpcycleOptions
 from megatron_dpsl.upcycle.ownership import Leftover, sweep
@@ -24,7 +26,8 @@ from megatron_dpsl.upcycle.transforms import weight_scales
 from megatron_dpsl.upcycle.writer import atomic_directory, write_torch_dist
 
 CONFIG_JSON = "upcycle_config.json"
-STEP = "release"  # Megatron-LM loads a 'release' checkpoint from iteration 0 without optimizer/RNG state
+# Megatron-LM loads a 'release' checkpoint from iteration 0 without optimizer/RNG state
+STEP = "release"
 
 
 @dataclasses.dataclass
@@ -37,7 +40,8 @@ class UpcycleResult:
     table: str
     pieces: list[str] = dataclasses.field(default_factory=list)
     leftovers: list[Leftover] = dataclasses.field(default_factory=list)
-    """Temporary directories of the same output from earlier runs: removed if provably dead, else reported."""
+    """Temporary directories of the same output from earlier runs: removed if provably dead, else
+    reported."""
 
 
 def open_source(src: Path, activation: str | None = None):
@@ -47,13 +51,14 @@ def open_source(src: Path, activation: str | None = None):
         if activation not in (None, "silu"):
             raise UpcycleError(f"--activation {activation!r} conflicts with the HF config (silu)")
         return HFDenseSource(src)
-    from megatron_dpsl.upcycle.readers import MegatronDenseSource
+    from megatron_dpsl.upcycle.llava_megatron import open_megatron
 
-    return MegatronDenseSource(src, activation=activation)
+    return open_megatron(src, activation=activation)
 
 
 def source_shapes(source) -> dict[str, tuple[int, ...]]:
-    """Global shapes of the source's non-layer tensors and of layer 0's (under ``layer.``), from metadata."""
+    """Global shapes of the source's non-layer tensors and of layer 0's (under ``layer.``), from
+    metadata."""
     shapes = {
         p.key: tuple(p.data.shape) for p in source.global_pieces(meta=True) if not p.is_object
     }
@@ -135,13 +140,15 @@ def upcycle(src, dst=None, **options) -> UpcycleResult:
     _check_output_keeps_source(Path(src), None if dst is None else Path(dst))
     source = open_source(Path(src), activation=opts.activation)
     try:
+        check_vision_options(source, opts)
         return _run(source, Path(dst) if dst is not None else None, opts)
     finally:
         source.close()
 
 
 def convert_dense(src, dst, *, force: bool = False, progress: bool = True) -> UpcycleResult:
-    """Write ``src`` (HF or Megatron) unchanged as a dense Megatron-LM-layout ``torch_dist`` checkpoint.
+    """Write ``src`` (HF or Megatron) unchanged as a dense Megatron-LM-layout ``torch_dist``
+    checkpoint.
 
     The G=1, no-expert path of the same reader/writer: checks the HF -> Megatron mapping on its own.
     """
@@ -155,13 +162,15 @@ def convert_dense(src, dst, *, force: bool = False, progress: bool = True) -> Up
 
 
 def _check_output_keeps_source(src: Path, dst: Path | None) -> None:
-    """Refuse an output that is, or contains, the source: replacing it (``--force``) would delete the source."""
+    """Refuse an output that is, or contains, the source: replacing it (``--force``) would delete
+    the source."""
     if dst is None:
         return
     src_r, dst_r = src.resolve(), dst.resolve()
     if src_r == dst_r or dst_r in src_r.parents:
         raise UpcycleError(
-            f"--output {dst} is or contains --source {src}: writing there would replace the source; "
+            f"--output {dst} is or contains --source {src}: writing there would replace the "
+            "source; "
             "choose another output directory"
         )
 
@@ -226,11 +235,15 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
         """Write unit ``group``: ("global", key) one non-layer tensor, ("objects",) all non-layer
         objects, (layer, part) one part of a layer (layers.layer_parts)."""
         if group[0] == "global":
-            return source.global_pieces(meta=meta, key=group[1])
-        if group[0] == "objects":
-            return [p for p in source.global_pieces(meta=True) if p.is_object]
-        layer, part = group
-        return layer_pieces(plan_of(layer), layer_weights(layer, meta), part)
+            pieces = source.global_pieces(meta=meta, key=group[1])
+        elif group[0] == "objects":
+            pieces = [p for p in source.global_pieces(meta=True) if p.is_object]
+        else:
+            layer, part = group
+            pieces = layer_pieces(plan_of(layer), layer_weights(layer, meta), part)
+        # a LLaVA source yields the language model's keys without their "language_model." prefix
+        rename = getattr(source, "output_key", None)
+        return [dataclasses.replace(p, key=rename(p.key)) for p in pieces] if rename else pieces
 
     # plan every chunk from shapes (meta tensors): keys, shapes and counts without reading weights
     groups = [("global", p.key) for p in source.global_pieces(meta=True) if not p.is_object] + [

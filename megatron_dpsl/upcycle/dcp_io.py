@@ -65,7 +65,8 @@ def parse_object_name(name: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]
 
 
 class _ChunkLoadPlanner(LoadPlanner):
-    """Reads explicit regions: ``tensors[name] = (fqn, offsets, destination)``, ``objects[name] = fqn``."""
+    """Reads explicit regions: ``tensors[name] = (fqn, offsets, destination)``, ``objects[name] =
+    fqn``."""
 
     def __init__(
         self, tensors: dict[str, tuple[str, tuple[int, ...], torch.Tensor]], objects: dict[str, str]
@@ -161,7 +162,8 @@ class DcpReader:
         tensors: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]],
         objects: dict[str, str],
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """``tensors[name] = (fqn, offsets, sizes)`` region of a stored tensor; ``objects[name] = fqn``."""
+        """``tensors[name] = (fqn, offsets, sizes)`` region of a stored tensor; ``objects[name] =
+        fqn``."""
         requests = {}
         for name, (fqn, offsets, sizes) in tensors.items():
             dtype = self.metadata.state_dict_metadata[fqn].properties.dtype
@@ -223,7 +225,8 @@ def write_item_for(piece: Piece) -> WriteItem:
 
 
 def piece_payload(piece: Piece):
-    """What DCP writes for the piece: the chunk with its prepended unit axes, or torch.save bytes."""
+    """What DCP writes for the piece: the chunk with its prepended unit axes, or torch.save
+    bytes."""
     if piece.is_object:
         buf = io.BytesIO()
         torch.save([piece.data], buf)  # Megatron's encoding: a list of the rank's shards

@@ -48,7 +48,8 @@ def _rope_theta(cfg: dict) -> float:
     )
     if rope_type != "default":
         raise UpcycleError(
-            f"config.json: rope type {rope_type!r} is not supported (only unscaled 'default' RoPE maps "
+            f"config.json: rope type {rope_type!r} is not supported (only unscaled 'default' "
+            "RoPE maps "
             "exactly onto Megatron's rotary embedding)"
         )
     return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
@@ -67,7 +68,8 @@ class HFDenseSource:
         if mtype not in SUPPORTED_MODEL_TYPES:
             already = " (already an MoE)" if mtype and "moe" in mtype else ""
             raise UpcycleError(
-                f"config.json: model_type {mtype!r}{already} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
+                f"config.json: model_type {mtype!r}{already} is not supported; supported: "
+                f"{SUPPORTED_MODEL_TYPES}"
             )
         if cfg.get("num_experts") or cfg.get("num_local_experts"):
             raise UpcycleError("config.json describes an MoE model already; upcycle a dense model")
@@ -121,8 +123,10 @@ class HFDenseSource:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             seq_length=int(cfg.get("max_position_embeddings", 4096)),
             position_embedding_type="rope",
-            add_position_embedding=False,  # Megatron-LM's --no-position-embedding: RoPE adds no table
-            use_rotary_position_embeddings=False,  # the deprecated alias of --position-embedding-type rope
+            # Megatron-LM's --no-position-embedding: RoPE adds no table
+            add_position_embedding=False,
+            # the deprecated alias of --position-embedding-type rope
+            use_rotary_position_embeddings=False,
             rotary_base=int(rotary_base)
             if float(rotary_base).is_integer()
             else rotary_base,  # an int flag
@@ -205,7 +209,8 @@ class HFDenseSource:
         }[key]
 
     def fuse_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """HF q ``[nh*d, ...]``, k/v ``[ng*d, ...]`` -> Megatron ``[(nh+2ng)*d, ...]`` grouped per query group."""
+        """HF q ``[nh*d, ...]``, k/v ``[ng*d, ...]`` -> Megatron ``[(nh+2ng)*d, ...]`` grouped per
+        query group."""
         ng, d = self.num_groups, self.head_dim
         per = self.num_heads // ng
         rest = q.shape[1:]

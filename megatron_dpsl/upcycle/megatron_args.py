@@ -92,7 +92,8 @@ def complete_args(
     activation: str,
     dtype: torch.dtype,
 ) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """``args`` (not modified) with every field Megatron-LM's loaders read; returns (args, what was filled).
+    """``args`` (not modified) with every field Megatron-LM's loaders read; returns (args, what was
+    filled).
 
     ``shapes``: global shapes of the dense model's entries, non-layer keys as they are
     (``embedding.word_embeddings.weight``, ``output_layer.weight``, ...) and layer 0's under

@@ -13,7 +13,8 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 
 def parse_layer_freq(value) -> int | list[int]:
-    """``--moe-layer-freq``: an int N (every N-th layer, from layer 0, is MoE) or a 0/1 list per layer.
+    """``--moe-layer-freq``: an int N (every N-th layer, from layer 0, is MoE) or a 0/1 list per
+    layer.
 
     Accepts Megatron-LM's spellings: ``2``, ``[1,0,1,0]``, ``([1]*3+[0])*2``, or ``1,0,1,0``.
     """
@@ -43,12 +44,14 @@ def parse_layer_freq(value) -> int | list[int]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class UpcycleOptions:
-    """Everything that shapes the upcycled checkpoint (recorded verbatim in ``upcycle_config.json``)."""
+    """Everything that shapes the upcycled checkpoint (recorded verbatim in
+    ``upcycle_config.json``)."""
 
     num_experts: int
     """E: routed experts per MoE layer (``--num-experts``)."""
     granularity: int = 1
-    """G: each dense FFN is split into G experts of ``F/G`` units; E/G copies (``--granularity``)."""
+    """G: each dense FFN is split into G experts of ``F/G`` units; E/G copies
+    (``--granularity``)."""
     moe_router_topk: int = 2
     """k: experts per token (``--moe-router-topk``)."""
     router_init: str = "virtual-group"
@@ -60,7 +63,8 @@ class UpcycleOptions:
     expert_noise_std: float = 0.0
     """Std of additive N(0, std^2) noise on each expert's fc1/fc2 weights (paper: 0.01)."""
     drop_upcycling_ratio: float = 0.0
-    """Fraction of each expert's units re-initialised (Drop-Upcycling; paper 0.5 for 4, 0.2 for 16 experts)."""
+    """Fraction of each expert's units re-initialised (Drop-Upcycling; paper 0.5 for 4, 0.2 for 16
+    experts)."""
     shared_expert: bool = False
     """Keep the whole dense FFN as a shared expert (``--shared-expert``)."""
     moe_layer_freq: int | list[int] = 1
@@ -70,7 +74,19 @@ class UpcycleOptions:
     moe_router_score_function: str = "softmax"
     """Written to args: ``softmax`` | ``sigmoid``."""
     activation: str | None = None
-    """Override the activation for sources without args (``silu``, ``gelu``, ``squared_relu``, ``quick_gelu``)."""
+    """Override the activation for sources without args (``silu``, ``gelu``, ``squared_relu``,
+    ``quick_gelu``)."""
+    img_h: int | None = None
+    """LLaVA sources: image height the ViT takes (``--img-h``); checked against the checkpoint."""
+    img_w: int | None = None
+    """LLaVA sources: image width (``--img-w``); checked against the checkpoint."""
+    patch_dim: int | None = None
+    """LLaVA sources: ViT patch size (``--patch-dim``); checked against the checkpoint."""
+    encoder_num_layers: int | None = None
+    """LLaVA sources: ViT layers (``--encoder-num-layers``); checked against the checkpoint."""
+    disable_vision_class_token: bool | None = None
+    """LLaVA sources: the class token is dropped before the projector
+    (``--disable-vision-class-token``)."""
     seed: int = 1234
     force: bool = False
     dry_run: bool = False
@@ -96,7 +112,8 @@ class UpcycleOptions:
             )
         if self.moe_router_score_function not in SCORE_FUNCTIONS:
             raise UpcycleError(
-                f"--moe-router-score-function {self.moe_router_score_function!r}: allowed {SCORE_FUNCTIONS}"
+                f"--moe-router-score-function {self.moe_router_score_function!r}: allowed "
+                f"{SCORE_FUNCTIONS}"
             )
         if self.expert_noise_std < 0:
             raise UpcycleError(f"--expert-noise-std must be >= 0, got {self.expert_noise_std}")
@@ -108,8 +125,15 @@ class UpcycleOptions:
             raise UpcycleError(f"--router-init-std must be >= 0, got {self.router_init_std}")
         if self.activation not in (None, "silu", "gelu", "squared_relu", "quick_gelu"):
             raise UpcycleError(
-                f"--activation {self.activation!r}: unknown activation; allowed silu, gelu, squared_relu, quick_gelu"
+                f"--activation {self.activation!r}: unknown activation; allowed silu, gelu, "
+                "squared_relu, quick_gelu"
             )
+        for name in ("img_h", "img_w", "patch_dim", "encoder_num_layers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UpcycleError(
+                    f"--{name.replace('_', '-')} must be a positive int, got {value!r}"
+                )
         freq = parse_layer_freq(self.moe_layer_freq)
         object.__setattr__(self, "moe_layer_freq", freq)
         if isinstance(freq, int) and freq < 1:
@@ -126,22 +150,26 @@ class UpcycleOptions:
         why = []
         if self.moe_router_pre_softmax:
             why.append(
-                "--moe-router-pre-softmax: top-k of a softmax over all experts is not renormalised, "
+                "--moe-router-pre-softmax: top-k of a softmax over all experts is not "
+                "renormalised, "
                 "so the selected probabilities sum to less than one (a token-dependent factor)"
             )
         if self.moe_router_score_function != "softmax":
             why.append(
-                "--moe-router-score-function sigmoid: Megatron renormalises sigmoid scores only for k > 1, "
+                "--moe-router-score-function sigmoid: Megatron renormalises sigmoid scores only "
+                "for k > 1, "
                 "with an epsilon; use softmax"
             )
         if G > 1 and self.router_init != "virtual-group":
             why.append(
-                f"--router-init {self.router_init}: with --granularity {G} the G shards of one copy must share "
+                f"--router-init {self.router_init}: with --granularity {G} the G shards of one "
+                "copy must share "
                 "a router row (virtual-group) so top-k selects whole copies"
             )
         if k % G:
             why.append(
-                f"--moe-router-topk {k} is not a multiple of --granularity {G}: top-k would select partial "
+                f"--moe-router-topk {k} is not a multiple of --granularity {G}: top-k would select "
+                "partial "
                 "copies of the FFN"
             )
         if self.expert_noise_std:
@@ -166,6 +194,7 @@ class UpcycleOptions:
         """Errors that need the source's shape."""
         if info.ffn_hidden_size % self.granularity:
             raise UpcycleError(
-                f"FFN hidden size {info.ffn_hidden_size} is not divisible by --granularity {self.granularity}"
+                f"FFN hidden size {info.ffn_hidden_size} is not divisible by --granularity "
+                f"{self.granularity}"
             )
         self.moe_layers(info.num_layers)

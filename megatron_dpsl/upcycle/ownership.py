@@ -50,7 +50,8 @@ def _read(path: str) -> str | None:
 
 
 def process_start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22), None if unknown."""
+    """Start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22), None if
+    unknown."""
     stat = _read(f"/proc/{pid}/stat")
     if stat is None:
         return None
@@ -104,7 +105,8 @@ class Owner:
 
 
 def write_owner(tmp: Path, target: Path) -> None:
-    """Record this process as the owner of ``tmp`` (written to a side name, then renamed: never half a record)."""
+    """Record this process as the owner of ``tmp`` (written to a side name, then renamed: never half
+    a record)."""
     record = json.dumps(dataclasses.asdict(Owner.current(target)))
     side = tmp / f"{OWNER_FILE}.{uuid.uuid4().hex[:8]}"
     side.write_text(record)
@@ -125,7 +127,8 @@ def read_owner(tmp: Path) -> Owner | None:
 
 
 def is_dead(owner: Owner) -> tuple[bool, str]:
-    """(True, why) only when ``owner`` provably no longer runs; else (False, why it cannot be told)."""
+    """(True, why) only when ``owner`` provably no longer runs; else (False, why it cannot be
+    told)."""
     me = Owner.current(Path(owner.target))
     if owner.host != me.host:
         return (
@@ -149,7 +152,8 @@ def is_dead(owner: Owner) -> tuple[bool, str]:
     if ticks is not None and owner.start_ticks is not None and ticks != owner.start_ticks:
         return (
             True,
-            f"{owner.describe()}, no longer running (pid {owner.pid} now belongs to another process)",
+            f"{owner.describe()}, no longer running (pid {owner.pid} now belongs to another "
+            "process)",
         )
     return False, f"in use by a live conversion ({owner.describe()})"
 
@@ -196,7 +200,8 @@ class Leftover:
 
 
 def sweep(target: Path, remove: bool = True) -> list[Leftover]:
-    """Find the temporary (and aside) directories of ``target``; remove those provably dead if ``remove``."""
+    """Find the temporary (and aside) directories of ``target``; remove those provably dead if
+    ``remove``."""
     target = Path(target).absolute()
     parent = target.parent
     if not parent.is_dir():

@@ -1,4 +1,5 @@
-"""The unit the upcycler moves around: one tensor (or object) chunk with its place in a global tensor."""
+"""The unit the upcycler moves around: one tensor (or object) chunk with its place in a global
+tensor."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    """A chunk of a sharded checkpoint entry, as Megatron's ``ShardedTensor.from_rank_offsets`` sees it.
+    """A chunk of a sharded checkpoint entry, as Megatron's ``ShardedTensor.from_rank_offsets`` sees
+    it.
 
     ``key`` is the sharded key on disk (e.g.
     ``decoder.layers.mlp.experts.experts.linear_fc1.weight``). ``data`` is the tensor without the

@@ -29,7 +29,8 @@ MODEL_ROOTS = ("embedding.", "decoder.", "output_layer.", "mtp.", "rotary_pos_em
 
 
 def resolve_step_dir(path: Path) -> tuple[Path, int | None]:
-    """Megatron-LM save dir (tracker file) or a bare ``dist_checkpointing`` dir -> (step dir, iteration)."""
+    """Megatron-LM save dir (tracker file) or a bare ``dist_checkpointing`` dir -> (step dir,
+    iteration)."""
     if not path.exists():
         raise UpcycleError(f"source {path} does not exist")
     if not path.is_dir():
@@ -50,11 +51,9 @@ def resolve_step_dir(path: Path) -> tuple[Path, int | None]:
     if (path / "metadata.json").is_file():
         match = re.fullmatch(r"iter_(\d{7})", path.name)
         return path, int(match.group(1)) if match else None
-    if any(path.glob("mp_rank_*")):
-        raise UpcycleError(
-            f"{path} is a legacy 'torch' format checkpoint (mp_rank_*/); convert it to torch_dist "
-            "first (Megatron-LM: --ckpt-convert-format torch_dist)"
-        )
+    if any(path.glob("mp_rank_*")):  # the legacy per-rank 'torch' format (legacy.py)
+        match = re.fullmatch(r"iter_(\d{7})", path.name)
+        return path, int(match.group(1)) if match else None
     raise UpcycleError(
         f"{path} is not a checkpoint: expected {TRACKER} (Megatron-LM save dir), metadata.json "
         "(torch_dist step dir) or config.json + *.safetensors (Hugging Face)"
@@ -73,7 +72,8 @@ def hash_files(root: Path, files: list[Path]) -> str:
 
 
 def _activation_from_args(args: argparse.Namespace | None, glu: bool) -> str:
-    """Megatron-LM flags -> activation name (``--swiglu``, ``--quick-geglu``, ``--squared-relu``)."""
+    """Megatron-LM flags -> activation name (``--swiglu``, ``--quick-geglu``,
+    ``--squared-relu``)."""
     if args is None:
         return "silu" if glu else "gelu"  # Megatron's defaults for the two shapes
     if getattr(args, "swiglu", False):
@@ -84,10 +84,57 @@ def _activation_from_args(args: argparse.Namespace | None, glu: bool) -> str:
         return "squared_relu"
     if glu:
         raise UpcycleError(
-            "unknown activation: fc1 is gated (2x ffn_hidden_size rows) but the checkpoint args set "
+            "unknown activation: fc1 is gated (2x ffn_hidden_size rows) but the checkpoint args "
+            "set "
             "none of swiglu/quick_geglu; supported: silu (swiglu), quick_gelu, gelu, squared_relu"
         )
     return "gelu"
+
+
+def dense_model_info(
+    *, path: Path, num_layers: int, meta_of, args, iteration, activation
+) -> DenseModelInfo:
+    """The dense model's shape from layer 0's MLP; ``meta_of(layer, name)`` gives the (per-layer
+    shape, dtype) of a layer entry or None. ``args``: the checkpoint's Megatron-LM args or None."""
+    fc1 = meta_of(0, "mlp.linear_fc1.weight")
+    fc2 = meta_of(0, "mlp.linear_fc2.weight")
+    if fc1 is None or fc2 is None:
+        raise UpcycleError(
+            f"{path}: layer 0 has no mlp.linear_fc1/linear_fc2 weights (not a dense GPT MLP)"
+        )
+    fc1_shape, fc2_shape = fc1[0], fc2[0]
+    hidden, ffn = fc2_shape[0], fc2_shape[1]
+    if fc1_shape[0] not in (ffn, 2 * ffn) or fc1_shape[1] != hidden:
+        raise UpcycleError(
+            f"fc1 {list(fc1_shape)} and fc2 {list(fc2_shape)} shapes do not form an MLP"
+        )
+    glu = fc1_shape[0] == 2 * ffn
+    if args is not None and getattr(args, "num_experts", None):
+        raise UpcycleError(
+            f"source is already an MoE checkpoint (args.num_experts={args.num_experts})"
+        )
+    act = activation or _activation_from_args(args, glu)
+    if args is None:
+        args = argparse.Namespace(
+            num_layers=num_layers,
+            hidden_size=hidden,
+            ffn_hidden_size=ffn,
+            swiglu=glu and act == "silu",
+        )
+    return DenseModelInfo(
+        source_kind="megatron",
+        path=path,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        gated_linear_unit=glu,
+        activation=act,
+        fc1_bias=meta_of(0, "mlp.linear_fc1.bias") is not None,
+        fc2_bias=meta_of(0, "mlp.linear_fc2.bias") is not None,
+        dtype=fc1[1],
+        args=args,
+        iteration=iteration,
+    )
 
 
 class MegatronDenseSource:
@@ -97,6 +144,13 @@ class MegatronDenseSource:
         self.root = Path(path)
         self.step_dir, iteration = resolve_step_dir(self.root)
         meta_file = self.step_dir / "metadata.json"
+        if not meta_file.is_file() and any(self.step_dir.glob("mp_rank_*")):
+            raise UpcycleError(
+                f"{self.step_dir} is a legacy 'torch' format checkpoint (mp_rank_*/) of a model "
+                "other "
+                "than LLaVA; convert it to torch_dist first (Megatron-LM: --ckpt-convert-format "
+                "torch_dist)"
+            )
         if not meta_file.is_file():
             raise UpcycleError(
                 f"{self.step_dir} has no metadata.json: not a dist_checkpointing checkpoint"
@@ -121,8 +175,8 @@ class MegatronDenseSource:
         self.info = self._infer_info(args, iteration, activation)
 
     def _common_state(self) -> dict:
-        """The non-tensor state (``args``, ``iteration``, ...): ``common.pt`` (megatron-core <= 0.16),
-        or the ``common_state`` object inside the DCP checkpoint (megatron-core 0.19 saves it
+        """The non-tensor state (``args``, ``iteration``, ...): ``common.pt`` (megatron-core <=
+        0.16), or the ``common_state`` object inside the DCP checkpoint (megatron-core 0.19 saves it
         there)."""
         common_file = self.step_dir / "common.pt"
         # Megatron-LM pickles an argparse.Namespace (and dtypes) here; the source is user-chosen.
@@ -143,7 +197,8 @@ class MegatronDenseSource:
         ]
         if not embed:
             raise UpcycleError(
-                f"{self.step_dir} holds no 'embedding.word_embeddings.weight': not a GPTModel checkpoint"
+                f"{self.step_dir} holds no 'embedding.word_embeddings.weight': not a GPTModel "
+                "checkpoint"
             )
         self.prefix = min(embed, key=len)[: -len("embedding.word_embeddings.weight")]
 
@@ -182,7 +237,8 @@ class MegatronDenseSource:
         ]
         if moe:
             raise UpcycleError(
-                f"source is already an MoE checkpoint (found decoder.layers.{moe[0]}); upcycle a dense model"
+                f"source is already an MoE checkpoint (found decoder.layers.{moe[0]}); upcycle a "
+                "dense model"
             )
 
     @staticmethod
@@ -207,44 +263,13 @@ class MegatronDenseSource:
             num_layers = max(self.per_layer) + 1
         else:
             raise UpcycleError(f"{self.step_dir} holds no 'decoder.layers.*' tensors")
-        fc1 = self._meta_of(0, "mlp.linear_fc1.weight")
-        fc2 = self._meta_of(0, "mlp.linear_fc2.weight")
-        if fc1 is None or fc2 is None:
-            raise UpcycleError(
-                f"{self.step_dir}: layer 0 has no mlp.linear_fc1/linear_fc2 weights (not a dense GPT MLP)"
-            )
-        fc1_shape, fc2_shape = fc1[0], fc2[0]
-        hidden, ffn = fc2_shape[0], fc2_shape[1]
-        if fc1_shape[0] not in (ffn, 2 * ffn) or fc1_shape[1] != hidden:
-            raise UpcycleError(
-                f"fc1 {list(fc1_shape)} and fc2 {list(fc2_shape)} shapes do not form an MLP"
-            )
-        glu = fc1_shape[0] == 2 * ffn
-        if args is not None and getattr(args, "num_experts", None):
-            raise UpcycleError(
-                f"source is already an MoE checkpoint (args.num_experts={args.num_experts})"
-            )
-        act = activation or _activation_from_args(args, glu)
-        if args is None:
-            args = argparse.Namespace(
-                num_layers=num_layers,
-                hidden_size=hidden,
-                ffn_hidden_size=ffn,
-                swiglu=glu and act == "silu",
-            )
-        return DenseModelInfo(
-            source_kind="megatron",
+        return dense_model_info(
             path=self.step_dir,
             num_layers=num_layers,
-            hidden_size=hidden,
-            ffn_hidden_size=ffn,
-            gated_linear_unit=glu,
-            activation=act,
-            fc1_bias=self._meta_of(0, "mlp.linear_fc1.bias") is not None,
-            fc2_bias=self._meta_of(0, "mlp.linear_fc2.bias") is not None,
-            dtype=fc1[1],
+            meta_of=self._meta_of,
             args=args,
             iteration=iteration,
+            activation=activation,
         )
 
     def _meta_of(self, layer: int, name: str):
@@ -286,7 +311,8 @@ class MegatronDenseSource:
         return pieces
 
     def read_layer(self, layer: int, meta: bool = False) -> LayerWeights:
-        """Tensors of ``layer`` (meta tensors if ``meta``); object payloads are always read (small)."""
+        """Tensors of ``layer`` (meta tensors if ``meta``); object payloads are always read
+        (small)."""
         num_layers = self.info.num_layers
         request: dict[str, tuple] = {}
         shapes: dict[str, tuple] = {}
@@ -314,7 +340,8 @@ class MegatronDenseSource:
             if name.startswith("mlp."):
                 if name[4:] not in MLP_WEIGHTS:
                     raise UpcycleError(
-                        f"unsupported dense MLP entry decoder.layers.{name} (expected {MLP_WEIGHTS})"
+                        f"unsupported dense MLP entry decoder.layers.{name} (expected "
+                        f"{MLP_WEIGHTS})"
                     )
                 weights.mlp[name[4:]] = tensor
             else:

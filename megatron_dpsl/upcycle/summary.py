@@ -32,7 +32,8 @@ def _fmt(n: int) -> str:
 
 
 def format_bytes(n: int) -> str:
-    """``3.80 GiB``, ``412.5 MiB``, ``20.1 KiB``: the largest binary unit that keeps a digit before the point."""
+    """``3.80 GiB``, ``412.5 MiB``, ``20.1 KiB``: the largest binary unit that keeps a digit before
+    the point."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"

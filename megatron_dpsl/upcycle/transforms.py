@@ -228,7 +228,8 @@ def upcycle_experts(
 
 
 def shared_expert(mlp: dict[str, torch.Tensor], scales: ScaleFactors) -> dict[str, torch.Tensor]:
-    """The dense FFN kept whole as the shared expert; fc2 weight and bias times ``scales.shared``."""
+    """The dense FFN kept whole as the shared expert; fc2 weight and bias times
+    ``scales.shared``."""
     out = {k: v for k, v in mlp.items() if k in ("linear_fc1.weight", "linear_fc1.bias")}
     for k in ("linear_fc2.weight", "linear_fc2.bias"):
         if k in mlp:

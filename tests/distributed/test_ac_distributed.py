@@ -31,7 +31,8 @@ MIN_UNREDUCED_DIFF = 1e-2
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """``results(world)`` -> {layout name: record}: one torchrun launch of the worker per world size."""
+    """``results(world)`` -> {layout name: record}: one torchrun launch of the worker per world
+    size."""
     return records_per_world(tmp_path_factory, "ac_exactness_worker.py")
 
 
@@ -44,9 +45,12 @@ def test_ac_router_matches_single_process_reference(results, world, name):
     rec = results(world)[name]
     assert "error" not in rec, rec.get("error")
     print(
-        f"\n{world} ranks {name}: max |Δ probs| = {rec['max_probs_diff']:.2e}, routing-map mismatches "
-        f"{rec['routing_map_mismatches']}, max |Δ grad| = {rec['max_grad_diff']:.2e} (|ref grad|max "
-        f"{rec['ref_grad_max']:.2e}); unreduced statistics would move probs by {rec['unreduced_probs_diff']:.2f}; "
+        f"\n{world} ranks {name}: max |Δ probs| = {rec['max_probs_diff']:.2e}, routing-map "
+        "mismatches "
+        f"{rec['routing_map_mismatches']}, max |Δ grad| = {rec['max_grad_diff']:.2e} (|ref "
+        "grad|max "
+        f"{rec['ref_grad_max']:.2e}); unreduced statistics would move probs by "
+        f"{rec['unreduced_probs_diff']:.2f}; "
         f"AC reroutes {rec['tokens_rerouted_by_ac']} tokens; statistics sets {rec['stat_sets']}"
     )
     assert rec["ref_grad_max"] > MIN_REF_GRAD
@@ -63,7 +67,8 @@ def test_ac_router_matches_single_process_reference(results, world, name):
 def test_first_ac_layer_of_a_pipeline_stage_routes_standard_and_the_next_uses_the_hand_over(
     results,
 ):
-    """GPTModel in two real pipeline stages (layers 1-2 | 3-4): the stage-2 model chunk has its own state."""
+    """GPTModel in two real pipeline stages (layers 1-2 | 3-4): the stage-2 model chunk has its own
+    state."""
     rec = results(2)["pp2_stage_boundary"]
     assert "error" not in rec, rec.get("error")
     assert rec["stage_layers"] == [[1, 2], [3, 4]]

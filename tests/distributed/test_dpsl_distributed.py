@@ -29,7 +29,8 @@ MIN_REF_GRAD = 1e-3
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """``results(world)`` -> {layout name: record}: one torchrun launch of the worker per world size."""
+    """``results(world)`` -> {layout name: record}: one torchrun launch of the worker per world
+    size."""
     return records_per_world(tmp_path_factory, "dpsl_exactness_worker.py")
 
 
@@ -40,8 +41,10 @@ def test_dpsl_matches_single_process_reference(results, world, name):
     rec = results(world)[name]
     assert "error" not in rec, rec.get("error")
     print(
-        f"\n{world} ranks {name}: max |Δ grad| = {rec['max_grad_diff']:.3e} (|ref grad|max {rec['ref_grad_max']:.3e}), "
-        f"max |Δ loss| = {rec['max_loss_diff']:.3e}, gather groups (replicas) {rec['gather_groups']}"
+        f"\n{world} ranks {name}: max |Δ grad| = {rec['max_grad_diff']:.3e} (|ref grad|max "
+        f"{rec['ref_grad_max']:.3e}), "
+        f"max |Δ loss| = {rec['max_loss_diff']:.3e}, gather groups (replicas) "
+        f"{rec['gather_groups']}"
     )
     assert rec["ref_grad_max"] > MIN_REF_GRAD
     assert rec["max_grad_diff"] <= GRAD_ATOL

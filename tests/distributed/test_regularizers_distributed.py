@@ -30,7 +30,8 @@ MIN_REF_ROUTER_GRAD, MIN_REF_EXPERT_GRAD = 1e-3, 1e-2
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """``results(world)`` -> {layout name: record}: one torchrun launch of the worker per world size."""
+    """``results(world)`` -> {layout name: record}: one torchrun launch of the worker per world
+    size."""
     return records_per_world(tmp_path_factory, "regularizer_exactness_worker.py")
 
 
@@ -42,8 +43,10 @@ def test_variance_and_orthogonality_match_single_process_reference(results, worl
     assert "error" not in rec, rec.get("error")
     print(
         f"\n{world} ranks {name}: max |Δ router grad| = {rec['max_router_grad_diff']:.2e} "
-        f"(|ref|max {rec['ref_router_grad_max']:.2e}), max |Δ expert grad| = {rec['max_expert_grad_diff']:.2e} "
-        f"(|ref|max {rec['ref_expert_grad_max']:.2e}), max |Δ logged loss| = {rec['max_loss_diff']:.2e}, "
+        f"(|ref|max {rec['ref_router_grad_max']:.2e}), max |Δ expert grad| = "
+        f"{rec['max_expert_grad_diff']:.2e} "
+        f"(|ref|max {rec['ref_expert_grad_max']:.2e}), max |Δ logged loss| = "
+        f"{rec['max_loss_diff']:.2e}, "
         f"variance gather groups {rec['gather_groups']}"
     )
     assert (

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.gpu
 
 
 def _grid(device):
-    """a in [0.05, 50], b in [0.05, 2000] (b = A - α_k reaches ~2000 at N=64, α=30), x incl. endpoints."""
+    """a in [0.05, 50], b in [0.05, 2000] (b = A - α_k reaches ~2000 at N=64, α=30), x incl.
+    endpoints."""
     a = torch.tensor(np.geomspace(0.05, 50.0, 13), dtype=torch.float64)
     b = torch.tensor(np.geomspace(0.05, 2000.0, 15), dtype=torch.float64)
     x = torch.cat(

@@ -1,5 +1,5 @@
-"""The fused DPSL kernels (megatron_dpsl/losses/dpsl_triton.py) on CUDA: the default there, equal to the torch path
-and to a float64 SciPy Eq. 4 at paper scale, CUDA-graph capturable, and free of host
+"""The fused DPSL kernels (megatron_dpsl/losses/dpsl_triton.py) on CUDA: the default there, equal to
+the torch path and to a float64 SciPy Eq. 4 at paper scale, CUDA-graph capturable, and free of host
 synchronisation.
 
 (tests/unit/losses/test_dpsl_triton.py runs the same kernel source on CPU under Triton's interpreter
@@ -17,9 +17,9 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(autouse=True)
 def _require_fused():
-    from megatron_dpsl.losses import dpsl_triton as fused_loss
+    from megatron_dpsl.losses import dpsl_triton
 
-    if not fused_loss.runs_on(torch.device("cuda")):
+    if not dpsl_triton.runs_on(torch.device("cuda")):
         pytest.skip(
             "Triton does not import: the fused DPSL path is off (the torch path runs instead)"
         )
@@ -32,7 +32,7 @@ def _probs(num_tokens, num_experts, seed, scale=2.0):
     )
 
 
-def _scipy_eq4(probs: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+def _scipy_dpsl_per_expert(probs: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """Eq. 4 per expert in float64 with SciPy (stable sort, betainc)."""
     from scipy.special import betainc
 
@@ -67,14 +67,14 @@ def test_fused_matches_torch_path_at_paper_scale(num_experts, alpha_value):
         (grad,) = torch.autograd.grad(loss.sum(), p)
         out[impl] = (loss, grad)
     # same float32 table and formulas; the tails' ex2.approx exp (<= ~3e-7 per CDF value,
-    # fused_loss.py) moves a per-expert loss by <= 2 x 3e-7 x (tail share); float32 sums in
+    # dpsl_triton.py) moves a per-expert loss by <= 2 x 3e-7 x (tail share); float32 sums in
     # different orders: 1e-5 relative
     torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=1e-6)
     (gf, gt) = out["triton"][1], out["torch"][1]
     assert ((gf - gt).norm() / gt.norm()).item() <= 1e-5
     # accuracy against float64 SciPy: float32 table error <= 5e-7 per CDF value (docs/loss.md) plus
-    # the tails' ex2.approx exp (<= ~3e-7, fused_loss.py docstring) -> within 2 x 1e-6 per expert
-    ref = torch.from_numpy(_scipy_eq4(probs.double().cpu().numpy(), alpha.numpy()))
+    # the tails' ex2.approx exp (<= ~3e-7, dpsl_triton.py docstring) -> within 2 x 1e-6 per expert
+    ref = torch.from_numpy(_scipy_dpsl_per_expert(probs.double().cpu().numpy(), alpha.numpy()))
     torch.testing.assert_close(out["triton"][0].double().cpu(), ref, rtol=0, atol=2e-6)
 
 

@@ -18,7 +18,8 @@ WORKERS = TESTS / "support" / "workers"
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for torchrun's --master-port / rendezvous)."""
+    """A TCP port on 127.0.0.1 that was free a moment ago (for torchrun's --master-port /
+    rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -45,18 +46,27 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def torchrun(worker: str, *args: str, nproc: int, timeout: float) -> subprocess.CompletedProcess:
-    """``torch.distributed.run --nproc-per-node nproc tests/support/workers/<worker> args`` on a free port, from
-    the repository root with ``child_env()``; output captured."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), str(WORKERS / worker), *args]  # fmt: skip
+    """``torch.distributed.run --nproc-per-node nproc tests/support/workers/<worker> args`` on a
+    free port, from the repository root with ``child_env()``; output captured."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        str(WORKERS / worker),
+        *args,
+    ]
     return subprocess.run(
         cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout
     )
 
 
 def records_per_world(tmp_path_factory, worker: str):
-    """``launch(world)`` -> ``{layout name: record}``: one torchrun launch of an exactness worker per
-    world size (cached), which writes a JSON list of records (one per layout) to ``--out``."""
+    """``launch(world)`` -> ``{layout name: record}``: one torchrun launch of an exactness worker
+    per world size (cached), which writes a JSON list of records (one per layout) to ``--out``."""
     import json
 
     import pytest
@@ -69,7 +79,8 @@ def records_per_world(tmp_path_factory, worker: str):
             proc = torchrun(worker, "--out", str(out), nproc=world, timeout=900)
             if proc.returncode != 0 or not out.exists():
                 pytest.fail(
-                    f"torchrun ({world} ranks) failed rc={proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+                    f"torchrun ({world} ranks) failed "
+                    f"rc={proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
                 )
             cache[world] = {r["name"]: r for r in json.loads(out.read_text())}
         return cache[world]
@@ -99,7 +110,8 @@ def reset_moe_tracker() -> None:
 
 
 def moe_tracked(name: str):
-    """A copy of the per-layer values recorded under ``name`` (``[num_layers]``), or None if never recorded."""
+    """A copy of the per-layer values recorded under ``name`` (``[num_layers]``), or None if never
+    recorded."""
     try:
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
     except ImportError:  # 0.16
@@ -112,15 +124,16 @@ def moe_tracked(name: str):
 
 
 def pg():
-    """Megatron's process groups as a ``ProcessGroupCollection`` (after ``initialize_model_parallel``)."""
+    """Megatron's process groups as a ``ProcessGroupCollection`` (after
+    ``initialize_model_parallel``)."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
 def build_mlp(mlp_spec, config, **kwargs):
-    """Build a layer spec's ``mlp`` the way the installed Megatron's ``TransformerLayer`` does: 0.16 holds a
-    ``ModuleSpec`` (``build_module``), 0.19 a ``functools.partial`` that is called."""
+    """Build a layer spec's ``mlp`` the way the installed Megatron's ``TransformerLayer`` does: 0.16
+    holds a ``ModuleSpec`` (``build_module``), 0.19 a ``functools.partial`` that is called."""
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
     if isinstance(mlp_spec, ModuleSpec):

@@ -1,4 +1,5 @@
-"""Shared set-up for the GPU tests (``tests/gpu``): skip reasons, Megatron on one CUDA rank, small models.
+"""Shared set-up for the GPU tests (``tests/gpu``): skip reasons, Megatron on one CUDA rank, small
+models.
 
 Nothing here imports Megatron or Transformer Engine at import time, so collection works on a CPU
 machine without either (the tests are then skipped by ``tests/conftest.py``).
@@ -24,7 +25,8 @@ def require_te():
     """Import ``transformer_engine.pytorch`` or skip with the reason."""
     if importlib.util.find_spec("transformer_engine") is None:
         pytest.skip(
-            "Transformer Engine is not installed (bash scripts/install_gpu.sh installs it; docs/gpu.md)"
+            "Transformer Engine is not installed (bash scripts/install_gpu.sh installs it; "
+            "docs/gpu.md)"
         )
     try:
         import transformer_engine.pytorch as te
@@ -34,7 +36,8 @@ def require_te():
 
 
 def require_fp8():
-    """Skip unless this GPU and TE can run FP8 (compute capability >= 8.9: Ada, Hopper, Blackwell)."""
+    """Skip unless this GPU and TE can run FP8 (compute capability >= 8.9: Ada, Hopper,
+    Blackwell)."""
     te = require_te()
     cap = torch.cuda.get_device_capability()
     if cap < (8, 9):
@@ -54,7 +57,10 @@ def require_fp8():
 def flex_dispatcher_skip_reason() -> str | None:
     """Why the ``flex`` token dispatcher cannot run here, or None if its dependency imports."""
     if importlib.util.find_spec("deep_ep") is None:
-        return "flex dispatcher needs DeepEP (`deep_ep`), which is not installed (no wheel on PyPI; see docs/gpu.md)"
+        return (
+            "flex dispatcher needs DeepEP (`deep_ep`), which is not installed (no wheel on PyPI; "
+            "see docs/gpu.md)"
+        )
     try:
         import deep_ep  # noqa: F401
     except Exception as e:
@@ -63,7 +69,8 @@ def flex_dispatcher_skip_reason() -> str | None:
 
 
 def init_megatron_cuda(seed: int = 1234) -> None:
-    """One-rank NCCL process group + Megatron's model-parallel state and CUDA RNG tracker (EP=TP=1)."""
+    """One-rank NCCL process group + Megatron's model-parallel state and CUDA RNG tracker
+    (EP=TP=1)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -148,7 +155,8 @@ def fp8_context(config):
 
 
 def tracker_values(name: str = "dpsl_loss") -> torch.Tensor | None:
-    """Per-layer values ``[num_layers]`` Megatron's aux-loss tracker holds under ``name`` (None if absent).
+    """Per-layer values ``[num_layers]`` Megatron's aux-loss tracker holds under ``name`` (None if
+    absent).
 
     megatron-core >= 0.16 keeps them in ``get_moe_metrics_tracker()`` (0.19 deprecates the older
     ``get_moe_layer_wise_logging_tracker`` dict view); 0.16.1 has only the dict.

@@ -48,8 +48,9 @@ def install() -> None:
 
 
 class _HostStream:
-    """Stands in for ``torch.cuda.Stream`` (a class, so annotations like ``torch.cuda.Stream | None``
-    elsewhere keep working) and its events on CPU, where every copy is already synchronous."""
+    """Stands in for ``torch.cuda.Stream`` (a class, so annotations like ``torch.cuda.Stream |
+    None`` elsewhere keep working) and its events on CPU, where every copy is already
+    synchronous."""
 
     def __init__(self, *args, **kwargs) -> None:
         pass
@@ -78,11 +79,12 @@ def _patch(changes):
 
 
 def install_alltoall_shims():
-    """Let ``MoEAlltoAllTokenDispatcher`` run on CPU; returns a function that undoes it (call it when done:
-    other libraries read ``torch.cuda.Stream``). The dispatcher makes a ``torch.cuda.Stream`` when
-    built and moves split sizes to the host on it; on CPU the sizes already are host tensors, so the
-    stream, ``torch.cuda.stream(...)`` and ``current_stream()`` become no-ops, and the sizes become
-    NumPy arrays as the CUDA path makes them (what ``all_to_all_single`` takes)."""
+    """Let ``MoEAlltoAllTokenDispatcher`` run on CPU; returns a function that undoes it (call it
+    when done: other libraries read ``torch.cuda.Stream``). The dispatcher makes a
+    ``torch.cuda.Stream`` when built and moves split sizes to the host on it; on CPU the sizes
+    already are host tensors, so the stream, ``torch.cuda.stream(...)`` and ``current_stream()``
+    become no-ops, and the sizes become NumPy arrays as the CUDA path makes them (what
+    ``all_to_all_single`` takes)."""
     install()
     if torch.cuda.is_available():
         return lambda: None
@@ -115,8 +117,8 @@ def install_alltoall_shims():
 
 
 def install_recompute_shims():
-    """Let Megatron's activation recompute (``tensor_parallel.checkpoint``) run on CPU; returns the undo.
-    It saves and restores the CUDA RNG state; on CPU there is none (the CPU state is still
+    """Let Megatron's activation recompute (``tensor_parallel.checkpoint``) run on CPU; returns the
+    undo. It saves and restores the CUDA RNG state; on CPU there is none (the CPU state is still
     restored)."""
     install()
     if torch.cuda.is_available():
@@ -155,3 +157,29 @@ def init_torchrun(**parallel_kwargs) -> None:
         dist.init_process_group("gloo")
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(**parallel_kwargs)
+
+
+@contextlib.contextmanager
+def llava_construction():
+    """Build a megatron-core ``LLaVAModel`` on CPU (VLM_NOTES §6.2): without Transformer Engine,
+    ``CLIPViTModel``'s default ``ln_pre`` is ``torch.nn.LayerNorm``, which ``build_module`` passes
+    ``config=`` (a TypeError), so the ViT gets ``WrappedTorchNorm``; and its constructor moves the
+    position ids to CUDA (``clip_vit_model.py``), a no-op here."""
+    install()
+    import functools
+
+    from megatron.core.models.multimodal import llava_model
+    from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    vit = functools.partial(
+        CLIPViTModel, ln_pre_impl=WrappedTorchNorm, ln_post_impl=WrappedTorchNorm
+    )
+    changes = [(llava_model, "CLIPViTModel", vit)]
+    if not torch.cuda.is_available():
+        changes.append((torch.Tensor, "cuda", lambda self, *a, **k: self))
+    undo = _patch(changes)
+    try:
+        yield
+    finally:
+        undo()

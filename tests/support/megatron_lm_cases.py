@@ -1,4 +1,5 @@
-"""The command lines the Megatron-LM tests run through the real call chain (tests/support/megatron_lm_chain.py).
+"""The command lines the Megatron-LM tests run through the real call chain
+(tests/support/megatron_lm_chain.py).
 
 Two children per test session, one per tree (unpatched and patched copy of the tag of the installed
 megatron-core), run side by side: every case and build of a tree shares one Megatron-LM import.
@@ -13,7 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import megatron_lm_story as story  # scripts/ (conftest's path): the GPU stages' argv, one definition
+# scripts/ (conftest's path): the GPU stages' argv, one definition
+import megatron_lm_story as story
 
 from support.common import child_env
 from support.megatron_lm_vlm_cases import VLM_BUILD_ARGV, vlm_cases
@@ -229,7 +231,8 @@ def rehearsal(work: Path) -> dict:
 
 
 def run_reports(trees: dict, work: Path, timeout: int = 600) -> dict:
-    """Run both children side by side; ``{flavor: {name: report}}`` (AssertionError with the logs on failure)."""
+    """Run both children side by side; ``{flavor: {name: report}}`` (AssertionError with the logs on
+    failure)."""
     work = Path(work)
     procs = {}
     for flavor, spec in specs(trees, work).items():

@@ -1,4 +1,5 @@
-"""Child interpreter: run a Megatron-LM entry point's real call chain on CPU up to the first CUDA-only call.
+"""Child interpreter: run a Megatron-LM entry point's real call chain on CPU up to the first
+CUDA-only call.
 
     python tests/support/megatron_lm_chain.py CASES.json        # prints one JSON line: {case name:
     report}
@@ -190,7 +191,8 @@ def _core_dir() -> str:
 
 
 def _megatron_state() -> dict:
-    """The parsed arguments and the model config the launcher built (if it got that far), then a reset."""
+    """The parsed arguments and the model config the launcher built (if it got that far), then a
+    reset."""
     state = {}
     try:
         from megatron.training import global_vars

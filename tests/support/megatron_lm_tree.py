@@ -1,5 +1,5 @@
-"""Megatron-LM source trees for tests and for scripts/prepare_gpu_carry.sh: from a local git dir, or from
-the committed snapshots of the training code.
+"""Megatron-LM source trees for tests and for scripts/prepare_gpu_carry.sh: from a local git dir, or
+from the committed snapshots of the training code.
 
 Two sources, in this order:
 1. ``$MEGATRON_LM_GIT_DIR`` (a clone or mirror of github.com/NVIDIA/Megatron-LM): ``git archive`` of
@@ -41,7 +41,8 @@ from pathlib import Path
 GIT_DIR_ENV = "MEGATRON_LM_GIT_DIR"
 # megatron-core release (major, minor) -> the Megatron-LM tag whose training code goes with it
 TAGS = {(0, 16): "core_v0.16.1", (0, 19): "core_v0.19.0"}
-# What pretrain_gpt.py and pretrain_vlm.py need from a checkout (megatron/ holds core, training, legacy, rl,
+# What pretrain_gpt.py and pretrain_vlm.py need from a checkout (megatron/ holds core, training,
+# legacy, rl,
 # post_training, ...)
 TREE_PATHS = (
     "megatron",
@@ -66,34 +67,39 @@ def git_dir() -> str | None:
 
 
 def git_dir_or_skip() -> str:
-    """``$MEGATRON_LM_GIT_DIR``, or pytest.skip (for tests that need git itself, e.g. re-locking patches)."""
+    """``$MEGATRON_LM_GIT_DIR``, or pytest.skip (for tests that need git itself, e.g. re-locking
+    patches)."""
     import pytest
 
     value = git_dir()
     if value is None:
         pytest.skip(
-            f"${GIT_DIR_ENV} is {'unset' if not os.environ.get(GIT_DIR_ENV) else 'not a directory'}: set it to a "
-            "clone or mirror of https://github.com/NVIDIA/Megatron-LM (with tags core_v0.16.1 and core_v0.19.0) "
+            f"${GIT_DIR_ENV} is "
+            f"{'unset' if not os.environ.get(GIT_DIR_ENV) else 'not a directory'}: set it to a "
+            "clone or mirror of https://github.com/NVIDIA/Megatron-LM (with tags core_v0.16.1 "
+            "and core_v0.19.0) "
             "to run this test"
         )
     return value
 
 
 def snapshots() -> dict:
-    """``{tag: {"commit", "sha256", "paths", "exclude"}}`` of the committed snapshots ({} if none)."""
+    """``{tag: {"commit", "sha256", "paths", "exclude"}}`` of the committed snapshots ({} if
+    none)."""
     return json.loads(SNAPSHOT_MANIFEST.read_text()) if SNAPSHOT_MANIFEST.is_file() else {}
 
 
 def source_or_skip(tag: str) -> str | None:
-    """Where ``tag``'s tree comes from: the git dir (returned), else the committed snapshot (None), else
-    pytest.skip saying what to set."""
+    """Where ``tag``'s tree comes from: the git dir (returned), else the committed snapshot (None),
+    else pytest.skip saying what to set."""
     import pytest
 
     value = git_dir()
     if value is not None or tag in snapshots():
         return value
     pytest.skip(
-        f"no snapshot of {tag} in {SNAPSHOT_DIR} and ${GIT_DIR_ENV} is unset: set it to a clone or mirror "
+        f"no snapshot of {tag} in {SNAPSHOT_DIR} and ${GIT_DIR_ENV} is unset: set it to a "
+        "clone or mirror "
         "of https://github.com/NVIDIA/Megatron-LM to run the Megatron-LM tests"
     )
 
@@ -105,13 +111,15 @@ def installed_core_version() -> tuple[int, int]:
 
 
 def tag_for_installed_core() -> str:
-    """The Megatron-LM tag matching the installed megatron-core; pytest.skip if none is supported."""
+    """The Megatron-LM tag matching the installed megatron-core; pytest.skip if none is
+    supported."""
     import pytest
 
     version = installed_core_version()
     if version not in TAGS:
         pytest.skip(
-            f"megatron-core {version[0]}.{version[1]}: no Megatron-LM tag is tested with it ({TAGS})"
+            f"megatron-core {version[0]}.{version[1]}: no Megatron-LM tag is tested with it "
+            f"({TAGS})"
         )
     return TAGS[version]
 
@@ -134,8 +142,8 @@ def export_tree(
     paths: tuple[str, ...] = TREE_PATHS,
     snapshot: bool = False,
 ) -> Path:
-    """Write ``paths`` of Megatron-LM at ``tag`` under ``out``; returns ``out``. From ``git_dir_`` or
-    ``$MEGATRON_LM_GIT_DIR`` (``git archive | tar -x``), else (or with ``snapshot``) from the
+    """Write ``paths`` of Megatron-LM at ``tag`` under ``out``; returns ``out``. From ``git_dir_``
+    or ``$MEGATRON_LM_GIT_DIR`` (``git archive | tar -x``), else (or with ``snapshot``) from the
     committed snapshot (module docstring: without ``megatron/core``, which then comes from the
     installed wheel).
 
@@ -148,7 +156,8 @@ def export_tree(
         entry = snapshots().get(tag)
         if entry is None:
             raise RuntimeError(
-                f"no snapshot of {tag} in {SNAPSHOT_DIR}: set ${GIT_DIR_ENV} to a Megatron-LM git dir"
+                f"no snapshot of {tag} in {SNAPSHOT_DIR}: set ${GIT_DIR_ENV} to a Megatron-LM "
+                "git dir"
             )
         want = f"{tag} {entry['commit']} snapshot {' '.join(paths)}\n"
     else:
@@ -189,7 +198,8 @@ def _extract_snapshot(tag: str, entry: dict, out: Path, paths: tuple[str, ...]) 
     if digest != entry["sha256"]:
         raise RuntimeError(
             f"{SNAPSHOT_DIR / (tag + '.tar.xz')}: sha256 {digest}, {SNAPSHOT_MANIFEST.name} says "
-            f"{entry['sha256']}; rewrite it with: python tests/support/megatron_lm_tree.py snapshot {tag}"
+            f"{entry['sha256']}; rewrite it with: python tests/support/megatron_lm_tree.py "
+            f"snapshot {tag}"
         )
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tar:
         members = [
@@ -201,8 +211,9 @@ def _extract_snapshot(tag: str, entry: dict, out: Path, paths: tuple[str, ...]) 
 
 
 def write_snapshot(tag: str, git_dir_: str | None = None) -> dict:
-    """Rewrite ``tests/fixtures/megatron_lm/<tag>.tar.xz`` from the git dir (deterministic: ``git archive``
-    sets every mtime to the commit's) and its entry in ``snapshots.json``; returns the entry."""
+    """Rewrite ``tests/fixtures/megatron_lm/<tag>.tar.xz`` from the git dir (deterministic: ``git
+    archive`` sets every mtime to the commit's) and its entry in ``snapshots.json``; returns the
+    entry."""
     git_dir_ = git_dir_ or git_dir()
     if git_dir_ is None:
         raise RuntimeError(f"set ${GIT_DIR_ENV} to a Megatron-LM git directory")
@@ -239,7 +250,8 @@ def write_snapshot(tag: str, git_dir_: str | None = None) -> dict:
 
 
 def use_tree(root: str) -> None:
-    """Put the Megatron-LM tree ``root`` first on ``sys.path`` (call before anything imports megatron).
+    """Put the Megatron-LM tree ``root`` first on ``sys.path`` (call before anything imports
+    megatron).
 
     On Python 3.11, Megatron-LM core_v0.19's training package does ``from typing import override``
     (3.12+): replaced leaf, ``typing.override`` is aliased to ``typing_extensions.override`` (the

@@ -1,44 +1,27 @@
-"""The VLM launcher's model on one gloo rank (CPU), inside the chain child: what its provider builds.
+"""The VLM launcher's model on one gloo rank (CPU), inside the chain child: what its provider
+builds.
 
-``vlm_build_report(argv, ...)`` parses ``argv`` the way the launcher does (Megatron-LM's ``parse_args`` with
-the launcher's provider, then ``validate_args``), sets the globals, and builds
+``vlm_build_report(argv, ...)`` parses ``argv`` the way the launcher does (Megatron-LM's
+``parse_args`` with the launcher's provider, then ``validate_args``), sets the globals, and builds
 - the stock ``pretrain_vlm.model_provider`` (reported: the exception it dies with), and
 - the launcher's ``dpsl_vlm_model_provider``: its routers, MoE layers, projector, tie, RoPE inverse
-  frequencies against a reference ``RotaryEmbedding``, the ViT's widths, frozen parts, and one training
-  forward on ``pretrain_vlm``'s own mock sample, recording the token groups each router saw.
+  frequencies against a reference ``RotaryEmbedding``, the ViT's widths, frozen parts, and one
+  training forward on ``pretrain_vlm``'s own mock sample, recording the token groups each router
+  saw.
 
 Replaced leaves (CUDA-only or CPU-incompatible, none in the package): the ``megatron_cpu`` shims
-(``torch.cuda.current_device`` and the RNG tracker), ``CLIPViTModel``'s ``.cuda()`` of its position ids
-(a no-op during the build), its default ``torch.nn.LayerNorm`` norms by ``WrappedTorchNorm`` (the local
-spec's LayerNorm, which accepts ``config=``), and an explicit ``[1, 1, S, S]`` causal mask for the language
-model (``get_batch`` passes ``None``, for which the local attention builds a CUDA mask).
+(``torch.cuda.current_device``, the RNG tracker; ``llava_construction``: ``CLIPViTModel``'s
+``.cuda()`` of its position ids a no-op, its default ``torch.nn.LayerNorm`` norms replaced by
+``WrappedTorchNorm``, which accepts ``config=``), and an explicit ``[1, 1, S, S]`` causal mask for
+the language model (``get_batch`` passes ``None``, for which the local attention builds a CUDA
+mask).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 import tempfile
-
-
-@contextlib.contextmanager
-def llava_cpu_build():
-    """``LLaVAModel`` constructible on CPU without Transformer Engine (the leaves the module docstring names)."""
-    import torch
-    from megatron.core.models.multimodal import llava_model
-    from megatron.core.models.vision.clip_vit_model import CLIPViTModel
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    saved = (llava_model.CLIPViTModel, torch.Tensor.cuda)
-    llava_model.CLIPViTModel = functools.partial(
-        CLIPViTModel, ln_pre_impl=WrappedTorchNorm, ln_post_impl=WrappedTorchNorm
-    )
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        llava_model.CLIPViTModel, torch.Tensor.cuda = saved
 
 
 def _parse(argv):
@@ -55,8 +38,8 @@ def _parse(argv):
 
 
 def _inv_freq_error(model, args) -> dict:
-    """Max |Δ| of the language model's RoPE inverse frequencies against ``RotaryEmbedding`` with the flags'
-    base and factor, and against stock pretrain_vlm's (base 10000, factor 8)."""
+    """Max |Δ| of the language model's RoPE inverse frequencies against ``RotaryEmbedding`` with the
+    flags' base and factor, and against stock pretrain_vlm's (base 10000, factor 8)."""
     import torch
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
@@ -93,7 +76,9 @@ def _router_groups(model) -> list:
 
 
 def _mock_batch(pretrain_vlm, args):
-    """``pretrain_vlm``'s own mock sample (its dataset config, ``_preprocess_data_for_llava``), batch of 2."""
+    """``pretrain_vlm``'s own mock sample (its dataset config, ``_preprocess_data_for_llava``),
+    batch
+    of 2."""
     import torch
     from megatron.core.datasets.multimodal_dataset import MockMultimodalDataset
 
@@ -137,7 +122,7 @@ def vlm_build_report(argv: list) -> dict:
     from megatron.training import global_vars
 
     from megatron_dpsl.megatron_lm.vlm_provider import dpsl_vlm_model_provider
-    from support.megatron_cpu import init_single_process
+    from support.megatron_cpu import init_single_process, llava_construction
 
     init_single_process()
     report: dict = {}
@@ -146,7 +131,7 @@ def vlm_build_report(argv: list) -> dict:
     with tempfile.TemporaryFile("w+") as sink, contextlib.redirect_stdout(sink):
         global_vars.set_global_variables(args, build_tokenizer=True)
     try:
-        with llava_cpu_build(), contextlib.redirect_stdout(sys.stderr):
+        with llava_construction(), contextlib.redirect_stdout(sys.stderr):
             try:
                 pretrain_vlm.model_provider()
                 report["stock"] = "built"
@@ -184,8 +169,10 @@ def vlm_build_report(argv: list) -> dict:
 
 
 def _torch_dist_round_trip(model) -> dict:
-    """The model's ``sharded_state_dict`` saved as torch_dist (what ``--ckpt-format torch_dist`` writes under
-    ``model``) and loaded into a perturbed copy of the same model: tensors saved, max |Δ| after the load."""
+    """The model's ``sharded_state_dict`` saved as torch_dist (what ``--ckpt-format torch_dist``
+    writes
+    under ``model``) and loaded into a perturbed copy of the same model: tensors saved, max |Δ|
+    after the load."""
     import torch
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
@@ -214,7 +201,8 @@ def _torch_dist_round_trip(model) -> dict:
 
 
 def _reparsed(argv, args):
-    # stock model_provider rewrote args (seq_length, decoder_seq_length, ...): the launcher's provider
+    # stock model_provider rewrote args (seq_length, decoder_seq_length, ...): the launcher's
+    # provider
     # gets a fresh parse, as in a run
     fresh = _parse(argv)
     fresh.padded_vocab_size = args.padded_vocab_size

@@ -1,10 +1,14 @@
-"""The VLM launcher's command lines for the chain child (tests/support/megatron_lm_chain.py), unpatched tree.
+"""The VLM launcher's command lines for the chain child (tests/support/megatron_lm_chain.py),
+unpatched
+tree.
 
 ``vlm_cases(work)`` returns the cases (each run through Megatron-LM's real call chain up to the NCCL
 ``init_process_group``) and ``VLM_BUILD_ARGV`` the build (the provider's model on one gloo rank,
-megatron_lm_vlm_build.py). ``write_checkpoint_args`` writes the ``--load`` checkpoints the vision-config
-cases read: Megatron-LM's legacy ``torch`` layout (``latest_checkpointed_iteration.txt``,
-``iter_0000004/mp_rank_00/model_optim_rng.pt`` with the run's ``args``), holding only what the check reads.
+megatron_lm_vlm_build.py). ``write_checkpoint_args`` writes the ``--load`` checkpoints the
+vision-config cases read: Megatron-LM's legacy ``torch`` layout
+(``latest_checkpointed_iteration.txt``, ``iter_0000004/mp_rank_00/model_optim_rng.pt`` with the
+run's ``args``), holding only what the check reads.
+
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ VISION = [
 
 
 def readme_argv(work: Path) -> list[str]:
-    """docs/vlm.md's command: a small LLaVA, 4 experts top-2, aux_loss + DPSL with modality priors."""
+    """docs/vlm.md's command: a small LLaVA, 4 experts top-2, aux_loss + DPSL with modality
+    priors."""
     return [
         "--num-layers",
         "2",
@@ -100,8 +105,9 @@ def _replace(argv: list[str], flag: str, *values: str) -> list[str]:
 
 
 def write_checkpoint_args(load: Path, **changes) -> None:
-    """A legacy ``torch`` checkpoint under ``load`` whose ``args`` are ``readme_argv``'s vision flags with
-    ``changes`` (``args`` names) applied."""
+    """A legacy ``torch`` checkpoint under ``load`` whose ``args`` are ``readme_argv``'s vision
+    flags
+    with ``changes`` (``args`` names) applied."""
     import torch
 
     saved = dict(
@@ -174,8 +180,9 @@ def vlm_cases(work: Path) -> list[dict]:
     return out
 
 
-# The build: a tiny LLaVA at the story's choices (CLIP widths, Llama-style LM, RoPE base and factor, tied,
-# frozen ViT), small enough for one CPU forward.
+# The build: a tiny LLaVA at the story's choices (CLIP widths, Llama-style LM, RoPE base and
+# factor, tied,
+# frozen ViT, modality priors with vision on group 1), small enough for one CPU forward.
 VLM_BUILD_ARGV = [
     "--num-layers",
     "2",
@@ -222,8 +229,11 @@ VLM_BUILD_ARGV = [
     "--moe-aux-loss-coeff",
     "0.01",
     "0.01",
-    "--moe-dpsl-alpha",
-    "0.75",
+    *MODALITY,
+    "--moe-dpsl-token-groups",
+    "modality",
+    "--moe-dpsl-vision-group",
+    "1",
     "--tokenizer-type",
     "NullTokenizer",
     "--vocab-size",

@@ -130,7 +130,8 @@ def build_gpt(args, config=None, layer_spec=None, **kwargs):
 
 
 def save_megatron_lm(model, save_dir, args, iteration=7):
-    """Save like Megatron-LM: tracker file + iter_XXXXXXX/ with 'model' and 'args' (+ an optimizer-like extra)."""
+    """Save like Megatron-LM: tracker file + iter_XXXXXXX/ with 'model' and 'args' (+ an
+    optimizer-like extra)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
@@ -144,7 +145,9 @@ def save_megatron_lm(model, save_dir, args, iteration=7):
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
     model_sd = model.sharded_state_dict()
-    emb = model_sd["embedding.word_embeddings.weight"]
+    # the word embeddings: "embedding.word_embeddings.weight", "language_model.embedding..." in a
+    # LLaVA
+    emb = model_sd[min((k for k in model_sd if k.endswith("word_embeddings.weight")), key=len)]
     # training state a Megatron-LM checkpoint also holds (the converter must skip it)
     optimizer = {
         "exp_avg": make_sharded_optimizer_tensor(
@@ -173,7 +176,8 @@ def save_megatron_lm(model, save_dir, args, iteration=7):
 
 
 def load_megatron_lm(model, save_dir):
-    """Load a Megatron-LM-layout checkpoint into ``model`` the way Megatron-LM does (its own sharded state dict)."""
+    """Load a Megatron-LM-layout checkpoint into ``model`` the way Megatron-LM does (its own sharded
+    state dict)."""
     from megatron.core import dist_checkpointing
 
     tracker = open(os.path.join(save_dir, "latest_checkpointed_iteration.txt")).read().strip()
@@ -199,7 +203,8 @@ def gpt_logits(model, tokens):
 
 
 def moe_training_model(args, dpsl_coeff=0.01, **kwargs):
-    """An MoE GPTModel for training: DPSLRouter via megatron_dpsl.models.specs when available, else TopKRouter.
+    """An MoE GPTModel for training: DPSLRouter via megatron_dpsl.models.specs when available, else
+    TopKRouter.
 
     Returns (model, router class name)."""
     import dataclasses
@@ -252,24 +257,56 @@ def write_tiny_hf_llama(path, *, layers=2, hidden=32, ffn=64, heads=4, groups=2,
 
     g = torch.Generator().manual_seed(seed)
     d = hidden // heads
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}  # fmt: skip
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (heads * d, hidden), p + "self_attn.k_proj.weight": (groups * d, hidden),
-            p + "self_attn.v_proj.weight": (groups * d, hidden), p + "self_attn.o_proj.weight": (hidden, heads * d),
-            p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
-            p + "mlp.down_proj.weight": (hidden, ffn),
-        })  # fmt: skip
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+                p + "self_attn.q_proj.weight": (heads * d, hidden),
+                p + "self_attn.k_proj.weight": (groups * d, hidden),
+                p + "self_attn.v_proj.weight": (groups * d, hidden),
+                p + "self_attn.o_proj.weight": (hidden, heads * d),
+                p + "mlp.gate_proj.weight": (ffn, hidden),
+                p + "mlp.up_proj.weight": (ffn, hidden),
+                p + "mlp.down_proj.weight": (hidden, ffn),
+            }
+        )
     os.makedirs(path, exist_ok=True)
     weights = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
     save_file(weights, os.path.join(path, "model.safetensors"))
-    config = dict(model_type="llama", hidden_act="silu", hidden_size=hidden, intermediate_size=ffn,
-                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=groups,
-                  max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                  vocab_size=vocab)  # fmt: skip
+    config = dict(
+        model_type="llama",
+        hidden_act="silu",
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=groups,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        vocab_size=vocab,
+    )
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     return path
+
+
+def sharded_shapes(model) -> dict:
+    """Sharded key (an object's unique key) -> global shape (None for objects) of every entry
+    ``model.sharded_state_dict()`` asks a checkpoint for."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
+
+    out = {}
+    for entry in model.sharded_state_dict(metadata={"singleton_local_shards": False}).values():
+        for built in entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]:
+            for sh in built if isinstance(built, (list, tuple)) else [built]:
+                name = sh.unique_key if isinstance(sh, ShardedObject) else sh.key
+                out[name] = None if isinstance(sh, ShardedObject) else tuple(sh.global_shape)
+    return out

@@ -1,5 +1,5 @@
-"""Adaptive Clustering (AC) feature weights (Nielsen et al., "Tight Clusters Make Specialized Experts",
-ICLR 2025): the math, free of process groups and of Megatron.
+"""Adaptive Clustering (AC) feature weights (Nielsen et al., "Tight Clusters Make Specialized
+Experts", ICLR 2025): the math, free of process groups and of Megatron.
 
 Notation: ``N`` tokens, ``H`` features (the router's input width), ``E`` experts, which are also the
 clusters. ``hidden`` ``[N, H]`` is the current MoE layer's router input; ``clusters`` ``[N]``
@@ -38,14 +38,16 @@ WEIGHT_NORMS = ("feature", "cluster", "global")
 
 
 def _rows(clusters: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Row index per token ``[N]``: its cluster, or ``num_experts`` (a discarded spare row) for -1."""
+    """Row index per token ``[N]``: its cluster, or ``num_experts`` (a discarded spare row) for
+    -1."""
     return torch.where(clusters >= 0, clusters, torch.full_like(clusters, num_experts))
 
 
 def cluster_sums(
     hidden: torch.Tensor, clusters: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """First pass: token counts ``[E]`` and feature sums ``[E, H]`` per cluster (dtype of ``hidden``)."""
+    """First pass: token counts ``[E]`` and feature sums ``[E, H]`` per cluster (dtype of
+    ``hidden``)."""
     rows = _rows(clusters, num_experts)
     sums = hidden.new_zeros(num_experts + 1, hidden.shape[1]).index_add_(0, rows, hidden)
     counts = hidden.new_zeros(num_experts + 1).index_add_(0, rows, hidden.new_ones(hidden.shape[0]))
@@ -76,7 +78,8 @@ def feature_weights(
     clip: float | None = 10.0,
     norm: str = "feature",
 ) -> torch.Tensor:
-    """The per-cluster feature weights ``W`` ``[E, H]`` from counts ``[E]`` and ``Σ|h − μ|`` ``[E, H]``.
+    """The per-cluster feature weights ``W`` ``[E, H]`` from counts ``[E]`` and ``Σ|h − μ|`` ``[E,
+    H]``.
 
     Args:
         eps: added to the MAD before inverting (the official code's 1e-4).

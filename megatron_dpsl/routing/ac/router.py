@@ -52,7 +52,8 @@ class _Call:
 
 
 class ACRouter(DPSLRouter):
-    """``DPSLRouter`` whose logits are computed on AC-reweighted tokens in the layers ``moe_ac_layers`` names.
+    """``DPSLRouter`` whose logits are computed on AC-reweighted tokens in the layers
+    ``moe_ac_layers`` names.
 
     Args:
         config: ``DPSLTransformerConfig`` (fields ``moe_ac_*``).
@@ -67,11 +68,13 @@ class ACRouter(DPSLRouter):
     ) -> None:
         if not hasattr(config, "moe_ac_layers"):
             raise TypeError(
-                f"ACRouter needs a megatron_dpsl.DPSLTransformerConfig (got {type(config).__name__})"
+                "ACRouter needs a megatron_dpsl.DPSLTransformerConfig (got "
+                f"{type(config).__name__})"
             )
         if config.moe_ac_layers and ac_state is None:
             raise TypeError(
-                "ACRouter needs the ac_state shared by the routers of one model chunk: build the layer spec "
+                "ACRouter needs the ac_state shared by the routers of one model chunk: build "
+                "the layer spec "
                 "with megatron_dpsl.get_dpsl_decoder_block_spec / get_dpsl_layer_spec, or use "
                 "MoESubmodules(router=functools.partial(ACRouter, ac_state=ACRoutingState()))"
             )
@@ -101,7 +104,8 @@ class ACRouter(DPSLRouter):
 
     # ---- forward: pick the clusters, record/replay, hand the top-1 on ----
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """``TopKRouter.forward`` with AC gating; publishes this layer's top-1 for the next MoE layer.
+        """``TopKRouter.forward`` with AC gating; publishes this layer's top-1 for the next MoE
+        layer.
 
         Args:
             input: ``[s, b, hidden]`` router input.
@@ -141,8 +145,10 @@ class ACRouter(DPSLRouter):
             if not self._ac_warned:
                 self._ac_warned = True
                 warnings.warn(
-                    f"ACRouter layer {self.layer_number}: the assignment of MoE layer {previous} is not available "
-                    "in this model chunk (it is on another pipeline stage): this layer routes without AC",
+                    f"ACRouter layer {self.layer_number}: the assignment of MoE layer "
+                    f"{previous} is not available "
+                    "in this model chunk (it is on another pipeline stage): this layer routes "
+                    "without AC",
                     stacklevel=3,
                 )
             return None
@@ -160,7 +166,8 @@ class ACRouter(DPSLRouter):
         hidden = input.reshape(-1, input.shape[-1])  # [N, H], the routing's s-major token order
         if call.clusters.shape[0] != hidden.shape[0]:
             raise RuntimeError(
-                f"ACRouter layer {self.layer_number}: the previous MoE layer routed {call.clusters.shape[0]} tokens, "
+                f"ACRouter layer {self.layer_number}: the previous MoE layer routed "
+                f"{call.clusters.shape[0]} tokens, "
                 f"this layer has {hidden.shape[0]}"
             )
         with torch.no_grad():  # statistics carry no gradient (paper and official code)
@@ -184,7 +191,8 @@ class ACRouter(DPSLRouter):
 def _top1(
     probs: torch.Tensor, routing_map: torch.Tensor, padding_mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """``[N]`` the selected expert with the largest routing weight; -1 for padding and fully dropped tokens."""
+    """``[N]`` the selected expert with the largest routing weight; -1 for padding and fully dropped
+    tokens."""
     with torch.no_grad():
         top1 = probs.detach().argmax(dim=-1)
         assigned = routing_map.any(dim=-1)

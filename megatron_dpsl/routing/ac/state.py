@@ -50,7 +50,8 @@ from dataclasses import dataclass
 import torch
 
 MAX_PENDING = 1024
-"""Waiting recompute entries per layer beyond which a forward raises (a leak, see module docstring)."""
+"""Waiting recompute entries per layer beyond which a forward raises (a leak, see module
+docstring)."""
 
 
 class ForwardPhase(enum.Enum):
@@ -113,7 +114,8 @@ class ACRoutingState:
         self._slot_layer, self._slot_top1 = layer_number, top1.detach()
 
     def clusters_from(self, previous_layer: int | None) -> torch.Tensor | None:
-        """``[N]`` top-1 of ``previous_layer`` if the slot holds it (this forward), else ``None``."""
+        """``[N]`` top-1 of ``previous_layer`` if the slot holds it (this forward), else
+        ``None``."""
         if previous_layer is None or self._slot_layer != previous_layer:
             return None
         return self._slot_top1
@@ -124,25 +126,32 @@ class ACRoutingState:
         queue = self._pending[layer_number]
         if len(queue) >= MAX_PENDING:
             raise RuntimeError(
-                f"ACRouter (layer {layer_number}): {len(queue)} training-mode forward passes without gradient "
-                "were never recomputed. Forward-only passes must run in evaluation mode (model.eval()); "
+                f"ACRouter (layer {layer_number}): {len(queue)} training-mode forward passes "
+                "without gradient "
+                "were never recomputed. Forward-only passes must run in evaluation mode "
+                "(model.eval()); "
                 "see megatron_dpsl/routing/ac/state.py"
             )
         queue.append(entry)
 
     def replay(self, layer_number: int) -> ReplayEntry:
-        """The oldest queued entry of ``layer_number`` (a RECOMPUTE forward); raises if there is none."""
+        """The oldest queued entry of ``layer_number`` (a RECOMPUTE forward); raises if there is
+        none."""
         queue = self._pending.get(layer_number)
         if not queue:
             raise RuntimeError(
-                f"ACRouter (layer {layer_number}) is being recomputed in the backward pass, but its original "
-                "forward was not recorded: the original forward must run with gradients disabled, as "
-                "Megatron's (reentrant) activation recompute does; non-reentrant checkpointing is not supported"
+                f"ACRouter (layer {layer_number}) is being recomputed in the backward pass, "
+                "but its original "
+                "forward was not recorded: the original forward must run with gradients "
+                "disabled, as "
+                "Megatron's (reentrant) activation recompute does; non-reentrant checkpointing "
+                "is not supported"
             )
         return queue.popleft()
 
     def discard_pending(self, layer_number: int) -> int:
-        """Drop ``layer_number``'s queued entries (a PLAIN training forward: they will never be replayed)."""
+        """Drop ``layer_number``'s queued entries (a PLAIN training forward: they will never be
+        replayed)."""
         queue = self._pending.pop(layer_number, None)
         return 0 if queue is None else len(queue)
 

@@ -29,7 +29,8 @@ def singleton_pg_collection(world):
 
 
 def cp_slice(t_bs, cp_group):
-    """This CP rank's load-balanced slice of ``t_bs`` ``[b, s, ...]`` (Megatron's ``get_batch_on_this_cp_rank``)."""
+    """This CP rank's load-balanced slice of ``t_bs`` ``[b, s, ...]`` (Megatron's
+    ``get_batch_on_this_cp_rank``)."""
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     # megatron-core 0.19 added a required is_hybrid_cp (False: plain CP)
@@ -42,7 +43,8 @@ def cp_slice(t_bs, cp_group):
 
 
 def main(doc: str, cases: dict, run_case, setup=None) -> None:
-    """Run every layout of ``cases[world]`` with ``run_case(case, singleton_pg)``; rank 0 writes ``--out``.
+    """Run every layout of ``cases[world]`` with ``run_case(case, singleton_pg)``; rank 0 writes
+    ``--out``.
 
     A failing layout is reported as ``{"name", "world", "error"}`` and the others still run.
     """

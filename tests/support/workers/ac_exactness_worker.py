@@ -1,4 +1,5 @@
-"""torchrun worker: the distributed AC router vs an unsharded single-process reference (forward and backward).
+"""torchrun worker: the distributed AC router vs an unsharded single-process reference (forward and
+backward).
 
 Launched by tests/distributed/test_ac_distributed.py; by hand:
 
@@ -129,7 +130,8 @@ def _chain_class():
 
 
 def _global_data(case, num_replicas):
-    """Same on every rank: per micro-batch: x, T [R, S, B, H], padding [R, B, S] (True = padding)."""
+    """Same on every rank: per micro-batch: x, T [R, S, B, H], padding [R, B, S] (True =
+    padding)."""
     gen = torch.Generator().manual_seed(7)
     data = []
     for _ in range(NUM_MICROBATCHES):
@@ -141,7 +143,8 @@ def _global_data(case, num_replicas):
 
 
 def _shard_sb(t, tp_group, cp_group):
-    """This rank's part of ``[S, B, ...]``: Megatron's 2×CP load-balanced chunks, then the SP rows."""
+    """This rank's part of ``[S, B, ...]``: Megatron's 2×CP load-balanced chunks, then the SP
+    rows."""
     import inspect
 
     from megatron.core.utils import get_batch_on_this_cp_rank
@@ -160,10 +163,10 @@ def _shard_sb(t, tp_group, cp_group):
 
 
 def run_pipeline_case(case):
-    """GPTModel in two pipeline stages (layers 1-2 | 3-4, every layer MoE), one forward, hidden states
-    sent by hand. Stage 2's first AC layer (3) must route as if it were standard, while layer 4 uses
-    layer 3's assignment: outputs with ``moe_ac_layers`` [2, 3, 4] equal [2, 4] and differ from
-    [2]."""
+    """GPTModel in two pipeline stages (layers 1-2 | 3-4, every layer MoE), one forward, hidden
+    states sent by hand. Stage 2's first AC layer (3) must route as if it were standard, while layer
+    4 uses layer 3's assignment: outputs with ``moe_ac_layers`` [2, 3, 4] equal [2, 4] and differ
+    from [2]."""
     import warnings
 
     from megatron.core.models.gpt import GPTModel

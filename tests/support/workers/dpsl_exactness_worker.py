@@ -1,4 +1,5 @@
-"""torchrun worker: distributed DPSL vs an unsharded single-process reference (forward and backward).
+"""torchrun worker: distributed DPSL vs an unsharded single-process reference (forward and
+backward).
 
 Launched by tests/distributed/test_dpsl_distributed.py; by hand:
 
@@ -110,7 +111,8 @@ def _config(case, world_tp=None, **over):
 
 
 def _global_data(case, num_replicas):
-    """Same on every rank: per micro-batch, per replica: x [S, B, H], group ids [B, S], padding [B, S]."""
+    """Same on every rank: per micro-batch, per replica: x [S, B, H], group ids [B, S], padding [B,
+    S]."""
     gen = torch.Generator().manual_seed(7)
     data = []
     for _ in range(NUM_MICROBATCHES):
@@ -139,7 +141,8 @@ def _shard(case, x, ids, pad, tp_group, cp_group):
 
 
 def run_gather_unit(case):
-    """gather_for_loss alone: different row counts per rank, de-duplication, and the backward slice."""
+    """gather_for_loss alone: different row counts per rank, de-duplication, and the backward
+    slice."""
     from megatron_dpsl.parallel.token_gather import gather_for_loss, plan_gather
 
     init_torchrun()

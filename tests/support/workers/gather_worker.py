@@ -1,4 +1,5 @@
-"""torchrun worker for tests/unit/parallel/test_token_gather.py: ``gather_for_loss`` at world size 2 (gloo, CPU).
+"""torchrun worker for tests/unit/parallel/test_token_gather.py: ``gather_for_loss`` at world size 2
+(gloo, CPU).
 
 Imports no Megatron (a launch costs ~3 s). Every rank rebuilds every rank's input from its seed,
 so it can check the gathered tensor and its own gradient exactly; it writes one JSON record per

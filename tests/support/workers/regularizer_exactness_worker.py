@@ -1,4 +1,5 @@
-"""torchrun worker: distributed variance + orthogonality losses vs an unsharded single-process reference.
+"""torchrun worker: distributed variance + orthogonality losses vs an unsharded single-process
+reference.
 
 Launched by tests/distributed/test_regularizers_distributed.py; by hand:
 
@@ -127,7 +128,8 @@ def _config(case, **over):
 
 
 def _expert_weights():
-    """Full (unsharded) fc1 [FFN, H] and fc2 [H, FFN] weights of every expert, the same on every rank."""
+    """Full (unsharded) fc1 [FFN, H] and fc2 [H, FFN] weights of every expert, the same on every
+    rank."""
     gen = torch.Generator().manual_seed(11)
     return [
         (0.5 * torch.randn(FFN, H, generator=gen), 0.5 * torch.randn(H, FFN, generator=gen))
@@ -146,7 +148,8 @@ def _global_data(case, num_replicas):
 
 
 def _shard(x, pad, tp_group, cp_group):
-    """This rank's slice of one replica's micro-batch: CP slicing, then the sequence-parallel split."""
+    """This rank's slice of one replica's micro-batch: CP slicing, then the sequence-parallel
+    split."""
     tp, tp_rank = tp_group.size(), tp_group.rank()
     x_local = exactness.cp_slice(x.transpose(0, 1).contiguous(), cp_group).transpose(
         0, 1
@@ -164,7 +167,8 @@ def _shard(x, pad, tp_group, cp_group):
 
 
 def _load_expert_shards(layer, weights, etp_rank, etp_size):
-    """Each local expert gets its global expert's weights, sharded as Column/RowParallelLinear shard them."""
+    """Each local expert gets its global expert's weights, sharded as Column/RowParallelLinear shard
+    them."""
     block = FFN // etp_size
     rows = slice(etp_rank * block, (etp_rank + 1) * block)
     shards = []

@@ -1,4 +1,5 @@
-"""torchrun worker for tests/unit/train/test_trainer.py::test_multinode_c10d_two_agents_train_and_agree.
+"""torchrun worker for
+tests/unit/train/test_trainer.py::test_multinode_c10d_two_agents_train_and_agree.
 
 Each "node" is its own torchrun agent (1 process) joined through the c10d rendezvous on 127.0.0.1.
 ``PHASES.json`` maps a phase name to a full trainer command line; the phases run one after another

@@ -1,4 +1,5 @@
-"""torchrun worker (2 ranks, gloo) for tests/distributed/test_upcycle_distributed.py; holds no tests.
+"""torchrun worker (2 ranks, gloo) for tests/distributed/test_upcycle_distributed.py; holds no
+tests.
 
 1. Build a dense GPT with TP=2 and save it Megatron-LM style (a TP-sharded source layout).
 2. Rank 0 upcycles it (exact, E=4, G=2, top-2).

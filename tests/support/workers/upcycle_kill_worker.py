@@ -1,4 +1,5 @@
-"""Test helper (not a test): a real ``megatron-dpsl-upcycle`` run that stops in the middle of writing.
+"""Test helper (not a test): a real ``megatron-dpsl-upcycle`` run that stops in the middle of
+writing.
 
 ``python tests/support/workers/upcycle_kill_worker.py READY_FILE <CLI args>`` runs the CLI; when the
 writer asks for layer 1's weights (layer 0 already written into the temporary directory's data

@@ -1,5 +1,5 @@
-"""The Adaptive Clustering router's config fields and ``--moe-ac-*`` flags: values, defaults, errors naming
-the field (config) or the flag (command line)."""
+"""The Adaptive Clustering router's config fields and ``--moe-ac-*`` flags: values, defaults, errors
+naming the field (config) or the flag (command line)."""
 
 from __future__ import annotations
 
@@ -181,7 +181,8 @@ def test_flags_fill_the_fields():
 
 def test_ac_combines_with_dpsl_flags():
     c = config_from(
-        "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 1e-3 0 --moe-ac-layers 2 3 4"
+        "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 1e-3 0 "
+        "--moe-ac-layers 2 3 4"
     )
     assert c.moe_dpsl_enabled and c.moe_ac_enabled
 

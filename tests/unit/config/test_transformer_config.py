@@ -1,4 +1,5 @@
-"""DPSLTransformerConfig: how DPSL is switched on, how it meets Megatron's validation, errors naming flags."""
+"""DPSLTransformerConfig: how DPSL is switched on, how it meets Megatron's validation, errors naming
+flags."""
 
 from __future__ import annotations
 

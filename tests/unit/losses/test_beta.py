@@ -1,4 +1,5 @@
-"""Beta CDF: exact continued fraction (``beta_cdf``) and the tabulated fast path (``BetaCDFTable``)."""
+"""Beta CDF: exact continued fraction (``beta_cdf``) and the tabulated fast path
+(``BetaCDFTable``)."""
 
 import numpy as np
 import pytest

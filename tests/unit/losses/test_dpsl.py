@@ -7,8 +7,8 @@ import scipy.stats
 import torch
 
 from megatron_dpsl import beta_cdf, dpsl_loss, dpsl_loss_per_expert
-from megatron_dpsl.losses.dpsl import _CHUNK, _eq4_cpu, _eq4_device
-from megatron_dpsl.losses.ranking import prepare
+from megatron_dpsl.losses.dpsl import _CHUNK, _per_expert_loss_cpu, _per_expert_loss_device
+from megatron_dpsl.losses.dpsl_inputs import prepare
 
 
 def _probs(num_tokens, num_experts, seed=0, scale=2.0, dtype=torch.float64):
@@ -18,7 +18,8 @@ def _probs(num_tokens, num_experts, seed=0, scale=2.0, dtype=torch.float64):
 
 
 def _ref_per_expert(probs, alpha, with_grad=False):
-    """Eq. 4 for one group with SciPy (float64): per-expert loss [E] and dL/dp [T, E] (stable ranks)."""
+    """Eq. 4 for one group with SciPy (float64): per-expert loss [E] and dL/dp [T, E] (stable
+    ranks)."""
     p = probs.detach().double().numpy()
     alpha = np.asarray(alpha, dtype=np.float64)
     num_tokens, num_experts = p.shape
@@ -235,8 +236,8 @@ def test_device_path_matches_cpu_path(dtype):
         (alpha2[1], None, pad),
     ):
         inputs = prepare(probs, *args)
-        out_cpu, grad_cpu = _eq4_cpu(probs, inputs, True)
-        out_dev, grad_dev = _eq4_device(probs, inputs, True)
+        out_cpu, grad_cpu = _per_expert_loss_cpu(probs, inputs, True)
+        out_dev, grad_dev = _per_expert_loss_device(probs, inputs, True)
         torch.testing.assert_close(out_dev, out_cpu, rtol=0, atol=atol)
         torch.testing.assert_close(grad_dev, grad_cpu, rtol=1e-5, atol=atol)
 

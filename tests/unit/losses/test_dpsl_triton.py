@@ -1,4 +1,5 @@
-"""The fused Triton path (megatron_dpsl/losses/dpsl_triton.py) equals the torch path: values and gradients.
+"""The fused Triton path (megatron_dpsl/losses/dpsl_triton.py) equals the torch path: values and
+gradients.
 
 CPU-only machines run the kernels under Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before Triton is imported; the interpreter's launch shape is 32-element blocks
@@ -16,15 +17,16 @@ import pytest
 import torch
 
 from megatron_dpsl import dpsl_loss, dpsl_loss_per_expert
-from megatron_dpsl.losses import dpsl_triton as fused_loss
+from megatron_dpsl.losses import dpsl_triton
 from megatron_dpsl.losses.dpsl import IMPL_ENV
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
-    not fused_loss.runs_on(DEVICE),
+    not dpsl_triton.runs_on(DEVICE),
     reason="Triton not installed (pip install triton)"
-    if fused_loss.triton is None
-    else "Triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it on CPU-only machines)",
+    if dpsl_triton.triton is None
+    else "Triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it on "
+    "CPU-only machines)",
 )
 
 
@@ -183,8 +185,9 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
-    """The compiled (not interpreted) kernels build for an H100 (sm_90) here, without a GPU: Triton's own
-    compiler and ptxas, in a process without TRITON_INTERPRET. No local memory = no register spills."""
+    """The compiled (not interpreted) kernels build for an H100 (sm_90) here, without a GPU:
+    Triton's own compiler and ptxas, in a process without TRITON_INTERPRET. No local memory = no
+    register spills."""
     import json
     import subprocess
     import sys

@@ -1,4 +1,5 @@
-"""The orthogonality loss math (megatron_dpsl.losses.orthogonality) against independent NumPy float64 transcriptions."""
+"""The orthogonality loss math (megatron_dpsl.losses.orthogonality) against independent NumPy
+float64 transcriptions."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def outputs(num_tokens, k, hidden, seed=0, dtype=torch.float64):
 
 
 def eq6_numpy(x: np.ndarray, valid: np.ndarray, eps: float = EPS) -> float:
-    """Eq. 6 as printed: Σ_i Σ_j Σ_{k≠j} ‖(⟨x_ij, x_ik⟩ / (⟨x_ik, x_ik⟩ + ε)) x_ik‖², over valid tokens, / (k·N)."""
+    """Eq. 6 as printed: Σ_i Σ_j Σ_{k≠j} ‖(⟨x_ij, x_ik⟩ / (⟨x_ik, x_ik⟩ + ε)) x_ik‖², over valid
+    tokens, / (k·N)."""
     x = x[valid]
     n_tokens, k, _ = x.shape
     total = 0.0
@@ -36,7 +38,8 @@ def eq6_numpy(x: np.ndarray, valid: np.ndarray, eps: float = EPS) -> float:
 
 
 def reference_code_numpy(x: np.ndarray, valid: np.ndarray) -> float:
-    """modeling_deepseek.py's compute_ortho_loss, transcribed to NumPy (token-major groups [N, k, h])."""
+    """modeling_deepseek.py's compute_ortho_loss, transcribed to NumPy (token-major groups [N, k,
+    h])."""
     x = x[valid]
     n_tokens, k, _ = x.shape
     total = 0.0

@@ -1,4 +1,5 @@
-"""The two paper reproductions in examples/: shaping (Fig. 2 / App. C.1) and SwAV clustering (Table 1 / App. B)."""
+"""The two paper reproductions in examples/: shaping (Fig. 2 / App. C.1) and SwAV clustering (Table
+1 / App. B)."""
 
 import importlib.util
 import pathlib

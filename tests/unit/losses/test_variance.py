@@ -1,4 +1,5 @@
-"""The variance loss math (megatron_dpsl.losses.variance) against independent NumPy float64 transcriptions."""
+"""The variance loss math (megatron_dpsl.losses.variance) against independent NumPy float64
+transcriptions."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from megatron_dpsl.losses.variance import (
 
 
 def topk_probs(num_tokens, num_experts, k, seed=0, dtype=torch.float64):
-    """Post-top-k scores as TopKRouter returns them: softmax over the k largest logits, zeros elsewhere."""
+    """Post-top-k scores as TopKRouter returns them: softmax over the k largest logits, zeros
+    elsewhere."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(num_tokens, num_experts, generator=g, dtype=dtype) * 2
     top, idx = logits.topk(k, dim=-1)
@@ -25,7 +27,8 @@ def topk_probs(num_tokens, num_experts, k, seed=0, dtype=torch.float64):
 
 
 def eq7_numpy(s: np.ndarray, valid: np.ndarray) -> float:
-    """Eq. 7 as printed, L_v = -Σ_i Σ_j (1/n)(s_ij - s̄_j)², over the valid rows, then / N (our normalisation)."""
+    """Eq. 7 as printed, L_v = -Σ_i Σ_j (1/n)(s_ij - s̄_j)², over the valid rows, then / N (our
+    normalisation)."""
     s = s[valid]
     n_tokens, n_experts = s.shape
     total = 0.0

@@ -1,4 +1,5 @@
-"""The DPSL flags: argparse -> DPSLTransformerConfig by field name, list forms, errors naming the flag, docs."""
+"""The DPSL flags: argparse -> DPSLTransformerConfig by field name, list forms, errors naming the
+flag, docs."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ BASE = f"--num-layers 2 --hidden-size 16 --num-attention-heads 2 --num-experts {
 
 
 def standalone_parser() -> argparse.ArgumentParser:
-    """A trainer-style parser: model flags of its own, then the load-balancing flags and the DPSL flags."""
+    """A trainer-style parser: model flags of its own, then the load-balancing flags and the DPSL
+    flags."""
     parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--num-layers", type=int)
     parser.add_argument("--hidden-size", type=int)
@@ -36,7 +38,8 @@ def standalone_parser() -> argparse.ArgumentParser:
 
 
 def megatron_style_parser() -> argparse.ArgumentParser:
-    """The two flags exactly as Megatron-LM core_v0.16.1's ``_add_moe_args`` defines them (no 'dpsl')."""
+    """The two flags exactly as Megatron-LM core_v0.16.1's ``_add_moe_args`` defines them (no
+    'dpsl')."""
     parser = argparse.ArgumentParser(allow_abbrev=False)
     group = parser.add_argument_group(title="moe")
     group.add_argument(
@@ -68,7 +71,8 @@ def test_every_dpsl_flag_is_a_config_field_with_matching_default():
     from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
 
     fields = {f.name: f for f in dataclasses.fields(DPSLTransformerConfig)}
-    # the launcher fields say where a token's group comes from: read by the entry point, not the config
+    # the launcher fields say where a token's group comes from: read by the entry point, not the
+    # config
     actions = [
         a for a in dpsl_actions(standalone_parser()) if a.dest not in dpsl_args.LAUNCHER_FIELDS
     ]
@@ -112,7 +116,8 @@ def test_every_dpsl_flag_is_a_config_field_with_matching_default():
             ),
         ),
         (
-            "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha-base 1.0 --moe-dpsl-alpha-shift 0.5 "
+            "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha-base 1.0 "
+            "--moe-dpsl-alpha-shift 0.5 "
             "--moe-dpsl-num-groups 2",
             dict(
                 moe_dpsl_alpha_base=1.0,
@@ -174,20 +179,23 @@ def test_args_namespace_is_not_modified():
         ),
         # slot 0: λ from --moe-dpsl-coeff
         (
-            "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.001 0 --moe-dpsl-coeff 0.03",
+            "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.001 0 "
+            "--moe-dpsl-coeff 0.03",
             ["aux_loss", "dpsl"],
             [0.001, 0.0],
             0.03,
         ),
         # both given and equal
         (
-            "--moe-router-load-balancing-type dpsl seq_aux_loss --moe-aux-loss-coeff 0.04 0.002 --moe-dpsl-coeff 0.04",
+            "--moe-router-load-balancing-type dpsl seq_aux_loss --moe-aux-loss-coeff 0.04 "
+            "0.002 --moe-dpsl-coeff 0.04",
             ["dpsl", "seq_aux_loss"],
             [0.04, 0.002],
             0.04,
         ),
         (
-            "--moe-router-load-balancing-type seq_aux_loss global_aux_loss dpsl --moe-aux-loss-coeff 0.001 0.002 0.005",
+            "--moe-router-load-balancing-type seq_aux_loss global_aux_loss dpsl "
+            "--moe-aux-loss-coeff 0.001 0.002 0.005",
             ["seq_aux_loss", "global_aux_loss", "dpsl"],
             [0.001, 0.002, 0.005],
             0.005,
@@ -274,7 +282,8 @@ def test_standalone_parser_gets_no_load_balancing_flag_from_add_dpsl_args():
             "--moe-dpsl-group-alphas: every row needs 4 values (num experts), got rows of 2",
         ),
         (
-            "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha 1 --moe-dpsl-group-alphas [[1,1,1,1]]",
+            "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha 1 --moe-dpsl-group-alphas "
+            "[[1,1,1,1]]",
             "--moe-dpsl-group-alphas: give only one prior",
         ),
         (
@@ -282,7 +291,8 @@ def test_standalone_parser_gets_no_load_balancing_flag_from_add_dpsl_args():
             "--moe-dpsl-alpha-shift: the modality prior needs",
         ),
         (
-            "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha-base 1 --moe-dpsl-alpha-shift 1 "
+            "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha-base 1 "
+            "--moe-dpsl-alpha-shift 1 "
             "--moe-dpsl-num-groups 3",
             "--moe-dpsl-num-groups: must be >= 1 and divide --num-experts 4, got 3",
         ),
@@ -299,16 +309,19 @@ def test_standalone_parser_gets_no_load_balancing_flag_from_add_dpsl_args():
             "--moe-aux-loss-coeff: the value in dpsl's slot is λ and must be >= 0, got -0.02",
         ),
         (
-            "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha-base 1 --moe-dpsl-alpha-shift -0.5 "
+            "--moe-router-load-balancing-type dpsl --moe-dpsl-alpha-base 1 "
+            "--moe-dpsl-alpha-shift -0.5 "
             "--moe-dpsl-num-groups 2",
             "--moe-dpsl-alpha-shift: must be >= 0, got -0.5",
         ),
         (
             "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01",
-            "--moe-aux-loss-coeff: expected 2 values (one per --moe-router-load-balancing-type aux_loss dpsl), got 1",
+            "--moe-aux-loss-coeff: expected 2 values (one per --moe-router-load-balancing-type "
+            "aux_loss dpsl), got 1",
         ),
         (
-            "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01 0.02 --moe-dpsl-coeff 0.03",
+            "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 0.01 0.02 "
+            "--moe-dpsl-coeff 0.03",
             "--moe-dpsl-coeff: 0.03 disagrees with 0.02",
         ),
         # raised by DPSLTransformerConfig with field names, translated to flags
@@ -430,7 +443,10 @@ def test_registration_reaches_parses_without_a_provider_and_is_undone(capsys):
 
     module = _fake_megatron_arguments()
     stock = module.add_megatron_arguments
-    argv = "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 1e-3 0.01 --moe-dpsl-alpha 0.75".split()
+    argv = (
+        "--moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 1e-3 0.01 "
+        "--moe-dpsl-alpha 0.75"
+    ).split()
     with pytest.raises(SystemExit):  # what maybe_wrap_for_inprocess_restart hit before the hook
         module.parse_args(argv, ignore_unknown_args=True)
     assert "invalid choice: 'dpsl'" in capsys.readouterr().err
@@ -449,7 +465,8 @@ def test_registration_reaches_parses_without_a_provider_and_is_undone(capsys):
 
 
 def test_plugin_types_come_from_one_constant(monkeypatch):
-    """Registration, the standalone parser and the tracker names all take the list from the constant."""
+    """Registration, the standalone parser and the tracker names all take the list from the
+    constant."""
     from megatron_dpsl.megatron_lm.hooks import plugin_track_names
 
     monkeypatch.setattr(dpsl_args, "PLUGIN_LOAD_BALANCING_TYPES", ("dpsl", "variance"))

@@ -41,7 +41,8 @@ ALSO = [
 
 def _explain(report: dict) -> str:
     return (
-        f"ended: {report.get('ended')} {report.get('error') or ''}\n{report.get('traceback') or ''}\n"
+        f"ended: {report.get('ended')} "
+        f"{report.get('error') or ''}\n{report.get('traceback') or ''}\n"
         f"stderr: {report.get('stderr', '')[-1500:]}"
     )
 
@@ -78,8 +79,8 @@ def test_unpatched_launcher_runs_the_readme_command_to_the_cuda_boundary(
 
 
 def test_megatron_core_is_the_trees_or_the_installed_wheels(megatron_lm_reports, megatron_lm_trees):
-    """A git-dir tree runs its own megatron/core; a snapshot tree (CI) the installed wheel's, the replaced
-    leaf megatron_lm_tree.py names."""
+    """A git-dir tree runs its own megatron/core; a snapshot tree (CI) the installed wheel's, the
+    replaced leaf megatron_lm_tree.py names."""
     import importlib.util
     import os
 
@@ -90,7 +91,8 @@ def test_megatron_core_is_the_trees_or_the_installed_wheels(megatron_lm_reports,
 
 
 def test_stock_megatron_lm_script_still_rejects_dpsl(megatron_lm_reports):
-    """What the launcher exists for: the unpatched tree's own pretrain_gpt.py refuses the same command."""
+    """What the launcher exists for: the unpatched tree's own pretrain_gpt.py refuses the same
+    command."""
     report = megatron_lm_reports["unpatched"]["megatron_lm_readme"]
     assert (report["ended"], report["exit_code"]) == ("exit", 2), _explain(report)
     assert "argument --moe-router-load-balancing-type: invalid choice: 'dpsl'" in report["stderr"]
@@ -140,7 +142,8 @@ def test_patched_megatron_lm_script_runs_the_readme_command(megatron_lm_reports)
 def test_every_gpu_story_stage_reaches_the_cuda_boundary(
     megatron_lm_reports, megatron_lm_trees, stage
 ):
-    """The GPU script's exact argv (scripts/megatron_lm_story.py), on the tree and entry that stage uses."""
+    """The GPU script's exact argv (scripts/megatron_lm_story.py), on the tree and entry that stage
+    uses."""
     work = Path(megatron_lm_trees["work"]) / "story"
     spec = next(s for s in story.megatron_lm_stages(work) if s.name == stage)
     report = megatron_lm_reports[spec.tree][f"story_{stage}"]
@@ -157,9 +160,10 @@ def test_every_gpu_story_stage_reaches_the_cuda_boundary(
 
 
 def test_story_upcycle_stage_rehearsed_loads_into_the_dpsl_moe_model(megatron_lm_reports):
-    """The story's dense -> upcycle -> moe_dpsl checkpoint path with its own argv (megatron_lm_chain.
-    rehearse_upcycle): the dense checkpoint as the tag's Megatron-Core writes it, the upcycler CLI,
-    then Megatron-LM's check_checkpoint_args and a strict load of the DPSL MoE model."""
+    """The story's dense -> upcycle -> moe_dpsl checkpoint path with its own argv
+    (megatron_lm_chain. rehearse_upcycle): the dense checkpoint as the tag's Megatron-Core writes
+    it, the upcycler CLI, then Megatron-LM's check_checkpoint_args and a strict load of the DPSL MoE
+    model."""
     report = megatron_lm_reports["unpatched"]["rehearse_upcycle"]
     assert "error" not in report, report.get("error")
     assert report["upcycle_rc"] == 0 and report["tracker"] == "release"

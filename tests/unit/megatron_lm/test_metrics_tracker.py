@@ -1,4 +1,5 @@
-"""megatron-core 0.19: ``dpsl_loss`` reaches Megatron-LM's MoE report through ``DPSLMetricsTracker``.
+"""megatron-core 0.19: ``dpsl_loss`` reaches Megatron-LM's MoE report through
+``DPSLMetricsTracker``.
 
 core_v0.19.0's ``training_log`` calls ``get_moe_metrics_tracker().report(track_names=[...])`` with
 the stock names only, and ``MoEMetricsTracker.report`` returns only those: the stock tracker drops
@@ -29,7 +30,8 @@ def fresh_tracker():
 
 
 def _record_with_a_real_router():
-    """One forward of an MoE layer with DPSLRouter (λ = 0.01, aux_loss 1e-3): records both losses."""
+    """One forward of an MoE layer with DPSLRouter (λ = 0.01, aux_loss 1e-3): records both
+    losses."""
     from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
     from megatron_dpsl.models.specs import get_dpsl_layer_spec
 
@@ -95,7 +97,8 @@ def test_stock_tracker_drops_dpsl_loss_the_plugin_tracker_reports_it():
 
 
 def test_every_rank_reports_the_same_names():
-    """A pipeline rank without MoE layers records nothing but must report the same names (PP all-reduce)."""
+    """A pipeline rank without MoE layers records nothing but must report the same names (PP
+    all-reduce)."""
     from megatron_dpsl.megatron_lm.metrics_tracker import install_dpsl_metrics_tracker
 
     total = _training_log_report(install_dpsl_metrics_tracker("dpsl"))

@@ -64,7 +64,8 @@ def workdir():
 
 
 def _snapshot_originals(lock: Lock, out: Path) -> Path:
-    """The lock's original files under ``out`` from the committed snapshot, checked against the lock."""
+    """The lock's original files under ``out`` from the committed snapshot, checked against the
+    lock."""
     from support.megatron_lm_tree import export_tree, snapshots
 
     entry = snapshots().get(lock.tag)
@@ -80,7 +81,8 @@ def _snapshot_originals(lock: Lock, out: Path) -> Path:
 
 
 def _export_originals(lock: Lock, out: Path) -> Path:
-    """The lock's original files under ``out``: from the git dir, else from the committed snapshot."""
+    """The lock's original files under ``out``: from the git dir, else from the committed
+    snapshot."""
     from support.megatron_lm_tree import git_dir
 
     if git_dir() is not None:
@@ -95,7 +97,8 @@ def originals(patch_set, workdir, request) -> Path:
 
 
 def test_snapshots_hold_the_locked_originals(patch_set, workdir):
-    """The committed snapshot (what CI uses) is the lock's commit, and its files are the lock's originals."""
+    """The committed snapshot (what CI uses) is the lock's commit, and its files are the lock's
+    originals."""
     from support.megatron_lm_tree import snapshots
 
     _, lock = patch_set

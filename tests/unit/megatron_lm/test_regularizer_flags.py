@@ -1,4 +1,5 @@
-"""The variance/orthogonality types from the config and the command line: coefficients, errors naming flags."""
+"""The variance/orthogonality types from the config and the command line: coefficients, errors
+naming flags."""
 
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def test_megatron_validation_sees_only_its_types():
                 moe_router_load_balancing_type=["aux_loss", "variance"],
                 moe_aux_loss_coeff=[1e-2, -1e-3],
             ),
-            "moe_aux_loss_coeff: the value in variance's slot is its coefficient and must be >= 0, got -0.001",
+            "moe_aux_loss_coeff: the value in variance's slot is its coefficient and must be "
+            ">= 0, got -0.001",
         ),
         (
             dict(moe_router_load_balancing_type="orthogonality", moe_aux_loss_coeff=float("nan")),
@@ -102,7 +104,8 @@ def test_megatron_validation_sees_only_its_types():
                 moe_aux_loss_coeff=1e-4,
                 moe_router_topk=1,
             ),
-            "moe_router_load_balancing_type 'orthogonality' compares the outputs of one token's k experts: it needs "
+            "moe_router_load_balancing_type 'orthogonality' compares the outputs of one "
+            "token's k experts: it needs "
             "moe_router_topk >= 2, got 1",
         ),
         (
@@ -189,7 +192,8 @@ def test_orthogonality_off_needs_none_of_its_requirements():
 def test_the_lead_example_command_line():
     c = config_from(
         "--moe-router-load-balancing-type aux_loss dpsl variance orthogonality "
-        "--moe-aux-loss-coeff 1e-3 0.01 1e-3 1e-4 --moe-router-topk 2 --moe-orthogonality-loss-form reference_code"
+        "--moe-aux-loss-coeff 1e-3 0.01 1e-3 1e-4 --moe-router-topk 2 "
+        "--moe-orthogonality-loss-form reference_code"
     )
     assert (c.moe_dpsl_coeff, c.moe_variance_coeff, c.moe_orthogonality_coeff) == (0.01, 1e-3, 1e-4)
     assert (c.moe_variance_loss_form, c.moe_orthogonality_loss_form) == ("paper", "reference_code")
@@ -211,28 +215,36 @@ def test_each_form_flag_is_a_config_field_with_the_config_default():
     "cmdline, message",
     [
         (
-            "--moe-router-load-balancing-type aux_loss variance --moe-aux-loss-coeff 1e-3 -0.001 --moe-router-topk 2",
-            "--moe-aux-loss-coeff: the value in variance's slot is its coefficient and must be >= 0, got -0.001",
+            "--moe-router-load-balancing-type aux_loss variance --moe-aux-loss-coeff 1e-3 "
+            "-0.001 --moe-router-topk 2",
+            "--moe-aux-loss-coeff: the value in variance's slot is its coefficient and must be "
+            ">= 0, got -0.001",
         ),
         (
-            "--moe-router-load-balancing-type orthogonality --moe-aux-loss-coeff 1e-4 --moe-router-topk 1",
-            "--moe-router-load-balancing-type 'orthogonality' compares the outputs of one token's k experts: it needs "
+            "--moe-router-load-balancing-type orthogonality --moe-aux-loss-coeff 1e-4 "
+            "--moe-router-topk 1",
+            "--moe-router-load-balancing-type 'orthogonality' compares the outputs of one "
+            "token's k experts: it needs "
             "--moe-router-topk >= 2, got 1",
         ),
         (
-            "--moe-router-load-balancing-type orthogonality --moe-aux-loss-coeff 1e-4 --moe-router-topk 2 "
+            "--moe-router-load-balancing-type orthogonality --moe-aux-loss-coeff 1e-4 "
+            "--moe-router-topk 2 "
             "--moe-token-dispatcher-type flex",
             "supports --moe-token-dispatcher-type 'allgather' and 'alltoall'",
         ),
         (
-            "--moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 1e-2 --moe-router-topk 2 "
+            "--moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 1e-2 "
+            "--moe-router-topk 2 "
             "--moe-variance-loss-form reference_code",
             "--moe-variance-loss-form needs --moe-router-load-balancing-type to include 'variance'",
         ),
         (
-            "--moe-router-load-balancing-type variance --moe-aux-loss-coeff 1e-3 --moe-router-topk 2 "
+            "--moe-router-load-balancing-type variance --moe-aux-loss-coeff 1e-3 "
+            "--moe-router-topk 2 "
             "--moe-orthogonality-loss-form paper",
-            "--moe-orthogonality-loss-form needs --moe-router-load-balancing-type to include 'orthogonality'",
+            "--moe-orthogonality-loss-form needs --moe-router-load-balancing-type to include "
+            "'orthogonality'",
         ),
     ],
 )

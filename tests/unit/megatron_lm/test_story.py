@@ -1,4 +1,5 @@
-"""scripts/megatron_lm_story.py's summary notes: the values a GPU run logged, read from Megatron-LM's log lines."""
+"""scripts/megatron_lm_story.py's summary notes: the values a GPU run logged, read from
+Megatron-LM's log lines."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import megatron_lm_story as story
 # Megatron-LM's training_log line (megatron/training/training.py: ' iteration {:8d}/{:8d} |' then
 # ' {key}: {avg:.6E} |' per loss, MoE aux losses included), as the story's stages print it
 LINE = (
-    " [2026-11-27 12:00:0{i}] iteration        {i}/       8 | consumed samples:           32 | elapsed time per "
-    "iteration (ms): 512.3 | learning rate: 1.000000E-03 | global batch size:     4 | lm loss: 6.87301{i}E+00 | "
-    "load_balancing_loss: 1.005123E+00 | dpsl_loss: 5.73000{i}E-03 | loss scale: 1.0 | grad norm: 1.234 | "
+    " [2026-11-27 12:00:0{i}] iteration        {i}/       8 | consumed samples:           32 | "
+    "elapsed time per "
+    "iteration (ms): 512.3 | learning rate: 1.000000E-03 | global batch size:     4 | lm loss: "
+    "6.87301{i}E+00 | "
+    "load_balancing_loss: 1.005123E+00 | dpsl_loss: 5.73000{i}E-03 | loss scale: 1.0 | grad "
+    "norm: 1.234 | "
     "number of skipped iterations:   0 | number of nan iterations:   0 |"
 )
 

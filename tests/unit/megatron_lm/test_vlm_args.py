@@ -1,5 +1,6 @@
-"""The VLM launcher's flag checks (megatron_lm/vlm_args.py), the token-group flags (args.py) and the reader
-of a checkpoint's saved ``args`` (saved_args.py), on namespaces as Megatron-LM's parser makes them."""
+"""The VLM launcher's flag checks (megatron_lm/vlm_args.py), the token-group flags (args.py) and the
+reader of a checkpoint's saved ``args`` (saved_args.py), on namespaces as Megatron-LM's parser makes
+them."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def test_modality_priors_pass():
     [
         (
             ("--moe-router-load-balancing-type", "dpsl", "--moe-dpsl-token-groups", "modality"),
-            "--moe-dpsl-token-groups modality: names where each token's prior group comes from; it needs group priors",
+            "--moe-dpsl-token-groups modality: names where each token's prior group comes from; "
+            "it needs group priors",
         ),
         (
             ("--moe-router-load-balancing-type", "dpsl", "--moe-dpsl-vision-group", "1"),
@@ -106,12 +108,15 @@ def test_layouts_the_modality_ids_cannot_follow_are_refused(extra, message):
 
 
 def test_gpt_entry_points_refuse_modality_priors():
-    """Modality priors without a vision encoder: pretrain_gpt (launcher, patched script) has no image rows."""
+    """Modality priors without a vision encoder: pretrain_gpt (launcher, patched script) has no
+    image
+    rows."""
     args = _args(*MODALITY)
     with pytest.raises(ValueError) as e:
         require_token_groups(args, ("dataset",), "pretrain_gpt")
     assert str(e.value).startswith(
-        "--moe-dpsl-token-groups modality: pretrain_gpt has no vision encoder, so no token is an image"
+        "--moe-dpsl-token-groups modality: pretrain_gpt has no vision encoder, so no token is an "
+        "image"
     )
     require_token_groups(
         _args(*MODALITY[:-2], "--moe-dpsl-token-groups", "dataset"), ("dataset",), "x"
@@ -120,7 +125,8 @@ def test_gpt_entry_points_refuse_modality_priors():
 
 
 def test_saved_args_of_a_torch_dist_checkpoint(tmp_path):
-    """Megatron-LM's torch_dist layout as its dist_checkpointing writes it (args in the common state)."""
+    """Megatron-LM's torch_dist layout as its dist_checkpointing writes it (args in the common
+    state)."""
     from megatron.core import dist_checkpointing
     from support.megatron_cpu import init_single_process
 

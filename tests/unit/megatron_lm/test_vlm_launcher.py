@@ -1,4 +1,5 @@
-"""``python -m megatron_dpsl.megatron_lm.pretrain_vlm`` through Megatron-LM's real call chain on CPU.
+"""``python -m megatron_dpsl.megatron_lm.pretrain_vlm`` through Megatron-LM's real call chain on
+CPU.
 
 For the tag of the installed megatron-core (core_v0.16.1 with 0.16.1, core_v0.19.0 with 0.19.2), the
 unpatched tree's child (tests/support/megatron_lm_chain.py; cases in megatron_lm_vlm_cases.py) runs:
@@ -6,9 +7,11 @@ unpatched tree's child (tests/support/megatron_lm_chain.py; cases in megatron_lm
 ``parse_and_validate_args``, the checks, ``pretrain_cfg_container_from_args``] -> ``pretrain`` ->
 ``ft_integration.setup`` (a parse without the launcher's provider) -> ``initialize_megatron`` ->
 ``_initialize_distributed`` -> the NCCL ``init_process_group`` (the boundary; replaced leaves: see
-megatron_lm_chain.py). The build (megatron_lm_vlm_build.py) then runs the model providers on one gloo
-rank: stock ``pretrain_vlm.model_provider`` and the launcher's, and one forward/backward of the launcher's
+megatron_lm_chain.py). The build (megatron_lm_vlm_build.py) then runs the model providers on one
+gloo rank: stock ``pretrain_vlm.model_provider`` and the launcher's, and one forward/backward of the
+launcher's
 model on ``pretrain_vlm``'s own mock sample.
+
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ ALSO = [
 
 def _explain(report: dict) -> str:
     return (
-        f"ended: {report.get('ended')} {report.get('exit_code') or ''} {report.get('error') or ''}\n"
+        f"ended: {report.get('ended')} {report.get('exit_code') or ''} "
+        f"{report.get('error') or ''}\n"
         f"{report.get('traceback') or ''}\nstderr: {report.get('stderr', '')[-1500:]}"
     )
 
@@ -88,7 +92,8 @@ def test_stock_pretrain_vlm_rejects_the_same_command(vlm):
     [
         (
             "vlm_groups_without_modality",
-            "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: pretrain_vlm's batches carry no dataset ids; "
+            "--moe-dpsl-group-alphas/--moe-dpsl-num-groups: pretrain_vlm's batches carry no "
+            "dataset ids; "
             "pass --moe-dpsl-token-groups modality",
         ),
         (
@@ -101,7 +106,8 @@ def test_stock_pretrain_vlm_rejects_the_same_command(vlm):
         ),
         (
             "vlm_pipeline_groups",
-            "--pipeline-model-parallel-size: group priors (--moe-dpsl-token-groups modality) need 1",
+            "--pipeline-model-parallel-size: group priors (--moe-dpsl-token-groups modality) need "
+            "1",
         ),
         ("vlm_load_other_image_size", "--img-h: this run has 336, the checkpoint "),
         (
@@ -111,7 +117,8 @@ def test_stock_pretrain_vlm_rejects_the_same_command(vlm):
     ],
 )
 def test_bad_command_lines_stop_before_megatron_lm_initialises(vlm, case, message):
-    """One line naming the flag, before pretrain builds or writes anything (no process group yet)."""
+    """One line naming the flag, before pretrain builds or writes anything (no process group
+    yet)."""
     report = vlm[case]
     assert _exit_message(report).startswith(message), _explain(report)
     assert "initialize._initialize_distributed" not in report["calls"]
@@ -124,7 +131,8 @@ def test_a_checkpoint_saved_with_the_same_vision_flags_passes_the_check(vlm, meg
 @pytest.mark.parametrize("spec", ["local", "te"])
 @pytest.mark.parametrize("stage", ["vlm_aux", "vlm_dpsl"])
 def test_gpu_story_vlm_stages_reach_the_cuda_boundary(vlm, megatron_lm_trees, stage, spec):
-    """scripts/megatron_lm_vlm_story.py's exact argv (the paper's shapes), with the local and the TE spec."""
+    """scripts/megatron_lm_vlm_story.py's exact argv (the paper's shapes), with the local and the TE
+    spec."""
     report = vlm[f"story_{stage}_{spec}"]
     _assert_reached_boundary(report, megatron_lm_trees["tag"])
     args = report["args"]
@@ -133,7 +141,8 @@ def test_gpu_story_vlm_stages_reach_the_cuda_boundary(vlm, megatron_lm_trees, st
     assert args["num_experts"] == 4 and args["train_iters"] == 12
 
 
-# ----------------------------------------------------------------------------- the build (one gloo rank)
+# ----------------------------------------------------------------------------- the build (one gloo
+# rank)
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +180,18 @@ def test_vision_model_type_clip_and_freeze_vit(build):
     forward = build["forward"]
     assert forward["finite"]
     assert not forward["grads_in_vision_model"] and forward["grads_in_projection"]
+
+
+def test_every_router_sees_the_modality_of_each_position(build):
+    """pretrain_vlm's mock rows are ``<image>`` + text: the image's ``img_seq_len`` rows come first.
+    With --moe-dpsl-vision-group 1 they are group 1 and the text rows group 0 (a reference from the
+    data's layout, not from the hook's arithmetic)."""
+    forward = build["forward"]
+    assert all(t[0] == -200 and -200 not in t[1:] for t in forward["tokens"])
+    img, text = build["img_seq_len"], len(forward["tokens"][0]) - 1
+    assert img == 16  # (32 / 8)^2 patches, class token dropped
+    expected = [[1] * img + [0] * text for _ in forward["tokens"]]
+    assert forward["router_groups"] == [expected] * len(build["lm_routers"])
 
 
 def test_launcher_model_round_trips_through_torch_dist(build):

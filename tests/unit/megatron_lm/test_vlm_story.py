@@ -1,6 +1,9 @@
-"""scripts/megatron_lm_vlm_story.py's summary: step times and DPSL's overhead read from Megatron-LM's log lines.
+"""scripts/megatron_lm_vlm_story.py's summary: step times and DPSL's overhead read from
+Megatron-LM's
+log lines.
 
 (The stages' argv go through Megatron-LM's call chain in test_vlm_launcher.py.)
+
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ import pytest
 
 # Megatron-LM's training_log line as the VLM stages print it
 LINE = (
-    " [2026-12-04 12:00:00] iteration {i:8d}/      12 | consumed samples: {s:10d} | elapsed time per "
-    "iteration (ms): {ms} | learning rate: 2.000000E-05 | global batch size:     8 | lm loss: 1.187{i:02d}E+01 | "
+    " [2026-12-04 12:00:00] iteration {i:8d}/      12 | consumed samples: {s:10d} | elapsed time "
+    "per "
+    "iteration (ms): {ms} | learning rate: 2.000000E-05 | global batch size:     8 | lm loss: "
+    "1.187{i:02d}E+01 | "
     "{name}: {loss}E-02 | loss scale: 1.0 | grad norm: 3.210 | number of skipped iterations:   0 |"
 )
 
@@ -56,7 +61,8 @@ def test_report_gives_the_overhead_of_dpsl_over_aux_loss(tmp_path):
 
 
 def test_per_layer_dpsl_loss_from_tensorboard_events(tmp_path):
-    """The names Megatron-LM's MoE tracker writes with --moe-per-layer-logging (moe/<name>_layer_<i>)."""
+    """The names Megatron-LM's MoE tracker writes with --moe-per-layer-logging
+    (moe/<name>_layer_<i>)."""
     from torch.utils.tensorboard import SummaryWriter
 
     tb = tmp_path / "tb_vlm_dpsl"

@@ -46,8 +46,9 @@ def test_entropy_and_max_prob():
     assert metrics.routing_entropy(torch.zeros(0, 4)).item() == 0
 
 
-def _eq4_scipy(probs, alpha2, gids, pad):
-    """Eq. 4 per expert, float64 NumPy/SciPy: per group, drop padding, sort, compare j/n with betainc."""
+def _prior_distance_scipy(probs, alpha2, gids, pad):
+    """Eq. 4 per expert, float64 NumPy/SciPy: per group, drop padding, sort, compare j/n with
+    betainc."""
     p, gids, pad = probs.detach().double().numpy(), gids.numpy(), pad.numpy()
     out = np.zeros(p.shape[1])
     for g, a in enumerate(np.asarray(alpha2, dtype=np.float64)):
@@ -59,7 +60,7 @@ def _eq4_scipy(probs, alpha2, gids, pad):
     return out
 
 
-def test_prior_distance_matches_independent_eq4():
+def test_prior_distance_matches_independent_transcription():
     p = _probs(300, 4, seed=1).requires_grad_()
     alpha2 = torch.tensor([[1.5, 1.5, 0.5, 0.5], [0.5, 0.5, 1.5, 1.5]], dtype=torch.float64)
     gids = torch.arange(300) % 2
@@ -68,7 +69,9 @@ def test_prior_distance_matches_independent_eq4():
     assert d.shape == (4,) and d.dtype == torch.float64 and not d.requires_grad
     # table CDF error <= 2e-10 -> each squared term within 2 x 2e-10 (|j/n - F| <= 1), 2 groups per
     # expert
-    np.testing.assert_allclose(d.numpy(), _eq4_scipy(p, alpha2, gids, pad), rtol=0, atol=8e-10)
+    np.testing.assert_allclose(
+        d.numpy(), _prior_distance_scipy(p, alpha2, gids, pad), rtol=0, atol=8e-10
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -1,4 +1,5 @@
-"""``megatron_dpsl.models.gpt.build_gpt_model``: the one GPTModel builder of the trainer and the launcher.
+"""``megatron_dpsl.models.gpt.build_gpt_model``: the one GPTModel builder of the trainer and the
+launcher.
 
 Real ``GPTModel``s on CPU with the shims of tests/megatron_cpu.py.
 """

@@ -1,4 +1,5 @@
-"""specs.with_router / count_routers on both shapes of an MoE layer spec, whatever megatron-core is installed.
+"""specs.with_router / count_routers on both shapes of an MoE layer spec, whatever megatron-core is
+installed.
 
 megatron-core 0.16 specs the MoE layer as ``ModuleSpec(module=MoELayer,
 submodules=MoESubmodules(...))``,

@@ -1,4 +1,5 @@
-"""``megatron_dpsl.parallel.token_gather.gather_for_loss`` at world size 2 under torchrun (gloo, CPU).
+"""``megatron_dpsl.parallel.token_gather.gather_for_loss`` at world size 2 under torchrun (gloo,
+CPU).
 
 Forward = all-gather of the kept ranks' rows in rank order; backward = this rank's own slice of
 the (identical on every rank) output gradient × ``grad_scale``, NOT the reduce-scatter that is the

@@ -56,7 +56,8 @@ def make_config(types=("orthogonality",), coeffs=(BETA,), **over):
 
 
 def build(config, stock=False):
-    """The MoE layer of the plugin's layer spec (or of Megatron's, ``stock``), seeded identically."""
+    """The MoE layer of the plugin's layer spec (or of Megatron's, ``stock``), seeded
+    identically."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_dpsl.models.specs import get_dpsl_layer_spec
@@ -257,7 +258,8 @@ def test_gpt_model_with_the_decoder_block_spec_logs_every_moe_layer():
 
 # ---------------------------------------------------------------- specs
 def test_specs_swap_router_and_layer_in_both_spec_shapes():
-    """0.16 builds ``ModuleSpec(module=MoELayer, ...)``, 0.19 ``functools.partial(MoELayer, ...)``: both swapped."""
+    """0.16 builds ``ModuleSpec(module=MoELayer, ...)``, 0.19 ``functools.partial(MoELayer, ...)``:
+    both swapped."""
     import functools
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec

@@ -161,7 +161,8 @@ def test_routing_bit_identical_to_topk_router(name, padding):
 
 @pytest.mark.parametrize("stock", ["aux_loss", "seq_aux_loss", "global_aux_loss"])
 def test_stock_aux_losses_unchanged_and_gradients_add(stock):
-    """[stock, "dpsl"]: the stock loss is logged as before and the router gradient is stock + DPSL."""
+    """[stock, "dpsl"]: the stock loss is logged as before and the router gradient is stock +
+    DPSL."""
     stock_cfg = make_config(
         moe_router_load_balancing_type=stock, moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3
     )
@@ -220,7 +221,8 @@ def test_dpsl_is_full_fp32_softmax_whatever_the_score_function(over):
 
 
 def test_padding_true_means_padding_and_is_excluded():
-    """Megatron's code convention (z_loss_func, compute_routing_scores_for_aux_loss): True = padding."""
+    """Megatron's code convention (z_loss_func, compute_routing_scores_for_aux_loss): True =
+    padding."""
     cfg = make_config()
     d, _ = pair(cfg)
     x = hidden()

@@ -1,4 +1,5 @@
-"""The variance loss in DPSLRouter (one process): real TopKRouter as the reference, Megatron's hooks.
+"""The variance loss in DPSLRouter (one process): real TopKRouter as the reference, Megatron's
+hooks.
 
 CPU shims for Megatron's CUDA-only calls: tests/megatron_cpu.py.
 """
@@ -79,7 +80,8 @@ def padding(s=6, b=3):
     ids=["softmax", "sigmoid", "capacity_drop"],
 )
 def test_paper_form_is_eq7_on_topk_router_probs(over, with_padding):
-    """variance_loss = γ·L_v(TopKRouter's probs) and the router gradient is γ·∂L_v/∂W through those probs."""
+    """variance_loss = γ·L_v(TopKRouter's probs) and the router gradient is γ·∂L_v/∂W through those
+    probs."""
     from megatron_dpsl.losses.variance import variance_loss
 
     cfg = make_config(**over)
@@ -114,7 +116,8 @@ def test_reference_code_form_is_the_full_softmax_sharpness():
 
 @pytest.mark.parametrize("stock", ["aux_loss", "seq_aux_loss", "global_aux_loss"])
 def test_megatron_sees_only_its_types_and_gradients_add(stock):
-    """[stock, dpsl, variance, orthogonality]: Megatron's loss is logged as with [stock] alone; grads add."""
+    """[stock, dpsl, variance, orthogonality]: Megatron's loss is logged as with [stock] alone;
+    grads add."""
     names = {
         "aux_loss": "load_balancing_loss",
         "seq_aux_loss": "seq_load_balancing_loss",
@@ -200,7 +203,8 @@ def test_off_means_no_loss_and_no_gather(mode, monkeypatch):
 
 
 def test_orthogonality_in_a_stock_moe_layer_is_an_error():
-    """with_router() swaps only the router: the orthogonality loss would silently not run, so training refuses."""
+    """with_router() swaps only the router: the orthogonality loss would silently not run, so
+    training refuses."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_dpsl.models.specs import with_router

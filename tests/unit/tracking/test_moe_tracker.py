@@ -1,4 +1,5 @@
-"""The embedded trainer's tracker reset empties Megatron's aux-loss tracker on megatron-core 0.16 and 0.19."""
+"""The embedded trainer's tracker reset empties Megatron's aux-loss tracker on megatron-core 0.16
+and 0.19."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""examples/compare_routers.py: the runs it plans, its table and figure, and (slow) the whole tiny run.
+"""examples/compare_routers.py: the runs it plans, its table and figure, and (slow) the whole tiny
+run.
 
 The fast tests check what makes the comparison fair (every run has the quickstart's MoE flags,
 budget and seed; only the router flags differ; each method's flags build the config they are
@@ -130,7 +131,8 @@ def test_each_run_builds_its_method(tmp_path, name):
 
 
 def _fake_run(out, a, name, *, specialised: bool, step_seconds, valid_loss, step_cpu_seconds=None):
-    """A finished run's files: routing that sends code to experts 0-3 and prose to 4-7 (or round robin)."""
+    """A finished run's files: routing that sends code to experts 0-3 and prose to 4-7 (or round
+    robin)."""
     from megatron_dpsl.tracking.routing_stats import summarize
 
     n, E = 64, 8
@@ -208,8 +210,8 @@ def test_report_table_and_figures(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert table.startswith(report["table"])
     assert (
-        "| run | valid loss | CoV | entropy | dist. to prior | code→E0-3 | prose→E4-7 | ms/step | CPU ms/step |"
-        in table
+        "| run | valid loss | CoV | entropy | dist. to prior | code→E0-3 | prose→E4-7 | "
+        "ms/step | CPU ms/step |" in table
     )
     assert (
         "| dpsl_modality | 2.5000 | 0.000 |" in table and "| 1.000 | 1.000 | 500 | 750 |" in table

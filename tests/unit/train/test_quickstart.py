@@ -1,4 +1,5 @@
-"""The quickstart end to end: ``python -m megatron_dpsl.train.quickstart`` (one torchrun launch, 2 ranks).
+"""The quickstart end to end: ``python -m megatron_dpsl.train.quickstart`` (one torchrun launch, 2
+ranks).
 
 Both are multi-process end-to-end runs, in the ``slow`` suite (CI runs it): ``--tiny`` (~70 s on an
 idle 2-core machine) and the full length. Both check the artefacts a newcomer is promised: the

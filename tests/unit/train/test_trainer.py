@@ -1,5 +1,5 @@
-"""The embedded trainer (megatron_dpsl.train): flags, config, schedule, optimizer, checkpoints, logging,
-data, and the multi-node torchrun path.
+"""The embedded trainer (megatron_dpsl.train): flags, config, schedule, optimizer, checkpoints,
+logging, data, and the multi-node torchrun path.
 
 In-process tests run the real trainer in a one-rank gloo world (``pretrain`` creates it, or reuses
 the suite's). The multi-node test launches two torchrun agents joined by the c10d rendezvous.
@@ -265,15 +265,16 @@ def test_config_by_field_name_and_dpsl_spec():
 
 @pytest.mark.parametrize("ac", [False, True], ids=["dpsl_router", "ac_router"])
 def test_routing_stats_hook_records_what_the_routers_saw(ac):
-    """The recorded probabilities are those of the logits routing() got: for the AC router (layer 2) they
-    come from AC gating, which needs the previous layer's assignment and differs from plain
+    """The recorded probabilities are those of the logits routing() got: for the AC router (layer 2)
+    they come from AC gating, which needs the previous layer's assignment and differs from plain
     gating."""
     from megatron_dpsl.parallel.token_groups import dpsl_token_groups
     from megatron_dpsl.tracking.routing_stats import RoutingStats
 
     args, config, model = _setup([*TINY, *MOE, *(["--moe-ac-layers", "2"] if ac else [])])
     stats = RoutingStats(model)
-    seen = {}  # reference: each router's logits and routing_map, captured at routing() on the instance
+    # reference: each router's logits and routing_map, captured at routing() on the instance
+    seen = {}
     for index, router in enumerate(stats.routers):
 
         def spy(logits, *a, _routing=router.routing, _index=index, **k):
@@ -363,7 +364,8 @@ def _sampler(args):
 
 
 def test_cpu_schedule_equals_full_batch_backward_dense():
-    """Two micro-batches accumulated by the CPU schedule + DDP == one backward on the whole batch."""
+    """Two micro-batches accumulated by the CPU schedule + DDP == one backward on the whole
+    batch."""
     from megatron_dpsl.train.schedule import (
         forward_backward_no_pipelining,
         loss_func,
@@ -613,7 +615,8 @@ def _phases(ckpt: str) -> dict:
 
 
 def _global_expert_name(name: str, ep_rank: int, local_experts: int) -> str:
-    """``...local_experts.{i}...`` on EP rank r is expert ``r * local_experts + i`` of the unsharded model."""
+    """``...local_experts.{i}...`` on EP rank r is expert ``r * local_experts + i`` of the unsharded
+    model."""
     parts = name.split(".")
     if "local_experts" in parts:
         k = parts.index("local_experts") + 1
@@ -724,7 +727,8 @@ def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_path_uses_megatron_optimizer_and_schedule(tmp_path):
-    """``--device cuda`` on one GPU: NCCL, get_megatron_optimizer, get_forward_backward_func, save/resume."""
+    """``--device cuda`` on one GPU: NCCL, get_megatron_optimizer, get_forward_backward_func,
+    save/resume."""
     env = child_env(PYTHONWARNINGS="ignore")
     argv = [a for a in [*TINY, *MOE] if a not in ("--device", "cpu")] + [
         "--device",

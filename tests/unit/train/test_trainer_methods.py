@@ -1,4 +1,5 @@
-"""Every router method from the embedded trainer's command line (``megatron-dpsl-train``), in one real run.
+"""Every router method from the embedded trainer's command line (``megatron-dpsl-train``), in one
+real run.
 
 One in-process ``pretrain`` (one-rank gloo world, mock data) with all of them at once: Megatron's
 aux loss and z-loss, DPSL, the variance and orthogonality losses (coefficients in their
@@ -84,7 +85,8 @@ EVERYTHING = [
 
 
 def _count_training_loads(routers):
-    """Per router, the expert loads of every training forward (what Megatron's bias update counts)."""
+    """Per router, the expert loads of every training forward (what Megatron's bias update
+    counts)."""
     loads = {i: [] for i in range(len(routers))}
 
     def hook(index):

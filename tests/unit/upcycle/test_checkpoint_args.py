@@ -44,33 +44,102 @@ TREES = ("megatron/training", "megatron/legacy", "megatron/rl")
 
 VOCAB = 96  # HF models below and the dense GPT: NullTokenizer --vocab-size 95 (+1 eod) padded by 32
 MODEL = [
-    "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-attention-heads", "4",
-    "--group-query-attention", "--num-query-groups", "2", "--seq-length", "64", "--max-position-embeddings", "64",
-    "--position-embedding-type", "rope", "--no-position-embedding", "--rotary-base", "10000",
-    "--normalization", "RMSNorm", "--norm-epsilon", "1e-6", "--swiglu", "--disable-bias-linear",
-    "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
-]  # fmt: skip
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--ffn-hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--group-query-attention",
+    "--num-query-groups",
+    "2",
+    "--seq-length",
+    "64",
+    "--max-position-embeddings",
+    "64",
+    "--position-embedding-type",
+    "rope",
+    "--no-position-embedding",
+    "--rotary-base",
+    "10000",
+    "--normalization",
+    "RMSNorm",
+    "--norm-epsilon",
+    "1e-6",
+    "--swiglu",
+    "--disable-bias-linear",
+    "--attention-dropout",
+    "0.0",
+    "--hidden-dropout",
+    "0.0",
+]
 UNTIED = ["--untie-embeddings-and-output-weights"]
 QKV_BIAS = ["--add-qkv-bias"]
 MOE = [
-    "--num-experts", "8", "--moe-ffn-hidden-size", "32", "--moe-router-topk", "4",
-    "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2",
-    "--moe-token-dispatcher-type", "alltoall",
-]  # fmt: skip
+    "--num-experts",
+    "8",
+    "--moe-ffn-hidden-size",
+    "32",
+    "--moe-router-topk",
+    "4",
+    "--moe-router-load-balancing-type",
+    "aux_loss",
+    "--moe-aux-loss-coeff",
+    "1e-2",
+    "--moe-token-dispatcher-type",
+    "alltoall",
+]
 RUN = [
-    "--micro-batch-size", "1", "--global-batch-size", "8", "--lr", "1e-4", "--train-iters", "10",
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1), "--make-vocab-size-divisible-by", "32",
-    "--transformer-impl", "local", "--no-persist-layer-norm",
-]  # fmt: skip
+    "--micro-batch-size",
+    "1",
+    "--global-batch-size",
+    "8",
+    "--lr",
+    "1e-4",
+    "--train-iters",
+    "10",
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--vocab-size",
+    str(VOCAB - 1),
+    "--make-vocab-size-divisible-by",
+    "32",
+    "--transformer-impl",
+    "local",
+    "--no-persist-layer-norm",
+]
 # What shapes the model: after --use-checkpoint-args these must equal the full command line's.
 SHAPE_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "group_query_attention", "kv_channels", "max_position_embeddings", "position_embedding_type",
-    "add_position_embedding", "rotary_base", "rotary_percent", "rotary_interleaved", "add_bias_linear",
-    "add_qkv_bias", "swiglu", "squared_relu", "untie_embeddings_and_output_weights", "normalization",
-    "layernorm_zero_centered_gamma", "num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_layer_freq",
-    "moe_router_pre_softmax", "moe_router_score_function", "moe_shared_expert_intermediate_size",
-)  # fmt: skip
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "group_query_attention",
+    "kv_channels",
+    "max_position_embeddings",
+    "position_embedding_type",
+    "add_position_embedding",
+    "rotary_base",
+    "rotary_percent",
+    "rotary_interleaved",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "swiglu",
+    "squared_relu",
+    "untie_embeddings_and_output_weights",
+    "normalization",
+    "layernorm_zero_centered_gamma",
+    "num_experts",
+    "moe_ffn_hidden_size",
+    "moe_router_topk",
+    "moe_layer_freq",
+    "moe_router_pre_softmax",
+    "moe_router_score_function",
+    "moe_shared_expert_intermediate_size",
+)
 UPCYCLE = dict(num_experts=8, granularity=2, moe_router_topk=4, progress=False)
 # case (the source directory of the same name) -> the flags of its dense model
 CASES = {
@@ -84,8 +153,16 @@ CASES = {
 def _tiny_hf(kind: str, path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)  # fmt: skip
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+    )
     if kind == "llama":
         model = transformers.LlamaForCausalLM(
             transformers.LlamaConfig(**common, tie_word_embeddings=False)
@@ -98,8 +175,8 @@ def _tiny_hf(kind: str, path: Path) -> None:
 
 
 def fields_read_by(source: str, function: str, reader: str) -> set[str]:
-    """The field names ``function`` of checkpointing.py passes to its helper ``reader`` (``_compare``
-    or ``_set_arg``), read from the tag's source with ``ast``."""
+    """The field names ``function`` of checkpointing.py passes to its helper ``reader``
+    (``_compare`` or ``_set_arg``), read from the tag's source with ``ast``."""
     tree = ast.parse(source)
     fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
     names = set()
@@ -127,8 +204,13 @@ def report():
         _tiny_hf("qwen2", work / "hf_qwen2")
         # child_env: the child hosts its own one-rank store, not on the port an earlier test of this
         # pytest holds
-        proc = subprocess.run([sys.executable, __file__, str(root), str(work)], capture_output=True, text=True,
-                              env=child_env(PYTHONWARNINGS="ignore"), timeout=600)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, __file__, str(root), str(work)],
+            capture_output=True,
+            text=True,
+            env=child_env(PYTHONWARNINGS="ignore"),
+            timeout=600,
+        )
         if proc.returncode != 0:
             raise AssertionError(
                 f"child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -162,8 +244,8 @@ def test_use_checkpoint_args_rebuilds_the_model_flags(report, case):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_field_megatron_lm_reads_is_written(report, case):
-    """Each name that check_checkpoint_args and load_args_from_checkpoint of the tag read (taken from
-    its source, every branch) is in the output's args: no AttributeError, no silent default."""
+    """Each name that check_checkpoint_args and load_args_from_checkpoint of the tag read (taken
+    from its source, every branch) is in the output's args: no AttributeError, no silent default."""
     source = report["checkpointing_py"]
     compared = fields_read_by(source, "check_checkpoint_args", "_compare")
     copied = fields_read_by(source, "load_args_from_checkpoint", "_set_arg")
@@ -203,38 +285,64 @@ def test_written_values_for_rope_models(report):
 
 
 def test_complete_args_reads_what_the_shapes_decide():
-    """A GPT-2-like source (learned positions, LayerNorm, biases, tied, GELU) whose args give only the
-    head count: the rest comes from the tensors; present values are kept, nothing is guessed."""
+    """A GPT-2-like source (learned positions, LayerNorm, biases, tied, GELU) whose args give only
+    the head count: the rest comes from the tensors; present values are kept, nothing is guessed."""
     import argparse
 
     from megatron_dpsl.upcycle.megatron_args import complete_args
 
     shapes = {
-        "embedding.word_embeddings.weight": (50304, 32), "embedding.position_embeddings.weight": (1024, 32),
-        "decoder.final_layernorm.weight": (32,), "decoder.final_layernorm.bias": (32,),
-        "layer.self_attention.linear_qkv.weight": (96, 32), "layer.self_attention.linear_qkv.bias": (96,),
-        "layer.self_attention.linear_proj.weight": (32, 32), "layer.self_attention.linear_proj.bias": (32,),
-        "layer.mlp.linear_fc1.weight": (64, 32), "layer.mlp.linear_fc2.weight": (32, 64),
-    }  # fmt: skip
+        "embedding.word_embeddings.weight": (50304, 32),
+        "embedding.position_embeddings.weight": (1024, 32),
+        "decoder.final_layernorm.weight": (32,),
+        "decoder.final_layernorm.bias": (32,),
+        "layer.self_attention.linear_qkv.weight": (96, 32),
+        "layer.self_attention.linear_qkv.bias": (96,),
+        "layer.self_attention.linear_proj.weight": (32, 32),
+        "layer.self_attention.linear_proj.bias": (32,),
+        "layer.mlp.linear_fc1.weight": (64, 32),
+        "layer.mlp.linear_fc2.weight": (32, 64),
+    }
     source = argparse.Namespace(num_attention_heads=4, seq_length=77)
     args, filled = complete_args(
         source, shapes, num_layers=3, activation="gelu", dtype=torch.bfloat16
     )
     assert not hasattr(source, "kv_channels")  # the source's namespace is not modified
-    expected = dict(num_layers=3, hidden_size=32, ffn_hidden_size=64, kv_channels=8, num_query_groups=4,
-                    group_query_attention=False, position_embedding_type="learned_absolute",
-                    add_position_embedding=True, max_position_embeddings=1024, add_bias_linear=True,
-                    add_qkv_bias=True, swiglu=False, squared_relu=False, untie_embeddings_and_output_weights=False,
-                    normalization="LayerNorm", padded_vocab_size=50304, make_vocab_size_divisible_by=128,
-                    params_dtype=torch.bfloat16, bf16=True, seq_length=77)  # fmt: skip
+    expected = dict(
+        num_layers=3,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        kv_channels=8,
+        num_query_groups=4,
+        group_query_attention=False,
+        position_embedding_type="learned_absolute",
+        add_position_embedding=True,
+        max_position_embeddings=1024,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        swiglu=False,
+        squared_relu=False,
+        untie_embeddings_and_output_weights=False,
+        normalization="LayerNorm",
+        padded_vocab_size=50304,
+        make_vocab_size_divisible_by=128,
+        params_dtype=torch.bfloat16,
+        bf16=True,
+        seq_length=77,
+    )
     assert {k: getattr(args, k) for k in expected} == expected
     assert (
         "seq_length" not in filled
         and "num_attention_heads" not in filled
         and filled["kv_channels"] == 8
     )
-    rope, _ = complete_args(None, {k: v for k, v in shapes.items() if "position_embeddings" not in k},
-                            num_layers=3, activation="squared_relu", dtype=torch.float32)  # fmt: skip
+    rope, _ = complete_args(
+        None,
+        {k: v for k, v in shapes.items() if "position_embeddings" not in k},
+        num_layers=3,
+        activation="squared_relu",
+        dtype=torch.float32,
+    )
     assert (rope.position_embedding_type, rope.add_position_embedding, rope.rotary_base) == (
         "rope",
         False,
@@ -260,7 +368,8 @@ def _import_megatron_lm(root: str):
 
         typing.override = typing_extensions.override
     sys.path[:0] = [root]
-    import megatron  # namespace package: megatron.core from the wheel, megatron/training from ``root``
+    # namespace package: megatron.core from the wheel, megatron/training from ``root``
+    import megatron
 
     # replaced leaf: megatron/training/__init__.py (imports initialize.py -> Triton/GPU stack) is
     # not run; the package is registered bare and the names its submodules import from it are bound.
@@ -269,8 +378,16 @@ def _import_megatron_lm(root: str):
     sys.modules["megatron.training"] = megatron.training = pkg
     from megatron.training import global_vars
 
-    for name in ("get_args", "get_timers", "get_adlr_autoresume", "get_tokenizer", "get_tensorboard_writer",
-                 "get_wandb_writer", "get_one_logger", "get_signal_handler"):  # fmt: skip
+    for name in (
+        "get_args",
+        "get_timers",
+        "get_adlr_autoresume",
+        "get_tokenizer",
+        "get_tensorboard_writer",
+        "get_wandb_writer",
+        "get_one_logger",
+        "get_signal_handler",
+    ):
         setattr(pkg, name, getattr(global_vars, name))
     from megatron.training import utils
 

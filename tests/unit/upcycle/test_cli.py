@@ -61,9 +61,15 @@ def test_help_shows_a_text_and_the_default_of_every_flag(monkeypatch, capsys):
 
 @pytest.mark.parametrize(
     "n,text",
-    [(0, "0 B"), (1023, "1023 B"), (20 * 1024 + 100, "20.1 KiB"), (412 * 2**20 + 2**19, "412.5 MiB"),
-     (2**30 - 1, "1024.0 MiB"), (int(3.8 * 2**30), "3.80 GiB")],
-)  # fmt: skip
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (20 * 1024 + 100, "20.1 KiB"),
+        (412 * 2**20 + 2**19, "412.5 MiB"),
+        (2**30 - 1, "1024.0 MiB"),
+        (int(3.8 * 2**30), "3.80 GiB"),
+    ],
+)
 def test_sizes_below_a_gib_are_not_zero_gib(n, text):
     assert format_bytes(n) == text
 

@@ -109,8 +109,11 @@ def test_sweep_removes_only_what_is_provably_ours_and_dead(tmp_path):
     target = tmp_path / "moe"
     # a dead owner on this host: a real process that has exited, recorded like write_owner does
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    record = dict(vars(ownership.Owner.current(target)), pid=child.pid,
-                  start_ticks=ownership.process_start_ticks(child.pid))  # fmt: skip
+    record = dict(
+        vars(ownership.Owner.current(target)),
+        pid=child.pid,
+        start_ticks=ownership.process_start_ticks(child.pid),
+    )
     child.kill()
     child.wait()
     dead = _fake_leftover(tmp_path, ".moe.upcycle-tmp-dead0001", record)
@@ -149,8 +152,13 @@ def test_sweep_removes_only_what_is_provably_ours_and_dead(tmp_path):
         and f"({dead_size / 1024:.1f} KiB)" in report[dead.name].message()
     )
     assert f"pid {child.pid}" in report[dead.name].message()
-    for kept, why in [(other_host, "another host"), (rebooted, "reboot"), (unrecorded, "no owner record"),
-                      (aside, "moved aside by --force"), (elsewhere, "names another output")]:  # fmt: skip
+    for kept, why in [
+        (other_host, "another host"),
+        (rebooted, "reboot"),
+        (unrecorded, "no owner record"),
+        (aside, "moved aside by --force"),
+        (elsewhere, "names another output"),
+    ]:
         assert not report[kept.name].removed and why in report[kept.name].reason, report[kept.name]
         assert (kept / "release" / "__0_0.distcp").stat().st_size == 4096
     assert (
@@ -177,18 +185,35 @@ def test_reused_pid_counts_as_dead(tmp_path):
 
 
 def test_failed_conversion_leaves_nothing_and_names_the_flag(tmp_path, capsys):
-    """Bad input: status 2, an error naming the flag and what is allowed, and no output or temp dir."""
+    """Bad input: status 2, an error naming the flag and what is allowed, and no output or temp
+    dir."""
     src = write_tiny_hf_llama(tmp_path / "hf")
     cases = [
-        (["--num-experts", "6", "--granularity", "4"], "--num-experts 6 is not a multiple of --granularity 4"),
-        (["--num-experts", "4", "--moe-router-topk", "5"], "--moe-router-topk 5 must be in [1, --num-experts=4]"),
-        (["--num-experts", "6", "--granularity", "3", "--moe-router-topk", "3"],
-         "FFN hidden size 64 is not divisible by --granularity 3"),
-        (["--num-experts", "4", "--moe-layer-freq", "[1,0,1]"], "--moe-layer-freq has 3 entries; the source has 2"),
-        (["--num-experts", "4", "--activation", "gelu"], "--activation 'gelu' conflicts with the HF config"),
-        (["--num-experts", "4", "--weight-scaling", "exact", "--expert-noise-std", "0.1"],
-         "--weight-scaling exact cannot be exact here: --expert-noise-std"),
-    ]  # fmt: skip
+        (
+            ["--num-experts", "6", "--granularity", "4"],
+            "--num-experts 6 is not a multiple of --granularity 4",
+        ),
+        (
+            ["--num-experts", "4", "--moe-router-topk", "5"],
+            "--moe-router-topk 5 must be in [1, --num-experts=4]",
+        ),
+        (
+            ["--num-experts", "6", "--granularity", "3", "--moe-router-topk", "3"],
+            "FFN hidden size 64 is not divisible by --granularity 3",
+        ),
+        (
+            ["--num-experts", "4", "--moe-layer-freq", "[1,0,1]"],
+            "--moe-layer-freq has 3 entries; the source has 2",
+        ),
+        (
+            ["--num-experts", "4", "--activation", "gelu"],
+            "--activation 'gelu' conflicts with the HF config",
+        ),
+        (
+            ["--num-experts", "4", "--weight-scaling", "exact", "--expert-noise-std", "0.1"],
+            "--weight-scaling exact cannot be exact here: --expert-noise-std",
+        ),
+    ]
     for flags, message in cases:
         assert (
             main(["--source", str(src), "--output", str(tmp_path / "moe"), "--no-progress", *flags])

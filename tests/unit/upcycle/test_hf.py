@@ -83,7 +83,8 @@ def test_hf_dense_round_trip_and_exact_upcycling(megatron, tmp_path, kind):
     load_megatron_lm(moe, str(tmp_path / "moe"))
     d_moe = (gpt_logits(moe, TOKENS) - ref).abs().max().item()
     print(
-        f"{kind}: dense round trip {d_dense:.3e}, exact G=2 upcycle {d_moe:.3e} (|logits| max {ref.abs().max():.2f})"
+        f"{kind}: dense round trip {d_dense:.3e}, exact G=2 upcycle {d_moe:.3e} (|logits| max "
+        f"{ref.abs().max():.2f})"
     )
     assert d_dense <= HF_ATOL and d_moe <= HF_ATOL
 
@@ -144,8 +145,13 @@ def test_cpu_loading_recipe_of_the_docs(tmp_path, kind):
         )
         == 0
     )
-    load = run(str(repo / "examples" / "load_upcycled_cpu.py"), "--load", str(tmp_path / "moe"),
-               "--compare-hf", str(tmp_path / "hf"))  # fmt: skip
+    load = run(
+        str(repo / "examples" / "load_upcycled_cpu.py"),
+        "--load",
+        str(tmp_path / "moe"),
+        "--compare-hf",
+        str(tmp_path / "hf"),
+    )
     assert load.returncode == 0, load.stderr[-3000:]
     print(load.stdout)
     assert re.search(

@@ -16,6 +16,7 @@ from support.upcycle import (
     gpt_logits,
     load_megatron_lm,
     save_megatron_lm,
+    sharded_shapes,
 )
 
 # fp32 on CPU: the MoE path sums k weighted expert outputs whose probabilities sum to one up to
@@ -110,7 +111,8 @@ def test_exact_upcycling_gelu_bias_tied_matches_dense_logits(gelu_ckpt, tmp_path
 
 
 def test_mixed_layers_shared_expert_and_bare_dir(megatron, swiglu_ckpt, tmp_path):
-    """moe_layer_freq [0,1] (per-layer keys) + shared expert, from a bare dist_checkpointing dir without args."""
+    """moe_layer_freq [0,1] (per-layer keys) + shared expert, from a bare dist_checkpointing dir
+    without args."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
@@ -136,8 +138,11 @@ def test_mixed_layers_shared_expert_and_bare_dir(megatron, swiglu_ckpt, tmp_path
     assert out_args.moe_layer_freq == [0, 1] and out_args.moe_shared_expert_intermediate_size == 64
     # no args in the source: what the tensors show is filled in, the head count is not guessed
     assert (out_args.position_embedding_type, out_args.add_position_embedding) == ("rope", False)
-    assert (out_args.normalization, out_args.padded_vocab_size, out_args.untie_embeddings_and_output_weights) == (
-        "RMSNorm", 96, True)  # fmt: skip
+    assert (
+        out_args.normalization,
+        out_args.padded_vocab_size,
+        out_args.untie_embeddings_and_output_weights,
+    ) == ("RMSNorm", 96, True)
     assert not hasattr(out_args, "num_attention_heads") and not hasattr(out_args, "kv_channels")
     full = dense_args()  # the bare dir has no args: attention shapes come from the test's config
     for name in (
@@ -157,25 +162,13 @@ def test_mixed_layers_shared_expert_and_bare_dir(megatron, swiglu_ckpt, tmp_path
     assert diff <= EXACT_ATOL
 
 
-def _sharded_shapes(model):
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
-
-    out = {}
-    for v in model.sharded_state_dict(metadata={"singleton_local_shards": False}).values():
-        for built in v.build() if isinstance(v, ShardedTensorFactory) else [v]:
-            for sh in built if isinstance(built, (list, tuple)) else [built]:
-                name = sh.unique_key if isinstance(sh, ShardedObject) else sh.key
-                out[name] = None if isinstance(sh, ShardedObject) else tuple(sh.global_shape)
-    return out
-
-
 @pytest.mark.parametrize("extra", [{}, {"shared_expert": True, "moe_layer_freq": "[1,0]"}])
 def test_written_keys_and_shapes_are_the_moe_models(swiglu_ckpt, tmp_path, extra):
     from megatron_dpsl.upcycle.dcp_io import DcpReader
 
     src, _, _ = swiglu_ckpt
     _upcycle(src, tmp_path / "moe", num_experts=4, moe_router_topk=2, **extra)
-    model_shapes = _sharded_shapes(build_gpt(_args_of(tmp_path / "moe")))
+    model_shapes = sharded_shapes(build_gpt(_args_of(tmp_path / "moe")))
     reader = DcpReader(tmp_path / "moe" / "release")
     written = {k: tuple(s) for k, (s, _) in reader.tensor_entries().items()}
     written.update({k: None for k in reader.object_entries()})
@@ -224,7 +217,8 @@ def test_he2024_reproduces_megatron_runtime_upcycling(megatron, swiglu_ckpt, tmp
 
 
 def test_converted_checkpoint_trains_ep1(megatron, swiglu_ckpt, tmp_path):
-    """Load into an MoE GPTModel with the DPSL router (TopKRouter if the plugin router is absent) and train."""
+    """Load into an MoE GPTModel with the DPSL router (TopKRouter if the plugin router is absent)
+    and train."""
     from support.upcycle import moe_training_model, train_steps
 
     src, _, _ = swiglu_ckpt
@@ -370,7 +364,8 @@ def test_atomic_write_force_and_interrupt(swiglu_ckpt, tmp_path, monkeypatch):
 
 
 def test_output_that_is_or_contains_the_source_is_refused(swiglu_ckpt, tmp_path):
-    """--force on an output that is (or contains) the source would replace, i.e. delete, the source."""
+    """--force on an output that is (or contains) the source would replace, i.e. delete, the
+    source."""
     import shutil
 
     from megatron_dpsl.upcycle import UpcycleError
@@ -385,7 +380,8 @@ def test_output_that_is_or_contains_the_source_is_refused(swiglu_ckpt, tmp_path)
 
 
 def test_atomic_directory_dangling_symlink_and_failed_commit(tmp_path, monkeypatch):
-    """A dangling symlink counts as an existing target; a failed final rename leaves the target as it was."""
+    """A dangling symlink counts as an existing target; a failed final rename leaves the target as
+    it was."""
     import os
 
     from megatron_dpsl.upcycle import UpcycleError
@@ -417,7 +413,8 @@ def test_atomic_directory_dangling_symlink_and_failed_commit(tmp_path, monkeypat
 
 
 def test_keys_under_a_model_prefix(megatron, swiglu_ckpt, tmp_path):
-    """On-disk keys under a prefix (``model.decoder...``) are found; output keys are Megatron's own."""
+    """On-disk keys under a prefix (``model.decoder...``) are found; output keys are Megatron's
+    own."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 

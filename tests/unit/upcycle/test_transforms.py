@@ -1,4 +1,5 @@
-"""Pure tensor math of upcycling (no Megatron): splitting, scaling, routing, noise, Drop-Upcycling, options."""
+"""Pure tensor math of upcycling (no Megatron): splitting, scaling, routing, noise, Drop-Upcycling,
+options."""
 
 import math
 
@@ -102,7 +103,8 @@ def test_exact_scaling_preserves_the_dense_function(gated, act, bias, G, E, k):
 
 
 def test_without_scaling_granular_moe_is_dense_over_G():
-    """The reason for --weight-scaling: unscaled, a granular MoE outputs FFN(x)/G (He et al. 2024)."""
+    """The reason for --weight-scaling: unscaled, a granular MoE outputs FFN(x)/G (He et al.
+    2024)."""
     G, E, k = 4, 16, 8
     mlp = {n: t.double() for n, t in dense_mlp(True).items()}
     experts = upcycle_experts(

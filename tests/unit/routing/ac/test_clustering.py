@@ -1,5 +1,5 @@
-"""AC feature weights (megatron_dpsl.routing.ac.clustering) against plain float64 loops, the official code's
-formula, and the split into two reducible passes. torch only (no Megatron)."""
+"""AC feature weights (megatron_dpsl.routing.ac.clustering) against plain float64 loops, the
+official code's formula, and the split into two reducible passes. torch only (no Megatron)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ N, H, E = 40, 6, 5
 
 
 def data(seed=0, n=N, empty=(3,), unassigned=4):
-    """hidden [n, H] float64, clusters [n] with the ``empty`` experts unused and ``unassigned`` tokens at -1."""
+    """hidden [n, H] float64, clusters [n] with the ``empty`` experts unused and ``unassigned``
+    tokens at -1."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, H, generator=g, dtype=torch.float64) * torch.linspace(
         0.2, 3.0, H, dtype=torch.float64
@@ -31,7 +32,8 @@ def data(seed=0, n=N, empty=(3,), unassigned=4):
 
 
 def plain_weights(hidden, clusters, num_experts, eps, clip, norm):
-    """The module docstring's formulas, one cluster at a time (independent of the implementation)."""
+    """The module docstring's formulas, one cluster at a time (independent of the
+    implementation)."""
     ks = [k for k in range(num_experts) if (clusters == k).any()]
     w = {}
     for k in ks:
@@ -69,9 +71,10 @@ def test_weights_match_plain_float64_loops(norm, clip):
 
 @pytest.mark.filterwarnings("ignore:index_reduce")  # the official code's call; beta in torch
 def test_matches_official_language_model_code_when_every_cluster_has_tokens():
-    """``compute_W_var`` with ``--use-var --mad`` (Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts,
-    language-modeling/custom_gates.py), restated: index_reduce means, 1/(MAD+1e-4), clamp at
-    10·mean, divide by the mean over clusters; equal to ours when no cluster is empty."""
+    """``compute_W_var`` with ``--use-var --mad``
+    (Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts, language-modeling/custom_gates.py),
+    restated: index_reduce means, 1/(MAD+1e-4), clamp at 10·mean, divide by the mean over clusters;
+    equal to ours when no cluster is empty."""
     hidden, clusters = data(empty=(), unassigned=0)
     k = int(clusters.max()) + 1
     mean = torch.zeros(k, H, dtype=torch.float64).index_reduce(
@@ -134,7 +137,8 @@ def test_normalisations_have_mean_one(norm):
 
 
 def test_two_passes_summed_over_shards_equal_one_process():
-    """What the router's all-reduce does: per-shard partial sums, added, give the unsharded weights."""
+    """What the router's all-reduce does: per-shard partial sums, added, give the unsharded
+    weights."""
     hidden, clusters = data(n=60)
     shards = [slice(0, 17), slice(17, 40), slice(40, 60)]  # unequal on purpose
     counts = sum(cluster_sums(hidden[s], clusters[s], E)[0] for s in shards)

@@ -1,5 +1,6 @@
-"""ACRouter in one process: AC gating against TopKRouter on reweighted tokens, AC + DPSL, the hand-over
-between layers (micro-batches, pipeline-stage boundary, activation recompute), specs, GPTModel.
+"""ACRouter in one process: AC gating against TopKRouter on reweighted tokens, AC + DPSL, the
+hand-over between layers (micro-batches, pipeline-stage boundary, activation recompute), specs,
+GPTModel.
 
 Real Megatron modules (TopKRouter, MoELayer, TransformerBlock, GPTModel, tensor_parallel.checkpoint)
 on CPU with the shims of tests/megatron_cpu.py.
@@ -134,7 +135,8 @@ def test_standard_layers_route_like_topk_router_and_publish_top1():
     ids=["softmax", "sigmoid_bias", "fp32_router", "cluster_noclip", "global_clip1.5"],
 )
 def test_ac_layer_is_topk_router_on_reweighted_tokens(over):
-    """Layer 2 routes exactly like TopKRouter fed m ⊙ h, m from layer 1's top-1 (forward and backward)."""
+    """Layer 2 routes exactly like TopKRouter fed m ⊙ h, m from layer 1's top-1 (forward and
+    backward)."""
     cfg = make_config(**over)
     (r1, r2), state = ac_routers(cfg, [1, 2])
     x1, x2 = hidden(seed=1), hidden(seed=2).requires_grad_(True)
@@ -328,7 +330,8 @@ def test_non_reentrant_checkpoint_is_refused_loudly():
 
 # ---------------------------------------------------------------- specs
 def spec_router(layer_spec):
-    """``MoESubmodules.router`` of a GPT layer spec: megatron-core 0.16 ``ModuleSpec(MoELayer, submodules=...)``,
+    """``MoESubmodules.router`` of a GPT layer spec: megatron-core 0.16 ``ModuleSpec(MoELayer,
+    submodules=...)``,
     0.19 ``functools.partial(MoELayer, submodules=...)``."""
     mlp = layer_spec.submodules.mlp
     return (
@@ -431,7 +434,8 @@ RECOMPUTE = {
 
 
 def _grads_two_micro_batches(model, interleave):
-    """Forward A, forward B, backward A, backward B (pipeline-like) or A then B; summed grads, outputs."""
+    """Forward A, forward B, backward A, backward B (pipeline-like) or A then B; summed grads,
+    outputs."""
     outs, losses = [], []
     batches = [batch(1), batch(2)]
     if interleave:
