@@ -48,6 +48,7 @@ import sys
 import time
 
 from megatron_dpsl.train import quickstart as qs
+from megatron_dpsl.train.flag_checks import check_number
 
 ALPHA = 1.0  # symmetric prior of the DPSL runs (DPSLTransformerConfig's default)
 ALPHA_BASE, ALPHA_SHIFT = 0.75, 0.5  # modality priors (paper Sec. 3.4; the quickstart's)
@@ -115,6 +116,14 @@ def method_runs(a: argparse.Namespace) -> dict[str, list]:
     }
 
 
+REPORT_FILES = ("summary.json", "table.md", "compare_usage.png", "compare_curves.png")
+
+
+def check_flags(a: argparse.Namespace) -> None:
+    """This example's own flag (the launch flags are ``quickstart.check_launch_args``'s)."""
+    check_number("--dpsl-coeff", a.dpsl_coeff, 0)
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process and its waited-for descendants (torchrun and its
     workers)."""
@@ -166,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     a = build_parser().parse_args(argv)
     t_start = time.time()
-    qs.check_plot_dependencies("compare_routers")
     plan = qs.make_plan(a, method_runs(a))
+    qs.prepare_launch(plan, a, "compare_routers", REPORT_FILES, checks=(check_flags,))
     meta = qs.run_plan(plan, a, t_start)
     report = write_report(plan["out"], qs.run_names(plan))
     summary = {

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_dpsl.config.ac import WEIGHT_NORMS
 from megatron_dpsl.config.load_balancing import (
     AUX_LOSS_COEFF_FIELD,
     DPSL_TYPE,
@@ -40,9 +41,8 @@ from megatron_dpsl.config.load_balancing import (
     plugin_types_in,
     split_load_balancing,
 )
+from megatron_dpsl.config.moe_layers import moe_layer_numbers
 from megatron_dpsl.losses.priors import num_prior_groups, resolve_alpha
-from megatron_dpsl.routing.ac.clustering import WEIGHT_NORMS
-from megatron_dpsl.routing.ac.state import moe_layer_numbers
 
 DEFAULT_DPSL_COEFF = 0.01
 
@@ -122,13 +122,14 @@ class DPSLTransformerConfig(TransformerConfig):
     code: 1e-4)."""
 
     moe_ac_clip: float | None = 10.0
-    """Cap on the AC feature weights, as a multiple of their mean (official language-model code: 10;
-    Swin code: 1.5). ``None``: no cap."""
+    """Cap on the AC feature weights, as a multiple of their mean before the cap (official
+    language-model code: 10; Swin code: 1.5). ``None``: no cap."""
 
     moe_ac_weight_norm: str = "feature"
     """How the AC weights are normalised: ``"feature"`` (each feature has mean weight 1 over the
     clusters; official language-model code), ``"cluster"`` (each cluster's weights have mean 1 over
-    the features) or ``"global"`` (overall mean 1; official Swin code)."""
+    the features) or ``"global"`` (all weights divided by their mean before the cap; with
+    ``moe_ac_clip=1.5`` the official Swin code's ``compute_cosa``)."""
 
     moe_variance_loss_form: str = "paper"
     """What the ``"variance"`` load-balancing type adds (Guo et al. 2025; docs/regularizers.md).

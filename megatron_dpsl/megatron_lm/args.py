@@ -307,7 +307,7 @@ def _add_ac_args(parser: argparse.ArgumentParser) -> None:
     """The Adaptive-Clustering router flags (idempotent); values are checked by the config."""
     if _find_action(parser, "moe_ac_layers") is not None:
         return
-    from megatron_dpsl.routing.ac.clustering import WEIGHT_NORMS
+    from megatron_dpsl.config.ac import WEIGHT_NORMS
 
     group = parser.add_argument_group(
         title="adaptive clustering router",
@@ -343,9 +343,9 @@ def _add_ac_args(parser: argparse.ArgumentParser) -> None:
         type=_clip,
         default=None,
         metavar="FLOAT_OR_NONE",
-        help="Cap on the AC feature weights as a multiple of their mean (config default 10, the "
-        "official "
-        "language-model code; its Swin code uses 1.5); 'none' disables the cap.",
+        help="Cap on the AC feature weights as a multiple of their mean before the cap (config "
+        "default 10, the official language-model code; its Swin code uses 1.5); 'none' disables "
+        "the cap.",
     )
     group.add_argument(
         "--moe-ac-weight-norm",
@@ -353,10 +353,10 @@ def _add_ac_args(parser: argparse.ArgumentParser) -> None:
         choices=list(WEIGHT_NORMS),
         default=None,
         help="Normalisation of the AC weights (config default feature): feature = each feature's "
-        "weights "
-        "average 1 over the clusters (official language-model code); cluster = each cluster's "
-        "weights "
-        "average 1 over the features; global = overall mean 1 (official Swin code).",
+        "weights average 1 over the clusters (official language-model code); cluster = each "
+        "cluster's weights average 1 over the features; global = all weights divided by their "
+        "mean before the cap (official Swin code's compute_cosa; with --moe-ac-clip 1.5 it is "
+        "that recipe).",
     )
 
 

@@ -134,6 +134,28 @@ def llava_token_layout(
     return LLaVATokenLayout(is_image=is_image, is_pad=is_pad)
 
 
+def with_valid_lengths(layout: LLaVATokenLayout, cu_seqlens: torch.Tensor) -> LLaVATokenLayout:
+    """``layout`` with every row past its sample's valid length flagged as padding.
+
+    Megatron-LM's VLM ``get_batch`` pads the *text* so that the combined sequence divides the SP/CP
+    shard factor and passes each sample's valid combined length as ``cu_seqlens_q`` (sbhd
+    ``PackedSeqParams``, ``[b + 1]`` cumulative): those padded text rows are no text.
+
+    Args:
+        layout: from ``llava_token_layout``, ``[b, S]``.
+        cu_seqlens: ``[b + 1]`` int cumulative valid lengths (``cu_seqlens_q``).
+    """
+    valid = (cu_seqlens[1:] - cu_seqlens[:-1]).to(layout.is_pad.device).long()  # [b]
+    if valid.numel() != layout.is_pad.shape[0]:
+        raise ValueError(
+            f"LLaVA inputs: packed_seq_params.cu_seqlens_q gives {valid.numel()} samples, "
+            f"input_ids has {layout.is_pad.shape[0]} rows"
+        )
+    positions = torch.arange(layout.is_pad.shape[1], device=valid.device)
+    is_pad = layout.is_pad | (positions[None, :] >= valid[:, None])
+    return LLaVATokenLayout(is_image=layout.is_image & ~is_pad, is_pad=is_pad)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModalityGroups:
     """How the combined sequence's rows map to DPSL token groups (rows of the ``[G, E]`` prior).

@@ -28,6 +28,7 @@ from megatron_dpsl.models.llava_modality import (
     check_image_inputs,
     check_image_token_index,
     llava_token_layout,
+    with_valid_lengths,
 )
 from megatron_dpsl.parallel.token_groups import reset_dpsl_token_groups, set_dpsl_token_groups
 
@@ -85,6 +86,35 @@ def _shard_factor(llava) -> int:
     return factor * tp if llava.sequence_parallel_lm else factor
 
 
+# megatron-core 0.19's forward arguments whose layout the modality ids do not follow yet
+_UNFOLLOWED = {
+    "imgs_sizes": "dynamic resolution",
+    "num_frames": "video frames",
+    "sound_clips": "sound",
+}
+
+
+def _check_call(llava, call: dict) -> None:
+    """One-line errors for forwards whose combined sequence the ids cannot describe."""
+    if call.get("input_ids") is None:
+        raise ValueError(
+            "LLaVA token groups: this forward got no input_ids (a pipeline stage without data?); "
+            "the modality ids are computed from them"
+        )
+    for name, what in _UNFOLLOWED.items():
+        if call.get(name) is not None:
+            raise ValueError(
+                f"LLaVA token groups: {name}= ({what}) is not followed by the modality ids yet; "
+                "detach the hook (build_llava_model(..., token_groups=None)) to run without them"
+            )
+    packed = call.get("packed_seq_params")
+    if packed is not None and packed.qkv_format == "thd" and llava.context_parallel_lm > 1:
+        raise ValueError(
+            "LLaVA token groups: THD (packed) sequences with context parallelism are not followed "
+            "by the modality ids yet (TE slices them for CP); use sbhd"
+        )
+
+
 class _Hook:
     """Pre-hook: this call's layout -> ``set_dpsl_token_groups(ids, padding_mask=pad)``; post-hook:
     the previous ids back. A recompute in the backward pass replays the ids its checkpoint recorded
@@ -113,6 +143,7 @@ class _Hook:
 
     def ids(self, llava, call: dict, task_ids: torch.Tensor | None):
         """``([b, S] long ids, [b, S] bool padding)`` for one forward call's bound arguments."""
+        _check_call(llava, call)
         input_ids, images = call["input_ids"], call.get("images")
         tiles, index = call.get("num_image_tiles"), call.get("image_token_index")
         if index is None:
@@ -132,6 +163,9 @@ class _Hook:
             pad_to_max_length=llava._language_is_pipeline_parallel,
             shard_factor=_shard_factor(llava),
         )
+        packed = call.get("packed_seq_params")
+        if packed is not None and packed.qkv_format == "sbhd" and packed.cu_seqlens_q is not None:
+            layout = with_valid_lengths(layout, packed.cu_seqlens_q)
         return self.groups.group_ids(layout, task_ids), layout.is_pad
 
 

@@ -32,12 +32,13 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 
+from megatron_dpsl.train import out_dir
+from megatron_dpsl.train.flag_checks import check_number
 from megatron_dpsl.train.trainer import free_port  # stdlib-only at import time, like this module
 
 GROUP_NAMES = ("code", "prose")
@@ -216,6 +217,13 @@ def dpsl_modality_run(lam: float, alpha_base: float, alpha_shift: float) -> list
     ]
 
 
+# --out's entries every launch writes besides runs/<name> (the caller adds its report files)
+STAGE_OUTPUTS = ("plan.json", "corpus", "dense", "moe_init", "moe_init.done", "moe_init.failed")
+REPORT_FILES = ("summary.json", "table.md") + tuple(
+    f"quickstart_{n}.png" for n in ("histograms", "curves", "usage")
+)
+
+
 def make_plan(a: argparse.Namespace, runs: dict[str, list]) -> dict:
     """The stages of one launch: dense, upcycle, then one MoE run per ``runs`` entry (name -> extra
     flags)."""
@@ -241,7 +249,13 @@ def make_plan(a: argparse.Namespace, runs: dict[str, list]) -> dict:
     for s in stages:
         if "argv" in s:
             s["argv"] = [str(x) for x in s["argv"]]
-    return {"out": out, "stages": stages, "corpus_meta": os.path.join(out, "corpus", "meta.json")}
+    return {
+        "out": out,
+        "stages": stages,
+        "corpus_meta": os.path.join(out, "corpus", "meta.json"),
+        # what the launch writes under --out (out_dir.claim records it; nothing else is touched)
+        "outputs": [*STAGE_OUTPUTS, *(f"runs/{name}" for name in runs)],
+    }
 
 
 def build_plan(a: argparse.Namespace) -> dict:
@@ -472,7 +486,14 @@ def add_launch_args(
     p.add_argument(
         "--out",
         default=out,
-        help="output directory (its dense/, moe_init/, runs/ and corpus/ are replaced)",
+        help="output directory: new, empty, or one this launch wrote before (its outputs there are "
+        "replaced; files it did not write never are)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out the quickstart did not create, beside its files (an "
+        "existing path named like an output is still refused, never replaced)",
     )
     p.add_argument("--tiny", action="store_true", help=tiny_help)
     p.add_argument("--nproc", type=int, default=2, help="ranks (EP = 2 needs 2)")
@@ -517,6 +538,75 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # run_plan's torchrun ranks
     return p
+
+
+# ---------------------------------------------------------------------------------------------
+# up-front checks: every stage's flags, in this process, before anything runs or is removed
+
+
+def check_launch_args(a: argparse.Namespace) -> None:
+    """The flags of ``add_launch_args``; ValueError naming the flag."""
+    check_number("--nproc", a.nproc, 2, integer=True, note="the MoE runs use expert parallelism 2")
+    for flag, value in (
+        ("--dense-iters", a.dense_iters),
+        ("--moe-iters", a.moe_iters),
+        ("--corpus-bytes", a.corpus_bytes),
+    ):
+        if value is not None:
+            check_number(flag, value, 1, integer=True)
+    check_number("--seed", a.seed, 0, 2**32 - 1, integer=True, note="NumPy's seed range")
+
+
+def check_quickstart_flags(a: argparse.Namespace) -> None:
+    """The quickstart's DPSL flags, by the priors' own validator under the user's flag names."""
+    from megatron_dpsl.losses.priors import resolve_alpha
+
+    check_number("--dpsl-coeff", a.dpsl_coeff, 0)
+    resolve_alpha(NUM_EXPERTS, alpha=a.alpha, names={"alpha": "--alpha"})
+    resolve_alpha(
+        NUM_EXPERTS,
+        alpha_base=a.alpha_base,
+        alpha_shift=a.alpha_shift,
+        num_groups=len(GROUP_NAMES),
+        names={"alpha_base": "--alpha-base", "alpha_shift": "--alpha-shift"},
+    )
+
+
+def check_plan(plan: dict, nproc: int) -> None:
+    """Every training stage's trainer flags, parsed and validated as its ``nproc`` workers will."""
+    from megatron_dpsl.megatron_lm.args import check_given_flags
+    from megatron_dpsl.train.arguments import parse_args, validate_args
+
+    for stage in plan["stages"]:
+        if stage["kind"] != "train":
+            continue
+        try:
+            args = validate_args(parse_args(stage["argv"]), nproc)
+            check_given_flags(args)
+        except ValueError as err:
+            raise ValueError(
+                f"--nproc {nproc}: the {stage['name']} stage cannot run: {err}"
+            ) from None
+
+
+def prepare_launch(
+    plan: dict, a: argparse.Namespace, prog: str, report_files=REPORT_FILES, checks=()
+) -> None:
+    """Before anything runs: check every flag (``checks``: more callables of ``a``), the plotting
+    packages, then claim ``--out`` for the plan's outputs and ``report_files`` (``out_dir.claim``).
+
+    Bad input prints one line naming the flag and exits with code 2, as argparse does.
+    """
+    try:
+        check_launch_args(a)
+        for check in checks:
+            check(a)
+        check_plan(plan, a.nproc)
+        check_plot_dependencies(prog)
+        out_dir.claim(plan["out"], [*plan["outputs"], *report_files], force=a.force)
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def _run_upcycle(plan: dict, alive) -> None:
@@ -571,15 +661,11 @@ def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
     """Run every stage of ``plan`` in one torchrun launch of ``a.nproc`` ranks; returns the corpus
     metadata.
 
-    Replaces the stage outputs under ``plan["out"]``; builds the corpus and runs the converter in
-    this process while the workers import and train. SystemExit if the workers fail.
+    Call ``prepare_launch`` first: it checks the flags and claims ``--out`` (this removes nothing).
+    Builds the corpus and runs the converter in this process while the workers import and train.
+    SystemExit if the workers fail.
     """
     out = plan["out"]
-    for sub in ("dense", "moe_init", "runs", "corpus"):
-        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
-    for marker in ("moe_init.done", "moe_init.failed"):
-        if os.path.exists(os.path.join(out, marker)):
-            os.remove(os.path.join(out, marker))
     os.makedirs(out, exist_ok=True)
 
     plan["t0"] = t_start
@@ -658,8 +744,8 @@ def main(argv=None) -> dict:
         _worker(a.worker)
         return {}
     t_start = time.time()
-    check_plot_dependencies("quickstart")
     plan = build_plan(a)
+    prepare_launch(plan, a, "quickstart", checks=(check_quickstart_flags,))
     out = plan["out"]
     meta = run_plan(plan, a, t_start)
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from megatron_dpsl.upcycle.errors import UpcycleError
 from megatron_dpsl.upcycle.pieces import Piece
+from megatron_dpsl.upcycle.source import LayerWeights
 
 LM_PREFIX = "language_model."
 VISION_PREFIX = "vision_model."
@@ -156,6 +157,27 @@ def _check_args(info: VisionInfo, args, where) -> None:
     check_image_size(info, info.img_h, info.img_w, f"{where}: args.img_h/img_w")
 
 
+def norm_aliases(w: LayerWeights) -> LayerWeights:
+    """A language-model layer's norms under the names of every LLaVA language spec.
+
+    Megatron-Core's ``decoder_model_with_local_default_spec`` (upstream ``pretrain_vlm.py``) maps
+    no keys: ``input_layernorm.*`` and ``pre_mlp_layernorm.*``; the GPT local spec (the plugin's
+    builder) and the TE specs say ``self_attention.linear_qkv.layer_norm_*`` and
+    ``mlp.linear_fc1.layer_norm_*``. The input norm is written under both names; the pre-MLP norm
+    goes to the MLP, which an MoE layer writes under both (layers.py). A load ignores the names its
+    model does not ask for.
+    """
+    for kind in ("weight", "bias"):
+        plain, fused = f"input_layernorm.{kind}", f"self_attention.linear_qkv.layer_norm_{kind}"
+        norm = w.other.get(plain, w.other.get(fused))
+        if norm is not None:
+            w.other[plain] = w.other[fused] = norm
+        pre = w.other.pop(f"pre_mlp_layernorm.{kind}", None)
+        if pre is not None:
+            w.mlp.setdefault(f"linear_fc1.layer_norm_{kind}", pre)
+    return w
+
+
 class LlavaSource:
     """A dense LLaVA: the language model's :class:`~megatron_dpsl.upcycle.source.DenseSource`
     plus the vision encoder and projector, copied unchanged.
@@ -191,7 +213,7 @@ class LlavaSource:
         return pieces
 
     def read_layer(self, layer: int, meta: bool = False):
-        return self.lm.read_layer(layer, meta=meta)
+        return norm_aliases(self.lm.read_layer(layer, meta=meta))
 
     def output_key(self, key: str) -> str:
         """Sharded key in the LLaVA checkpoint of a key this source yields."""

@@ -187,3 +187,31 @@ def save_legacy(model, save_dir, args, iteration=3, tp_rank=0):
     if tp_rank == 0:
         with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
             f.write(str(iteration))
+
+
+def build_plugin_llava(args, **dpsl):
+    """The same LLaVA from the plugin's ``build_llava_model`` (GPT local spec, ``DPSLRouter``,
+    modality ids on every forward); ``dpsl``: ``DPSLTransformerConfig`` fields for the router."""
+    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
+    from megatron_dpsl.models.vlm import build_llava_model
+    from support.megatron_cpu import llava_construction
+
+    base = transformer_config(args)
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
+    fields.update(moe_router_load_balancing_type="dpsl", moe_dpsl_coeff=0.01, **dpsl)
+    vit, proj = vision_configs(args, base)
+    with llava_construction():
+        return build_llava_model(
+            DPSLTransformerConfig(**fields),
+            vit,
+            vocab_size=args.padded_vocab_size,
+            max_sequence_length=args.max_position_embeddings,
+            vision_projection_config=proj,
+            img_h=args.img_h,
+            img_w=args.img_w,
+            patch_dim=args.patch_dim,
+            drop_vision_class_token=args.disable_vision_class_token,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            language_position_embedding_type="rope",
+            language_rotary_base=args.rotary_base,
+        )

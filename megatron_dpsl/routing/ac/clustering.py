@@ -9,11 +9,12 @@ weight (``-1``: no cluster, e.g. a padding token). With ``n_k`` the size of clus
 - ``μ_k = (1/n_k) Σ_{c(t)=k} h_t`` and ``s_k = (1/n_k) Σ_{c(t)=k} |h_t − μ_k|``: per-feature mean
   and mean absolute deviation (MAD) of each cluster, ``[E, H]``;
 - ``W = 1 / (s + eps)``: large where the cluster is tight;
-- ``W = min(W, clip · mean(W))``: no feature dominates because one cluster happens to be constant on
-  it;
-- ``W = W / norm(W)``: ``"feature"`` divides each feature by its mean over clusters (each column has
-  mean 1; the official language-model code), ``"cluster"`` each cluster by its mean over features
-  (each ``M_k`` has mean 1), ``"global"`` everything by the overall mean (the official Swin code);
+- ``W̄ = mean(W)`` (before the clip) and ``W = min(W, clip · W̄)``: no feature dominates because
+  one cluster happens to be constant on it;
+- ``W = W / norm(W)``: ``"feature"`` divides each feature by its mean over clusters after the clip
+  (each column has mean 1; the official language-model code), ``"cluster"`` each cluster by its
+  mean over features after the clip (each ``M_k`` has mean 1), ``"global"`` everything by the
+  pre-clip ``W̄`` (the official Swin code's ``compute_cosa``: mean 1 only when the clip is inactive);
 - ``m_t = W[c(t)]`` ``[N, H]`` (``1`` for tokens without a cluster): the router scores ``m_t ⊙
   h_t``.
 
@@ -33,8 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-WEIGHT_NORMS = ("feature", "cluster", "global")
-"""Values of ``DPSLTransformerConfig.moe_ac_weight_norm`` (see the module docstring)."""
+from megatron_dpsl.config.ac import WEIGHT_NORMS
 
 
 def _rows(clusters: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -95,15 +95,17 @@ def feature_weights(
     w = 1.0 / (mad + eps)
     rows = nonempty.unsqueeze(1).to(w.dtype)  # [E, 1]: 1 for clusters that have tokens
     num_rows = rows.sum().clamp(min=1)
-    num_features = w.shape[1]
+    # the mean before the clip: the clip's reference in every recipe, and "global"'s divisor (the
+    # official Swin code divides by this same pre-clip mean, not by the clipped weights' mean)
+    w_mean = (w * rows).sum() / (num_rows * w.shape[1])
     if clip is not None:
-        w = torch.minimum(w, clip * (w * rows).sum() / (num_rows * num_features))
+        w = torch.minimum(w, clip * w_mean)
     if norm == "feature":
         w = w / ((w * rows).sum(0, keepdim=True) / num_rows)
     elif norm == "cluster":
         w = w / w.mean(1, keepdim=True)
     else:
-        w = w / ((w * rows).sum() / (num_rows * num_features))
+        w = w / w_mean
     return torch.where(nonempty.unsqueeze(1), w, torch.ones_like(w))
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core.transformer.moe import moe_utils
 
+from megatron_dpsl.config.moe_layers import moe_layer_numbers, previous_moe_layer
 from megatron_dpsl.parallel.token_gather import TokenSum
 from megatron_dpsl.routing.ac.clustering import adaptive_clustering_weights, token_scales
 from megatron_dpsl.routing.ac.state import (
@@ -37,8 +38,6 @@ from megatron_dpsl.routing.ac.state import (
     ForwardPhase,
     ReplayEntry,
     forward_phase,
-    moe_layer_numbers,
-    previous_moe_layer,
 )
 from megatron_dpsl.routing.router import DPSLRouter
 

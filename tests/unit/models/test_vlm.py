@@ -361,3 +361,44 @@ def test_hook_finds_the_model_inside_ddp_and_task_ids_pass_through():
     handle.remove()
     with pytest.raises(TypeError, match="dpsl_task_ids"):  # no hook: LLaVAModel itself refuses it
         _forward(ddp, images, input_ids, tiles, 15, dpsl_task_ids=torch.tensor([0, 1, 0]))
+
+
+def test_text_padding_of_megatron_lm_get_batch_is_flagged():
+    """pretrain_vlm's get_batch pads the text so the combined length divides the SP/CP factor and
+    gives each sample's valid length in ``packed_seq_params`` (sbhd): those rows are padding."""
+    from megatron.core.models.multimodal.context_parallel import get_packed_seq_params
+
+    from megatron_dpsl.models.llava_token_groups import attach_llava_token_groups
+    from megatron_dpsl.parallel.token_groups import get_dpsl_token_groups
+
+    model = _build(token_groups=None)
+    handle = attach_llava_token_groups(model)
+    pad_text = 3  # what context_parallel.get_padding asked for, as zeros after the text
+    input_ids = torch.tensor([[IMG, 5, 6, 7, 0, 0, 0], [IMG, 8, 9, 10, 0, 0, 0]])
+    images = torch.randn(2, 3, IMG_SIZE, IMG_SIZE)
+    # get_batch's own call (img_seq_len there: image rows minus the image tokens)
+    packed = get_packed_seq_params(input_ids, model.img_seq_len - 1, pad_text, cp_size=1)
+    assert packed.qkv_format == "sbhd"
+    handle.hook.before(model, (images, input_ids, None, None), {"packed_seq_params": packed})
+    groups = get_dpsl_token_groups()
+    handle.hook.after(model, None, None)
+    combined = 7 + model.img_seq_len - 1
+    expected_pad = torch.zeros(2, combined, dtype=torch.bool)
+    expected_pad[:, combined - pad_text :] = True
+    assert torch.equal(groups.padding_mask, expected_pad)
+    expected_ids = torch.ones(2, combined, dtype=torch.long)
+    expected_ids[:, : model.img_seq_len] = 0
+    assert torch.equal(groups.group_ids, expected_ids)
+
+
+def test_forwards_the_ids_cannot_describe_are_refused():
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    model = _build()
+    images, input_ids, tiles = _inputs()
+    with pytest.raises(ValueError, match="this forward got no input_ids"):
+        model(images, None, None, None, num_image_tiles=tiles)
+    model.context_parallel_lm = 2  # as a CP=2 model has it (building one needs TE)
+    thd = PackedSeqParams(qkv_format="thd")
+    with pytest.raises(ValueError, match="THD .* with context parallelism are not followed"):
+        _forward(model, images, input_ids, tiles, 15, packed_seq_params=thd)

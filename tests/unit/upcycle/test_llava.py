@@ -9,6 +9,7 @@ import pytest
 import torch
 from support.llava import (
     build_llava,
+    build_plugin_llava,
     llava_args,
     llava_logits,
     prompts,
@@ -96,8 +97,8 @@ def test_dense_llava_negative_control(dense_llava, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["dist", "legacy"])
 def test_written_keys_and_shapes_are_the_moe_llavas(dense_llava, tmp_path, fmt):
-    """Every tensor and object the MoE LLaVAModel asks for, with its global shape, and nothing
-    else."""
+    """Every tensor and object the MoE LLaVAModel asks for, with its global shape; beyond them only
+    the norms' other names."""
     from megatron_dpsl.upcycle.dcp_io import DcpReader
 
     root = dense_llava[0]
@@ -108,7 +109,39 @@ def test_written_keys_and_shapes_are_the_moe_llavas(dense_llava, tmp_path, fmt):
     reader = DcpReader(tmp_path / "moe" / "release")
     written = {k: tuple(s) for k, (s, _) in reader.tensor_entries().items()}
     written.update({k: None for k in reader.object_entries()})
-    assert written == sharded_shapes(model)
+    wanted = sharded_shapes(model)
+    assert {k: written[k] for k in wanted} == wanted
+    # the other names a LLaVA language spec gives the same norms (llava.norm_aliases)
+    aliases = ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight")
+    assert {k.rsplit("layers.", 1)[1] for k in set(written) - set(wanted)} == set(aliases)
+
+
+def test_upcycled_llava_trains_in_the_plugins_builder(dense_llava, tmp_path):
+    """The output loads into ``build_llava_model`` (the GPT local spec, DPSLRouter, modality ids on
+    every forward, priors on the two modalities) with the dense logits, and trains a step."""
+    root, _, _, ref = dense_llava
+    _upcycle(
+        root / "dist", tmp_path / "moe", num_experts=4, moe_router_topk=2, weight_scaling="exact"
+    )
+    args = torch.load(tmp_path / "moe" / "release" / "common.pt", weights_only=False)["args"]
+    model = build_plugin_llava(
+        args, moe_dpsl_num_groups=2, moe_dpsl_alpha_base=0.75, moe_dpsl_alpha_shift=0.5
+    )
+    load_megatron_lm(model, str(tmp_path / "moe"))
+    assert type(model.language_model.decoder.layers[0].mlp.router).__name__ == "DPSLRouter"
+    images, tokens = prompts()
+    assert (llava_logits(model, images, tokens) - ref).abs().max().item() <= EXACT_ATOL
+    model.train()
+    s = ref.shape[1]
+    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), 1)
+    labels = torch.roll(tokens, -1, dims=1)
+    loss_mask = torch.ones(tokens.shape)
+    loss, _ = model(
+        images, tokens, torch.arange(s).expand(2, s), mask, labels=labels, loss_mask=loss_mask
+    )
+    loss.float().mean().backward()
+    router = model.language_model.decoder.layers[0].mlp.router.weight
+    assert router.grad is not None and router.grad.abs().sum() > 0
 
 
 def _nothing_written(tmp_path, name="out"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import ac_official
 
 from megatron_dpsl.routing.ac.clustering import (
     adaptive_clustering_weights,
@@ -41,14 +42,15 @@ def plain_weights(hidden, clusters, num_experts, eps, clip, norm):
         mad = (members - members.mean(0)).abs().mean(0)
         w[k] = 1.0 / (mad + eps)
     stacked = torch.stack([w[k] for k in ks])  # [non-empty, H]
+    pre_clip_mean = stacked.mean()
     if clip is not None:
-        stacked = torch.minimum(stacked, clip * stacked.mean())
+        stacked = torch.minimum(stacked, clip * pre_clip_mean)
     if norm == "feature":
         stacked = stacked / stacked.mean(0, keepdim=True)
     elif norm == "cluster":
         stacked = stacked / stacked.mean(1, keepdim=True)
     else:
-        stacked = stacked / stacked.mean()
+        stacked = stacked / pre_clip_mean
     out = torch.ones(num_experts, hidden.shape[1], dtype=hidden.dtype)
     for i, k in enumerate(ks):
         out[k] = stacked[i]
@@ -69,28 +71,73 @@ def test_weights_match_plain_float64_loops(norm, clip):
         assert not torch.allclose(got, unclipped)
 
 
+def previous_topk(clusters, seed=0):
+    """A previous layer's top-2 indices ``[n, 2]`` whose column 0 is ``clusters`` (what the official
+    code reads its clusters from)."""
+    g = torch.Generator().manual_seed(seed)
+    second = (clusters + 1 + torch.randint(0, E - 1, clusters.shape, generator=g)) % E
+    return torch.stack([clusters, second], dim=1)
+
+
+def tight_and_loose(tight: bool, n=400, seed=5):
+    """Every cluster non-empty (ids 0..E-1). Loose: every feature Gaussian with one scale, so all
+    MADs are close and 1.5·mean(W) caps nothing. Tight: each cluster is tight (×0.01) on one
+    feature of its own, so those weights are ~100× the others and the cap binds."""
+    g = torch.Generator().manual_seed(seed)
+    clusters = torch.arange(n) % E
+    hidden = torch.randn(n, H, generator=g, dtype=torch.float64)
+    if tight:
+        for k in range(E):
+            hidden[clusters == k, k % H] *= 0.01
+    return hidden, clusters
+
+
 @pytest.mark.filterwarnings("ignore:index_reduce")  # the official code's call; beta in torch
-def test_matches_official_language_model_code_when_every_cluster_has_tokens():
-    """``compute_W_var`` with ``--use-var --mad``
-    (Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts, language-modeling/custom_gates.py),
-    restated: index_reduce means, 1/(MAD+1e-4), clamp at 10·mean, divide by the mean over clusters;
-    equal to ours when no cluster is empty."""
-    hidden, clusters = data(empty=(), unassigned=0)
-    k = int(clusters.max()) + 1
-    mean = torch.zeros(k, H, dtype=torch.float64).index_reduce(
-        0, clusters, hidden, "mean", include_self=False
+@pytest.mark.parametrize("tight", [False, True], ids=["loose_clip_inactive", "tight_clip_active"])
+def test_global_norm_is_the_official_swin_compute_cosa(tight):
+    """``--moe-ac-weight-norm global --moe-ac-clip 1.5`` = ``compute_cosa`` (Swin): the clip at
+    1.5 × the pre-clip mean and the division by that same pre-clip mean (issue 25)."""
+    hidden, clusters = tight_and_loose(tight)
+    want = ac_official.compute_cosa(hidden, previous_topk(clusters))  # [n, H]
+    ours = adaptive_clustering_weights(hidden, clusters, E, clip=1.5, norm="global")
+    # float64, the same operations with sums in another order (index_add vs index_reduce)
+    torch.testing.assert_close(token_scales(ours, clusters), want, rtol=1e-12, atol=1e-12)
+    unclipped = adaptive_clustering_weights(hidden, clusters, E, clip=None, norm="global")
+    # the data does what its name says: the clip binds on tight features only
+    assert torch.equal(ours, unclipped) != tight
+    if tight:  # where the clip binds, the clipped weights' mean is far from the pre-clip mean
+        assert ours.mean() < 0.9
+
+
+@pytest.mark.filterwarnings("ignore:index_reduce")
+@pytest.mark.parametrize("tight", [False, True], ids=["loose", "tight"])
+def test_feature_norm_is_the_official_language_model_code(tight):
+    """The default (``feature``, clip 10, eps 1e-4) = ``compute_W_var`` with ``--use-var --mad``:
+    clip at 10 × the pre-clip mean, then each feature divided by its mean over clusters."""
+    hidden, clusters = tight_and_loose(tight)
+    want = ac_official.compute_w_var(hidden, previous_topk(clusters))
+    ours = adaptive_clustering_weights(hidden, clusters, E)  # defaults: eps 1e-4, clip 10
+    torch.testing.assert_close(token_scales(ours, clusters), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:index_reduce")
+@pytest.mark.parametrize("recipe", ["swin", "lm"])
+def test_empty_clusters_are_where_we_differ_from_the_official_code(recipe):
+    """Our choice (docs/ac_router.md): an expert that received no token is no cluster. The official
+    code gives it a row of 1/1e-4 (k = largest id + 1) that enters the mean; ours equals the
+    official code run on the same tokens with the empty cluster's id removed (ids compacted)."""
+    official, kw = {
+        "swin": (ac_official.compute_cosa, dict(clip=1.5, norm="global")),
+        "lm": (ac_official.compute_w_var, dict()),
+    }[recipe]
+    hidden, clusters = data(n=200, empty=(2,), unassigned=0)
+    ours = token_scales(adaptive_clustering_weights(hidden, clusters, E, **kw), clusters)
+    compact = clusters - (clusters > 2).long()  # ids 0, 1, 3, 4 -> 0, 1, 2, 3
+    torch.testing.assert_close(
+        ours, official(hidden, previous_topk(compact)), rtol=1e-12, atol=1e-12
     )
-    mad = torch.zeros(k, H, dtype=torch.float64).index_reduce(
-        0, clusters, (hidden - mean[clusters]).abs(), "mean", include_self=False
-    )
-    w = 1 / (mad + 1e-4)
-    w = torch.clamp(w, max=10 * w.mean())
-    w = w / w.mean(dim=0)
-    ours = adaptive_clustering_weights(
-        hidden, clusters, E
-    )  # defaults: eps 1e-4, clip 10, "feature"
-    torch.testing.assert_close(ours, w, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(token_scales(ours, clusters), w[clusters], rtol=0, atol=0)
+    with_empty_row = official(hidden, previous_topk(clusters))
+    assert (ours - with_empty_row).abs().max() > 0.1  # the 1e4 row moves every weight
 
 
 def test_empty_clusters_do_not_move_the_weights():
@@ -128,8 +175,9 @@ def test_tight_feature_gets_the_larger_weight():
 
 @pytest.mark.parametrize("norm", ["feature", "cluster", "global"])
 def test_normalisations_have_mean_one(norm):
+    """``global`` divides by the pre-clip mean: mean one when the clip caps nothing (here: none)."""
     hidden, clusters = data()
-    w = adaptive_clustering_weights(hidden, clusters, E, norm=norm)
+    w = adaptive_clustering_weights(hidden, clusters, E, norm=norm, clip=None)
     used = torch.tensor([k for k in range(E) if (clusters == k).any()])
     rows = w[used]
     mean = {"feature": rows.mean(0), "cluster": rows.mean(1), "global": rows.mean()}[norm]

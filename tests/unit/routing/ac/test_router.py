@@ -157,6 +157,31 @@ def test_ac_layer_is_topk_router_on_reweighted_tokens(over):
     assert torch.equal(state.clusters_from(2), expected_top1(p2, m2))
 
 
+@pytest.mark.filterwarnings("ignore:index_reduce")  # the official code's call; beta in torch
+def test_global_clip_1_5_routes_like_the_official_swin_compute_cosa():
+    """``moe_ac_weight_norm="global", moe_ac_clip=1.5``: layer 2's probabilities are those of
+    TopKRouter fed ``compute_cosa(h, previous top-k) ⊙ h``, the official Swin code transcribed in
+    tests/support/ac_official.py, with the previous top-k as Tutel forms it (sorted torch.topk of
+    layer 1's scores: column 0 is our cluster)."""
+    from support import ac_official
+
+    cfg = make_config(moe_ac_weight_norm="global", moe_ac_clip=1.5)
+    (r1, r2), state = ac_routers(cfg, [1, 2])
+    x1, x2 = hidden(s=32, seed=1), hidden(s=32, seed=2)
+    p1, m1 = r1(x1)
+    topk = torch.topk(torch.softmax(r1.gating(x1).reshape(-1, E), -1), 2, dim=1).indices
+    assert torch.equal(state.clusters_from(1), topk[:, 0])  # the cluster id: column 0
+    assert set(topk[:, 0].tolist()) == set(range(E))  # no empty cluster: the official row count
+    p2, m2 = r2(x2)
+    flat = x2.reshape(-1, H)
+    pt, mt = topk_twin(r2)(ac_official.compute_cosa(flat, topk).reshape(x2.shape) * x2)
+    assert torch.equal(m2, mt)
+    # fp32 statistics summed in another order (index_add vs index_reduce), then the same router
+    torch.testing.assert_close(p2, pt, rtol=1e-5, atol=1e-6)
+    default_recipe = topk_twin(r2)(scaled_input(x2, topk[:, 0], make_config()))[0]
+    assert not torch.allclose(p2, default_recipe)  # the recipe is not the default's
+
+
 def test_ac_with_dpsl_shapes_the_ac_probabilities():
     from megatron_dpsl.losses.dpsl import dpsl_loss
 
