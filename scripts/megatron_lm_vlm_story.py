@@ -175,7 +175,7 @@ def stages(work: Path, te: bool) -> list[story.Stage]:
                 "launcher",
                 "unpatched",
                 argv,
-                240,
+                150,
                 (r"lm loss: \d", expect, rf"iteration\s+{ITERS}/"),
                 module=LAUNCHER,
             )

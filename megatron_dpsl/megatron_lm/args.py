@@ -489,11 +489,16 @@ def _check_token_group_flags(args: argparse.Namespace, group_priors: bool) -> No
         )
 
 
-def require_token_groups(args: argparse.Namespace, supported: tuple, entry: str) -> None:
+VLM_LAUNCHER_HINT = "modality priors need python -m megatron_dpsl.megatron_lm.pretrain_vlm"
+
+
+def require_token_groups(
+    args: argparse.Namespace, supported: tuple, entry: str, hint: str = VLM_LAUNCHER_HINT
+) -> None:
     """``ValueError`` when ``--moe-dpsl-token-groups`` names a source ``entry`` cannot supply.
 
     ``entry``: what the run is (``"pretrain_gpt"``, ...), for the message; ``supported``: its
-    sources.
+    sources; ``hint``: where modality priors are available instead.
     """
     source = getattr(args, "moe_dpsl_token_groups", None)
     if source is None or source in supported:
@@ -501,9 +506,7 @@ def require_token_groups(args: argparse.Namespace, supported: tuple, entry: str)
     if source == "modality":
         raise ValueError(
             f"--moe-dpsl-token-groups modality: {entry} has no vision encoder, so no token is an "
-            "image; modality "
-            "priors need python -m megatron_dpsl.megatron_lm.pretrain_vlm (here: "
-            f"{', '.join(supported)})"
+            f"image; {hint} (here: {', '.join(supported)})"
         )
     raise ValueError(
         f"--moe-dpsl-token-groups {source}: {entry} cannot supply it; allowed here: "

@@ -150,3 +150,19 @@ def test_saved_args_of_a_torch_dist_checkpoint(tmp_path):
 def test_no_checkpoint_yet_is_no_contradiction(tmp_path):
     assert read_saved_args(str(tmp_path)) is None
     check_vlm_args(_args(*MODALITY, "--load", str(tmp_path)))
+
+
+def test_embedded_trainer_refuses_modality_priors_without_a_vision_encoder():
+    """The trainer parses the same flags (add_dpsl_args): its corpus gives dataset groups only."""
+    from megatron_dpsl.train.arguments import parse_args, validate_args
+
+    tiny = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"]
+    tiny += ["--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "1", "--num-experts"]
+    tiny += ["4", "--disable-bias-linear", *MODALITY]
+    with pytest.raises(ValueError) as e:
+        validate_args(parse_args(tiny), world_size=1)
+    assert str(e.value).startswith(
+        "--moe-dpsl-token-groups modality: megatron-dpsl-train has no vision encoder, so no token "
+        "is an image"
+    )
+    validate_args(parse_args([*tiny[:-2], "--moe-dpsl-token-groups", "dataset"]), world_size=1)
