@@ -17,7 +17,8 @@ Runs Megatron-LM's own flow (its ``__main__``: the datasets, ``forward_step`` an
    core_v0.16.1 through its own builder around ``gpt_builders.gpt_builder``; core_v0.19.0 through
    ``GPTModelConfig.transformer_layer_spec`` as a callable around Megatron-LM's
    ``default_layer_spec``.
-4. core_v0.19.0: ``DPSLMetricsTracker`` reports ``dpsl_loss`` (``metrics_tracker``).
+4. core_v0.19.0: ``DPSLMetricsTracker`` reports ``dpsl_loss``
+   (``megatron_dpsl.tracking.metrics_tracker``).
 
 The release is told apart by ``pretrain``'s signature: core_v0.16.x takes ``extra_args_provider``,
 core_v0.19 a ``PretrainConfigContainer``. Works on an unpatched checkout; group priors need
@@ -127,6 +128,9 @@ def _build_dpsl_gpt(args, config, pre_process, post_process, vp_stage, pg_collec
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
         rope_scaling=args.use_rope_scaling,
+        # Megatron-LM's gpt_builders passes no factor (GPTModel's default 8.0 at core_v0.16.1 and
+        # core_v0.19.0): Llama 3.2's 32 would silently become 8
+        rope_scaling_factor=args.rope_scaling_factor,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
@@ -232,7 +236,7 @@ def _run_core_v019(pretrain_gpt, run, store) -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_dpsl.megatron_lm.metrics_tracker import install_dpsl_metrics_tracker
+    from megatron_dpsl.tracking.metrics_tracker import install_dpsl_metrics_tracker
 
     args = parse_and_validate_args(
         extra_args_provider=extra_args_provider,

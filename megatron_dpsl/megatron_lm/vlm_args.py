@@ -86,29 +86,48 @@ def check_token_groups(args) -> None:
 
 
 def check_parallel_layout(args) -> None:
-    """The layouts in which the modality ids cannot reach every router."""
+    """The layouts in which the modality ids cannot reach every router.
+
+    Pipeline stages are fine: ``pretrain_vlm`` gives every stage its batch (its dataset provider is
+    ``is_distributed``), and each stage's hook computes the ids from the ``input_ids`` its forward
+    gets (``models.llava_token_groups``). Virtual stages are not: the hook follows one model chunk.
+    """
+    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    if pp > 1 and (getattr(args, "context_parallel_size", 1) or 1) > 1:
+        # stock model_provider's assertion, here before anything is built
+        raise ValueError(
+            "--context-parallel-size: pretrain_vlm does not combine it with "
+            "--pipeline-model-parallel-size > 1 (its mock data is not packed for PP)"
+        )
     if num_token_groups(args) is None:
         return
-    if getattr(args, "pipeline_model_parallel_size", 1) > 1:
-        raise ValueError(
-            "--pipeline-model-parallel-size: group priors (--moe-dpsl-token-groups modality) need "
-            "1; the "
-            "stages after the first get no input_ids, so their routers get no modality ids"
+    vpp = [
+        flag
+        for flag, name in (
+            ("--num-layers-per-virtual-pipeline-stage", "num_layers_per_virtual_pipeline_stage"),
+            ("--num-virtual-stages-per-pipeline-rank", "num_virtual_stages_per_pipeline_rank"),
+            # what validate_args derives from either
+            ("--num-virtual-stages-per-pipeline-rank", "virtual_pipeline_model_parallel_size"),
         )
-    if getattr(args, "context_parallel_size", 1) > 1 and getattr(
+        if getattr(args, name, None) is not None
+    ]
+    if vpp:
+        raise ValueError(
+            f"{vpp[0]}: virtual pipeline stages cannot follow the modality ids yet (one model "
+            "chunk per stage); drop it with --moe-dpsl-token-groups modality"
+        )
+    if (getattr(args, "context_parallel_size", 1) or 1) > 1 and getattr(
         args, "use_packed_sequence", False
     ):
         raise ValueError(
             "--use-packed-sequence: with --context-parallel-size > 1 pretrain_vlm packs the batch "
-            "as THD, "
-            "where the modality ids cannot follow; drop one of them with --moe-dpsl-token-groups "
-            "modality"
+            "as THD, where the modality ids cannot follow; drop one of them with "
+            "--moe-dpsl-token-groups modality"
         )
     if getattr(args, "overlap_moe_expert_parallel_comm", False):
         raise ValueError(
             "--overlap-moe-expert-parallel-comm runs micro-batches' forwards interleaved; not "
-            "supported "
-            "with --moe-dpsl-token-groups modality"
+            "supported with --moe-dpsl-token-groups modality"
         )
 
 

@@ -7,9 +7,11 @@ forward hook, ``register_forward_hook``) and the tokens' group ids (aligned with
 ``s``-major flattening by ``token_groups.shard_token_group_ids``). The logits are taken from the
 router's own ``gating`` call (wrapped on the instance), not recomputed from its input: the AC
 router's gating depends on the previous MoE layer's assignment, which only its forward knows.
-``summarize`` gathers them on rank 0 and computes, per MoE layer, the metrics of
-``megatron_dpsl.metrics.routing``: CoV of expert loads, routing entropy, distance to the prior (Eq.
-4 per expert) and per-group expert usage.
+Padding rows set with the token groups (``dpsl_token_groups(..., padding_mask=)``, e.g.
+``LLaVAModel``'s right padding) are left out, as the router losses leave them out. ``summarize``
+gathers them on rank 0 and computes, per MoE layer, the metrics of
+``megatron_dpsl.metrics.routing``: CoV of expert loads, routing entropy, distance to the prior
+(Eq. 4 per expert) and per-group expert usage.
 """
 
 from __future__ import annotations
@@ -66,21 +68,21 @@ class RoutingStats:
         self._logits = {}
 
     def _record(self, index: int, router, logits: torch.Tensor, routing_map: torch.Tensor) -> None:
-        from megatron_dpsl.parallel.token_groups import get_dpsl_token_groups, shard_token_group_ids
-
         num_experts = routing_map.shape[-1]
         scores = torch.softmax(logits.detach().reshape(-1, num_experts).float(), dim=-1)
-        groups = get_dpsl_token_groups()
-        ids = None
-        if groups is not None:
-            ids = shard_token_group_ids(
-                groups,
-                tp_group=router.tp_group,
-                cp_group=router.cp_group,
-                sequence_parallel=router.config.sequence_parallel,
-            ).cpu()
+        routing_map = routing_map.detach()
+        ids, pad = _router_token_groups(router)
+        if pad is not None:
+            # padding rows (LLaVA's right padding) are no tokens of the batch; the losses skip them
+            keep = ~pad.to(scores.device)
+            scores, routing_map = scores[keep], routing_map[keep]
+            ids = None if ids is None else ids[keep.to(ids.device)]
         self._records.setdefault(index, []).append(
-            {"probs": scores.cpu(), "routing_map": routing_map.detach().cpu(), "group_ids": ids}
+            {
+                "probs": scores.cpu(),
+                "routing_map": routing_map.cpu(),
+                "group_ids": None if ids is None else ids.cpu(),
+            }
         )
 
     def reset(self) -> None:
@@ -141,6 +143,26 @@ class RoutingStats:
         return layers
 
 
+def _router_token_groups(router):
+    """The group ids and padding flags set for this forward, ``[s_local * b]`` each and aligned with
+    the router's flattened logits, or None (no token groups, no padding flags)."""
+    from megatron_dpsl.parallel.token_groups import (
+        get_dpsl_token_groups,
+        shard_token_group_ids,
+        shard_token_padding,
+    )
+
+    groups = get_dpsl_token_groups()
+    if groups is None:
+        return None, None
+    layout = dict(
+        tp_group=router.tp_group,
+        cp_group=router.cp_group,
+        sequence_parallel=router.config.sequence_parallel,
+    )
+    return shard_token_group_ids(groups, **layout), shard_token_padding(groups, **layout)
+
+
 def summarize(
     layers: list[dict], alpha: torch.Tensor, num_groups: int, max_tokens: int = 16384
 ) -> dict:
@@ -164,12 +186,11 @@ def summarize(
         dist_e = metrics.prior_distance(
             probs.double(), alpha.double(), group_ids=ids if use_groups else None
         )
-        usage = torch.zeros(num_groups, num_experts)
-        if ids is not None:
-            for g in range(num_groups):
-                sel = rmap[ids == g]
-                if sel.shape[0]:
-                    usage[g] = sel.float().sum(0) / sel.float().sum()
+        usage = (
+            torch.zeros(num_groups, num_experts)
+            if ids is None
+            else metrics.group_expert_usage(rmap, ids, num_groups)
+        )
         step = max(1, probs.shape[0] // max_tokens)
         out.append(
             {

@@ -21,12 +21,13 @@ from megatron_dpsl.megatron_lm.args import (
     add_moe_load_balancing_args,
     require_token_groups,
 )
+from megatron_dpsl.train.flag_checks import OneLineErrorParser, check_number
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="megatron-dpsl-train",
         description="Compact GPT/MoE trainer on megatron-core with the DPSL router (Megatron-LM "
         "flag "
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--mock-data", action="store_true", help="random bytes with random group ids")
 
+    add_llava_args(p)
+
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
@@ -199,6 +202,160 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_llava_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The vision-language flags: Megatron-LM's ``pretrain_vlm.py`` names where it has one."""
+    g = p.add_argument_group("vision-language (LLaVA)")
+    g.add_argument(
+        "--llava",
+        action="store_true",
+        help="(trainer flag) train Megatron-Core's LLaVAModel (CLIP ViT + MLP projector + this "
+        "language model) on the procedural shapes data of megatron_dpsl.train.vlm_data (no "
+        "--data-path); MoE routers get each position's modality (group 0 = image embeddings, "
+        "1 = text; padding is excluded)",
+    )
+    g.add_argument(
+        "--patch-dim",
+        type=int,
+        default=16,
+        help="ViT patch size (the images are 32x32)",
+    )
+    g.add_argument(
+        "--encoder-num-layers",
+        type=int,
+        default=None,
+        help="ViT layers (default --num-layers)",
+    )
+    g.add_argument(
+        "--vision-hidden-size",
+        type=int,
+        default=None,
+        help="(trainer flag) ViT width (default --hidden-size); its FFN is 4x, its heads "
+        "--num-attention-heads",
+    )
+    g.add_argument(
+        "--disable-vision-class-token",
+        action="store_true",
+        help="drop the ViT's class token rows",
+    )
+    g.add_argument(
+        "--freeze-LM",
+        action="store_true",
+        help="do not train the language model's parameters",
+    )
+    g.add_argument(
+        "--freeze-ViT",
+        action="store_true",
+        help="do not train the vision encoder's parameters",
+    )
+    return p
+
+
+def _validate_llava(args: argparse.Namespace) -> None:
+    """The vision flags: with ``--llava`` its data, ViT shape and combined (text + image) sequence
+    length; without it, none of the flags that need a vision-language model."""
+    from megatron_dpsl.train import vlm_data
+
+    if not args.llava:
+        for flag, name in (("--freeze-LM", "freeze_LM"), ("--freeze-ViT", "freeze_ViT")):
+            if getattr(args, name):
+                _error(flag, "needs --llava (a vision-language model)")
+        return
+    if args.data_path is not None or args.mock_data:
+        _error(
+            "--llava",
+            "trains on the procedural shapes data: drop --data-path / --mock-data",
+        )
+    if args.patch_dim < 1 or vlm_data.IMAGE_SIZE % args.patch_dim:
+        _error(
+            "--patch-dim",
+            f"must divide the image size {vlm_data.IMAGE_SIZE}, got {args.patch_dim}",
+        )
+    if args.encoder_num_layers is None:
+        args.encoder_num_layers = args.num_layers
+    if args.vision_hidden_size is None:
+        args.vision_hidden_size = args.hidden_size
+    if args.vision_hidden_size % args.num_attention_heads:
+        _error(
+            "--vision-hidden-size",
+            f"must be a multiple of --num-attention-heads {args.num_attention_heads}, "
+            f"got {args.vision_hidden_size}",
+        )
+    img_seq_len = vlm_data.image_seq_length(args.patch_dim, args.disable_vision_class_token)
+    combined = vlm_data.TEXT_LENGTH + img_seq_len - 1
+    if args.seq_length < combined:
+        _error(
+            "--seq-length",
+            f"the shapes rows are {combined} positions long ({vlm_data.TEXT_LENGTH} text tokens, "
+            f"the image token replaced by {img_seq_len} embeddings), got {args.seq_length}",
+        )
+
+
+def _count(flag: str, lo: int = 1, hi: int | None = None, note: str = "") -> tuple:
+    return flag, dict(lo=lo, hi=hi, integer=True, note=note)
+
+
+def _real(flag: str, lo: float = 0, hi: float | None = None, **kw) -> tuple:
+    return flag, dict(lo=lo, hi=hi, **kw)
+
+
+# Every numeric flag of the trainer and its range (None: the flag's derived default). The DPSL and
+# AC flags are not here: DPSLTransformerConfig (the one validator) checks them under their flags.
+NUMERIC_FLAGS = (
+    _count("--num-layers"),
+    _count("--hidden-size"),
+    _count("--ffn-hidden-size"),
+    _count("--num-attention-heads"),
+    _count("--num-query-groups"),
+    _count("--seq-length"),
+    _count("--max-position-embeddings"),
+    _count("--vocab-size"),
+    _count("--make-vocab-size-divisible-by"),
+    _real("--init-method-std", lo_open=True),
+    _real("--hidden-dropout", hi=1, hi_open=True),
+    _real("--attention-dropout", hi=1, hi_open=True),
+    _count("--num-experts"),
+    _count("--moe-router-topk"),
+    _count("--moe-ffn-hidden-size"),
+    _real("--moe-z-loss-coeff"),
+    _real("--moe-router-bias-update-rate"),
+    _real("--moe-aux-loss-coeff"),
+    _count("--tensor-model-parallel-size"),
+    _count("--expert-model-parallel-size"),
+    _count("--expert-tensor-parallel-size"),
+    _count("--context-parallel-size"),
+    _count("--pipeline-model-parallel-size"),
+    _count("--micro-batch-size"),
+    _count("--global-batch-size"),
+    _count("--train-iters"),
+    _real("--lr"),
+    _real("--min-lr"),
+    _count("--lr-warmup-iters", 0),
+    _count("--lr-decay-iters"),
+    _real("--weight-decay"),
+    _real("--adam-beta1", hi=1, hi_open=True),
+    _real("--adam-beta2", hi=1, hi_open=True),
+    _real("--adam-eps", lo_open=True),
+    _real("--clip-grad", note="0 disables clipping"),
+    _count("--seed", 0, 2**32 - 1, note="NumPy's seed range"),
+    _count("--save-interval"),
+    _count("--log-interval"),
+    _count("--eval-interval"),
+    _count("--eval-iters", note="the trainer evaluates at least once, at the end"),
+    _count("--patch-dim"),
+    _count("--encoder-num-layers"),
+    _count("--vision-hidden-size"),
+)
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Every flag of ``NUMERIC_FLAGS`` is finite and in range (lists: each value); ValueError."""
+    for flag, bounds in NUMERIC_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None:
+                check_number(flag, v, **bounds)
+
+
 def _error(flag: str, message: str) -> None:
     raise ValueError(f"{flag}: {message}")
 
@@ -206,19 +363,7 @@ def _error(flag: str, message: str) -> None:
 def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Fill derived values the way Megatron-LM's ``validate_args`` does; ValueError naming the
     flag."""
-    for flag, value in (
-        ("--num-layers", args.num_layers),
-        ("--hidden-size", args.hidden_size),
-        ("--num-attention-heads", args.num_attention_heads),
-        ("--seq-length", args.seq_length),
-        ("--micro-batch-size", args.micro_batch_size),
-        ("--train-iters", args.train_iters),
-        ("--tensor-model-parallel-size", args.tensor_model_parallel_size),
-        ("--expert-model-parallel-size", args.expert_model_parallel_size),
-        ("--context-parallel-size", args.context_parallel_size),
-    ):
-        if value is None or value < 1:
-            _error(flag, f"must be a positive integer, got {value}")
+    check_ranges(args)
     if args.pipeline_model_parallel_size != 1:
         _error(
             "--pipeline-model-parallel-size",
@@ -232,6 +377,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _error(
             "--seq-length",
             f"{args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}",
+        )
+    if args.num_query_groups is not None and args.num_attention_heads % args.num_query_groups:
+        _error(
+            "--num-query-groups",
+            f"must divide --num-attention-heads {args.num_attention_heads}, got "
+            f"{args.num_query_groups}",
         )
     if args.hidden_size % args.num_attention_heads:
         _error(
@@ -342,7 +493,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _error("--save-interval", f"must be >= 1, got {args.save_interval}")
     if args.log_interval < 1:
         _error("--log-interval", f"must be >= 1, got {args.log_interval}")
-    if args.data_path is None and not args.mock_data:
+    _validate_llava(args)
+    if args.data_path is None and not args.mock_data and not args.llava:
         _error(
             "--data-path",
             "give a corpus directory (python -m megatron_dpsl.train.corpus --out DIR) or "

@@ -68,6 +68,37 @@ def enable() -> None:
     # (Router.gating's weight move is DPSLRouter's own concern: it follows the input's device.)
 
 
+@contextlib.contextmanager
+def llava_construction():
+    """While ``LLaVAModel`` is built (``--llava``): the two calls its ``CLIPViTModel.__init__``
+    makes that need CUDA or Transformer Engine. Undone on exit.
+
+    * ``CLIPViTModel.__init__`` moves its position ids with ``.cuda()``: a no-op (everything is on
+      the CPU);
+    * without Transformer Engine CLIP's norm is ``torch.nn.LayerNorm``, which ``build_module``
+      passes ``config=`` (TypeError): ``LLaVAModel`` (which looks ``CLIPViTModel`` up at call time)
+      gets Megatron's ``WrappedTorchNorm`` for ``ln_pre``/``ln_post`` instead.
+    """
+    import functools
+
+    from megatron.core.models.multimodal import llava_model
+    from megatron.core.models.vision import clip_vit_model
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    saved = (torch.Tensor.cuda, llava_model.CLIPViTModel)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    if clip_vit_model.NORM_IMPL is torch.nn.LayerNorm:
+        llava_model.CLIPViTModel = functools.partial(
+            clip_vit_model.CLIPViTModel,
+            ln_pre_impl=WrappedTorchNorm,
+            ln_post_impl=WrappedTorchNorm,
+        )
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda, llava_model.CLIPViTModel = saved
+
+
 def is_enabled() -> bool:
     """Whether :func:`enable` installed the stand-ins in this process."""
     return _ENABLED

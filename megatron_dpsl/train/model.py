@@ -59,3 +59,44 @@ def build_model(args: argparse.Namespace, config):
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type,
     )
+
+
+def build_llava_model(args: argparse.Namespace, config):
+    """A ``LLaVAModel`` (``--llava``): a CLIP ViT (``--encoder-num-layers``,
+    ``--vision-hidden-size``), LLaVA-1.5's two-layer GELU projector and this language model, with
+    automatic modality ids (``megatron_dpsl.models.vlm``); ``--freeze-LM`` / ``--freeze-ViT`` as
+    Megatron-LM's ``pretrain_vlm``."""
+    import contextlib
+
+    from megatron_dpsl.models.vlm import build_llava_model as build
+    from megatron_dpsl.models.vlm import clip_vision_config
+    from megatron_dpsl.train import cpu_platform, vlm_data
+
+    h = args.vision_hidden_size
+    vision = clip_vision_config(
+        config,
+        hf_num_layers=args.encoder_num_layers,
+        vision_feature_layer=-1,  # every layer: this ViT is trained here, not cut from CLIP-L
+        hidden_size=h,
+        num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=4 * h,
+    )
+    building = (
+        cpu_platform.llava_construction if cpu_platform.is_enabled() else contextlib.nullcontext
+    )
+    with building():
+        model = build(
+            config,
+            vision,
+            vocab_size=args.padded_vocab_size,
+            max_sequence_length=args.seq_length,
+            language_spec_kwargs={"normalization": args.normalization},
+            drop_vision_class_token=args.disable_vision_class_token,
+            img_h=vlm_data.IMAGE_SIZE,
+            img_w=vlm_data.IMAGE_SIZE,
+            patch_dim=args.patch_dim,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            language_position_embedding_type=args.position_embedding_type,
+        )
+    model.freeze(args.freeze_LM, args.freeze_ViT, False)
+    return model

@@ -58,6 +58,28 @@ def make_forward_step(group_ids_context: Callable):
     return forward_step
 
 
+def make_llava_forward_step():
+    """``forward_step(data_iterator, model)`` for ``LLaVAModel`` on ``train.vlm_data`` batches.
+
+    The loss mask is the one ``LLaVAModel`` returns, expanded to the combined text + image sequence.
+    """
+
+    def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
+        batch = next(data_iterator)
+        output_tensor, loss_mask = model(
+            batch["images"],
+            batch["tokens"],
+            batch["position_ids"],
+            batch["attention_mask"],
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+            num_image_tiles=batch["num_image_tiles"],
+        )
+        return output_tensor, partial(loss_func, loss_mask)
+
+    return forward_step
+
+
 def forward_backward_no_pipelining(
     *,
     forward_step_func,

@@ -262,10 +262,10 @@ def _build_model(args: argparse.Namespace, device):
         finalize_model_grads,
     )
 
-    from megatron_dpsl.train.model import build_model, config_from_args
+    from megatron_dpsl.train.model import build_llava_model, build_model, config_from_args
 
     config = config_from_args(args, use_cpu_initialization=device.type == "cpu")
-    model = build_model(args, config).to(device)
+    model = (build_llava_model if args.llava else build_model)(args, config).to(device)
     ddp_model = DistributedDataParallel(
         config,
         DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
@@ -289,18 +289,28 @@ def _resume(args: argparse.Namespace, model, optimizer, scheduler) -> int:
     return iteration
 
 
-def _samplers(args: argparse.Namespace, device):
-    """This data-parallel rank's train and validation ``BatchSampler``s."""
+def _samplers(args: argparse.Namespace, device, model):
+    """This data-parallel rank's train and validation samplers (``VLMBatchSampler``: --llava)."""
     from megatron.core import parallel_state
 
     from megatron_dpsl.train.data import BatchSampler, ByteCorpus
 
+    if args.llava:
+        return _vlm_samplers(args, device, model.img_seq_len)
     if args.mock_data:
-        train_data = ByteCorpus.mock(1 << 20, args.seed)
-        valid_data = ByteCorpus.mock(1 << 16, args.seed + 1)
+        vocab = min(args.vocab_size, 256)  # byte tokens
+        train_data = ByteCorpus.mock(1 << 20, args.seed, vocab)
+        valid_data = ByteCorpus.mock(1 << 16, args.seed + 1, vocab)
     else:
         train_data = ByteCorpus.load(args.data_path, "train")
         valid_data = ByteCorpus.load(args.data_path, "valid")
+    for split, data in (("train", train_data), ("valid", valid_data)):
+        top = int(data.tokens.max()) if data.tokens.size else 0
+        if top >= args.vocab_size:  # the embedding lookup would fail deep inside torch
+            raise ValueError(
+                f"--vocab-size: the {split} data holds token id {top}; give at least {top + 1}, "
+                f"got {args.vocab_size}"
+            )
     kw = dict(
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
@@ -311,6 +321,24 @@ def _samplers(args: argparse.Namespace, device):
         device=device,
     )
     return BatchSampler(train_data, "train", **kw), BatchSampler(valid_data, "valid", **kw)
+
+
+def _vlm_samplers(args: argparse.Namespace, device, img_seq_len: int):
+    """This data-parallel rank's train and validation samplers of the procedural shapes data."""
+    from megatron.core import parallel_state
+
+    from megatron_dpsl.train.vlm_data import VLMBatchSampler
+
+    kw = dict(
+        img_seq_len=img_seq_len,
+        micro_batch_size=args.micro_batch_size,
+        global_batch_size=args.global_batch_size,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        seed=args.seed,
+        device=device,
+    )
+    return VLMBatchSampler("train", **kw), VLMBatchSampler("valid", **kw)
 
 
 def _open_writer(args: argparse.Namespace):
@@ -329,7 +357,11 @@ def setup(args: argparse.Namespace) -> TrainingRun:
     logging."""
     from megatron_dpsl.tracking.routing_stats import RoutingStats
     from megatron_dpsl.train.optimizer import build_optimizer, build_scheduler
-    from megatron_dpsl.train.schedule import get_forward_backward, make_forward_step
+    from megatron_dpsl.train.schedule import (
+        get_forward_backward,
+        make_forward_step,
+        make_llava_forward_step,
+    )
 
     device, backend = initialize(args)
     on_cuda = device.type == "cuda"
@@ -337,9 +369,11 @@ def setup(args: argparse.Namespace) -> TrainingRun:
     optimizer, optimizer_impl = build_optimizer(args, ddp_model, model, on_cuda=on_cuda)
     scheduler = build_scheduler(args, optimizer)
     iteration = _resume(args, model, optimizer, scheduler)
-    train_sampler, valid_sampler = _samplers(args, device)
+    train_sampler, valid_sampler = _samplers(args, device, model)
     forward_backward = get_forward_backward(on_cuda=on_cuda)
-    forward_step = make_forward_step(_group_context(config))
+    # LLaVA computes each position's modality itself (a forward pre-hook): no group-id context
+    llava_step = make_llava_forward_step() if args.llava else None
+    forward_step = llava_step or make_forward_step(_group_context(config))
     stats = RoutingStats(model) if args.num_experts is not None else None
     stats_prior = _stats_prior(config) if stats is not None else None
     # a DPSL group prior has one row per token group; the usage table has at least code and prose
@@ -576,16 +610,26 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``megatron-dpsl-train``: parse Megatron-LM-style flags and train."""
-    from megatron_dpsl.train.arguments import parse_args
+    from megatron_dpsl.train.arguments import parse_args, validate_args
 
     args = parse_args(argv)
     try:
+        # the flags first, on a copy, before torch.distributed and Megatron are set up (seconds)
+        validate_args(argparse.Namespace(**vars(args)), int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as err:
+        _flag_error(err)
+    try:
         pretrain(args)
-    except ValueError as err:  # flag errors: one clear line, exit code 2 like argparse
-        print(f"megatron-dpsl-train: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    except ValueError as err:  # flags only the config or the data can judge
+        _flag_error(err)
     finally:
         shutdown()
+
+
+def _flag_error(err: ValueError) -> None:
+    """A flag error as argparse reports one: one line naming the flag, exit code 2."""
+    print(f"megatron-dpsl-train: error: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 
 
 def shutdown() -> None:

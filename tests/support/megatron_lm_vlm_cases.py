@@ -158,6 +158,15 @@ def vlm_cases(work: Path) -> list[dict]:
             [*readme, "--pipeline-model-parallel-size", "2"],
             {"WORLD_SIZE": "2"},
         ),
+        "vlm_virtual_pipeline_groups": (
+            "launcher",
+            [
+                *_replace(readme, "--num-layers", "4"),
+                *("--pipeline-model-parallel-size", "2"),
+                *("--num-layers-per-virtual-pipeline-stage", "1"),
+            ],
+            {"WORLD_SIZE": "2"},
+        ),
         "vlm_load_same_vision": ("launcher", load("ckpt_same"), {}),
         "vlm_load_other_image_size": ("launcher", load("ckpt_224"), {}),
         "vlm_load_other_class_token": ("launcher", load("ckpt_cls"), {}),

@@ -467,7 +467,7 @@ def test_registration_reaches_parses_without_a_provider_and_is_undone(capsys):
 def test_plugin_types_come_from_one_constant(monkeypatch):
     """Registration, the standalone parser and the tracker names all take the list from the
     constant."""
-    from megatron_dpsl.megatron_lm.hooks import plugin_track_names
+    from megatron_dpsl.tracking.moe_tracker import plugin_track_names
 
     monkeypatch.setattr(dpsl_args, "PLUGIN_LOAD_BALANCING_TYPES", ("dpsl", "variance"))
     monkeypatch.setattr(

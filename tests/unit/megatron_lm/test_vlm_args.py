@@ -20,6 +20,8 @@ def _args(*argv: str) -> argparse.Namespace:
     parser.add_argument("--moe-aux-loss-coeff", type=float, nargs="+", default=0.0)
     for flag, default in (
         ("--pipeline-model-parallel-size", 1),
+        ("--num-layers-per-virtual-pipeline-stage", None),
+        ("--num-virtual-stages-per-pipeline-rank", None),
         ("--context-parallel-size", 1),
         ("--num-layers", 2),
         ("--encoder-num-layers", None),
@@ -53,6 +55,8 @@ MODALITY = (
 
 def test_modality_priors_pass():
     check_vlm_args(_args(*MODALITY, "--moe-dpsl-vision-group", "1"))
+    # every pretrain_vlm stage gets its batch, so the ids follow pipeline stages
+    check_vlm_args(_args(*MODALITY, "--pipeline-model-parallel-size", "4"))
 
 
 @pytest.mark.parametrize(
@@ -89,6 +93,15 @@ def test_token_group_flags_need_what_they_name(argv, message):
         (
             ("--context-parallel-size", "2", "--use-packed-sequence"),
             "--use-packed-sequence: with --context-parallel-size > 1",
+        ),
+        (
+            ("--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"),
+            "--num-virtual-stages-per-pipeline-rank: virtual pipeline stages cannot follow",
+        ),
+        (
+            ("--pipeline-model-parallel-size", "2", "--context-parallel-size", "2"),
+            "--context-parallel-size: pretrain_vlm does not combine it with "
+            "--pipeline-model-parallel-size > 1",
         ),
         # core_v0.19's validate_args refuses torch_dcp without FSDP itself; core_v0.16.1's does not
         (

@@ -105,9 +105,9 @@ def test_stock_pretrain_vlm_rejects_the_same_command(vlm):
             "--moe-dpsl-token-groups modality: two prior groups (vision, text), got 4",
         ),
         (
-            "vlm_pipeline_groups",
-            "--pipeline-model-parallel-size: group priors (--moe-dpsl-token-groups modality) need "
-            "1",
+            "vlm_virtual_pipeline_groups",
+            "--num-layers-per-virtual-pipeline-stage: virtual pipeline stages cannot follow the "
+            "modality ids yet",
         ),
         ("vlm_load_other_image_size", "--img-h: this run has 336, the checkpoint "),
         (
@@ -122,6 +122,14 @@ def test_bad_command_lines_stop_before_megatron_lm_initialises(vlm, case, messag
     report = vlm[case]
     assert _exit_message(report).startswith(message), _explain(report)
     assert "initialize._initialize_distributed" not in report["calls"]
+
+
+def test_group_priors_under_pipeline_parallelism_reach_the_cuda_boundary(vlm):
+    """Every pretrain_vlm stage gets its batch: each stage's hook has the input_ids (two ranks)."""
+    report = vlm["vlm_pipeline_groups"]
+    assert report["ended"] == "boundary", _explain(report)
+    assert report["boundary"] == {"backend": "nccl", "rank": 0, "world_size": 2}
+    assert report["args"]["moe_dpsl_num_groups"] == 2
 
 
 def test_a_checkpoint_saved_with_the_same_vision_flags_passes_the_check(vlm, megatron_lm_trees):

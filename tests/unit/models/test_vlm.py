@@ -310,10 +310,15 @@ def test_modality_priors_without_a_vision_encoder_are_refused():
         build_llava_model(_lm_config(), None, vocab_size=50, max_sequence_length=64)
 
 
-def test_group_priors_with_pipeline_stages_are_refused():
-    lm = _lm_config(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
-    with pytest.raises(ValueError, match="need pipeline_model_parallel_size=1"):
-        _build(lm)
+def test_virtual_pipeline_chunks_are_refused():
+    """Several model chunks (virtual pipeline stages): the ids follow one LLaVAModel per stage.
+    Plain pipeline stages are tested against one stage in
+    tests/distributed/test_llava_pipeline.py."""
+    from megatron_dpsl.models.llava_token_groups import attach_llava_token_groups
+
+    model = _build(token_groups=None)
+    with pytest.raises(ValueError, match="one model chunk expected, got 2"):
+        attach_llava_token_groups([model, model])
 
 
 def test_group_count_and_dense_parts_are_checked():
