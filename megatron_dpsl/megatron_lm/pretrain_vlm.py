@@ -88,8 +88,8 @@ def _run_core_v019(pretrain_vlm, pretrain) -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_dpsl.tracking.metrics_tracker import install_dpsl_metrics_tracker
     from megatron_dpsl.megatron_lm.vlm_provider import dpsl_vlm_model_provider
+    from megatron_dpsl.tracking.metrics_tracker import install_dpsl_metrics_tracker
 
     args = parse_and_validate_args(
         extra_args_provider=extra_args_provider,
