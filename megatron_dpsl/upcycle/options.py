@@ -21,8 +21,8 @@ def check_int(flag: str, value, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise UpcycleError(f"{flag} must be an int, got {value!r}")
     if value < low or (high is not None and value > high):
-        allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise UpcycleError(f"{flag} must be in {allowed}, got {value}")
+        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise UpcycleError(f"{flag} must be {allowed}, got {value}")
 
 
 def check_real(flag: str, value, low: float, high: float | None = None, *, high_open=False) -> None:
@@ -31,8 +31,8 @@ def check_real(flag: str, value, low: float, high: float | None = None, *, high_
     above = high is not None and (value >= high if high_open else value > high) if ok else False
     if not ok or value < low or above:
         close = ")" if high_open else "]"
-        allowed = f"[{low}, {high}{close}" if high is not None else f">= {low}"
-        raise UpcycleError(f"{flag} must be a finite number in {allowed}, got {value!r}")
+        allowed = f"in [{low}, {high}{close}" if high is not None else f">= {low}"
+        raise UpcycleError(f"{flag} must be a finite number {allowed}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
