@@ -242,8 +242,7 @@ def build_llava_model(
     token_groups: ModalityGroups | None = MODALITY_PRIOR,
     **llava_kwargs,
 ):
-    """Megatron-Core's ``LLaVAModel``: the plugin's language spec, a dense ViT and projector,
-    modality ids.
+    """Megatron-Core's ``LLaVAModel``: the plugin's language spec, dense ViT, projector, group ids.
 
     Args:
         language_config: the language model's ``DPSLTransformerConfig`` (MoE or dense).
