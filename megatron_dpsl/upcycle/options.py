@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 
+from megatron_dpsl.config import layer_freq
 from megatron_dpsl.upcycle.errors import UpcycleError
 from megatron_dpsl.upcycle.source import DenseModelInfo
 from megatron_dpsl.upcycle.transforms import ROUTER_INITS, WEIGHT_SCALINGS
@@ -14,32 +14,13 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 def parse_layer_freq(value) -> int | list[int]:
     """``--moe-layer-freq``: an int N (every N-th layer, from layer 0, is MoE) or a 0/1 list per
-    layer.
-
-    Accepts Megatron-LM's spellings: ``2``, ``[1,0,1,0]``, ``([1]*3+[0])*2``, or ``1,0,1,0``.
+    layer, in Megatron-LM's spellings (``2``, ``[1,0,1,0]``, ``([1]*3+[0])*2``) or ``1,0,1,0``;
+    read by ``megatron_dpsl.config.layer_freq`` (a bounded parser, never ``eval``).
     """
-    if isinstance(value, int):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
-    text = str(value).strip()
-    if re.fullmatch(r"\d+", text):
-        return int(text)
-    if re.fullmatch(r"[\d\s,]+", text):
-        return [int(v) for v in text.split(",") if v.strip()]
-    if not re.fullmatch(r"[\[\]()\d\s,+*]+", text):
-        raise UpcycleError(
-            f"--moe-layer-freq {value!r}: expected an int, a list like [1,0,1,0], or ([1]*3+[0])*2"
-        )
     try:
-        result = eval(text, {"__builtins__": {}}, {})  # only brackets, digits, + and * reach here
-    except Exception as exc:  # noqa: BLE001
-        raise UpcycleError(
-            f"--moe-layer-freq {value!r} is not a valid list expression: {exc}"
-        ) from None
-    if not isinstance(result, list):
-        raise UpcycleError(f"--moe-layer-freq {value!r} must evaluate to a list of 0/1")
-    return [int(v) for v in result]
+        return layer_freq.parse_layer_freq(value)
+    except layer_freq.LayerFreqError as err:
+        raise UpcycleError(str(err)) from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -134,14 +115,8 @@ class UpcycleOptions:
                 raise UpcycleError(
                     f"--{name.replace('_', '-')} must be a positive int, got {value!r}"
                 )
-        freq = parse_layer_freq(self.moe_layer_freq)
-        object.__setattr__(self, "moe_layer_freq", freq)
-        if isinstance(freq, int) and freq < 1:
-            raise UpcycleError(f"--moe-layer-freq must be >= 1, got {freq}")
-        if isinstance(freq, list) and (set(freq) - {0, 1} or not any(freq)):
-            raise UpcycleError(
-                f"--moe-layer-freq list must hold 0/1 with at least one 1, got {freq}"
-            )
+        # an int >= 1 or a 0/1 list with a 1
+        object.__setattr__(self, "moe_layer_freq", parse_layer_freq(self.moe_layer_freq))
         if self.weight_scaling == "exact":
             self._check_exact()
 
