@@ -121,6 +121,9 @@ def _build_dpsl_gpt(args, config, pre_process, post_process, vp_stage, pg_collec
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
         rope_scaling=args.use_rope_scaling,
+        # Megatron-LM's gpt_builders passes no factor (GPTModel's default 8.0 at core_v0.16.1 and
+        # core_v0.19.0): Llama 3.2's 32 would silently become 8
+        rope_scaling_factor=args.rope_scaling_factor,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )

@@ -189,17 +189,10 @@ def _hook_groups(language_config, vision_config, token_groups, llava_kwargs):
     uses_groups = getattr(language_config, "moe_dpsl_num_token_groups", None) is not None
     if token_groups is None:
         return None
-    if language_config.pipeline_model_parallel_size > 1:
-        if uses_groups:
-            raise ValueError(
-                "group priors (moe_dpsl_num_groups / moe_dpsl_group_alphas) with LLaVA need "
-                "pipeline_model_parallel_size=1: later stages never see input_ids, the ids cannot "
-                "follow yet"
-            )
-        return None  # no ids to follow the micro-batch: stock behaviour (padding rows counted)
     if (
         uses_groups
         and token_groups.vision is not None
+        and llava_kwargs.get("pre_process", True)
         and not llava_kwargs.get("add_encoder", True)
     ):
         raise ValueError(

@@ -172,6 +172,11 @@ BASELINES_BUILD_ARGV = [
 LAYER_FREQS = {"pattern": "([1]*1+[0]*1)*1", "power": "[9**9**9]", "huge": "[1]*10**9"}
 
 
+def _without(argv: list, flag: str, num_values: int) -> list:
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 1 + num_values :]
+
+
 def specs(trees: dict, work: Path) -> dict:
     """The child specs: ``{"unpatched": spec, "patched": spec}``."""
     stages = story.megatron_lm_stages(work / "story")
@@ -219,6 +224,20 @@ def specs(trees: dict, work: Path) -> dict:
             ],
         }
     out["unpatched"]["rehearse_upcycle"] = rehearsal(work / "rehearsal")
+    # a middle pipeline stage of the patched tree with group priors (megatron_lm_stage.py)
+    out["patched"]["middle_stage"] = {
+        "argv": [
+            *_without(BUILD_ARGV, "--moe-dpsl-alpha", 1),
+            *("--micro-batch-size", "2"),
+            # the plain expert MLP: no fused bias-gelu (needs swiglu), no bias (megatron-core's
+            # SequentialMLP adds it in place to a TP-reduced view, which autograd refuses in
+            # training)
+            *("--no-bias-gelu-fusion", "--disable-bias-linear"),
+            *("--hidden-dropout", "0", "--attention-dropout", "0"),  # the same values on every run
+            *story.GROUPS,
+        ],
+        "argv_without_groups": BUILD_ARGV,
+    }
     return out
 
 

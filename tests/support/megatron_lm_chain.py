@@ -439,6 +439,13 @@ def main() -> None:
             reports["rehearse_upcycle"] = rehearse_upcycle(**spec["rehearse_upcycle"])
         except Exception:  # noqa: BLE001 - the test prints it
             reports["rehearse_upcycle"] = {"error": traceback.format_exc()[-4000:]}
+    if "middle_stage" in spec:
+        from support.megatron_lm_stage import middle_stage_report
+
+        try:
+            reports["middle_stage"] = middle_stage_report(**spec["middle_stage"])
+        except Exception:  # noqa: BLE001 - the test prints it
+            reports["middle_stage"] = {"error": traceback.format_exc()[-4000:]}
     for build in spec.get("builds", []):
         try:
             reports[build["name"]] = build_report(build["argv"], spec.get("patched", False))
