@@ -43,6 +43,7 @@ from megatron_dpsl.models.llava_modality import (
     check_image_token_index,
 )
 from megatron_dpsl.models.llava_token_groups import attach_llava_token_groups
+from megatron_dpsl.models.specs import require_te
 
 MODALITY_PRIOR = ModalityGroups()  # image rows group 0, text rows group 1 (paper Sec. 3.4)
 # fields the ViT and projector configs take from the language model's (parallelism, precision, init)
@@ -189,17 +190,10 @@ def _hook_groups(language_config, vision_config, token_groups, llava_kwargs):
     uses_groups = getattr(language_config, "moe_dpsl_num_token_groups", None) is not None
     if token_groups is None:
         return None
-    if language_config.pipeline_model_parallel_size > 1:
-        if uses_groups:
-            raise ValueError(
-                "group priors (moe_dpsl_num_groups / moe_dpsl_group_alphas) with LLaVA need "
-                "pipeline_model_parallel_size=1: later stages never see input_ids, the ids cannot "
-                "follow yet"
-            )
-        return None  # no ids to follow the micro-batch: stock behaviour (padding rows counted)
     if (
         uses_groups
         and token_groups.vision is not None
+        and llava_kwargs.get("pre_process", True)
         and not llava_kwargs.get("add_encoder", True)
     ):
         raise ValueError(
@@ -259,6 +253,7 @@ def build_llava_model(
     """
     from megatron.core.models.multimodal.llava_model import LLaVAModel
 
+    require_te(use_transformer_engine)  # before any part is built: one message, not three
     token_groups = _hook_groups(language_config, vision_config, token_groups, llava_kwargs)
     check_image_token_index(image_token_index, vocab_size)
     parts = _llava_parts(

@@ -38,7 +38,7 @@ import sys
 import time
 
 from megatron_dpsl.train import out_dir
-from megatron_dpsl.train.flag_checks import check_number
+from megatron_dpsl.train.flag_checks import OneLineErrorParser, check_number
 from megatron_dpsl.train.trainer import free_port  # stdlib-only at import time, like this module
 
 GROUP_NAMES = ("code", "prose")
@@ -528,7 +528,7 @@ def add_launch_args(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="python -m megatron_dpsl.train.quickstart", description=__doc__.splitlines()[0]
     )
     add_launch_args(p, out="outputs/quickstart", tiny_help="a very short run (smoke test, ~1 min)")

@@ -177,7 +177,7 @@ def save_legacy(model, save_dir, args, iteration=3, tp_rank=0):
     step = os.path.join(save_dir, f"iter_{iteration:07d}", f"mp_rank_{tp_rank:02d}")
     os.makedirs(step, exist_ok=True)
     state = {
-        "args": args,
+        "args": argparse.Namespace(**{**vars(args), "ckpt_format": "torch"}),
         "checkpoint_version": 3.0,
         "iteration": iteration,
         "model": model.state_dict_for_save_checkpoint(),
