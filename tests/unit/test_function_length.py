@@ -24,8 +24,6 @@ ARGPARSE_TABLES = {
 NOT_YET_SPLIT = {
     # helper `backbones` is splitting the upcycler's glue (issue 22 item 3: plan -> check -> write;
     # the HF source's constructor only stores what a parser returns): remove once main has it
-    "upcycle/convert.py::_run": "backbones",
-    "upcycle/hf.py::__init__": "backbones",
     "upcycle/layers.py::layer_pieces": "backbones",
     "upcycle/megatron_args.py::complete_args": "backbones",
     "upcycle/writer.py::write_torch_dist": "backbones",
