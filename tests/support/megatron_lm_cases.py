@@ -18,6 +18,7 @@ from pathlib import Path
 import megatron_lm_story as story
 
 from support.common import child_env
+from support.megatron_lm_vlm_cases import VLM_BUILD_ARGV, vlm_cases
 
 CHAIN = Path(__file__).resolve().parent / "megatron_lm_chain.py"
 
@@ -222,6 +223,16 @@ def specs(trees: dict, work: Path) -> dict:
         ],
         "argv_without_groups": BUILD_ARGV,
     }
+    # the VLM launcher (megatron_lm_vlm_cases.py) and modality priors refused by the GPT launcher
+    out["unpatched"]["cases"] += [
+        *vlm_cases(work),
+        {
+            "name": "launcher_modality",
+            "entry": "launcher",
+            "argv": [*group_argv(work / "unpatched"), "--moe-dpsl-token-groups", "modality"],
+        },
+    ]
+    out["unpatched"]["builds"].append({"name": "vlm_build", "kind": "vlm", "argv": VLM_BUILD_ARGV})
     return out
 
 

@@ -41,16 +41,23 @@ from pathlib import Path
 GIT_DIR_ENV = "MEGATRON_LM_GIT_DIR"
 # megatron-core release (major, minor) -> the Megatron-LM tag whose training code goes with it
 TAGS = {(0, 16): "core_v0.16.1", (0, 19): "core_v0.19.0"}
-# What pretrain_gpt.py needs from a checkout (megatron/ holds core, training, legacy, rl,
+# What pretrain_gpt.py and pretrain_vlm.py need from a checkout (megatron/ holds core, training,
+# legacy, rl,
 # post_training, ...)
-TREE_PATHS = ("megatron", "pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
+TREE_PATHS = (
+    "megatron",
+    "pretrain_gpt.py",
+    "gpt_builders.py",
+    "model_provider.py",
+    "pretrain_vlm.py",
+)
 # The committed snapshots: what a tree needs but megatron/core (the installed wheel supplies it)
 SNAPSHOT_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "megatron_lm"
 SNAPSHOT_MANIFEST = SNAPSHOT_DIR / "snapshots.json"
 SNAPSHOT_PATHS = ("LICENSE", *TREE_PATHS)
 SNAPSHOT_EXCLUDE = "megatron/core"
 # Megatron-LM's module names that a child interpreter must not take from an earlier tree
-_TOP_MODULES = ("pretrain_gpt", "gpt_builders", "model_provider")
+_TOP_MODULES = ("pretrain_gpt", "gpt_builders", "model_provider", "pretrain_vlm")
 
 
 def git_dir() -> str | None:

@@ -407,3 +407,31 @@ def test_forwards_the_ids_cannot_describe_are_refused():
     thd = PackedSeqParams(qkv_format="thd")
     with pytest.raises(ValueError, match="THD .* with context parallelism are not followed"):
         _forward(model, images, input_ids, tiles, 15, packed_seq_params=thd)
+
+
+def _switch_loss(logits, topk=2):
+    """Switch Transformer's load-balancing loss without its coefficient, ``[N, E]`` logits:
+    E / (k N^2) * sum_e (sum_t p_te) * (tokens routed to e)."""
+    probs = torch.softmax(logits, dim=-1)
+    routed = torch.zeros_like(probs).scatter(1, probs.topk(topk, dim=-1).indices, 1.0)
+    n, experts = probs.shape
+    return experts / (topk * n * n) * (probs.sum(0) * routed.sum(0)).sum()
+
+
+def test_megatron_load_balancing_loss_leaves_pad_rows_out(fresh_moe_losses):
+    """Without DPSL the padding flags still reach Megatron's own aux loss (Switch balancing)."""
+    lm = _lm_config(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2)
+    model = _build(lm)
+    images, input_ids, tiles = _inputs()
+    probe = _Probe(model)
+    logits = _capture_logits(model)
+    _forward(model, images, input_ids, tiles, 15)
+    _, is_pad = probe.reference()
+    pad = is_pad.T.reshape(-1)  # s-major, as the router flattens
+    for layer, layer_logits in enumerate(logits):
+        flat = layer_logits.reshape(-1, 4).float()
+        ref = _switch_loss(flat[~pad])
+        tracked = moe_tracked("load_balancing_loss")[layer]
+        # fp32 sums of the same terms in another order: a few ulps
+        torch.testing.assert_close(tracked, ref, rtol=1e-5, atol=1e-7)
+        assert abs(float(_switch_loss(flat) - ref)) > 1e-4  # the pad rows would have changed it
