@@ -43,6 +43,7 @@ from megatron_dpsl.models.llava_modality import (
     check_image_token_index,
 )
 from megatron_dpsl.models.llava_token_groups import attach_llava_token_groups
+from megatron_dpsl.models.specs import require_te
 
 MODALITY_PRIOR = ModalityGroups()  # image rows group 0, text rows group 1 (paper Sec. 3.4)
 # fields the ViT and projector configs take from the language model's (parallelism, precision, init)
@@ -253,6 +254,7 @@ def build_llava_model(
     """
     from megatron.core.models.multimodal.llava_model import LLaVAModel
 
+    require_te(use_transformer_engine)  # before any part is built: one message, not three
     token_groups = _hook_groups(language_config, vision_config, token_groups, llava_kwargs)
     check_image_token_index(image_token_index, vocab_size)
     parts = _llava_parts(
