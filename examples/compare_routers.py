@@ -48,7 +48,7 @@ import sys
 import time
 
 from megatron_dpsl.train import quickstart as qs
-from megatron_dpsl.train.flag_checks import check_number
+from megatron_dpsl.train.flag_checks import OneLineErrorParser, check_number
 
 ALPHA = 1.0  # symmetric prior of the DPSL runs (DPSLTransformerConfig's default)
 ALPHA_BASE, ALPHA_SHIFT = 0.75, 0.5  # modality priors (paper Sec. 3.4; the quickstart's)
@@ -157,7 +157,7 @@ def write_report(out: str, names: list[str]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="python examples/compare_routers.py", description=__doc__.splitlines()[0]
     )
     qs.add_launch_args(

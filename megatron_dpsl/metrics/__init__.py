@@ -4,10 +4,18 @@ job."""
 
 from megatron_dpsl.metrics.routing import (
     expert_load_cov,
+    group_expert_usage,
     ks_distance,
     mean_max_prob,
     prior_distance,
     routing_entropy,
 )
 
-__all__ = ["expert_load_cov", "ks_distance", "mean_max_prob", "prior_distance", "routing_entropy"]
+__all__ = [
+    "expert_load_cov",
+    "group_expert_usage",
+    "ks_distance",
+    "mean_max_prob",
+    "prior_distance",
+    "routing_entropy",
+]

@@ -142,3 +142,20 @@ def ks_distance(
             (r.expert,), torch.isnan(gap), accumulate=True
         )
         return torch.where(has_nan, torch.full_like(out, float("nan")), out)
+
+
+def group_expert_usage(
+    routing_map: torch.Tensor, group_ids: torch.Tensor, num_groups: int
+) -> torch.Tensor:
+    """Each token group's share of its expert assignments per expert: ``[G, E]`` float32, rows
+    summing to 1 (all-zero rows for groups without a routed token).
+
+    Args:
+        routing_map: ``[num_tokens, num_experts]`` bool (top-k selection).
+        group_ids: ``[num_tokens]`` int in ``[0, num_groups)``.
+    """
+    with torch.no_grad():
+        counts = torch.zeros(num_groups, routing_map.shape[1], device=routing_map.device)
+        counts.index_add_(0, group_ids.long(), routing_map.float())  # [G, E] assignments
+        totals = counts.sum(1, keepdim=True)
+        return torch.where(totals > 0, counts / totals.clamp(min=1), torch.zeros_like(counts))

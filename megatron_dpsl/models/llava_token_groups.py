@@ -55,21 +55,19 @@ def unwrap_llava(model):
 
 
 def check_llava_groups(llava, groups: ModalityGroups) -> None:
-    """One-line errors for a model the ids cannot describe (no vision encoder, pipeline stages,
-    group count)."""
+    """One-line errors for a model the ids cannot describe (no vision encoder, group count).
+
+    A pipeline stage after the first has no vision encoder of its own (its embeddings come from the
+    first stage): it still computes the ids, from the ``input_ids`` its forward gets.
+    """
     config = llava.language_model.config
     wanted = getattr(config, "moe_dpsl_num_token_groups", None)
-    if wanted is not None and groups.vision is not None and not llava.add_encoder:
-        raise ValueError(
-            "modality priors need a vision encoder: the LLaVAModel has add_encoder=False; "
-            "use ModalityGroups(vision=None) for task-only groups"
-        )
-    if llava._language_is_pipeline_parallel:
-        raise ValueError(
-            "LLaVA token groups need pipeline_model_parallel_size=1: stages after the first never "
-            "see "
-            "input_ids, so the ids cannot follow the micro-batch there yet"
-        )
+    if wanted is not None and groups.vision is not None and llava.pre_process:
+        if not llava.add_encoder:
+            raise ValueError(
+                "modality priors need a vision encoder: the LLaVAModel has add_encoder=False; "
+                "use ModalityGroups(vision=None) for task-only groups"
+            )
     if wanted is not None and wanted != groups.num_groups:
         raise ValueError(
             f"ModalityGroups give {groups.num_groups} groups but the language model's DPSL prior "
@@ -94,12 +92,15 @@ _UNFOLLOWED = {
 }
 
 
-def _check_call(llava, call: dict) -> None:
-    """One-line errors for forwards whose combined sequence the ids cannot describe."""
+def _check_call(llava, call: dict) -> bool:
+    """False when this forward gets no ids (no ``input_ids`` and no group priors: a middle pipeline
+    stage of ``examples/multimodal``); one-line errors for forwards the ids cannot describe."""
     if call.get("input_ids") is None:
+        if getattr(llava.language_model.config, "moe_dpsl_num_token_groups", None) is None:
+            return False
         raise ValueError(
             "LLaVA token groups: this forward got no input_ids (a pipeline stage without data?); "
-            "the modality ids are computed from them"
+            "group priors need them on every stage"
         )
     for name, what in _UNFOLLOWED.items():
         if call.get(name) is not None:
@@ -113,6 +114,7 @@ def _check_call(llava, call: dict) -> None:
             "LLaVA token groups: THD (packed) sequences with context parallelism are not followed "
             "by the modality ids yet (TE slices them for CP); use sbhd"
         )
+    return True
 
 
 class _Hook:
@@ -130,8 +132,10 @@ class _Hook:
         kwargs = dict(kwargs)
         task_ids = kwargs.pop(TASK_IDS_KWARG, None)
         call = self.signature.bind(llava, *args, **kwargs).arguments
-        if call.get("inference_context") is not None or call.get("inference_params") is not None:
-            # generation with a KV cache: no router loss, and later steps are not LLaVA's layout
+        generating = any(call.get(k) is not None for k in ("inference_context", "inference_params"))
+        if generating or not _check_call(llava, call):
+            # generation with a KV cache (no router loss; later steps are not LLaVA's layout), or a
+            # stage without input_ids and without group priors: no ids, no padding flags
             self.tokens.append(set_dpsl_token_groups(None))
         else:
             ids, pad = self.ids(llava, call, task_ids)
@@ -143,7 +147,6 @@ class _Hook:
 
     def ids(self, llava, call: dict, task_ids: torch.Tensor | None):
         """``([b, S] long ids, [b, S] bool padding)`` for one forward call's bound arguments."""
-        _check_call(llava, call)
         input_ids, images = call["input_ids"], call.get("images")
         tiles, index = call.get("num_image_tiles"), call.get("image_token_index")
         if index is None:

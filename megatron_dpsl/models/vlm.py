@@ -43,6 +43,7 @@ from megatron_dpsl.models.llava_modality import (
     check_image_token_index,
 )
 from megatron_dpsl.models.llava_token_groups import attach_llava_token_groups
+from megatron_dpsl.models.specs import require_te
 
 MODALITY_PRIOR = ModalityGroups()  # image rows group 0, text rows group 1 (paper Sec. 3.4)
 # fields the ViT and projector configs take from the language model's (parallelism, precision, init)
@@ -189,17 +190,10 @@ def _hook_groups(language_config, vision_config, token_groups, llava_kwargs):
     uses_groups = getattr(language_config, "moe_dpsl_num_token_groups", None) is not None
     if token_groups is None:
         return None
-    if language_config.pipeline_model_parallel_size > 1:
-        if uses_groups:
-            raise ValueError(
-                "group priors (moe_dpsl_num_groups / moe_dpsl_group_alphas) with LLaVA need "
-                "pipeline_model_parallel_size=1: later stages never see input_ids, the ids cannot "
-                "follow yet"
-            )
-        return None  # no ids to follow the micro-batch: stock behaviour (padding rows counted)
     if (
         uses_groups
         and token_groups.vision is not None
+        and llava_kwargs.get("pre_process", True)
         and not llava_kwargs.get("add_encoder", True)
     ):
         raise ValueError(
@@ -226,6 +220,13 @@ def _llava_parts(language_config, vision_config, projection, use_te, language_la
     )
 
 
+def _language_spec(language_config, spec: str, use_transformer_engine: bool, kwargs: dict | None):
+    """The language model's layer spec (``models.gpt.gpt_layer_spec``)."""
+    return gpt_layer_spec(
+        language_config, spec=spec, use_transformer_engine=use_transformer_engine, **(kwargs or {})
+    )
+
+
 def build_llava_model(
     language_config,
     vision_config,
@@ -242,8 +243,7 @@ def build_llava_model(
     token_groups: ModalityGroups | None = MODALITY_PRIOR,
     **llava_kwargs,
 ):
-    """Megatron-Core's ``LLaVAModel``: the plugin's language spec, a dense ViT and projector,
-    modality ids.
+    """Megatron-Core's ``LLaVAModel``: the plugin's language spec, dense ViT, projector, group ids.
 
     Args:
         language_config: the language model's ``DPSLTransformerConfig`` (MoE or dense).
@@ -260,6 +260,7 @@ def build_llava_model(
     """
     from megatron.core.models.multimodal.llava_model import LLaVAModel
 
+    require_te(use_transformer_engine)  # before any part is built: one message, not three
     token_groups = _hook_groups(language_config, vision_config, token_groups, llava_kwargs)
     check_image_token_index(image_token_index, vocab_size)
     parts = _llava_parts(
@@ -267,11 +268,8 @@ def build_llava_model(
         vision_config,
         vision_projection_config or projection_config(language_config),
         use_transformer_engine,
-        gpt_layer_spec(
-            language_config,
-            spec=language_spec,
-            use_transformer_engine=use_transformer_engine,
-            **(language_spec_kwargs or {}),
+        _language_spec(
+            language_config, language_spec, use_transformer_engine, language_spec_kwargs
         ),
         projector_norm,
     )

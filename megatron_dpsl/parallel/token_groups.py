@@ -146,24 +146,26 @@ def dpsl_token_groups(
 
 
 # ---- the ids of the micro-batch a forward computes (module docstring) ----
-def _running_checkpoint_node():
-    """The ``ctx`` (autograd node) of the innermost custom ``Function`` whose ``forward`` is
-    running.
+def _running_checkpoint_nodes() -> list:
+    """The ``ctx`` (autograd node) of every custom ``Function`` whose ``forward`` is running,
+    innermost first.
 
     A reentrant checkpoint (``CheckpointFunction.forward(ctx, run_function, ...)`` in Megatron,
     Transformer Engine and torch) runs the checkpointed layers inside its ``forward``; PyTorch has
     no API for the running ``ctx``, so the caller's frames are searched for it (a few dozen frames,
-    only on a forward with gradients off in training mode).
+    only on a forward with gradients off in training mode). Nested checkpoints each replay the
+    forward, so each gets the ids.
     """
+    nodes = []
     frame = sys._getframe(2)
     while frame is not None:
         code = frame.f_code
         if code.co_name == "forward" and code.co_argcount:
             ctx = frame.f_locals.get(code.co_varnames[0])
             if isinstance(ctx, torch.autograd.function.BackwardCFunction):
-                return ctx
+                nodes.append(ctx)
         frame = frame.f_back
-    return None
+    return nodes
 
 
 def in_recompute() -> bool:
@@ -176,30 +178,32 @@ def token_groups_for_forward(training: bool, required: bool = True) -> TokenGrou
 
     ``training``: the calling module's ``training`` flag. In a replay inside the backward pass the
     ids come from the checkpoint node that runs it (raises if its forward recorded none); otherwise
-    they are the ids set now, which a training forward with gradients off (a checkpoint's first run)
-    attaches to its checkpoint's node for the replay. ``required=False`` (a router without group
-    priors, reading only padding flags): a replay whose forward recorded nothing gets ``None``.
+    they are the ids set now. A training forward with gradients off (a checkpoint's first run, also
+    one nested inside a replay) attaches them to its checkpoint's node for that checkpoint's replay.
+    ``required=False`` (a router without group priors, reading only padding flags): a replay whose
+    forward recorded nothing gets ``None``.
     """
-    if in_recompute():
-        node = torch._C._current_autograd_node()
-        if not hasattr(node, _NODE_ATTR):
-            if not required:
-                return None
-            raise RuntimeError(
-                "dpsl_token_groups: a router is being recomputed in the backward pass but its "
-                "forward "
-                "recorded no group ids: set them around that forward (with dpsl_token_groups(ids): "
-                "...); "
-                "non-reentrant checkpointing is not supported with group priors"
-            )
-        return getattr(node, _NODE_ATTR)
-    groups = _CURRENT.get()
+    groups = _replayed_groups(required) if in_recompute() else _CURRENT.get()
     if training and not torch.is_grad_enabled():
-        node = _running_checkpoint_node()
-        if node is not None:
-            # one micro-batch per checkpoint: every router inside it records the same ids
-            setattr(node, _NODE_ATTR, groups)
+        for node in _running_checkpoint_nodes():
+            if not hasattr(node, _NODE_ATTR):
+                # one micro-batch per checkpoint: every router inside it records the same ids
+                setattr(node, _NODE_ATTR, groups)
     return groups
+
+
+def _replayed_groups(required: bool) -> TokenGroups | None:
+    """The ids the forward being recomputed recorded on the checkpoint node that replays it."""
+    node = torch._C._current_autograd_node()
+    if not hasattr(node, _NODE_ATTR):
+        if not required:
+            return None
+        raise RuntimeError(
+            "dpsl_token_groups: a router is being recomputed in the backward pass but its forward "
+            "recorded no group ids: set them around that forward (with dpsl_token_groups(ids): "
+            "...); non-reentrant checkpointing is not supported with group priors"
+        )
+    return getattr(node, _NODE_ATTR)
 
 
 def _cp_slice(batch: dict, cp_group) -> dict:

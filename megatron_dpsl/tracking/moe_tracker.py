@@ -16,6 +16,8 @@ function uses for the DP average.)
 
 from __future__ import annotations
 
+from megatron_dpsl.config.load_balancing import plugin_types_in
+
 
 def track_moe_metrics(
     *,
@@ -66,3 +68,17 @@ def reset_tracker() -> None:
         moe_utils.get_moe_metrics_tracker().metrics.clear()
     else:
         moe_utils.get_moe_layer_wise_logging_tracker().clear()
+
+
+def plugin_track_names(load_balancing_type) -> list[str]:
+    """The MoE tracker names of the plugin losses that ``--moe-router-load-balancing-type`` turns
+    on.
+
+    ``load_balancing_type``: Megatron-LM's ``args.moe_router_load_balancing_type`` (a string or a
+    list). Each plugin type ``t`` records ``f"{t}_loss"`` (``dpsl`` -> ``dpsl_loss``), and
+    ``training_log`` must list it in ``track_names`` to reduce it over PP and DP (patch 4 of
+    core_v0.16.1) or, at core_v0.19, to log it at all (patch 5 of core_v0.19.0, or the launcher's
+    ``tracking.metrics_tracker.DPSLMetricsTracker``). Patched Megatron-LM trees call it as
+    ``megatron_dpsl.megatron_lm.hooks.plugin_track_names``.
+    """
+    return [f"{t}_loss" for t in plugin_types_in(load_balancing_type)]

@@ -186,12 +186,11 @@ def summarize(
         dist_e = metrics.prior_distance(
             probs.double(), alpha.double(), group_ids=ids if use_groups else None
         )
-        usage = torch.zeros(num_groups, num_experts)
-        if ids is not None:
-            for g in range(num_groups):
-                sel = rmap[ids == g]
-                if sel.shape[0]:
-                    usage[g] = sel.float().sum(0) / sel.float().sum()
+        usage = (
+            torch.zeros(num_groups, num_experts)
+            if ids is None
+            else metrics.group_expert_usage(rmap, ids, num_groups)
+        )
         step = max(1, probs.shape[0] // max_tokens)
         out.append(
             {

@@ -15,13 +15,19 @@ import importlib.util
 import math
 from collections.abc import Sequence
 
-from megatron_dpsl.megatron_lm.args import add_dpsl_args, add_moe_load_balancing_args
+from megatron_dpsl.megatron_lm.args import (
+    VLM_LAUNCHER_HINT,
+    add_dpsl_args,
+    add_moe_load_balancing_args,
+    require_token_groups,
+)
+from megatron_dpsl.train.flag_checks import OneLineErrorParser, check_number
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="megatron-dpsl-train",
         description="Compact GPT/MoE trainer on megatron-core with the DPSL router (Megatron-LM "
         "flag "
@@ -284,6 +290,72 @@ def _validate_llava(args: argparse.Namespace) -> None:
         )
 
 
+def _count(flag: str, lo: int = 1, hi: int | None = None, note: str = "") -> tuple:
+    return flag, dict(lo=lo, hi=hi, integer=True, note=note)
+
+
+def _real(flag: str, lo: float = 0, hi: float | None = None, **kw) -> tuple:
+    return flag, dict(lo=lo, hi=hi, **kw)
+
+
+# Every numeric flag of the trainer and its range (None: the flag's derived default). The DPSL and
+# AC flags are not here: DPSLTransformerConfig (the one validator) checks them under their flags.
+NUMERIC_FLAGS = (
+    _count("--num-layers"),
+    _count("--hidden-size"),
+    _count("--ffn-hidden-size"),
+    _count("--num-attention-heads"),
+    _count("--num-query-groups"),
+    _count("--seq-length"),
+    _count("--max-position-embeddings"),
+    _count("--vocab-size"),
+    _count("--make-vocab-size-divisible-by"),
+    _real("--init-method-std", lo_open=True),
+    _real("--hidden-dropout", hi=1, hi_open=True),
+    _real("--attention-dropout", hi=1, hi_open=True),
+    _count("--num-experts"),
+    _count("--moe-router-topk"),
+    _count("--moe-ffn-hidden-size"),
+    _real("--moe-z-loss-coeff"),
+    _real("--moe-router-bias-update-rate"),
+    _real("--moe-aux-loss-coeff"),
+    _count("--tensor-model-parallel-size"),
+    _count("--expert-model-parallel-size"),
+    _count("--expert-tensor-parallel-size"),
+    _count("--context-parallel-size"),
+    _count("--pipeline-model-parallel-size"),
+    _count("--micro-batch-size"),
+    _count("--global-batch-size"),
+    _count("--train-iters"),
+    _real("--lr"),
+    _real("--min-lr"),
+    _count("--lr-warmup-iters", 0),
+    _count("--lr-decay-iters"),
+    _real("--weight-decay"),
+    _real("--adam-beta1", hi=1, hi_open=True),
+    _real("--adam-beta2", hi=1, hi_open=True),
+    _real("--adam-eps", lo_open=True),
+    _real("--clip-grad", note="0 disables clipping"),
+    _count("--seed", 0, 2**32 - 1, note="NumPy's seed range"),
+    _count("--save-interval"),
+    _count("--log-interval"),
+    _count("--eval-interval"),
+    _count("--eval-iters", note="the trainer evaluates at least once, at the end"),
+    _count("--patch-dim"),
+    _count("--encoder-num-layers"),
+    _count("--vision-hidden-size"),
+)
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Every flag of ``NUMERIC_FLAGS`` is finite and in range (lists: each value); ValueError."""
+    for flag, bounds in NUMERIC_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None:
+                check_number(flag, v, **bounds)
+
+
 def _error(flag: str, message: str) -> None:
     raise ValueError(f"{flag}: {message}")
 
@@ -291,19 +363,7 @@ def _error(flag: str, message: str) -> None:
 def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Fill derived values the way Megatron-LM's ``validate_args`` does; ValueError naming the
     flag."""
-    for flag, value in (
-        ("--num-layers", args.num_layers),
-        ("--hidden-size", args.hidden_size),
-        ("--num-attention-heads", args.num_attention_heads),
-        ("--seq-length", args.seq_length),
-        ("--micro-batch-size", args.micro_batch_size),
-        ("--train-iters", args.train_iters),
-        ("--tensor-model-parallel-size", args.tensor_model_parallel_size),
-        ("--expert-model-parallel-size", args.expert_model_parallel_size),
-        ("--context-parallel-size", args.context_parallel_size),
-    ):
-        if value is None or value < 1:
-            _error(flag, f"must be a positive integer, got {value}")
+    check_ranges(args)
     if args.pipeline_model_parallel_size != 1:
         _error(
             "--pipeline-model-parallel-size",
@@ -317,6 +377,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _error(
             "--seq-length",
             f"{args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}",
+        )
+    if args.num_query_groups is not None and args.num_attention_heads % args.num_query_groups:
+        _error(
+            "--num-query-groups",
+            f"must divide --num-attention-heads {args.num_attention_heads}, got "
+            f"{args.num_query_groups}",
         )
     if args.hidden_size % args.num_attention_heads:
         _error(
@@ -444,7 +510,22 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         )
     if args.moe_router_enable_expert_bias and args.num_experts is None:
         _error("--moe-router-enable-expert-bias", "needs --num-experts (an MoE model)")
+    _check_token_groups(args)
     return args
+
+
+def _check_token_groups(args: argparse.Namespace) -> None:
+    """``--moe-dpsl-token-groups``: the corpus gives each document's group (``dataset``); the
+    trainer's LLaVA (``--llava``, when present) the modality, with vision on group 0."""
+    llava = getattr(args, "llava", False)
+    hint = (
+        "the embedded trainer has one with --llava" if hasattr(args, "llava") else VLM_LAUNCHER_HINT
+    )
+    require_token_groups(
+        args, ("modality",) if llava else ("dataset",), "megatron-dpsl-train", hint=hint
+    )
+    if getattr(args, "moe_dpsl_vision_group", None) not in (None, 0):
+        _error("--moe-dpsl-vision-group", "the embedded trainer puts vision on group 0")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -125,7 +125,7 @@ def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> tu
         if os.path.isfile(os.path.join(args.load, "metadata.json")):
             path = args.load  # a bare dist_checkpointing directory
         else:
-            raise FileNotFoundError(
+            raise ValueError(  # a flag error (one line, exit 2), not a traceback
                 f"--load: no {TRACKER_FILENAME} (Megatron-LM layout) or metadata.json "
                 f"(dist_checkpointing) in {args.load}"
             )

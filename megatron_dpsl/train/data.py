@@ -34,7 +34,7 @@ class ByteCorpus:
         grp = os.path.join(data_path, f"{split}_groups.bin")
         for path in (tok, grp):
             if not os.path.isfile(path):
-                raise FileNotFoundError(
+                raise ValueError(  # a flag error (one line, exit 2), not a traceback
                     f"--data-path: {path} not found; build a corpus with python -m "
                     f"megatron_dpsl.train.corpus --out {data_path}"
                 )

@@ -1,12 +1,22 @@
-"""Range checks for numeric command-line flags: a ``ValueError`` naming the flag and the range.
+"""Command-line errors in one line: range checks for numeric flags (a ``ValueError`` naming the
+flag and the range) and an ``ArgumentParser`` whose own errors are one line too.
 
-Shared by the trainer's ``validate_args`` and the quickstart's up-front checks. NaN and infinities
-are never in range (argparse's ``float`` accepts ``nan`` and ``inf``).
+Shared by the trainer's ``validate_args``, the quickstart's up-front checks and the CLIs' parsers.
+NaN and infinities are never in range (argparse's ``float`` accepts ``nan`` and ``inf``).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a parse error is the one line ``PROG: error: MESSAGE`` (exit code 2, as
+    argparse): the full usage of a parser with dozens of flags buries the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
 def _range_text(lo, hi, lo_open: bool, hi_open: bool) -> str:

@@ -298,11 +298,19 @@ def _samplers(args: argparse.Namespace, device, model):
     if args.llava:
         return _vlm_samplers(args, device, model.img_seq_len)
     if args.mock_data:
-        train_data = ByteCorpus.mock(1 << 20, args.seed)
-        valid_data = ByteCorpus.mock(1 << 16, args.seed + 1)
+        vocab = min(args.vocab_size, 256)  # byte tokens
+        train_data = ByteCorpus.mock(1 << 20, args.seed, vocab)
+        valid_data = ByteCorpus.mock(1 << 16, args.seed + 1, vocab)
     else:
         train_data = ByteCorpus.load(args.data_path, "train")
         valid_data = ByteCorpus.load(args.data_path, "valid")
+    for split, data in (("train", train_data), ("valid", valid_data)):
+        top = int(data.tokens.max()) if data.tokens.size else 0
+        if top >= args.vocab_size:  # the embedding lookup would fail deep inside torch
+            raise ValueError(
+                f"--vocab-size: the {split} data holds token id {top}; give at least {top + 1}, "
+                f"got {args.vocab_size}"
+            )
     kw = dict(
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
@@ -602,16 +610,26 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``megatron-dpsl-train``: parse Megatron-LM-style flags and train."""
-    from megatron_dpsl.train.arguments import parse_args
+    from megatron_dpsl.train.arguments import parse_args, validate_args
 
     args = parse_args(argv)
     try:
+        # the flags first, on a copy, before torch.distributed and Megatron are set up (seconds)
+        validate_args(argparse.Namespace(**vars(args)), int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as err:
+        _flag_error(err)
+    try:
         pretrain(args)
-    except ValueError as err:  # flag errors: one clear line, exit code 2 like argparse
-        print(f"megatron-dpsl-train: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    except ValueError as err:  # flags only the config or the data can judge
+        _flag_error(err)
     finally:
         shutdown()
+
+
+def _flag_error(err: ValueError) -> None:
+    """A flag error as argparse reports one: one line naming the flag, exit code 2."""
+    print(f"megatron-dpsl-train: error: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 
 
 def shutdown() -> None:

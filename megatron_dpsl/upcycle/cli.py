@@ -146,8 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("silu", "gelu", "squared_relu", "quick_gelu"),
         default=None,
         help="activation of a source whose args do not say (default: from the source's args, else "
-        "the "
-        "shapes: gated -> silu, else gelu)",
+        "the shapes: gated -> silu, else gelu)",
     )
     vision = p.add_argument_group(
         "LLaVA sources",
@@ -172,8 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="the ViT's class token is dropped before the projector; an error if the checkpoint "
-        "says "
-        "otherwise (default: the checkpoint's)",
+        "says otherwise (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--seq-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sequence length written to the output's args (what --use-checkpoint-args fills in); "
+        "at most the source's positions and, for Phi-3, its sliding window (default: the source's; "
+        "HF: max_position_embeddings, or Phi-3's sliding_window)",
     )
     p.add_argument(
         "--seed",
@@ -201,33 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     from megatron_dpsl.upcycle.convert import upcycle
 
+    options = {k: v for k, v in vars(args).items() if k not in ("source", "output", "no_progress")}
     try:
-        result = upcycle(
-            args.source,
-            args.output,
-            num_experts=args.num_experts,
-            granularity=args.granularity,
-            moe_router_topk=args.moe_router_topk,
-            router_init=args.router_init,
-            router_init_std=args.router_init_std,
-            weight_scaling=args.weight_scaling,
-            expert_noise_std=args.expert_noise_std,
-            drop_upcycling_ratio=args.drop_upcycling_ratio,
-            shared_expert=args.shared_expert,
-            moe_layer_freq=args.moe_layer_freq,
-            moe_router_pre_softmax=args.moe_router_pre_softmax,
-            moe_router_score_function=args.moe_router_score_function,
-            activation=args.activation,
-            img_h=args.img_h,
-            img_w=args.img_w,
-            patch_dim=args.patch_dim,
-            encoder_num_layers=args.encoder_num_layers,
-            disable_vision_class_token=args.disable_vision_class_token,
-            seed=args.seed,
-            force=args.force,
-            dry_run=args.dry_run,
-            progress=not args.no_progress,
-        )
+        result = upcycle(args.source, args.output, progress=not args.no_progress, **options)
     except UpcycleError as exc:
         print(f"megatron-dpsl-upcycle: error: {exc}", file=sys.stderr)
         return 2
@@ -237,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print("\n".join(result.pieces))
     print(result.table)
+    print(result.flags_text())
     if result.output is not None:
         print(f"wrote {result.output}")
     return 0

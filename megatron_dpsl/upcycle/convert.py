@@ -7,22 +7,23 @@ import dataclasses
 import datetime
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
 from megatron_dpsl.upcycle.errors import UpcycleError
+from megatron_dpsl.upcycle.flags import megatron_lm_flags, not_restored
 from megatron_dpsl.upcycle.hf import HFDenseSource, is_hf_checkpoint
-from megatron_dpsl.upcycle.layers import LayerPlan, layer_parts, layer_pieces
 from megatron_dpsl.upcycle.llava import check_vision_options
 from megatron_dpsl.upcycle.megatron_args import FRESH_START, complete_args, moe_fields
 from megatron_dpsl.upcycle.options import UpcycleOptions
 from megatron_dpsl.upcycle.ownership import Leftover, sweep
-from megatron_dpsl.upcycle.pieces import Piece, describe
+from megatron_dpsl.upcycle.pieces import describe
+from megatron_dpsl.upcycle.plan import LayerCache, conversion_shape, pieces_for, plan_conversion
 from megatron_dpsl.upcycle.source import DenseModelInfo
 from megatron_dpsl.upcycle.summary import Counts, format_table, summary_rows
-from megatron_dpsl.upcycle.transforms import weight_scales
 from megatron_dpsl.upcycle.writer import atomic_directory, write_torch_dist
 
 CONFIG_JSON = "upcycle_config.json"
@@ -42,12 +43,28 @@ class UpcycleResult:
     leftovers: list[Leftover] = dataclasses.field(default_factory=list)
     """Temporary directories of the same output from earlier runs: removed if provably dead, else
     reported."""
+    flags: list[str] = dataclasses.field(default_factory=list)
+    """Megatron-LM flags that build the output's model (flags.py)."""
+
+    def flags_text(self) -> str:
+        """The flags as the CLI prints them, and those ``--use-checkpoint-args`` does not
+        restore."""
+        text = "Megatron-LM flags of this model:\n  " + shlex.join(self.flags)
+        kept = not_restored(self.flags)
+        if kept:
+            text += "\nwith --use-checkpoint-args, still pass:\n  " + shlex.join(kept)
+        return text
 
 
 def open_source(src: Path, activation: str | None = None):
     """A Megatron ``torch_dist`` or HF checkpoint, picked by what the directory holds."""
     src = Path(src)
     if src.is_dir() and is_hf_checkpoint(src):
+        from megatron_dpsl.upcycle.llava_hf import open_hf_llava
+
+        llava = open_hf_llava(src)
+        if llava is not None:
+            return llava
         if activation not in (None, "silu"):
             raise UpcycleError(f"--activation {activation!r} conflicts with the HF config (silu)")
         return HFDenseSource(src)
@@ -79,6 +96,8 @@ def output_args(source, opts: UpcycleOptions, dense: bool = False) -> tuple[obje
         activation=info.activation,
         dtype=info.dtype,
     )
+    if opts.seq_length is not None:
+        args.seq_length = opts.seq_length
     if dense:
         return args, filled
     freq = opts.moe_layer_freq
@@ -176,116 +195,43 @@ def _check_output_keeps_source(src: Path, dst: Path | None) -> None:
 
 
 def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResult:
-    from tqdm import tqdm
-
-    info: DenseModelInfo = source.info
-    opts.check_source(info)
-    if not opts.dry_run and os.path.lexists(dst) and not opts.force:  # fail before hashing/planning
-        raise UpcycleError(f"output {dst} exists; pass --force to overwrite it")
-    moe_layers = [False] * info.num_layers if dense else opts.moe_layers(info.num_layers)
-    stacked = dense or (all(moe_layers) and isinstance(opts.moe_layer_freq, int))
-    scales = weight_scales(
-        opts.weight_scaling,
-        num_experts=opts.num_experts,
-        granularity=opts.granularity,
-        topk=opts.moe_router_topk,
-        gated=info.gated_linear_unit,
-        activation=info.activation,
-        pre_softmax=opts.moe_router_pre_softmax,
-        shared_expert=opts.shared_expert,
-    )
-    router_std = opts.router_init_std
-    if router_std is None:
-        router_std = float(getattr(info.args, "init_method_std", None) or 0.02)
-    counts = Counts()
-    F, G, H = info.ffn_hidden_size, opts.granularity, info.hidden_size
-    fc1_rows = (2 if info.gated_linear_unit else 1) * F // G
-    counts.expert_params = fc1_rows * H + H * F // G + fc1_rows * info.fc1_bias + H * info.fc2_bias
-
-    layer_cache: dict = {"key": None, "weights": None}
-
-    def layer_weights(layer: int, meta: bool):
-        # the parts of one layer are written back to back: read each source layer once per pass
-        if layer_cache["key"] != (layer, meta):
-            layer_cache["weights"] = None
-            layer_cache["weights"] = source.read_layer(layer, meta=meta)
-            layer_cache["key"] = (layer, meta)
-        return layer_cache["weights"]
-
-    def plan_of(layer: int) -> LayerPlan:
-        return LayerPlan(
-            layer=layer,
-            num_layers=info.num_layers,
-            stacked=stacked,
-            moe=moe_layers[layer],
-            num_experts=opts.num_experts,
-            granularity=G,
-            gated=info.gated_linear_unit,
-            scales=scales,
-            router_init=opts.router_init,
-            router_std=router_std,
-            noise_std=opts.expert_noise_std,
-            drop_ratio=opts.drop_upcycling_ratio,
-            shared_expert=opts.shared_expert,
-            seed=opts.seed,
-            router_bias=bool(getattr(info.args, "add_bias_linear", info.fc2_bias)),
-        )
-
-    def pieces_for(group, meta: bool) -> list[Piece]:
-        """Write unit ``group``: ("global", key) one non-layer tensor, ("objects",) all non-layer
-        objects, (layer, part) one part of a layer (layers.layer_parts)."""
-        if group[0] == "global":
-            pieces = source.global_pieces(meta=meta, key=group[1])
-        elif group[0] == "objects":
-            pieces = [p for p in source.global_pieces(meta=True) if p.is_object]
-        else:
-            layer, part = group
-            pieces = layer_pieces(plan_of(layer), layer_weights(layer, meta), part)
-        # a LLaVA source yields the language model's keys without their "language_model." prefix
-        rename = getattr(source, "output_key", None)
-        return [dataclasses.replace(p, key=rename(p.key)) for p in pieces] if rename else pieces
-
-    # plan every chunk from shapes (meta tensors): keys, shapes and counts without reading weights
-    groups = [("global", p.key) for p in source.global_pieces(meta=True) if not p.is_object] + [
-        ("objects",)
-    ]
-    for layer in range(info.num_layers):
-        groups += [(layer, part) for part in layer_parts(plan_of(layer))]
-    planned = []
-    for group in groups:
-        pieces = pieces_for(group, meta=True)
-        planned.append((group, pieces))
-        for p in pieces:
-            # pre_mlp_layernorm.* aliases mlp.linear_fc1.layer_norm_* (see layers.py): count once
-            if not p.is_object and ".pre_mlp_layernorm." not in p.key:
-                counts.moe_params += p.numel
-                if group[0] == "global":
-                    counts.dense_params += p.numel
-        if isinstance(group[0], int) and group[1] == "base":
-            w = layer_weights(group[0], True)
-            counts.dense_params += sum(t.numel() for t in (*w.other.values(), *w.mlp.values()))
-            if moe_layers[group[0]]:
-                counts.moe_layers += 1
-                counts.inactive_params += (
-                    opts.num_experts - opts.moe_router_topk
-                ) * counts.expert_params
-            else:
-                counts.dense_layers += 1
-
+    """Plan (shapes only) -> check (options against the source, the output) -> write."""
+    shape = conversion_shape(source.info, opts, dense)
+    _check_output_free(dst, opts)  # before hashing and planning
+    planned, counts = plan_conversion(source, shape)
     args, filled = output_args(source, opts, dense)
     # temporary directories of earlier runs of this output that were killed too hard to clean up
     leftovers = sweep(dst, remove=not opts.dry_run) if dst is not None else []
     for leftover in leftovers:  # now, not at the end: the conversion may take hours, or fail
         print(f"megatron-dpsl-upcycle: {leftover.message()}", file=sys.stderr)
     if opts.dry_run:
-        if dst is not None and os.path.lexists(dst) and not opts.force:
-            print(f"note: {dst} exists; a real run needs --force", file=sys.stderr)
-        lines = _merge_lines([describe(p) for _, ps in planned for p in ps if not p.is_object])
-        table = format_table(summary_rows(info, opts, counts))
-        return UpcycleResult(
-            None, counts, _record(info, opts, None, counts, filled), table, lines, leftovers
-        )
+        return _dry_run_result(source.info, opts, counts, filled, planned, leftovers, dst, args)
+    record = _write(source, shape, planned, counts, args, filled, dst)
+    table = format_table(summary_rows(source.info, opts, counts))
+    return UpcycleResult(
+        dst, counts, record, table, leftovers=leftovers, flags=megatron_lm_flags(args)
+    )
 
+
+def _check_output_free(dst, opts: UpcycleOptions) -> None:
+    if not opts.dry_run and os.path.lexists(dst) and not opts.force:
+        raise UpcycleError(f"output {dst} exists; pass --force to overwrite it")
+
+
+def _dry_run_result(info, opts, counts, filled, planned, leftovers, dst, args) -> UpcycleResult:
+    if dst is not None and os.path.lexists(dst) and not opts.force:
+        print(f"note: {dst} exists; a real run needs --force", file=sys.stderr)
+    lines = _merge_lines([describe(p) for _, ps in planned for p in ps if not p.is_object])
+    table = format_table(summary_rows(info, opts, counts))
+    record = _record(info, opts, None, counts, filled)
+    return UpcycleResult(None, counts, record, table, lines, leftovers, megatron_lm_flags(args))
+
+
+def _write(source, shape, planned, counts, args, filled, dst) -> dict:
+    """Write into a temporary directory renamed into place at the end (writer.atomic_directory)."""
+    from tqdm import tqdm
+
+    info, opts = source.info, shape.opts
     src_hash = source.content_hash()
     common = {
         "args": args,
@@ -293,6 +239,7 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
         "iteration": 0,
         "num_floating_point_operations_so_far": 0,
     }
+    cache = LayerCache(source)
     with atomic_directory(dst, force=opts.force) as tmp:
         bar = tqdm(
             total=info.num_layers,
@@ -305,7 +252,7 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
             counts.bytes_written = write_torch_dist(
                 tmp / STEP,
                 planned,
-                lambda g: pieces_for(g, meta=False),
+                lambda g: pieces_for(source, shape, cache, g, meta=False),
                 common,
                 on_group=lambda g: (
                     bar.update(1) if isinstance(g[0], int) and g[1] == "base" else None
@@ -314,8 +261,7 @@ def _run(source, dst, opts: UpcycleOptions, dense: bool = False) -> UpcycleResul
         (tmp / "latest_checkpointed_iteration.txt").write_text(STEP)
         record = _record(info, opts, src_hash, counts, filled)
         (tmp / CONFIG_JSON).write_text(json.dumps(record, indent=2, default=str) + "\n")
-    table = format_table(summary_rows(info, opts, counts))
-    return UpcycleResult(dst, counts, record, table, leftovers=leftovers)
+    return record
 
 
 def _merge_lines(lines: list[str]) -> list[str]:

@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_dpsl.upcycle.errors import UpcycleError
 from megatron_dpsl.upcycle.pieces import Piece
 
 # dist_checkpointing's metadata.json for a torch_dist checkpoint (CheckpointingConfig)
@@ -140,7 +141,10 @@ class DcpReader:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._reader = FileSystemReader(str(self.path))
-        self.metadata: Metadata = self._reader.read_metadata()
+        try:
+            self.metadata: Metadata = self._reader.read_metadata()
+        except Exception as exc:  # noqa: BLE001  a truncated or foreign .metadata pickle
+            raise UpcycleError(f"{self.path / '.metadata'}: unreadable ({exc})") from None
         self._reader.set_up_storage_reader(self.metadata, True)
 
     def tensor_entries(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -174,7 +178,15 @@ class DcpReader:
         planner.set_up_planner({}, self.metadata, True)
         plan = self._reader.prepare_local_plan(planner.create_local_plan())
         plan = self._reader.prepare_global_plan([plan])[0]
-        self._reader.read_data(plan, planner).wait()
+        try:
+            self._reader.read_data(plan, planner).wait()
+        except Exception as exc:  # noqa: BLE001  truncated or overwritten data files
+            files = ", ".join(sorted(p.name for p in self.path.glob("*.distcp")))
+            first = next(iter({**tensors, **objects}))
+            raise UpcycleError(
+                f"{self.path}/{files}: cannot read {first} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from None
         return {n: d for n, (_, _, d) in requests.items()}, planner.loaded_objects
 
 

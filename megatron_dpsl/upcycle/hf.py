@@ -1,5 +1,5 @@
-"""Reading a Hugging Face Llama / Qwen2 checkpoint (``config.json`` + safetensors) as a dense
-Megatron GPTModel, one layer at a time. Nothing is downloaded; files are memory-mapped.
+"""A Hugging Face Llama / Qwen2 / Phi-3 decoder (``config.json`` + safetensors) read as a dense
+Megatron-Core ``GPTModel``, one layer at a time. Nothing is downloaded; files are memory-mapped.
 
 Mapping (HF -> Megatron-Core GPTModel, local or TE spec; see docs/upcycling.md):
 
@@ -8,237 +8,236 @@ Mapping (HF -> Megatron-Core GPTModel, local or TE spec; see docs/upcycling.md):
 - ``q_proj [nh*d, H]``, ``k_proj``/``v_proj [ng*d, H]`` -> ``linear_qkv.weight [(nh+2ng)*d, H]``,
   grouped per query group: ``[q heads of group g (nh/ng*d rows), k_g (d), v_g (d)]`` for g in
   0..ng-1 (Megatron splits the fused projection per group, so GQA needs this interleave); biases
-  alike.
+  alike. Phi-3's ``qkv_proj`` is ``[q; k; v]`` rows: split, then grouped the same way.
 - ``o_proj`` -> ``linear_proj.weight``
 - ``post_attention_layernorm.weight`` -> ``mlp.linear_fc1.layer_norm_weight`` (the pre-MLP norm)
 - ``gate_proj``, ``up_proj`` ``[F, H]`` -> ``linear_fc1.weight = cat(gate, up) [2F, H]`` (Megatron's
-  SwiGLU computes ``silu(x[:F]) * x[F:]``); ``down_proj`` -> ``linear_fc2.weight [H, F]``
+  SwiGLU computes ``silu(x[:F]) * x[F:]``); Phi-3's ``gate_up_proj`` is that already;
+  ``down_proj`` -> ``linear_fc2.weight [H, F]``
 - ``model.norm.weight`` -> ``decoder.final_layernorm.weight``; ``lm_head.weight`` ->
   ``output_layer.weight`` unless ``tie_word_embeddings``
 - RoPE: HF's rotate-half convention is Megatron's non-interleaved rotary
-  (``rotary_interleaved=False``); ``rope_theta`` -> ``rotary_base``; ``head_dim`` ->
-  ``kv_channels``; ``rms_norm_eps`` -> ``norm_epsilon``.
+  (``rotary_interleaved=False``); ``rope_theta`` -> ``rotary_base``, llama3 scaling ->
+  ``rope_scaling_factor`` (hf_config.py).
+
+:func:`describe_language_model` (config dict + tensor files -> :class:`HFLanguageModel`) and
+:class:`HFLanguageModelReader` serve any checkpoint that holds such a decoder under a prefix
+(a vision-language model's ``language_model.model.``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
+import re
 from pathlib import Path
 
 import torch
 
 from megatron_dpsl.upcycle.errors import UpcycleError
+from megatron_dpsl.upcycle.files import read_json
+from megatron_dpsl.upcycle.hf_args import hf_megatron_args
+from megatron_dpsl.upcycle.hf_config import HFTextConfig, parse_text_config
 from megatron_dpsl.upcycle.pieces import Piece
 from megatron_dpsl.upcycle.readers import hash_files
+from megatron_dpsl.upcycle.safetensors_files import INDEX, SafetensorsFiles
 from megatron_dpsl.upcycle.source import DenseModelInfo, LayerWeights
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def is_hf_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-
-
-def _rope_theta(cfg: dict) -> float:
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    rope_type = (
-        params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    return (path / "config.json").is_file() and (
+        any(path.glob("*.safetensors")) or (path / INDEX).is_file()
     )
-    if rope_type != "default":
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HFLanguageModel:
+    """A decoder found in safetensors files: its config, where its tensors are, the Megatron view.
+
+    ``prefix`` holds ``embed_tokens``, ``layers.<i>.`` and ``norm`` (``model.`` for a causal LM);
+    ``lm_head`` names the output projection (unused when tied).
+    """
+
+    config: HFTextConfig
+    tensors: SafetensorsFiles
+    prefix: str
+    lm_head: str
+    info: DenseModelInfo
+
+
+def layer_tensor_shapes(c: HFTextConfig) -> dict[str, tuple[int, ...]]:
+    """HF names (relative to ``layers.<i>.``) and shapes of one decoder layer, as ``c`` declares."""
+    H, F, d = c.hidden_size, c.ffn_hidden_size, c.head_dim
+    q, kv = c.num_attention_heads * d, c.num_query_groups * d
+    shapes = {
+        "input_layernorm.weight": (H,),
+        "post_attention_layernorm.weight": (H,),
+        "self_attn.o_proj.weight": (H, q),
+        "mlp.down_proj.weight": (H, F),
+    }
+    if c.fused_qkv:
+        shapes["self_attn.qkv_proj.weight"] = (q + 2 * kv, H)
+    else:
+        shapes.update(
+            {
+                "self_attn.q_proj.weight": (q, H),
+                "self_attn.k_proj.weight": (kv, H),
+                "self_attn.v_proj.weight": (kv, H),
+            }
+        )
+    if c.qkv_bias:
+        shapes.update(
+            {
+                "self_attn.q_proj.bias": (q,),
+                "self_attn.k_proj.bias": (kv,),
+                "self_attn.v_proj.bias": (kv,),
+            }
+        )
+    if c.fused_gate_up:
+        shapes["mlp.gate_up_proj.weight"] = (2 * F, H)
+    else:
+        shapes.update({"mlp.gate_proj.weight": (F, H), "mlp.up_proj.weight": (F, H)})
+    return shapes
+
+
+def _declared(c: HFTextConfig) -> str:
+    return (
+        f"hidden_size={c.hidden_size}, intermediate_size={c.ffn_hidden_size}, "
+        f"num_attention_heads={c.num_attention_heads}, num_key_value_heads={c.num_query_groups}, "
+        f"head_dim={c.head_dim}, vocab_size={c.vocab_size}"
+    )
+
+
+def check_tensors(
+    c: HFTextConfig, tensors: SafetensorsFiles, prefix: str, lm_head: str, where: str
+):
+    """Every tensor the config implies exists with the implied shape and one float dtype, and the
+    files hold no layer beyond ``num_hidden_layers``; errors name both numbers. Returns the
+    dtype."""
+    expected = {
+        f"{prefix}embed_tokens.weight": (c.vocab_size, c.hidden_size),
+        f"{prefix}norm.weight": (c.hidden_size,),
+    }
+    if not c.tied:
+        expected[lm_head] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        expected.update({f"{prefix}layers.{i}.{n}": s for n, s in layer_tensor_shapes(c).items()})
+    pattern = re.compile(re.escape(prefix) + r"layers\.(\d+)\.")
+    found = {int(m.group(1)) for n in tensors.names() if (m := pattern.match(n))}
+    if found and max(found) + 1 != c.num_layers:
         raise UpcycleError(
-            f"config.json: rope type {rope_type!r} is not supported (only unscaled 'default' "
-            "RoPE maps "
-            "exactly onto Megatron's rotary embedding)"
+            f"{where}: num_hidden_layers={c.num_layers} but the safetensors hold {max(found) + 1} "
+            f"layers ({prefix}layers.0..{max(found)})"
         )
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-
-
-class HFDenseSource:
-    """A local HF Llama/Qwen2 directory as a dense Megatron GPTModel source."""
-
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self.root = Path(path)
-        cfg = json.loads((self.root / "config.json").read_text())
-        self.cfg = cfg
-        mtype = cfg.get("model_type")
-        if mtype not in SUPPORTED_MODEL_TYPES:
-            already = " (already an MoE)" if mtype and "moe" in mtype else ""
+    dtypes = set()
+    for name, shape in expected.items():
+        meta = tensors.meta(name)
+        if tuple(meta.shape) != shape:
             raise UpcycleError(
-                f"config.json: model_type {mtype!r}{already} is not supported; supported: "
-                f"{SUPPORTED_MODEL_TYPES}"
+                f"{tensors.file_of[name]}: {name} has shape {list(meta.shape)} but {where} "
+                f"({_declared(c)}) implies {list(shape)}"
             )
-        if cfg.get("num_experts") or cfg.get("num_local_experts"):
-            raise UpcycleError("config.json describes an MoE model already; upcycle a dense model")
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise UpcycleError(
-                f"config.json: unknown activation hidden_act={act!r}; supported: 'silu' (SwiGLU)"
-            )
-        if mtype == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
-            raise UpcycleError(
-                "config.json: attention_bias/mlp_bias=True cannot be expressed with Megatron's "
-                "add_bias_linear/add_qkv_bias flags; supported: both False"
-            )
-        if mtype == "qwen2" and cfg.get("use_sliding_window"):
-            raise UpcycleError("config.json: use_sliding_window=True is not supported")
-        self.qkv_bias = mtype == "qwen2"
-        self.num_heads = int(cfg["num_attention_heads"])
-        self.num_groups = int(cfg.get("num_key_value_heads") or self.num_heads)
-        hidden = int(cfg["hidden_size"])
-        self.head_dim = int(cfg.get("head_dim") or hidden // self.num_heads)
-        self.tied = bool(cfg.get("tie_word_embeddings", False))
-        rotary_base = _rope_theta(cfg)
-
-        self._files: dict[str, Path] = {}
-        index = self.root / "model.safetensors.index.json"
-        if index.is_file():
-            for name, file in json.loads(index.read_text())["weight_map"].items():
-                self._files[name] = self.root / file
-        else:
-            for file in sorted(self.root.glob("*.safetensors")):
-                with safe_open(str(file), framework="pt") as handle:
-                    for name in handle.keys():
-                        self._files[name] = file
-        self._handles = {f: safe_open(str(f), framework="pt") for f in set(self._files.values())}
-        if "model.embed_tokens.weight" not in self._files:
-            raise UpcycleError(
-                f"{self.root}: no model.embed_tokens.weight in the safetensors files"
-            )
-        embed = self._get("model.embed_tokens.weight", meta=True)
-        vocab = embed.shape[0]
-        L = int(cfg["num_hidden_layers"])
-        ffn = int(cfg["intermediate_size"])
-        args = argparse.Namespace(
-            num_layers=L,
-            hidden_size=hidden,
-            ffn_hidden_size=ffn,
-            num_attention_heads=self.num_heads,
-            group_query_attention=self.num_groups != self.num_heads,
-            num_query_groups=self.num_groups,
-            kv_channels=self.head_dim,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            seq_length=int(cfg.get("max_position_embeddings", 4096)),
-            position_embedding_type="rope",
-            # Megatron-LM's --no-position-embedding: RoPE adds no table
-            add_position_embedding=False,
-            # the deprecated alias of --position-embedding-type rope
-            use_rotary_position_embeddings=False,
-            rotary_base=int(rotary_base)
-            if float(rotary_base).is_integer()
-            else rotary_base,  # an int flag
-            rotary_interleaved=False,
-            rotary_percent=1.0,
-            normalization="RMSNorm",
-            # --norm-epsilon's dest: layernorm_epsilon at core_v0.16/0.19, norm_epsilon before
-            layernorm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
-            norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
-            swiglu=True,
-            untie_embeddings_and_output_weights=not self.tied,
-            add_bias_linear=False,
-            add_qkv_bias=self.qkv_bias,
-            padded_vocab_size=vocab,
-            vocab_size=vocab,
-            params_dtype=embed.dtype,
-            bf16=embed.dtype == torch.bfloat16,
-            fp16=embed.dtype == torch.float16,
-            attention_dropout=float(cfg.get("attention_dropout", 0.0)),
-            hidden_dropout=0.0,
-            init_method_std=float(cfg.get("initializer_range", 0.02)),
-            use_rope_scaling=False,
-            # what Megatron-LM's own HF loader writes; --use-checkpoint-args then builds this
-            # tokenizer (None without tokenizer files: the run's --tokenizer-* flags stand)
-            tokenizer_type="HuggingFaceTokenizer" if self._has_tokenizer() else None,
-            tokenizer_model=str(self.root.resolve()) if self._has_tokenizer() else None,
-            hf_model_type=mtype,
+        dtypes.add(meta.dtype)
+    if len(dtypes) != 1:
+        raise UpcycleError(
+            f"{tensors.root}: the model's tensors mix dtypes {sorted(map(str, dtypes))}"
         )
-        self.info = DenseModelInfo(
-            source_kind="hf",
-            path=self.root,
-            num_layers=L,
-            hidden_size=hidden,
-            ffn_hidden_size=ffn,
-            gated_linear_unit=True,
-            activation="silu",
-            fc1_bias=False,
-            fc2_bias=False,
-            dtype=embed.dtype,
-            args=args,
-        )
+    return dtypes.pop()
 
-    def _has_tokenizer(self) -> bool:
-        return any(
-            (self.root / f).is_file()
-            for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-        )
 
-    def _get(self, name: str, meta: bool = False) -> torch.Tensor:
-        file = self._files.get(name)
-        if file is None:
-            raise UpcycleError(f"{self.root}: tensor {name!r} missing from the safetensors files")
-        handle = self._handles[file]
-        if meta:
-            sl = handle.get_slice(name)
-            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(
-                sl.get_dtype()
-            )
-            if dtype is None:
-                raise UpcycleError(f"{name}: unsupported safetensors dtype {sl.get_dtype()}")
-            return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
-        return handle.get_tensor(name)
+def describe_language_model(
+    cfg: dict,
+    tensors: SafetensorsFiles,
+    *,
+    prefix: str = "model.",
+    lm_head: str = "lm_head.weight",
+    where: str = "config.json",
+    tokenizer_dir: Path | None = None,
+) -> HFLanguageModel:
+    """The dense decoder ``cfg`` (a ``config.json`` dict, or a VLM's ``text_config``) declares,
+    checked against ``tensors``, with the Megatron-LM args that rebuild it."""
+    config = parse_text_config(cfg, where)
+    dtype = check_tensors(config, tensors, prefix, lm_head, where)
+    args = hf_megatron_args(config, dtype=dtype, tokenizer_dir=tokenizer_dir)
+    info = DenseModelInfo(
+        source_kind="hf",
+        path=tensors.root,
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size,
+        gated_linear_unit=True,
+        activation="silu",
+        fc1_bias=False,
+        fc2_bias=False,
+        dtype=dtype,
+        args=args,
+    )
+    return HFLanguageModel(
+        config=config, tensors=tensors, prefix=prefix, lm_head=lm_head, info=info
+    )
+
+
+def fuse_qkv(c: HFTextConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """HF q ``[nh*d, ...]``, k/v ``[ng*d, ...]`` -> Megatron ``[(nh+2ng)*d, ...]`` grouped per query
+    group."""
+    ng, d = c.num_query_groups, c.head_dim
+    per = c.num_attention_heads // ng
+    rest = q.shape[1:]
+    q = q.reshape(ng, per * d, *rest)
+    k = k.reshape(ng, d, *rest)
+    v = v.reshape(ng, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(ng * (per + 2) * d, *rest)
+
+
+def split_qkv(c: HFTextConfig, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Phi-3's ``qkv_proj`` rows ``[q (nh*d); k (ng*d); v (ng*d)]`` -> (q, k, v)."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_query_groups * c.head_dim
+    return qkv[:q], qkv[q : q + kv], qkv[q + kv :]
+
+
+class HFLanguageModelReader:
+    """Megatron pieces of an :class:`HFLanguageModel`, one layer at a time."""
+
+    def __init__(self, model: HFLanguageModel):
+        self.model, self.info = model, model.info
+        self._globals = {
+            "embedding.word_embeddings.weight": f"{model.prefix}embed_tokens.weight",
+            "decoder.final_layernorm.weight": f"{model.prefix}norm.weight",
+        }
+        if not model.config.tied:
+            self._globals["output_layer.weight"] = model.lm_head
+
+    def _get(self, name: str, meta: bool) -> torch.Tensor:
+        return self.model.tensors.meta(name) if meta else self.model.tensors.get(name)
 
     def global_pieces(self, meta: bool = False, key: str | None = None) -> list[Piece]:
-        if key is not None:  # one tensor alone
-            return [Piece(key, self._get(self._hf_name(key), meta))]
-        pieces = [
-            Piece("embedding.word_embeddings.weight", self._get("model.embed_tokens.weight", meta)),
-            Piece("decoder.final_layernorm.weight", self._get("model.norm.weight", meta)),
-        ]
-        if not self.tied:
-            pieces.append(Piece("output_layer.weight", self._get("lm_head.weight", meta)))
-        return pieces
+        keys = [key] if key is not None else list(self._globals)
+        return [Piece(k, self._get(self._globals[k], meta)) for k in keys]
 
-    def _hf_name(self, key: str) -> str:
-        return {
-            "embedding.word_embeddings.weight": "model.embed_tokens.weight",
-            "decoder.final_layernorm.weight": "model.norm.weight",
-            "output_layer.weight": "lm_head.weight",
-        }[key]
-
-    def fuse_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """HF q ``[nh*d, ...]``, k/v ``[ng*d, ...]`` -> Megatron ``[(nh+2ng)*d, ...]`` grouped per
-        query group."""
-        ng, d = self.num_groups, self.head_dim
-        per = self.num_heads // ng
-        rest = q.shape[1:]
-        q = q.reshape(ng, per * d, *rest)
-        k = k.reshape(ng, d, *rest)
-        v = v.reshape(ng, d, *rest)
-        return torch.cat([q, k, v], dim=1).reshape(ng * (per + 2) * d, *rest)
+    def _qkv(self, g, suffix: str) -> torch.Tensor:
+        c = self.model.config
+        if c.fused_qkv:
+            return fuse_qkv(c, *split_qkv(c, g("self_attn.qkv_proj." + suffix)))
+        return fuse_qkv(c, *(g(f"self_attn.{p}_proj.{suffix}") for p in "qkv"))
 
     def read_layer(self, layer: int, meta: bool = False) -> LayerWeights:
-        p = f"model.layers.{layer}."
-        g = lambda n: self._get(p + n, meta)  # noqa: E731
+        c = self.model.config
+        g = lambda n: self._get(f"{self.model.prefix}layers.{layer}.{n}", meta)  # noqa: E731
         other = {
             "self_attention.linear_qkv.layer_norm_weight": g("input_layernorm.weight"),
-            "self_attention.linear_qkv.weight": self.fuse_qkv(
-                g("self_attn.q_proj.weight"),
-                g("self_attn.k_proj.weight"),
-                g("self_attn.v_proj.weight"),
-            ),
+            "self_attention.linear_qkv.weight": self._qkv(g, "weight"),
             "self_attention.linear_proj.weight": g("self_attn.o_proj.weight"),
         }
-        if self.qkv_bias:
-            other["self_attention.linear_qkv.bias"] = self.fuse_qkv(
-                g("self_attn.q_proj.bias"), g("self_attn.k_proj.bias"), g("self_attn.v_proj.bias")
-            )
+        if c.qkv_bias:
+            other["self_attention.linear_qkv.bias"] = self._qkv(g, "bias")
+        fc1 = (
+            g("mlp.gate_up_proj.weight")
+            if c.fused_gate_up
+            else torch.cat([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")], dim=0)
+        )
         mlp = {
-            "linear_fc1.weight": torch.cat(
-                [g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")], dim=0
-            ),
+            "linear_fc1.weight": fc1,
             "linear_fc2.weight": g("mlp.down_proj.weight"),
             "linear_fc1.layer_norm_weight": g("post_attention_layernorm.weight"),
         }
@@ -248,12 +247,36 @@ class HFDenseSource:
         }
         return LayerWeights(other=other, other_objects=objects, mlp=mlp)
 
+
+def read_hf_checkpoint(path: Path) -> HFLanguageModel:
+    """A local HF causal-LM directory, parsed and checked (no weights read)."""
+    root = Path(path)
+    tensors = SafetensorsFiles(root)
+    try:
+        has_tokenizer = any((root / f).is_file() for f in TOKENIZER_FILES)
+        return describe_language_model(
+            read_json(root / "config.json"),
+            tensors,
+            where=str(root / "config.json"),
+            tokenizer_dir=root if has_tokenizer else None,
+        )
+    except BaseException:
+        tensors.close()
+        raise
+
+
+class HFDenseSource(HFLanguageModelReader):
+    """A local HF Llama/Qwen2/Phi-3 directory as a dense Megatron GPTModel source."""
+
+    def __init__(self, path: Path):
+        super().__init__(read_hf_checkpoint(path))
+        self.root = Path(path)
+
     def content_hash(self) -> str:
-        files = [self.root / "config.json", *sorted(set(self._files.values()))]
-        index = self.root / "model.safetensors.index.json"
-        if index.is_file():
-            files.append(index)
+        files = [self.root / "config.json", *self.model.tensors.files]
+        if (self.root / INDEX).is_file():
+            files.append(self.root / INDEX)
         return hash_files(self.root, files)
 
     def close(self) -> None:
-        self._handles.clear()
+        self.model.tensors.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from megatron_dpsl.upcycle.errors import UpcycleError
+from megatron_dpsl.upcycle.files import load_pickle
 
 CHECKPOINT_FILE = "model_optim_rng.pt"
 RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?")
@@ -76,10 +77,7 @@ class LegacyShards:
             if not file.is_file():
                 raise UpcycleError(f"{file.parent} has no {CHECKPOINT_FILE}")
         # Megatron-LM pickles argparse.Namespace and more: only checkpoints the user trusts
-        states = [
-            torch.load(ranks[r], map_location="cpu", mmap=True, weights_only=False)
-            for r in sorted(ranks)
-        ]
+        states = [load_pickle(ranks[r], mmap=True) for r in sorted(ranks)]
         if "model" not in states[0]:
             chunks = [k for k in states[0] if re.fullmatch(r"model\d+", str(k))]
             what = "virtual pipeline chunks " + ", ".join(chunks) if chunks else "no 'model' entry"

@@ -193,4 +193,11 @@ def open_legacy_llava(step_dir: Path, root: Path, activation: str | None) -> Lla
         if not p.is_object
     }
     vision = vision_info(shapes, shards.args, step_dir)
-    return LlavaSource(lm, passthrough, vision, kind="megatron-llava-torch")
+    # the output is torch_dist whatever the source was
+    return LlavaSource(
+        lm,
+        passthrough,
+        vision,
+        kind="megatron-llava-torch",
+        args_update={"ckpt_format": "torch_dist"},
+    )

@@ -3,43 +3,36 @@
 from __future__ import annotations
 
 import dataclasses
-import re
+import math
 
 from megatron_dpsl.upcycle.errors import UpcycleError
+from megatron_dpsl.upcycle.layer_freq import parse_layer_freq
 from megatron_dpsl.upcycle.source import DenseModelInfo
 from megatron_dpsl.upcycle.transforms import ROUTER_INITS, WEIGHT_SCALINGS
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+ACTIVATIONS = ("silu", "gelu", "squared_relu", "quick_gelu")
+MAX_EXPERTS = 4096  # above any published MoE (DeepSeek-V3 256, Kimi K2 384); bounds the plan's size
+MAX_SEED = 2**63 - 1
 
 
-def parse_layer_freq(value) -> int | list[int]:
-    """``--moe-layer-freq``: an int N (every N-th layer, from layer 0, is MoE) or a 0/1 list per
-    layer.
+def check_int(flag: str, value, low: int, high: int | None = None) -> None:
+    """``value`` is an int in ``[low, high]``; the error names ``flag``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UpcycleError(f"{flag} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise UpcycleError(f"{flag} must be in {allowed}, got {value}")
 
-    Accepts Megatron-LM's spellings: ``2``, ``[1,0,1,0]``, ``([1]*3+[0])*2``, or ``1,0,1,0``.
-    """
-    if isinstance(value, int):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
-    text = str(value).strip()
-    if re.fullmatch(r"\d+", text):
-        return int(text)
-    if re.fullmatch(r"[\d\s,]+", text):
-        return [int(v) for v in text.split(",") if v.strip()]
-    if not re.fullmatch(r"[\[\]()\d\s,+*]+", text):
-        raise UpcycleError(
-            f"--moe-layer-freq {value!r}: expected an int, a list like [1,0,1,0], or ([1]*3+[0])*2"
-        )
-    try:
-        result = eval(text, {"__builtins__": {}}, {})  # only brackets, digits, + and * reach here
-    except Exception as exc:  # noqa: BLE001
-        raise UpcycleError(
-            f"--moe-layer-freq {value!r} is not a valid list expression: {exc}"
-        ) from None
-    if not isinstance(result, list):
-        raise UpcycleError(f"--moe-layer-freq {value!r} must evaluate to a list of 0/1")
-    return [int(v) for v in result]
+
+def check_real(flag: str, value, low: float, high: float | None = None, *, high_open=False) -> None:
+    """``value`` is a finite number in ``[low, high]`` (``[low, high)`` with ``high_open``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    above = high is not None and (value >= high if high_open else value > high) if ok else False
+    if not ok or value < low or above:
+        close = ")" if high_open else "]"
+        allowed = f"[{low}, {high}{close}" if high is not None else f">= {low}"
+        raise UpcycleError(f"{flag} must be a finite number in {allowed}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -87,63 +80,56 @@ class UpcycleOptions:
     disable_vision_class_token: bool | None = None
     """LLaVA sources: the class token is dropped before the projector
     (``--disable-vision-class-token``)."""
+    seq_length: int | None = None
+    """Written to args as ``seq_length`` (what ``--use-checkpoint-args`` fills in when a run omits
+    ``--seq-length``); default: the source's, or for a HF source the longest sequence on which
+    Megatron computes what HF computes (``max_position_embeddings``, or Phi-3's sliding window)."""
     seed: int = 1234
     force: bool = False
     dry_run: bool = False
     progress: bool = True
 
     def __post_init__(self):
-        E, G, k = self.num_experts, self.granularity, self.moe_router_topk
-        if not isinstance(E, int) or E < 1:
-            raise UpcycleError(f"--num-experts must be a positive int, got {E!r}")
-        if not isinstance(G, int) or G < 1:
-            raise UpcycleError(f"--granularity must be a positive int, got {G!r}")
-        if E % G:
-            raise UpcycleError(
-                f"--num-experts {E} is not a multiple of --granularity {G} (E/G copies of the FFN)"
-            )
-        if not isinstance(k, int) or not 1 <= k <= E:
-            raise UpcycleError(f"--moe-router-topk {k} must be in [1, --num-experts={E}]")
-        if self.router_init not in ROUTER_INITS:
-            raise UpcycleError(f"--router-init {self.router_init!r}: allowed {ROUTER_INITS}")
-        if self.weight_scaling not in WEIGHT_SCALINGS:
-            raise UpcycleError(
-                f"--weight-scaling {self.weight_scaling!r}: allowed {WEIGHT_SCALINGS}"
-            )
-        if self.moe_router_score_function not in SCORE_FUNCTIONS:
-            raise UpcycleError(
-                f"--moe-router-score-function {self.moe_router_score_function!r}: allowed "
-                f"{SCORE_FUNCTIONS}"
-            )
-        if self.expert_noise_std < 0:
-            raise UpcycleError(f"--expert-noise-std must be >= 0, got {self.expert_noise_std}")
-        if not 0 <= self.drop_upcycling_ratio < 1:
-            raise UpcycleError(
-                f"--drop-upcycling-ratio must be in [0, 1), got {self.drop_upcycling_ratio}"
-            )
-        if self.router_init_std is not None and self.router_init_std < 0:
-            raise UpcycleError(f"--router-init-std must be >= 0, got {self.router_init_std}")
-        if self.activation not in (None, "silu", "gelu", "squared_relu", "quick_gelu"):
-            raise UpcycleError(
-                f"--activation {self.activation!r}: unknown activation; allowed silu, gelu, "
-                "squared_relu, quick_gelu"
-            )
-        for name in ("img_h", "img_w", "patch_dim", "encoder_num_layers"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise UpcycleError(
-                    f"--{name.replace('_', '-')} must be a positive int, got {value!r}"
-                )
+        self._check_numbers()
+        self._check_choices()
         freq = parse_layer_freq(self.moe_layer_freq)
         object.__setattr__(self, "moe_layer_freq", freq)
-        if isinstance(freq, int) and freq < 1:
-            raise UpcycleError(f"--moe-layer-freq must be >= 1, got {freq}")
-        if isinstance(freq, list) and (set(freq) - {0, 1} or not any(freq)):
+        if isinstance(freq, int):
+            check_int("--moe-layer-freq", freq, 1)
+        elif set(freq) - {0, 1} or not any(freq):
             raise UpcycleError(
                 f"--moe-layer-freq list must hold 0/1 with at least one 1, got {freq}"
             )
         if self.weight_scaling == "exact":
             self._check_exact()
+
+    def _check_numbers(self):
+        E, G, k = self.num_experts, self.granularity, self.moe_router_topk
+        check_int("--num-experts", E, 1, MAX_EXPERTS)
+        check_int("--granularity", G, 1, E)
+        if E % G:
+            raise UpcycleError(
+                f"--num-experts {E} is not a multiple of --granularity {G} (E/G copies of the FFN)"
+            )
+        check_int("--moe-router-topk", k, 1, E)
+        check_int("--seed", self.seed, 0, MAX_SEED)
+        check_real("--expert-noise-std", self.expert_noise_std, 0.0)
+        check_real("--drop-upcycling-ratio", self.drop_upcycling_ratio, 0.0, 1.0, high_open=True)
+        if self.router_init_std is not None:
+            check_real("--router-init-std", self.router_init_std, 0.0)
+        for name in ("seq_length", "img_h", "img_w", "patch_dim", "encoder_num_layers"):
+            if getattr(self, name) is not None:
+                check_int(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+
+    def _check_choices(self):
+        for flag, value, allowed in (
+            ("--router-init", self.router_init, ROUTER_INITS),
+            ("--weight-scaling", self.weight_scaling, WEIGHT_SCALINGS),
+            ("--moe-router-score-function", self.moe_router_score_function, SCORE_FUNCTIONS),
+            ("--activation", self.activation, (None, *ACTIVATIONS)),
+        ):
+            if value not in allowed:
+                raise UpcycleError(f"{flag} {value!r}: allowed {tuple(a for a in allowed if a)}")
 
     def _check_exact(self):
         G, k = self.granularity, self.moe_router_topk
@@ -198,3 +184,23 @@ class UpcycleOptions:
                 f"{self.granularity}"
             )
         self.moe_layers(info.num_layers)
+        if self.seq_length is not None:
+            check_seq_length(self.seq_length, info.args)
+
+
+def check_seq_length(seq_length: int, args) -> None:
+    """``--seq-length`` within the positions the model has, and within a HF sliding window:
+    Megatron-LM (without ``--window-size``) attends to the whole causal context, HF only to the
+    last ``sliding_window`` keys, so the two differ on longer sequences."""
+    max_pos = getattr(args, "max_position_embeddings", None)
+    if max_pos is not None and seq_length > max_pos:
+        raise UpcycleError(
+            f"--seq-length {seq_length} exceeds the source's max_position_embeddings {max_pos}"
+        )
+    window = getattr(args, "hf_sliding_window", None)
+    if window is not None and seq_length > window:
+        raise UpcycleError(
+            f"--seq-length {seq_length} exceeds the source's sliding_window {window}: Hugging Face "
+            f"attends to the last {window} keys, Megatron-LM to the whole sequence, so the "
+            f"upcycled model would compute something else; use --seq-length <= {window}"
+        )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from megatron_dpsl.upcycle.dcp_io import DcpReader, parse_object_name
 from megatron_dpsl.upcycle.errors import UpcycleError
+from megatron_dpsl.upcycle.files import load_pickle, read_json
 from megatron_dpsl.upcycle.pieces import Piece
 from megatron_dpsl.upcycle.source import MLP_WEIGHTS, DenseModelInfo, LayerWeights
 
@@ -155,7 +155,8 @@ class MegatronDenseSource:
             raise UpcycleError(
                 f"{self.step_dir} has no metadata.json: not a dist_checkpointing checkpoint"
             )
-        backend = json.loads(meta_file.read_text()).get("sharded_backend")
+        meta = read_json(meta_file)
+        backend = meta.get("sharded_backend") if isinstance(meta, dict) else None
         if backend != "torch_dist":
             raise UpcycleError(
                 f"{self.step_dir} uses sharded_backend={backend!r}; only 'torch_dist' is supported"
@@ -179,9 +180,8 @@ class MegatronDenseSource:
         0.16), or the ``common_state`` object inside the DCP checkpoint (megatron-core 0.19 saves it
         there)."""
         common_file = self.step_dir / "common.pt"
-        # Megatron-LM pickles an argparse.Namespace (and dtypes) here; the source is user-chosen.
         if common_file.is_file():
-            return torch.load(common_file, map_location="cpu", weights_only=False)
+            return load_pickle(common_file)
         names = [n for n in self._dcp.object_entries() if parse_object_name(n)[0] == COMMON_STATE]
         if not names:
             return {}

@@ -18,6 +18,8 @@ class Counts:
     dense_layers: int = 0
     expert_params: int = 0  # one expert of one layer
     bytes_written: int = 0
+    bytes_planned: int = 0  # the tensors to write (the output's size on disk, before DCP metadata)
+    peak_bytes: int = 0  # working memory of the write above the interpreter (plan.peak_memory)
 
     @property
     def active_params(self) -> int:
@@ -25,9 +27,10 @@ class Counts:
 
 
 def _fmt(n: int) -> str:
+    """``1.236 B (1,235,814,400)``: rounded, then exact."""
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:
-            return f"{n / div:.3f} {unit}"
+            return f"{n / div:.3f} {unit} ({n:,})"
     return str(n)
 
 
@@ -62,6 +65,16 @@ def summary_rows(info, opts, counts: Counts) -> list[tuple[str, str]]:
         ("params MoE (total)", _fmt(counts.moe_params)),
         ("params MoE (active/token)", _fmt(counts.active_params)),
     ]
+    if counts.bytes_planned:
+        rows.append(("output tensors (disk)", format_bytes(counts.bytes_planned)))
+    if counts.peak_bytes:
+        rows.append(
+            (
+                "memory to convert",
+                f"about {format_bytes(counts.peak_bytes)} above the "
+                "interpreter (one source layer + 4x the largest write unit)",
+            )
+        )
     if counts.bytes_written:
         rows.append(("written", format_bytes(counts.bytes_written)))
     return rows

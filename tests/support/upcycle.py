@@ -124,6 +124,8 @@ def build_gpt(args, config=None, layer_spec=None, **kwargs):
         max_sequence_length=args.max_position_embeddings,
         position_embedding_type="rope",
         rotary_base=args.rotary_base,
+        rope_scaling=getattr(args, "use_rope_scaling", False),
+        rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         **kwargs,
     )

@@ -11,18 +11,18 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_dpsl.upcycle import cli, convert
+from megatron_dpsl.upcycle import cli, plan
 
 ready = Path(sys.argv[1])
-real_layer_pieces = convert.layer_pieces
+real_layer_pieces = plan.layer_pieces
 
 
-def pieces_then_wait(plan, weights, part="all"):
-    if plan.layer == 1 and weights.mlp["linear_fc1.weight"].device.type != "meta":
+def pieces_then_wait(layer_plan, weights, part="all"):
+    if layer_plan.layer == 1 and weights.mlp["linear_fc1.weight"].device.type != "meta":
         ready.write_text("mid-write\n")
         time.sleep(600)  # the test kills us here
-    return real_layer_pieces(plan, weights, part)
+    return real_layer_pieces(layer_plan, weights, part)
 
 
-convert.layer_pieces = pieces_then_wait
+plan.layer_pieces = pieces_then_wait
 sys.exit(cli.main(sys.argv[2:]))

@@ -330,6 +330,23 @@ def test_launcher_names_the_env_var_when_megatron_lm_is_missing(tmp_path, monkey
 # --------------------------------------------------------------------------- hooks the patches call
 
 
+def _group_args(**over):
+    """What ``DatasetTokenGroups`` reads of Megatron-LM's ``args`` (two groups, micro-batch 3,
+    CP 2)."""
+    fields = dict(
+        moe_router_load_balancing_type="dpsl",
+        moe_dpsl_group_alphas=None,
+        moe_dpsl_num_groups=2,
+        overlap_moe_expert_parallel_comm=False,
+        micro_batch_size=3,
+        seq_length=8,
+        context_parallel_size=2,
+        pipeline_model_parallel_size=4,
+    )
+    fields.update(over)
+    return type("Args", (), fields)()
+
+
 def test_dataset_token_groups_follow_the_blend_index():
     import torch
     from support.megatron_cpu import init_single_process
@@ -338,43 +355,54 @@ def test_dataset_token_groups_follow_the_blend_index():
     from megatron_dpsl.parallel.token_groups import get_dpsl_token_groups
 
     init_single_process()
-    args = type(
-        "Args",
-        (),
-        dict(
-            moe_router_load_balancing_type="dpsl",
-            moe_dpsl_group_alphas=None,
-            moe_dpsl_num_groups=2,
-            overlap_moe_expert_parallel_comm=False,
-        ),
-    )()
-    batches = iter([{"dataset_id": torch.tensor([1, 0, 1]), "tokens": torch.zeros(3, 5)}])
+    args = _group_args()
+    batches = iter([{"dataset_id": torch.tensor([1, 0, 1]), "tokens": torch.zeros(3, 8)}])
     groups = DatasetTokenGroups(args, batches)
-    batch = next(groups.data_iterator)  # what get_batch_on_this_tp_rank does on TP rank 0
-    tokens = batch["tokens"][:, :4]  # this CP rank's slice
+    next(groups.data_iterator)  # what get_batch_on_this_tp_rank does on TP rank 0
     assert get_dpsl_token_groups() is None
-    with groups.context(tokens):
+    with groups.context(torch.zeros(3, 4)):
         seen = get_dpsl_token_groups()
+        # [micro_batch, seq / cp]: this CP rank's slice, like get_batch's tokens
         assert seen.cp_sliced
         assert seen.group_ids.tolist() == [[1] * 4, [0] * 4, [1] * 4]
     assert get_dpsl_token_groups() is None
 
     # no dataset_id (a single dataset instead of a blend) -> the error says how to give groups
-    groups = DatasetTokenGroups(args, iter([{"tokens": torch.zeros(2, 4)}]))
+    groups = DatasetTokenGroups(args, iter([{"tokens": torch.zeros(3, 8)}]))
     next(groups.data_iterator)
     with pytest.raises(ValueError, match="--data-path as a blend"):
-        groups.context(torch.zeros(2, 4)).__enter__()
+        groups.context(None).__enter__()
     # more datasets than groups
-    groups = DatasetTokenGroups(args, iter([{"dataset_id": torch.tensor([2, 0])}]))
+    groups = DatasetTokenGroups(args, iter([{"dataset_id": torch.tensor([2, 0, 0])}]))
     next(groups.data_iterator)
     with pytest.raises(ValueError, match="index 2"):
-        groups.context(torch.zeros(2, 4)).__enter__()
-    # middle pipeline stage: no tokens; any pipeline parallelism: refused up front
-    with pytest.raises(ValueError, match="--pipeline-model-parallel-size 1"):
-        DatasetTokenGroups(args, None).context(None)
-    args.pipeline_model_parallel_size = 2
-    with pytest.raises(ValueError, match="--pipeline-model-parallel-size 1"):
-        DatasetTokenGroups(args, None).context(torch.zeros(2, 4))
+        groups.context(None).__enter__()
+
+
+def test_every_pipeline_stage_reads_its_own_micro_batches_ids():
+    """A middle stage, whose get_batch reads nothing, reads the sample itself, once per
+    micro-batch; a first or last stage, whose get_batch read it, does not read again."""
+    import torch
+    from support.megatron_cpu import init_single_process
+
+    from megatron_dpsl.megatron_lm.hooks import DatasetTokenGroups, dataset_on_every_stage
+    from megatron_dpsl.parallel.token_groups import get_dpsl_token_groups
+
+    init_single_process()
+    args = _group_args()
+    assert dataset_on_every_stage(args)
+    assert not dataset_on_every_stage(_group_args(moe_dpsl_num_groups=None))
+    samples = [{"dataset_id": torch.tensor([i % 2] * 3)} for i in range(4)]
+    middle, outer = iter(samples), iter(samples)
+    for i in range(4):
+        on_middle = DatasetTokenGroups(args, middle)  # get_batch returned Nones: nothing read
+        on_outer = DatasetTokenGroups(args, outer)
+        next(on_outer.data_iterator)  # get_batch read this micro-batch's sample
+        for stage in (on_middle, on_outer):
+            with stage.context(None):
+                assert get_dpsl_token_groups().group_ids.tolist() == [[i % 2] * 4] * 3
+    for stream in (middle, outer):  # each stage read exactly one sample per micro-batch
+        assert next(stream, None) is None
 
 
 def test_dataset_token_groups_are_a_no_op_without_group_priors():

@@ -101,3 +101,12 @@ def test_ks_distance_groups_padding_nan():
     p[5, 1] = float("nan")
     out = metrics.ks_distance(p, alpha2, gids)
     assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+
+
+def test_group_expert_usage_is_each_groups_share_of_assignments():
+    # 5 tokens, top-1 over 3 experts; group 0: tokens 0-2, group 1: tokens 3-4, group 2: none
+    routing_map = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 0]]).bool()
+    group_ids = torch.tensor([0, 0, 0, 1, 1])
+    usage = metrics.group_expert_usage(routing_map, group_ids, 3)
+    want = torch.tensor([[2 / 3, 0, 1 / 3], [0, 1, 0], [0, 0, 0]])
+    torch.testing.assert_close(usage, want, rtol=0, atol=1e-7)  # float32 divisions

@@ -99,6 +99,17 @@ def test_any_reentrant_checkpoint_replays_its_own_ids():
     assert torch.equal(torch_reentrant, reference)
 
 
+def test_a_checkpoint_nested_in_a_replay_replays_the_same_ids():
+    """An inner checkpoint whose first run happens inside the outer one's replay (backward)."""
+    from megatron.core import tensor_parallel
+
+    def nested(f, x):
+        inner = functools.partial(torch_checkpoint.checkpoint, f, use_reentrant=True)
+        return tensor_parallel.checkpoint(inner, False, x)
+
+    assert torch.equal(grad_of_two_micro_batches(nested), grad_of_two_micro_batches())
+
+
 def test_non_reentrant_checkpoint_is_refused_in_the_replay():
     with pytest.raises(RuntimeError, match="non-reentrant checkpointing is not supported"):
         grad_of_two_micro_batches(

@@ -23,10 +23,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 def _one_line_error(err: str, prog: str, flag: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"{prog}: error: {flag}"), lines[0]
+    assert ": error: " in lines[0] and lines[0].split(": error: ")[0].endswith(prog), lines[0]
+    assert flag in lines[0].split(": error: ", 1)[1].split(":")[0], lines[0]  # the flag leads
 
 
 QUICKSTART_BAD_FLAGS = [
+    (["--alpha", "abc"], "--alpha"),  # argparse's own error, in one line
+    (["--nproc"], "--nproc"),
     (["--alpha", "-1"], "--alpha"),
     (["--alpha", "nan"], "--alpha"),
     (["--alpha", "inf"], "--alpha"),
@@ -81,3 +84,104 @@ def test_quickstart_cli_exit_status(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     _one_line_error(proc.stderr, "quickstart", "--alpha")
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer (megatron-dpsl-train): the table fails in the flag checks before torch.distributed
+
+
+TRAINER_BASE = [
+    "--mock-data",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--disable-bias-linear",
+    "--device",
+    "cpu",
+]
+
+TRAINER_BAD_FLAGS = [
+    (["--eval-iters", "-1"], "--eval-iters"),
+    (["--eval-iters", "0"], "--eval-iters"),
+    (["--weight-decay", "-5"], "--weight-decay"),
+    (["--lr", "-1"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--min-lr=-1e-4"], "--min-lr"),
+    (["--min-lr", "-1e-4"], "--min-lr"),  # argparse reads -1e-4 as a flag: its error, in one line
+    (["--min-lr", "1"], "--min-lr"),  # above --lr
+    (["--vocab-size", "0"], "--vocab-size"),
+    (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by"),
+    (["--init-method-std", "nan"], "--init-method-std"),
+    (["--init-method-std", "0"], "--init-method-std"),
+    (["--hidden-dropout", "1"], "--hidden-dropout"),
+    (["--attention-dropout", "-0.1"], "--attention-dropout"),
+    (["--adam-beta1", "1"], "--adam-beta1"),
+    (["--adam-beta2", "nan"], "--adam-beta2"),
+    (["--adam-eps", "0"], "--adam-eps"),
+    (["--clip-grad", "-1"], "--clip-grad"),
+    (["--clip-grad", "inf"], "--clip-grad"),
+    (["--seed", "-1"], "--seed"),
+    (["--train-iters", "0"], "--train-iters"),
+    (["--micro-batch-size", "0"], "--micro-batch-size"),
+    (["--global-batch-size", "0"], "--global-batch-size"),
+    (["--lr-warmup-iters", "-1"], "--lr-warmup-iters"),
+    (["--lr-decay-iters", "0"], "--lr-decay-iters"),
+    (["--log-interval", "0"], "--log-interval"),
+    (["--save-interval", "-2"], "--save-interval"),
+    (["--ffn-hidden-size", "0"], "--ffn-hidden-size"),
+    (["--num-query-groups", "3"], "--num-query-groups"),  # does not divide 4 heads
+    (["--num-experts", "0"], "--num-experts"),
+    (["--num-experts", "4", "--moe-router-topk", "0"], "--moe-router-topk"),
+    (["--num-experts", "4", "--moe-router-topk", "5"], "--moe-router-topk"),
+    (["--num-experts", "4", "--moe-z-loss-coeff", "-1"], "--moe-z-loss-coeff"),
+    (["--num-experts", "4", "--moe-aux-loss-coeff", "nan"], "--moe-aux-loss-coeff"),
+    (
+        ["--num-experts", "4", "--moe-router-bias-update-rate", "inf"],
+        "--moe-router-bias-update-rate",
+    ),
+    (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size"),
+]
+
+
+@pytest.mark.parametrize("flags, flag", TRAINER_BAD_FLAGS)
+def test_trainer_bad_flag_exits_2_before_distributed_setup(capsys, flags, flag):
+    import torch.distributed as dist
+
+    from megatron_dpsl.train.trainer import main
+
+    was_initialized = dist.is_initialized()
+    with pytest.raises(SystemExit) as exc:
+        main([*TRAINER_BASE, *flags])
+    assert exc.value.code == 2
+    _one_line_error(capsys.readouterr().err, "megatron-dpsl-train", flag)
+    assert dist.is_initialized() == was_initialized  # failed before torch.distributed
+
+
+def test_trainer_flags_only_the_config_and_the_data_can_judge(tmp_path, capsys):
+    """A DPSL prior (DPSLTransformerConfig's check) and a vocabulary smaller than the data's token
+    ids: one line naming the flag, exit 2, instead of a traceback from inside torch."""
+    from megatron_dpsl.train.trainer import main
+
+    dpsl = ["--num-experts", "4", "--moe-router-load-balancing-type", "dpsl"]
+    with pytest.raises(SystemExit) as exc:
+        main([*TRAINER_BASE, *dpsl, "--moe-dpsl-alpha", "-1"])
+    assert exc.value.code == 2
+    _one_line_error(capsys.readouterr().err, "megatron-dpsl-train", "--moe-dpsl-alpha")
+
+    for split in ("train", "valid"):  # byte data with token id 200
+        (tmp_path / f"{split}_tokens.bin").write_bytes(bytes([200]) * 4096)
+        (tmp_path / f"{split}_groups.bin").write_bytes(bytes(4096))
+    base = [a for a in TRAINER_BASE if a != "--mock-data"]
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--data-path", str(tmp_path), "--vocab-size", "128"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    _one_line_error(err, "megatron-dpsl-train", "--vocab-size")
+    assert "token id 200" in err

@@ -195,7 +195,7 @@ def test_failed_conversion_leaves_nothing_and_names_the_flag(tmp_path, capsys):
         ),
         (
             ["--num-experts", "4", "--moe-router-topk", "5"],
-            "--moe-router-topk 5 must be in [1, --num-experts=4]",
+            "--moe-router-topk must be in [1, 4], got 5",
         ),
         (
             ["--num-experts", "6", "--granularity", "3", "--moe-router-topk", "3"],

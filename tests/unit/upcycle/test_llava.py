@@ -78,6 +78,8 @@ def test_dense_llava_exact_upcycling(dense_llava, tmp_path, fmt, G, E, k):
         root / fmt, out, num_experts=E, granularity=G, moe_router_topk=k, weight_scaling="exact"
     )
     moe = _load_moe(out)
+    args = torch.load(out / "release" / "common.pt", weights_only=False)["args"]
+    assert getattr(args, "ckpt_format", "torch_dist") == "torch_dist"  # whatever the source's
     assert type(moe.language_model.decoder.layers[0].mlp).__name__ == "MoELayer"
     assert type(moe.vision_model.decoder.layers[0].mlp).__name__ == "MLP"
     _assert_vision_bitwise(moe, dense)

@@ -333,7 +333,7 @@ def test_errors(swiglu_ckpt, tmp_path, capsys):
 
 
 def test_atomic_write_force_and_interrupt(swiglu_ckpt, tmp_path, monkeypatch):
-    from megatron_dpsl.upcycle import UpcycleError, convert
+    from megatron_dpsl.upcycle import UpcycleError, plan
 
     src, _, _ = swiglu_ckpt
     dst = tmp_path / "moe"
@@ -343,21 +343,21 @@ def test_atomic_write_force_and_interrupt(swiglu_ckpt, tmp_path, monkeypatch):
         _upcycle(src, dst, num_experts=4, seed=2)
     assert (dst / "upcycle_config.json").read_text() == first
 
-    real = convert.layer_pieces
+    real = plan.layer_pieces
 
-    def interrupted(plan, w, part="all"):
-        if plan.layer == 1 and w.mlp["linear_fc1.weight"].device.type != "meta":
+    def interrupted(layer_plan, w, part="all"):
+        if layer_plan.layer == 1 and w.mlp["linear_fc1.weight"].device.type != "meta":
             raise KeyboardInterrupt  # Ctrl-C in the middle of writing layer 1
-        return real(plan, w, part)
+        return real(layer_plan, w, part)
 
-    monkeypatch.setattr(convert, "layer_pieces", interrupted)
+    monkeypatch.setattr(plan, "layer_pieces", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _upcycle(src, dst, num_experts=4, seed=3, force=True)
     assert (dst / "upcycle_config.json").read_text() == first  # old target intact
     with pytest.raises(KeyboardInterrupt):
         _upcycle(src, tmp_path / "new", num_experts=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]  # no partial output, no temp dir
-    monkeypatch.setattr(convert, "layer_pieces", real)
+    monkeypatch.setattr(plan, "layer_pieces", real)
     _upcycle(src, dst, num_experts=4, seed=4, force=True)
     assert json.loads((dst / "upcycle_config.json").read_text())["options"]["seed"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]

@@ -247,7 +247,7 @@ def test_noise_std_and_independent_experts():
         (dict(num_experts=4, router_init="uniform"), "--router-init"),
         (dict(num_experts=4, weight_scaling="magic"), "--weight-scaling"),
         (dict(num_experts=4, drop_upcycling_ratio=1.0), "--drop-upcycling-ratio"),
-        (dict(num_experts=4, activation="relu6"), "unknown activation"),
+        (dict(num_experts=4, activation="relu6"), "--activation"),
         (
             dict(num_experts=8, granularity=2, moe_router_topk=3, weight_scaling="exact"),
             "multiple of --granularity",

@@ -4,10 +4,10 @@ At core_v0.19.0 ``training_log`` calls ``get_moe_metrics_tracker().report(track_
 a list built from Megatron's own load-balancing types (``load_balancing_loss``, ``z_loss``, ...),
 and ``MoEMetricsTracker.report`` syncs, logs and returns only the listed names: the ``dpsl_loss``
 that ``DPSLRouter`` records is silently dropped (and zeroed by ``clear``). ``DPSLMetricsTracker``
-adds the plugin's losses (``hooks.plugin_track_names``) to that list, so they are reduced over PP,
-TP×CP and DP like ``load_balancing_loss`` and reach the console, TensorBoard and W&B. The launcher
-installs it with Megatron's own setter, ``set_moe_metrics_tracker``, before training; a patched
-checkout builds the same list in ``training_log`` (patch 5 of ``patches/core_v0.19.0``).
+adds the plugin's losses (``moe_tracker.plugin_track_names``) to that list, so they are reduced
+over PP, TP×CP and DP like ``load_balancing_loss`` and reach the console, TensorBoard and W&B.
+The launcher installs it with Megatron's own setter, ``set_moe_metrics_tracker``, before training;
+a patched checkout builds the same list in ``training_log`` (patch 5 of ``patches/core_v0.19.0``).
 
 core_v0.16.1 has no tracker class: its ``track_moe_metrics`` logs unlisted names unreduced (patch 4
 of ``patches/core_v0.16.1`` reduces them).
@@ -21,7 +21,7 @@ from megatron.core.transformer.moe.moe_logging import (
     set_moe_metrics_tracker,
 )
 
-from megatron_dpsl.megatron_lm.hooks import plugin_track_names
+from megatron_dpsl.tracking.moe_tracker import plugin_track_names
 
 
 class DPSLMetricsTracker(MoEMetricsTracker):

@@ -75,7 +75,7 @@ def _training_log_report(tracker) -> dict:
 def test_stock_tracker_drops_dpsl_loss_the_plugin_tracker_reports_it():
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
-    from megatron_dpsl.megatron_lm.metrics_tracker import (
+    from megatron_dpsl.tracking.metrics_tracker import (
         DPSLMetricsTracker,
         install_dpsl_metrics_tracker,
     )
@@ -99,7 +99,7 @@ def test_stock_tracker_drops_dpsl_loss_the_plugin_tracker_reports_it():
 def test_every_rank_reports_the_same_names():
     """A pipeline rank without MoE layers records nothing but must report the same names (PP
     all-reduce)."""
-    from megatron_dpsl.megatron_lm.metrics_tracker import install_dpsl_metrics_tracker
+    from megatron_dpsl.tracking.metrics_tracker import install_dpsl_metrics_tracker
 
     total = _training_log_report(install_dpsl_metrics_tracker("dpsl"))
     assert set(total) == {"load_balancing_loss", "dpsl_loss"} and total["dpsl_loss"].item() == 0.0
@@ -108,6 +108,6 @@ def test_every_rank_reports_the_same_names():
 def test_runs_without_plugin_types_keep_megatrons_tracker():
     from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
 
-    from megatron_dpsl.megatron_lm.metrics_tracker import install_dpsl_metrics_tracker
+    from megatron_dpsl.tracking.metrics_tracker import install_dpsl_metrics_tracker
 
     assert type(install_dpsl_metrics_tracker("aux_loss")) is MoEMetricsTracker
