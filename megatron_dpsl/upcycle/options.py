@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from megatron_dpsl.config.layer_freq import LayerFreqError, parse_layer_freq
 from megatron_dpsl.upcycle.errors import UpcycleError
-from megatron_dpsl.upcycle.layer_freq import parse_layer_freq
 from megatron_dpsl.upcycle.source import DenseModelInfo
 from megatron_dpsl.upcycle.transforms import ROUTER_INITS, WEIGHT_SCALINGS
 
@@ -92,7 +92,10 @@ class UpcycleOptions:
     def __post_init__(self):
         self._check_numbers()
         self._check_choices()
-        freq = parse_layer_freq(self.moe_layer_freq)
+        try:  # Megatron-LM's pattern syntax, bounded, never eval (config/layer_freq.py)
+            freq = parse_layer_freq(self.moe_layer_freq)
+        except LayerFreqError as exc:
+            raise UpcycleError(str(exc)) from None
         object.__setattr__(self, "moe_layer_freq", freq)
         if isinstance(freq, int):
             check_int("--moe-layer-freq", freq, 1)
