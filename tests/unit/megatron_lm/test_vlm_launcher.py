@@ -190,6 +190,11 @@ def test_vision_model_type_clip_and_freeze_vit(build):
     assert not forward["grads_in_vision_model"] and forward["grads_in_projection"]
 
 
+def test_freeze_lm_and_freeze_vit_train_the_projector_alone(build):
+    """Stage I (projector alignment): upstream's flags through upstream's own model.freeze."""
+    assert build["stage_one_trainable"] == ["vision_projection"]
+
+
 def test_every_router_sees_the_modality_of_each_position(build):
     """pretrain_vlm's mock rows are ``<image>`` + text: the image's ``img_seq_len`` rows come first.
     With --moe-dpsl-vision-group 1 they are group 1 and the text rows group 0 (a reference from the
