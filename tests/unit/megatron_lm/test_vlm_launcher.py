@@ -214,3 +214,16 @@ def test_launcher_model_round_trips_through_torch_dist(build):
     assert (
         td["tensors"] > 40 and td["max_abs_diff"] == 0.0
     )  # exact: saved and loaded, no arithmetic
+
+
+def test_gpt_launcher_refuses_modality_priors(vlm, megatron_lm_trees):
+    """Modality priors without a vision encoder, at the flag level: pretrain_gpt has no images."""
+    report = vlm["launcher_modality"]
+    if megatron_lm_trees["tag"] == "core_v0.16.1":
+        # core_v0.16.1's pretrain parses the flags itself: dpsl_gpt_builder refuses when it builds
+        # the model (require_token_groups, test_vlm_args), after the boundary
+        assert report["ended"] == "boundary", _explain(report)
+    else:
+        assert _exit_message(report).startswith(
+            "--moe-dpsl-token-groups modality: pretrain_gpt has no vision encoder"
+        )
