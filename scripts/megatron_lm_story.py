@@ -164,6 +164,7 @@ class Stage:
     limit_s: int
     expect: tuple[str, ...] = ()
     iterations: int | None = None  # latest_checkpointed_iteration.txt of --save afterwards
+    module: str = LAUNCHER  # the launcher an entry "launcher" runs (python -m)
 
     @property
     def save(self) -> str | None:
@@ -299,7 +300,7 @@ def command(stage: Stage, trees: dict, port: int) -> tuple[list[str], dict]:
     env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     if stage.entry == "launcher":
         env["MEGATRON_LM_PATH"] = root
-        return [*run, "-m", LAUNCHER, *stage.argv], env
+        return [*run, "-m", stage.module, *stage.argv], env
     return [*run, os.path.join(root, "pretrain_gpt.py"), *stage.argv], env
 
 
@@ -368,6 +369,32 @@ def check(stage: Stage, log: str) -> list[str]:
     return problems
 
 
+def run_logged(cmd: list[str], env: dict, log_path: Path, limit_s: int, cwd: Path):
+    """Run ``cmd`` (``env`` added) with its output in ``log_path`` (headed by the command); the
+    return code,
+    or ``"timeout"`` after ``limit_s`` seconds."""
+    with open(log_path, "w") as log:
+        log.write(
+            "$ "
+            + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+            + " "
+            + shlex.join(cmd)
+            + "\n"
+        )
+        log.flush()
+        try:
+            return subprocess.run(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env},
+                timeout=limit_s,
+                cwd=cwd,
+            ).returncode
+        except subprocess.TimeoutExpired:
+            return "timeout"
+
+
 def run(tag: str, tree: Path, work: Path, out: Path, only: list[str] | None, port: int) -> int:
     work, out = Path(work), Path(out)
     work.mkdir(parents=True, exist_ok=True)
@@ -393,26 +420,7 @@ def run(tag: str, tree: Path, work: Path, out: Path, only: list[str] | None, por
         t0 = time.time()
         (out / "story").mkdir(exist_ok=True)
         log_path = out / "story" / f"{tag}_{stage.name}.log"
-        with open(log_path, "w") as log:
-            log.write(
-                "$ "
-                + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-                + " "
-                + shlex.join(cmd)
-                + "\n"
-            )
-            log.flush()
-            try:
-                rc = subprocess.run(
-                    cmd,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, **env},
-                    timeout=stage.limit_s,
-                    cwd=work,
-                ).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
+        rc = run_logged(cmd, env, log_path, stage.limit_s, work)
         seconds = time.time() - t0
         problems = [f"rc={rc}"] if rc != 0 else check(stage, log_path.read_text(errors="replace"))
         failed = bool(problems)

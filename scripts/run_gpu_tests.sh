@@ -18,6 +18,9 @@
 #   bench      benchmarks/gpu_all.sh, alone on the GPU (it times things), before the story so that a
 #              slow story cannot cut the measurements
 #   tests      pytest -m gpu tests/gpu (alongside the story: neither times anything)
+#   vlm        opt-in (DPSL_STAGES=preflight,install,vlm): scripts/megatron_lm_vlm_story.py, an MoE
+#              LLaVA at the paper's shapes through the VLM launcher, aux_loss vs DPSL (modality
+#              priors), for DPSL_VLM_TAGS (default core_v0.19.0); vlm_<tag>.md
 # Outputs ($OUT on the device, else outputs/gpu): summary.md, install.log, gpu_tests.log, bench.log,
 # performance_gpu.md, moe_layer.json, story_<tag>.md and story/<tag>_<stage>.log.
 #
@@ -38,7 +41,7 @@ stages=",${DPSL_STAGES:-preflight,install,story,tests,bench},"
 budget="${DPSL_BUDGET_S:-480}"
 TAGS=(core_v0.16.1 core_v0.19.0)
 # per-stage limits (s); story and tests run side by side, so they share one slot of the budget
-LIMIT_PREFLIGHT=30 LIMIT_INSTALL=60 LIMIT_BENCH=150 LIMIT_STORY=300 LIMIT_TESTS=240
+LIMIT_PREFLIGHT=30 LIMIT_INSTALL=60 LIMIT_BENCH=150 LIMIT_STORY=300 LIMIT_TESTS=240 LIMIT_VLM=320
 # bytecode is written: the first Megatron-LM process of a tree compiles it, the next ones reuse it
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 
@@ -67,6 +70,10 @@ if [ "$dry" = 1 ]; then
     "$py" scripts/megatron_lm_story.py show --tag "$tag" --work "$work/$tag" --tree "$carry/trees/$tag" | sed 's/^/           /'
   done
   echo "bench      limit $LIMIT_BENCH s, before the story: bash benchmarks/gpu_all.sh $out"
+  echo "vlm        (opt-in: DPSL_STAGES=preflight,install,vlm) limit $LIMIT_VLM s per tag in DPSL_VLM_TAGS:"
+  "$py" -m py_compile scripts/megatron_lm_vlm_story.py && echo "compiles   scripts/megatron_lm_vlm_story.py" || fail=1
+  "$py" scripts/megatron_lm_vlm_story.py show --tag core_v0.19.0 --work "$work/vlm-core_v0.19.0" \
+    --tree "$carry/trees/core_v0.19.0" | sed 's/^/           /'
   exit $fail
 fi
 
@@ -179,6 +186,21 @@ if [[ $stages == *,story,* ]]; then
     port=$((port + 100))
   done
 fi
+if [[ $stages == *,vlm,* ]]; then
+  # opt-in (DPSL_STAGES=preflight,install,vlm): two paper-shape LLaVA runs per tag, one tag at a time
+  # (~55 GB of weights and Adam state each), too long to share a device call with the story;
+  # DPSL_VLM_TAGS (default core_v0.19.0, what GPU users install) picks the tags
+  for tag in ${DPSL_VLM_TAGS:-core_v0.19.0}; do
+    s=$(date +%s)
+    l=$(lim $LIMIT_VLM)
+    timeout "$l" "$py" scripts/megatron_lm_vlm_story.py run --tag "$tag" --tree "$carry/trees/$tag" \
+      --work "$work/vlm-$tag" --out "$out" >"$out/story/vlm_$tag.log" 2>&1
+    rc=$?
+    [ "$rc" = 0 ] && r=pass || r=FAIL
+    [ "$rc" = 124 ] && r="FAIL (time limit)"
+    row "vlm $tag" "$r" $(($(date +%s) - s)) "$l" "vlm_$tag.md; logs story/"
+  done
+fi
 if [[ $stages == *,tests,* ]]; then
   s_tests=$(date +%s)
   # shellcheck disable=SC2086
@@ -207,6 +229,7 @@ note ""
 note "total $(($(date +%s) - t0)) s (budget $budget s)"
 for tag in "${TAGS[@]}"; do
   [ -f "$out/story_$tag.md" ] && { echo; cat "$out/story_$tag.md"; } | tee -a "$summary"
+  [ -f "$out/vlm_$tag.md" ] && { echo; cat "$out/vlm_$tag.md"; } | tee -a "$summary"
 done
 echo
 [ -f "$out/performance_gpu.md" ] && cat "$out/performance_gpu.md"

@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from megatron_dpsl.config.layer_freq import LayerFreqError, parse_layer_freq
 from megatron_dpsl.config.load_balancing import (
     DPSL_TYPE,
     GATHER_CHOICES,
@@ -51,6 +52,13 @@ DPSL_FIELDS = (
     "moe_dpsl_gather",
     "moe_dpsl_log_interval",
 )
+
+TOKEN_GROUP_SOURCES = ("dataset", "modality")
+"""Values of ``--moe-dpsl-token-groups``: where a token's prior group comes from."""
+
+LAUNCHER_FIELDS = ("moe_dpsl_token_groups", "moe_dpsl_vision_group")
+"""``--moe-dpsl-*`` flags that are no config field: the entry point reads them (where each token's
+group comes from), the router only sees the ids."""
 
 AC_FIELDS = ("moe_ac_layers", "moe_ac_eps", "moe_ac_clip", "moe_ac_weight_norm")
 """The Adaptive-Clustering router's fields (``--moe-ac-*``, docs/ac_router.md)."""
@@ -150,6 +158,22 @@ def add_moe_load_balancing_args(parser: argparse.ArgumentParser) -> argparse.Arg
     return parser
 
 
+def _layer_freq_type(value: str):
+    """argparse type of Megatron-LM's ``--moe-layer-freq``: its syntax, without its ``eval``."""
+    try:
+        return parse_layer_freq(value)
+    except LayerFreqError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _parse_layer_freq_safely(parser: argparse.ArgumentParser) -> None:
+    # Megatron-LM's moe_freq_type hands a pattern to eval ('[9**9**9]' never returns); every parse
+    # that has this provider reads it with the bounded parser instead (same results)
+    action = _find_action(parser, "moe_layer_freq")
+    if action is not None:
+        action.type = _layer_freq_type
+
+
 def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron-LM ``extra_args_provider``: add the DPSL flags (and the ``--moe-ac-*`` flags of the
     Adaptive Clustering router) and accept ``dpsl`` as a load-balancing type.
@@ -157,9 +181,11 @@ def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     If ``parser`` defines ``--moe-router-load-balancing-type`` (Megatron-LM's parser does), ``dpsl``
     is appended to its choices; if it does not, nothing is added for it (call
     ``add_moe_load_balancing_args`` for a standalone parser). Calling it twice is harmless (the
-    patched Megatron-LM adds the flags itself and a launcher may pass this provider too). Returns
-    ``parser``.
+    patched Megatron-LM adds the flags itself and a launcher may pass this provider too). A
+    ``--moe-layer-freq`` the parser has is read by ``megatron_dpsl.config.layer_freq``
+    (Megatron-LM's syntax without its ``eval``). Returns ``parser``.
     """
+    _parse_layer_freq_safely(parser)
     if _find_action(parser, "moe_dpsl_coeff") is not None:
         _add_ac_args(parser)  # a parser that got the DPSL flags before the AC router existed
         return parser
@@ -236,6 +262,30 @@ def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="Number of token groups (modalities/tasks) for the α_b/α_s shortcut; must divide "
         "--num-experts.",
+    )
+    group.add_argument(
+        "--moe-dpsl-token-groups",
+        type=str,
+        choices=list(TOKEN_GROUP_SOURCES),
+        default=None,
+        help="Where a token's prior group comes from (group priors only). dataset: the index of "
+        "its sample's "
+        "dataset in the --data-path blend (patched pretrain_gpt.py, where it is the default). "
+        "modality: image "
+        "rows vs text, computed from each batch by megatron_dpsl.megatron_lm.pretrain_vlm (which "
+        "needs it; "
+        "see --moe-dpsl-vision-group).",
+    )
+    group.add_argument(
+        "--moe-dpsl-vision-group",
+        type=int,
+        default=None,
+        help="With --moe-dpsl-token-groups modality: the prior group (row) vision tokens take, 0 "
+        "or 1 (default "
+        "0); text tokens take the other. With the α_b/α_s shortcut group g favours the g-th block "
+        "of "
+        "num_experts/num_groups experts: 0 gives vision the first half of the experts, 1 the "
+        "second.",
     )
     group.add_argument(
         "--moe-dpsl-gather",
@@ -424,6 +474,7 @@ def check_given_flags(args: argparse.Namespace) -> None:
         raise ValueError(
             f"{priors[1].split('/')[0]}: give only one prior, got {' and '.join(priors)}"
         )
+    _check_token_group_flags(args, bool(priors) and priors[0] != "--moe-dpsl-alpha")
     ac_given = [flag_for_field(n) for n in AC_FIELDS[1:] if getattr(args, n, None) is not None]
     if ac_given and not getattr(args, "moe_ac_layers", None):
         raise ValueError(
@@ -437,6 +488,49 @@ def check_given_flags(args: argparse.Namespace) -> None:
                 f"{flag} needs {LOAD_BALANCING_FLAG} to include '{needed}', got "
                 f"{getattr(args, 'moe_router_load_balancing_type', None)!r}"
             )
+
+
+def _check_token_group_flags(args: argparse.Namespace, group_priors: bool) -> None:
+    source = getattr(args, "moe_dpsl_token_groups", None)
+    if source is not None and not group_priors:
+        raise ValueError(
+            f"--moe-dpsl-token-groups {source}: names where each token's prior group comes from; "
+            "it needs "
+            "group priors (--moe-dpsl-group-alphas, or "
+            "--moe-dpsl-alpha-base/--moe-dpsl-alpha-shift/"
+            "--moe-dpsl-num-groups)"
+        )
+    vision = getattr(args, "moe_dpsl_vision_group", None)
+    if vision is not None and source != "modality":
+        raise ValueError(
+            "--moe-dpsl-vision-group: only used with --moe-dpsl-token-groups modality, got "
+            f"{source or 'none'}"
+        )
+
+
+VLM_LAUNCHER_HINT = "modality priors need python -m megatron_dpsl.megatron_lm.pretrain_vlm"
+
+
+def require_token_groups(
+    args: argparse.Namespace, supported: tuple, entry: str, hint: str = VLM_LAUNCHER_HINT
+) -> None:
+    """``ValueError`` when ``--moe-dpsl-token-groups`` names a source ``entry`` cannot supply.
+
+    ``entry``: what the run is (``"pretrain_gpt"``, ...), for the message; ``supported``: its
+    sources; ``hint``: where modality priors are available instead.
+    """
+    source = getattr(args, "moe_dpsl_token_groups", None)
+    if source is None or source in supported:
+        return
+    if source == "modality":
+        raise ValueError(
+            f"--moe-dpsl-token-groups modality: {entry} has no vision encoder, so no token is an "
+            f"image; {hint} (here: {', '.join(supported)})"
+        )
+    raise ValueError(
+        f"--moe-dpsl-token-groups {source}: {entry} cannot supply it; allowed here: "
+        f"{', '.join(supported)}"
+    )
 
 
 def translate_config_error(message: str) -> str:

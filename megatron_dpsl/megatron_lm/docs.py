@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from megatron_dpsl.megatron_lm.args import (
+    LAUNCHER_FIELDS,
     REGULARIZER_FIELDS,
     add_dpsl_args,
     add_moe_load_balancing_args,
@@ -84,6 +85,8 @@ def _row(action: argparse.Action) -> str:
         )
     ours = action.dest.startswith(("moe_dpsl_", "moe_ac_")) or action.dest in REGULARIZER_FIELDS
     field = action.dest if ours else f"{action.dest} (Megatron)"
+    if action.dest in LAUNCHER_FIELDS:
+        field = f"{action.dest} (launcher)"
     default = "—" if action.default is None else f"`{action.default}`"
     return f"| `{flag}` | `{_cell(shape)}` | {default} | `{field}` | {_cell(action.help)} |"
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from megatron_dpsl.losses.priors import num_prior_groups
-from megatron_dpsl.megatron_lm.args import dpsl_enabled
+from megatron_dpsl.megatron_lm.args import dpsl_enabled, require_token_groups
 from megatron_dpsl.tracking.moe_tracker import plugin_track_names  # noqa: F401 - the patches call it here
 
 
@@ -101,6 +101,8 @@ class DatasetTokenGroups:
         self.args = args
         self.num_groups = num_token_groups(args)
         self.enabled = self.num_groups is not None
+        if self.enabled:
+            require_token_groups(args, ("dataset",), "pretrain_gpt")
         self._tap = (
             _DatasetIdTap(data_iterator) if self.enabled and data_iterator is not None else None
         )

@@ -27,6 +27,7 @@ core_v0.19 a ``PretrainConfigContainer``. Works on an unpatched checkout; group 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import sys
@@ -38,29 +39,34 @@ _PROGRAM_START_TIME = time.time()
 PATH_ENV = "MEGATRON_LM_PATH"
 
 
-def import_pretrain_gpt():
-    """Megatron-LM's ``pretrain_gpt`` module, from ``$MEGATRON_LM_PATH`` or ``sys.path``."""
+def import_megatron_lm_script(name: str):
+    """Megatron-LM's entry script ``name`` (``pretrain_gpt``, ``pretrain_vlm``) as a module, from
+    ``$MEGATRON_LM_PATH`` or ``sys.path``."""
     root = os.environ.get(PATH_ENV)
     if root:
-        if not os.path.isfile(os.path.join(root, "pretrain_gpt.py")):
+        if not os.path.isfile(os.path.join(root, f"{name}.py")):
             raise SystemExit(
-                f"{PATH_ENV}={root}: no pretrain_gpt.py there; point it at a Megatron-LM checkout"
+                f"{PATH_ENV}={root}: no {name}.py there; point it at a Megatron-LM checkout"
             )
         sys.path.insert(0, os.path.abspath(root))
     try:
         import megatron.training  # noqa: F401  (not in the megatron-core wheel)
-        import pretrain_gpt
+
+        return importlib.import_module(name)
     except ImportError as e:
         raise SystemExit(
-            "megatron_dpsl.megatron_lm.pretrain_gpt needs Megatron-LM's megatron/training and "
-            "pretrain_gpt.py, "
-            f"which the megatron-core wheel does not ship ({e}). Set "
+            f"megatron_dpsl.megatron_lm.{name} needs Megatron-LM's megatron/training and "
+            f"{name}.py, which the megatron-core wheel does not ship ({e}). Set "
             f"{PATH_ENV}=/path/to/Megatron-LM "
             "(git clone https://github.com/NVIDIA/Megatron-LM && git -C Megatron-LM checkout "
             "core_v0.19.0, or "
             f"core_v0.16.1)."
         ) from e
-    return pretrain_gpt
+
+
+def import_pretrain_gpt():
+    """Megatron-LM's ``pretrain_gpt`` module, from ``$MEGATRON_LM_PATH`` or ``sys.path``."""
+    return import_megatron_lm_script("pretrain_gpt")
 
 
 def _is_patched(fn) -> bool:
@@ -76,6 +82,7 @@ def dpsl_gpt_builder(
 
     from megatron_dpsl.megatron_lm.args import megatron_lm_config_from_args
 
+    _refuse_modality(args)
     if config is None and args.yaml_cfg is None:
         config = megatron_lm_config_from_args(args)
     if not getattr(config, "moe_plugin_enabled", False) or _is_patched(gpt_builders.gpt_builder):
@@ -176,6 +183,7 @@ def dpsl_gpt_config(args, model_config_cls=None):
 
     from megatron_dpsl.megatron_lm.args import megatron_lm_config_from_args
 
+    _refuse_modality(args)
     config = megatron_lm_config_from_args(args) if args.yaml_cfg is None else None
     extra = {} if model_config_cls is None else {"model_config_cls": model_config_cls}
     model_cfg = gpt_config_from_args(args, config=config, **extra)
@@ -183,6 +191,15 @@ def dpsl_gpt_config(args, model_config_cls=None):
         _refuse_unpatched_group_priors(config)
         model_cfg.transformer_layer_spec = dpsl_layer_spec(model_cfg.transformer_layer_spec)
     return model_cfg
+
+
+def _refuse_modality(args) -> None:
+    from megatron_dpsl.megatron_lm.args import require_token_groups
+
+    try:
+        require_token_groups(args, ("dataset",), "pretrain_gpt")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _refuse_unpatched_group_priors(config) -> None:

@@ -15,7 +15,12 @@ import importlib.util
 import math
 from collections.abc import Sequence
 
-from megatron_dpsl.megatron_lm.args import add_dpsl_args, add_moe_load_balancing_args
+from megatron_dpsl.megatron_lm.args import (
+    VLM_LAUNCHER_HINT,
+    add_dpsl_args,
+    add_moe_load_balancing_args,
+    require_token_groups,
+)
 from megatron_dpsl.train.flag_checks import OneLineErrorParser, check_number
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
@@ -505,7 +510,22 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         )
     if args.moe_router_enable_expert_bias and args.num_experts is None:
         _error("--moe-router-enable-expert-bias", "needs --num-experts (an MoE model)")
+    _check_token_groups(args)
     return args
+
+
+def _check_token_groups(args: argparse.Namespace) -> None:
+    """``--moe-dpsl-token-groups``: the corpus gives each document's group (``dataset``); the
+    trainer's LLaVA (``--llava``, when present) the modality, with vision on group 0."""
+    llava = getattr(args, "llava", False)
+    hint = (
+        "the embedded trainer has one with --llava" if hasattr(args, "llava") else VLM_LAUNCHER_HINT
+    )
+    require_token_groups(
+        args, ("modality",) if llava else ("dataset",), "megatron-dpsl-train", hint=hint
+    )
+    if getattr(args, "moe_dpsl_vision_group", None) not in (None, 0):
+        _error("--moe-dpsl-vision-group", "the embedded trainer puts vision on group 0")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

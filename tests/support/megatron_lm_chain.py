@@ -37,6 +37,7 @@ tree, Megatron-LM's own builder make.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import runpy
@@ -67,6 +68,7 @@ WATCHED = {
     "add_megatron_arguments",
 }
 ARG_FIELDS = (
+    "moe_layer_freq",
     "moe_router_load_balancing_type",
     "moe_aux_loss_coeff",
     "moe_dpsl_coeff",
@@ -143,14 +145,13 @@ def run_case(tree: str, case: dict, stock_add_megatron_arguments) -> dict:
         with contextlib.redirect_stderr(stderr):
             sys.setprofile(profile)
             try:
+                script = case.get("script", "pretrain_gpt")
                 if case["entry"] == "launcher":
                     os.environ["MEGATRON_LM_PATH"] = tree
-                    sys.argv = ["pretrain_gpt.py", *case["argv"]]
-                    from megatron_dpsl.megatron_lm import pretrain_gpt as launcher
-
-                    launcher.main()
+                    sys.argv = [f"{script}.py", *case["argv"]]
+                    importlib.import_module(f"megatron_dpsl.megatron_lm.{script}").main()
                 else:
-                    sys.argv = [os.path.join(tree, "pretrain_gpt.py"), *case["argv"]]
+                    sys.argv = [os.path.join(tree, f"{script}.py"), *case["argv"]]
                     runpy.run_path(sys.argv[0], run_name="__main__")
                 report["ended"] = "returned"
             finally:
@@ -447,6 +448,11 @@ def main() -> None:
             reports["middle_stage"] = {"error": traceback.format_exc()[-4000:]}
     for build in spec.get("builds", []):
         try:
+            if build.get("kind") == "vlm":
+                from support.megatron_lm_vlm_build import vlm_build_report
+
+                reports[build["name"]] = vlm_build_report(build["argv"])
+                continue
             reports[build["name"]] = build_report(build["argv"], spec.get("patched", False))
         except Exception:  # noqa: BLE001 - the test prints it
             reports[build["name"]] = {"error": traceback.format_exc()[-4000:]}

@@ -41,16 +41,23 @@ from pathlib import Path
 GIT_DIR_ENV = "MEGATRON_LM_GIT_DIR"
 # megatron-core release (major, minor) -> the Megatron-LM tag whose training code goes with it
 TAGS = {(0, 16): "core_v0.16.1", (0, 19): "core_v0.19.0"}
-# What pretrain_gpt.py needs from a checkout (megatron/ holds core, training, legacy, rl,
+# What pretrain_gpt.py and pretrain_vlm.py need from a checkout (megatron/ holds core, training,
+# legacy, rl,
 # post_training, ...)
-TREE_PATHS = ("megatron", "pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
+TREE_PATHS = (
+    "megatron",
+    "pretrain_gpt.py",
+    "gpt_builders.py",
+    "model_provider.py",
+    "pretrain_vlm.py",
+)
 # The committed snapshots: what a tree needs but megatron/core (the installed wheel supplies it)
 SNAPSHOT_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "megatron_lm"
 SNAPSHOT_MANIFEST = SNAPSHOT_DIR / "snapshots.json"
 SNAPSHOT_PATHS = ("LICENSE", *TREE_PATHS)
 SNAPSHOT_EXCLUDE = "megatron/core"
 # Megatron-LM's module names that a child interpreter must not take from an earlier tree
-_TOP_MODULES = ("pretrain_gpt", "gpt_builders", "model_provider")
+_TOP_MODULES = ("pretrain_gpt", "gpt_builders", "model_provider", "pretrain_vlm")
 
 
 def git_dir() -> str | None:
@@ -288,6 +295,46 @@ def main(argv=None) -> int:
             )
         print(export_tree(args.tag, args.out, args.git_dir))
     return 0
+
+
+def import_training(root: str):
+    """Import the exported tree's training package next to the installed megatron-core; returns
+    its ``arguments``, ``checkpointing`` and ``global_vars`` modules (call in a child process)."""
+    import types
+    import typing
+
+    if not hasattr(typing, "override"):  # replaced leaf: typing.override is Python >= 3.12
+        import typing_extensions
+
+        typing.override = typing_extensions.override
+    sys.path[:0] = [root]
+    # namespace package: megatron.core from the wheel, megatron/training from ``root``
+    import megatron
+
+    # replaced leaf: megatron/training/__init__.py (imports initialize.py -> Triton/GPU stack) is
+    # not run; the package is registered bare and the names its submodules import from it are bound.
+    pkg = types.ModuleType("megatron.training")
+    pkg.__path__ = [os.path.join(root, "megatron", "training")]
+    sys.modules["megatron.training"] = megatron.training = pkg
+    from megatron.training import global_vars
+
+    for name in (
+        "get_args",
+        "get_timers",
+        "get_adlr_autoresume",
+        "get_tokenizer",
+        "get_tensorboard_writer",
+        "get_wandb_writer",
+        "get_one_logger",
+        "get_signal_handler",
+    ):
+        setattr(pkg, name, getattr(global_vars, name))
+    from megatron.training import utils
+
+    pkg.print_rank_0 = utils.print_rank_0
+    from megatron.training import arguments, checkpointing
+
+    return arguments, checkpointing, global_vars
 
 
 if __name__ == "__main__":

@@ -71,7 +71,11 @@ def test_every_dpsl_flag_is_a_config_field_with_matching_default():
     from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
 
     fields = {f.name: f for f in dataclasses.fields(DPSLTransformerConfig)}
-    actions = dpsl_actions(standalone_parser())
+    # the launcher fields say where a token's group comes from: read by the entry point, not the
+    # config
+    actions = [
+        a for a in dpsl_actions(standalone_parser()) if a.dest not in dpsl_args.LAUNCHER_FIELDS
+    ]
     assert sorted(a.dest for a in actions) == sorted(n for n in fields if n.startswith("moe_dpsl_"))
     for action in actions:
         assert action.option_strings == [dpsl_args.flag_for_field(action.dest)]
@@ -235,7 +239,7 @@ def test_megatron_parser_choices_are_widened_not_duplicated():
     # a second call (patched Megatron-LM plus the launcher's provider) adds nothing and does not
     # raise
     assert add_dpsl_args(parser) is parser
-    assert len(dpsl_actions(parser)) == 8
+    assert len(dpsl_actions(parser)) == 10  # 8 config fields + the 2 launcher fields
     assert lb[0].choices.count("variance") == 1
 
 
@@ -248,7 +252,7 @@ def test_unwidened_megatron_parser_rejects_dpsl(capsys):
 def test_standalone_parser_gets_no_load_balancing_flag_from_add_dpsl_args():
     parser = add_dpsl_args(argparse.ArgumentParser())
     assert not [a for a in parser._actions if a.dest == "moe_router_load_balancing_type"]
-    assert len(dpsl_actions(parser)) == 8
+    assert len(dpsl_actions(parser)) == 10
     # the helper adds it, with dpsl, exactly once
     add_moe_load_balancing_args(add_moe_load_balancing_args(parser))
     lb = [a for a in parser._actions if a.dest == "moe_router_load_balancing_type"]
