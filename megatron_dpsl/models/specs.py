@@ -30,7 +30,8 @@ from megatron_dpsl.routing.moe_layer import DPSLMoELayer
 from megatron_dpsl.routing.router import DPSLRouter
 
 
-def _require_te(use_transformer_engine: bool) -> None:
+def require_te(use_transformer_engine: bool) -> None:
+    """ImportError naming the fix when TE specs are asked for and Transformer Engine is missing."""
     if use_transformer_engine and importlib.util.find_spec("transformer_engine") is None:
         raise ImportError(
             "use_transformer_engine=True needs Transformer Engine (pip install megatron-dpsl[te]); "
@@ -153,7 +154,7 @@ def get_dpsl_layer_spec(config, use_transformer_engine: bool = False, **kwargs) 
         raise ValueError(
             "get_dpsl_layer_spec: config.num_moe_experts must be set (an MoE layer spec)"
         )
-    _require_te(use_transformer_engine)
+    require_te(use_transformer_engine)
     make = (
         gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec
         if use_transformer_engine
@@ -177,7 +178,7 @@ def get_dpsl_decoder_block_spec(config, use_transformer_engine: bool = False, **
     modules in its MoE layers."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    _require_te(use_transformer_engine)
+    require_te(use_transformer_engine)
     return with_plugin_modules(
         get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs), router_for(config)
     )

@@ -72,7 +72,7 @@ def summary_rows(info, opts, counts: Counts) -> list[tuple[str, str]]:
             (
                 "memory to convert",
                 f"about {format_bytes(counts.peak_bytes)} above the "
-                "interpreter (one source layer + the largest write unit, twice)",
+                "interpreter (one source layer + 4x the largest write unit)",
             )
         )
     if counts.bytes_written:

@@ -297,5 +297,45 @@ def main(argv=None) -> int:
     return 0
 
 
+def import_training(root: str):
+    """Import the exported tree's training package next to the installed megatron-core; returns
+    its ``arguments``, ``checkpointing`` and ``global_vars`` modules (call in a child process)."""
+    import types
+    import typing
+
+    if not hasattr(typing, "override"):  # replaced leaf: typing.override is Python >= 3.12
+        import typing_extensions
+
+        typing.override = typing_extensions.override
+    sys.path[:0] = [root]
+    # namespace package: megatron.core from the wheel, megatron/training from ``root``
+    import megatron
+
+    # replaced leaf: megatron/training/__init__.py (imports initialize.py -> Triton/GPU stack) is
+    # not run; the package is registered bare and the names its submodules import from it are bound.
+    pkg = types.ModuleType("megatron.training")
+    pkg.__path__ = [os.path.join(root, "megatron", "training")]
+    sys.modules["megatron.training"] = megatron.training = pkg
+    from megatron.training import global_vars
+
+    for name in (
+        "get_args",
+        "get_timers",
+        "get_adlr_autoresume",
+        "get_tokenizer",
+        "get_tensorboard_writer",
+        "get_wandb_writer",
+        "get_one_logger",
+        "get_signal_handler",
+    ):
+        setattr(pkg, name, getattr(global_vars, name))
+    from megatron.training import utils
+
+    pkg.print_rank_0 = utils.print_rank_0
+    from megatron.training import arguments, checkpointing
+
+    return arguments, checkpointing, global_vars
+
+
 if __name__ == "__main__":
     sys.exit(main())

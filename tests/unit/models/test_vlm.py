@@ -243,24 +243,31 @@ def test_task_ids_split_text_and_leave_image_rows(fresh_moe_losses):
     assert torch.equal(probe.seen["groups"].group_ids, expected)
 
 
-def test_recompute_gives_the_same_gradients(fresh_moe_losses):
+@pytest.mark.parametrize(
+    "recompute",
+    [
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+        dict(recompute_granularity="selective", recompute_modules=["moe"]),
+    ],
+    ids=["full", "selective-moe"],
+)
+def test_recompute_gives_the_same_gradients(fresh_moe_losses, recompute):
+    """The hook resets the ids after the forward; the replay in the backward reads what its
+    checkpoint recorded (issue 21), so the DPSL gradient is the one without recompute."""
     from support.megatron_cpu import install_recompute_shims
 
     undo = install_recompute_shims()
     try:
         grads = {}
-        for recompute in (False, True):
-            extra = dict(
-                recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
-            )
+        for on in (False, True):
             torch.manual_seed(0)
-            model = _build(_lm_config(**(extra if recompute else {})))
+            model = _build(_lm_config(**(recompute if on else {})))
             images, input_ids, tiles = _inputs()
             torch.manual_seed(1)
             images = torch.randn_like(images)
             out, _ = _forward(model, images, input_ids, tiles, 15)
             out.float().square().mean().backward()
-            grads[recompute] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            grads[on] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         # the same ops in the same order, replayed: bitwise equal up to fp32 reassociation in
         # autograd
         for a, b in zip(grads[False], grads[True], strict=True):
@@ -319,6 +326,15 @@ def test_virtual_pipeline_chunks_are_refused():
     model = _build(token_groups=None)
     with pytest.raises(ValueError, match="one model chunk expected, got 2"):
         attach_llava_token_groups([model, model])
+
+
+def test_te_specs_without_transformer_engine_name_the_fix():
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed: the TE specs build (tests/gpu)")
+    with pytest.raises(ImportError, match="use_transformer_engine=True needs Transformer Engine"):
+        _build(use_transformer_engine=True)
 
 
 def test_group_count_and_dense_parts_are_checked():
@@ -435,3 +451,29 @@ def test_megatron_load_balancing_loss_leaves_pad_rows_out(fresh_moe_losses):
         # fp32 sums of the same terms in another order: a few ulps
         torch.testing.assert_close(tracked, ref, rtol=1e-5, atol=1e-7)
         assert abs(float(_switch_loss(flat) - ref)) > 1e-4  # the pad rows would have changed it
+
+
+def test_llava15_choices_and_dense_vision_parts():
+    """CLIP cut at its penultimate layer, bidirectional ViT attention, class token dropped, a
+    norm-free two-layer GELU projector; DPSL routers in the language model only."""
+    import torch.nn.functional as F
+    from megatron.core.activations import quick_gelu
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    model = _build()  # clip_vision_config(hf_num_layers=2): HF's hidden_states[-2] is layer 1's
+    vit = model.vision_model
+    assert len(vit.decoder.layers) == 1 and vit.config.activation_func is quick_gelu
+    assert vit.decoder.layers[0].self_attention.attn_mask_type == AttnMaskType.no_mask
+    assert model.img_seq_len == (IMG_SIZE // PATCH) ** 2  # no class-token row
+    projector = model.vision_projection.encoder
+    assert type(projector) is MLP and projector.config.activation_func is F.gelu
+    assert projector.linear_fc1.weight.shape == (16, 8) and projector.linear_fc2.weight.shape == (
+        16,
+        16,
+    )
+    assert not any("norm" in type(m).__name__.lower() for m in model.vision_projection.modules())
+    routers = [type(m).__name__ for m in model.modules() if isinstance(m, TopKRouter)]
+    lm_routers = [m for m in model.language_model.modules() if isinstance(m, TopKRouter)]
+    assert routers == ["DPSLRouter", "DPSLRouter"] and len(lm_routers) == 2

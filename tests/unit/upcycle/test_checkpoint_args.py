@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,12 @@ from pathlib import Path
 import pytest
 import torch
 from support.common import child_env
-from support.megatron_lm_tree import export_tree, source_or_skip, tag_for_installed_core
+from support.megatron_lm_tree import (
+    export_tree,
+    import_training,
+    source_or_skip,
+    tag_for_installed_core,
+)
 
 # Megatron-LM's training package and what it imports at each tag (core_v0.19.0 has no
 # megatron/legacy); megatron.core is the installed wheel's. Each tree imports only against its own
@@ -76,6 +80,15 @@ MODEL = [
     "0.0",
 ]
 UNTIED = ["--untie-embeddings-and-output-weights"]
+# Llama 3.x's RoPE scaling: Megatron-LM flags, and the HF rope_scaling of the same rule
+ROPE32 = ["--use-rope-scaling", "--rope-scaling-factor", "32"]
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 QKV_BIAS = ["--add-qkv-bias"]
 MOE = [
     "--num-experts",
@@ -139,14 +152,20 @@ SHAPE_FIELDS = (
     "moe_router_pre_softmax",
     "moe_router_score_function",
     "moe_shared_expert_intermediate_size",
+    "use_rope_scaling",
+    "rope_scaling_factor",
+    "layernorm_epsilon",
 )
 UPCYCLE = dict(num_experts=8, granularity=2, moe_router_topk=4, progress=False)
 # case (the source directory of the same name) -> the flags of its dense model
 CASES = {
     "hf_llama": MODEL + UNTIED,
     "hf_qwen2": MODEL + QKV_BIAS,
+    "hf_llama32": MODEL + ROPE32,  # tied, llama3 RoPE
+    "hf_phi3": MODEL + UNTIED,  # fused qkv_proj / gate_up_proj
     "megatron_lm_args": MODEL + UNTIED,
-    "partial_args": MODEL + UNTIED,
+    # its args record support.upcycle.dense_args' norm_epsilon 1e-5 (a later flag wins)
+    "partial_args": MODEL + UNTIED + ["--norm-epsilon", "1e-5"],
 }
 
 
@@ -167,6 +186,12 @@ def _tiny_hf(kind: str, path: Path) -> None:
         model = transformers.LlamaForCausalLM(
             transformers.LlamaConfig(**common, tie_word_embeddings=False)
         )
+    elif kind == "llama32":
+        config = transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_scaling=LLAMA3)
+        model = transformers.LlamaForCausalLM(config)
+    elif kind == "phi3":
+        ids = dict(pad_token_id=VOCAB - 1, eos_token_id=VOCAB - 2, bos_token_id=1)
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, **ids))
     else:
         model = transformers.Qwen2ForCausalLM(
             transformers.Qwen2Config(**common, tie_word_embeddings=True)
@@ -202,6 +227,8 @@ def report():
         root = export_tree(tag, work / "Megatron-LM", git_dir, paths=TREES)
         _tiny_hf("llama", work / "hf_llama")
         _tiny_hf("qwen2", work / "hf_qwen2")
+        _tiny_hf("llama32", work / "hf_llama32")
+        _tiny_hf("phi3", work / "hf_phi3")
         # child_env: the child hosts its own one-rank store, not on the port an earlier test of this
         # pytest holds
         proc = subprocess.run(
@@ -258,6 +285,30 @@ def test_every_field_megatron_lm_reads_is_written(report, case):
     # the checkpoint version < 3.0 branch reads model_parallel_size; we write 3.0 checkpoints
     missing = (compared | copied) - set(report["cases"][case]["ckpt_fields"])
     assert not missing, f"{case}: {sorted(missing)} missing from args"
+
+
+@pytest.mark.parametrize(
+    "case", ["hf_llama", "hf_qwen2", "hf_llama32", "hf_phi3", "megatron_lm_args"]
+)
+def test_printed_flags_rebuild_the_model(report, case):
+    """The flags the CLI prints, parsed by the tag's Megatron-LM, give the hand-written command
+    line's model (rope scaling and norm epsilon included); check_checkpoint_args accepts them."""
+    got = report["cases"][case]
+    assert got["printed_flags"] == {k: got["full_command_line"][k] for k in SHAPE_FIELDS}
+    assert got["printed_check"] == "ok"
+
+
+def test_use_checkpoint_args_alone_loses_the_rope_scaling(report):
+    """Why the CLI prints flags to pass with --use-checkpoint-args: load_args_from_checkpoint copies
+    neither the RoPE scaling nor the norm epsilon, at either tag."""
+    bare = report["cases"]["hf_llama32"]["without_still_pass_flags"]
+    assert bare == {
+        "use_rope_scaling": False,
+        "rope_scaling_factor": 8.0,
+        "layernorm_epsilon": 1e-5,
+    }
+    llama32 = report["cases"]["hf_llama32"]["ckpt"]
+    assert llama32["use_rope_scaling"] is True and llama32["rope_scaling_factor"] == 32.0
 
 
 def test_written_values_for_rope_models(report):
@@ -358,45 +409,6 @@ def test_complete_args_reads_what_the_shapes_decide():
 # ------------------------------------------------------------------------------------------- child
 
 
-def _import_megatron_lm(root: str):
-    """Import the exported tree's training package next to the installed megatron-core."""
-    import types
-    import typing
-
-    if not hasattr(typing, "override"):  # replaced leaf: typing.override is Python >= 3.12
-        import typing_extensions
-
-        typing.override = typing_extensions.override
-    sys.path[:0] = [root]
-    # namespace package: megatron.core from the wheel, megatron/training from ``root``
-    import megatron
-
-    # replaced leaf: megatron/training/__init__.py (imports initialize.py -> Triton/GPU stack) is
-    # not run; the package is registered bare and the names its submodules import from it are bound.
-    pkg = types.ModuleType("megatron.training")
-    pkg.__path__ = [os.path.join(root, "megatron", "training")]
-    sys.modules["megatron.training"] = megatron.training = pkg
-    from megatron.training import global_vars
-
-    for name in (
-        "get_args",
-        "get_timers",
-        "get_adlr_autoresume",
-        "get_tokenizer",
-        "get_tensorboard_writer",
-        "get_wandb_writer",
-        "get_one_logger",
-        "get_signal_handler",
-    ):
-        setattr(pkg, name, getattr(global_vars, name))
-    from megatron.training import utils
-
-    pkg.print_rank_0 = utils.print_rank_0
-    from megatron.training import arguments, checkpointing
-
-    return arguments, checkpointing, global_vars
-
-
 def _plain(value):
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
@@ -409,12 +421,13 @@ def _child(root: str, work: Path) -> dict:
     import contextlib
     import io
 
-    arguments, checkpointing, global_vars = _import_megatron_lm(root)
+    arguments, checkpointing, global_vars = import_training(root)
     from megatron.core import parallel_state
     from support.megatron_cpu import init_single_process
     from support.upcycle import build_gpt, dense_args, save_megatron_lm
 
     from megatron_dpsl.upcycle import upcycle
+    from megatron_dpsl.upcycle.flags import not_restored
 
     def parse(argv):
         """Megatron-LM's parse_args + validate_args on ``argv`` (what pretrain_gpt.py does)."""
@@ -489,9 +502,21 @@ def _child(root: str, work: Path) -> dict:
                 k: _plain(getattr(full, k, None)) for k in (*SHAPE_FIELDS, "padded_vocab_size")
             },
         }
+        entry.update(_printed_flags(parse, check, result.flags, out, ckpt_args))
+        bare = parse_with_checkpoint_args(
+            RUN + MOE[-2:] + ["--use-checkpoint-args", "--load", str(out)]
+        )
+        entry["without_still_pass_flags"] = {
+            k: _plain(getattr(bare, k, None))
+            for k in ("use_rope_scaling", "rope_scaling_factor", "layernorm_epsilon")
+        }
         try:
+            # what the CLI prints to pass with --use-checkpoint-args (flags.NOT_RESTORED)
             loaded = parse_with_checkpoint_args(
-                RUN + MOE[-2:] + ["--use-checkpoint-args", "--load", str(out)]
+                RUN
+                + MOE[-2:]
+                + not_restored(result.flags)
+                + ["--use-checkpoint-args", "--load", str(out)]
             )
             entry["from_checkpoint"] = {
                 k: _plain(getattr(loaded, k, None))
@@ -507,6 +532,19 @@ def _child(root: str, work: Path) -> dict:
             entry["use_checkpoint_args"] = f"{type(exc).__name__}: {exc}"
         report["cases"][case] = entry
     return report
+
+
+def _printed_flags(parse, check, flags, out, ckpt_args) -> dict:
+    """The flags the CLI printed, plus the run's own (MoE balancing and dispatcher, data, batch):
+    the namespace Megatron-LM's parser makes of them, and its check against the checkpoint."""
+    try:
+        printed = parse(flags + MOE[6:] + RUN + ["--load", str(out)])
+    except SystemExit as exc:  # argparse: e.g. no --num-attention-heads for a source without it
+        return {"printed_flags": f"SystemExit {exc.code}"}
+    return {
+        "printed_flags": {k: _plain(getattr(printed, k, None)) for k in SHAPE_FIELDS},
+        "printed_check": check(printed, ckpt_args, 3.0),
+    }
 
 
 if __name__ == "__main__":
