@@ -185,22 +185,59 @@ def test_hf_llava_exact_upcycling_matches_hf_logits(megatron, tmp_path, kind, st
     assert (llava_logits(_load(tmp_path / "off"), images, tokens) - ref).abs().max().item() > 1e-2
 
 
-def _edit(src, dst, config=None, drop=()):
-    """A copy of the HF directory ``src`` with ``config`` merged into config.json and the tensors
-    whose names start with one of ``drop`` removed."""
+def _edit(src, dst, config=None, drop=(), rename=()):
+    """A copy of the HF directory ``src`` with ``config`` merged into config.json, the tensors
+    whose names start with one of ``drop`` removed, and ``rename``'s ``(old, new)`` name prefixes
+    replaced."""
     import json
 
     from safetensors.torch import load_file, save_file
+
+    def renamed(name):
+        for old, new in rename:
+            if name.startswith(old):
+                return new + name[len(old) :]
+        return name
 
     dst.mkdir()
     cfg = json.loads((src / "config.json").read_text())
     cfg.update(config or {})
     (dst / "config.json").write_text(json.dumps(cfg))
     tensors = load_file(src / "model.safetensors")
-    save_file(
-        {k: v for k, v in tensors.items() if not k.startswith(drop)}, dst / "model.safetensors"
-    )
+    kept = {renamed(k): v for k, v in tensors.items() if not k.startswith(drop)}
+    save_file(kept, dst / "model.safetensors")
     return dst
+
+
+# the key layouts a LLaVA directory may use besides transformers 5's save_pretrained
+LAYOUTS = {
+    # the Hub's llava-hf checkpoints (transformers 4.x): the CLIP transformer nested once more
+    "hub": (("vision_tower.", "vision_tower.vision_model."),),
+    # transformers 5's in-memory names
+    "model.": (
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_hf_llava_key_layouts(megatron, tmp_path, layout):
+    """The same LLaVA under another key layout converts to the same checkpoint: HF's logits."""
+    from megatron_dpsl.upcycle import upcycle
+
+    hf = _tiny_hf_llava("llama", tmp_path / "hf")
+    images, tokens, hf_ids = _prompts()
+    with torch.no_grad():
+        ref = hf(input_ids=hf_ids, pixel_values=images).logits.float()
+    src = _edit(tmp_path / "hf", tmp_path / layout, rename=LAYOUTS[layout])
+    upcycle(src, tmp_path / "moe", num_experts=4, moe_router_topk=2, weight_scaling="exact",
+            progress=False)  # fmt: skip
+    assert (
+        llava_logits(_load(tmp_path / "moe"), images, tokens) - ref
+    ).abs().max().item() <= HF_ATOL
 
 
 def test_bad_hf_llavas_are_refused(tmp_path, capsys):
@@ -264,3 +301,25 @@ def test_bad_hf_llavas_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "without a vision tower" in err and len(err.splitlines()) == 1
     assert not [p for p in tmp_path.iterdir() if "out" in p.name]
+
+
+def test_megatron_lm_flags_of_a_llava():
+    """The vision flags a LLaVA output's args give, all of them not restored by
+    --use-checkpoint-args; --vision-model-type clip only for CLIP ViT-L/14's widths."""
+    import argparse
+
+    from megatron_dpsl.upcycle.flags import _vision_flags, not_restored
+
+    vision = dict(encoder_num_layers=23, img_h=336, img_w=336, patch_dim=14,
+                  disable_vision_class_token=True, vision_model_type="clip")  # fmt: skip
+    clip_l = argparse.Namespace(**vision, vision_hidden_size=1024, vision_ffn_hidden_size=4096,
+                                vision_num_attention_heads=16)  # fmt: skip
+    flags = _vision_flags(clip_l)
+    assert " ".join(flags) == (
+        "--encoder-num-layers 23 --img-h 336 --img-w 336 --patch-dim 14 "
+        "--disable-vision-class-token --vision-model-type clip"
+    )
+    assert not_restored(flags) == flags
+    tiny = argparse.Namespace(**{**vars(clip_l), "vision_hidden_size": 24})
+    assert "--vision-model-type" not in _vision_flags(tiny)
+    assert _vision_flags(argparse.Namespace(num_layers=2)) == []  # a GPT
