@@ -28,7 +28,7 @@ def megatron_state():
     undo()
 
 
-def router():
+def router(group_priors=True):
     from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
     from megatron_dpsl.routing.router import DPSLRouter
 
@@ -43,7 +43,9 @@ def router():
         moe_aux_loss_coeff=0.0,
         moe_dpsl_coeff=1.0,
         moe_dpsl_log_interval=0,
-        moe_dpsl_group_alphas=[[2.0, 2.0, 0.5, 0.5], [0.5, 0.5, 2.0, 2.0]],
+        moe_dpsl_group_alphas=[[2.0, 2.0, 0.5, 0.5], [0.5, 0.5, 2.0, 2.0]]
+        if group_priors
+        else None,
         use_cpu_initialization=True,
         add_bias_linear=False,
         init_method_std=0.5,
@@ -133,6 +135,21 @@ def test_layout_is_checked_against_the_hidden_states():
             r"the router's "
             r"hidden states are \[s, b\] = \[6, 3\]",
         ),
+    ):
+        r(x)
+
+
+def test_padding_flags_layout_is_checked_without_group_priors_too():
+    from megatron_dpsl import dpsl_token_groups
+
+    r = router(group_priors=False)  # reads only the padding flags set with the ids
+    x, ids = data(1)
+    pad = torch.zeros_like(ids, dtype=torch.bool)
+    with dpsl_token_groups(ids, padding_mask=pad):
+        r(x)
+    with (
+        dpsl_token_groups(ids.t().contiguous(), padding_mask=pad.t().contiguous()),
+        pytest.raises(ValueError, match=r"padding flags give \[s, b\] = \[3, 6\] on this rank"),
     ):
         r(x)
 
