@@ -301,3 +301,27 @@ def test_bad_hf_llavas_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "without a vision tower" in err and len(err.splitlines()) == 1
     assert not [p for p in tmp_path.iterdir() if "out" in p.name]
+
+
+def test_megatron_lm_flags_of_a_llava():
+    """The vision flags a LLaVA output's args give, all of them not restored by
+    --use-checkpoint-args; --vision-model-type clip only for CLIP ViT-L/14's widths."""
+    import argparse
+
+    from megatron_dpsl.upcycle.flags import _vision_flags, not_restored
+
+    vision = dict(encoder_num_layers=23, img_h=336, img_w=336, patch_dim=14,
+                  disable_vision_class_token=True, vision_model_type="clip")  # fmt: skip
+    clip_l = argparse.Namespace(**vision, vision_hidden_size=1024, vision_ffn_hidden_size=4096,
+                                vision_num_attention_heads=16)  # fmt: skip
+    flags = _vision_flags(clip_l)
+    assert " ".join(flags) == (
+        "--encoder-num-layers 23 --img-h 336 --img-w 336 --patch-dim 14 "
+        "--disable-vision-class-token --vision-model-type clip"
+    )
+    assert not_restored(flags) == flags
+    tiny = argparse.Namespace(**{**vars(clip_l), "vision_hidden_size": 24})
+    assert "--vision-model-type" not in _vision_flags(tiny)
+    # a GPT saved by Megatron-LM: its namespace has encoder_num_layers, img_h, patch_dim too
+    gpt = argparse.Namespace(num_layers=2, encoder_num_layers=2, img_h=224, img_w=224, patch_dim=16)
+    assert _vision_flags(gpt) == []
