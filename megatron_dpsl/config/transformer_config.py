@@ -160,6 +160,7 @@ class DPSLTransformerConfig(TransformerConfig):
             )
         split = split_load_balancing(self.moe_router_load_balancing_type, self.moe_aux_loss_coeff)
         # before Megatron's checks: e.g. top-1 routing fails there with a message about pre-softmax
+        _validate_topk(self)
         _validate_regularizers(self, split)
         user_type, user_coeff = self.moe_router_load_balancing_type, self.moe_aux_loss_coeff
         # Megatron's own validation (e.g. "capacity factor only works with aux_loss/...") must see
@@ -345,6 +346,18 @@ def _positive_number(value) -> bool:
 def _plugin_coeff(config, load_balancing_type: str) -> float:
     split = split_load_balancing(config.moe_router_load_balancing_type, config.moe_aux_loss_coeff)
     return float(split.plugin_coeffs.get(load_balancing_type, 0.0))
+
+
+def _validate_topk(config) -> None:
+    """k in 1..E: 0 routes every token nowhere, k > E fails deep inside Megatron's top-k."""
+    k, num_experts = config.moe_router_topk, config.num_moe_experts
+    if not num_experts:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ValueError(
+            f"moe_router_topk: must be an int in [1, num_moe_experts={num_experts}] (experts per "
+            f"token), got {k!r}"
+        )
 
 
 def _validate_regularizers(config, split) -> None:
