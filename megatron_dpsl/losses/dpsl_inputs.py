@@ -36,6 +36,11 @@ def _check_inputs(probs, alpha, group_ids, padding_mask):
             f"dpsl_loss: probs must be a float tensor [num_tokens, num_experts], got {shape}"
         )
     num_tokens, num_experts = probs.shape
+    if num_experts < 2:  # one expert: p = 1 always, and Beta(α, A - α) has A - α = 0
+        raise ValueError(
+            f"dpsl_loss: probs needs num_experts >= 2 (the prior's marginals are degenerate with "
+            f"one expert), got shape {tuple(probs.shape)}"
+        )
     if alpha.dim() not in (1, 2) or alpha.shape[-1] != num_experts or alpha.numel() == 0:
         raise ValueError(
             f"dpsl_loss: alpha must be {_ALPHA_FORMS} with num_experts={num_experts} "
