@@ -269,6 +269,11 @@ class DPSLTransformerConfig(TransformerConfig):
             raise ValueError("moe_ac_layers: the AC router needs MoE layers (num_moe_experts)")
         if len(set(layers)) != len(layers):
             raise ValueError(f"moe_ac_layers lists a layer more than once: {list(layers)}")
+        self._check_ac_layer_numbers(layers)
+        self._check_ac_determinism()
+
+    def _check_ac_layer_numbers(self, layers) -> None:
+        """Each AC layer is an MoE layer of the model with an earlier MoE layer."""
         moe_layers = moe_layer_numbers(self.num_layers, self.moe_layer_freq)
         for n in layers:
             if not 1 <= n <= self.num_layers:
@@ -285,6 +290,9 @@ class DPSLTransformerConfig(TransformerConfig):
                 "the previous MoE layer's "
                 f"assignment, so the first MoE layer must stay standard (MoE layers: {moe_layers})"
             )
+
+    def _check_ac_determinism(self) -> None:
+        """AC routing must repeat exactly: no input jitter, no CUDA graph capturing the router."""
         if self.moe_input_jitter_eps is not None:
             raise ValueError(
                 f"moe_input_jitter_eps={self.moe_input_jitter_eps} cannot be combined with "

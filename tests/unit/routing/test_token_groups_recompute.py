@@ -130,8 +130,23 @@ RECOMPUTE = {
 
 @pytest.fixture(scope="module")
 def reference():
-    """Losses and gradients without recompute, micro-batches one after the other."""
-    return losses_and_grads(gpt(make_config()), in_flight=False)
+    """Losses and gradients without recompute, micro-batches one after the other.
+
+    Module-scoped, so it runs outside the function-scoped ``fresh_moe_losses``: it sets and puts
+    back the aux-loss scale itself (a backward without one leaves Megatron's default behind, a
+    shape-[] tensor later tests would inherit) and leaves the tracker empty.
+    """
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from support.common import reset_moe_tracker
+
+    previous = MoEAuxLossAutoScaler.main_loss_backward_scale
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    try:
+        return losses_and_grads(gpt(make_config()), in_flight=False)
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = previous
+        reset_moe_tracker()
 
 
 @pytest.mark.parametrize("name", list(RECOMPUTE))
