@@ -232,6 +232,9 @@ class DPSLTransformerConfig(TransformerConfig):
             raise ValueError(
                 f"{LOAD_BALANCING_FIELD} {next(iter(split.plugin_coeffs))!r} needs num_moe_experts"
             )
+        if self.moe_dpsl_enabled and self.num_moe_experts == 1:
+            # p = 1 for every token; the prior's Beta(α, A - α) marginal has A - α = 0
+            raise ValueError("num_moe_experts: DPSL needs at least 2 experts, got 1")
         if split.plugin_coeffs and split.stock_type == "sinkhorn":
             # sinkhorn asserts moe_aux_loss_coeff == 0 and replaces top-k routing altogether
             raise ValueError(
