@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 from support.common import pg
+from support.configs import moe_config
 from support.megatron_cpu import init_single_process, install_recompute_shims
 
 S, B, H, E = 6, 3, 16, 4
@@ -29,24 +30,14 @@ def megatron_state():
 
 
 def router():
-    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
     from megatron_dpsl.routing.router import DPSLRouter
 
-    cfg = DPSLTransformerConfig(
+    cfg = moe_config(
         num_layers=1,
-        hidden_size=H,
-        ffn_hidden_size=8,
-        num_attention_heads=4,
         num_moe_experts=E,
-        moe_router_topk=2,
         moe_router_load_balancing_type="dpsl",
-        moe_aux_loss_coeff=0.0,
         moe_dpsl_coeff=1.0,
-        moe_dpsl_log_interval=0,
         moe_dpsl_group_alphas=[[2.0, 2.0, 0.5, 0.5], [0.5, 0.5, 2.0, 2.0]],
-        use_cpu_initialization=True,
-        add_bias_linear=False,
-        init_method_std=0.5,
     )
     torch.manual_seed(0)
     r = DPSLRouter(cfg, pg_collection=pg())
