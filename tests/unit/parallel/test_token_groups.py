@@ -29,7 +29,7 @@ def megatron_state():
     undo()
 
 
-def router():
+def router(group_priors=True):
     from megatron_dpsl.routing.router import DPSLRouter
 
     cfg = moe_config(
@@ -37,7 +37,9 @@ def router():
         num_moe_experts=E,
         moe_router_load_balancing_type="dpsl",
         moe_dpsl_coeff=1.0,
-        moe_dpsl_group_alphas=[[2.0, 2.0, 0.5, 0.5], [0.5, 0.5, 2.0, 2.0]],
+        moe_dpsl_group_alphas=[[2.0, 2.0, 0.5, 0.5], [0.5, 0.5, 2.0, 2.0]]
+        if group_priors
+        else None,
     )
     torch.manual_seed(0)
     r = DPSLRouter(cfg, pg_collection=pg())
@@ -124,6 +126,21 @@ def test_layout_is_checked_against_the_hidden_states():
             r"the router's "
             r"hidden states are \[s, b\] = \[6, 3\]",
         ),
+    ):
+        r(x)
+
+
+def test_padding_flags_layout_is_checked_without_group_priors_too():
+    from megatron_dpsl import dpsl_token_groups
+
+    r = router(group_priors=False)  # reads only the padding flags set with the ids
+    x, ids = data(1)
+    pad = torch.zeros_like(ids, dtype=torch.bool)
+    with dpsl_token_groups(ids, padding_mask=pad):
+        r(x)
+    with (
+        dpsl_token_groups(ids.t().contiguous(), padding_mask=pad.t().contiguous()),
+        pytest.raises(ValueError, match=r"padding flags give \[s, b\] = \[3, 6\] on this rank"),
     ):
         r(x)
 
