@@ -34,6 +34,9 @@ setup(
             # under Triton's interpreter (tests/unit/losses/test_dpsl_triton.py); CUDA builds of
             # torch ship it already
             "triton",
+            # property-based tests of the bad-input suite (tests/unit/*/test_*_properties.py,
+            # tests/unit/config/test_layer_freq.py)
+            "hypothesis",
         ],
         "plots": ["matplotlib", "tensorboard", "scipy"],
         "hf": ["safetensors"],

@@ -238,8 +238,8 @@ def report(tag: str, rows: list[dict], work: Path) -> str:
             "| dpsl_loss | " + " | ".join(f"{layers[i]:.4g}" for i in sorted(layers)) + " |",
             "",
             f"mean over the {len(layers)} MoE layers: {sum(layers.values()) / len(layers):.4g} "
-            "(the console's "
-            "dpsl_loss divides the sum by --encoder-num-layers, docs/megatron_lm.md)",
+            "(core_v0.16.1's console dpsl_loss divides the sum by --encoder-num-layers; "
+            "docs/vlm.md)",
         ]
     return "\n".join(lines) + "\n"
 

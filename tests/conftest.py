@@ -31,6 +31,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _aux_loss_scale_per_test():
+    """No test inherits another's aux-loss backward scale: ``MoEAuxLossAutoScaler`` keeps it as
+    class state for the whole process, and a 0-dim scale left behind breaks the next
+    ``set_loss_scale`` of Megatron's own shape ([1]) with a broadcast error far from its cause."""
+    yield
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None:
+        moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None
+
+
 @pytest.fixture
 def fresh_moe_losses():
     """An empty MoE metrics tracker and an aux-loss backward scale of 1 for one test; the scale

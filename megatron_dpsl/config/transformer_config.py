@@ -160,6 +160,7 @@ class DPSLTransformerConfig(TransformerConfig):
             )
         split = split_load_balancing(self.moe_router_load_balancing_type, self.moe_aux_loss_coeff)
         # before Megatron's checks: e.g. top-1 routing fails there with a message about pre-softmax
+        _validate_topk(self)
         _validate_regularizers(self, split)
         user_type, user_coeff = self.moe_router_load_balancing_type, self.moe_aux_loss_coeff
         # Megatron's own validation (e.g. "capacity factor only works with aux_loss/...") must see
@@ -231,6 +232,9 @@ class DPSLTransformerConfig(TransformerConfig):
             raise ValueError(
                 f"{LOAD_BALANCING_FIELD} {next(iter(split.plugin_coeffs))!r} needs num_moe_experts"
             )
+        if self.moe_dpsl_enabled and self.num_moe_experts == 1:
+            # p = 1 for every token; the prior's Beta(α, A - α) marginal has A - α = 0
+            raise ValueError("num_moe_experts: DPSL needs at least 2 experts, got 1")
         if split.plugin_coeffs and split.stock_type == "sinkhorn":
             # sinkhorn asserts moe_aux_loss_coeff == 0 and replaces top-k routing altogether
             raise ValueError(
@@ -268,6 +272,11 @@ class DPSLTransformerConfig(TransformerConfig):
             raise ValueError("moe_ac_layers: the AC router needs MoE layers (num_moe_experts)")
         if len(set(layers)) != len(layers):
             raise ValueError(f"moe_ac_layers lists a layer more than once: {list(layers)}")
+        self._check_ac_layer_numbers(layers)
+        self._check_ac_determinism()
+
+    def _check_ac_layer_numbers(self, layers) -> None:
+        """Each AC layer is an MoE layer of the model with an earlier MoE layer."""
         moe_layers = moe_layer_numbers(self.num_layers, self.moe_layer_freq)
         for n in layers:
             if not 1 <= n <= self.num_layers:
@@ -284,6 +293,9 @@ class DPSLTransformerConfig(TransformerConfig):
                 "the previous MoE layer's "
                 f"assignment, so the first MoE layer must stay standard (MoE layers: {moe_layers})"
             )
+
+    def _check_ac_determinism(self) -> None:
+        """AC routing must repeat exactly: no input jitter, no CUDA graph capturing the router."""
         if self.moe_input_jitter_eps is not None:
             raise ValueError(
                 f"moe_input_jitter_eps={self.moe_input_jitter_eps} cannot be combined with "
@@ -345,6 +357,18 @@ def _positive_number(value) -> bool:
 def _plugin_coeff(config, load_balancing_type: str) -> float:
     split = split_load_balancing(config.moe_router_load_balancing_type, config.moe_aux_loss_coeff)
     return float(split.plugin_coeffs.get(load_balancing_type, 0.0))
+
+
+def _validate_topk(config) -> None:
+    """k in 1..E: 0 routes every token nowhere, k > E fails deep inside Megatron's top-k."""
+    k, num_experts = config.moe_router_topk, config.num_moe_experts
+    if not num_experts:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ValueError(
+            f"moe_router_topk: must be an int in [1, num_moe_experts={num_experts}] (experts per "
+            f"token), got {k!r}"
+        )
 
 
 def _validate_regularizers(config, split) -> None:

@@ -200,63 +200,14 @@ class BetaCDFTable:
         self.num_rows = a.numel()
         self.dtype, self.device = dtype, torch.device(device)
         log_beta = _log_beta(a, b)
-
-        # Tail junctions: series region, widened to where the CDF (or its complement) is below eps.
-        # term ratios of the series are ~ (a+b+n)/(a+1+n) x <= x max(1, (a+b)/(a+1))
-        x_ser = _SERIES_C * ((a + 1.0) / (a + b)).clamp(max=1.0)
-        y_ser = _SERIES_C * ((b + 1.0) / (a + b)).clamp(max=1.0)
-        u_lo = torch.maximum(_logit(x_ser), _quantile_u(a, b, _QUANTILE_EPS))
-        u_hi = torch.minimum(-_logit(y_ser), -_quantile_u(b, a, _QUANTILE_EPS))
-        u_hi = torch.maximum(u_hi, u_lo + 1e-3)
-        scale = torch.sqrt(torch.polygamma(1, a) + torch.polygamma(1, b)).clamp(max=1.0)
-        # Per-row node count: a row's table depends on its own (a, b) only, not on the other rows.
-        m1 = torch.ceil((u_hi - u_lo) / (_GRID_H * scale)).clamp(
-            7, _MAX_NODES - 1
-        )  # intervals per row [R]
-        nodes = int(m1.max().item()) + 1
-        if float(m1.sum()) >= 2**24 and dtype != torch.float64:
-            # interval indices are formed in the evaluation dtype; float32 counts exactly only below
-            # 2^24
-            raise ValueError(
-                f"BetaCDFTable: {self.num_rows} rows need {int(m1.sum())} intervals, too many "
-                f"for {dtype}"
-            )
+        u_lo, u_hi = _tail_junctions(a, b)
+        m1 = _intervals_per_row(a, b, u_lo, u_hi, dtype)  # [R]
         h = (u_hi - u_lo) / m1  # [R]
-
-        # Reference node near the mode of logit X (x = a / (a + b)). Points are located through
-        # log(x / (1 - x) * k_c) = u - u_c, small (so accurate in float32) in the bulk where the CDF
-        # is steepest; u_c is defined by the dtype-rounded k_c actually used at evaluation.
-        u_mode = torch.minimum(torch.maximum(torch.log(a / b), u_lo), u_hi).clamp(-80.0, 80.0)
-        k_c = torch.exp(-u_mode).to(dtype).double()
-        u_c = -torch.log(k_c)
-        i_c = torch.minimum(torch.round((u_c - u_lo) / h).clamp(min=0), m1)
-        u_lo = u_c - i_c * h  # grid shifted by < h/2 so that u_c is a node
-
-        u = u_lo[:, None] + h[:, None] * torch.arange(nodes, dtype=torch.float64)  # [R, M]
-        x, y = torch.sigmoid(u), torch.sigmoid(-u)
-        f = _betainc_xy(x, y, a[:, None], b[:, None])
-        dfdu = torch.exp(a[:, None] * torch.log(x) + b[:, None] * torch.log(y) - log_beta[:, None])
-        # Hermite cubic per interval in t in [0, 1]: p(t) = c0 + t (c1 + t (c2 + t c3))
-        f0, f1 = f[:, :-1], f[:, 1:]
-        d0, d1 = dfdu[:, :-1] * h[:, None], dfdu[:, 1:] * h[:, None]
-        coefs = (f0, d0, 3.0 * (f1 - f0) - 2.0 * d0 - d1, 2.0 * (f0 - f1) + d0 + d1)
-        used = (
-            torch.arange(nodes - 1, dtype=torch.float64) < m1[:, None]
-        )  # [R, M - 1]: row r's intervals
+        u_lo, k_c, i_c = _reference_node(a, b, u_lo, u_hi, h, m1, dtype)
         kw = dict(dtype=dtype, device=self.device)
-        self.c0, self.c1, self.c2, self.c3 = (c[used].to(**kw) for c in coefs)  # [sum_r m1_r] each
-
-        q1 = (a + b) / (a + 1.0)
-        r1 = (a + b) / (b + 1.0)
-        rows = dict(
-            a=a, b=b, log_beta=log_beta, inv_a=1.0 / a, inv_b=1.0 / b, k_c=k_c, inv_h=1.0 / h
-        )
-        rows.update(
-            q1=q1, q12=q1 * (a + b + 1.0) / (a + 2.0), r1=r1, r12=r1 * (a + b + 1.0) / (b + 2.0)
-        )
-        # grid coordinate range relative to the reference node; flat index of row r's reference
-        # interval
-        rows.update(s_lo=-i_c, s_hi=m1 - i_c, offset=torch.cumsum(m1, 0) - m1 + i_c)
+        coefs = _hermite_coefficients(a, b, log_beta, u_lo, h, m1)
+        self.c0, self.c1, self.c2, self.c3 = (c.to(**kw) for c in coefs)  # [sum_r m1_r] each
+        rows = _row_constants(a, b, log_beta, k_c, h, i_c, m1)
         self.rows = {k: v.to(**kw) for k, v in rows.items()}  # each [R]
         # junctions in x (the CPU loss path splits sorted rows there instead of selecting per
         # element)
@@ -403,3 +354,68 @@ def beta_cdf_table(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, device)
     else:
         _TABLE_CACHE.move_to_end(key)
     return table
+
+
+def _tail_junctions(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u_lo, u_hi) ``[R]`` in logit space: the series regions, widened to where the CDF (or its
+    complement) is below eps."""
+    # term ratios of the series are ~ (a+b+n)/(a+1+n) x <= x max(1, (a+b)/(a+1))
+    x_ser = _SERIES_C * ((a + 1.0) / (a + b)).clamp(max=1.0)
+    y_ser = _SERIES_C * ((b + 1.0) / (a + b)).clamp(max=1.0)
+    u_lo = torch.maximum(_logit(x_ser), _quantile_u(a, b, _QUANTILE_EPS))
+    u_hi = torch.minimum(-_logit(y_ser), -_quantile_u(b, a, _QUANTILE_EPS))
+    return u_lo, torch.maximum(u_hi, u_lo + 1e-3)
+
+
+def _intervals_per_row(a, b, u_lo, u_hi, dtype: torch.dtype) -> torch.Tensor:
+    """Grid intervals per row ``[R]`` (float64): a row's table depends on its own (a, b) only."""
+    scale = torch.sqrt(torch.polygamma(1, a) + torch.polygamma(1, b)).clamp(max=1.0)
+    m1 = torch.ceil((u_hi - u_lo) / (_GRID_H * scale)).clamp(7, _MAX_NODES - 1)
+    if float(m1.sum()) >= 2**24 and dtype != torch.float64:
+        # interval indices are formed in the evaluation dtype; float32 counts exactly only below
+        # 2^24
+        raise ValueError(
+            f"BetaCDFTable: {a.numel()} rows need {int(m1.sum())} intervals, too many for {dtype}"
+        )
+    return m1
+
+
+def _reference_node(a, b, u_lo, u_hi, h, m1, dtype: torch.dtype):
+    """(shifted u_lo, k_c, i_c) ``[R]`` each: the reference node near the mode of logit X."""
+    # x = a / (a + b). Points are located through log(x / (1 - x) * k_c) = u - u_c, small (so
+    # accurate in float32) in the bulk where the CDF is steepest; u_c is defined by the
+    # dtype-rounded k_c actually used at evaluation.
+    u_mode = torch.minimum(torch.maximum(torch.log(a / b), u_lo), u_hi).clamp(-80.0, 80.0)
+    k_c = torch.exp(-u_mode).to(dtype).double()
+    u_c = -torch.log(k_c)
+    i_c = torch.minimum(torch.round((u_c - u_lo) / h).clamp(min=0), m1)
+    return u_c - i_c * h, k_c, i_c  # grid shifted by < h/2 so that u_c is a node
+
+
+def _hermite_coefficients(a, b, log_beta, u_lo, h, m1) -> tuple[torch.Tensor, ...]:
+    """(c0, c1, c2, c3) float64 ``[sum_r m1_r]``: a Hermite cubic per interval in t in [0, 1],
+    p(t) = c0 + t (c1 + t (c2 + t c3)), each row's intervals contiguous."""
+    nodes = int(m1.max().item()) + 1
+    u = u_lo[:, None] + h[:, None] * torch.arange(nodes, dtype=torch.float64)  # [R, M]
+    x, y = torch.sigmoid(u), torch.sigmoid(-u)
+    f = _betainc_xy(x, y, a[:, None], b[:, None])
+    dfdu = torch.exp(a[:, None] * torch.log(x) + b[:, None] * torch.log(y) - log_beta[:, None])
+    f0, f1 = f[:, :-1], f[:, 1:]
+    d0, d1 = dfdu[:, :-1] * h[:, None], dfdu[:, 1:] * h[:, None]
+    coefs = (f0, d0, 3.0 * (f1 - f0) - 2.0 * d0 - d1, 2.0 * (f0 - f1) + d0 + d1)
+    used = torch.arange(nodes - 1, dtype=torch.float64) < m1[:, None]  # [R, M - 1]: row r's
+    return tuple(c[used] for c in coefs)
+
+
+def _row_constants(a, b, log_beta, k_c, h, i_c, m1) -> dict[str, torch.Tensor]:
+    """The per-row constants the evaluator reads, float64 ``[R]`` each."""
+    q1 = (a + b) / (a + 1.0)
+    r1 = (a + b) / (b + 1.0)
+    rows = dict(a=a, b=b, log_beta=log_beta, inv_a=1.0 / a, inv_b=1.0 / b, k_c=k_c, inv_h=1.0 / h)
+    rows.update(
+        q1=q1, q12=q1 * (a + b + 1.0) / (a + 2.0), r1=r1, r12=r1 * (a + b + 1.0) / (b + 2.0)
+    )
+    # grid coordinate range relative to the reference node; flat index of row r's reference
+    # interval
+    rows.update(s_lo=-i_c, s_hi=m1 - i_c, offset=torch.cumsum(m1, 0) - m1 + i_c)
+    return rows

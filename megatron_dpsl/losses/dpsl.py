@@ -55,9 +55,7 @@ def _per_expert_loss_cpu(p: torch.Tensor, inputs: RowLayout, need_grad: bool):
     free on the host. Returns (loss per expert [E], dL_k/dp [B, E] or None).
     """
     table, num_groups, group_ids = inputs
-    num_tokens, num_experts = p.shape
-    cdt = p.dtype
-    per_expert = torch.zeros(num_experts, dtype=cdt)
+    per_expert = torch.zeros(p.shape[1], dtype=p.dtype)
     if group_ids is None:
         groups = [(0, None)]
         grad = None
@@ -66,69 +64,85 @@ def _per_expert_loss_cpu(p: torch.Tensor, inputs: RowLayout, need_grad: bool):
         grad = torch.zeros_like(p) if need_grad else None  # padding rows keep 0
     for g, sel in groups:
         pg = p if sel is None else p.index_select(0, sel)
-        n = pg.shape[0]
-        if n == 0:
+        if pg.shape[0] == 0:
             continue  # empty group: contributes 0
-        pt = pg.t().contiguous()  # [E, n]: each expert's probabilities contiguous
-        gs = torch.empty_like(pt) if need_grad else None  # [E, n] in sorted order
-        xs, order = [], []  # per expert: sorted row, its permutation
-        scale = -2.0 / n  # dL/dF = -(2/B)(j/B - F)
-        ranks = torch.arange(1, n + 1, dtype=cdt) / n  # j / B
-        tails = []  # (expert, start, stop) beyond the junctions
-        has_nan = (
-            torch.isnan(pt).any(1).tolist()
-        )  # NaN breaks searchsorted; the row's loss is NaN anyway
-        for k in range(num_experts):
-            r = g * num_experts + k
-            if has_nan[k]:
-                per_expert[k] = float("nan")
-                xs.append(pt[k])
-                order.append(torch.arange(n))
-                if need_grad:
-                    gs[k] = float("nan")
-                continue
-            x, idx = sort_rows(pt[k])
-            xs.append(x)
-            order.append(idx)
-            lo = int(torch.searchsorted(x, table.x_lo[r : r + 1]))  # x[:lo] < x_lo: lower tail
-            hi = max(
-                lo, int(torch.searchsorted(x, table.x_hi[r : r + 1], right=True))
-            )  # x[hi:] > x_hi
-            tails += [(k, 0, lo), (k, hi, n)]
-            acc = p.new_zeros(())
-            for i0 in range(lo, hi, _CHUNK):
-                i1 = min(i0 + _CHUNK, hi)
-                f, d = table.evaluate_bulk(x[i0:i1], r, need_grad, scale)
-                diff = torch.sub(ranks[i0:i1], f, out=f)  # j/B - F
-                if need_grad:
-                    torch.mul(diff, d, out=gs[k, i0:i1])
-                acc = acc + torch.dot(diff, diff)
-            per_expert[k] += acc / n
-        tails = [t for t in tails if t[2] > t[1]]
-        if tails:
-            xt = torch.cat([xs[k][i0:i1] for k, i0, i1 in tails])
-            kt = torch.cat([torch.full((i1 - i0,), k, dtype=torch.int64) for k, i0, i1 in tails])
-            jt = torch.cat([ranks[i0:i1] for k, i0, i1 in tails])
-            f, d = table.evaluate(xt, kt + g * num_experts, need_grad)
-            diff = jt - f
-            per_expert.index_add_(0, kt, diff * diff / n)
-            if need_grad:
-                pieces = (diff * d * scale).split([i1 - i0 for _, i0, i1 in tails])
-                for (k, i0, i1), piece in zip(tails, pieces):
-                    gs[k, i0:i1] = piece
-        if need_grad:
-            grad_g = torch.empty_like(
-                pg
-            )  # [n, E], token order: scatter each row through its permutation
-            for k in range(num_experts):
-                grad_g[:, k].scatter_(0, order[k], gs[k])
-            if sel is None:
-                grad = grad_g
-            else:
-                grad.index_copy_(0, sel, grad_g)
+        grad_g = _cpu_group(pg, table, g, per_expert, need_grad)
+        if grad_g is not None and sel is None:
+            grad = grad_g
+        elif grad_g is not None:
+            grad.index_copy_(0, sel, grad_g)
     if need_grad and grad is None:  # an empty batch: nothing to sort, zero gradient
         grad = torch.zeros_like(p)
     return per_expert, grad
+
+
+def _cpu_group(pg: torch.Tensor, table, g: int, per_expert: torch.Tensor, need_grad: bool):
+    """One group's tokens ``pg`` ``[n, E]``: adds its loss to ``per_expert`` ``[E]`` and returns
+    its dL/dp ``[n, E]`` in token order (None without ``need_grad``)."""
+    n, num_experts = pg.shape
+    pt = pg.t().contiguous()  # [E, n]: each expert's probabilities contiguous
+    gs = torch.empty_like(pt) if need_grad else None  # [E, n] in sorted order
+    xs, order = [], []  # per expert: sorted row, its permutation
+    scale = -2.0 / n  # dL/dF = -(2/B)(j/B - F)
+    ranks = torch.arange(1, n + 1, dtype=pg.dtype) / n  # j / B
+    tails = []  # (expert, start, stop) beyond the junctions
+    has_nan = torch.isnan(pt).any(1).tolist()  # NaN breaks searchsorted; the row's loss is NaN
+    for k in range(num_experts):
+        if has_nan[k]:
+            per_expert[k] = float("nan")
+            xs.append(pt[k])
+            order.append(torch.arange(n))
+            if need_grad:
+                gs[k] = float("nan")
+            continue
+        x, idx = sort_rows(pt[k])
+        xs.append(x)
+        order.append(idx)
+        gs_k = gs[k] if need_grad else None
+        acc, lo, hi = _cpu_bulk(x, table, g * num_experts + k, ranks, scale, gs_k)
+        tails += [(k, 0, lo), (k, hi, n)]
+        per_expert[k] += acc / n
+    tails = [t for t in tails if t[2] > t[1]]
+    if tails:
+        _cpu_tails(tails, xs, ranks, table, g, per_expert, gs, scale)
+    if not need_grad:
+        return None
+    grad_g = torch.empty_like(pg)  # [n, E], token order: scatter each row through its permutation
+    for k in range(num_experts):
+        grad_g[:, k].scatter_(0, order[k], gs[k])
+    return grad_g
+
+
+def _cpu_bulk(x, table, r: int, ranks, scale: float, gs_k):
+    """Sorted row ``x`` ``[n]`` of table row ``r`` between the junctions: (sum of (j/B - F)^2,
+    lo, hi) with ``x[:lo]``, ``x[hi:]`` the tails; writes dL/dx into ``gs_k`` (unless None)."""
+    lo = int(torch.searchsorted(x, table.x_lo[r : r + 1]))  # x[:lo] < x_lo: lower tail
+    hi = max(lo, int(torch.searchsorted(x, table.x_hi[r : r + 1], right=True)))  # x[hi:] > x_hi
+    acc = x.new_zeros(())
+    for i0 in range(lo, hi, _CHUNK):
+        i1 = min(i0 + _CHUNK, hi)
+        f, d = table.evaluate_bulk(x[i0:i1], r, gs_k is not None, scale)
+        diff = torch.sub(ranks[i0:i1], f, out=f)  # j/B - F
+        if gs_k is not None:
+            torch.mul(diff, d, out=gs_k[i0:i1])
+        acc = acc + torch.dot(diff, diff)
+    return acc, lo, hi
+
+
+def _cpu_tails(tails, xs, ranks, table, g: int, per_expert, gs, scale: float) -> None:
+    """Every tail point of group ``g`` through the full evaluator in one call; adds to
+    ``per_expert`` and writes dL/dx into ``gs`` (unless None)."""
+    n, num_experts = ranks.shape[0], per_expert.shape[0]
+    xt = torch.cat([xs[k][i0:i1] for k, i0, i1 in tails])
+    kt = torch.cat([torch.full((i1 - i0,), k, dtype=torch.int64) for k, i0, i1 in tails])
+    jt = torch.cat([ranks[i0:i1] for k, i0, i1 in tails])
+    f, d = table.evaluate(xt, kt + g * num_experts, gs is not None)
+    diff = jt - f
+    per_expert.index_add_(0, kt, diff * diff / n)
+    if gs is not None:
+        pieces = (diff * d * scale).split([i1 - i0 for _, i0, i1 in tails])
+        for (k, i0, i1), piece in zip(tails, pieces):
+            gs[k, i0:i1] = piece
 
 
 def _per_expert_loss_device(p: torch.Tensor, inputs: RowLayout, need_grad: bool):
@@ -241,7 +255,7 @@ def dpsl_loss_per_expert(
 
 def dpsl_loss(
     probs: torch.Tensor,
-    alpha: torch.Tensor,
+    alpha: torch.Tensor | float | list,
     group_ids: torch.Tensor | None = None,
     padding_mask: torch.Tensor | None = None,
     *,
@@ -254,10 +268,10 @@ def dpsl_loss(
         float32,
             float64 for float64 input). NaN, +-inf or values outside [0, 1] in non-padding rows make
             the loss NaN (never silently dropped).
-        alpha: ``[num_experts]`` (one prior) or ``[num_groups, num_experts]`` (one prior per token
-        group),
-            all > 0. A CPU tensor or a list avoids a device-to-host copy (the CDF table is cached
-            per alpha).
+        alpha: the Dirichlet prior, all > 0 and finite, in the forms the config takes: a number
+            or a one-element list/tensor (the symmetric prior), ``[num_experts]`` (one prior) or
+            ``[num_groups, num_experts]`` (one prior per token group). A CPU tensor or a list
+            avoids a device-to-host copy (the CDF table is cached per alpha).
         group_ids: ``[num_tokens]`` int in ``[0, num_groups)``, each token's group (required with a
         2-D
             ``alpha`` of more than one row).

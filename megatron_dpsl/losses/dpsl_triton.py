@@ -329,26 +329,8 @@ def loss_and_grad(
     grid = (num_experts, num_spans)
     group = counts = ok = None
     if has_groups:
-        group = torch.empty(num_experts, num_tokens, dtype=torch.int32, device=dev)
-        counts = torch.empty(num_experts, num_spans, g1p, dtype=torch.int32, device=dev)
-        ok = torch.empty((), dtype=torch.int32, device=dev)
-        gid = group_ids.to(dev) if group_ids is not None else None
-        pad = padding_mask.to(dev) if padding_mask is not None else None
-        _count_kernel[grid](
-            idx,
-            gid if gid is not None else idx,
-            pad if pad is not None else idx,
-            group,
-            counts,
-            num_tokens,
-            num_spans,
-            span,
-            num_groups,
-            HAS_GID=gid is not None,
-            HAS_PAD=pad is not None,
-            BLOCK=block,
-            G1P=g1p,
-            num_warps=num_warps,
+        group, counts, ok = _count_groups(
+            idx, group_ids, padding_mask, num_groups, span, num_spans, (block, g1p, num_warps)
         )
     _eval_kernel[grid](
         vals,
@@ -377,6 +359,36 @@ def loss_and_grad(
     if has_groups:
         torch._assert_async(ok, "dpsl_loss: group_ids out of range [0, num_groups)")
     return (partials.sum() if reduce else partials.sum(1)), grad
+
+
+def _count_groups(idx, group_ids, padding_mask, num_groups: int, span: int, num_spans: int, shape):
+    """``_count_kernel``: each sorted point's group ``[E, B]`` int32 (padding = ``num_groups``),
+    group counts per span ``[E, S, G1]`` and the range flag ``ok`` (0-dim int32)."""
+    block, g1p, num_warps = shape
+    num_experts, num_tokens = idx.shape
+    dev = idx.device
+    group = torch.empty(num_experts, num_tokens, dtype=torch.int32, device=dev)
+    counts = torch.empty(num_experts, num_spans, g1p, dtype=torch.int32, device=dev)
+    ok = torch.empty((), dtype=torch.int32, device=dev)
+    gid = group_ids.to(dev) if group_ids is not None else None
+    pad = padding_mask.to(dev) if padding_mask is not None else None
+    _count_kernel[(num_experts, num_spans)](
+        idx,
+        gid if gid is not None else idx,
+        pad if pad is not None else idx,
+        group,
+        counts,
+        num_tokens,
+        num_spans,
+        span,
+        num_groups,
+        HAS_GID=gid is not None,
+        HAS_PAD=pad is not None,
+        BLOCK=block,
+        G1P=g1p,
+        num_warps=num_warps,
+    )
+    return group, counts, ok
 
 
 class FusedDPSL(torch.autograd.Function):

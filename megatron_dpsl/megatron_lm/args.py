@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from megatron_dpsl.config.layer_freq import LayerFreqError, parse_layer_freq
 from megatron_dpsl.config.load_balancing import (
     DPSL_TYPE,
     GATHER_CHOICES,
@@ -157,6 +158,22 @@ def add_moe_load_balancing_args(parser: argparse.ArgumentParser) -> argparse.Arg
     return parser
 
 
+def _layer_freq_type(value: str):
+    """argparse type of Megatron-LM's ``--moe-layer-freq``: its syntax, without its ``eval``."""
+    try:
+        return parse_layer_freq(value)
+    except LayerFreqError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _parse_layer_freq_safely(parser: argparse.ArgumentParser) -> None:
+    # Megatron-LM's moe_freq_type hands a pattern to eval ('[9**9**9]' never returns); every parse
+    # that has this provider reads it with the bounded parser instead (same results)
+    action = _find_action(parser, "moe_layer_freq")
+    if action is not None:
+        action.type = _layer_freq_type
+
+
 def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron-LM ``extra_args_provider``: add the DPSL flags (and the ``--moe-ac-*`` flags of the
     Adaptive Clustering router) and accept ``dpsl`` as a load-balancing type.
@@ -164,9 +181,11 @@ def add_dpsl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     If ``parser`` defines ``--moe-router-load-balancing-type`` (Megatron-LM's parser does), ``dpsl``
     is appended to its choices; if it does not, nothing is added for it (call
     ``add_moe_load_balancing_args`` for a standalone parser). Calling it twice is harmless (the
-    patched Megatron-LM adds the flags itself and a launcher may pass this provider too). Returns
-    ``parser``.
+    patched Megatron-LM adds the flags itself and a launcher may pass this provider too). A
+    ``--moe-layer-freq`` the parser has is read by ``megatron_dpsl.config.layer_freq``
+    (Megatron-LM's syntax without its ``eval``). Returns ``parser``.
     """
+    _parse_layer_freq_safely(parser)
     if _find_action(parser, "moe_dpsl_coeff") is not None:
         _add_ac_args(parser)  # a parser that got the DPSL flags before the AC router existed
         return parser

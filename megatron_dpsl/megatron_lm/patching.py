@@ -310,7 +310,8 @@ def _set_dir(patches_dir: Path, tag: str | None) -> Path:
     return Path(patches_dir)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: ``apply``, ``status``, ``export-originals`` and ``lock``."""
     parser = argparse.ArgumentParser(
         prog="python -m megatron_dpsl.megatron_lm.patching",
         description=__doc__,
@@ -346,29 +347,37 @@ def main(argv=None) -> int:
         "--tag", required=True, help="the set and the Megatron-LM tag, e.g. core_v0.19.0"
     )
     p_lock.add_argument("--git-dir", default=default_git_dir(), help=git_help)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Run one parsed command, printing what it did (raises ``PatchError``)."""
+    if args.command == "apply":
+        for path, what in apply_patches(
+            args.megatron_lm, args.patches_dir, check_only=args.check
+        ).items():
+            print(f"{what:>16}  {path}")
+    elif args.command == "status":
+        set_dir, lock = select_patch_set(args.megatron_lm, args.patches_dir)
+        print(f"{lock.tag} ({set_dir})")
+        for path, state in file_states(args.megatron_lm, lock).items():
+            print(f"{state:>8}  {path}")
+    elif args.command == "export-originals":
+        export_originals(args.git_dir, args.out, Lock.load(_set_dir(args.patches_dir, args.tag)))
+        print(args.out)
+    elif args.command == "lock":
+        set_dir = _set_dir(args.patches_dir, args.tag)
+        lock = write_lock(args.git_dir, set_dir, args.tag)
+        print(f"{set_dir / LOCK_NAME}: {lock.tag} {lock.commit}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("export-originals", "lock") and not args.git_dir:
         parser.error(f"--git-dir: give a local Megatron-LM git directory (or set ${GIT_DIR_ENV})")
     try:
-        if args.command == "apply":
-            for path, what in apply_patches(
-                args.megatron_lm, args.patches_dir, check_only=args.check
-            ).items():
-                print(f"{what:>16}  {path}")
-        elif args.command == "status":
-            set_dir, lock = select_patch_set(args.megatron_lm, args.patches_dir)
-            print(f"{lock.tag} ({set_dir})")
-            for path, state in file_states(args.megatron_lm, lock).items():
-                print(f"{state:>8}  {path}")
-        elif args.command == "export-originals":
-            export_originals(
-                args.git_dir, args.out, Lock.load(_set_dir(args.patches_dir, args.tag))
-            )
-            print(args.out)
-        elif args.command == "lock":
-            set_dir = _set_dir(args.patches_dir, args.tag)
-            lock = write_lock(args.git_dir, set_dir, args.tag)
-            print(f"{set_dir / LOCK_NAME}: {lock.tag} {lock.commit}")
+        _run(args)
     except PatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -96,7 +96,9 @@ def _run_core_v019(pretrain_vlm, pretrain) -> None:
         args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
     )
     _check(args)
-    install_dpsl_metrics_tracker(args.moe_router_load_balancing_type)
+    # the MoE losses' averages over the language model's layers (args.num_layers is the ViT's depth
+    # when --decoder-num-layers is given)
+    install_dpsl_metrics_tracker(args.moe_router_load_balancing_type, args.decoder_num_layers)
     pretrain(
         pretrain_cfg_container_from_args(args),
         pretrain_vlm.train_valid_test_datasets_provider,

@@ -220,6 +220,13 @@ def _llava_parts(language_config, vision_config, projection, use_te, language_la
     )
 
 
+def _language_spec(language_config, spec: str, use_transformer_engine: bool, kwargs: dict | None):
+    """The language model's layer spec (``models.gpt.gpt_layer_spec``)."""
+    return gpt_layer_spec(
+        language_config, spec=spec, use_transformer_engine=use_transformer_engine, **(kwargs or {})
+    )
+
+
 def build_llava_model(
     language_config,
     vision_config,
@@ -236,8 +243,7 @@ def build_llava_model(
     token_groups: ModalityGroups | None = MODALITY_PRIOR,
     **llava_kwargs,
 ):
-    """Megatron-Core's ``LLaVAModel``: the plugin's language spec, a dense ViT and projector,
-    modality ids.
+    """Megatron-Core's ``LLaVAModel``: the plugin's language spec, dense ViT, projector, group ids.
 
     Args:
         language_config: the language model's ``DPSLTransformerConfig`` (MoE or dense).
@@ -262,11 +268,8 @@ def build_llava_model(
         vision_config,
         vision_projection_config or projection_config(language_config),
         use_transformer_engine,
-        gpt_layer_spec(
-            language_config,
-            spec=language_spec,
-            use_transformer_engine=use_transformer_engine,
-            **(language_spec_kwargs or {}),
+        _language_spec(
+            language_config, language_spec, use_transformer_engine, language_spec_kwargs
         ),
         projector_norm,
     )

@@ -31,13 +31,19 @@ class DPSLMetricsTracker(MoEMetricsTracker):
         load_balancing_type: ``args.moe_router_load_balancing_type`` (a string or a list). The names
             come from it, not from what this rank recorded: with ``force_initialize`` every pipeline
             rank, MoE layers or not, must report the same names, or the PP all-reduce hangs.
+        num_layers: the layer count the averages divide by, instead of ``training_log``'s
+            ``args.num_layers`` (``None``: that one). The VLM launcher gives the language model's
+            ``--decoder-num-layers``: ``validate_args`` sets ``args.num_layers`` to the ViT's depth.
     """
 
-    def __init__(self, load_balancing_type):
+    def __init__(self, load_balancing_type, num_layers: int | None = None):
         super().__init__()
         self.plugin_track_names = plugin_track_names(load_balancing_type)
+        self.num_layers = num_layers
 
     def report(self, *args, track_names=None, **kwargs) -> str:
+        if self.num_layers is not None and "num_layers" in kwargs:
+            kwargs["num_layers"] = self.num_layers
         # None already means "every recorded name"
         if track_names is not None:
             names = [track_names] if isinstance(track_names, str) else list(track_names)
@@ -45,11 +51,14 @@ class DPSLMetricsTracker(MoEMetricsTracker):
         return super().report(*args, track_names=track_names, **kwargs)
 
 
-def install_dpsl_metrics_tracker(load_balancing_type) -> MoEMetricsTracker:
-    """Make Megatron's global MoE tracker a ``DPSLMetricsTracker`` when the run has plugin losses.
+def install_dpsl_metrics_tracker(
+    load_balancing_type, num_layers: int | None = None
+) -> MoEMetricsTracker:
+    """Make Megatron's global MoE tracker a ``DPSLMetricsTracker`` when the run has plugin losses
+    or ``num_layers`` (see the class).
 
     Call before training (nothing recorded yet). Returns the tracker in place.
     """
-    if plugin_track_names(load_balancing_type):
-        set_moe_metrics_tracker(DPSLMetricsTracker(load_balancing_type))
+    if plugin_track_names(load_balancing_type) or num_layers is not None:
+        set_moe_metrics_tracker(DPSLMetricsTracker(load_balancing_type, num_layers))
     return get_moe_metrics_tracker()

@@ -54,26 +54,11 @@ def plot_histograms(
         ids = final["group_ids_sample"]
         prior = run["prior"].numpy()
         rows = prior if prior.ndim == 2 else prior[None]
+        ids_np = ids.numpy() if prior.ndim == 2 and ids is not None else None
         for k in range(num_experts):
             ax = axes[r, k]
-            if prior.ndim == 2 and ids is not None:
-                ids_np = ids.numpy()
-                for g in range(rows.shape[0]):
-                    sel = probs[ids_np == g, k]
-                    if sel.size:
-                        ax.hist(sel, bins=bins, density=True, alpha=0.45, color=GROUP_COLORS[g % 4])
-            else:
-                ax.hist(probs[:, k], bins=bins, density=True, alpha=0.6, color="tab:gray")
-            for g, row in enumerate(rows):
-                a, total = float(row[k]), float(row.sum())
-                color = GROUP_COLORS[g % 4] if len(rows) > 1 else "black"
-                ax.plot(
-                    grid,
-                    beta_pdf(grid, a, total - a),
-                    color=color,
-                    lw=1.2,
-                    ls="--" if run.get("reference_prior") else "-",
-                )
+            _expert_histogram(ax, probs[:, k], ids_np, rows.shape[0], bins)
+            _prior_marginals(ax, rows, k, grid, dashed=bool(run.get("reference_prior")))
             ax.set_ylim(0, 12)
             ax.set_yticks([])
             ax.tick_params(labelsize=6)
@@ -81,6 +66,33 @@ def plot_histograms(
                 ax.set_title(f"expert {k}", fontsize=8)
             if k == 0:
                 ax.set_ylabel(run["name"], fontsize=7)
+    _histogram_legend(plt, fig, group_names)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def _expert_histogram(ax, probs_k, ids, num_groups: int, bins) -> None:
+    """One expert's routing probabilities ``[n]``: one histogram per group (``ids`` ``[n]``), or
+    one grey histogram without group priors (``ids`` None)."""
+    if ids is None:
+        ax.hist(probs_k, bins=bins, density=True, alpha=0.6, color="tab:gray")
+        return
+    for g in range(num_groups):
+        sel = probs_k[ids == g]
+        if sel.size:
+            ax.hist(sel, bins=bins, density=True, alpha=0.45, color=GROUP_COLORS[g % 4])
+
+
+def _prior_marginals(ax, rows, k: int, grid, dashed: bool) -> None:
+    """The Beta(α_k, A − α_k) pdf of each prior row ``[G, E]`` for expert ``k``."""
+    for g, row in enumerate(rows):
+        a, total = float(row[k]), float(row.sum())
+        color = GROUP_COLORS[g % 4] if len(rows) > 1 else "black"
+        ax.plot(grid, beta_pdf(grid, a, total - a), color=color, lw=1.2, ls="--" if dashed else "-")
+
+
+def _histogram_legend(plt, fig, group_names: Sequence[str]) -> None:
     handles = [
         plt.Line2D([], [], color="black", lw=1.2, label="Beta(α_k, A−α_k) of the run's prior"),
         plt.Line2D(
@@ -97,9 +109,6 @@ def plot_histograms(
         "marginals",
         fontsize=9,
     )
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
 
 
 def plot_curves(runs: Sequence[dict], path: str) -> None:

@@ -290,73 +290,84 @@ def _wait_for(paths: list[str], timeout: float, alive=lambda: True) -> str:
 def _worker(plan_path: str) -> None:
     import torch.distributed as dist
 
-    from megatron_dpsl.train.arguments import parse_args
-    from megatron_dpsl.train.trainer import initialize_distributed, pretrain, print_rank_0, shutdown
+    from megatron_dpsl.train.trainer import initialize_distributed, shutdown
 
     with open(plan_path, encoding="utf-8") as f:
         plan = json.load(f)
-    t_start = plan["t0"]  # progress stamps count from the launcher's start
     initialize_distributed(argparse.Namespace(device="cpu", distributed_backend="gloo"))
-    rank = dist.get_rank()
     _wait_for([plan["corpus_meta"]], timeout=600)  # the launcher builds it while we import
     upcycled = True
     try:
         for stage in plan["stages"]:
-            t0 = time.time()
             if stage["kind"] == "upcycle":
-                # the launcher process converts (the converter is single-process); wait for its
-                # verdict
-                ok = [True]
-                if rank == 0:
-                    done = _wait_for(
-                        [stage["dir"] + ".done", stage["dir"] + ".failed"], timeout=1200
-                    )
-                    ok = [done.endswith(".done")]
-                dist.broadcast_object_list(ok, src=0)
-                upcycled = ok[0]
-                if not upcycled:
-                    print_rank_0(
-                        "!!! upcycling failed: the MoE runs start from a random initialisation "
-                        "instead"
-                    )
-                continue
-            argv = list(stage["argv"])
-            if not upcycled and "--load" in argv:
-                i = argv.index("--load")
-                del argv[i : i + 2]
-                argv.remove("--finetune")
-            print_rank_0(
-                f"\n=== {_stamp(t_start)} {stage['name']}: megatron-dpsl-train {' '.join(argv)}"
-            )
-            result = pretrain(parse_args(argv))
-            if rank == 0:
-                os.makedirs(stage["dir"], exist_ok=True)
-                with open(os.path.join(stage["dir"], "result.json"), "w", encoding="utf-8") as f:
-                    json.dump(
-                        {
-                            "name": stage["name"],
-                            "argv": argv,
-                            "wall_s": time.time() - t0,
-                            "train_losses": result.train_losses,
-                            "valid_losses": result.valid_losses,
-                            "aux_losses": result.aux_losses,
-                            "upcycled": upcycled,
-                            "optimizer_impl": result.optimizer_impl,
-                            "schedule_impl": result.schedule_impl,
-                            "step_seconds": result.step_seconds,
-                            "step_cpu_seconds": result.step_cpu_seconds,
-                            # aux-loss-free balancing: each MoE layer's final expert bias (else
-                            # empty)
-                            "expert_bias": [
-                                m.expert_bias.tolist()
-                                for m in result.model.modules()
-                                if getattr(m, "expert_bias", None) is not None
-                            ],
-                        },
-                        f,
-                    )
+                upcycled = _upcycle_verdict(stage, dist.get_rank())
+            else:
+                _train_stage(stage, plan["t0"], upcycled, dist.get_rank())
     finally:
         shutdown()
+
+
+def _upcycle_verdict(stage: dict, rank: int) -> bool:
+    """Whether the launcher's conversion succeeded (the converter is single-process and runs in
+    the launcher), agreed on by every rank."""
+    import torch.distributed as dist
+
+    from megatron_dpsl.train.trainer import print_rank_0
+
+    ok = [True]
+    if rank == 0:
+        done = _wait_for([stage["dir"] + ".done", stage["dir"] + ".failed"], timeout=1200)
+        ok = [done.endswith(".done")]
+    dist.broadcast_object_list(ok, src=0)
+    if not ok[0]:
+        print_rank_0(
+            "!!! upcycling failed: the MoE runs start from a random initialisation instead"
+        )
+    return ok[0]
+
+
+def _train_stage(stage: dict, t_start: float, upcycled: bool, rank: int) -> None:
+    """One training stage; rank 0 writes its ``result.json``. Progress stamps count from the
+    launcher's start ``t_start``."""
+    from megatron_dpsl.train.arguments import parse_args
+    from megatron_dpsl.train.trainer import pretrain, print_rank_0
+
+    t0 = time.time()
+    argv = list(stage["argv"])
+    if not upcycled and "--load" in argv:
+        i = argv.index("--load")
+        del argv[i : i + 2]
+        argv.remove("--finetune")
+    print_rank_0(f"\n=== {_stamp(t_start)} {stage['name']}: megatron-dpsl-train {' '.join(argv)}")
+    result = pretrain(parse_args(argv))
+    if rank != 0:
+        return
+    os.makedirs(stage["dir"], exist_ok=True)
+    with open(os.path.join(stage["dir"], "result.json"), "w", encoding="utf-8") as f:
+        json.dump(_stage_result(stage, argv, result, time.time() - t0, upcycled), f)
+
+
+def _stage_result(stage: dict, argv: list, result, wall_s: float, upcycled: bool) -> dict:
+    """What ``result.json`` holds for one training stage."""
+    return {
+        "name": stage["name"],
+        "argv": argv,
+        "wall_s": wall_s,
+        "train_losses": result.train_losses,
+        "valid_losses": result.valid_losses,
+        "aux_losses": result.aux_losses,
+        "upcycled": upcycled,
+        "optimizer_impl": result.optimizer_impl,
+        "schedule_impl": result.schedule_impl,
+        "step_seconds": result.step_seconds,
+        "step_cpu_seconds": result.step_cpu_seconds,
+        # aux-loss-free balancing: each MoE layer's final expert bias (else empty)
+        "expert_bias": [
+            m.expert_bias.tolist()
+            for m in result.model.modules()
+            if getattr(m, "expert_bias", None) is not None
+        ],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,12 +685,38 @@ def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
         json.dump(plan, f, indent=1)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONWARNINGS"] = env.get("PYTHONWARNINGS", "ignore")
-    cmd = [
+    cmd = _torchrun_command(a.nproc, plan_path)
+    # The workers spend ~15 s importing megatron-core: build the corpus and import the converter
+    # meanwhile.
+    print(
+        f"=== {_stamp(t_start)} torchrun (one launch, {a.nproc} ranks, all training stages): "
+        f"{' '.join(cmd[1:])}",
+        flush=True,
+    )
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        meta = _build_corpus(out, a, t_start)
+        _run_upcycle(plan, alive=lambda: proc.poll() is None)
+        returncode = proc.wait()
+    except BaseException:
+        proc.terminate()
+        proc.wait()
+        raise
+    if returncode != 0:
+        raise SystemExit(
+            f"quickstart: the torchrun workers failed (exit {returncode}); see the log above"
+        )
+    return meta
+
+
+def _torchrun_command(nproc: int, plan_path: str) -> list[str]:
+    """One torchrun launch of ``nproc`` quickstart workers on this host, running ``plan_path``."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",
-        str(a.nproc),
+        str(nproc),
         "--nnodes",
         "1",
         "--master-addr",
@@ -691,38 +728,23 @@ def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
         "--worker",
         plan_path,
     ]
-    # The workers spend ~15 s importing megatron-core: build the corpus and import the converter
-    # meanwhile.
-    print(
-        f"=== {_stamp(t_start)} torchrun (one launch, {a.nproc} ranks, all training stages): "
-        f"{' '.join(cmd[1:])}",
-        flush=True,
-    )
-    proc = subprocess.Popen(cmd, env=env)
-    try:
-        from megatron_dpsl.train.corpus import build_corpus
 
-        print(f"=== {_stamp(t_start)} corpus: {os.path.join(out, 'corpus')}", flush=True)
-        meta = build_corpus(
-            os.path.join(out, "corpus"),
-            a.corpus_bytes or (200_000 if a.tiny else 1_000_000),
-            seed=a.seed,
-        )
-        for split, m in meta["splits"].items():
-            print(
-                f"    {split}: {m['num_tokens']} byte tokens, per group "
-                f"{dict(zip(GROUP_NAMES, m['tokens_per_group']))}",
-                flush=True,
-            )
-        _run_upcycle(plan, alive=lambda: proc.poll() is None)
-        returncode = proc.wait()
-    except BaseException:
-        proc.terminate()
-        proc.wait()
-        raise
-    if returncode != 0:
-        raise SystemExit(
-            f"quickstart: the torchrun workers failed (exit {returncode}); see the log above"
+
+def _build_corpus(out: str, a: argparse.Namespace, t_start: float) -> dict:
+    """The byte-level corpus under ``out/corpus`` (the workers wait for its metadata)."""
+    from megatron_dpsl.train.corpus import build_corpus
+
+    print(f"=== {_stamp(t_start)} corpus: {os.path.join(out, 'corpus')}", flush=True)
+    meta = build_corpus(
+        os.path.join(out, "corpus"),
+        a.corpus_bytes or (200_000 if a.tiny else 1_000_000),
+        seed=a.seed,
+    )
+    for split, m in meta["splits"].items():
+        print(
+            f"    {split}: {m['num_tokens']} byte tokens, per group "
+            f"{dict(zip(GROUP_NAMES, m['tokens_per_group']))}",
+            flush=True,
         )
     return meta
 

@@ -152,7 +152,7 @@ def plot_modality_usage(runs: Sequence[dict], prior: torch.Tensor, path: str) ->
         fontsize=8,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 

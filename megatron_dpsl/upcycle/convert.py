@@ -60,6 +60,11 @@ def open_source(src: Path, activation: str | None = None):
     """A Megatron ``torch_dist`` or HF checkpoint, picked by what the directory holds."""
     src = Path(src)
     if src.is_dir() and is_hf_checkpoint(src):
+        from megatron_dpsl.upcycle.llava_hf import open_hf_llava
+
+        llava = open_hf_llava(src)
+        if llava is not None:
+            return llava
         if activation not in (None, "silu"):
             raise UpcycleError(f"--activation {activation!r} conflicts with the HF config (silu)")
         return HFDenseSource(src)

@@ -17,7 +17,19 @@ NOT_RESTORED = (
     "--make-vocab-size-divisible-by",
     "--bf16",
     "--fp16",
+    # a LLaVA's vision side: none of it is restored at either tag
+    "--encoder-num-layers",
+    "--img-h",
+    "--img-w",
+    "--patch-dim",
+    "--disable-vision-class-token",
+    "--vision-model-type",
 )
+
+
+# the ViT widths the plugin launcher's --vision-model-type clip builds (absent: pretrain_vlm's copy
+# of the language model's config, whose widths the language flags already give)
+CLIP_L = {"hidden_size": 1024, "ffn_hidden_size": 4096, "num_attention_heads": 16}
 
 
 def _num(value) -> str:
@@ -115,10 +127,36 @@ def _moe_flags(a: argparse.Namespace) -> list[str]:
     return flags
 
 
+def _vision_flags(a: argparse.Namespace) -> list[str]:
+    """A LLaVA's ViT and image flags (pretrain_vlm's; ``--vision-model-type``: the plugin's
+    launcher)."""
+    # Megatron-LM's namespace has encoder_num_layers, img_h and patch_dim for every model;
+    # --disable-vision-class-token is pretrain_vlm's own flag (and the HF LLaVA reader writes it)
+    if getattr(a, "disable_vision_class_token", None) is None or a.encoder_num_layers is None:
+        return []
+    flags = ["--encoder-num-layers", str(a.encoder_num_layers)]
+    for name in ("img_h", "img_w", "patch_dim"):
+        if getattr(a, name, None) is not None:
+            flags += ["--" + name.replace("_", "-"), str(getattr(a, name))]
+    if getattr(a, "disable_vision_class_token", False):
+        flags.append("--disable-vision-class-token")
+    widths = tuple(getattr(a, f"vision_{n}", d) for n, d in CLIP_L.items())
+    if getattr(a, "vision_model_type", None) == "clip" and widths == tuple(CLIP_L.values()):
+        flags += ["--vision-model-type", "clip"]  # the launcher's flag: CLIP ViT-L/14's widths
+    return flags
+
+
 def megatron_lm_flags(args: argparse.Namespace) -> list[str]:
     """Flags that build the model ``args`` describe (shape, positions, norms, activation, biases,
-    MoE); a run adds its data, batch, optimizer, parallel and tokenizer flags."""
-    return _shape_flags(args) + _position_flags(args) + _layer_flags(args) + _moe_flags(args)
+    MoE, a LLaVA's vision side); a run adds its data, batch, optimizer, parallel and tokenizer
+    flags."""
+    return (
+        _shape_flags(args)
+        + _position_flags(args)
+        + _layer_flags(args)
+        + _moe_flags(args)
+        + _vision_flags(args)
+    )
 
 
 def not_restored(flags: list[str]) -> list[str]:

@@ -86,6 +86,14 @@ def vision_configs(args, lm_config):
     return vit, proj
 
 
+def rope_scaling(args) -> dict:
+    """``LLaVAModel``'s RoPE-scaling arguments from the args (Llama-3.2's llama3 rule, factor 32);
+    LLaVAModel's own default factor is 8."""
+    if not getattr(args, "use_rope_scaling", False):
+        return {}
+    return dict(language_rope_scaling=True, language_rope_scaling_factor=args.rope_scaling_factor)
+
+
 def _submodules(spec):
     """A spec's submodules; megatron-core 0.19 builds some specs as partials (VLM_NOTES §6.2
     (6))."""
@@ -128,6 +136,7 @@ def build_llava(args, lm_spec=None, tp=1, **kwargs):
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
             language_position_embedding_type="rope",
             language_rotary_base=args.rotary_base,
+            **rope_scaling(args),
             img_h=args.img_h,
             img_w=args.img_w,
             patch_dim=args.patch_dim,
@@ -214,4 +223,5 @@ def build_plugin_llava(args, **dpsl):
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
             language_position_embedding_type="rope",
             language_rotary_base=args.rotary_base,
+            **rope_scaling(args),
         )

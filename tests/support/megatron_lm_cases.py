@@ -167,6 +167,12 @@ BASELINES_BUILD_ARGV = [
 ]
 
 
+# --moe-layer-freq values the launcher (unpatched tree) and the patched pretrain_gpt.py parse:
+# Megatron-LM's pattern syntax (2 layers), and two that its eval would never finish or would fill
+# the memory with
+LAYER_FREQS = {"pattern": "([1]*1+[0]*1)*1", "power": "[9**9**9]", "huge": "[1]*10**9"}
+
+
 def _without(argv: list, flag: str, num_values: int) -> list:
     i = argv.index(flag)
     return argv[:i] + argv[i + 1 + num_values :]
@@ -194,6 +200,16 @@ def specs(trees: dict, work: Path) -> dict:
                     "argv": group_argv(work / flavor),
                 }
             )
+        # --moe-layer-freq through the flag's bounded parser, not Megatron-LM's eval (issue 24)
+        entry = "megatron_lm" if flavor == "patched" else "launcher"
+        cases += [
+            {
+                "name": f"layer_freq_{name}",
+                "entry": entry,
+                "argv": [*readme_argv(work / flavor), "--moe-layer-freq", freq],
+            }
+            for name, freq in LAYER_FREQS.items()
+        ]
         cases += [
             {"name": f"story_{s.name}", "entry": s.entry, "argv": list(s.argv)}
             for s in stages

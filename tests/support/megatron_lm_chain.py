@@ -68,6 +68,7 @@ WATCHED = {
     "add_megatron_arguments",
 }
 ARG_FIELDS = (
+    "moe_layer_freq",
     "moe_router_load_balancing_type",
     "moe_aux_loss_coeff",
     "moe_dpsl_coeff",

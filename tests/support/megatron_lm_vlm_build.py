@@ -156,16 +156,30 @@ def vlm_build_report(argv: list) -> dict:
             projection_moe=model.vision_projection.config.num_moe_experts,
             lm_layers=len(lm.decoder.layers),
             vit_layers=len(model.vision_model.decoder.layers),
-            args_num_layers=global_vars.get_args().num_layers,
             vision_frozen=all(not p.requires_grad for p in model.vision_model.parameters()),
             lm_frozen=all(not p.requires_grad for p in lm.parameters()),
             img_seq_len=model.img_seq_len,
         )
         report["torch_dist"] = _torch_dist_round_trip(model)
         report["forward"] = _forward(model, _mock_batch(pretrain_vlm, args), model.img_seq_len)
+        report["stage_one_trainable"] = _trainable_with([*argv, "--freeze-LM"], args)
     finally:
         global_vars.unset_global_variables()
     return report
+
+
+def _trainable_with(argv: list, args) -> list:
+    """The top-level parts with trainable parameters of the model the launcher builds for ``argv``
+    (stage I of LLaVA-1.5: ``--freeze-LM --freeze-ViT`` leaves the projector)."""
+    from megatron.training import global_vars
+
+    from megatron_dpsl.megatron_lm.vlm_provider import dpsl_vlm_model_provider
+    from support.megatron_cpu import llava_construction
+
+    global_vars.set_args(_reparsed(argv, args))
+    with llava_construction(), contextlib.redirect_stdout(sys.stderr):
+        model = dpsl_vlm_model_provider()
+    return sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
 
 
 def _torch_dist_round_trip(model) -> dict:

@@ -190,6 +190,11 @@ def test_vision_model_type_clip_and_freeze_vit(build):
     assert not forward["grads_in_vision_model"] and forward["grads_in_projection"]
 
 
+def test_freeze_lm_and_freeze_vit_train_the_projector_alone(build):
+    """Stage I (projector alignment): upstream's flags through upstream's own model.freeze."""
+    assert build["stage_one_trainable"] == ["vision_projection"]
+
+
 def test_every_router_sees_the_modality_of_each_position(build):
     """pretrain_vlm's mock rows are ``<image>`` + text: the image's ``img_seq_len`` rows come first.
     With --moe-dpsl-vision-group 1 they are group 1 and the text rows group 0 (a reference from the
@@ -209,3 +214,16 @@ def test_launcher_model_round_trips_through_torch_dist(build):
     assert (
         td["tensors"] > 40 and td["max_abs_diff"] == 0.0
     )  # exact: saved and loaded, no arithmetic
+
+
+def test_gpt_launcher_refuses_modality_priors(vlm, megatron_lm_trees):
+    """Modality priors without a vision encoder, at the flag level: pretrain_gpt has no images."""
+    report = vlm["launcher_modality"]
+    if megatron_lm_trees["tag"] == "core_v0.16.1":
+        # core_v0.16.1's pretrain parses the flags itself: dpsl_gpt_builder refuses when it builds
+        # the model (require_token_groups, test_vlm_args), after the boundary
+        assert report["ended"] == "boundary", _explain(report)
+    else:
+        assert _exit_message(report).startswith(
+            "--moe-dpsl-token-groups modality: pretrain_gpt has no vision encoder"
+        )

@@ -18,6 +18,7 @@ import weakref
 
 import pytest
 import torch
+from support.configs import moe_config
 from support.megatron_cpu import init_single_process, install_recompute_shims
 
 S, B, V = 8, 2, 32  # sequence, micro-batch, vocabulary
@@ -35,29 +36,15 @@ def megatron_state():
 
 
 def make_config(**over):
-    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
-
-    kw = dict(
-        num_layers=2,
-        hidden_size=16,
-        ffn_hidden_size=8,
-        num_attention_heads=4,
+    fields = dict(
         num_moe_experts=4,
-        moe_router_topk=2,
         moe_router_load_balancing_type="dpsl",
-        moe_aux_loss_coeff=0.0,
         moe_dpsl_coeff=1.0,
-        moe_dpsl_log_interval=0,
         moe_dpsl_group_alphas=ALPHAS,
-        use_cpu_initialization=True,
-        add_bias_linear=False,
-        # spread-out routing probabilities: a DPSL gradient well above rounding
-        init_method_std=0.5,
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
-    kw.update(over)
-    return DPSLTransformerConfig(**kw)
+    return moe_config(**{**fields, **over})
 
 
 def gpt(cfg, seed=0):
@@ -130,8 +117,23 @@ RECOMPUTE = {
 
 @pytest.fixture(scope="module")
 def reference():
-    """Losses and gradients without recompute, micro-batches one after the other."""
-    return losses_and_grads(gpt(make_config()), in_flight=False)
+    """Losses and gradients without recompute, micro-batches one after the other.
+
+    Module-scoped, so it runs outside the function-scoped ``fresh_moe_losses``: it sets and puts
+    back the aux-loss scale itself (a backward without one leaves Megatron's default behind, a
+    shape-[] tensor later tests would inherit) and leaves the tracker empty.
+    """
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from support.common import reset_moe_tracker
+
+    previous = MoEAuxLossAutoScaler.main_loss_backward_scale
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    try:
+        return losses_and_grads(gpt(make_config()), in_flight=False)
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = previous
+        reset_moe_tracker()
 
 
 @pytest.mark.parametrize("name", list(RECOMPUTE))

@@ -55,7 +55,7 @@ def _record_with_a_real_router():
     out.sum().backward()
 
 
-def _training_log_report(tracker) -> dict:
+def _training_log_report(tracker, num_layers: int = 2) -> dict:
     """What core_v0.19.0's training_log does (training.py 2758-2794), on one rank."""
     total = {}
     tracker.report(
@@ -64,7 +64,7 @@ def _training_log_report(tracker) -> dict:
         per_layer_logging=False,
         force_initialize=True,
         track_names=["load_balancing_loss"],
-        num_layers=2,
+        num_layers=num_layers,
         moe_layer_freq=1,
         mtp_num_layers=None,
         total_loss_dict=total,
@@ -111,3 +111,25 @@ def test_runs_without_plugin_types_keep_megatrons_tracker():
     from megatron_dpsl.tracking.metrics_tracker import install_dpsl_metrics_tracker
 
     assert type(install_dpsl_metrics_tracker("aux_loss")) is MoEMetricsTracker
+
+
+def test_vlm_launcher_averages_over_the_language_models_layers():
+    """pretrain_vlm with --encoder-num-layers 24 --decoder-num-layers 2: training_log passes
+    args.num_layers = 24 (the ViT's depth); the launcher's tracker divides by the LM's 2 layers."""
+    from megatron_dpsl.tracking.metrics_tracker import install_dpsl_metrics_tracker
+
+    tracker = install_dpsl_metrics_tracker(["aux_loss", "dpsl"], num_layers=2)
+    _record_with_a_real_router()
+    recorded = {
+        n: tracker.metrics[n].values.sum().item() for n in ("dpsl_loss", "load_balancing_loss")
+    }
+    total = _training_log_report(tracker, num_layers=24)
+    for name, value in recorded.items():
+        torch.testing.assert_close(total[name].item(), value / 2)
+    # without the override the same report divides by 24
+    reset_moe_tracker()
+    stock = install_dpsl_metrics_tracker(["aux_loss", "dpsl"])
+    _record_with_a_real_router()
+    torch.testing.assert_close(
+        _training_log_report(stock, num_layers=24)["dpsl_loss"].item(), recorded["dpsl_loss"] / 24
+    )
