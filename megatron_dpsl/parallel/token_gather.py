@@ -1,6 +1,8 @@
 """All-gather of per-token router outputs for a loss that every rank then computes in full.
 
-DPSL (Eq. 4) sorts each expert's probabilities over *all* tokens of a batch, so it is not a sum
+Shape legend: B tokens (gathered), C columns per token (probabilities, ids, partial sums).
+
+The DPSL loss sorts each expert's probabilities over *all* tokens of a batch, so it is not a sum
 of per-rank terms: the ranks holding different tokens of one batch must gather them. Every rank of
 the gather group then evaluates the same loss on the same gathered tensor. The backward therefore
 does NOT reduce-scatter (that would count the one loss once per rank); each rank keeps the
@@ -9,9 +11,9 @@ router-weight gradient after Megatron's reductions equals the single-process ref
 docs/parallelism.md for the derivation).
 
 Megatron's micro-batches have a fixed shape, so every rank of a gather group holds the same number
-of tokens: :func:`equal_plan` builds the plan with no communication and no host sync (the router's
-path). Where counts may differ, :func:`plan_gather` all-gathers the sizes first (one tiny collective
-and a host sync) and the data is padded to the largest size. Buffers are allocated on
+of tokens: :func:`fixed_size_plan` builds the plan with no communication and no host sync (the
+router's path). Where counts may differ, :func:`plan_gather` all-gathers the sizes first (one tiny
+collective and a host sync) and the data is padded to the largest size. Buffers are allocated on
 ``tensor.device``, so the same code runs on NCCL/GPU and gloo/CPU.
 """
 
@@ -72,7 +74,7 @@ def plan_gather(num_tokens: int, group, replica_id: int | None = None, device=No
     return GatherPlan(sizes=sizes, keep=keep, my_slot=first_of[rid])
 
 
-def equal_plan(
+def fixed_size_plan(
     num_tokens: int, group, keep: list[int] | None = None, my_slot: int | None = None
 ) -> GatherPlan:
     """Plan for ``num_tokens`` rows on every rank of ``group``: no communication, no host sync.
@@ -209,9 +211,9 @@ class TokenGather:
             # every rank computes the loss on the whole global micro-batch; DDP divides by dp*cp and
             # the schedule's aux-loss scale multiplies by cp, so each rank's slice needs ×dp
             return gather_for_loss(
-                rows, group, plan=equal_plan(num_tokens, group), grad_scale=replicas
+                rows, group, plan=fixed_size_plan(num_tokens, group), grad_scale=replicas
             ), replicas
-        gathered = gather_for_loss(rows, tp_cp, plan=equal_plan(num_tokens, tp_cp))
+        gathered = gather_for_loss(rows, tp_cp, plan=fixed_size_plan(num_tokens, tp_cp))
         ep = self.ep_group
         if ep is None or ep.size() == 1 or set(group_ranks(ep)) <= set(group_ranks(tp_cp)):
             return gathered, 1
@@ -221,7 +223,7 @@ class TokenGather:
                 gathered.shape[0], ep, replica_id=min(group_ranks(tp_cp)), device=rows.device
             )
             self._ep_replicas = (first.keep, first.my_slot)
-        plan = equal_plan(gathered.shape[0], ep, *self._ep_replicas)
+        plan = fixed_size_plan(gathered.shape[0], ep, *self._ep_replicas)
         return gather_for_loss(
             gathered, ep, plan=plan, grad_scale=plan.num_replicas
         ), plan.num_replicas

@@ -271,15 +271,7 @@ def shard_token_group_ids(
             it exactly (not only the number of tokens), else ``ValueError``.
     """
     ids = _local_ids(groups, tp_group, cp_group, sequence_parallel)
-    if hidden_shape is not None and tuple(ids.shape) != tuple(hidden_shape):
-        s, b = hidden_shape
-        given = tuple(groups.group_ids.shape)
-        raise ValueError(
-            f"dpsl_token_groups: group ids give [s, b] = {list(ids.shape)} on this rank (from "
-            f"[batch, seq] = {list(given)}), but the router's hidden states are [s, b] = [{s}, "
-            f"{b}]; "
-            f"pass [batch, seq] ids of the model input (cp_sliced={groups.cp_sliced})"
-        )
+    _check_layout(ids, groups, hidden_shape, "group ids")
     return ids.reshape(-1)
 
 
@@ -288,13 +280,27 @@ def shard_token_padding(
     tp_group=None,
     cp_group=None,
     sequence_parallel: bool = False,
+    hidden_shape: tuple[int, int] | None = None,
 ) -> torch.Tensor | None:
     """This rank's padding flags, ``[s_local * b]`` bool, sharded like the ids (``None``: none
-    set)."""
+    set); ``hidden_shape`` as for :func:`shard_token_group_ids`."""
     if groups.padding_mask is None:
         return None
-    return _local_ids(groups, tp_group, cp_group, sequence_parallel, groups.padding_mask).reshape(
-        -1
+    pad = _local_ids(groups, tp_group, cp_group, sequence_parallel, groups.padding_mask)
+    _check_layout(pad, groups, hidden_shape, "padding flags")
+    return pad.reshape(-1)
+
+
+def _check_layout(local: torch.Tensor, groups: TokenGroups, hidden_shape, what: str) -> None:
+    """``ValueError`` unless this rank's ``[s, b]`` slice has the hidden states' ``[s, b]``."""
+    if hidden_shape is None or tuple(local.shape) == tuple(hidden_shape):
+        return
+    s, b = hidden_shape
+    raise ValueError(
+        f"dpsl_token_groups: {what} give [s, b] = {list(local.shape)} on this rank (from "
+        f"[batch, seq] = {list(groups.group_ids.shape)}), but the router's hidden states are "
+        f"[s, b] = [{s}, {b}]; pass [batch, seq] ids of the model input "
+        f"(cp_sliced={groups.cp_sliced})"
     )
 
 

@@ -192,14 +192,8 @@ class DPSLRouter(TopKRouter):
             tp_group=self.tp_group,
             cp_group=self.cp_group,
             sequence_parallel=self.config.sequence_parallel,
+            hidden_shape=tuple(logits.shape[:2]),
         )
-        num_tokens = logits.shape[0] * logits.shape[1]
-        if pad.numel() != num_tokens:
-            raise ValueError(
-                f"dpsl_token_groups: padding flags give {pad.numel()} tokens on this rank, the "
-                "router "
-                f"has {num_tokens}; pass them shaped like the [batch, seq] ids"
-            )
         pad = pad.to(logits.device).reshape(logits.shape[:2])
         return pad if padding_mask is None else padding_mask.bool() | pad
 

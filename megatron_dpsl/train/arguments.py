@@ -369,6 +369,18 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             "--pipeline-model-parallel-size",
             f"the embedded trainer supports only 1, got {args.pipeline_model_parallel_size}",
         )
+    _derive_model_sizes(args)
+    _derive_parallel_layout(args, world_size)
+    _check_moe(args)
+    _derive_batches_and_schedule(args)
+    _validate_llava(args)
+    _check_data_and_router_flags(args)
+    _check_token_groups(args)
+    return args
+
+
+def _derive_model_sizes(args: argparse.Namespace) -> None:
+    """FFN width, position embeddings, attention heads and query groups, the padded vocabulary."""
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.max_position_embeddings is None:
@@ -397,6 +409,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     args.padded_vocab_size = int(math.ceil(args.vocab_size / multiple) * multiple)
 
+
+def _derive_parallel_layout(args: argparse.Namespace, world_size: int) -> None:
+    """Data-parallel and expert-tensor-parallel sizes from TP/CP/EP and the world; SP and CP
+    needs."""
     tp, cp, ep = (
         args.tensor_model_parallel_size,
         args.context_parallel_size,
@@ -437,6 +453,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             "context parallelism needs --transformer-impl transformer_engine (a GPU)",
         )
 
+
+def _check_moe(args: argparse.Namespace) -> None:
+    """MoE flags against the model and the layout (EP divides the experts, top-k, biases, SP)."""
+    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
     if args.num_experts is not None:
         if args.num_experts % ep:
             _error(
@@ -467,6 +487,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     elif ep > 1:
         _error("--expert-model-parallel-size", "needs --num-experts")
 
+
+def _derive_batches_and_schedule(args: argparse.Namespace) -> None:
+    """Global batch and micro-batch count; learning-rate schedule and interval bounds."""
     mb_dp = args.micro_batch_size * args.data_parallel_size
     if args.global_batch_size is None:
         args.global_batch_size = mb_dp
@@ -493,7 +516,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _error("--save-interval", f"must be >= 1, got {args.save_interval}")
     if args.log_interval < 1:
         _error("--log-interval", f"must be >= 1, got {args.log_interval}")
-    _validate_llava(args)
+
+
+def _check_data_and_router_flags(args: argparse.Namespace) -> None:
+    """One data source; the router's z-loss and expert-bias flags."""
     if args.data_path is None and not args.mock_data and not args.llava:
         _error(
             "--data-path",
@@ -510,8 +536,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         )
     if args.moe_router_enable_expert_bias and args.num_experts is None:
         _error("--moe-router-enable-expert-bias", "needs --num-experts (an MoE model)")
-    _check_token_groups(args)
-    return args
 
 
 def _check_token_groups(args: argparse.Namespace) -> None:

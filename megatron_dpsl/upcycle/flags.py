@@ -130,7 +130,9 @@ def _moe_flags(a: argparse.Namespace) -> list[str]:
 def _vision_flags(a: argparse.Namespace) -> list[str]:
     """A LLaVA's ViT and image flags (pretrain_vlm's; ``--vision-model-type``: the plugin's
     launcher)."""
-    if getattr(a, "encoder_num_layers", None) is None:
+    # Megatron-LM's namespace has encoder_num_layers, img_h and patch_dim for every model;
+    # --disable-vision-class-token is pretrain_vlm's own flag (and the HF LLaVA reader writes it)
+    if getattr(a, "disable_vision_class_token", None) is None or a.encoder_num_layers is None:
         return []
     flags = ["--encoder-num-layers", str(a.encoder_num_layers)]
     for name in ("img_h", "img_w", "patch_dim"):

@@ -118,28 +118,8 @@ def complete_args(
     fill("num_layers", num_layers)
     fill("hidden_size", hidden)
     fill("ffn_hidden_size", fc2[1])
-    heads = getattr(out, "num_attention_heads", None)
-    qkv, proj = shapes.get(ATTN + "linear_qkv.weight"), shapes.get(ATTN + "linear_proj.weight")
-    if heads and proj is not None and proj[1] % heads == 0:
-        head_dim = (
-            getattr(out, "kv_channels", None) or proj[1] // heads
-        )  # linear_proj is [H, heads * d]
-        fill("kv_channels", head_dim)
-        if (
-            qkv is not None and (qkv[0] // head_dim - heads) % 2 == 0
-        ):  # linear_qkv: (heads + 2 groups) * d rows
-            groups = (qkv[0] // head_dim - heads) // 2
-            fill("num_query_groups", groups)
-            fill("group_query_attention", groups != heads)
-    learned = shapes.get("embedding.position_embeddings.weight")
-    fill("position_embedding_type", "learned_absolute" if learned is not None else "rope")
-    fill("add_position_embedding", out.position_embedding_type == "learned_absolute")
-    fill(
-        "max_position_embeddings",
-        learned[0] if learned is not None else getattr(out, "seq_length", None),
-    )
-    if out.position_embedding_type == "rope":
-        fill("rotary_base", 10000)
+    _fill_attention(out, shapes, fill)
+    _fill_positions(out, shapes, fill)
     fill("add_bias_linear", ATTN + "linear_proj.bias" in shapes)
     fill("add_qkv_bias", ATTN + "linear_qkv.bias" in shapes)
     fill("swiglu", gated and activation == "silu")
@@ -156,6 +136,35 @@ def complete_args(
     for name, value in MEGATRON_DEFAULTS.items():
         fill(name, value)
     return out, filled
+
+
+def _fill_attention(out, shapes: Mapping[str, tuple[int, ...]], fill) -> None:
+    """``kv_channels`` and the query groups from the attention shapes, once the head count is
+    known (``linear_proj`` is ``[H, heads * d]``, ``linear_qkv`` has ``(heads + 2 groups) * d``
+    rows)."""
+    heads = getattr(out, "num_attention_heads", None)
+    qkv, proj = shapes.get(ATTN + "linear_qkv.weight"), shapes.get(ATTN + "linear_proj.weight")
+    if not heads or proj is None or proj[1] % heads:
+        return
+    head_dim = getattr(out, "kv_channels", None) or proj[1] // heads
+    fill("kv_channels", head_dim)
+    if qkv is not None and (qkv[0] // head_dim - heads) % 2 == 0:
+        groups = (qkv[0] // head_dim - heads) // 2
+        fill("num_query_groups", groups)
+        fill("group_query_attention", groups != heads)
+
+
+def _fill_positions(out, shapes: Mapping[str, tuple[int, ...]], fill) -> None:
+    """Learned absolute positions when the checkpoint has their table, else RoPE."""
+    learned = shapes.get("embedding.position_embeddings.weight")
+    fill("position_embedding_type", "learned_absolute" if learned is not None else "rope")
+    fill("add_position_embedding", out.position_embedding_type == "learned_absolute")
+    fill(
+        "max_position_embeddings",
+        learned[0] if learned is not None else getattr(out, "seq_length", None),
+    )
+    if out.position_embedding_type == "rope":
+        fill("rotary_base", 10000)
 
 
 def moe_fields(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from megatron_dpsl.config.layer_freq import LayerFreqError, parse_layer_freq
 from megatron_dpsl.upcycle.errors import UpcycleError
-from megatron_dpsl.upcycle.layer_freq import parse_layer_freq
 from megatron_dpsl.upcycle.source import DenseModelInfo
 from megatron_dpsl.upcycle.transforms import ROUTER_INITS, WEIGHT_SCALINGS
 
@@ -21,8 +21,8 @@ def check_int(flag: str, value, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise UpcycleError(f"{flag} must be an int, got {value!r}")
     if value < low or (high is not None and value > high):
-        allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise UpcycleError(f"{flag} must be in {allowed}, got {value}")
+        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise UpcycleError(f"{flag} must be {allowed}, got {value}")
 
 
 def check_real(flag: str, value, low: float, high: float | None = None, *, high_open=False) -> None:
@@ -31,8 +31,8 @@ def check_real(flag: str, value, low: float, high: float | None = None, *, high_
     above = high is not None and (value >= high if high_open else value > high) if ok else False
     if not ok or value < low or above:
         close = ")" if high_open else "]"
-        allowed = f"[{low}, {high}{close}" if high is not None else f">= {low}"
-        raise UpcycleError(f"{flag} must be a finite number in {allowed}, got {value!r}")
+        allowed = f"in [{low}, {high}{close}" if high is not None else f">= {low}"
+        raise UpcycleError(f"{flag} must be a finite number {allowed}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -92,7 +92,10 @@ class UpcycleOptions:
     def __post_init__(self):
         self._check_numbers()
         self._check_choices()
-        freq = parse_layer_freq(self.moe_layer_freq)
+        try:  # Megatron-LM's pattern syntax, bounded, never eval (config/layer_freq.py)
+            freq = parse_layer_freq(self.moe_layer_freq)
+        except LayerFreqError as exc:
+            raise UpcycleError(str(exc)) from None
         object.__setattr__(self, "moe_layer_freq", freq)
         if isinstance(freq, int):
             check_int("--moe-layer-freq", freq, 1)

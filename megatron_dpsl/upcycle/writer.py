@@ -35,6 +35,53 @@ CONTENT_METADATA = {
 }
 
 
+class _ChunkProducer:
+    """Hands DCP each planned chunk when the writer reaches it: objects from the plan, tensors from
+    ``materialise(group)``, called once per write unit (the previous unit is released first).
+    An exception while building is kept, since DCP wraps it, and re-raised as itself."""
+
+    def __init__(self, planned, materialise, on_group):
+        self.materialise, self.on_group = materialise, on_group
+        self.items, self.where, self.objects, self.shapes = [], {}, {}, {}
+        for group, pieces in planned:
+            for pos, piece in enumerate(pieces):
+                item = write_item_for(piece)
+                if item.index in self.where or item.index in self.objects:
+                    raise UpcycleError(f"internal: chunk {item.index} planned twice")
+                if piece.is_object:
+                    self.objects[item.index] = piece_payload(piece)
+                else:
+                    self.where[item.index] = (group, pos)
+                    self.shapes[item.index] = tuple(piece.data.shape)
+                self.items.append(item)
+        self.group, self.pieces, self.error = object(), None, None
+
+    def __call__(self, index):
+        try:
+            return self._produce(index)
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def _produce(self, index):
+        if index in self.objects:
+            return self.objects[index]
+        group, pos = self.where[index]
+        if self.group != group:
+            self.pieces = None  # release the previous layer before building the next
+            self.pieces = self.materialise(group)
+            self.group = group
+            if self.on_group is not None:
+                self.on_group(group)
+        piece = self.pieces[pos]
+        if tuple(piece.data.shape) != self.shapes[index]:
+            raise UpcycleError(
+                f"internal: {index.fqn} planned {self.shapes[index]}, produced "
+                f"{tuple(piece.data.shape)}"
+            )
+        return piece_payload(piece)
+
+
 def write_torch_dist(
     step_dir: Path,
     planned: list[tuple[Hashable, list[Piece]]],
@@ -50,58 +97,14 @@ def write_torch_dist(
     """
     step_dir = Path(step_dir)
     step_dir.mkdir(parents=True)
-    items, where = [], {}
-    objects: dict[Any, Any] = {}
-    for group, pieces in planned:
-        for pos, piece in enumerate(pieces):
-            item = write_item_for(piece)
-            if item.index in where or item.index in objects:
-                raise UpcycleError(f"internal: chunk {item.index} planned twice")
-            if piece.is_object:
-                objects[item.index] = piece_payload(piece)
-            else:
-                where[item.index] = (group, pos)
-            items.append(item)
-    cache: dict[str, Any] = {"group": object(), "pieces": None}
-
-    def produce(index):
-        try:
-            return _produce(index)
-        except BaseException as exc:
-            cache["error"] = exc  # DCP wraps it in CheckpointException; re-raised as itself below
-            raise
-
-    def _produce(index):
-        if index in objects:
-            return objects[index]
-        group, pos = where[index]
-        if cache["group"] != group:
-            cache["pieces"] = None  # release the previous layer before building the next
-            cache["pieces"] = materialise(group)
-            cache["group"] = group
-            if on_group is not None:
-                on_group(group)
-        piece = cache["pieces"][pos]
-        expected = planned_shapes[index]
-        if tuple(piece.data.shape) != expected:
-            raise UpcycleError(
-                f"internal: {index.fqn} planned {expected}, produced {tuple(piece.data.shape)}"
-            )
-        return piece_payload(piece)
-
-    planned_shapes = {
-        write_item_for(p).index: tuple(p.data.shape)
-        for _, pieces in planned
-        for p in pieces
-        if not p.is_object
-    }
+    produce = _ChunkProducer(planned, materialise, on_group)
     try:
-        save_lazily(step_dir, items, produce)
+        save_lazily(step_dir, produce.items, produce)
     except BaseException:  # DCP's CheckpointException derives from BaseException
-        if "error" in cache:  # e.g. KeyboardInterrupt or an UpcycleError while building a layer
-            raise cache["error"] from None
+        if produce.error is not None:  # e.g. KeyboardInterrupt or an UpcycleError in a layer
+            raise produce.error from None
         raise
-    cache["pieces"] = None
+    produce.pieces = None
     write_megatron_common(step_dir, common, CONTENT_METADATA)
     return sum(f.stat().st_size for f in step_dir.iterdir() if f.is_file())
 

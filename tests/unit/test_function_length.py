@@ -22,16 +22,9 @@ ARGPARSE_TABLES = {
 """Functions that are one table of ``add_argument`` calls: long by nature, read as a table."""
 
 NOT_YET_SPLIT = {
-    # helper `backbones` is splitting the upcycler's glue (issue 22 item 3: plan -> check -> write;
-    # the HF source's constructor only stores what a parser returns): remove once main has it
-    "upcycle/layers.py::layer_pieces": "backbones",
-    "upcycle/megatron_args.py::complete_args": "backbones",
-    "upcycle/writer.py::write_torch_dist": "backbones",
     # one Triton kernel: helpers would be @triton.jit functions whose inlining needs a GPU
     # benchmark (benchmarks/loss.py) before it replaces the measured kernel
     "losses/dpsl_triton.py::_eval_kernel": "needs a GPU benchmark",
-    # the trainer's flag checks are being rewritten by helper `badinput` (issue 24 item 3)
-    "train/arguments.py::validate_args": "badinput",
 }
 """Known long functions, each with who or what it waits for; the list only shrinks."""
 

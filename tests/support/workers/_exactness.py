@@ -42,6 +42,41 @@ def cp_slice(t_bs, cp_group):
     return get_batch_on_this_cp_rank({"t": t_bs}, cp_group=cp_group, **extra)["t"]
 
 
+def with_layout(case: dict, **defaults) -> dict:
+    """``case`` over ``defaults`` over the layout defaults (tp = cp = ep = 1); an unset ``etp`` is
+    1 with expert parallelism and ``tp`` without (Megatron's usual pairing)."""
+    out = dict(tp=1, cp=1, ep=1, etp=None, **defaults)
+    out.update(case)
+    if out["etp"] is None:
+        out["etp"] = 1 if out["ep"] > 1 else out["tp"]
+    return out
+
+
+def init_layout(case: dict) -> None:
+    """Megatron's parallel state for the case's tp/cp/ep/etp on the torchrun ranks."""
+    init_torchrun(
+        tensor_model_parallel_size=case["tp"],
+        context_parallel_size=case["cp"],
+        expert_model_parallel_size=case["ep"],
+        expert_tensor_parallel_size=case["etp"],
+    )
+
+
+def wrap_ddp(config, module):
+    """``module`` in Megatron's DDP, with ``config`` told how to finalize and skip grad syncs (what
+    Megatron-LM's ``get_model`` and ``setup_model_and_optimizer`` set)."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(), module)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    return model
+
+
 def main(doc: str, cases: dict, run_case, setup=None) -> None:
     """Run every layout of ``cases[world]`` with ``run_case(case, singleton_pg)``; rank 0 writes
     ``--out``.

@@ -60,11 +60,7 @@ CASES = {
 
 
 def _case_defaults(case):
-    out = dict(tp=1, cp=1, ep=1, etp=None, dpsl=False, padding=False)
-    out.update(case)
-    if out["etp"] is None:
-        out["etp"] = 1 if out["ep"] > 1 else out["tp"]
-    return out
+    return exactness.with_layout(case, dpsl=False, padding=False)
 
 
 def _config(case):
@@ -253,11 +249,7 @@ def run_case(case, singleton_pg):
     if case.get("kind") == "pipeline":
         return run_pipeline_case(case)
     from megatron.core import parallel_state
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -269,12 +261,7 @@ def run_case(case, singleton_pg):
     from megatron_dpsl.routing.ac.router import ACRouter
 
     case = _case_defaults(case)
-    init_torchrun(
-        tensor_model_parallel_size=case["tp"],
-        context_parallel_size=case["cp"],
-        expert_model_parallel_size=case["ep"],
-        expert_tensor_parallel_size=case["etp"],
-    )
+    exactness.init_layout(case)
     config = _config(case)
     Chain = _chain_class()
     torch.manual_seed(1234)
@@ -285,9 +272,7 @@ def run_case(case, singleton_pg):
         dist.broadcast(r.weight.data, src=0)  # the reference uses these exact weights
     weights0 = [r.weight.detach().clone() for r in chain.routers]
     chain.model_type = ModelType.encoder_or_decoder  # what the schedule reads off a GPTModel
-    model = DistributedDataParallel(config, DistributedDataParallelConfig(), chain)
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = model.no_sync
+    model = exactness.wrap_ddp(config, chain)
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     cp_group = parallel_state.get_context_parallel_group()

@@ -61,21 +61,9 @@ CASES = {
 
 
 def _case_defaults(case):
-    out = dict(
-        tp=1,
-        cp=1,
-        ep=1,
-        etp=None,
-        gather="micro_batch",
-        groups=False,
-        cp_sliced=False,
-        padding=False,
-        per_token=False,
+    return exactness.with_layout(
+        case, gather="micro_batch", groups=False, cp_sliced=False, padding=False, per_token=False
     )
-    out.update(case)
-    if out["etp"] is None:
-        out["etp"] = 1 if out["ep"] > 1 else out["tp"]
-    return out
 
 
 def _config(case, world_tp=None, **over):
@@ -183,11 +171,7 @@ def run_case(case, singleton_pg):
     if case.get("kind") == "gather_unit":
         return run_gather_unit(case)
     from megatron.core import parallel_state
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
     from megatron.core.transformer.moe.moe_utils import (
         MoEAuxLossAutoScaler,
@@ -201,12 +185,7 @@ def run_case(case, singleton_pg):
     from support.common import build_mlp  # the MoE layer spec: ModuleSpec (0.16) or partial (0.19)
 
     case = _case_defaults(case)
-    init_torchrun(
-        tensor_model_parallel_size=case["tp"],
-        context_parallel_size=case["cp"],
-        expert_model_parallel_size=case["ep"],
-        expert_tensor_parallel_size=case["etp"],
-    )
+    exactness.init_layout(case)
     world = dist.get_world_size()
     config = _config(case)
     torch.manual_seed(1234)
@@ -219,9 +198,7 @@ def run_case(case, singleton_pg):
     assert isinstance(router, DPSLRouter)
     dist.broadcast(router.weight.data, src=0)  # the reference uses this exact weight
     weight0 = router.weight.detach().clone()
-    model = DistributedDataParallel(config, DistributedDataParallelConfig(), layer)
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = model.no_sync
+    model = exactness.wrap_ddp(config, layer)
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     cp_group = parallel_state.get_context_parallel_group()

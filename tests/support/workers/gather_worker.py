@@ -14,7 +14,7 @@ import json
 import torch
 import torch.distributed as dist
 
-from megatron_dpsl.parallel.token_gather import equal_plan, gather_for_loss, plan_gather
+from megatron_dpsl.parallel.token_gather import fixed_size_plan, gather_for_loss, plan_gather
 
 
 def rows_of(rank: int, num_rows: int) -> torch.Tensor:
@@ -35,7 +35,7 @@ def run_case(name, sizes, replica_ids, grad_scale, planned):
             replica_id=None if replica_ids is None else replica_ids[rank],
         )
     else:
-        plan = equal_plan(sizes[rank], dist.group.WORLD)
+        plan = fixed_size_plan(sizes[rank], dist.group.WORLD)
     y = gather_for_loss(x, dist.group.WORLD, plan=plan, grad_scale=grad_scale)
     # the expected forward: kept ranks' rows, in rank order (a rank holding a replica it shares
     # with an earlier rank is left out)

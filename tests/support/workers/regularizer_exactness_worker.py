@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from support.common import build_mlp
-from support.megatron_cpu import init_torchrun, install_alltoall_shims
+from support.megatron_cpu import install_alltoall_shims
 from support.workers import _exactness as exactness
 
 S, B, H, E, FFN, K = (
@@ -80,21 +80,14 @@ CASES = {
 
 
 def _case_defaults(case):
-    out = dict(
-        tp=1,
-        cp=1,
-        ep=1,
-        etp=None,
+    return exactness.with_layout(
+        case,
         gather="micro_batch",
         padding=False,
         per_token=False,
         dispatcher="allgather",
         form="paper",
     )
-    out.update(case)
-    if out["etp"] is None:
-        out["etp"] = 1 if out["ep"] > 1 else out["tp"]
-    return out
 
 
 def _config(case, **over):
@@ -198,11 +191,7 @@ def _reference_orthogonality(x, pad, routing_map, weights, form):
 
 def run_case(case, singleton_pg):
     from megatron.core import parallel_state
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
     from megatron.core.transformer.moe.moe_utils import (
@@ -217,12 +206,7 @@ def run_case(case, singleton_pg):
     from megatron_dpsl.routing.router import DPSLRouter
 
     case = _case_defaults(case)
-    init_torchrun(
-        tensor_model_parallel_size=case["tp"],
-        context_parallel_size=case["cp"],
-        expert_model_parallel_size=case["ep"],
-        expert_tensor_parallel_size=case["etp"],
-    )
+    exactness.init_layout(case)
     world = dist.get_world_size()
     config = _config(case)
     torch.manual_seed(1234)
@@ -239,9 +223,7 @@ def run_case(case, singleton_pg):
         parallel_state.get_expert_tensor_parallel_rank(),
         parallel_state.get_expert_tensor_parallel_world_size(),
     )
-    model = DistributedDataParallel(config, DistributedDataParallelConfig(), layer)
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = model.no_sync
+    model = exactness.wrap_ddp(config, layer)
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     cp_group = parallel_state.get_context_parallel_group()

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 from support.common import pg
+from support.configs import moe_config
 from support.megatron_cpu import init_single_process, install_recompute_shims
 
 S, B, H, E = 6, 3, 16, 4
@@ -28,25 +29,17 @@ def megatron_state():
     undo()
 
 
-def router():
-    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
+def router(group_priors=True):
     from megatron_dpsl.routing.router import DPSLRouter
 
-    cfg = DPSLTransformerConfig(
+    cfg = moe_config(
         num_layers=1,
-        hidden_size=H,
-        ffn_hidden_size=8,
-        num_attention_heads=4,
         num_moe_experts=E,
-        moe_router_topk=2,
         moe_router_load_balancing_type="dpsl",
-        moe_aux_loss_coeff=0.0,
         moe_dpsl_coeff=1.0,
-        moe_dpsl_log_interval=0,
-        moe_dpsl_group_alphas=[[2.0, 2.0, 0.5, 0.5], [0.5, 0.5, 2.0, 2.0]],
-        use_cpu_initialization=True,
-        add_bias_linear=False,
-        init_method_std=0.5,
+        moe_dpsl_group_alphas=[[2.0, 2.0, 0.5, 0.5], [0.5, 0.5, 2.0, 2.0]]
+        if group_priors
+        else None,
     )
     torch.manual_seed(0)
     r = DPSLRouter(cfg, pg_collection=pg())
@@ -133,6 +126,21 @@ def test_layout_is_checked_against_the_hidden_states():
             r"the router's "
             r"hidden states are \[s, b\] = \[6, 3\]",
         ),
+    ):
+        r(x)
+
+
+def test_padding_flags_layout_is_checked_without_group_priors_too():
+    from megatron_dpsl import dpsl_token_groups
+
+    r = router(group_priors=False)  # reads only the padding flags set with the ids
+    x, ids = data(1)
+    pad = torch.zeros_like(ids, dtype=torch.bool)
+    with dpsl_token_groups(ids, padding_mask=pad):
+        r(x)
+    with (
+        dpsl_token_groups(ids.t().contiguous(), padding_mask=pad.t().contiguous()),
+        pytest.raises(ValueError, match=r"padding flags give \[s, b\] = \[3, 6\] on this rank"),
     ):
         r(x)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support.common import build_mlp, moe_tracked, reset_moe_tracker
+from support.configs import plugin_types_config
 from support.megatron_cpu import (
     init_single_process,
     install_alltoall_shims,
@@ -33,26 +34,16 @@ def megatron_state():
 
 
 def make_config(types=("orthogonality",), coeffs=(BETA,), **over):
-    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
-
-    kw = dict(
-        num_layers=2,
-        hidden_size=H,
-        ffn_hidden_size=8,
-        num_attention_heads=4,
-        num_moe_experts=E,
-        moe_router_topk=K,
-        moe_router_load_balancing_type=list(types),
-        moe_aux_loss_coeff=list(coeffs),
-        moe_dpsl_coeff=None,
-        moe_dpsl_log_interval=0,
-        moe_token_dispatcher_type="allgather",
-        use_cpu_initialization=True,
-        add_bias_linear=False,
-        init_method_std=0.5,
+    return plugin_types_config(
+        types,
+        coeffs,
+        **{
+            "num_moe_experts": E,
+            "moe_router_topk": K,
+            "moe_token_dispatcher_type": "allgather",
+            **over,
+        },
     )
-    kw.update(over)
-    return DPSLTransformerConfig(**kw)
 
 
 def build(config, stock=False):

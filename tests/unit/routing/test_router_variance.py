@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.common import build_mlp, moe_tracked, pg, reset_moe_tracker
+from support.common import build_mlp, moe_tracked, reset_moe_tracker
+from support.configs import plugin_types_config, router_pair
 from support.megatron_cpu import init_single_process
 
 H, E, GAMMA = 16, 8, 0.7
@@ -24,41 +25,12 @@ def megatron_state():
 
 
 def make_config(types=("variance",), coeffs=(GAMMA,), **over):
-    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
-
-    kw = dict(
-        num_layers=2,
-        hidden_size=H,
-        ffn_hidden_size=8,
-        num_attention_heads=4,
-        num_moe_experts=E,
-        moe_router_topk=2,
-        moe_router_load_balancing_type=list(types),
-        moe_aux_loss_coeff=list(coeffs),
-        moe_dpsl_log_interval=0,
-        moe_dpsl_coeff=None,  # λ from dpsl's slot, like the other plugin types
-        use_cpu_initialization=True,
-        add_bias_linear=False,
-        init_method_std=0.5,
-    )
-    kw.update(over)
-    return DPSLTransformerConfig(**kw)
+    return plugin_types_config(types, coeffs, **over)
 
 
 def pair(config, stock_config=None):
     """DPSLRouter(config) and a stock TopKRouter (no plugin types) with the same weight."""
-    from megatron.core.transformer.moe.router import TopKRouter
-
-    from megatron_dpsl.routing.router import DPSLRouter
-
-    torch.manual_seed(0)
-    d = DPSLRouter(config, pg_collection=pg())
-    t = TopKRouter(stock_config or make_config(types=("none",), coeffs=(0.0,)), pg_collection=pg())
-    t.load_state_dict(d.state_dict())
-    for r in (d, t):
-        r.set_layer_number(1)
-        r.train()
-    return d, t
+    return router_pair(config, stock_config or make_config(types=("none",), coeffs=(0.0,)))
 
 
 def tracker(name):

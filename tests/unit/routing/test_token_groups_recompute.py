@@ -18,6 +18,7 @@ import weakref
 
 import pytest
 import torch
+from support.configs import moe_config
 from support.megatron_cpu import init_single_process, install_recompute_shims
 
 S, B, V = 8, 2, 32  # sequence, micro-batch, vocabulary
@@ -35,29 +36,15 @@ def megatron_state():
 
 
 def make_config(**over):
-    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
-
-    kw = dict(
-        num_layers=2,
-        hidden_size=16,
-        ffn_hidden_size=8,
-        num_attention_heads=4,
+    fields = dict(
         num_moe_experts=4,
-        moe_router_topk=2,
         moe_router_load_balancing_type="dpsl",
-        moe_aux_loss_coeff=0.0,
         moe_dpsl_coeff=1.0,
-        moe_dpsl_log_interval=0,
         moe_dpsl_group_alphas=ALPHAS,
-        use_cpu_initialization=True,
-        add_bias_linear=False,
-        # spread-out routing probabilities: a DPSL gradient well above rounding
-        init_method_std=0.5,
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
-    kw.update(over)
-    return DPSLTransformerConfig(**kw)
+    return moe_config(**{**fields, **over})
 
 
 def gpt(cfg, seed=0):

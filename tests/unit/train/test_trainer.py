@@ -18,49 +18,15 @@ import numpy as np
 import pytest
 import torch
 from support.common import REPO, WORKERS, child_env, free_port
+from support.trainer_argv import SMALL_MOE
+from support.trainer_argv import TINY as TINY_ARGV
 
 from megatron_dpsl.train.arguments import parse_args, validate_args
 
-TINY = [
-    "--mock-data",
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "32",
-    "--num-attention-heads",
-    "4",
-    "--ffn-hidden-size",
-    "64",
-    "--seq-length",
-    "32",
-    "--micro-batch-size",
-    "2",
-    "--global-batch-size",
-    "4",
-    "--lr",
-    "1e-2",
-    "--hidden-dropout",
-    "0",
-    "--attention-dropout",
-    "0",
-    "--disable-bias-linear",
-    "--log-interval",
-    "1",
-    "--eval-iters",
-    "1",
-    "--seed",
-    "7",
-    "--device",
-    "cpu",
-]
+TINY = TINY_ARGV
 # Megatron's aux loss and DPSL (modality priors from per-token group ids) together, list form
 MOE = [
-    "--num-experts",
-    "4",
-    "--moe-router-topk",
-    "2",
-    "--moe-ffn-hidden-size",
-    "32",
+    *SMALL_MOE,
     "--moe-router-load-balancing-type",
     "aux_loss",
     "dpsl",
@@ -413,6 +379,9 @@ def test_cpu_schedule_sets_aux_loss_scale_and_accumulates_router_losses():
     ddp = _ddp(config, model)
     sampler = _sampler(args)
     ddp.zero_grad_buffer()
+    # a backward run earlier in this process without a scale set (e.g. a module-scoped fixture)
+    # leaves Megatron's lazy 0-dim default, into which the [1] scale below cannot be copied
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     forward_backward_no_pipelining(
         forward_step_func=make_forward_step(dpsl_token_groups),
         data_iterator=sampler.iterator(0),

@@ -17,47 +17,12 @@ import re
 
 import pytest
 import torch
+from support.trainer_argv import SMALL_MOE
+from support.trainer_argv import TINY as TINY_ARGV
 
 from megatron_dpsl.train.arguments import parse_args, validate_args
 
-TINY = [
-    "--mock-data",
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "32",
-    "--num-attention-heads",
-    "4",
-    "--ffn-hidden-size",
-    "64",
-    "--seq-length",
-    "32",
-    "--micro-batch-size",
-    "2",
-    "--global-batch-size",
-    "4",
-    "--lr",
-    "1e-2",
-    "--hidden-dropout",
-    "0",
-    "--attention-dropout",
-    "0",
-    "--disable-bias-linear",
-    "--log-interval",
-    "1",
-    "--eval-iters",
-    "1",
-    "--seed",
-    "7",
-    "--device",
-    "cpu",
-    "--num-experts",
-    "4",
-    "--moe-router-topk",
-    "2",
-    "--moe-ffn-hidden-size",
-    "32",
-]
+TINY = [*TINY_ARGV, *SMALL_MOE]
 RATE = 0.25  # large, so a wrong update (or none) cannot hide in float32 rounding
 EVERYTHING = [
     "--moe-router-load-balancing-type",

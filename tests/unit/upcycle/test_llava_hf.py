@@ -322,4 +322,6 @@ def test_megatron_lm_flags_of_a_llava():
     assert not_restored(flags) == flags
     tiny = argparse.Namespace(**{**vars(clip_l), "vision_hidden_size": 24})
     assert "--vision-model-type" not in _vision_flags(tiny)
-    assert _vision_flags(argparse.Namespace(num_layers=2)) == []  # a GPT
+    # a GPT saved by Megatron-LM: its namespace has encoder_num_layers, img_h, patch_dim too
+    gpt = argparse.Namespace(num_layers=2, encoder_num_layers=2, img_h=224, img_w=224, patch_dim=16)
+    assert _vision_flags(gpt) == []

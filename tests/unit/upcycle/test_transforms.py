@@ -279,8 +279,8 @@ def test_layer_freq_spellings():
     assert parse_layer_freq("[1,0,1]") == [1, 0, 1]
     assert parse_layer_freq("1,0") == [1, 0]
     assert parse_layer_freq("([1]*2+[0])*2") == [1, 1, 0, 1, 1, 0]
-    with pytest.raises(UpcycleError):
-        parse_layer_freq("__import__('os')")
+    with pytest.raises(UpcycleError, match="--moe-layer-freq"):
+        UpcycleOptions(num_experts=4, moe_layer_freq="__import__('os')")
     assert UpcycleOptions(num_experts=4, moe_layer_freq=2).moe_layers(5) == [
         True,
         False,

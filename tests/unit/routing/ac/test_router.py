@@ -14,6 +14,7 @@ import functools
 import pytest
 import torch
 from support.common import moe_tracked, pg
+from support.configs import moe_config
 from support.megatron_cpu import init_single_process
 
 H, E = 16, 8
@@ -29,27 +30,8 @@ def megatron_state():
 
 
 def make_config(**over):
-    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
-
-    kw = dict(
-        num_layers=4,
-        hidden_size=H,
-        ffn_hidden_size=8,
-        num_attention_heads=4,
-        num_moe_experts=E,
-        moe_router_topk=2,
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0,
-        moe_ac_layers=[2, 3, 4],
-        moe_dpsl_log_interval=0,
-        use_cpu_initialization=True,
-        add_bias_linear=False,
-        init_method_std=0.5,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    )
-    kw.update(over)
-    return DPSLTransformerConfig(**kw)
+    fields = dict(num_layers=4, moe_ac_layers=[2, 3, 4], hidden_dropout=0.0, attention_dropout=0.0)
+    return moe_config(**{**fields, **over})
 
 
 def ac_routers(cfg, layers, state=None, seed=0):
