@@ -160,6 +160,7 @@ class DPSLTransformerConfig(TransformerConfig):
             )
         split = split_load_balancing(self.moe_router_load_balancing_type, self.moe_aux_loss_coeff)
         # before Megatron's checks: e.g. top-1 routing fails there with a message about pre-softmax
+        _validate_topk(self)
         _validate_regularizers(self, split)
         user_type, user_coeff = self.moe_router_load_balancing_type, self.moe_aux_loss_coeff
         # Megatron's own validation (e.g. "capacity factor only works with aux_loss/...") must see
@@ -231,6 +232,9 @@ class DPSLTransformerConfig(TransformerConfig):
             raise ValueError(
                 f"{LOAD_BALANCING_FIELD} {next(iter(split.plugin_coeffs))!r} needs num_moe_experts"
             )
+        if self.moe_dpsl_enabled and self.num_moe_experts == 1:
+            # p = 1 for every token; the prior's Beta(α, A - α) marginal has A - α = 0
+            raise ValueError("num_moe_experts: DPSL needs at least 2 experts, got 1")
         if split.plugin_coeffs and split.stock_type == "sinkhorn":
             # sinkhorn asserts moe_aux_loss_coeff == 0 and replaces top-k routing altogether
             raise ValueError(
@@ -353,6 +357,18 @@ def _positive_number(value) -> bool:
 def _plugin_coeff(config, load_balancing_type: str) -> float:
     split = split_load_balancing(config.moe_router_load_balancing_type, config.moe_aux_loss_coeff)
     return float(split.plugin_coeffs.get(load_balancing_type, 0.0))
+
+
+def _validate_topk(config) -> None:
+    """k in 1..E: 0 routes every token nowhere, k > E fails deep inside Megatron's top-k."""
+    k, num_experts = config.moe_router_topk, config.num_moe_experts
+    if not num_experts:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ValueError(
+            f"moe_router_topk: must be an int in [1, num_moe_experts={num_experts}] (experts per "
+            f"token), got {k!r}"
+        )
 
 
 def _validate_regularizers(config, split) -> None:

@@ -255,7 +255,7 @@ def dpsl_loss_per_expert(
 
 def dpsl_loss(
     probs: torch.Tensor,
-    alpha: torch.Tensor,
+    alpha: torch.Tensor | float | list,
     group_ids: torch.Tensor | None = None,
     padding_mask: torch.Tensor | None = None,
     *,
@@ -268,10 +268,10 @@ def dpsl_loss(
         float32,
             float64 for float64 input). NaN, +-inf or values outside [0, 1] in non-padding rows make
             the loss NaN (never silently dropped).
-        alpha: ``[num_experts]`` (one prior) or ``[num_groups, num_experts]`` (one prior per token
-        group),
-            all > 0. A CPU tensor or a list avoids a device-to-host copy (the CDF table is cached
-            per alpha).
+        alpha: the Dirichlet prior, all > 0 and finite, in the forms the config takes: a number
+            or a one-element list/tensor (the symmetric prior), ``[num_experts]`` (one prior) or
+            ``[num_groups, num_experts]`` (one prior per token group). A CPU tensor or a list
+            avoids a device-to-host copy (the CDF table is cached per alpha).
         group_ids: ``[num_tokens]`` int in ``[0, num_groups)``, each token's group (required with a
         2-D
             ``alpha`` of more than one row).

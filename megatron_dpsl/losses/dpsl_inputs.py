@@ -36,10 +36,14 @@ def _check_inputs(probs, alpha, group_ids, padding_mask):
             f"dpsl_loss: probs must be a float tensor [num_tokens, num_experts], got {shape}"
         )
     num_tokens, num_experts = probs.shape
+    if num_experts < 2:  # one expert: p = 1 always, and Beta(α, A - α) has A - α = 0
+        raise ValueError(
+            f"dpsl_loss: probs needs num_experts >= 2 (the prior's marginals are degenerate with "
+            f"one expert), got shape {tuple(probs.shape)}"
+        )
     if alpha.dim() not in (1, 2) or alpha.shape[-1] != num_experts or alpha.numel() == 0:
         raise ValueError(
-            "dpsl_loss: alpha must be [num_experts] or [num_groups, num_experts] with "
-            f"num_experts={num_experts} "
+            f"dpsl_loss: alpha must be {_ALPHA_FORMS} with num_experts={num_experts} "
             f"(probs.shape[1]), got shape {tuple(alpha.shape)}"
         )
     if group_ids is not None:
@@ -73,6 +77,30 @@ def _check_inputs(probs, alpha, group_ids, padding_mask):
             )
 
 
+_ALPHA_FORMS = (
+    "a number or one-element list (the symmetric prior), [num_experts] numbers, or "
+    "[num_groups, num_experts] numbers"
+)
+
+
+def _as_alpha(alpha, probs) -> torch.Tensor:
+    """``alpha`` as a tensor, in the forms the config takes: a number or a one-element list/tensor
+    is the symmetric prior ``[E]``; ``[E]`` and ``[G, E]`` pass through."""
+    if isinstance(alpha, bool):
+        raise ValueError(f"dpsl_loss: alpha must be {_ALPHA_FORMS}, got {alpha!r}")
+    if not isinstance(alpha, torch.Tensor):
+        try:
+            alpha = torch.as_tensor(alpha, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"dpsl_loss: alpha must be {_ALPHA_FORMS}, got {alpha!r}") from None
+    if alpha.dtype == torch.bool or alpha.is_complex():
+        raise ValueError(f"dpsl_loss: alpha must be {_ALPHA_FORMS} (real), got {alpha.dtype}")
+    if alpha.dim() <= 1 and alpha.numel() == 1 and isinstance(probs, torch.Tensor):
+        if probs.dim() == 2:
+            alpha = alpha.reshape(1).expand(probs.shape[1])
+    return alpha
+
+
 def _alpha_2d(alpha, num_experts: int) -> torch.Tensor:
     """alpha as a float64 CPU [num_groups, num_experts], validated (> 0, finite)."""
     alpha = torch.as_tensor(alpha).detach()
@@ -88,8 +116,7 @@ def table_for(probs, alpha, group_ids=None, padding_mask=None) -> tuple[BetaCDFT
     Args: as ``dpsl_loss``. Checks types, shapes and alpha's values; not the group-id values (each
     implementation checks those without a host sync). The table's rows are g * E + k.
     """
-    if not isinstance(alpha, torch.Tensor):
-        alpha = torch.as_tensor(alpha, dtype=torch.float64)
+    alpha = _as_alpha(alpha, probs)
     _check_inputs(probs, alpha, group_ids, padding_mask)
     num_tokens, num_experts = probs.shape
     cdt = torch.float64 if probs.dtype == torch.float64 else torch.float32

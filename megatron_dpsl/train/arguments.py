@@ -34,6 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
         "names).",
         allow_abbrev=False,
     )
+    _add_network_size_args(p)
+    _add_moe_args(p)
+    add_moe_load_balancing_args(p)
+    add_dpsl_args(p)
+    _add_distributed_args(p)
+    _add_training_args(p)
+    _add_data_args(p)
+    _add_checkpointing_args(p)
+    _add_logging_args(p)
+    return p
+
+
+def _add_network_size_args(p: argparse.ArgumentParser) -> None:
+    """The "network size" flags."""
     g = p.add_argument_group("network size")
     g.add_argument("--num-layers", type=int, default=2)
     g.add_argument("--hidden-size", type=int, default=64)
@@ -61,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
 
+
+def _add_moe_args(p: argparse.ArgumentParser) -> None:
+    """The "moe" flags."""
     g = p.add_argument_group("moe")
     g.add_argument("--num-experts", type=int, default=None)
     g.add_argument("--moe-router-topk", type=int, default=2)
@@ -94,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         "default is allgather",
     )
     g.add_argument("--moe-per-layer-logging", action="store_true")
-    add_moe_load_balancing_args(p)
-    add_dpsl_args(p)
 
+
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    """The "distributed" flags."""
     g = p.add_argument_group("distributed")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
@@ -136,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
 
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    """The "training" flags."""
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument(
@@ -157,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
 
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """The "data" flags."""
     g = p.add_argument_group("data")
     g.add_argument(
         "--data-path",
@@ -168,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_llava_args(p)
 
+
+def _add_checkpointing_args(p: argparse.ArgumentParser) -> None:
+    """The "checkpointing" flags."""
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
@@ -185,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--no-save-optim", action="store_true")
 
+
+def _add_logging_args(p: argparse.ArgumentParser) -> None:
+    """The "logging" flags."""
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument(
@@ -199,7 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
         "expert loads and "
         "group ids (rank 0, .pt) here; the quickstart's plots read it",
     )
-    return p
 
 
 def add_llava_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -369,6 +398,18 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             "--pipeline-model-parallel-size",
             f"the embedded trainer supports only 1, got {args.pipeline_model_parallel_size}",
         )
+    _derive_model_sizes(args)
+    _derive_parallel_layout(args, world_size)
+    _check_moe(args)
+    _derive_batches_and_schedule(args)
+    _validate_llava(args)
+    _check_data_and_router_flags(args)
+    _check_token_groups(args)
+    return args
+
+
+def _derive_model_sizes(args: argparse.Namespace) -> None:
+    """FFN width, position embeddings, attention heads and query groups, the padded vocabulary."""
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.max_position_embeddings is None:
@@ -397,6 +438,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     args.padded_vocab_size = int(math.ceil(args.vocab_size / multiple) * multiple)
 
+
+def _derive_parallel_layout(args: argparse.Namespace, world_size: int) -> None:
+    """Data-parallel and expert-tensor-parallel sizes from TP/CP/EP and the world; SP and CP
+    needs."""
     tp, cp, ep = (
         args.tensor_model_parallel_size,
         args.context_parallel_size,
@@ -437,6 +482,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             "context parallelism needs --transformer-impl transformer_engine (a GPU)",
         )
 
+
+def _check_moe(args: argparse.Namespace) -> None:
+    """MoE flags against the model and the layout (EP divides the experts, top-k, biases, SP)."""
+    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
     if args.num_experts is not None:
         if args.num_experts % ep:
             _error(
@@ -467,6 +516,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     elif ep > 1:
         _error("--expert-model-parallel-size", "needs --num-experts")
 
+
+def _derive_batches_and_schedule(args: argparse.Namespace) -> None:
+    """Global batch and micro-batch count; learning-rate schedule and interval bounds."""
     mb_dp = args.micro_batch_size * args.data_parallel_size
     if args.global_batch_size is None:
         args.global_batch_size = mb_dp
@@ -493,7 +545,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _error("--save-interval", f"must be >= 1, got {args.save_interval}")
     if args.log_interval < 1:
         _error("--log-interval", f"must be >= 1, got {args.log_interval}")
-    _validate_llava(args)
+
+
+def _check_data_and_router_flags(args: argparse.Namespace) -> None:
+    """One data source; the router's z-loss and expert-bias flags."""
     if args.data_path is None and not args.mock_data and not args.llava:
         _error(
             "--data-path",
@@ -510,8 +565,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         )
     if args.moe_router_enable_expert_bias and args.num_experts is None:
         _error("--moe-router-enable-expert-bias", "needs --num-experts (an MoE model)")
-    _check_token_groups(args)
-    return args
 
 
 def _check_token_groups(args: argparse.Namespace) -> None:

@@ -16,7 +16,6 @@ MAX_LINES = 60
 
 ARGPARSE_TABLES = {
     "megatron_lm/args.py::add_dpsl_args",
-    "train/arguments.py::build_parser",
     "upcycle/cli.py::build_parser",
 }
 """Functions that are one table of ``add_argument`` calls: long by nature, read as a table."""
@@ -25,8 +24,6 @@ NOT_YET_SPLIT = {
     # one Triton kernel: helpers would be @triton.jit functions whose inlining needs a GPU
     # benchmark (benchmarks/loss.py) before it replaces the measured kernel
     "losses/dpsl_triton.py::_eval_kernel": "needs a GPU benchmark",
-    # the trainer's flag checks are being rewritten by helper `badinput` (issue 24 item 3)
-    "train/arguments.py::validate_args": "badinput",
 }
 """Known long functions, each with who or what it waits for; the list only shrinks."""
 

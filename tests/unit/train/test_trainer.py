@@ -379,6 +379,9 @@ def test_cpu_schedule_sets_aux_loss_scale_and_accumulates_router_losses():
     ddp = _ddp(config, model)
     sampler = _sampler(args)
     ddp.zero_grad_buffer()
+    # a backward run earlier in this process without a scale set (e.g. a module-scoped fixture)
+    # leaves Megatron's lazy 0-dim default, into which the [1] scale below cannot be copied
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     forward_backward_no_pipelining(
         forward_step_func=make_forward_step(dpsl_token_groups),
         data_iterator=sampler.iterator(0),
