@@ -34,6 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
         "names).",
         allow_abbrev=False,
     )
+    _add_network_size_args(p)
+    _add_moe_args(p)
+    add_moe_load_balancing_args(p)
+    add_dpsl_args(p)
+    _add_distributed_args(p)
+    _add_training_args(p)
+    _add_data_args(p)
+    _add_checkpointing_args(p)
+    _add_logging_args(p)
+    return p
+
+
+def _add_network_size_args(p: argparse.ArgumentParser) -> None:
+    """The "network size" flags."""
     g = p.add_argument_group("network size")
     g.add_argument("--num-layers", type=int, default=2)
     g.add_argument("--hidden-size", type=int, default=64)
@@ -61,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
 
+
+def _add_moe_args(p: argparse.ArgumentParser) -> None:
+    """The "moe" flags."""
     g = p.add_argument_group("moe")
     g.add_argument("--num-experts", type=int, default=None)
     g.add_argument("--moe-router-topk", type=int, default=2)
@@ -94,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         "default is allgather",
     )
     g.add_argument("--moe-per-layer-logging", action="store_true")
-    add_moe_load_balancing_args(p)
-    add_dpsl_args(p)
 
+
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    """The "distributed" flags."""
     g = p.add_argument_group("distributed")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
@@ -136,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
 
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    """The "training" flags."""
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument(
@@ -157,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
 
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """The "data" flags."""
     g = p.add_argument_group("data")
     g.add_argument(
         "--data-path",
@@ -168,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_llava_args(p)
 
+
+def _add_checkpointing_args(p: argparse.ArgumentParser) -> None:
+    """The "checkpointing" flags."""
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
@@ -185,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--no-save-optim", action="store_true")
 
+
+def _add_logging_args(p: argparse.ArgumentParser) -> None:
+    """The "logging" flags."""
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument(
@@ -199,7 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
         "expert loads and "
         "group ids (rank 0, .pt) here; the quickstart's plots read it",
     )
-    return p
 
 
 def add_llava_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -16,7 +16,6 @@ MAX_LINES = 60
 
 ARGPARSE_TABLES = {
     "megatron_lm/args.py::add_dpsl_args",
-    "train/arguments.py::build_parser",
     "upcycle/cli.py::build_parser",
 }
 """Functions that are one table of ``add_argument`` calls: long by nature, read as a table."""
