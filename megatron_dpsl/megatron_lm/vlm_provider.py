@@ -98,8 +98,11 @@ def _llava_model_bound(pretrain_vlm, args) -> Iterator[None]:
     """In the block ``pretrain_vlm.LLaVAModel`` builds with ``llava_kwargs``; stock afterwards."""
     from megatron.core.models.multimodal.llava_model import LLaVAModel
 
+    from megatron_dpsl.models.vlm import clip_norms_without_te
+
     def build(**kwargs):
-        return LLaVAModel(**llava_kwargs(args, kwargs))
+        with clip_norms_without_te():
+            return LLaVAModel(**llava_kwargs(args, kwargs))
 
     stock = pretrain_vlm.LLaVAModel
     pretrain_vlm.LLaVAModel = build
