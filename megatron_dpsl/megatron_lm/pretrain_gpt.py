@@ -187,6 +187,9 @@ def dpsl_gpt_config(args, model_config_cls=None):
     config = megatron_lm_config_from_args(args) if args.yaml_cfg is None else None
     extra = {} if model_config_cls is None else {"model_config_cls": model_config_cls}
     model_cfg = gpt_config_from_args(args, config=config, **extra)
+    # gpt_config_from_args sets rope_scaling but no factor (GPTModelConfig's default 8.0 at
+    # core_v0.19.0): Llama 3.2's 32 would silently become 8
+    model_cfg.rope_scaling_factor = args.rope_scaling_factor
     if getattr(config, "moe_plugin_enabled", False):
         _refuse_unpatched_group_priors(config)
         model_cfg.transformer_layer_spec = dpsl_layer_spec(model_cfg.transformer_layer_spec)

@@ -155,6 +155,31 @@ def check_checkpoint_vision(args) -> None:
                 f"{_shown(theirs)} (its vision encoder and image positions follow it); give {flag} "
                 f"as saved, or --load a checkpoint saved with {_shown(ours)}"
             )
+    _check_clip_widths(args, theirs_ns, where)
+
+
+# With --vision-model-type clip: the widths the launcher builds, against what an upcycled Hugging
+# Face LLaVA's args record (megatron_dpsl.upcycle.llava_hf); None: the language model's hidden size.
+CLIP_WIDTHS = (
+    ("vision_hidden_size", 1024),
+    ("vision_ffn_hidden_size", 4096),
+    ("vision_num_attention_heads", 16),
+    ("vision_projector_ffn_hidden_size", None),
+)
+
+
+def _check_clip_widths(args, saved, where: str) -> None:
+    if getattr(args, "vision_model_type", None) != "clip":
+        return
+    for name, ours in CLIP_WIDTHS:
+        ours = args.hidden_size if ours is None else ours
+        theirs = getattr(saved, name, None)
+        if theirs is not None and theirs != ours:
+            raise ValueError(
+                f"--vision-model-type clip: builds {name} {ours} (CLIP ViT-L/14, LLaVA-1.5's "
+                f"projector), the checkpoint {where} has {theirs}; only such LLaVAs load through "
+                "the launcher"
+            )
 
 
 def _shown(value) -> str:

@@ -23,7 +23,8 @@ ViT and projector configs inherit              ``num_moe_experts=None`` for both
 passed (always untied)                         (Megatron-LM's meaning of the flag)
 ``--rotary-base``, ``--rope-scaling-factor``   passed (``language_rotary_base``,
 not passed (θ 10000, factor 8)                 ``language_rope_scaling_factor``)
-ViT widths = the LM's                          ``--vision-model-type clip``: CLIP ViT-L/14 widths
+ViT widths = the LM's; projector = LM's MLP    ``--vision-model-type clip``: CLIP ViT-L/14 widths
+                                               and LLaVA-1.5's GELU projector
 local ViT spec causal (core_v0.16.1)           ``no_mask`` (the ViT attends to every patch)
 ============================================  =================================================
 
@@ -62,7 +63,11 @@ def llava_kwargs(args, kwargs: dict) -> dict:
     """The ``LLaVAModel`` keyword arguments the launcher builds with, from stock ``pretrain_vlm``'s
     ``kwargs``."""
     from megatron_dpsl.models.specs import router_for, with_plugin_modules
-    from megatron_dpsl.models.vlm import projection_submodules, vision_layer_spec
+    from megatron_dpsl.models.vlm import (
+        projection_config,
+        projection_submodules,
+        vision_layer_spec,
+    )
 
     out = dict(kwargs)
     language = kwargs["language_transformer_config"]
@@ -73,9 +78,15 @@ def llava_kwargs(args, kwargs: dict) -> dict:
     use_te = args.transformer_impl == "transformer_engine"
     out["vision_transformer_config"] = _vision_config(args, kwargs["vision_transformer_config"])
     out["vision_transformer_layer_spec"] = vision_layer_spec(use_te)  # bidirectional at both tags
-    out["vision_projection_config"] = _dense(kwargs["vision_projection_config"])
-    # the dense MLP stock builds for the same LM without experts (TE: with its fused LayerNorm)
-    out["vision_projection_layer_spec"] = projection_submodules(use_te, norm=use_te)
+    if getattr(args, "vision_model_type", None) == "clip":
+        # LLaVA-1.5's norm-free two-layer GELU projector (vision hidden -> LM hidden -> LM hidden,
+        # biases): what the upcycler writes for a Hugging Face LLaVA
+        out["vision_projection_config"] = projection_config(language)
+        out["vision_projection_layer_spec"] = projection_submodules(use_te, norm=False)
+    else:
+        # the dense MLP stock builds for the same LM without experts (TE: its fused LayerNorm)
+        out["vision_projection_config"] = _dense(kwargs["vision_projection_config"])
+        out["vision_projection_layer_spec"] = projection_submodules(use_te, norm=use_te)
     out["share_embeddings_and_output_weights"] = not args.untie_embeddings_and_output_weights
     out["language_rotary_base"] = args.rotary_base
     out["language_rope_scaling_factor"] = args.rope_scaling_factor
@@ -87,8 +98,11 @@ def _llava_model_bound(pretrain_vlm, args) -> Iterator[None]:
     """In the block ``pretrain_vlm.LLaVAModel`` builds with ``llava_kwargs``; stock afterwards."""
     from megatron.core.models.multimodal.llava_model import LLaVAModel
 
+    from megatron_dpsl.models.vlm import clip_norms_without_te
+
     def build(**kwargs):
-        return LLaVAModel(**llava_kwargs(args, kwargs))
+        with clip_norms_without_te():
+            return LLaVAModel(**llava_kwargs(args, kwargs))
 
     stock = pretrain_vlm.LLaVAModel
     pretrain_vlm.LLaVAModel = build

@@ -32,8 +32,12 @@ defaults (untied, factor 8) are wrong for them. docs/vlm.md has the details.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+from collections.abc import Iterator
 
+import torch
 import torch.nn.functional as F
 
 from megatron_dpsl.models.gpt import gpt_layer_spec
@@ -227,6 +231,31 @@ def _language_spec(language_config, spec: str, use_transformer_engine: bool, kwa
     )
 
 
+@contextlib.contextmanager
+def clip_norms_without_te() -> Iterator[None]:
+    """While ``LLaVAModel`` is built: CLIP's ``ln_pre``/``ln_post`` that build without Transformer
+    Engine.
+
+    Megatron-Core's ``CLIPViTModel`` defaults them to ``torch.nn.LayerNorm`` when TE is absent, and
+    ``build_module`` then passes it ``config=`` (a TypeError at construction, on a GPU as on a CPU:
+    found on an H200 without TE). ``LLaVAModel`` looks ``CLIPViTModel`` up at call time, so for the
+    block it gets Megatron's own ``WrappedTorchNorm``. A no-op where TE provides the norm.
+    """
+    from megatron.core.models.multimodal import llava_model
+    from megatron.core.models.vision import clip_vit_model
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    stock = llava_model.CLIPViTModel
+    if clip_vit_model.NORM_IMPL is torch.nn.LayerNorm:
+        llava_model.CLIPViTModel = functools.partial(
+            clip_vit_model.CLIPViTModel, ln_pre_impl=WrappedTorchNorm, ln_post_impl=WrappedTorchNorm
+        )
+    try:
+        yield
+    finally:
+        llava_model.CLIPViTModel = stock
+
+
 def build_llava_model(
     language_config,
     vision_config,
@@ -273,15 +302,16 @@ def build_llava_model(
         ),
         projector_norm,
     )
-    model = LLaVAModel(
-        **parts,
-        language_vocab_size=vocab_size,
-        language_max_sequence_length=max_sequence_length,
-        drop_vision_class_token=drop_vision_class_token,
-        image_token_index=image_token_index,
-        vision_projection_type="mlp",
-        **llava_kwargs,
-    )
+    with clip_norms_without_te():
+        model = LLaVAModel(
+            **parts,
+            language_vocab_size=vocab_size,
+            language_max_sequence_length=max_sequence_length,
+            drop_vision_class_token=drop_vision_class_token,
+            image_token_index=image_token_index,
+            vision_projection_type="mlp",
+            **llava_kwargs,
+        )
     if token_groups is not None:
         attach_llava_token_groups(model, token_groups)
     return model

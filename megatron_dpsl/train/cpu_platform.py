@@ -70,33 +70,16 @@ def enable() -> None:
 
 @contextlib.contextmanager
 def llava_construction():
-    """While ``LLaVAModel`` is built (``--llava``): the two calls its ``CLIPViTModel.__init__``
-    makes that need CUDA or Transformer Engine. Undone on exit.
-
-    * ``CLIPViTModel.__init__`` moves its position ids with ``.cuda()``: a no-op (everything is on
-      the CPU);
-    * without Transformer Engine CLIP's norm is ``torch.nn.LayerNorm``, which ``build_module``
-      passes ``config=`` (TypeError): ``LLaVAModel`` (which looks ``CLIPViTModel`` up at call time)
-      gets Megatron's ``WrappedTorchNorm`` for ``ln_pre``/``ln_post`` instead.
+    """While ``LLaVAModel`` is built (``--llava``): ``CLIPViTModel.__init__`` moves its position ids
+    with ``.cuda()``: a no-op here (everything is on the CPU). Undone on exit. (CLIP's norms without
+    Transformer Engine are the builder's own fix, ``models.vlm.clip_norms_without_te``.)
     """
-    import functools
-
-    from megatron.core.models.multimodal import llava_model
-    from megatron.core.models.vision import clip_vit_model
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    saved = (torch.Tensor.cuda, llava_model.CLIPViTModel)
+    saved = torch.Tensor.cuda
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    if clip_vit_model.NORM_IMPL is torch.nn.LayerNorm:
-        llava_model.CLIPViTModel = functools.partial(
-            clip_vit_model.CLIPViTModel,
-            ln_pre_impl=WrappedTorchNorm,
-            ln_post_impl=WrappedTorchNorm,
-        )
     try:
         yield
     finally:
-        torch.Tensor.cuda, llava_model.CLIPViTModel = saved
+        torch.Tensor.cuda = saved
 
 
 def is_enabled() -> bool:

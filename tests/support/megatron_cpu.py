@@ -160,26 +160,27 @@ def init_torchrun(**parallel_kwargs) -> None:
 
 
 @contextlib.contextmanager
-def llava_construction():
-    """Build a megatron-core ``LLaVAModel`` on CPU (VLM_NOTES §6.2): without Transformer Engine,
-    ``CLIPViTModel``'s default ``ln_pre`` is ``torch.nn.LayerNorm``, which ``build_module`` passes
-    ``config=`` (a TypeError), so the ViT gets ``WrappedTorchNorm``; and its constructor moves the
-    position ids to CUDA (``clip_vit_model.py``), a no-op here."""
+def clip_cuda_noop():
+    """``CLIPViTModel.__init__`` moves its position ids to CUDA (``clip_vit_model.py``): a no-op on
+    a CPU-only machine (the one CUDA-only call of a ``LLaVAModel``'s construction)."""
     install()
-    import functools
-
-    from megatron.core.models.multimodal import llava_model
-    from megatron.core.models.vision.clip_vit_model import CLIPViTModel
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    vit = functools.partial(
-        CLIPViTModel, ln_pre_impl=WrappedTorchNorm, ln_post_impl=WrappedTorchNorm
+    undo = _patch(
+        [(torch.Tensor, "cuda", lambda self, *a, **k: self)]
+        if not torch.cuda.is_available()
+        else []
     )
-    changes = [(llava_model, "CLIPViTModel", vit)]
-    if not torch.cuda.is_available():
-        changes.append((torch.Tensor, "cuda", lambda self, *a, **k: self))
-    undo = _patch(changes)
     try:
         yield
     finally:
         undo()
+
+
+@contextlib.contextmanager
+def llava_construction():
+    """Build a megatron-core ``LLaVAModel`` on CPU (VLM_NOTES §6.2): ``clip_cuda_noop`` plus the
+    package's fix for CLIP's norms without Transformer Engine (``models.vlm.clip_norms_without_te``,
+    which ``build_llava_model`` applies itself), for tests that build a stock ``LLaVAModel``."""
+    from megatron_dpsl.models.vlm import clip_norms_without_te
+
+    with clip_cuda_noop(), clip_norms_without_te():
+        yield

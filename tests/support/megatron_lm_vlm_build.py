@@ -148,6 +148,7 @@ def vlm_build_report(argv: list) -> dict:
             ],
             projection=type(model.vision_projection.encoder).__name__,
             projection_fc1=type(model.vision_projection.encoder.linear_fc1).__name__,
+            projection_shape=_projection(model),
             tied=bool(lm.share_embeddings_and_output_weights),
             output_weight_is_none=lm.output_layer.weight is None,
             inv_freq_error=_inv_freq_error(model, global_vars.get_args()),
@@ -162,15 +163,29 @@ def vlm_build_report(argv: list) -> dict:
         )
         report["torch_dist"] = _torch_dist_round_trip(model)
         report["forward"] = _forward(model, _mock_batch(pretrain_vlm, args), model.img_seq_len)
-        report["stage_one_trainable"] = _trainable_with([*argv, "--freeze-LM"], args)
+        # stage I, and pretrain_vlm's own ViT (no --vision-model-type): stock's dense projector
+        stock_vit = [a for a in argv if a not in ("--vision-model-type", "clip")]
+        report["stage_one"] = _stage_one([*stock_vit, "--freeze-LM"], args)
     finally:
         global_vars.unset_global_variables()
     return report
 
 
-def _trainable_with(argv: list, args) -> list:
-    """The top-level parts with trainable parameters of the model the launcher builds for ``argv``
-    (stage I of LLaVA-1.5: ``--freeze-LM --freeze-ViT`` leaves the projector)."""
+def _projection(model) -> dict:
+    config = model.vision_projection.config
+    return {
+        "fc1": type(model.vision_projection.encoder.linear_fc1).__name__,
+        "ffn_hidden_size": config.ffn_hidden_size,
+        "gated_linear_unit": config.gated_linear_unit,
+        "bias": model.vision_projection.encoder.linear_fc1.bias is not None,
+        "language_ffn_hidden_size": model.language_model.config.ffn_hidden_size,
+        "vision_hidden": model.vision_model.config.hidden_size,
+    }
+
+
+def _stage_one(argv: list, args) -> dict:
+    """The model the launcher builds for ``argv`` (stage I of LLaVA-1.5: ``--freeze-LM
+    --freeze-ViT``): its top-level parts with trainable parameters, and its projector."""
     from megatron.training import global_vars
 
     from megatron_dpsl.megatron_lm.vlm_provider import dpsl_vlm_model_provider
@@ -179,7 +194,8 @@ def _trainable_with(argv: list, args) -> list:
     global_vars.set_args(_reparsed(argv, args))
     with llava_construction(), contextlib.redirect_stdout(sys.stderr):
         model = dpsl_vlm_model_provider()
-    return sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    return {"trainable": sorted(trainable), "projection": _projection(model)}
 
 
 def _torch_dist_round_trip(model) -> dict:

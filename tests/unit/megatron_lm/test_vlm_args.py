@@ -24,6 +24,7 @@ def _args(*argv: str) -> argparse.Namespace:
         ("--num-virtual-stages-per-pipeline-rank", None),
         ("--context-parallel-size", 1),
         ("--num-layers", 2),
+        ("--hidden-size", 64),
         ("--encoder-num-layers", None),
         ("--img-h", 336),
         ("--img-w", 336),
@@ -179,3 +180,28 @@ def test_embedded_trainer_refuses_modality_priors_without_a_vision_encoder():
         "is an image"
     )
     validate_args(parse_args([*tiny[:-2], "--moe-dpsl-token-groups", "dataset"]), world_size=1)
+
+
+def test_clip_widths_of_an_upcycled_hf_llava_must_be_clip_l(tmp_path):
+    """An HF LLaVA the upcycler converted records its CLIP widths in args; with --vision-model-type
+    clip the launcher builds CLIP ViT-L/14 and LLaVA-1.5's projector (FFN = the LM hidden size)."""
+    import torch
+
+    saved = argparse.Namespace(
+        img_h=336, img_w=336, patch_dim=14, num_layers=2, encoder_num_layers=2,
+        disable_vision_class_token=False, vision_model_type="clip", vision_hidden_size=1024,
+        vision_ffn_hidden_size=4096, vision_num_attention_heads=16,
+        vision_projector_ffn_hidden_size=64,
+    )  # fmt: skip
+    step = tmp_path / "release" / "mp_rank_00"
+    step.mkdir(parents=True)
+    torch.save({"args": saved}, step / "model_optim_rng.pt")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("release")
+    argv = [*MODALITY, "--load", str(tmp_path), "--vision-model-type", "clip"]
+    check_vlm_args(_args(*argv, "--hidden-size", "64"))
+    with pytest.raises(ValueError) as e:
+        check_vlm_args(_args(*argv, "--hidden-size", "128"))
+    assert str(e.value).startswith(
+        "--vision-model-type clip: builds vision_projector_ffn_hidden_size 128 (CLIP ViT-L/14, "
+        "LLaVA-1.5's projector), the checkpoint "
+    )

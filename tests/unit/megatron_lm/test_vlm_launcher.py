@@ -192,7 +192,23 @@ def test_vision_model_type_clip_and_freeze_vit(build):
 
 def test_freeze_lm_and_freeze_vit_train_the_projector_alone(build):
     """Stage I (projector alignment): upstream's flags through upstream's own model.freeze."""
-    assert build["stage_one_trainable"] == ["vision_projection"]
+    assert build["stage_one"]["trainable"] == ["vision_projection"]
+
+
+def test_projectors_are_dense_of_the_chosen_kind(build):
+    """Without --vision-model-type: the dense MLP stock builds for the same LM without experts (the
+    LM's SwiGLU and FFN; its ViT the LM's width). With --vision-model-type clip: LLaVA-1.5's GELU
+    projector, FFN = the LM's hidden size (64), biases, on a 1024-wide CLIP ViT."""
+    stock = build["stage_one"]["projection"]
+    assert (stock["fc1"], stock["gated_linear_unit"], stock["vision_hidden"]) == (
+        "ColumnParallelLinear",
+        True,
+        64,
+    )
+    assert stock["ffn_hidden_size"] == stock["language_ffn_hidden_size"]
+    clip = build["projection_shape"]
+    assert (clip["ffn_hidden_size"], clip["gated_linear_unit"], clip["bias"]) == (64, False, True)
+    assert clip["vision_hidden"] == 1024
 
 
 def test_every_router_sees_the_modality_of_each_position(build):

@@ -185,3 +185,24 @@ def test_trainer_flags_only_the_config_and_the_data_can_judge(tmp_path, capsys):
     err = capsys.readouterr().err
     _one_line_error(err, "megatron-dpsl-train", "--vocab-size")
     assert "token id 200" in err
+
+
+@pytest.mark.parametrize(
+    "flags, flag",
+    [(["--dpsl-coeff", "-1"], "--dpsl-coeff"), (["--nproc", "1"], "--nproc")],
+)
+def test_compare_routers_shares_the_up_front_checks(tmp_path, capsys, flags, flag):
+    """examples/compare_routers.py launches the quickstart's stages: the same checks, its name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_routers", os.path.join(REPO, "examples", "compare_routers.py")
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit) as exc:
+        example.main(["--out", str(out), *flags])
+    assert exc.value.code == 2
+    _one_line_error(capsys.readouterr().err, "compare_routers", flag)
+    assert not out.exists()
