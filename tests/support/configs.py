@@ -1,9 +1,10 @@
-"""One builder for the small configs and router pairs of the router, MoE-layer and token-group
-tests (each test file used to carry its own copy).
+"""One builder for the small configs and router pairs of the router, MoE-layer, token-group and
+model-builder tests (each test file used to carry its own copy).
 
-``moe_config(**fields)``: a ``DPSLTransformerConfig`` for CPU tests with ``TopKRouter``-sized
-defaults, any field overridable; ``router_pair(config, stock_config)``: a ``DPSLRouter`` and a stock
-``TopKRouter`` with the same weights, both at layer 1 in training mode.
+``moe_config(**fields)``: a ``DPSLTransformerConfig`` for CPU router tests with ``TopKRouter``-sized
+defaults, any field overridable; ``gpt_config(**fields)``: the same for the model-builder tests;
+``router_pair(config, stock_config)``: a ``DPSLRouter`` and a stock ``TopKRouter`` with the same
+weights, both at layer 1 in training mode.
 """
 
 from __future__ import annotations
@@ -34,6 +35,29 @@ def moe_config(**fields):
     from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
 
     return DPSLTransformerConfig(**{**SMALL_MOE, **fields})
+
+
+SMALL_GPT = dict(
+    num_layers=2,
+    hidden_size=16,
+    ffn_hidden_size=32,
+    num_attention_heads=4,
+    num_moe_experts=4,
+    moe_router_topk=2,
+    moe_router_load_balancing_type="dpsl",
+    moe_aux_loss_coeff=0.0,
+    use_cpu_initialization=True,
+    add_bias_linear=False,
+)
+"""The small DPSL GPT of the model-builder tests (Megatron's initialisation and logging
+defaults)."""
+
+
+def gpt_config(**fields):
+    """``DPSLTransformerConfig(**SMALL_GPT | fields)``."""
+    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
+
+    return DPSLTransformerConfig(**{**SMALL_GPT, **fields})
 
 
 def plugin_types_config(types, coeffs, **fields):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.configs import gpt_config
 from support.megatron_cpu import init_single_process
 
 
@@ -18,22 +19,7 @@ def megatron_state():
 
 
 def _config(**over):
-    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
-
-    kw = dict(
-        num_layers=2,
-        hidden_size=16,
-        ffn_hidden_size=32,
-        num_attention_heads=4,
-        num_moe_experts=4,
-        moe_router_topk=2,
-        moe_router_load_balancing_type="dpsl",
-        moe_aux_loss_coeff=0.0,
-        use_cpu_initialization=True,
-        add_bias_linear=False,
-    )
-    kw.update(over)
-    return DPSLTransformerConfig(**kw)
+    return gpt_config(**over)
 
 
 def _routers(model):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support.common import moe_tracked, reset_moe_tracker
+from support.configs import gpt_config
 from support.megatron_cpu import clip_cuda_noop, init_single_process
 
 IMG = -200
@@ -38,28 +39,15 @@ def no_token_groups_left():
 
 
 def _lm_config(**over):
-    from megatron_dpsl.config.transformer_config import DPSLTransformerConfig
-
-    kw = dict(
-        num_layers=2,
-        hidden_size=16,
-        ffn_hidden_size=32,
-        num_attention_heads=4,
-        num_moe_experts=4,
-        moe_router_topk=2,
-        moe_router_load_balancing_type="dpsl",
-        moe_aux_loss_coeff=0.0,
+    fields = dict(
         moe_dpsl_coeff=1.0,
         moe_dpsl_alpha_base=0.75,
         moe_dpsl_alpha_shift=0.5,
         moe_dpsl_num_groups=2,
-        use_cpu_initialization=True,
-        add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
-    kw.update(over)
-    return DPSLTransformerConfig(**kw)
+    return gpt_config(**{**fields, **over})
 
 
 def _build(lm=None, max_len=64, **kw):
