@@ -144,6 +144,82 @@ if triton is not None:
         tl.store(counts_ptr + (k * S + s) * G1P + goff, acc)
 
     @triton.jit
+    def _group_totals(counts_ptr, k, s, S, num_groups, G1P: tl.constexpr, SP: tl.constexpr):
+        """From ``_count_kernel``'s per-span counts of expert row k: tokens of each group before
+        span s (``run``), 1/n_g per group (0 for padding and empty groups) and whether every token
+        was counted (False if a group id was out of range)."""
+        goff = tl.arange(0, G1P)
+        soff = tl.arange(0, SP)
+        tile = tl.load(
+            counts_ptr + (k * S + soff[:, None]) * G1P + goff[None, :],
+            mask=soff[:, None] < S,
+            other=0,
+        )
+        run = tl.sum(tl.where(soff[:, None] < s, tile, 0), axis=0)
+        total = tl.sum(tile, axis=0)
+        inv_n = tl.where(
+            (goff < num_groups) & (total > 0), 1.0 / tl.maximum(total, 1).to(tl.float32), 0.0
+        )
+        return run, inv_n, total
+
+    @triton.jit
+    def _group_ranks(g, m, run, inv_n, G1P: tl.constexpr):
+        """One block of sorted tokens with groups ``g``: each token's rank j within its group, its
+        weight 1/n_g (0: padding, bad id, masked) and the running counts after the block."""
+        goff = tl.arange(0, G1P)
+        onehot = (g[:, None] == goff[None, :]) & m[:, None]
+        cnt = onehot.to(tl.int32)
+        j = tl.sum(tl.where(onehot, tl.cumsum(cnt, axis=0) + run[None, :], 0), axis=1)
+        w = tl.sum(tl.where(onehot, inv_n[None, :], 0.0), axis=1)
+        return j.to(tl.float32), w, run + tl.sum(cnt, axis=0)
+
+    @triton.jit
+    def _beta_cdf(x, consts_ptr, coefs_ptr, roff, tiny, NEED_GRAD: tl.constexpr):
+        """I_x(a, b) of one block and, with NEED_GRAD, its derivative (else 0): the formulas of
+        ``BetaCDFTable.evaluate`` (beta.py) in float32, row constants at ``consts_ptr + roff``."""
+        c_a = tl.load(consts_ptr + roff + 0)
+        c_b = tl.load(consts_ptr + roff + 1)
+        y = 1.0 - x
+        lx = tl.log(x)
+        # log1p(-x), accurate for tiny x (Goldberg)
+        l1x = tl.where(y == 1.0, -x, tl.log(y) * (-x / (y - 1.0)))
+        s_lo = tl.load(consts_ptr + roff + 11)
+        s_hi = tl.load(consts_ptr + roff + 12)
+        inv_h = tl.load(consts_ptr + roff + 10)
+        sg = tl.log(x / y * tl.load(consts_ptr + roff + 9)) * inv_h  # grid coordinate
+        in_grid = sg >= s_lo  # False below the grid and for NaN (-> lower tail, NaN stays)
+        in_hi = sg > s_hi
+        sc = tl.minimum(tl.where(in_grid, sg, s_lo), s_hi)
+        cell = tl.minimum(tl.floor(sc), s_hi - 1.0)
+        t = sc - cell
+        ci = (cell + tl.load(consts_ptr + roff + 13)).to(tl.int32) * 4
+        c0 = tl.load(coefs_ptr + ci + 0)
+        c1 = tl.load(coefs_ptr + ci + 1)
+        c2 = tl.load(coefs_ptr + ci + 2)
+        c3 = tl.load(coefs_ptr + ci + 3)
+        e = tl.exp(c_a * lx + c_b * l1x - tl.load(consts_ptr + roff + 2))
+        q1 = tl.load(consts_ptr + roff + 5)
+        q12 = tl.load(consts_ptr + roff + 6)
+        r1 = tl.load(consts_ptr + roff + 7)
+        r12 = tl.load(consts_ptr + roff + 8)
+        inv_a = tl.load(consts_ptr + roff + 3)
+        inv_b = tl.load(consts_ptr + roff + 4)
+        ser_lo = 1.0 + x * (q1 + q12 * x)
+        ser_hi = 1.0 + y * (r1 + r12 * y)
+        f_mid = c0 + t * (c1 + t * (c2 + t * c3))
+        f = tl.where(in_grid, tl.where(in_hi, 1.0 - e * inv_b * ser_hi, f_mid), e * inv_a * ser_lo)
+        d = f * 0.0
+        if NEED_GRAD:
+            xy = x * y
+            d_mid = (c1 + 2.0 * t * (c2 + 1.5 * t * c3)) * inv_h / xy
+            pdf = e / tl.maximum(xy, tiny)
+            slope = c_a * y - c_b * x
+            d_lo = ((q1 + 2.0 * q12 * x) * xy + slope * ser_lo) * pdf * inv_a
+            d_hi = ((r1 + 2.0 * r12 * y) * xy - slope * ser_hi) * pdf * inv_b
+            d = tl.where(in_grid, tl.where(in_hi, d_hi, d_mid), d_lo)
+        return f, d
+
+    @triton.jit
     def _eval_kernel(
         vals_ptr,
         idx_ptr,
@@ -171,41 +247,22 @@ if triton is not None:
         program."""
         k = tl.program_id(0)
         s = tl.program_id(1)
-        start = s * span
-        end = tl.minimum(start + span, T)
-        goff = tl.arange(0, G1P)
+        end = tl.minimum(s * span + span, T)
         run = tl.zeros([G1P], dtype=tl.int32)  # tokens of each group before the current block
         inv_n = tl.zeros([G1P], dtype=tl.float32)
+        ok = True
         if HAS_GROUPS:
-            soff = tl.arange(0, SP)
-            tile = tl.load(
-                counts_ptr + (k * S + soff[:, None]) * G1P + goff[None, :],
-                mask=soff[:, None] < S,
-                other=0,
-            )
-            run = tl.sum(tl.where(soff[:, None] < s, tile, 0), axis=0)
-            total = tl.sum(tile, axis=0)
+            run, inv_n, total = _group_totals(counts_ptr, k, s, S, num_groups, G1P, SP)
             ok = tl.sum(total, axis=0) == T  # False if any group id was out of range
-            inv_n = tl.where(
-                (goff < num_groups) & (total > 0), 1.0 / tl.maximum(total, 1).to(tl.float32), 0.0
-            )
             tl.store(ok_ptr, ok.to(tl.int32))  # every program stores the same value
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for off in range(start, end, BLOCK):
+        for off in range(s * span, end, BLOCK):
             pos = off + tl.arange(0, BLOCK)
             m = pos < end
             x = tl.load(vals_ptr + k * T + pos, mask=m, other=0.5).to(tl.float32)
             if HAS_GROUPS:
                 g = tl.load(group_ptr + k * T + pos, mask=m, other=-1)
-                onehot = (g[:, None] == goff[None, :]) & m[:, None]
-                cnt = onehot.to(tl.int32)
-                j = tl.sum(tl.where(onehot, tl.cumsum(cnt, axis=0) + run[None, :], 0), axis=1).to(
-                    tl.float32
-                )
-                w = tl.sum(
-                    tl.where(onehot, inv_n[None, :], 0.0), axis=1
-                )  # 1/n_g; 0: padding, bad, masked
-                run += tl.sum(cnt, axis=0)
+                j, w, run = _group_ranks(g, m, run, inv_n, G1P)
                 roff = (tl.minimum(tl.maximum(g, 0), num_groups - 1) * E + k) * NC
                 valid = w > 0.0
             else:
@@ -213,51 +270,10 @@ if triton is not None:
                 w = 1.0 / T
                 roff = k * NC
                 valid = m
-            # Beta CDF: BetaCDFTable.evaluate's formulas (beta.py), float32
-            c_a = tl.load(consts_ptr + roff + 0)
-            c_b = tl.load(consts_ptr + roff + 1)
-            y = 1.0 - x
-            lx = tl.log(x)
-            l1x = tl.where(
-                y == 1.0, -x, tl.log(y) * (-x / (y - 1.0))
-            )  # log1p(-x), accurate for tiny x (Goldberg)
-            s_lo = tl.load(consts_ptr + roff + 11)
-            s_hi = tl.load(consts_ptr + roff + 12)
-            inv_h = tl.load(consts_ptr + roff + 10)
-            sg = tl.log(x / y * tl.load(consts_ptr + roff + 9)) * inv_h  # grid coordinate
-            in_grid = sg >= s_lo  # False below the grid and for NaN (-> lower tail, NaN stays)
-            in_hi = sg > s_hi
-            sc = tl.minimum(tl.where(in_grid, sg, s_lo), s_hi)
-            cell = tl.minimum(tl.floor(sc), s_hi - 1.0)
-            t = sc - cell
-            ci = (cell + tl.load(consts_ptr + roff + 13)).to(tl.int32) * 4
-            c0 = tl.load(coefs_ptr + ci + 0)
-            c1 = tl.load(coefs_ptr + ci + 1)
-            c2 = tl.load(coefs_ptr + ci + 2)
-            c3 = tl.load(coefs_ptr + ci + 3)
-            f_mid = c0 + t * (c1 + t * (c2 + t * c3))
-            e = tl.exp(c_a * lx + c_b * l1x - tl.load(consts_ptr + roff + 2))
-            q1 = tl.load(consts_ptr + roff + 5)
-            q12 = tl.load(consts_ptr + roff + 6)
-            r1 = tl.load(consts_ptr + roff + 7)
-            r12 = tl.load(consts_ptr + roff + 8)
-            inv_a = tl.load(consts_ptr + roff + 3)
-            inv_b = tl.load(consts_ptr + roff + 4)
-            ser_lo = 1.0 + x * (q1 + q12 * x)
-            ser_hi = 1.0 + y * (r1 + r12 * y)
-            f = tl.where(
-                in_grid, tl.where(in_hi, 1.0 - e * inv_b * ser_hi, f_mid), e * inv_a * ser_lo
-            )
+            f, d = _beta_cdf(x, consts_ptr, coefs_ptr, roff, tiny, NEED_GRAD)
             diff = j * w - f
             acc += tl.where(valid, diff * diff * w, 0.0)  # padding never NaN
             if NEED_GRAD:
-                xy = x * y
-                d_mid = (c1 + 2.0 * t * (c2 + 1.5 * t * c3)) * inv_h / xy
-                pdf = e / tl.maximum(xy, tiny)
-                slope = c_a * y - c_b * x
-                d_lo = ((q1 + 2.0 * q12 * x) * xy + slope * ser_lo) * pdf * inv_a
-                d_hi = ((r1 + 2.0 * r12 * y) * xy - slope * ser_hi) * pdf * inv_b
-                d = tl.where(in_grid, tl.where(in_hi, d_hi, d_mid), d_lo)
                 tok = tl.load(idx_ptr + k * T + pos, mask=m, other=0)
                 tl.store(grad_ptr + tok * E + k, tl.where(valid, -2.0 * diff * d * w, 0.0), mask=m)
         total_loss = tl.sum(acc, axis=0)

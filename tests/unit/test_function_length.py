@@ -20,11 +20,7 @@ ARGPARSE_TABLES = {
 }
 """Functions that are one table of ``add_argument`` calls: long by nature, read as a table."""
 
-NOT_YET_SPLIT = {
-    # one Triton kernel: helpers would be @triton.jit functions whose inlining needs a GPU
-    # benchmark (benchmarks/loss.py) before it replaces the measured kernel
-    "losses/dpsl_triton.py::_eval_kernel": "needs a GPU benchmark",
-}
+NOT_YET_SPLIT: dict[str, str] = {}
 """Known long functions, each with who or what it waits for; the list only shrinks."""
 
 
