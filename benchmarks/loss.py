@@ -5,8 +5,10 @@ probability column, the sorted values moved to the host, ``scipy.special.betainc
 custom autograd Function whose backward is ``scipy.stats.beta.pdf`` (also on the host), results
 moved back.
 
-    python benchmarks/loss.py                 # full grid: B in {8192, 73728, 589824} x N in {4, 16,
-    64} python benchmarks/loss.py --quick         # B = 73,728 (16 x 4,608), N = 16 only
+    # full grid: B in {8192, 73728, 589824} x N in {4, 16, 64}
+    python benchmarks/loss.py
+    # B = 73,728 (16 x 4,608), N = 16 only
+    python benchmarks/loss.py --quick
 
 Prints one row per (B, N): ms per forward+backward (median of --repeats after a warm-up that also
 builds the CDF table; process CPU time, robust to other jobs on a shared core), the baseline/ours
@@ -15,8 +17,8 @@ includes the allocator's caching).
 
 GPU (issue 12's goals; one command, < 90 s on an H100, prints a markdown table):
 
-    python benchmarks/loss.py --device cuda   # bf16 probs: B=73,728 N=16; N=64; B=589,824 N=16;
-    grouped+padded
+    # bf16 probs: B=73,728 N=16; N=64; B=589,824 N=16; grouped+padded
+    python benchmarks/loss.py --device cuda
 
 Per shape and implementation (``torch``: the torch path; ``triton``:
 megatron_dpsl/losses/dpsl_triton.py), all in one process: ms per call from CUDA events around

@@ -4,11 +4,12 @@ Variants, all in one Megatron-Core ``MoELayer`` with the same experts, weights a
 the same run (interleaved rounds, median):
 
   topk_none        TopKRouter, no balancing loss (what routing alone costs)
-  topk_aux         TopKRouter + Megatron's aux loss (moe_router_load_balancing_type="aux_loss"): the
-  baseline dpsl             megatron_dpsl.DPSLRouter, DPSL only (device-native Beta CDF)
+  topk_aux         TopKRouter + Megatron's aux loss (moe_router_load_balancing_type="aux_loss"):
+                   the baseline
+  dpsl             megatron_dpsl.DPSLRouter, DPSL only (device-native Beta CDF)
   dpsl_scipy_host  TopKRouter + DPSL computed the paper's way: probabilities copied to the host,
-  sorted,
-                   SciPy ``betainc`` for the loss and the Beta pdf for the backward, copied back
+                   sorted, SciPy ``betainc`` for the loss and the Beta pdf for the backward,
+                   copied back
 
 Printed: ms/step for each, DPSL overhead vs topk_aux (goal on the GPU at paper scale: <= 1 %), the
 host baseline's overhead and peak memory.

@@ -1,9 +1,10 @@
 """Peak memory and time of the upcycler on a synthetic ~1B-parameter dense checkpoint.
 
-    python benchmarks/upcycle_memory.py                 # TinyLlama-1.1B shapes, fp32 (4.4 GB in,
-    ~14 GB out) python benchmarks/upcycle_memory.py --quick         # ~60M params smoke run
-    python benchmarks/upcycle_memory.py --num-experts 16 --granularity 4 --topk 8   # the paper's
-    8in16
+    # TinyLlama-1.1B shapes, fp32 (4.4 GB in, ~14 GB out)
+    python benchmarks/upcycle_memory.py
+    python benchmarks/upcycle_memory.py --quick         # ~60M params smoke run
+    # the paper's 8in16
+    python benchmarks/upcycle_memory.py --num-experts 16 --granularity 4 --topk 8
 
 The dense checkpoint is written in the Megatron-LM layout with the converter's own streaming writer
 (random weights, one layer at a time). The conversion runs in a child process

@@ -3,9 +3,10 @@ Hugging Face model) compare its logits with the original's. docs/upcycling.md, "
 
     megatron-dpsl-upcycle --source hf/Llama --output ckpts/llama-exact \\
         --num-experts 8 --granularity 2 --moe-router-topk 4 --weight-scaling exact
-    python examples/load_upcycled_cpu.py --load ckpts/llama-exact                      # load +
-    forward python examples/load_upcycled_cpu.py --load ckpts/llama-exact --compare-hf hf/Llama  # +
-    max |logit diff|
+    # load + forward
+    python examples/load_upcycled_cpu.py --load ckpts/llama-exact
+    # + max |logit diff|
+    python examples/load_upcycled_cpu.py --load ckpts/llama-exact --compare-hf hf/Llama
 
 What it does, in the order Megatron-LM does it: read ``args`` from the checkpoint's common state
 (``dist_checkpointing.load_common_state_dict``), build the MoE ``GPTModel`` those args describe

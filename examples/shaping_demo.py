@@ -4,10 +4,11 @@ Two sources of points, each point a learnable logit vector over 3 categories (so
 vector). DPSL (Eq. 4, `megatron_dpsl.dpsl_loss`) with one Dirichlet prior per source (``alpha``
 ``[2, 3]``, ``group_ids`` = source id) is the only loss; Adam, lr 0.1, 100 steps as in Appendix C.1.
 
-    python examples/shaping_demo.py                          # Fig. 6 priors: Dir(5,5,5),
-    Dir(.2,.2,.2) python examples/shaping_demo.py --preset fig2            # Fig. 2 priors:
-    Dir(1.5,1.5,1.5), Dir(3,1,.5) python examples/shaping_demo.py --out outputs/shaping --steps 100
-    --num-points 1000 --seed 0
+    # Fig. 6 priors: Dir(5,5,5), Dir(.2,.2,.2)
+    python examples/shaping_demo.py
+    # Fig. 2 priors: Dir(1.5,1.5,1.5), Dir(3,1,.5)
+    python examples/shaping_demo.py --preset fig2
+    python examples/shaping_demo.py --out outputs/shaping --steps 100 --num-points 1000 --seed 0
 
 Prints the per-category Kolmogorov–Smirnov distance of each source's marginals to Beta(α_k, A−α_k)
 at initialisation and after training, and writes ``<out>/shaping_demo.png``.

@@ -1,10 +1,11 @@
 """SwAV on 2-D synthetic clusters, with and without DPSL in the last epochs (paper Table 1 /
 Appendix B).
 
-    python examples/swav_clustering.py                   # 3 settings x 10 seeds x {SwAV, +DPSL},
-    table + PNG python examples/swav_clustering.py --quick           # 1 seed per setting (smoke
-    run, seconds) python examples/swav_clustering.py --seeds 0 1 2 --lambdas 0.01 0.1 1 --out
-    outputs/swav_clustering
+    # 3 settings x 10 seeds x {SwAV, +DPSL}, table + PNG
+    python examples/swav_clustering.py
+    python examples/swav_clustering.py --quick           # 1 seed per setting (smoke run, seconds)
+    python examples/swav_clustering.py --seeds 0 1 2 --lambdas 0.01 0.1 1 \\
+        --out outputs/swav_clustering
 
 What the paper states (Appendix B) and this script follows: three settings of 1500 2-D points in 3
 clusters (non-overlapping 4:1:1, isotropic σ=0.8 at (0,0), (5,5), (−5,5); overlapping 5:2:1 on an

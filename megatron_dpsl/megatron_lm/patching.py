@@ -9,11 +9,13 @@ target first (the original hash means "apply", the patched hash "already applied
 drift and stops the run before any file is touched), then dry-runs every patch (``patch
 --dry-run``) and only then applies them.
 
-    python -m megatron_dpsl.megatron_lm.patching apply /path/to/Megatron-LM      # or
-    scripts/apply_megatron_patches.sh python -m megatron_dpsl.megatron_lm.patching status
-    /path/to/Megatron-LM python -m megatron_dpsl.megatron_lm.patching export-originals --tag
-    core_v0.19.0 --git-dir DIR OUT python -m megatron_dpsl.megatron_lm.patching lock --tag
-    core_v0.19.0 --git-dir DIR   # rewrite its upstream.lock
+    # or scripts/apply_megatron_patches.sh
+    python -m megatron_dpsl.megatron_lm.patching apply /path/to/Megatron-LM
+    python -m megatron_dpsl.megatron_lm.patching status /path/to/Megatron-LM
+    python -m megatron_dpsl.megatron_lm.patching export-originals --tag core_v0.19.0 \\
+        --git-dir DIR OUT
+    # rewrite its upstream.lock
+    python -m megatron_dpsl.megatron_lm.patching lock --tag core_v0.19.0 --git-dir DIR
 
 ``--git-dir`` (default ``$MEGATRON_LM_GIT_DIR``) is a local clone or mirror of Megatron-LM; nothing
 is downloaded.

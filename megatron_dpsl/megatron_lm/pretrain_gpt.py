@@ -1,10 +1,10 @@
 """Megatron-LM's ``pretrain_gpt.py`` with DPSL: the same flags plus ``--moe-dpsl-*``.
 
-    export MEGATRON_LM_PATH=/path/to/Megatron-LM        # core_v0.16.1 or core_v0.19.0
-    (patches/*/upstream.lock) torchrun --nproc-per-node 8 -m megatron_dpsl.megatron_lm.pretrain_gpt
-    \\
+    # core_v0.16.1 or core_v0.19.0 (patches/*/upstream.lock)
+    export MEGATRON_LM_PATH=/path/to/Megatron-LM
+    torchrun --nproc-per-node 8 -m megatron_dpsl.megatron_lm.pretrain_gpt \\
         <Megatron-LM pretrain_gpt.py flags> --num-experts 8 \\
-        --moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 1e-3 0.01
+        --moe-router-load-balancing-type aux_loss dpsl --moe-aux-loss-coeff 1e-3 0.01 \\
         --moe-dpsl-alpha 0.75
 
 Runs Megatron-LM's own flow (its ``__main__``: the datasets, ``forward_step`` and model building of

@@ -1,9 +1,9 @@
 """The quickstart: dense GPT -> granular upcycling -> three MoE runs (aux loss, DPSL, DPSL modality
 priors).
 
-    python -m megatron_dpsl.train.quickstart --out outputs/quickstart          # 3-5 min on 2 CPU
-    cores python -m megatron_dpsl.train.quickstart --out /tmp/qs --tiny              # smoke run, ~1
-    min
+    # 3-5 min on 2 CPU cores
+    python -m megatron_dpsl.train.quickstart --out outputs/quickstart
+    python -m megatron_dpsl.train.quickstart --out /tmp/qs --tiny              # smoke run, ~1 min
 
 1. builds a byte-level corpus from text on this machine: Python stdlib sources (group 0, "code") and
    licence/copyright prose (group 1, "prose"), every byte tagged with its document's group

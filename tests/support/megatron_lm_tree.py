@@ -19,9 +19,10 @@ A test runs Megatron-LM in a child interpreter (megatron_lm_chain.py) with the t
 the installed megatron-core (0.16 -> core_v0.16.1, 0.19 -> core_v0.19.0;
 ``tag_for_installed_core``).
 
-    python tests/support/megatron_lm_tree.py export core_v0.19.0 OUT     # what prepare_gpu_carry.sh
-    runs (git dir) python tests/support/megatron_lm_tree.py snapshot core_v0.19.0       # rewrite
-    the committed snapshot (git dir)
+    # what prepare_gpu_carry.sh runs (git dir)
+    python tests/support/megatron_lm_tree.py export core_v0.19.0 OUT
+    # rewrite the committed snapshot (git dir)
+    python tests/support/megatron_lm_tree.py snapshot core_v0.19.0
 """
 
 from __future__ import annotations
