@@ -39,7 +39,8 @@ PRESETS = {
 
 def ks_per_category(probs: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """KS distance of each column of ``probs`` ``[num_points, num_categories]`` to Beta(α_k, A−α_k),
-    float64 ``[num_categories]`` (``megatron_dpsl.metrics.routing.ks_distance``)."""
+    float64
+    ``[num_categories]`` (``megatron_dpsl.metrics.routing.ks_distance``)."""
     return ks_distance(probs.double(), alpha.double()).double()
 
 
@@ -57,8 +58,10 @@ def run_shaping(
         alphas: one Dirichlet concentration vector per source (``[num_sources][num_categories]``).
 
     Returns a dict with ``alpha`` ``[S, K]``, ``group_ids`` ``[S*n]``,
-    ``probs_init``/``probs_final`` ``[S*n, K]``, ``losses`` (list of per-step loss values, before
-    each update), ``ks_init``/``ks_final`` ``[S, K]`` (KS distance per source and category).
+    ``probs_init``/``probs_final``
+    ``[S*n, K]``, ``losses`` (list of per-step loss values, before each update),
+    ``ks_init``/``ks_final``
+    ``[S, K]`` (KS distance per source and category).
     """
     if steps < 0 or num_points < 2:
         raise ValueError(
@@ -110,7 +113,8 @@ def _simplex_xy(probs: torch.Tensor):
 
 def plot_shaping(result: dict, path: str, dpi: int = 80) -> str:
     """Fig. 2-style figure: CDFs at init and after training (rows 1-2), per-source histograms vs
-    Beta pdfs (rows 3-4), simplex scatter, loss curve. Returns ``path``."""
+    Beta pdfs
+    (rows 3-4), simplex scatter, loss curve. Returns ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")

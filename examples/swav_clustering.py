@@ -219,7 +219,8 @@ def run_table(
     **train_kw,
 ) -> dict:
     """``{setting: {method: {"acc": [per seed], "fractions": [per seed: predicted cluster sizes / N,
-    sorted descending]}}}``; methods "SwAV" and "SwAV+DPSL λ=<λ> (<prior order>)"."""
+    sorted
+    descending]}}}``; methods "SwAV" and "SwAV+DPSL λ=<λ> (<prior order>)"."""
     table = {}
     for name in settings:
         rows = {}

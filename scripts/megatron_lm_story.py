@@ -2,8 +2,8 @@
 
 One definition of every command line: ``scripts/run_gpu_tests.sh`` runs the stages on the GPU
 (``run``), and ``tests/unit/megatron_lm/test_launcher.py`` runs the Megatron-LM stages' exact argv
-on CPU through the real call chain up to the first CUDA-only call (``stages()``), so the two cannot
-drift.
+on CPU
+through the real call chain up to the first CUDA-only call (``stages()``), so the two cannot drift.
 
     python scripts/megatron_lm_story.py run --tag core_v0.19.0 --tree .gpu_carry/trees/core_v0.19.0
     \\
@@ -14,7 +14,7 @@ drift.
 Stages (each a fresh ``torchrun --nproc-per-node 1`` or ``python -m`` process):
 
     dense_patched   Megatron-LM's own pretrain_gpt.py on the patched tree: tiny Llama-style dense
-    GPT,
+        GPT,
                     --mock-data, iterations 0 -> 4, save
     dense_launcher  the launcher on the unpatched tree: resumes that checkpoint, 4 -> 8, save
     upcycle         python -m megatron_dpsl.upcycle: dense -> 8 experts (G=2, top-4, exact scaling)
@@ -25,8 +25,9 @@ Stages (each a fresh ``torchrun --nproc-per-node 1`` or ``python -m`` process):
                     modality priors (--moe-dpsl-num-groups 2) on a two-dataset blend, 8 -> 12
 
 Each stage has a time limit; ``run`` writes ``story_<tag>.md`` (pass/fail, seconds, what was
-checked) to ``--out`` and one log per stage to ``--out``/story/. Stages after a failed one are
-skipped (they need its checkpoint).
+checked)
+to ``--out`` and one log per stage to ``--out``/story/. Stages after a failed one are skipped (they
+need its checkpoint).
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ class Stage:
 
     ``entry``: ``megatron_lm`` (the tree's own ``pretrain_gpt.py``), ``launcher`` (``python -m`` the
     launcher with ``MEGATRON_LM_PATH`` = the tree) or ``upcycle``. ``tree``:
-    ``patched``/``unpatched``. ``expect``: regular expressions the stage's log must match.
+    ``patched``/``unpatched``.
+    ``expect``: regular expressions the stage's log must match.
     """
 
     name: str
@@ -318,7 +320,8 @@ def prepare_trees(tree: Path, work: Path) -> dict:
 
 def make_blend(work: Path, tree: str) -> None:
     """Two tiny indexed datasets (Megatron's own builder, the tree's megatron/core): token ids from
-    two disjoint halves of the vocabulary, so the two groups differ."""
+    two
+    disjoint halves of the vocabulary, so the two groups differ."""
     code = f"""
 import sys, numpy as np, torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder

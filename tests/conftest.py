@@ -45,7 +45,8 @@ def _aux_loss_scale_per_test():
 @pytest.fixture
 def fresh_moe_losses():
     """An empty MoE metrics tracker and an aux-loss backward scale of 1 for one test; the scale
-    (class state shared by the whole pytest process) is left as found, the tracker empty."""
+    (class state
+    shared by the whole pytest process) is left as found, the tracker empty."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from support.common import reset_moe_tracker
 
@@ -61,8 +62,9 @@ def fresh_moe_losses():
 @pytest.fixture(scope="session")
 def megatron_lm_trees(tmp_path_factory):
     """Megatron-LM at the tag of the installed megatron-core, from $MEGATRON_LM_GIT_DIR or the
-    committed snapshot (megatron_lm_tree.py): ``{"tag", "git_dir" (None: snapshot), "unpatched",
-    "patched", "work"}``."""
+    committed
+    snapshot (megatron_lm_tree.py): ``{"tag", "git_dir" (None: snapshot), "unpatched", "patched",
+        "work"}``."""
     from support.megatron_lm_tree import export_tree, source_or_skip, tag_for_installed_core
 
     from megatron_dpsl.megatron_lm.patching import apply_patches

@@ -65,8 +65,8 @@ class LoadBalancingSplit:
         stock_type: what Megatron's code should see: the user's value without the plugin's types (a
             list that shrinks to one entry becomes a string, an empty one ``"none"``).
         stock_coeff: the matching ``moe_aux_loss_coeff`` (a float for a string type, ``0.0`` for
-        "none"). plugin_coeffs: ``{type: coefficient slot}`` for each plugin type named; the slot is
-        the
+            "none").
+        plugin_coeffs: ``{type: coefficient slot}`` for each plugin type named; the slot is the
             ``moe_aux_loss_coeff`` entry at that type's position (``0.0`` when no coefficient was
             given).
     """

@@ -59,8 +59,8 @@ def rank_ragged(p: torch.Tensor, group_ids: torch.Tensor, num_groups: int) -> Ra
     """Groups and/or padding: one sort for all rows, no host sync (fixed shapes).
 
     float32: one stable 1-D sort of the int64 key ``row << 30 | bits`` (rows in increasing id).
-    float64: per expert, a stable value sort then a stable group sort (each expert's rows
-    contiguous).
+        float64:
+    per expert, a stable value sort then a stable group sort (each expert's rows contiguous).
     """
     num_tokens, num_experts = p.shape
     dev = p.device

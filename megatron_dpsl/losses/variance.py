@@ -80,7 +80,7 @@ def sharpness_sums(logits: torch.Tensor, padding_mask: torch.Tensor | None = Non
 
     Args:
         logits: ``[num_tokens, num_experts]`` router logits (the softmax over all experts is taken
-        here, in fp32, or
+            here, in fp32, or
             float64 for float64 logits).
         padding_mask: ``[num_tokens]`` bool, True = padding (left out), or None.
 

@@ -3,12 +3,14 @@
 ``add_dpsl_args(parser)`` is a Megatron-LM ``extra_args_provider``: it adds the ``--moe-dpsl-*``
 flags and lets ``--moe-router-load-balancing-type`` take ``dpsl`` (alone or in Megatron's list
 form, e.g. ``aux_loss dpsl`` with one ``--moe-aux-loss-coeff`` per type), and likewise ``variance``
-and ``orthogonality`` (Guo et al.; coefficients in their ``--moe-aux-loss-coeff`` slots) with their
+and
+``orthogonality`` (Guo et al.; coefficients in their ``--moe-aux-loss-coeff`` slots) with their
 ``--moe-variance-loss-form`` / ``--moe-orthogonality-loss-form`` flags.
 
 ``dpsl_config_from_args(args)`` copies the parsed namespace onto ``DPSLTransformerConfig`` by
 dataclass field name, as Megatron-LM's ``core_transformer_config_from_args`` does. The config
-decides what is valid; this module only checks what the config cannot see (which flags were typed,
+decides
+what is valid; this module only checks what the config cannot see (which flags were typed,
 ``check_given_flags``) and rewrites the config's field names as flags in its errors
 (``translate_config_error``), so every error names the flag.
 
@@ -122,8 +124,8 @@ def _find_action(parser: argparse.ArgumentParser, dest: str) -> argparse.Action 
 
 def add_moe_load_balancing_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--moe-router-load-balancing-type`` and ``--moe-aux-loss-coeff`` as Megatron-LM defines
-    them, with ``dpsl`` among the types, to a parser that lacks them (a standalone trainer's
-    parser).
+    them,
+    with ``dpsl`` among the types, to a parser that lacks them (a standalone trainer's parser).
 
     Flags the parser already has are left alone (``add_dpsl_args`` widens their choices instead).
     """
@@ -592,8 +594,9 @@ def dpsl_config_from_args(args: argparse.Namespace, config_class=None, **overrid
     Mirrors Megatron-LM's ``core_transformer_config_from_args(args, config_class)``: every field of
     ``config_class`` (default ``DPSLTransformerConfig``) that the namespace has is copied, after the
     DPSL checks and normalisation of ``dpsl_namespace``; ``--num-experts`` fills
-    ``num_moe_experts``. ``overrides`` (keyword arguments, applied last) carry what a standalone
-    trainer derives itself, e.g. ``activation_func``. Errors are ``ValueError`` naming the flag.
+    ``num_moe_experts``.
+    ``overrides`` (keyword arguments, applied last) carry what a standalone trainer derives itself,
+    e.g. ``activation_func``. Errors are ``ValueError`` naming the flag.
 
     Inside Megatron-LM's own flow use ``megatron_lm_config_from_args``, which keeps Megatron-LM's
     translations (swiglu, GQA, pipeline dtype, ...).

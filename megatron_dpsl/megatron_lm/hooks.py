@@ -2,7 +2,8 @@
 ids.
 
 Kept here, not in the patches, so that each patch stays a few lines that only forward to this
-module. Imports Megatron lazily: the patched files import this module from inside their functions.
+module.
+Imports Megatron lazily: the patched files import this module from inside their functions.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ class _DatasetIdTap:
     """Iterator wrapper that keeps the ``dataset_id`` of the last batch it handed out.
 
     Megatron-LM's ``BlendedDataset`` yields ``{"dataset_id": i, **sample}``, ``i`` being the index
-    of the sample's dataset in ``--data-path``; ``get_batch_on_this_tp_rank`` drops that key, so it
-    is read here.
+    of the
+    sample's dataset in ``--data-path``; ``get_batch_on_this_tp_rank`` drops that key, so it is read
+    here.
     """
 
     def __init__(self, data_iterator: Iterator):

@@ -4,12 +4,14 @@ Megatron-LM parses the command line several times before it trains, and only som
 get the launcher's ``extra_args_provider``:
 
 ============================================  ===========================
-=========================== call site                                     core_v0.16.1
-core_v0.19.0 ============================================  ===========================
-=========================== ``inprocess_restart.maybe_wrap_for_...``      line 128, no provider
-line 133, no provider ``ft_integration.setup`` (inside pretrain)    line 78, no provider
-line 78, no provider ``initialize_megatron`` / ``parse_and_...``   provider
-provider ============================================  ===========================
+===========================
+call site                                     core_v0.16.1                 core_v0.19.0
+============================================  ===========================
+===========================
+``inprocess_restart.maybe_wrap_for_...``      line 128, no provider        line 133, no provider
+``ft_integration.setup`` (inside pretrain)    line 78, no provider         line 78, no provider
+``initialize_megatron`` / ``parse_and_...``   provider                     provider
+============================================  ===========================
 ===========================
 
 ``parse_args(ignore_unknown_args=True)`` forgives unknown flags but not a value outside a known

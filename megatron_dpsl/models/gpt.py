@@ -8,7 +8,8 @@
 
 MoE configs get ``DPSLRouter`` in their MoE layers (``specs``); dense configs Megatron's own spec.
 Every keyword other than the spec's goes to ``GPTModel`` unchanged, so the callers keep
-Megatron-LM's flag → argument mapping (``megatron_dpsl.train.model``, ``megatron_lm.pretrain_gpt``).
+Megatron-LM's
+flag → argument mapping (``megatron_dpsl.train.model``, ``megatron_lm.pretrain_gpt``).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ def gpt_layer_spec(
     Args:
         config: ``DPSLTransformerConfig`` (MoE when ``num_moe_experts`` is set, dense otherwise).
         spec: ``"layer"``: one layer spec for every layer
-        (``get_gpt_layer_{local,with_transformer_engine}_spec``);
+            (``get_gpt_layer_{local,with_transformer_engine}_spec``);
             ``"decoder_block"``: per-layer specs (``get_gpt_decoder_block_spec``:
-            ``moe_layer_freq``, ``vp_stage``), what Megatron-LM's ``gpt_builder`` uses.
+            ``moe_layer_freq``,
+            ``vp_stage``), what Megatron-LM's ``gpt_builder`` uses.
         use_transformer_engine: Transformer Engine modules instead of Megatron-Core's local ones.
         **spec_kwargs: forwarded to Megatron's spec function (``normalization``, ``qk_l2_norm``,
-        ``vp_stage``...).
+            ``vp_stage``...).
     """
     if spec not in SPEC_CHOICES:
         raise ValueError(f"spec must be one of {list(SPEC_CHOICES)}, got {spec!r}")
@@ -60,8 +62,9 @@ def build_gpt_model(
     """``GPTModel(config, transformer_layer_spec=gpt_layer_spec(config, ...), **gpt_kwargs)``.
 
     ``spec``, ``use_transformer_engine`` and ``spec_kwargs`` choose the layer spec
-    (``gpt_layer_spec``); ``gpt_kwargs`` are ``GPTModel``'s (``vocab_size``,
-    ``max_sequence_length``, ``pre_process``, ...).
+    (``gpt_layer_spec``);
+    ``gpt_kwargs`` are ``GPTModel``'s (``vocab_size``, ``max_sequence_length``, ``pre_process``,
+    ...).
     """
     from megatron.core.models.gpt import GPTModel
 

@@ -58,8 +58,9 @@ def check_image_inputs(
     Args:
         input_ids: ``[b, s]`` text ids with one ``image_token_index`` per image.
         num_image_tiles: ``[num_images]`` tiles per image, or ``None`` (no images given).
-        num_tiles_given: ``images.shape[0]`` (tiles in the batch), or ``None`` when ``images`` is
-        None. image_token_index: the id standing for an image.
+        num_tiles_given: ``images.shape[0]`` (tiles in the batch), or ``None`` when ``images``
+            is None.
+        image_token_index: the id standing for an image.
     """
     num_tokens = int((input_ids == image_token_index).sum())
     num_images = 0 if num_image_tiles is None else int(num_image_tiles.numel())
@@ -100,10 +101,10 @@ def llava_token_layout(
         image_token_index: the id standing for an image.
         max_sequence_length: the language model's length: longer rows are truncated.
         pad_to_max_length: pad to ``max_sequence_length`` (``LLaVAModel`` does under pipeline
-        parallelism). shard_factor: pad the length to a multiple of this (megatron-core 0.19's SP/CP
-        padding:
-            ``tp`` with SP, ``2·cp`` with CP, ``2·tp·cp`` with both; 0.16 asserts the length already
-            is).
+            parallelism).
+        shard_factor: pad the length to a multiple of this (megatron-core 0.19's SP/CP padding:
+            ``tp`` with SP, ``2·cp`` with CP, ``2·tp·cp`` with both; 0.16 asserts the length
+            already is).
     """
     image_mask = input_ids == image_token_index  # [b, s]
     lens = image_mask.long()

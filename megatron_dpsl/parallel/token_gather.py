@@ -179,14 +179,14 @@ class TokenGather:
     replicas' micro-batches; ``"global_batch"`` gathers over TP×DP×CP. Every rank of a gather group
     holds the same number of tokens (Megatron's micro-batches have a fixed shape and SP/CP split
     them evenly), so the plans need no size exchange; the EP replica layout is exchanged once, on
-    the first call (topology is static). Afterwards a call costs the data all-gathers and no host
-    sync.
+    the
+    first call (topology is static). Afterwards a call costs the data all-gathers and no host sync.
 
     Args:
         mode: ``"micro_batch"`` or ``"global_batch"`` (``DPSLTransformerConfig.moe_dpsl_gather``).
         tp_cp_group, tp_dp_cp_group: Megatron's groups (``pg_collection.tp_cp`` / ``.tp_dp_cp``).
         ep_group, expt_tp_group: expert-parallel and expert-tensor-parallel groups (``None``: size
-        1).
+            1).
     """
 
     def __init__(

@@ -49,10 +49,11 @@ def attach_aux_loss(
     Args:
         module: the router or MoE layer (``config``, ``layer_number``, optional ``is_mtp_layer``).
         activation: a tensor on the forward path (``probs`` or the layer output), returned
-        unchanged. loss: 0-dim coefficient-scaled loss, normalised per token (what is logged).
+            unchanged.
+        loss: 0-dim coefficient-scaled loss, normalised per token (what is logged).
         name: tracker name of the loss.
         valid_tokens: with ``calculate_per_token_loss``, this replica's valid-token count the loss
-        is
+            is
             multiplied by (a number or 0-dim tensor); ignored otherwise.
         logs: further values to log with the same groups (e.g. diagnostics), or None.
         reduce_group, avg_group: Megatron's tracker groups: ranks whose values add up to the

@@ -40,8 +40,9 @@ class DPSLRouter(TopKRouter):
 
     Args:
         config: ``DPSLTransformerConfig`` (DPSL on when ``moe_router_load_balancing_type`` names
-        "dpsl"). pg_collection: Megatron's process groups (``tp``, ``cp``, ``tp_cp``, ``tp_dp_cp``,
-        ``ep``, ``expt_tp``).
+            "dpsl").
+        pg_collection: Megatron's process groups (``tp``, ``cp``, ``tp_cp``, ``tp_dp_cp``, ``ep``,
+            ``expt_tp``).
         **kwargs: forwarded to ``TopKRouter`` (newer Megatron passes e.g. ``is_mtp_layer``).
     """
 

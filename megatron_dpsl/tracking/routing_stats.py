@@ -107,7 +107,8 @@ class RoutingStats:
         """Every rank's records, concatenated on rank 0 (None elsewhere). Collective over the world.
 
         Ranks whose tokens duplicate another rank's (tensor-parallel peers without sequence
-        parallelism) are left out, so each token counts once.
+        parallelism)
+        are left out, so each token counts once.
         """
         from megatron.core import parallel_state
 
@@ -169,9 +170,10 @@ def summarize(
     """Per-layer metrics and a probability sample for the histograms (rank 0, plain tensors).
 
     ``alpha``: the prior the distance is measured to (``[E]`` or ``[G, E]``; group priors need group
-    ids). Returns ``{"layers": [{"cov", "entropy", "prior_distance" [E], "mean_prior_distance",
-    "load" [E], "group_usage" [G, E], "probs_sample" [n, E], "group_ids_sample" [n]}], plus layer
-    means}``.
+        ids).
+    Returns ``{"layers": [{"cov", "entropy", "prior_distance" [E], "mean_prior_distance", "load"
+    [E],
+    "group_usage" [G, E], "probs_sample" [n, E], "group_ids_sample" [n]}], plus layer means}``.
     """
     from megatron_dpsl import metrics
 

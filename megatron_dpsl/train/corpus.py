@@ -4,14 +4,15 @@ Group 0 ("code"): Python standard-library sources (``sysconfig.get_paths()["stdl
 Group 1 ("prose"): English licence / copyright / documentation text: Debian's
 ``/usr/share/common-licenses/*`` and ``/usr/share/doc/*/copyright``, Python's ``LICENSE.txt``, the
 licence files of installed packages (``site-packages/*.dist-info``); topped up, where those are
-scarce (e.g. a non-Debian machine), with the docstrings of standard-library modules
+scarce
+(e.g. a non-Debian machine), with the docstrings of standard-library modules
 (``ast.get_docstring``).
 
 Every byte is one token (vocabulary 256, ``0`` separates documents, NUL never occurs in text) and
 carries its document's group id, so the router can be shaped by a per-modality prior. The sample is
 deterministic for a given machine and ``seed``: paths are sorted, shuffled with
-``random.Random(seed)``, split into train/valid by document, and taken until each group's byte
-budget is met.
+    ``random.Random(seed)``,
+split into train/valid by document, and taken until each group's byte budget is met.
 
 On disk (``build_corpus(out_dir)``): ``{train,valid}_tokens.bin`` and ``{train,valid}_groups.bin``
 (uint8, same length) and ``meta.json`` (sources, byte counts, group names).

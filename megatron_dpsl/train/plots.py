@@ -36,7 +36,8 @@ def plot_histograms(
     runs: Sequence[dict], path: str, group_names: Sequence[str], layer: int = -1
 ) -> None:
     """Paper Fig. 7: per-expert histograms of routing probabilities (final validation, one MoE
-    layer) against the Beta(α_k, A − α_k) pdf of each run's prior (per group for group priors)."""
+    layer)
+    against the Beta(α_k, A − α_k) pdf of each run's prior (per group for group priors)."""
     plt = _plt()
     num_experts = runs[0]["prior"].shape[-1]
     fig, axes = plt.subplots(

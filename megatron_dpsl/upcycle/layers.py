@@ -56,7 +56,8 @@ def _generator(seed: int, *stream: int) -> torch.Generator:
 
 def layer_parts(plan: LayerPlan) -> list:
     """The write units of one layer: ``"base"`` (everything but the routed experts), then each
-    expert index. Materialising one part at a time keeps one expert, not E, in memory."""
+    expert
+    index. Materialising one part at a time keeps one expert, not E, in memory."""
     return ["base", *range(plan.num_experts)] if plan.moe else ["base"]
 
 

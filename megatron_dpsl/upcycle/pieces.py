@@ -15,10 +15,11 @@ class Piece:
     it.
 
     ``key`` is the sharded key on disk (e.g.
-    ``decoder.layers.mlp.experts.experts.linear_fc1.weight``). ``data`` is the tensor without the
-    prepended axes (or a ``ShardedObject`` payload). ``prepend`` lists ``(index, count)`` for each
-    leading global axis the chunk is one slot of: ``((layer, num_layers), (expert, num_experts))``
-    gives global shape ``[num_layers, num_experts, *data.shape]``.
+    ``decoder.layers.mlp.experts.experts.linear_fc1.weight``).
+    ``data`` is the tensor without the prepended axes (or a ``ShardedObject`` payload).
+    ``prepend`` lists ``(index, count)`` for each leading global axis the chunk is one slot of:
+    ``((layer, num_layers), (expert, num_experts))`` gives global shape
+    ``[num_layers, num_experts, *data.shape]``.
     For objects, ``obj_shape``/``obj_offset`` add trailing object-grid axes (usually empty).
     """
 

@@ -94,8 +94,8 @@ def init_router(
 
     ``virtual-group``: ``E/G`` rows drawn from N(0, std^2), each repeated G times (consecutive), so
     the G experts of one dense copy always tie and top-k with k a multiple of G selects whole
-    copies. ``normal``: every row drawn independently. ``zeros``: all logits equal (uniform
-    probabilities).
+    copies.
+    ``normal``: every row drawn independently. ``zeros``: all logits equal (uniform probabilities).
     """
     if init == "virtual-group":
         rows = torch.randn(num_experts // granularity, hidden_size, generator=generator) * std

@@ -47,7 +47,8 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def torchrun(worker: str, *args: str, nproc: int, timeout: float) -> subprocess.CompletedProcess:
     """``torch.distributed.run --nproc-per-node nproc tests/support/workers/<worker> args`` on a
-    free port, from the repository root with ``child_env()``; output captured."""
+    free port, from
+    the repository root with ``child_env()``; output captured."""
     cmd = [
         sys.executable,
         "-m",
@@ -66,7 +67,8 @@ def torchrun(worker: str, *args: str, nproc: int, timeout: float) -> subprocess.
 
 def records_per_world(tmp_path_factory, worker: str):
     """``launch(world)`` -> ``{layout name: record}``: one torchrun launch of an exactness worker
-    per world size (cached), which writes a JSON list of records (one per layout) to ``--out``."""
+    per
+    world size (cached), which writes a JSON list of records (one per layout) to ``--out``."""
     import json
 
     import pytest
@@ -96,7 +98,8 @@ def reset_moe_tracker() -> None:
     """Forget every MoE metric recorded so far.
 
     megatron-core 0.16 keeps them in a dict; 0.19 in a ``MoEMetricsTracker``, whose ``clear()``
-    zeroes the values but keeps the names (and whose legacy dict view is a copy), so it is replaced
+    zeroes
+    the values but keeps the names (and whose legacy dict view is a copy), so it is replaced
     instead.
     """
     try:
@@ -133,7 +136,8 @@ def pg():
 
 def build_mlp(mlp_spec, config, **kwargs):
     """Build a layer spec's ``mlp`` the way the installed Megatron's ``TransformerLayer`` does: 0.16
-    holds a ``ModuleSpec`` (``build_module``), 0.19 a ``functools.partial`` that is called."""
+    holds a
+    ``ModuleSpec`` (``build_module``), 0.19 a ``functools.partial`` that is called."""
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
     if isinstance(mlp_spec, ModuleSpec):

@@ -192,8 +192,8 @@ def clear_tracker() -> None:
 def reference_dpsl(layer, hidden_states: torch.Tensor) -> torch.Tensor:
     """λ · Eq. 4 recomputed outside the router, as the router logs it (``dpsl_loss`` = λ·DPSL, see
     megatron_dpsl/routing/router.py): fp32 softmax over all experts of the logits, which are
-    computed here in float64 from the same bf16 input and weight (the router: bf16 x bf16 -> fp32
-    GEMM)."""
+        computed here
+    in float64 from the same bf16 input and weight (the router: bf16 x bf16 -> fp32 GEMM)."""
     from megatron_dpsl import dpsl_loss
 
     cfg = layer.config

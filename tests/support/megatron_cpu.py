@@ -2,9 +2,11 @@
 
 megatron-core 0.16.1 calls ``torch.cuda.current_device()`` for buffers and in ``Router.gating``,
 ``torch.cuda.synchronize()`` in a few places, forks the CUDA RNG tracker in dropout regions and
-saves the CUDA RNG state for activation recompute; 0.19's DDP also asks for
-``torch.cuda.current_stream()``. On a CPU-only machine these raise, so tests (and torchrun workers
-launched by tests) call :func:`install` before building Megatron modules.
+saves
+the CUDA RNG state for activation recompute; 0.19's DDP also asks for
+``torch.cuda.current_stream()``.
+On a CPU-only machine these raise, so tests (and torchrun workers launched by tests) call
+:func:`install` before building Megatron modules.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def install() -> None:
 
 class _HostStream:
     """Stands in for ``torch.cuda.Stream`` (a class, so annotations like ``torch.cuda.Stream |
-    None`` elsewhere keep working) and its events on CPU, where every copy is already
-    synchronous."""
+    None``
+    elsewhere keep working) and its events on CPU, where every copy is already synchronous."""
 
     def __init__(self, *args, **kwargs) -> None:
         pass
@@ -80,11 +82,13 @@ def _patch(changes):
 
 def install_alltoall_shims():
     """Let ``MoEAlltoAllTokenDispatcher`` run on CPU; returns a function that undoes it (call it
-    when done: other libraries read ``torch.cuda.Stream``). The dispatcher makes a
-    ``torch.cuda.Stream`` when built and moves split sizes to the host on it; on CPU the sizes
-    already are host tensors, so the stream, ``torch.cuda.stream(...)`` and ``current_stream()``
-    become no-ops, and the sizes become NumPy arrays as the CUDA path makes them (what
-    ``all_to_all_single`` takes)."""
+    when done:
+    other libraries read ``torch.cuda.Stream``). The dispatcher makes a ``torch.cuda.Stream`` when
+    built
+    and moves split sizes to the host on it; on CPU the sizes already are host tensors, so the
+    stream,
+    ``torch.cuda.stream(...)`` and ``current_stream()`` become no-ops, and the sizes become NumPy
+    arrays as the CUDA path makes them (what ``all_to_all_single`` takes)."""
     install()
     if torch.cuda.is_available():
         return lambda: None
@@ -118,7 +122,8 @@ def install_alltoall_shims():
 
 def install_recompute_shims():
     """Let Megatron's activation recompute (``tensor_parallel.checkpoint``) run on CPU; returns the
-    undo. It saves and restores the CUDA RNG state; on CPU there is none (the CPU state is still
+    undo.
+    It saves and restores the CUDA RNG state; on CPU there is none (the CPU state is still
     restored)."""
     install()
     if torch.cuda.is_available():

@@ -92,7 +92,8 @@ def snapshots() -> dict:
 
 def source_or_skip(tag: str) -> str | None:
     """Where ``tag``'s tree comes from: the git dir (returned), else the committed snapshot (None),
-    else pytest.skip saying what to set."""
+    else
+    pytest.skip saying what to set."""
     import pytest
 
     value = git_dir()
@@ -144,13 +145,16 @@ def export_tree(
     snapshot: bool = False,
 ) -> Path:
     """Write ``paths`` of Megatron-LM at ``tag`` under ``out``; returns ``out``. From ``git_dir_``
-    or ``$MEGATRON_LM_GIT_DIR`` (``git archive | tar -x``), else (or with ``snapshot``) from the
-    committed snapshot (module docstring: without ``megatron/core``, which then comes from the
-    installed wheel).
+    or
+    ``$MEGATRON_LM_GIT_DIR`` (``git archive | tar -x``), else (or with ``snapshot``) from the
+    committed
+    snapshot (module docstring: without ``megatron/core``, which then comes from the installed
+        wheel).
 
     Paths the tag lacks are skipped (core_v0.19.0 has no ``megatron/legacy``). A finished export
-    leaves ``out/.megatron-lm-export`` naming the source; a second call with the same tag and paths
-    reuses it.
+    leaves
+    ``out/.megatron-lm-export`` naming the source; a second call with the same tag and paths reuses
+    it.
     """
     git_dir_ = None if snapshot else git_dir_ or git_dir()
     if git_dir_ is None:
@@ -213,8 +217,8 @@ def _extract_snapshot(tag: str, entry: dict, out: Path, paths: tuple[str, ...]) 
 
 def write_snapshot(tag: str, git_dir_: str | None = None) -> dict:
     """Rewrite ``tests/fixtures/megatron_lm/<tag>.tar.xz`` from the git dir (deterministic: ``git
-    archive`` sets every mtime to the commit's) and its entry in ``snapshots.json``; returns the
-    entry."""
+    archive``
+    sets every mtime to the commit's) and its entry in ``snapshots.json``; returns the entry."""
     git_dir_ = git_dir_ or git_dir()
     if git_dir_ is None:
         raise RuntimeError(f"set ${GIT_DIR_ENV} to a Megatron-LM git directory")

@@ -252,7 +252,7 @@ def train_steps(model, tokens, steps=4, lr=3e-3, grad_hook=None, loss_hook=None)
 def write_tiny_hf_llama(path, *, layers=2, hidden=32, ffn=64, heads=4, groups=2, vocab=96, seed=0):
     """A random Llama checkpoint in the HF layout (config.json + model.safetensors), written with
     safetensors alone: a source for tests that need a conversion but not the transformers
-    package."""
+        package."""
     import json
 
     from safetensors.torch import save_file

@@ -1,5 +1,6 @@
 """The Adaptive Clustering router's config fields and ``--moe-ac-*`` flags: values, defaults, errors
-naming the field (config) or the flag (command line)."""
+naming
+the field (config) or the flag (command line)."""
 
 from __future__ import annotations
 

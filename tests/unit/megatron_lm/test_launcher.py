@@ -2,11 +2,12 @@
 
 For the Megatron-LM tag of the installed megatron-core (core_v0.16.1 with 0.16.1, core_v0.19.0 with
 0.19.2: the second CI leg), an exported tree runs in a child interpreter
-(tests/support/megatron_lm_chain.py, which names the replaced CUDA-only leaves): ``main()`` ->
-``maybe_wrap_for_inprocess_restart`` (parse without our provider) -> [0.19:
-``parse_and_validate_args``, ``gpt_config_from_args``, the config container] -> ``pretrain`` ->
-``ft_integration.setup`` (parse without our provider) -> ``initialize_megatron`` (parse,
-``validate_args``, ``set_global_variables``: tokenizer, TensorBoard)
+    (tests/support/megatron_lm_chain.py,
+which names the replaced CUDA-only leaves): ``main()`` -> ``maybe_wrap_for_inprocess_restart``
+    (parse
+without our provider) -> [0.19: ``parse_and_validate_args``, ``gpt_config_from_args``, the config
+container] -> ``pretrain`` -> ``ft_integration.setup`` (parse without our provider) ->
+``initialize_megatron`` (parse, ``validate_args``, ``set_global_variables``: tokenizer, TensorBoard)
 -> ``_initialize_distributed`` -> ``init_process_group`` (NCCL: the boundary).
 
 Before the parser hook (``registration.py``) the launcher died in the first parse with
@@ -80,7 +81,8 @@ def test_unpatched_launcher_runs_the_readme_command_to_the_cuda_boundary(
 
 def test_megatron_core_is_the_trees_or_the_installed_wheels(megatron_lm_reports, megatron_lm_trees):
     """A git-dir tree runs its own megatron/core; a snapshot tree (CI) the installed wheel's, the
-    replaced leaf megatron_lm_tree.py names."""
+    replaced
+    leaf megatron_lm_tree.py names."""
     import importlib.util
     import os
 
@@ -161,9 +163,9 @@ def test_every_gpu_story_stage_reaches_the_cuda_boundary(
 
 def test_story_upcycle_stage_rehearsed_loads_into_the_dpsl_moe_model(megatron_lm_reports):
     """The story's dense -> upcycle -> moe_dpsl checkpoint path with its own argv
-    (megatron_lm_chain. rehearse_upcycle): the dense checkpoint as the tag's Megatron-Core writes
-    it, the upcycler CLI, then Megatron-LM's check_checkpoint_args and a strict load of the DPSL MoE
-    model."""
+    (megatron_lm_chain.
+    rehearse_upcycle): the dense checkpoint as the tag's Megatron-Core writes it, the upcycler CLI,
+    then Megatron-LM's check_checkpoint_args and a strict load of the DPSL MoE model."""
     report = megatron_lm_reports["unpatched"]["rehearse_upcycle"]
     assert "error" not in report, report.get("error")
     assert report["upcycle_rc"] == 0 and report["tracker"] == "release"

@@ -2,8 +2,9 @@
 
 The reference runs every (token, expert) pair through a copy of the layer's experts one token at a
 time, with a stock TopKRouter: no dispatcher, no permutation, nothing shared with the code under
-test. CPU shims for Megatron's CUDA-only calls (and the alltoall dispatcher's stream):
-tests/megatron_cpu.py.
+    test.
+CPU shims for Megatron's CUDA-only calls (and the alltoall dispatcher's stream):
+    tests/megatron_cpu.py.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ Megatron-LM compares a checkpoint's ``args`` with the run's flags on every ``--l
 those functions of the Megatron-LM tag that matches the installed megatron-core (core_v0.16.1
 with 0.16, core_v0.19.0 with 0.19; CI runs a leg for each), exported from ``$MEGATRON_LM_GIT_DIR``
 or from the committed snapshot (``megatron_lm_tree.py``), against namespaces that the tag's own
-``parse_args`` + ``validate_args`` make from a Llama-style MoE command line (the flags of
-Megatron-LM's Mixtral example: ``--position-embedding-type rope --no-position-embedding
---normalization RMSNorm --swiglu
+``parse_args`` + ``validate_args`` make
+from a Llama-style MoE command line (the flags of Megatron-LM's Mixtral example:
+``--position-embedding-type rope --no-position-embedding --normalization RMSNorm --swiglu
 --untie-embeddings-and-output-weights --disable-bias-linear --group-query-attention ...``), for
 four conversions: Hugging Face Llama (untied, GQA), Hugging Face Qwen2 (tied, q/k/v bias), a
 ``torch_dist`` checkpoint saved with args from Megatron-LM's own parser, and a ``torch_dist``
@@ -201,7 +201,8 @@ def _tiny_hf(kind: str, path: Path) -> None:
 
 def fields_read_by(source: str, function: str, reader: str) -> set[str]:
     """The field names ``function`` of checkpointing.py passes to its helper ``reader``
-    (``_compare`` or ``_set_arg``), read from the tag's source with ``ast``."""
+    (``_compare``
+    or ``_set_arg``), read from the tag's source with ``ast``."""
     tree = ast.parse(source)
     fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
     names = set()
@@ -272,7 +273,8 @@ def test_use_checkpoint_args_rebuilds_the_model_flags(report, case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_field_megatron_lm_reads_is_written(report, case):
     """Each name that check_checkpoint_args and load_args_from_checkpoint of the tag read (taken
-    from its source, every branch) is in the output's args: no AttributeError, no silent default."""
+    from
+    its source, every branch) is in the output's args: no AttributeError, no silent default."""
     source = report["checkpointing_py"]
     compared = fields_read_by(source, "check_checkpoint_args", "_compare")
     copied = fields_read_by(source, "load_args_from_checkpoint", "_set_arg")
@@ -337,7 +339,8 @@ def test_written_values_for_rope_models(report):
 
 def test_complete_args_reads_what_the_shapes_decide():
     """A GPT-2-like source (learned positions, LayerNorm, biases, tied, GELU) whose args give only
-    the head count: the rest comes from the tensors; present values are kept, nothing is guessed."""
+    the
+    head count: the rest comes from the tensors; present values are kept, nothing is guessed."""
     import argparse
 
     from megatron_dpsl.upcycle.megatron_args import complete_args

@@ -1,5 +1,6 @@
 """AC feature weights (megatron_dpsl.routing.ac.clustering) against plain float64 loops, the
-official code's formula, and the split into two reducible passes. torch only (no Megatron)."""
+official code's
+formula, and the split into two reducible passes. torch only (no Megatron)."""
 
 from __future__ import annotations
 
