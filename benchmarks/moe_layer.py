@@ -5,15 +5,13 @@ the same run (interleaved rounds, median):
 
   topk_none        TopKRouter, no balancing loss (what routing alone costs)
   topk_aux         TopKRouter + Megatron's aux loss (moe_router_load_balancing_type="aux_loss"): the
-  baseline
-  dpsl             megatron_dpsl.DPSLRouter, DPSL only (device-native Beta CDF)
+  baseline dpsl             megatron_dpsl.DPSLRouter, DPSL only (device-native Beta CDF)
   dpsl_scipy_host  TopKRouter + DPSL computed the paper's way: probabilities copied to the host,
-  sorted,
-                   SciPy ``betainc`` for the loss and the Beta pdf for the backward, copied back
+                   sorted, SciPy ``betainc`` for the loss and the Beta pdf for the backward, copied
+                   back
 
 Printed: ms/step for each, DPSL overhead vs topk_aux (goal on the GPU at paper scale: <= 1 %), the
-    host
-baseline's overhead and peak memory.
+host baseline's overhead and peak memory.
 
 GPU, paper scale (Llama-3.2-1B upcycled 8-in-16: hidden 2048, 16 experts of ffn 2048, top-8, SwiGLU;
 seq 4,608 x micro-batch 16 = 73,728 tokens; Transformer Engine grouped GEMM when TE imports):

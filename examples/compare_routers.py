@@ -7,10 +7,8 @@ MoE (CPU).
 The stages are the quickstart's (``megatron_dpsl.train.quickstart``, one torchrun launch with 2
 ranks):
 the two-modality byte corpus (Python code vs English prose), the dense GPT, its upcycling to 8
-experts
-(G=2, top-4, exact scaling), then one MoE run per method below, each from the same upcycled
-checkpoint
-with the same seed, data order, steps and optimizer (EP=2). Only the router flags differ:
+experts (G=2, top-4, exact scaling), then one MoE run per method below, each from the same upcycled
+checkpoint with the same seed, data order, steps and optimizer (EP=2). Only the router flags differ:
 
 =====================
 ===================================================================================
@@ -18,32 +16,25 @@ run                    flags (each method's documented default coefficient; noth
 =====================
 ===================================================================================
 aux_loss               Megatron's load-balancing loss, 1e-2 (Megatron-LM's recommended starting
-value)
-z_loss                 aux_loss 1e-2 + z-loss 1e-3 (Megatron-LM's recommended value, ST-MoE's c_z)
-expert_bias            aux-loss-free balancing: no loss, sigmoid scores (Megatron requires them),
-    expert
-                       bias updated by Megatron's finalize_model_grads at rate 1e-3 (Megatron's
-                       default)
-dpsl_symmetric         DPSL alone, λ 0.01 (the paper's and the config's default), α = 1 (config
-default)
+value) z_loss                 aux_loss 1e-2 + z-loss 1e-3 (Megatron-LM's recommended value, ST-MoE's
+c_z) expert_bias            aux-loss-free balancing: no loss, sigmoid scores (Megatron requires
+                       them), expert bias updated by Megatron's finalize_model_grads at rate 1e-3
+(Megatron's default) dpsl_symmetric         DPSL alone, λ 0.01 (the paper's and the config's
+default), α = 1 (config default)
 dpsl_modality          DPSL alone, λ 0.01, the paper's modality priors α_b 0.75, α_s 0.5 (Sec. 3.4)
 variance_orthogonality Guo et al.'s recipe: aux_loss 1e-3, variance 1e-3, orthogonality 1e-4 (the
-    official
-                       code's config), paper forms
+                       official code's config), paper forms
 ac                     AC router on the MoE layers after the first (the paper keeps the first
-standard),
-                       official LM defaults (eps 1e-4, clip 10, feature norm), with aux_loss 1e-2
-ac_dpsl                AC router (as ``ac``) with DPSL symmetric (as ``dpsl_symmetric``) instead of
-aux_loss
+                       standard), official LM defaults (eps 1e-4, clip 10, feature norm), with
+aux_loss 1e-2 ac_dpsl                AC router (as ``ac``) with DPSL symmetric (as
+``dpsl_symmetric``) instead of aux_loss
 =====================
 ===================================================================================
 
 Writes to ``--out``: ``table.md`` and ``summary.json`` (the table, wall and CPU time, each run's
-    flags),
-``compare_usage.png`` (per-run expert usage by modality), ``compare_curves.png`` (validation loss,
-CoV,
-entropy, distance to prior vs iteration) and TensorBoard logs under ``runs/``. docs/comparison.md
-has the
+flags), ``compare_usage.png`` (per-run expert usage by modality), ``compare_curves.png`` (validation
+loss, CoV, entropy, distance to prior vs iteration) and TensorBoard logs under ``runs/``.
+docs/comparison.md has the
 measured table. A short CPU run on a byte corpus says nothing about downstream accuracy.
 """
 

@@ -2,20 +2,19 @@
 
 One definition of every command line: ``scripts/run_gpu_tests.sh`` runs the stages on the GPU
 (``run``), and ``tests/unit/megatron_lm/test_launcher.py`` runs the Megatron-LM stages' exact argv
-on CPU
-through the real call chain up to the first CUDA-only call (``stages()``), so the two cannot drift.
+on CPU through the real call chain up to the first CUDA-only call (``stages()``), so the two cannot
+drift.
 
-    python scripts/megatron_lm_story.py run --tag core_v0.19.0 --tree .gpu_carry/trees/core_v0.19.0
-    \\
-        --work /tmp/story --out $OUT                   # on the GPU (run_gpu_tests.sh does this)
-    python scripts/megatron_lm_story.py show --tag core_v0.19.0 --work /tmp/story   # print the
-    commands
+    # on the GPU (run_gpu_tests.sh does this)
+    python scripts/megatron_lm_story.py run --tag core_v0.19.0 \\
+        --tree .gpu_carry/trees/core_v0.19.0 --work /tmp/story --out $OUT
+    # print the commands
+    python scripts/megatron_lm_story.py show --tag core_v0.19.0 --work /tmp/story
 
 Stages (each a fresh ``torchrun --nproc-per-node 1`` or ``python -m`` process):
 
     dense_patched   Megatron-LM's own pretrain_gpt.py on the patched tree: tiny Llama-style dense
-        GPT,
-                    --mock-data, iterations 0 -> 4, save
+                    GPT, --mock-data, iterations 0 -> 4, save
     dense_launcher  the launcher on the unpatched tree: resumes that checkpoint, 4 -> 8, save
     upcycle         python -m megatron_dpsl.upcycle: dense -> 8 experts (G=2, top-4, exact scaling)
     moe_dpsl        the launcher, unpatched tree: loads the upcycled release checkpoint, trains with
@@ -25,9 +24,8 @@ Stages (each a fresh ``torchrun --nproc-per-node 1`` or ``python -m`` process):
                     modality priors (--moe-dpsl-num-groups 2) on a two-dataset blend, 8 -> 12
 
 Each stage has a time limit; ``run`` writes ``story_<tag>.md`` (pass/fail, seconds, what was
-checked)
-to ``--out`` and one log per stage to ``--out``/story/. Stages after a failed one are skipped (they
-need its checkpoint).
+checked) to ``--out`` and one log per stage to ``--out``/story/. Stages after a failed one are
+skipped (they need its checkpoint).
 """
 
 from __future__ import annotations

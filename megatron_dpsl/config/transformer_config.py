@@ -7,19 +7,16 @@ type in ``moe_aux_loss_coeff`` as Megatron requires). λ is ``moe_dpsl_coeff``; 
 ``moe_dpsl_coeff=None`` takes λ from the slot (0.01 when the slot is 0): that is how Megatron-LM's
 ``--moe-aux-loss-coeff 1e-3 0.02`` sets λ = 0.02 without ``--moe-dpsl-coeff``. Megatron's own
 validation runs with the plugin's types hidden, so e.g. the capacity-factor check sees only the
-stock
-types; the fields keep the values the user wrote.
+stock types; the fields keep the values the user wrote.
 
 The variance and orthogonality losses of Guo et al. ride the same list: ``"variance"`` and
 ``"orthogonality"``, each with its coefficient in its ``moe_aux_loss_coeff`` slot (Megatron's way;
-no
-extra coefficient field) and a ``moe_*_loss_form`` field (docs/regularizers.md).
+no extra coefficient field) and a ``moe_*_loss_form`` field (docs/regularizers.md).
 
 ``__post_init__`` is the one place that decides what is valid (with ``priors`` for α); its errors
 name the field, and ``megatron_dpsl.megatron_lm.args`` rewrites field names as flags. The field
-names
-follow Megatron's ``moe_*`` naming so that Megatron-LM's argument→config copy by field name fills
-them.
+names follow Megatron's ``moe_*`` naming so that Megatron-LM's argument→config copy by field name
+fills them.
 """
 
 from __future__ import annotations
@@ -102,11 +99,11 @@ class DPSLTransformerConfig(TransformerConfig):
 
     moe_dpsl_gather: str = "micro_batch"
     """Which tokens one DPSL term covers. ``"micro_batch"``: every token of the micro-batch the
-    layer
-    sees, all-gathered over the TP (sequence-parallel), CP and EP ranks that hold different tokens
-    (one loss per data-parallel replica; DDP averages them like the LM loss). ``"global_batch"``:
-    additionally over the data-parallel ranks (one loss over the whole global micro-batch, closest
-    to the paper's B). See docs/parallelism.md for B and the gradient under each option."""
+    layer sees, all-gathered over the TP (sequence-parallel), CP and EP ranks that hold different
+    tokens (one loss per data-parallel replica; DDP averages them like the LM loss).
+    ``"global_batch"``: additionally over the data-parallel ranks (one loss over the whole global
+    micro-batch, closest to the paper's B). See docs/parallelism.md for B and the gradient under
+    each option."""
 
     moe_dpsl_log_interval: int = 100
     """Log the DPSL diagnostics (expert-load CoV, routing entropy, distance to the prior) to
@@ -115,11 +112,9 @@ class DPSLTransformerConfig(TransformerConfig):
     # ---- Adaptive Clustering (AC) router (megatron_dpsl.routing.ac.router, docs/ac_router.md) ----
     moe_ac_layers: list[int] | None = None
     """Layer numbers (1-based, over the whole model, Megatron's ``layer_number``) of the MoE layers
-    whose
-    router scores tokens with Adaptive Clustering (Nielsen et al., ICLR 2025): each token's features
-        are
-    reweighted by the tightness of the cluster the previous MoE layer put it in. Each must be an MoE
-    layer
+    whose router scores tokens with Adaptive Clustering (Nielsen et al., ICLR 2025): each token's
+    features are reweighted by the tightness of the cluster the previous MoE layer put it in. Each
+    must be an MoE layer
     (``moe_layer_freq``) with an earlier MoE layer; the paper keeps the first MoE layers standard.
     ``None``
     or empty: off. With it set, the specs put ``ACRouter`` into every MoE layer."""
@@ -143,8 +138,7 @@ class DPSLTransformerConfig(TransformerConfig):
     ``"paper"``:
     Eq. 7, minus each expert's variance of the post-top-k ``probs`` across the batch's tokens (the
     tokens ``moe_dpsl_gather`` names), averaged over experts. ``"reference_code"``: the official
-    code,
-    minus the per-token variance of the full softmax across experts. The coefficient is the
+    code, minus the per-token variance of the full softmax across experts. The coefficient is the
     ``moe_aux_loss_coeff`` entry at "variance"'s position."""
 
     moe_orthogonality_loss_form: str = "paper"

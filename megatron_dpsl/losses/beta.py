@@ -1,54 +1,43 @@
 """Regularized incomplete beta function I_x(a, b) on the device, with its exact derivative.
 
 Two evaluators, both plain torch (no SciPy, no host round trip, no data-dependent Python control
-flow in
-the evaluation itself). Accuracy figures and the grid they are measured on: docs/loss.md,
+flow in the evaluation itself). Accuracy figures and the grid they are measured on: docs/loss.md,
     tests/unit/losses/test_beta.py.
 
 * ``beta_cdf(x, a, b)`` / ``betainc_f64``: the exact path for arbitrary broadcast (x, a, b).
-  Continued
-  fraction (modified Lentz) with the symmetry swap at ``x > (a + 1) / (a + b + 2)``, float64, a
-  fixed
-  48 iterations (CUDA-graph friendly): 3.5e-11 max abs error vs SciPy. ~700 float64 ops per element,
-      i.e.
+  Continued fraction (modified Lentz) with the symmetry swap at ``x > (a + 1) / (a + b + 2)``,
+  float64, a fixed 48 iterations (CUDA-graph friendly): 3.5e-11 max abs error vs SciPy. ~700 float64
+      ops per element, i.e.
   seconds for the 1.2M values of one B = 73,728, N = 16 loss on a CPU core: too slow for the loss.
 
 * ``BetaCDFTable``: the loss's fast path. In Eq. 4 every (group, expert) row has ONE (a, b) =
   (alpha_k, A - alpha_k) and ~B points, so I_x(a, b) is tabulated once per alpha in logit space
   u = log(x / (1 - x)) on a per-row uniform grid and evaluated by cubic Hermite interpolation whose
-  node
-  values AND node derivatives dF/du = pdf(x) x (1 - x) come from the exact continued fraction /
+  node values AND node derivatives dF/du = pdf(x) x (1 - x) come from the exact continued fraction /
   log-pdf.
   In u the CDF is smooth even where the pdf is infinite (a or b < 1), so one grid design resolves
-  every
-  shape. Beyond the grid the analytic tails take over:
+  every shape. Beyond the grid the analytic tails take over:
       I_x(a, b)     = x^a (1-x)^b / (a B(a,b)) * (1 + q1 x + q1 q2 x^2 + ...),  q_n =
-      (a+b+n-1)/(a+n)
-      1 - I_x(a, b) = the same with (b, a, 1 - x),
+      (a+b+n-1)/(a+n) 1 - I_x(a, b) = the same with (b, a, 1 - x),
   truncated after three terms and used only where the truncation (~ (3e-4)^3 relative) or the CDF
-  itself
-  (< 1e-14) is negligible. Grid: spacing h = 0.012 * min(1, sd(logit X)) (sd = sqrt(psi1(a) +
-  psi1(b)),
-  the narrowest feature of F(u)) between the tail junctions; ~300-1700 nodes per row. Points are
-  located
-  by log(x / (1 - x) * k_c) relative to a node at the mode, small in the bulk, so float32 stays
-  accurate:
+  itself (< 1e-14) is negligible. Grid: spacing h = 0.012 * min(1, sd(logit X)) (sd = sqrt(psi1(a) +
+  psi1(b)), the narrowest feature of F(u)) between the tail junctions; ~300-1700 nodes per row.
+  Points are located by log(x / (1 - x) * k_c) relative to a node at the mode, small in the bulk, so
+  float32 stays accurate:
   max abs error 7.6e-11 (float64) / 2.5e-7 (float32) vs SciPy. The gradient is the derivative of the
   interpolant itself (and of the tail formulas): what is differentiated is exactly what is evaluated
   (gradcheck passes); it differs from the pdf by O(h^3) (2.2e-5 relative). ~25 float32 ops + 4
-  gathers per
-  element; a table costs ~0.1 s of CPU for 16 rows and is built once per alpha (``beta_cdf_table``
-  caches
+  gathers per element; a table costs ~0.1 s of CPU for 16 rows and is built once per alpha
+  (``beta_cdf_table`` caches
   tables keyed on the alpha values, dtype and device).
 
 Gradient at the endpoints: the pdf is infinite at x = 0 when a < 1 (at x = 1 when b < 1). Both
-    evaluators
-return d/dx = x^a (1-x)^b / (B(a, b) * max(x (1-x), tiny)), tiny = the smallest normal number of x's
-dtype:
+evaluators return d/dx = x^a (1-x)^b / (B(a, b) * max(x (1-x), tiny)), tiny = the smallest normal
+number of x's dtype:
 the exact pdf for every x with x (1-x) >= tiny, finite for every a, b > 0 (0 at exactly x = 0 and x
-= 1;
-below the pdf at subnormal x). Softmax probabilities reach 0 or 1 only by underflow, which passes no
-gradient anyway, so the choice never steers training. No gradient with respect to ``a`` and ``b``.
+= 1; below the pdf at subnormal x). Softmax probabilities reach 0 or 1 only by underflow, which
+passes no gradient anyway, so the choice never steers training. No gradient with respect to ``a``
+and ``b``.
 
 Domain: ``beta_cdf`` follows CDF semantics (x < 0 -> 0, x > 1 -> 1, NaN -> NaN; flat outside [0,
     1]).
@@ -168,8 +157,7 @@ def beta_cdf(x: torch.Tensor, a, b) -> torch.Tensor:
 
     Args:
         x: any shape, float32 / float64 / bfloat16 / float16, any device. Values outside [0, 1]
-            follow
-            CDF semantics (0 below, 1 above); NaN stays NaN.
+            follow CDF semantics (0 below, 1 above); NaN stays NaN.
         a, b: tensors or numbers > 0 broadcastable with ``x`` (no gradient).
 
     Returns:
@@ -303,9 +291,8 @@ class BetaCDFTable:
         [x_lo, x_hi] only.
 
         The interpolant alone with Python-scalar constants (the CPU loss path splits each sorted row
-        at the
-        junctions and sends the few points beyond them to ``evaluate``). Points slightly outside the
-        grid are
+        at the junctions and sends the few points beyond them to ``evaluate``). Points slightly
+        outside the grid are
         clamped to its ends. The derivative is multiplied by ``grad_scale`` (saves the caller a
         pass).
         """
@@ -321,8 +308,7 @@ class BetaCDFTable:
         overwritten).
 
         Returns (F, dF/dx or None): dF/dx = dp/dt * d_scale / (x (1 - x)) with ``xy`` = x (1 - x)
-            and
-        ``d_scale`` = 1/h (times a caller's factor), the exact derivative of F(u(x)).
+        and ``d_scale`` = 1/h (times a caller's factor), the exact derivative of F(u(x)).
         """
         cell = s.floor().clamp_(max=s_hi - 1.0)
         t = s.sub_(cell)
@@ -355,8 +341,7 @@ def beta_cdf_table(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, device)
     device.
 
     A bounded LRU (16 tables): rebuilt only when alpha changes. Pass ``a``/``b`` as CPU tensors to
-        avoid a
-    device-to-host copy per call; the table itself lives on ``device``.
+    avoid a device-to-host copy per call; the table itself lives on ``device``.
     """
     a = torch.as_tensor(a).detach().reshape(-1)
     b = torch.as_tensor(b).detach().reshape(-1)

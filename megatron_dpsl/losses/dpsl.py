@@ -265,21 +265,18 @@ def dpsl_loss(
 
     Args:
         probs: ``[num_tokens, num_experts]`` routing probabilities, any float dtype (computed in
-        float32,
-            float64 for float64 input). NaN, +-inf or values outside [0, 1] in non-padding rows make
-            the loss NaN (never silently dropped).
+            float32, float64 for float64 input). NaN, +-inf or values outside [0, 1] in non-padding
+            rows make the loss NaN (never silently dropped).
         alpha: the Dirichlet prior, all > 0 and finite, in the forms the config takes: a number
             or a one-element list/tensor (the symmetric prior), ``[num_experts]`` (one prior) or
             ``[num_groups, num_experts]`` (one prior per token group). A CPU tensor or a list
             avoids a device-to-host copy (the CDF table is cached per alpha).
         group_ids: ``[num_tokens]`` int in ``[0, num_groups)``, each token's group (required with a
-        2-D
-            ``alpha`` of more than one row).
+            2-D ``alpha`` of more than one row).
         padding_mask: ``[num_tokens]`` bool, True = padding (excluded, Megatron's convention).
         impl: ``"auto"`` (default; or ``$MEGATRON_DPSL_LOSS_IMPL``): the fused Triton kernels for
-        CUDA
-            float32/bf16/fp16 ``probs`` when Triton imports, the torch implementation otherwise;
-            ``"triton"`` or ``"torch"`` to force one (module docstring).
+            CUDA float32/bf16/fp16 ``probs`` when Triton imports, the torch implementation
+            otherwise; ``"triton"`` or ``"torch"`` to force one (module docstring).
 
     Returns:
         Scalar float32 (float64 for float64 ``probs``); with groups, the sum over groups of Eq. 4

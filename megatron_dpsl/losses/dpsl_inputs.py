@@ -152,10 +152,8 @@ def row_layout(probs, table, num_groups: int, group_ids, padding_mask) -> RowLay
     """Checked, merged group ids for ``table_for``'s validated arguments.
 
     Group ids are range-checked on the host for CPU tensors, by a device-side assert elsewhere (no
-    host
-    sync). With padding, padded tokens get group ``num_groups``; a single group without padding
-    returns
-    ``group_ids=None`` (the dense layout).
+    host sync). With padding, padded tokens get group ``num_groups``; a single group without padding
+    returns ``group_ids=None`` (the dense layout).
     """
     num_tokens = probs.shape[0]
     if group_ids is not None:

@@ -85,9 +85,8 @@ _TINY = torch.finfo(torch.float32).tiny  # the pdf's denominator floor
 
 def runs_on(device: torch.device) -> bool:
     """Whether the kernels can run on ``device``: CUDA (compiled), or the CPU under Triton's
-    interpreter
-    (TRITON_INTERPRET=1 set before Triton is imported, as tests/conftest.py does on CPU-only
-    machines)."""
+    interpreter (TRITON_INTERPRET=1 set before Triton is imported, as tests/conftest.py does on
+    CPU-only machines)."""
     if triton is None:
         return False
     if device.type == "cpu":
@@ -297,10 +296,9 @@ def _packed(table: BetaCDFTable):
 @functools.cache
 def _launch_shape(device: torch.device, num_experts: int, g1p: int):
     """(block, spans per expert row, warps). CUDA: ~4 programs per SM; 4 elements per thread without
-    groups,
-    2 x G1P one-hot entries with them (sm_90 builds: 76 / ~120 registers, no spills). CPU (the
-        interpreter,
-    i.e. tests): small blocks and 3 spans, so test-sized batches run the loops, prefixes and partial
+    groups, 2 x G1P one-hot entries with them (sm_90 builds: 76 / ~120 registers, no spills). CPU
+    (the interpreter, i.e. tests): small blocks and 3 spans, so test-sized batches run the loops,
+    prefixes and partial
         blocks."""
     if device.type != "cuda":
         return 32, 3, 4

@@ -2,8 +2,7 @@
 differently.
 
 Input: the *unweighted* outputs of each token's k selected experts, ``x_ia`` (``[num_tokens, k,
-    hidden]``;
-a slot whose expert was dropped is a zero vector and contributes nothing).
+hidden]``; a slot whose expert was dropped is a zero vector and contributes nothing).
 
 Paper form (the default), normalised by k·N for the N valid tokens:
 
@@ -20,9 +19,8 @@ modified Gram-Schmidt basis normalised by ``‖v‖ + 1e-6``, averaged over k·N
 agree up to ε.
 
 Both forms are functions of the Gram matrix alone: the only pass over ``hidden`` is one batched
-    matmul
-(``O(N·k²·hidden)``, in fp32 or wider); everything after it is ``[N, k, k]`` in float64. ``*_sum``
-return the un-normalised sum over one shard's tokens; no process groups here.
+matmul (``O(N·k²·hidden)``, in fp32 or wider); everything after it is ``[N, k, k]`` in float64.
+``*_sum`` return the un-normalised sum over one shard's tokens; no process groups here.
 """
 
 from __future__ import annotations
@@ -96,9 +94,8 @@ def span_projection_sum(
     0-dim float64.
 
     For each slot a: Σ_u ‖⟨u, x_a⟩ u‖² over the Gram-Schmidt basis u of the other slots, built as
-        the
-    code does (modified Gram-Schmidt, ``v / (‖v‖ + 1e-6)``). Basis vectors are kept as coefficients
-    over the token's k outputs, so every inner product is read off the Gram matrix.
+    the code does (modified Gram-Schmidt, ``v / (‖v‖ + 1e-6)``). Basis vectors are kept as
+    coefficients over the token's k outputs, so every inner product is read off the Gram matrix.
     """
     g = gram(expert_outputs)  # [B, k, k]
     num_tokens, k = g.shape[0], g.shape[-1]

@@ -1,21 +1,16 @@
 """Dirichlet priors α for DPSL, from what users write.
 
 All functions return float64 CPU tensors (the router moves them; ``dpsl_loss`` reads α on the host
-once
-per α to build its CDF table, so a CPU α costs no device sync). Errors are ``ValueError`` whose
-message
-starts with the offending argument's name (``DPSLTransformerConfig`` maps it to its flag).
+once per α to build its CDF table, so a CPU α costs no device sync). Errors are ``ValueError`` whose
+message starts with the offending argument's name (``DPSLTransformerConfig`` maps it to its flag).
 
 * symmetric: ``symmetric_alpha(E, 1.0)`` -> ``[E]`` (the paper's default α = 1; 0.75 for more
   specialisation on small backbones).
 * per expert: ``per_expert_alpha([..E values..], E)`` -> ``[E]``.
 * modality/task priors (paper Sec. 3.4), generalised: ``group_alpha(E, G, α_b, α_s)`` -> ``[G, E]``;
-  the
-  experts are split into G contiguous blocks of E/G and token group g gets α_b + α_s on block g and
-  α_b
-  elsewhere. G = 2, E = 4: vision (α_b+α_s, α_b+α_s, α_b, α_b), language (α_b, α_b, α_b+α_s,
-  α_b+α_s);
-  G = E gives the task-specific prior α_m^(m) = α_b + α_s.
+  the experts are split into G contiguous blocks of E/G and token group g gets α_b + α_s on block g
+  and α_b elsewhere. G = 2, E = 4: vision (α_b+α_s, α_b+α_s, α_b, α_b), language (α_b, α_b, α_b+α_s,
+  α_b+α_s); G = E gives the task-specific prior α_m^(m) = α_b + α_s.
 """
 
 from __future__ import annotations

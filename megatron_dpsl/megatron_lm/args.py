@@ -3,14 +3,12 @@
 ``add_dpsl_args(parser)`` is a Megatron-LM ``extra_args_provider``: it adds the ``--moe-dpsl-*``
 flags and lets ``--moe-router-load-balancing-type`` take ``dpsl`` (alone or in Megatron's list
 form, e.g. ``aux_loss dpsl`` with one ``--moe-aux-loss-coeff`` per type), and likewise ``variance``
-and
-``orthogonality`` (Guo et al.; coefficients in their ``--moe-aux-loss-coeff`` slots) with their
+and ``orthogonality`` (Guo et al.; coefficients in their ``--moe-aux-loss-coeff`` slots) with their
 ``--moe-variance-loss-form`` / ``--moe-orthogonality-loss-form`` flags.
 
 ``dpsl_config_from_args(args)`` copies the parsed namespace onto ``DPSLTransformerConfig`` by
 dataclass field name, as Megatron-LM's ``core_transformer_config_from_args`` does. The config
-decides
-what is valid; this module only checks what the config cannot see (which flags were typed,
+decides what is valid; this module only checks what the config cannot see (which flags were typed,
 ``check_given_flags``) and rewrites the config's field names as flags in its errors
 (``translate_config_error``), so every error names the flag.
 
@@ -124,8 +122,8 @@ def _find_action(parser: argparse.ArgumentParser, dest: str) -> argparse.Action 
 
 def add_moe_load_balancing_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--moe-router-load-balancing-type`` and ``--moe-aux-loss-coeff`` as Megatron-LM defines
-    them,
-    with ``dpsl`` among the types, to a parser that lacks them (a standalone trainer's parser).
+    them, with ``dpsl`` among the types, to a parser that lacks them (a standalone trainer's
+    parser).
 
     Flags the parser already has are left alone (``add_dpsl_args`` widens their choices instead).
     """

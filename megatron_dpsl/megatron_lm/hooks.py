@@ -55,9 +55,8 @@ class _DatasetIdTap:
     """Iterator wrapper that keeps the ``dataset_id`` of the last batch it handed out.
 
     Megatron-LM's ``BlendedDataset`` yields ``{"dataset_id": i, **sample}``, ``i`` being the index
-    of the
-    sample's dataset in ``--data-path``; ``get_batch_on_this_tp_rank`` drops that key, so it is read
-    here.
+    of the sample's dataset in ``--data-path``; ``get_batch_on_this_tp_rank`` drops that key, so it
+    is read here.
     """
 
     def __init__(self, data_iterator: Iterator):

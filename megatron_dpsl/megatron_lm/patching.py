@@ -146,8 +146,7 @@ def select_patch_set(root: Path, patches_dir: Path = DEFAULT_PATCHES_DIR) -> tup
     """The patch set (directory, lock) for the Megatron-LM tree at ``root``.
 
     The set whose every target file is its original or its patched result; ``PatchError`` naming,
-    for
-    each set, the files that differ when none fits (drift from every pinned release).
+    for each set, the files that differ when none fits (drift from every pinned release).
     """
     reports = []
     for set_dir in patch_sets(patches_dir):
@@ -274,8 +273,7 @@ def write_lock(git_dir: str, patches_dir: Path, tag: str | None = None) -> Lock:
     tag).
 
     The files are those the set's ``*.patch`` change, in patch order; each is taken from git,
-    patched
-    in a temporary directory and hashed before and after.
+    patched in a temporary directory and hashed before and after.
     """
     patches_dir = Path(patches_dir)
     if tag is None:

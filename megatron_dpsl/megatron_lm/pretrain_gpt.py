@@ -149,8 +149,8 @@ def extra_args_provider(parser):
 
 def dpsl_layer_spec(base=None):
     """core_v0.19: a ``GPTModelConfig.transformer_layer_spec`` callable giving ``base`` with the
-    plugin's modules
-    (``DPSLRouter``, or ``ACRouter``, and ``DPSLMoELayer``: ``specs.with_plugin_modules``).
+    plugin's modules (``DPSLRouter``, or ``ACRouter``, and ``DPSLMoELayer``:
+    ``specs.with_plugin_modules``).
 
     ``base``: what the layer spec would have been (``None``: Megatron-LM's ``default_layer_spec``;
     or the ``--spec`` object, a ``ModuleSpec`` or a callable). ``GPTModelBuilder.build_model`` calls

@@ -18,12 +18,12 @@ projector from the LM's MLP spec: with        the dense MLP spec of the same bac
 ``AttributeError: ... 'linear_fc1'``           so a dense stage's projector loads unchanged
 MoE layers keep ``TopKRouter``                 ``DPSLRouter`` / ``DPSLMoELayer`` (``specs``)
 ViT and projector configs inherit              ``num_moe_experts=None`` for both
-``num_moe_experts``
-``share_embeddings_and_output_weights`` never  ``not --untie-embeddings-and-output-weights``
-passed (always untied)                         (Megatron-LM's meaning of the flag)
-``--rotary-base``, ``--rope-scaling-factor``   passed (``language_rotary_base``,
-not passed (θ 10000, factor 8)                 ``language_rope_scaling_factor``)
-ViT widths = the LM's; projector = LM's MLP    ``--vision-model-type clip``: CLIP ViT-L/14 widths
+``num_moe_experts`` ``share_embeddings_and_output_weights`` never  ``not
+--untie-embeddings-and-output-weights`` passed (always untied)
+(Megatron-LM's meaning of the flag) ``--rotary-base``, ``--rope-scaling-factor``   passed
+(``language_rotary_base``, not passed (θ 10000, factor 8)
+``language_rope_scaling_factor``) ViT widths = the LM's; projector = LM's MLP
+``--vision-model-type clip``: CLIP ViT-L/14 widths
                                                and LLaVA-1.5's GELU projector
 local ViT spec causal (core_v0.16.1)           ``no_mask`` (the ViT attends to every patch)
 ============================================  =================================================
@@ -163,8 +163,8 @@ def dpsl_vlm_model_provider(
 
 def attach_modality_ids(model, vision_group: int) -> None:
     """Every forward of ``model`` sets the ``[b, S]`` modality ids (image rows ``vision_group``,
-    text
-    the other; padding excluded) for the routers: ``models.llava_token_groups``' forward pre-hook.
+    text the other; padding excluded) for the routers: ``models.llava_token_groups``' forward
+    pre-hook.
     """
     from megatron_dpsl.models.llava_modality import ModalityGroups
     from megatron_dpsl.models.llava_token_groups import attach_llava_token_groups

@@ -2,9 +2,9 @@
 back-end).
 
 Shapes use Megatron's names: ``probs`` ``[num_tokens, num_experts]`` (routing probabilities, rows on
-    the
-simplex), ``routing_map`` ``[num_tokens, num_experts]`` bool (top-k selection). All return float32
-tensors (float64 for float64 input where noted) on the input's device and never require grad.
+the simplex), ``routing_map`` ``[num_tokens, num_experts]`` bool (top-k selection). All return
+float32 tensors (float64 for float64 input where noted) on the input's device and never require
+grad.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ def expert_load_cov(routing_map_or_counts: torch.Tensor) -> torch.Tensor:
 
     Args:
         routing_map_or_counts: ``[num_tokens, num_experts]`` bool routing map, or ``[num_experts]``
-            token
-            counts per expert (e.g. already summed over ranks).
+            token counts per expert (e.g. already summed over ranks).
 
     Returns:
         Scalar float32; 0 when no token is routed (all loads 0). 0 means perfectly balanced.
@@ -96,14 +95,12 @@ def prior_distance(
     padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 4 (without λ) per expert: the Cramér–von Mises distance of each expert's empirical
-    marginal to
-    its Beta(α_k, A − α_k) target, summed over token groups. ``dpsl_loss`` is its sum.
+    marginal to its Beta(α_k, A − α_k) target, summed over token groups. ``dpsl_loss`` is its sum.
 
     Args:
         probs: ``[num_tokens, num_experts]``; alpha ``[num_experts]`` or ``[num_groups,
-            num_experts]``;
-        group_ids ``[num_tokens]`` int; padding_mask ``[num_tokens]`` bool (True = padding). As
-        ``dpsl_loss``.
+        num_experts]``; group_ids ``[num_tokens]`` int; padding_mask ``[num_tokens]`` bool (True =
+        padding). As ``dpsl_loss``.
 
     Returns:
         ``[num_experts]`` float32 (float64 for float64 input), no grad.
@@ -128,8 +125,7 @@ def ks_distance(
 
     Returns:
         ``[num_experts]`` float32 (float64 for float64 input) in [0, 1], no grad; 0 for an expert
-        without
-        valid tokens. NaN in valid probs gives NaN.
+        without valid tokens. NaN in valid probs gives NaN.
     """
     with torch.no_grad():
         probs = probs.detach()

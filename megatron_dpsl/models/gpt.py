@@ -8,8 +8,7 @@
 
 MoE configs get ``DPSLRouter`` in their MoE layers (``specs``); dense configs Megatron's own spec.
 Every keyword other than the spec's goes to ``GPTModel`` unchanged, so the callers keep
-Megatron-LM's
-flag → argument mapping (``megatron_dpsl.train.model``, ``megatron_lm.pretrain_gpt``).
+Megatron-LM's flag → argument mapping (``megatron_dpsl.train.model``, ``megatron_lm.pretrain_gpt``).
 """
 
 from __future__ import annotations
@@ -29,8 +28,7 @@ def gpt_layer_spec(
         spec: ``"layer"``: one layer spec for every layer
             (``get_gpt_layer_{local,with_transformer_engine}_spec``);
             ``"decoder_block"``: per-layer specs (``get_gpt_decoder_block_spec``:
-            ``moe_layer_freq``,
-            ``vp_stage``), what Megatron-LM's ``gpt_builder`` uses.
+            ``moe_layer_freq``, ``vp_stage``), what Megatron-LM's ``gpt_builder`` uses.
         use_transformer_engine: Transformer Engine modules instead of Megatron-Core's local ones.
         **spec_kwargs: forwarded to Megatron's spec function (``normalization``, ``qk_l2_norm``,
             ``vp_stage``...).

@@ -1,16 +1,14 @@
 """Megatron's GPT layer/block specs with the plugin's modules swapped in (no patching).
 
 ``DPSLRouter`` goes into ``MoESubmodules.router`` and ``DPSLMoELayer`` replaces ``MoELayer`` (it
-hosts
-the orthogonality loss and is ``MoELayer`` when that loss is off). Both spec shapes are handled:
-megatron-core 0.16's ``ModuleSpec(module=MoELayer, submodules=MoESubmodules(...))`` and 0.19's
-``functools.partial(MoELayer, submodules=MoESubmodules(...))``.
+hosts the orthogonality loss and is ``MoELayer`` when that loss is off). Both spec shapes are
+handled: megatron-core 0.16's ``ModuleSpec(module=MoELayer, submodules=MoESubmodules(...))`` and
+0.19's ``functools.partial(MoELayer, submodules=MoESubmodules(...))``.
 
 With ``config.moe_ac_layers`` set, the router is ``ACRouter`` bound to one ``ACRoutingState`` per
 spec
 call: build one spec per model chunk (Megatron-LM's ``model_provider`` does), so that the routers of
-    a
-chunk share it and different chunks do not (megatron_dpsl/routing/ac/state.py).
+a chunk share it and different chunks do not (megatron_dpsl/routing/ac/state.py).
 
     from megatron_dpsl import DPSLTransformerConfig, get_dpsl_decoder_block_spec
     config = DPSLTransformerConfig(..., num_moe_experts=8, moe_router_load_balancing_type="dpsl")
@@ -73,8 +71,8 @@ def _swap(node, router, moe_layer, memo):
     ``MoELayer``.
 
     Mutable nodes are changed in place; a ``functools.partial`` or tuple is rebuilt (``memo`` maps
-    each
-    visited node to its result, so a node shared by several layers is replaced once, consistently).
+    each visited node to its result, so a node shared by several layers is replaced once,
+    consistently).
     """
     if id(node) in memo:
         return memo[id(node)]

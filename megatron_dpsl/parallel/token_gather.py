@@ -179,8 +179,8 @@ class TokenGather:
     replicas' micro-batches; ``"global_batch"`` gathers over TP×DP×CP. Every rank of a gather group
     holds the same number of tokens (Megatron's micro-batches have a fixed shape and SP/CP split
     them evenly), so the plans need no size exchange; the EP replica layout is exchanged once, on
-    the
-    first call (topology is static). Afterwards a call costs the data all-gathers and no host sync.
+    the first call (topology is static). Afterwards a call costs the data all-gathers and no host
+    sync.
 
     Args:
         mode: ``"micro_batch"`` or ``"global_batch"`` (``DPSLTransformerConfig.moe_dpsl_gather``).

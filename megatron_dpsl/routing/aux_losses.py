@@ -53,8 +53,7 @@ def attach_aux_loss(
         loss: 0-dim coefficient-scaled loss, normalised per token (what is logged).
         name: tracker name of the loss.
         valid_tokens: with ``calculate_per_token_loss``, this replica's valid-token count the loss
-            is
-            multiplied by (a number or 0-dim tensor); ignored otherwise.
+            is multiplied by (a number or 0-dim tensor); ignored otherwise.
         logs: further values to log with the same groups (e.g. diagnostics), or None.
         reduce_group, avg_group: Megatron's tracker groups: ranks whose values add up to the
             replica's value / ranks whose values are averaged.

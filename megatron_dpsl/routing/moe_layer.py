@@ -56,8 +56,7 @@ def rows_to_slots(
 
     Args:
         rows: ``[num_rows, hidden]``, the rows of ``routing_map[:, experts]`` in expert-major order
-            with
-            tokens ascending (Megatron's ``permute``).
+            with tokens ascending (Megatron's ``permute``).
         routing_map: ``[num_tokens, num_experts]`` bool, the tokens' full selections (slots count
             all experts).
         experts: the experts the rows belong to (all, or this rank's local experts).
@@ -65,8 +64,7 @@ def rows_to_slots(
 
     Returns:
         ``[num_tokens, topk, hidden]``: slot a of token t is its a-th selected expert (ascending
-            id);
-        a slot with no row (a dropped expert) is zero.
+        id); a slot with no row (a dropped expert) is zero.
     """
     num_tokens = routing_map.shape[0]
     slot_of = (

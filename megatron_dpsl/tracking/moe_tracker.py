@@ -10,10 +10,8 @@ the tracker. Unlike Megatron-LM's whitelist, every tracked name is passed in ``t
 §4).
 
 ``force_initialize`` stays False: it would allocate missing entries with ``device="cuda"``; every
-    name
-passed is already in the tracker. (gloo in torch >= 2.13 supports ``ReduceOp.AVG``, which the
-function
-uses for the DP average.)
+name passed is already in the tracker. (gloo in torch >= 2.13 supports ``ReduceOp.AVG``, which the
+function uses for the DP average.)
 """
 
 from __future__ import annotations
@@ -62,8 +60,7 @@ def reset_tracker() -> None:
 
     megatron-core 0.19 keeps the entries in ``MoEMetricsTracker.metrics``, and its legacy
     ``get_moe_layer_wise_logging_tracker()`` returns a fresh dict built from them (clearing that
-    copy
-    drops nothing); 0.16 returns the tracker dict itself.
+    copy drops nothing); 0.16 returns the tracker dict itself.
     """
     from megatron.core.transformer.moe import moe_utils
 

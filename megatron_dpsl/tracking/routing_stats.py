@@ -107,8 +107,7 @@ class RoutingStats:
         """Every rank's records, concatenated on rank 0 (None elsewhere). Collective over the world.
 
         Ranks whose tokens duplicate another rank's (tensor-parallel peers without sequence
-        parallelism)
-        are left out, so each token counts once.
+        parallelism) are left out, so each token counts once.
         """
         from megatron.core import parallel_state
 
@@ -172,8 +171,7 @@ def summarize(
     ``alpha``: the prior the distance is measured to (``[E]`` or ``[G, E]``; group priors need group
         ids).
     Returns ``{"layers": [{"cov", "entropy", "prior_distance" [E], "mean_prior_distance", "load"
-    [E],
-    "group_usage" [G, E], "probs_sample" [n, E], "group_ids_sample" [n]}], plus layer means}``.
+    [E], "group_usage" [G, E], "probs_sample" [n, E], "group_ids_sample" [n]}], plus layer means}``.
     """
     from megatron_dpsl import metrics
 

@@ -5,9 +5,8 @@
 "opt_param_scheduler", "iteration", "args", "checkpoint_version": 3.0,
 "num_floating_point_operations_so_far"}``, as Megatron-LM's ``save_checkpoint`` writes it
 (MEGATRON_LM_INTEGRATION.md §5b). Tensors are sharded, so a checkpoint written under one TP/EP
-layout
-loads under another. ``--load`` of a directory written by ``megatron-dpsl-upcycle`` (no optimizer)
-or with ``--finetune`` loads the weights only and restarts at iteration 0.
+layout loads under another. ``--load`` of a directory written by ``megatron-dpsl-upcycle`` (no
+optimizer) or with ``--finetune`` loads the weights only and restarts at iteration 0.
 """
 
 from __future__ import annotations

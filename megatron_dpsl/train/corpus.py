@@ -4,8 +4,7 @@ Group 0 ("code"): Python standard-library sources (``sysconfig.get_paths()["stdl
 Group 1 ("prose"): English licence / copyright / documentation text: Debian's
 ``/usr/share/common-licenses/*`` and ``/usr/share/doc/*/copyright``, Python's ``LICENSE.txt``, the
 licence files of installed packages (``site-packages/*.dist-info``); topped up, where those are
-scarce
-(e.g. a non-Debian machine), with the docstrings of standard-library modules
+scarce (e.g. a non-Debian machine), with the docstrings of standard-library modules
 (``ast.get_docstring``).
 
 Every byte is one token (vocabulary 256, ``0`` separates documents, NUL never occurs in text) and

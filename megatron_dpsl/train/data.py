@@ -6,8 +6,7 @@ Sample ``i`` of a split is the window ``tokens[o_i : o_i + seq_length + 1]`` at 
 same samples, whatever the parallel layout. The global batch of iteration ``it`` holds samples
 ``it * global_batch_size + [0, global_batch_size)``; as in Megatron-LM's pretraining sampler, each
 micro-batch step takes ``micro_batch_size * dp`` consecutive samples and data-parallel rank ``r``
-the
-``r``-th run of ``micro_batch_size`` of them. Validation always reads the same first samples.
+the ``r``-th run of ``micro_batch_size`` of them. Validation always reads the same first samples.
 """
 
 from __future__ import annotations

@@ -5,9 +5,8 @@ The config is filled by dataclass field name (``dpsl_config_from_args``, as Mega
 ``core_transformer_config_from_args`` does); the few values Megatron-LM derives rather than copies
 (``--swiglu``, dtypes, CPU initialisation) are passed as overrides. The model comes from
 ``megatron_dpsl.models.gpt.build_gpt_model``, the builder the Megatron-LM launcher shares: MoE
-    models get the
-DPSL layer spec (Megatron's GPT layer with ``DPSLRouter``), dense models Megatron's own local (or
-Transformer Engine) spec.
+models get the DPSL layer spec (Megatron's GPT layer with ``DPSLRouter``), dense models Megatron's
+own local (or Transformer Engine) spec.
 """
 
 from __future__ import annotations

@@ -2,8 +2,7 @@
 Megatron's rules.
 
 On a GPU the trainer uses Megatron's own ``get_megatron_optimizer(OptimizerConfig(...))``. On a CPU
-that
-is not possible: megatron-core 0.16.1's ``FP32Optimizer`` and ``clip_grads`` allocate with
+that is not possible: megatron-core 0.16.1's ``FP32Optimizer`` and ``clip_grads`` allocate with
 ``device='cuda'`` literals. :class:`TorchAdamW` reproduces what Megatron's non-distributed FP32
 optimizer does for this trainer's models:
 
@@ -13,9 +12,8 @@ optimizer does for this trainer's models:
   ``FP32Optimizer``);
 * the global gradient norm of ``get_grad_norm_fp32`` + ``ChainedOptimizer``: squared norms of the
   dense parameters that are not tensor-parallel duplicates, summed over the model-parallel group,
-  plus
-  those of the expert parameters summed over the expert-tensor-model-pipeline group; clipping by
-  ``clip_grad / (norm + 1e-6)`` when below 1;
+  plus those of the expert parameters summed over the expert-tensor-model-pipeline group; clipping
+  by ``clip_grad / (norm + 1e-6)`` when below 1;
 * ``sharded_state_dict``: the Adam moments as ``ShardedTensor``s keyed like the model parameters
   (``dist_checkpointing.optimizer.optim_state_to_sharding_state``), so a checkpoint reloads under
   any TP/EP layout.

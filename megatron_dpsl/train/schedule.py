@@ -1,14 +1,14 @@
 """One training step's forward/backward over the micro-batches of a global batch.
 
 On a GPU the trainer calls Megatron's own schedule (``get_forward_backward_func()``: with no
-    pipeline
-parallelism, ``forward_backward_no_pipelining``). On a CPU that schedule cannot run: megatron-core
-0.16.1 allocates its token counter with ``device="cuda"``. :func:`forward_backward_no_pipelining`
-reproduces the path this trainer takes through it, step for step:
+pipeline parallelism, ``forward_backward_no_pipelining``). On a CPU that schedule cannot run:
+megatron-core 0.16.1 allocates its token counter with ``device="cuda"``.
+:func:`forward_backward_no_pipelining` reproduces the path this trainer takes through it, step for
+step:
 
 * ``MoEAuxLossAutoScaler.set_loss_scale(loss_scale * cp / num_microbatches)`` after each forward, so
-  the
-  router aux losses (Megatron's and DPSL) are averaged over micro-batches exactly like the LM loss;
+  the router aux losses (Megatron's and DPSL) are averaged over micro-batches exactly like the LM
+  loss;
 * the loss returned by ``loss_func`` (the 2-tuple form) times ``cp`` divided by ``num_microbatches``
   (DDP averages over dp×cp), then ``backward()``;
 * every micro-batch but the last under DDP's ``no_sync`` (the grad all-reduce fires once);
@@ -41,8 +41,7 @@ def make_forward_step(group_ids_context: Callable):
     """``forward_step(data_iterator, model)`` as Megatron's schedules call it.
 
     ``group_ids_context(group_ids [b, s])`` returns the context that hands per-token group ids to
-    the
-    DPSL router (``megatron_dpsl.parallel.token_groups.dpsl_token_groups``) or a null context.
+    the DPSL router (``megatron_dpsl.parallel.token_groups.dpsl_token_groups``) or a null context.
     """
 
     def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):

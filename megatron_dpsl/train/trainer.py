@@ -15,13 +15,10 @@ Several ranks, one node / several nodes (see examples/pretrain_gpt_dpsl.sh)::
 
 What is Megatron's and what is not (docs/trainer.md has the measured reasons): the model
 (``GPTModel`` + ``get_dpsl_layer_spec``), ``initialize_model_parallel``, ``DistributedDataParallel``
-+
-``finalize_model_grads``, ``OptimizerParamScheduler``, ``dist_checkpointing`` and the aux-loss
-tracker
-are Megatron-Core's everywhere. The optimizer and the micro-batch schedule are Megatron's on GPU and
-plain-torch reproductions on CPU (``optimizer.py``, ``schedule.py``), where megatron-core allocates
-on
-"cuda". On CPU, ``cpu_platform.enable()`` answers Megatron's remaining CUDA-only calls.
++ ``finalize_model_grads``, ``OptimizerParamScheduler``, ``dist_checkpointing`` and the aux-loss
+tracker are Megatron-Core's everywhere. The optimizer and the micro-batch schedule are Megatron's on
+GPU and plain-torch reproductions on CPU (``optimizer.py``, ``schedule.py``), where megatron-core
+allocates on "cuda". On CPU, ``cpu_platform.enable()`` answers Megatron's remaining CUDA-only calls.
 
 This module's top level imports nothing heavy: ``dist_checkpointing`` spawns helper processes that
 re-import the main module.

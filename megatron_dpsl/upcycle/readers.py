@@ -177,8 +177,7 @@ class MegatronDenseSource:
 
     def _common_state(self) -> dict:
         """The non-tensor state (``args``, ``iteration``, ...): ``common.pt`` (megatron-core <=
-        0.16),
-        or the ``common_state`` object inside the DCP checkpoint (megatron-core 0.19 saves it
+        0.16), or the ``common_state`` object inside the DCP checkpoint (megatron-core 0.19 saves it
         there)."""
         common_file = self.step_dir / "common.pt"
         if common_file.is_file():

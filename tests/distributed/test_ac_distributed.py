@@ -1,11 +1,10 @@
 """Distributed AC router exactness: torchrun (gloo, CPU) vs an unsharded single-process reference.
 
 One launch per world size; the worker (``tests/support/workers/ac_exactness_worker.py``) runs every
-layout
-of ``CASES[world]``: TP+SP, CP, EP, DP, TP×EP (both expert-TP sizes), TP×CP, CP×DP, an EP group that
-spans two TP groups, AC together with DPSL, and a two-stage pipeline. Marked ``slow`` (CI's slow
-suite runs them); run alone with ``pytest -m distributed tests/distributed/test_ac_distributed.py
--s``
+layout of ``CASES[world]``: TP+SP, CP, EP, DP, TP×EP (both expert-TP sizes), TP×CP, CP×DP, an EP
+group that spans two TP groups, AC together with DPSL, and a two-stage pipeline. Marked ``slow``
+(CI's slow suite runs them); run alone with ``pytest -m distributed
+tests/distributed/test_ac_distributed.py -s``
 (``-s`` prints the figures).
 """
 

@@ -2,10 +2,9 @@
 
 One launch per world size (each costs ~15 s of Megatron import); the worker
 (``tests/support/workers/dpsl_exactness_worker.py``) runs every layout of ``CASES[world]`` and
-writes one
-record per layout. Marked slow (about 25 s for both launches on 2 cores; CI's slow suite and its
-megatron-core 0.19 leg run them): ``pytest -m slow tests/distributed/test_dpsl_distributed.py -s``
-(``-s`` shows the measured differences).
+writes one record per layout. Marked slow (about 25 s for both launches on 2 cores; CI's slow suite
+and its megatron-core 0.19 leg run them): ``pytest -m slow
+tests/distributed/test_dpsl_distributed.py -s`` (``-s`` shows the measured differences).
 """
 
 from __future__ import annotations

@@ -2,8 +2,7 @@
 
 One launch per world size (each costs ~15 s of Megatron import); the worker
 (``tests/support/workers/regularizer_exactness_worker.py``) runs every layout of ``CASES[world]``
-and writes
-one record per layout. Marked slow (about a minute for both launches on 2 cores):
+and writes one record per layout. Marked slow (about a minute for both launches on 2 cores):
 ``pytest -m slow tests/distributed/test_regularizers_distributed.py -s`` (``-s`` prints the measured
 differences).
 """

@@ -1,6 +1,5 @@
 """The fused DPSL kernels (megatron_dpsl/losses/dpsl_triton.py) on CUDA: the default there, equal to
-the torch path
-and to a float64 SciPy Eq. 4 at paper scale, CUDA-graph capturable, and free of host
+the torch path and to a float64 SciPy Eq. 4 at paper scale, CUDA-graph capturable, and free of host
 synchronisation.
 
 (tests/unit/losses/test_dpsl_triton.py runs the same kernel source on CPU under Triton's interpreter

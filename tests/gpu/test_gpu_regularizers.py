@@ -1,10 +1,9 @@
 """The orthogonality and variance losses on one GPU with Transformer Engine's grouped experts.
 
 What the CPU tests cannot reach: ``TEGroupedMLP`` (probs applied in its fused bias-activation and
-    bias
-path), TE's fused permute (``moe_permute_fusion``; the slots rely on its row order being Megatron's
-``permute`` order), bf16 activations. One GPU means EP=1; the multi-rank paths are covered by
-tests/distributed/test_regularizers_distributed.py on CPU.
+bias path), TE's fused permute (``moe_permute_fusion``; the slots rely on its row order being
+Megatron's ``permute`` order), bf16 activations. One GPU means EP=1; the multi-rank paths are
+covered by tests/distributed/test_regularizers_distributed.py on CPU.
 Run: ``pytest -m gpu tests/gpu`` (on the device: ``bash scripts/run_gpu_tests.sh``).
 """
 

@@ -98,8 +98,7 @@ def reset_moe_tracker() -> None:
     """Forget every MoE metric recorded so far.
 
     megatron-core 0.16 keeps them in a dict; 0.19 in a ``MoEMetricsTracker``, whose ``clear()``
-    zeroes
-    the values but keeps the names (and whose legacy dict view is a copy), so it is replaced
+    zeroes the values but keeps the names (and whose legacy dict view is a copy), so it is replaced
     instead.
     """
     try:

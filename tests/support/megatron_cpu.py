@@ -2,8 +2,7 @@
 
 megatron-core 0.16.1 calls ``torch.cuda.current_device()`` for buffers and in ``Router.gating``,
 ``torch.cuda.synchronize()`` in a few places, forks the CUDA RNG tracker in dropout regions and
-saves
-the CUDA RNG state for activation recompute; 0.19's DDP also asks for
+saves the CUDA RNG state for activation recompute; 0.19's DDP also asks for
 ``torch.cuda.current_stream()``.
 On a CPU-only machine these raise, so tests (and torchrun workers launched by tests) call
 :func:`install` before building Megatron modules.
@@ -84,11 +83,9 @@ def install_alltoall_shims():
     """Let ``MoEAlltoAllTokenDispatcher`` run on CPU; returns a function that undoes it (call it
     when done:
     other libraries read ``torch.cuda.Stream``). The dispatcher makes a ``torch.cuda.Stream`` when
-    built
-    and moves split sizes to the host on it; on CPU the sizes already are host tensors, so the
-    stream,
-    ``torch.cuda.stream(...)`` and ``current_stream()`` become no-ops, and the sizes become NumPy
-    arrays as the CUDA path makes them (what ``all_to_all_single`` takes)."""
+    built and moves split sizes to the host on it; on CPU the sizes already are host tensors, so the
+    stream, ``torch.cuda.stream(...)`` and ``current_stream()`` become no-ops, and the sizes become
+    NumPy arrays as the CUDA path makes them (what ``all_to_all_single`` takes)."""
     install()
     if torch.cuda.is_available():
         return lambda: None

@@ -14,24 +14,18 @@ pretrain_gpt.main()``, with ``MEGATRON_LM_PATH`` = the tree) or ``megatron_lm`` 
 only these leaves replaced, each because it is CUDA-only:
 
 - ``torch.cuda.is_available`` answers True: ``initialize_megatron`` asserts "Megatron requires
-  CUDA."
-  before it parses anything (only that assert reads it before the boundary).
+  CUDA." before it parses anything (only that assert reads it before the boundary).
 - ``torch.distributed.init_process_group`` is the boundary: the first call that needs a GPU (the
-  NCCL
-  process group of ``_initialize_distributed``). It records its arguments and stops the chain.
+  NCCL process group of ``_initialize_distributed``). It records its arguments and stops the chain.
 - Python 3.11 only: ``typing.override`` (see ``megatron_lm_tree.use_tree``).
 - A tree from the committed snapshot (CI) has no ``megatron/core``: the installed megatron-core
-  wheel's
-  is used (``megatron_lm_tree``'s docstring; each report's ``megatron_core`` says which).
+  wheel's is used (``megatron_lm_tree``'s docstring; each report's ``megatron_core`` says which).
 
 Each case reports how it ended (``boundary``: reached the NCCL call; ``exit``: SystemExit, with the
 captured stderr; ``error``: another exception), the Megatron-LM functions it passed through, how
-many
-times the command line was parsed, and the parsed arguments that matter here. Between cases
-Megatron's
-own ``unset_global_variables`` / ``destroy_rerun_state_machine`` reset its globals, and
-Megatron-LM's
-own ``add_megatron_arguments`` is put back (the launcher wraps it).
+many times the command line was parsed, and the parsed arguments that matter here. Between cases
+Megatron's own ``unset_global_variables`` / ``destroy_rerun_state_machine`` reset its globals, and
+Megatron-LM's own ``add_megatron_arguments`` is put back (the launcher wraps it).
 
 ``builds`` then check the pieces on one gloo rank (``megatron_cpu`` shims): Megatron-LM's own
 ``parse_args`` with and without ``add_dpsl_args``, its ``core_transformer_config_from_args``, the
@@ -327,15 +321,13 @@ def rehearse_upcycle(dense_argv: list, upcycle_argv: list, moe_argv: list, itera
     The dense GPTModel of ``dense_argv`` (Megatron-LM's parse, validate and globals; the launcher's
     builder) is saved as Megatron-LM lays a torch_dist step out (``iter_*/``: ``model``, ``args``,
     ``iteration``, ``checkpoint_version``; the tree's own dist_checkpointing, so core_v0.19 keeps
-    the
-    common state inside the DCP files), converted by the upcycler CLI with ``upcycle_argv``, then
-    checked the way Megatron-LM's ``load_checkpoint`` would for ``moe_argv``: its own
+    the common state inside the DCP files), converted by the upcycler CLI with ``upcycle_argv``,
+    then checked the way Megatron-LM's ``load_checkpoint`` would for ``moe_argv``: its own
     ``check_checkpoint_args`` on the converted ``args``, and a strict load of the DPSL MoE model's
     sharded state dict. Replaced leaves: ``args.use_cpu_initialization = True`` (the GPU run
-        initialises
-    on the device) and, for the MoE model, the allgather token dispatcher (alltoall's constructor
-    makes
-    a ``torch.cuda.Stream``; the dispatcher owns no parameters, so the state dict is the same).
+    initialises on the device) and, for the MoE model, the allgather token dispatcher (alltoall's
+    constructor makes a ``torch.cuda.Stream``; the dispatcher owns no parameters, so the state dict
+    is the same).
     """
     import torch
     from megatron.core import dist_checkpointing

@@ -145,16 +145,13 @@ def export_tree(
     snapshot: bool = False,
 ) -> Path:
     """Write ``paths`` of Megatron-LM at ``tag`` under ``out``; returns ``out``. From ``git_dir_``
-    or
-    ``$MEGATRON_LM_GIT_DIR`` (``git archive | tar -x``), else (or with ``snapshot``) from the
-    committed
-    snapshot (module docstring: without ``megatron/core``, which then comes from the installed
-        wheel).
+    or ``$MEGATRON_LM_GIT_DIR`` (``git archive | tar -x``), else (or with ``snapshot``) from the
+    committed snapshot (module docstring: without ``megatron/core``, which then comes from the
+        installed wheel).
 
     Paths the tag lacks are skipped (core_v0.19.0 has no ``megatron/legacy``). A finished export
-    leaves
-    ``out/.megatron-lm-export`` naming the source; a second call with the same tag and paths reuses
-    it.
+    leaves ``out/.megatron-lm-export`` naming the source; a second call with the same tag and paths
+    reuses it.
     """
     git_dir_ = None if snapshot else git_dir_ or git_dir()
     if git_dir_ is None:

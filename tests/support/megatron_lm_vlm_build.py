@@ -200,9 +200,8 @@ def _stage_one(argv: list, args) -> dict:
 
 def _torch_dist_round_trip(model) -> dict:
     """The model's ``sharded_state_dict`` saved as torch_dist (what ``--ckpt-format torch_dist``
-    writes
-    under ``model``) and loaded into a perturbed copy of the same model: tensors saved, max |Δ|
-    after the load."""
+    writes under ``model``) and loaded into a perturbed copy of the same model: tensors saved, max
+    |Δ| after the load."""
     import torch
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy

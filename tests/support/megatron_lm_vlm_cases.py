@@ -1,6 +1,5 @@
 """The VLM launcher's command lines for the chain child (tests/support/megatron_lm_chain.py),
-unpatched
-tree.
+unpatched tree.
 
 ``vlm_cases(work)`` returns the cases (each run through Megatron-LM's real call chain up to the NCCL
 ``init_process_group``) and ``VLM_BUILD_ARGV`` the build (the provider's model on one gloo rank,

@@ -130,8 +130,7 @@ def adaptive_clustering_weights(
 
     Args:
         all_reduce: in-place sum of a tensor over the ranks holding the batch's other tokens,
-            applied
-            to each pass's partial sums (``None``: this process holds every token).
+            applied to each pass's partial sums (``None``: this process holds every token).
 
     Statistics are computed in float32 (float64 if ``hidden`` is float64) and carry no gradient.
     """

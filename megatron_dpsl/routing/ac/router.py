@@ -3,25 +3,23 @@
 An AC layer scores each token in a space reweighted by its *previous* cluster: tokens are grouped by
 the expert the previous MoE layer sent them to, every cluster gets per-feature weights that are
 large where the cluster is tight (``megatron_dpsl.routing.ac.clustering``), and the router computes
-its
-logits from ``m_t ⊙ h_t`` instead of ``h_t``. The router weight, the routing that follows (top-k,
-score function, capacity, expert bias), the aux losses, DPSL and the ``state_dict`` are those of
-``DPSLRouter``/``TopKRouter``; only ``gating``'s input changes, and the experts still receive the
-unscaled tokens (as in the official language-model code). With DPSL on, DPSL shapes the AC
-router's probabilities.
+its logits from ``m_t ⊙ h_t`` instead of ``h_t``. The router weight, the routing that follows
+(top-k, score function, capacity, expert bias), the aux losses, DPSL and the ``state_dict`` are
+those of ``DPSLRouter``/``TopKRouter``; only ``gating``'s input changes, and the experts still
+receive the unscaled tokens (as in the official language-model code). With DPSL on, DPSL shapes the
+AC router's probabilities.
 
 Which MoE layers use AC is ``DPSLTransformerConfig.moe_ac_layers``; every MoE layer of the model
 gets an ``ACRouter`` (through ``megatron_dpsl.models.specs``) so that each one hands its top-1 on.
-How that
-hand-over survives micro-batches, pipeline stages and activation recompute is described in
+How that hand-over survives micro-batches, pipeline stages and activation recompute is described in
 ``megatron_dpsl.routing.ac.state``. An AC layer whose previous MoE layer is on another pipeline
-stage has
-no assignment to use and routes like a standard router (a warning says so, once per layer).
+stage has no assignment to use and routes like a standard router (a warning says so, once per
+layer).
 
 The dispersion statistics are summed over the ranks that hold the micro-batch's tokens
 (``megatron_dpsl.parallel.token_gather.TokenSum``: TP×CP, plus the EP ranks DPSL's ``"micro_batch"``
-    gather
-covers), without gradient and without host synchronisation, so routing equals a single-process run.
+gather covers), without gradient and without host synchronisation, so routing equals a
+single-process run.
 """
 
 from __future__ import annotations

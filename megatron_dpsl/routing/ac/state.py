@@ -1,23 +1,20 @@
 """How the previous MoE layer's per-token top-1 expert reaches the next Adaptive-Clustering router.
 
 An AC router (``megatron_dpsl.routing.ac.router.ACRouter``) at layer L groups its tokens by the
-expert the
-previous MoE layer P sent them to. That assignment must come from the *same* forward pass of the
-*same* micro-batch, on the same pipeline stage, and an activation-recompute pass must see exactly
-what the original pass saw. No global state is involved; the design has two parts.
+expert the previous MoE layer P sent them to. That assignment must come from the *same* forward pass
+of the *same* micro-batch, on the same pipeline stage, and an activation-recompute pass must see
+exactly what the original pass saw. No global state is involved; the design has two parts.
 
 **One ``ACRoutingState`` per model chunk** (one pipeline stage, or one virtual-pipeline chunk),
 shared by the routers of that chunk: the layer spec builds it and hands the same object to every
 router it creates (``megatron_dpsl.models.specs``). It holds one slot, ``(layer_number, top1 [N])``,
-written
-by every router after its forward. Layer L reads the slot only if it was written by P, the MoE layer
-right before L in the model (``previous_moe_layer``). Megatron runs a chunk's layers in order and
-one
-micro-batch's forward through a chunk without interruption, so at L's read the slot holds P's
-output for this micro-batch if P is in this chunk; if P is on another stage (or another chunk) the
-slot holds a different layer's number and L falls back to standard routing. A stale slot from an
-earlier micro-batch can never pass the check: within a chunk the last write of every forward is
-the chunk's last MoE layer, which is no layer's predecessor in that chunk.
+written by every router after its forward. Layer L reads the slot only if it was written by P, the
+MoE layer right before L in the model (``previous_moe_layer``). Megatron runs a chunk's layers in
+order and one micro-batch's forward through a chunk without interruption, so at L's read the slot
+holds P's output for this micro-batch if P is in this chunk; if P is on another stage (or another
+chunk) the slot holds a different layer's number and L falls back to standard routing. A stale slot
+from an earlier micro-batch can never pass the check: within a chunk the last write of every forward
+is the chunk's last MoE layer, which is no layer's predecessor in that chunk.
 
 **Recompute replay per layer.** Megatron's activation recompute (``recompute_granularity="full"``,
 or ``"selective"`` with ``"moe"`` in ``recompute_modules``; ``tensor_parallel.checkpoint`` and

@@ -10,8 +10,7 @@ Launched by tests/distributed/test_ac_distributed.py; by hand:
 
 For every layout in CASES[world_size] it builds a chain of three real routers from
 ``megatron_dpsl.models.specs.router_for`` (``ACRouter`` sharing one ``ACRoutingState``: layer 1
-    standard,
-layers 2 and 3 AC) with Megatron's process groups, joined token-locally
+standard, layers 2 and 3 AC) with Megatron's process groups, joined token-locally
 (``h ← h + tanh(probs @ P_l)``), wraps the chain in Megatron's ``DistributedDataParallel`` and runs
 two micro-batches through Megatron's ``forward_step_calc_loss`` and ``finalize_model_grads`` (DDP
 averaging over dp×cp, TP sum of sequence-parallel grads), LM loss ``Σ out·T``. The router is the
@@ -21,8 +20,7 @@ compares is exactly the cross-rank part.
 The reference is the same chain with one-rank process groups and the same weights, fed the
 unsharded tokens of each set of replicas that shares statistics (the TP×CP shards of a micro-batch,
 plus the EP peers' micro-batches, as DPSL's ``"micro_batch"`` gather); its objective is the mean
-over
-micro-batches and data-parallel replicas. Rank 0 writes one JSON record per layout: the largest
+over micro-batches and data-parallel replicas. Rank 0 writes one JSON record per layout: the largest
 differences of the AC layers' probabilities, routing maps and router-weight gradients, and how far
 the probabilities move when the statistics are left unreduced (the test's teeth).
 """
@@ -162,9 +160,9 @@ def _shard_sb(t, tp_group, cp_group):
 
 def run_pipeline_case(case):
     """GPTModel in two pipeline stages (layers 1-2 | 3-4, every layer MoE), one forward, hidden
-    states
-    sent by hand. Stage 2's first AC layer (3) must route as if it were standard, while layer 4 uses
-    layer 3's assignment: outputs with ``moe_ac_layers`` [2, 3, 4] equal [2, 4] and differ from
+    states sent by hand. Stage 2's first AC layer (3) must route as if it were standard, while layer
+    4 uses layer 3's assignment: outputs with ``moe_ac_layers`` [2, 3, 4] equal [2, 4] and differ
+    from
         [2]."""
     import warnings
 

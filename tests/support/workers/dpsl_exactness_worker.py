@@ -12,9 +12,9 @@ For every layout in CASES[world_size] it builds a real Megatron ``MoELayer`` (al
 dispatcher, ``SequentialMLP`` experts) from ``get_dpsl_layer_spec`` — i.e. with ``DPSLRouter`` —,
 wraps it in Megatron's ``DistributedDataParallel`` and runs Megatron's own
 ``forward_backward_no_pipelining`` schedule (which sets the aux-loss scale, accumulates
-micro-batches
-and calls ``finalize_model_grads``: DDP averaging over dp×cp, TP sum of sequence-parallel grads).
-The LM loss is 0·output, so the router-weight gradient is the DPSL gradient alone.
+micro-batches and calls ``finalize_model_grads``: DDP averaging over dp×cp, TP sum of
+sequence-parallel grads). The LM loss is 0·output, so the router-weight gradient is the DPSL
+gradient alone.
 
 The reference is a ``DPSLRouter`` with one-rank process groups on the same weight, fed the
 unsharded tokens of each gather group; its objective is the mean over micro-batches and over

@@ -12,8 +12,7 @@ For every layout in CASES[world_size] it builds a real Megatron MoE layer from
 ``get_dpsl_layer_spec``
 (``DPSLMoELayer`` with ``DPSLRouter``; allgather or alltoall dispatcher, ``SequentialMLP`` experts),
 wraps it in Megatron's ``DistributedDataParallel`` and replays Megatron's no-pipelining schedule
-with
-its own pieces (``forward_step_calc_loss``: LM-loss scaling and the aux-loss scale; backward;
+with its own pieces (``forward_step_calc_loss``: LM-loss scaling and the aux-loss scale; backward;
 ``finalize_model_grads``: DDP reductions, TP sum of sequence-parallel grads, per-token division).
 The LM loss is 0·output, so the router-weight gradient is the variance loss's alone (L_o gives the
 router none) and the expert-weight gradients are the orthogonality loss's alone (L_v gives the
@@ -24,9 +23,8 @@ The references share no code path with the layer:
   (the tokens ``moe_dpsl_gather`` names), objective = mean over micro-batches and gather groups of
   γ·L_v;
 - orthogonality: every (token, expert) pair of each data-parallel replica's unsharded micro-batch
-  run
-  through the full, unsharded expert weights as plain torch (``W2 · gelu(W1 · x)``), Eq. 6 on the
-  result, objective = mean over micro-batches and replicas of β·L_o.
+  run through the full, unsharded expert weights as plain torch (``W2 · gelu(W1 · x)``), Eq. 6 on
+  the result, objective = mean over micro-batches and replicas of β·L_o.
 With ``calculate_per_token_loss`` each unit is weighted by its valid tokens over the global count
 instead (what Megatron's per-token normalisation optimises). Rank 0 writes one JSON record per
 layout.

@@ -3,14 +3,12 @@ tests/unit/train/test_trainer.py::test_multinode_c10d_two_agents_train_and_agree
 
 Each "node" is its own torchrun agent (1 process) joined through the c10d rendezvous on 127.0.0.1.
 ``PHASES.json`` maps a phase name to a full trainer command line; the phases run one after another
-in
-this launch (one launch: ~15 s of megatron-core import each). After each phase every rank writes its
-losses and its parameters to ``OUT/{phase}_rank{R}.pt`` so the test can check that the ranks agree
-with each other and with a one-process reference run.
+in this launch (one launch: ~15 s of megatron-core import each). After each phase every rank writes
+its losses and its parameters to ``OUT/{phase}_rank{R}.pt`` so the test can check that the ranks
+agree with each other and with a one-process reference run.
 
-    torchrun --nnodes 2 --node-rank N --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint
-    HOST:PORT \
-        tests/support/workers/trainer_multinode_worker.py OUT PHASES.json
+    torchrun --nnodes 2 --node-rank N --nproc-per-node 1 --rdzv-backend c10d \
+        --rdzv-endpoint HOST:PORT tests/support/workers/trainer_multinode_worker.py OUT PHASES.json
 """
 
 import json

@@ -2,10 +2,9 @@
 writing.
 
 ``python tests/support/workers/upcycle_kill_worker.py READY_FILE <CLI args>`` runs the CLI; when the
-writer
-asks for layer 1's weights (layer 0 already written into the temporary directory's data file), it
-creates READY_FILE and sleeps, so the test can SIGKILL it at a known point. The hook patches the
-converter from outside; the package has no test switches.
+writer asks for layer 1's weights (layer 0 already written into the temporary directory's data
+file), it creates READY_FILE and sleeps, so the test can SIGKILL it at a known point. The hook
+patches the converter from outside; the package has no test switches.
 """
 
 import sys

@@ -2,16 +2,13 @@
 gradients.
 
 CPU-only machines run the kernels under Triton's interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1
-before Triton is imported; the interpreter's launch shape is 32-element blocks and 3 spans per
-expert row,
+TRITON_INTERPRET=1 before Triton is imported; the interpreter's launch shape is 32-element blocks
+and 3 spans per expert row,
 so these small batches exercise the loops, the span prefixes and partial blocks). With a GPU the
-same
-tests run the compiled kernels on CUDA tensors.
+same tests run the compiled kernels on CUDA tensors.
 
 Tolerances: both paths evaluate the same float32 table with the same formulas; only the op order and
-    the
-log/exp implementations (NumPy or CUDA vs torch) differ, by a few float32 ulps per CDF value:
+the log/exp implementations (NumPy or CUDA vs torch) differ, by a few float32 ulps per CDF value:
 <= 1e-6 relative on per-expert losses, <= 1e-6 x the largest entry on gradients.
 """
 
@@ -190,9 +187,8 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
     """The compiled (not interpreted) kernels build for an H100 (sm_90) here, without a GPU:
-    Triton's own
-    compiler and ptxas, in a process without TRITON_INTERPRET. No local memory = no register
-    spills."""
+    Triton's own compiler and ptxas, in a process without TRITON_INTERPRET. No local memory = no
+    register spills."""
     import json
     import subprocess
     import sys

@@ -4,9 +4,8 @@ For the Megatron-LM tag of the installed megatron-core (core_v0.16.1 with 0.16.1
 0.19.2: the second CI leg), an exported tree runs in a child interpreter
     (tests/support/megatron_lm_chain.py,
 which names the replaced CUDA-only leaves): ``main()`` -> ``maybe_wrap_for_inprocess_restart``
-    (parse
-without our provider) -> [0.19: ``parse_and_validate_args``, ``gpt_config_from_args``, the config
-container] -> ``pretrain`` -> ``ft_integration.setup`` (parse without our provider) ->
+(parse without our provider) -> [0.19: ``parse_and_validate_args``, ``gpt_config_from_args``, the
+config container] -> ``pretrain`` -> ``ft_integration.setup`` (parse without our provider) ->
 ``initialize_megatron`` (parse, ``validate_args``, ``set_global_variables``: tokenizer, TensorBoard)
 -> ``_initialize_distributed`` -> ``init_process_group`` (NCCL: the boundary).
 

@@ -9,8 +9,7 @@ unpatched tree's child (tests/support/megatron_lm_chain.py; cases in megatron_lm
 ``_initialize_distributed`` -> the NCCL ``init_process_group`` (the boundary; replaced leaves: see
 megatron_lm_chain.py). The build (megatron_lm_vlm_build.py) then runs the model providers on one
 gloo rank: stock ``pretrain_vlm.model_provider`` and the launcher's, and one forward/backward of the
-launcher's
-model on ``pretrain_vlm``'s own mock sample.
+launcher's model on ``pretrain_vlm``'s own mock sample.
 
 """
 

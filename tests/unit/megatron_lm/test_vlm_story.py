@@ -1,6 +1,5 @@
 """scripts/megatron_lm_vlm_story.py's summary: step times and DPSL's overhead read from
-Megatron-LM's
-log lines.
+Megatron-LM's log lines.
 
 (The stages' argv go through Megatron-LM's call chain in test_vlm_launcher.py.)
 

@@ -2,11 +2,9 @@
 ``DPSLMetricsTracker``.
 
 core_v0.19.0's ``training_log`` calls ``get_moe_metrics_tracker().report(track_names=[...])`` with
-the
-stock names only, and ``MoEMetricsTracker.report`` returns only those: the stock tracker drops the
-``dpsl_loss`` a real ``DPSLRouter`` recorded, the plugin's tracker reports it (megatron-core 0.16
-has no
-tracker class: skipped there, with the reason).
+the stock names only, and ``MoEMetricsTracker.report`` returns only those: the stock tracker drops
+the ``dpsl_loss`` a real ``DPSLRouter`` recorded, the plugin's tracker reports it (megatron-core
+0.16 has no tracker class: skipped there, with the reason).
 """
 
 from __future__ import annotations

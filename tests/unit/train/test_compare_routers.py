@@ -2,10 +2,9 @@
 run.
 
 The fast tests check what makes the comparison fair (every run has the quickstart's MoE flags,
-budget
-and seed; only the router flags differ; each method's flags build the config they are documented to)
-and the report's assembly from run directories with known routing. The slow test launches the tiny
-comparison end to end (torchrun, 2 ranks, EP=2, ~40 s on an idle 2-core machine).
+budget and seed; only the router flags differ; each method's flags build the config they are
+documented to) and the report's assembly from run directories with known routing. The slow test
+launches the tiny comparison end to end (torchrun, 2 ranks, EP=2, ~40 s on an idle 2-core machine).
 """
 
 from __future__ import annotations

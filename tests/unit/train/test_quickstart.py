@@ -5,8 +5,7 @@ Both are multi-process end-to-end runs, in the ``slow`` suite (CI runs it): ``--
 idle 2-core machine) and the full length. Both check the artefacts a newcomer is promised: the
     printed table, the figures, the TensorBoard
 event files, finite metrics, a dpsl_loss for the DPSL runs and Megatron's load-balancing loss for
-the
-aux-loss run, and that the MoE runs started from the upcycled dense model.
+the aux-loss run, and that the MoE runs started from the upcycled dense model.
 """
 
 from __future__ import annotations

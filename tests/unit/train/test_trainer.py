@@ -1,10 +1,8 @@
 """The embedded trainer (megatron_dpsl.train): flags, config, schedule, optimizer, checkpoints,
-logging,
-data, and the multi-node torchrun path.
+logging, data, and the multi-node torchrun path.
 
 In-process tests run the real trainer in a one-rank gloo world (``pretrain`` creates it, or reuses
-the
-suite's). The multi-node test launches two torchrun agents joined by the c10d rendezvous.
+the suite's). The multi-node test launches two torchrun agents joined by the c10d rendezvous.
 """
 
 from __future__ import annotations
@@ -234,8 +232,7 @@ def test_config_by_field_name_and_dpsl_spec():
 @pytest.mark.parametrize("ac", [False, True], ids=["dpsl_router", "ac_router"])
 def test_routing_stats_hook_records_what_the_routers_saw(ac):
     """The recorded probabilities are those of the logits routing() got: for the AC router (layer 2)
-    they
-    come from AC gating, which needs the previous layer's assignment and differs from plain
+    they come from AC gating, which needs the previous layer's assignment and differs from plain
     gating."""
     from megatron_dpsl.parallel.token_groups import dpsl_token_groups
     from megatron_dpsl.tracking.routing_stats import RoutingStats

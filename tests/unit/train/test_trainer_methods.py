@@ -5,9 +5,9 @@ One in-process ``pretrain`` (one-rank gloo world, mock data) with all of them at
 aux loss and z-loss, DPSL, the variance and orthogonality losses (coefficients in their
 ``--moe-aux-loss-coeff`` slots), the aux-loss-free expert bias (``--moe-router-enable-expert-bias``,
 ``--moe-router-bias-update-rate``) and the AC router (``--moe-ac-layers``). One run keeps the
-default
-suite fast (the first call of Megatron's expert-bias update compiles it with ``torch.compile``); the
-comparison's slow test (tests/unit/train/test_compare_routers.py) runs each method alone on 2 ranks.
+default suite fast (the first call of Megatron's expert-bias update compiles it with
+``torch.compile``); the comparison's slow test (tests/unit/train/test_compare_routers.py) runs each
+method alone on 2 ranks.
 """
 
 from __future__ import annotations

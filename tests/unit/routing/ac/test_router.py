@@ -1,6 +1,6 @@
 """ACRouter in one process: AC gating against TopKRouter on reweighted tokens, AC + DPSL, the
-hand-over
-between layers (micro-batches, pipeline-stage boundary, activation recompute), specs, GPTModel.
+hand-over between layers (micro-batches, pipeline-stage boundary, activation recompute), specs,
+GPTModel.
 
 Real Megatron modules (TopKRouter, MoELayer, TransformerBlock, GPTModel, tensor_parallel.checkpoint)
 on CPU with the shims of tests/megatron_cpu.py.
