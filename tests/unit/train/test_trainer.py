@@ -679,13 +679,16 @@ def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
         np.testing.assert_allclose(a["train_losses"], ref.train_losses, rtol=1e-5, err_msg=phase)
         for r in ranks:
             for name, p in r["params"].items():
-                # three Adam steps (lr 1e-2) from the same grads up to fp32 reassociation: 1e-5
-                # absolute
+                # three Adam steps (lr 1e-2) from the same grads up to fp32 reassociation. Adam
+                # divides each element by sqrt(v): for a rarely routed expert whose gradient is near
+                # zero, reassociated sums move m/sqrt(v) by ~1e-3 of a step; measured 1.2e-5 on such
+                # an expert's fc2 (params ~0.07; the pre-wave code gives the same with today's
+                # packages), so 5e-5 absolute; a wrong expert mapping is off by ~1e-2
                 torch.testing.assert_close(
                     p,
                     ref_params[_global_expert_name(name, r["ep_rank"], 2)],
                     rtol=0,
-                    atol=1e-5,
+                    atol=5e-5,
                     msg=f"{phase} {name}",
                 )
 
