@@ -676,26 +676,42 @@ def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
     Builds the corpus and runs the converter in this process while the workers import and train.
     SystemExit if the workers fail.
     """
+    return launch_plan(
+        plan,
+        a.nproc,
+        t_start,
+        module="megatron_dpsl.train.quickstart",
+        prog="quickstart",
+        while_importing=lambda: _build_corpus(plan["out"], a, t_start),
+    )
+
+
+def launch_plan(
+    plan: dict, nproc: int, t_start: float, *, module: str, prog: str, while_importing=None
+):
+    """Write ``plan`` to ``<out>/plan.json`` and run it in one torchrun launch of ``nproc`` ``module
+    --worker`` ranks on this host (the quickstart's and the VLM demo's). The workers spend ~15 s
+    importing megatron-core: meanwhile this process runs ``while_importing()`` (if given) and the
+    converter (``plan["upcycle"]``). Returns ``while_importing``'s result; SystemExit naming
+    ``prog`` if the workers fail.
+    """
     out = plan["out"]
     os.makedirs(out, exist_ok=True)
-
     plan["t0"] = t_start
     plan_path = os.path.join(out, "plan.json")
     with open(plan_path, "w", encoding="utf-8") as f:
         json.dump(plan, f, indent=1)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONWARNINGS"] = env.get("PYTHONWARNINGS", "ignore")
-    cmd = _torchrun_command(a.nproc, plan_path)
-    # The workers spend ~15 s importing megatron-core: build the corpus and import the converter
-    # meanwhile.
+    cmd = _torchrun_command(nproc, plan_path, module)
     print(
-        f"=== {_stamp(t_start)} torchrun (one launch, {a.nproc} ranks, all training stages): "
+        f"=== {_stamp(t_start)} torchrun (one launch, {nproc} ranks, every training stage): "
         f"{' '.join(cmd[1:])}",
         flush=True,
     )
     proc = subprocess.Popen(cmd, env=env)
     try:
-        meta = _build_corpus(out, a, t_start)
+        result = while_importing() if while_importing is not None else None
         _run_upcycle(plan, alive=lambda: proc.poll() is None)
         returncode = proc.wait()
     except BaseException:
@@ -704,13 +720,13 @@ def run_plan(plan: dict, a: argparse.Namespace, t_start: float) -> dict:
         raise
     if returncode != 0:
         raise SystemExit(
-            f"quickstart: the torchrun workers failed (exit {returncode}); see the log above"
+            f"{prog}: the torchrun workers failed (exit {returncode}); see the log above"
         )
-    return meta
+    return result
 
 
-def _torchrun_command(nproc: int, plan_path: str) -> list[str]:
-    """One torchrun launch of ``nproc`` quickstart workers on this host, running ``plan_path``."""
+def _torchrun_command(nproc: int, plan_path: str, module: str) -> list[str]:
+    """One torchrun launch of ``nproc`` ``module --worker plan_path`` ranks on this host."""
     return [
         sys.executable,
         "-m",
@@ -724,7 +740,7 @@ def _torchrun_command(nproc: int, plan_path: str) -> list[str]:
         "--master-port",
         str(free_port()),
         "-m",
-        "megatron_dpsl.train.quickstart",
+        module,
         "--worker",
         plan_path,
     ]

@@ -29,12 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 from megatron_dpsl.train import quickstart
-from megatron_dpsl.train.trainer import free_port
 
 NUM_EXPERTS, TOPK = 4, 2  # the paper's 2in4
 # what a launch writes under --out (out_dir.claim records it; a later launch replaces only these)
@@ -343,35 +341,9 @@ def prepare(plan: dict, a: argparse.Namespace) -> None:
 def run_plan(plan: dict, nproc: int, t_start: float) -> None:
     """Run every stage of ``plan`` in one torchrun launch; the converter runs here. SystemExit on
     failure."""
-    out = plan["out"]
-    plan["t0"] = t_start
-    plan_path = os.path.join(out, "plan.json")
-    with open(plan_path, "w", encoding="utf-8") as f:
-        json.dump(plan, f, indent=1)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONWARNINGS"] = env.get("PYTHONWARNINGS", "ignore")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "-m", "megatron_dpsl.train.vlm_demo", "--worker", plan_path,
-    ]  # fmt: skip
-    print(
-        f"=== {quickstart._stamp(t_start)} torchrun ({nproc} ranks, every training stage): "
-        f"{' '.join(cmd[1:])}",
-        flush=True,
+    quickstart.launch_plan(
+        plan, nproc, t_start, module="megatron_dpsl.train.vlm_demo", prog="vlm_demo"
     )
-    proc = subprocess.Popen(cmd, env=env)
-    try:
-        quickstart._run_upcycle(plan, alive=lambda: proc.poll() is None)
-        returncode = proc.wait()
-    except BaseException:
-        proc.terminate()
-        proc.wait()
-        raise
-    if returncode != 0:
-        raise SystemExit(
-            f"vlm_demo: the torchrun workers failed (exit {returncode}); see the log above"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
