@@ -6,7 +6,7 @@
 # Embedded trainer (megatron-core + DPSL router), Megatron-LM flag names. Named overrides (environment):
 #   NNODES (1)  NODE_RANK (0)  NPROC_PER_NODE (2)  MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500)  RDZV_ID (dpsl)
 #   DATA_PATH (outputs/corpus; built here if missing)  SAVE (outputs/pretrain_gpt_dpsl)  LOAD (unset)
-#   TP (1)  EP (2)  NUM_EXPERTS (8)  TOPK (2)  TRAIN_ITERS (200)  WARMUP (TRAIN_ITERS/20)  MBS (4)  GBS (16)
+#   TP (1)  EP (2)  PP (1: pipeline stages; EP x PP must divide the ranks)  NUM_EXPERTS (8)  TOPK (2)  TRAIN_ITERS (200)  WARMUP (TRAIN_ITERS/20)  MBS (4)  GBS (16)
 #   LB_TYPE (dpsl)  DPSL_COEFF (0.01)  DPSL_ALPHA (1.0)  EXTRA_ARGS (appended verbatim)
 # On GPU nodes the trainer picks nccl + CUDA; on CPU, gloo (one process per core is plenty).
 set -euo pipefail
@@ -22,6 +22,7 @@ DATA_PATH=${DATA_PATH:-outputs/corpus}
 SAVE=${SAVE:-outputs/pretrain_gpt_dpsl}
 TP=${TP:-1}
 EP=${EP:-2}
+PP=${PP:-1}
 NUM_EXPERTS=${NUM_EXPERTS:-8}
 TOPK=${TOPK:-2}
 TRAIN_ITERS=${TRAIN_ITERS:-200}
@@ -43,6 +44,7 @@ ARGS=(
   --moe-router-load-balancing-type "${LB_TYPE}" --moe-dpsl-coeff "${DPSL_COEFF}" --moe-dpsl-alpha "${DPSL_ALPHA}"
   --moe-token-dispatcher-type allgather
   --tensor-model-parallel-size "${TP}" --expert-model-parallel-size "${EP}"
+  --pipeline-model-parallel-size "${PP}"
   --micro-batch-size "${MBS}" --global-batch-size "${GBS}" --train-iters "${TRAIN_ITERS}"
   --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters "${WARMUP}"
   --data-path "${DATA_PATH}" --save "${SAVE}" --save-interval 100

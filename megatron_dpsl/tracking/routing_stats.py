@@ -23,10 +23,18 @@ import torch.distributed as dist
 class RoutingStats:
     """Records routing on this rank while ``enabled``; see the module docstring."""
 
-    def __init__(self, model: torch.nn.Module, max_tokens_per_layer: int = 16384):
+    def __init__(
+        self, model: torch.nn.Module | list[torch.nn.Module], max_tokens_per_layer: int = 16384
+    ):
         from megatron.core.transformer.moe.router import TopKRouter
 
-        self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
+        chunks = model if isinstance(model, (list, tuple)) else [model]
+        self.routers = [m for c in chunks for m in c.modules() if isinstance(m, TopKRouter)]
+        # each router's layer number across the whole model: pipeline stages hold different layers
+        self._layer_keys = [
+            index if router.layer_number is None else router.layer_number
+            for index, router in enumerate(self.routers)
+        ]
         for router in self.routers:
             if getattr(router.config, "moe_router_force_load_balancing", False):
                 # routing() then sees random logits in place of gating()'s
@@ -88,23 +96,24 @@ class RoutingStats:
     def reset(self) -> None:
         self._records = {}
 
-    def _local(self) -> list[dict]:
-        out = []
-        for index in range(len(self.routers)):
+    def _local(self) -> dict[int, dict]:
+        """This rank's records by layer number."""
+        out = {}
+        for index, key in enumerate(self._layer_keys):
             recs = self._records.get(index, [])
             if not recs:
-                out.append(None)
                 continue
             probs = torch.cat([r["probs"] for r in recs])
             rmap = torch.cat([r["routing_map"] for r in recs])
             ids = (
                 None if recs[0]["group_ids"] is None else torch.cat([r["group_ids"] for r in recs])
             )
-            out.append({"probs": probs, "routing_map": rmap, "group_ids": ids})
+            out[key] = {"probs": probs, "routing_map": rmap, "group_ids": ids}
         return out
 
     def gather(self) -> list[dict] | None:
-        """Every rank's records, concatenated on rank 0 (None elsewhere). Collective over the world.
+        """Every rank's records, concatenated per MoE layer on rank 0 in layer order (None
+        elsewhere). Collective over the world: pipeline stages contribute their own layers.
 
         Ranks whose tokens duplicate another rank's (tensor-parallel peers without sequence
         parallelism) are left out, so each token counts once.
@@ -122,12 +131,10 @@ class RoutingStats:
             dist.gather_object(mine, everything, dst=0)
         if dist.get_rank() != 0:
             return None
+        keys = sorted({key for r in everything if r is not None for key in r})
         layers = []
-        for index in range(len(self.routers)):
-            parts = [r[index] for r in everything if r is not None and r[index] is not None]
-            if not parts:
-                layers.append(None)
-                continue
+        for key in keys:
+            parts = [r[key] for r in everything if r is not None and key in r]
             ids = (
                 None
                 if parts[0]["group_ids"] is None

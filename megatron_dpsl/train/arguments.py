@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_moe_load_balancing_args(p)
     add_dpsl_args(p)
     _add_distributed_args(p)
+    _add_pipeline_and_recompute_args(p)
     _add_training_args(p)
     _add_data_args(p)
     _add_checkpointing_args(p)
@@ -129,9 +130,6 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
         "--context-parallel-size", type=int, default=1, help="needs Transformer Engine (GPU)"
     )
     g.add_argument(
-        "--pipeline-model-parallel-size", type=int, default=1, help="only 1 is supported"
-    )
-    g.add_argument(
         "--distributed-backend",
         choices=["nccl", "gloo"],
         default=None,
@@ -153,6 +151,41 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
         "on 'cuda')",
     )
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+
+
+def _add_pipeline_and_recompute_args(p: argparse.ArgumentParser) -> None:
+    """Pipeline stages (Megatron's 1F1B and interleaved schedules) and activation recompute."""
+    g = p.add_argument_group("pipeline parallelism and activation recompute")
+    g.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="pipeline stages; each rank builds its stage's layers and runs Megatron's 1F1B "
+        "schedule (interleaved with virtual stages)",
+    )
+    vpp = g.add_mutually_exclusive_group()
+    vpp.add_argument(
+        "--num-layers-per-virtual-pipeline-stage",
+        type=int,
+        default=None,
+        help="layers per virtual stage: the interleaved schedule",
+    )
+    vpp.add_argument(
+        "--num-virtual-stages-per-pipeline-rank",
+        type=int,
+        default=None,
+        help="virtual stages (model chunks) per pipeline rank: the interleaved schedule",
+    )
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument(
+        "--recompute-modules",
+        nargs="*",
+        default=None,
+        help="with --recompute-granularity selective: Megatron's module names (core_attn, moe, "
+        "moe_act, layernorm, mlp, ...); default core_attn",
+    )
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
@@ -207,6 +240,23 @@ def _add_checkpointing_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
     g.add_argument(
         "--finetune", action="store_true", help="load model weights only, restart at iteration 0"
+    )
+    sched = g.add_mutually_exclusive_group()
+    sched.add_argument(
+        "--override-opt_param-scheduler",
+        "--override-opt-param-scheduler",
+        action="store_true",
+        dest="override_opt_param_scheduler",
+        help="on --load, use this run's learning-rate and weight-decay schedule flags, not the "
+        "checkpoint's",
+    )
+    sched.add_argument(
+        "--use-checkpoint-opt_param-scheduler",
+        "--use-checkpoint-opt-param-scheduler",
+        action="store_true",
+        dest="use_checkpoint_opt_param_scheduler",
+        help="on --load, keep the checkpoint's schedule (without either flag the two must match, "
+        "as in Megatron-LM)",
     )
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
@@ -353,6 +403,9 @@ NUMERIC_FLAGS = (
     _count("--expert-tensor-parallel-size"),
     _count("--context-parallel-size"),
     _count("--pipeline-model-parallel-size"),
+    _count("--num-layers-per-virtual-pipeline-stage"),
+    _count("--num-virtual-stages-per-pipeline-rank"),
+    _count("--recompute-num-layers"),
     _count("--micro-batch-size"),
     _count("--global-batch-size"),
     _count("--train-iters"),
@@ -393,15 +446,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     """Fill derived values the way Megatron-LM's ``validate_args`` does; ValueError naming the
     flag."""
     check_ranges(args)
-    if args.pipeline_model_parallel_size != 1:
-        _error(
-            "--pipeline-model-parallel-size",
-            f"the embedded trainer supports only 1, got {args.pipeline_model_parallel_size}",
-        )
     _derive_model_sizes(args)
     _derive_parallel_layout(args, world_size)
+    _derive_pipeline(args)
+    _check_recompute(args)
     _check_moe(args)
     _derive_batches_and_schedule(args)
+    _check_interleaving(args)
     _validate_llava(args)
     _check_data_and_router_flags(args)
     _check_token_groups(args)
@@ -442,24 +493,25 @@ def _derive_model_sizes(args: argparse.Namespace) -> None:
 def _derive_parallel_layout(args: argparse.Namespace, world_size: int) -> None:
     """Data-parallel and expert-tensor-parallel sizes from TP/CP/EP and the world; SP and CP
     needs."""
-    tp, cp, ep = (
+    tp, cp, ep, pp = (
         args.tensor_model_parallel_size,
         args.context_parallel_size,
         args.expert_model_parallel_size,
+        args.pipeline_model_parallel_size,
     )
-    if world_size % (tp * cp):
-        _error(
-            "--tensor-model-parallel-size",
-            f"TP {tp} x CP {cp} must divide the world size {world_size}",
-        )
-    args.data_parallel_size = world_size // (tp * cp)
+    if world_size % (tp * cp * pp):
+        flag = "--tensor-model-parallel-size"
+        if pp > 1 and world_size % (tp * cp) == 0:
+            flag = "--pipeline-model-parallel-size"
+        _error(flag, f"TP {tp} x CP {cp} x PP {pp} must divide the world size {world_size}")
+    args.data_parallel_size = world_size // (tp * cp * pp)
     if args.expert_tensor_parallel_size is None:
         args.expert_tensor_parallel_size = 1 if ep > 1 else tp
-    if world_size % (ep * args.expert_tensor_parallel_size):
+    if world_size % (ep * args.expert_tensor_parallel_size * pp):
         _error(
             "--expert-model-parallel-size",
-            f"EP {ep} x ETP {args.expert_tensor_parallel_size} must divide the world size "
-            f"{world_size}",
+            f"EP {ep} x ETP {args.expert_tensor_parallel_size} x PP {pp} must divide the world "
+            f"size {world_size}",
         )
     if tp == 1 and args.sequence_parallel:
         args.sequence_parallel = False  # Megatron-LM drops it silently too
@@ -480,6 +532,86 @@ def _derive_parallel_layout(args: argparse.Namespace, world_size: int) -> None:
         _error(
             "--context-parallel-size",
             "context parallelism needs --transformer-impl transformer_engine (a GPU)",
+        )
+
+
+def _derive_pipeline(args: argparse.Namespace) -> None:
+    """Layers per stage and the virtual-stage count, as Megatron-LM's ``validate_args`` derives
+    ``virtual_pipeline_model_parallel_size``; the p2p settings gloo can run."""
+    pp = args.pipeline_model_parallel_size
+    per_layers = args.num_layers_per_virtual_pipeline_stage
+    chunks = args.num_virtual_stages_per_pipeline_rank
+    if args.num_layers % pp:
+        _error(
+            "--pipeline-model-parallel-size",
+            f"must divide --num-layers {args.num_layers}, got {pp}",
+        )
+    per_stage = args.num_layers // pp
+    if per_layers is not None:
+        if per_stage % per_layers:
+            _error(
+                "--num-layers-per-virtual-pipeline-stage",
+                f"must divide the {per_stage} layers of each pipeline stage, got {per_layers}",
+            )
+        chunks = per_stage // per_layers
+    if chunks is not None and per_stage % chunks:
+        _error(
+            "--num-virtual-stages-per-pipeline-rank",
+            f"must divide the {per_stage} layers of each pipeline stage, got {chunks}",
+        )
+    args.virtual_pipeline_model_parallel_size = chunks if chunks and chunks > 1 else None
+    if args.virtual_pipeline_model_parallel_size and pp == 1:
+        flag = "--num-layers-per-virtual-pipeline-stage"
+        if per_layers is None:
+            flag = "--num-virtual-stages-per-pipeline-rank"
+        _error(flag, "the interleaved schedule needs --pipeline-model-parallel-size > 1")
+    # Megatron-LM: p2p overlap with the interleaved schedule, batched p2p otherwise (the trainer
+    # turns batching off on gloo, which has none, once the backend is known)
+    args.overlap_p2p_comm = args.virtual_pipeline_model_parallel_size is not None
+    args.batch_p2p_comm = not args.overlap_p2p_comm
+    if pp > 1 and args.llava:
+        _error(
+            "--pipeline-model-parallel-size",
+            "--llava trains on one pipeline stage in the embedded trainer; pipeline a LLaVA "
+            "model with python -m megatron_dpsl.megatron_lm.pretrain_vlm",
+        )
+
+
+def _check_recompute(args: argparse.Namespace) -> None:
+    """Megatron-LM's recompute rules: full needs a method and a layer count; selective takes
+    modules, not a method."""
+    granularity = args.recompute_granularity
+    if granularity == "full":
+        for flag, value in (
+            ("--recompute-method", args.recompute_method),
+            ("--recompute-num-layers", args.recompute_num_layers),
+        ):
+            if value is None:
+                _error(flag, "--recompute-granularity full needs it (uniform or block; a count)")
+        if args.recompute_modules is not None:
+            _error("--recompute-modules", "needs --recompute-granularity selective")
+    elif granularity == "selective":
+        if args.recompute_method is not None:
+            _error("--recompute-method", "only with --recompute-granularity full")
+    else:
+        for flag, value in (
+            ("--recompute-method", args.recompute_method),
+            ("--recompute-num-layers", args.recompute_num_layers),
+            ("--recompute-modules", args.recompute_modules),
+        ):
+            if value is not None:
+                _error(flag, "needs --recompute-granularity (full or selective)")
+
+
+def _check_interleaving(args: argparse.Namespace) -> None:
+    """Megatron's interleaved schedule runs the micro-batches in groups of PP."""
+    pp = args.pipeline_model_parallel_size
+    if args.virtual_pipeline_model_parallel_size and args.num_microbatches % pp:
+        _error(
+            "--global-batch-size",
+            f"the interleaved schedule needs a micro-batch count ({args.num_microbatches} = "
+            f"--global-batch-size / (--micro-batch-size x data-parallel size)) that is a "
+            f"multiple of --pipeline-model-parallel-size {pp}",
         )
 
 

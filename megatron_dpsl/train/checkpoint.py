@@ -4,9 +4,11 @@
 ``dist_checkpointing.save`` of ``{"model": model.sharded_state_dict(), "optimizer": ...,
 "opt_param_scheduler", "iteration", "args", "checkpoint_version": 3.0,
 "num_floating_point_operations_so_far"}``, as Megatron-LM's ``save_checkpoint`` writes it
-(MEGATRON_LM_INTEGRATION.md §5b). Tensors are sharded, so a checkpoint written under one TP/EP
-layout loads under another. ``--load`` of a directory written by ``megatron-dpsl-upcycle`` (no
-optimizer) or with ``--finetune`` loads the weights only and restarts at iteration 0.
+(MEGATRON_LM_INTEGRATION.md §5b); with virtual pipeline stages each model chunk is ``model0``,
+``model1``, ... as in Megatron-LM's ``generate_state_dict``. Tensors are sharded and keyed by global
+layer number, so a checkpoint written under one TP/EP/PP layout loads under another. ``--load`` of
+a directory written by ``megatron-dpsl-upcycle`` (no optimizer) or with ``--finetune`` loads the
+weights only and restarts at iteration 0.
 """
 
 from __future__ import annotations
@@ -67,7 +69,17 @@ def _save_strategy():
     return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
 
 
-def save_checkpoint(args: argparse.Namespace, iteration: int, model, optimizer, scheduler) -> str:
+def model_state_dicts(model_chunks: list) -> dict:
+    """Megatron-LM's model entries: ``{"model": ...}`` for one chunk, ``{"model0": ..., "model1":
+    ...}`` for several (virtual pipeline stages)."""
+    if len(model_chunks) == 1:
+        return {"model": model_chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+
+
+def save_checkpoint(
+    args: argparse.Namespace, iteration: int, model_chunks: list, optimizer, scheduler
+) -> str:
     """Write ``args.save/iter_{iteration:07d}`` and update the tracker file; returns the step
     directory."""
     from megatron.core import dist_checkpointing
@@ -76,9 +88,9 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model, optimizer, 
     if dist.get_rank() == 0:
         os.makedirs(path, exist_ok=True)
     dist.barrier()
-    model_sd = model.sharded_state_dict()
+    model_sd = model_state_dicts(model_chunks)
     state = {
-        "model": model_sd,
+        **model_sd,
         "iteration": iteration,
         "args": argparse.Namespace(**vars(args)),
         "checkpoint_version": CHECKPOINT_VERSION,
@@ -112,8 +124,11 @@ def check_checkpoint_args(saved: argparse.Namespace, args: argparse.Namespace, p
             raise ValueError(f"{flag}: the checkpoint at {path} has {theirs!r}, this run {ours!r}")
 
 
-def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> tuple[int, str]:
-    """Load ``args.load`` into ``model`` (and optimizer/scheduler unless finetuning).
+def load_checkpoint(
+    args: argparse.Namespace, model_chunks: list, optimizer, scheduler
+) -> tuple[int, str]:
+    """Load ``args.load`` into this rank's model chunks (and optimizer/scheduler unless
+    finetuning), whatever TP/EP/PP layout wrote it.
 
     Returns ``(iteration to resume from, step directory)``. Weights only (iteration 0) with
     ``--finetune`` or when the checkpoint holds no optimizer state (an upcycled checkpoint).
@@ -134,15 +149,59 @@ def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> tu
     if saved_args is not None:
         check_checkpoint_args(saved_args, args, path)
     weights_only = args.finetune or "optimizer" not in _sharded_keys(path) or args.no_load_optim
-    model_sd = model.sharded_state_dict()
-    request = {"model": model_sd}
+    model_sd = model_state_dicts(model_chunks)
+    request = dict(model_sd)
     if not weights_only:
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     # buffers a converter may not write (e.g. router bookkeeping) stay at their initial values
     loaded = dist_checkpointing.load(request, path, strict=StrictHandling.LOG_UNEXPECTED)
-    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
+    for key, chunk in zip(model_sd, model_chunks):
+        _load_chunk(chunk, loaded[key], path, weights_only)
+    if weights_only:
+        return 0, path
+    optimizer.load_state_dict(loaded["optimizer"])
+    if "opt_param_scheduler" in common:
+        check_schedule(common["opt_param_scheduler"], scheduler, args, path)
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+    return int(common.get("iteration", 0)), path
+
+
+# OptimizerParamScheduler.state_dict() entries and the flags that set them
+_SCHEDULE_FLAGS = (
+    ("max_lr", "--lr"),
+    ("min_lr", "--min-lr"),
+    ("lr_warmup_steps", "--lr-warmup-iters"),
+    ("lr_decay_steps", "--lr-decay-iters (default --train-iters)"),
+    ("lr_decay_style", "--lr-decay-style"),
+    ("start_wd", "--weight-decay"),
+    ("end_wd", "--weight-decay"),
+)  # (the weight decay is constant: its increment steps do not matter)
+
+
+def check_schedule(saved: dict, scheduler, args: argparse.Namespace, path: str) -> None:
+    """Megatron-LM's resume rule: the checkpoint's learning-rate and weight-decay schedule must
+    equal this run's unless ``--override-opt_param-scheduler`` (this run's) or
+    ``--use-checkpoint-opt_param-scheduler`` (the checkpoint's) says which wins; ValueError naming
+    the flag (megatron-core's own check is an ``assert``, and its default keeps the checkpoint's
+    schedule without a word: a resume with a longer --train-iters then trains at lr 0)."""
+    if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+        return
+    for key, flag in _SCHEDULE_FLAGS:
+        ours = getattr(scheduler, key)
+        if key in saved and saved[key] != ours:
+            raise ValueError(
+                f"{flag}: the checkpoint at {path} has {key} = {saved[key]!r}, this run "
+                f"{ours!r}; pass --override-opt_param-scheduler to use this run's schedule or "
+                "--use-checkpoint-opt_param-scheduler to keep the checkpoint's"
+            )
+
+
+def _load_chunk(chunk, state_dict: dict, path: str, weights_only: bool) -> None:
+    """``chunk.load_state_dict`` that names missing tensors; a weights-only load may lack the
+    router's fresh-start buffers."""
+    missing, _ = chunk.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not k.endswith("._extra_state")]
     fresh = [k for k in missing if weights_only and k.endswith(_FRESH_START_BUFFERS)]
     if fresh and dist.get_rank() == 0:
@@ -155,12 +214,6 @@ def load_checkpoint(args: argparse.Namespace, model, optimizer, scheduler) -> tu
         raise KeyError(
             f"--load: {path} lacks model tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
-    if weights_only:
-        return 0, path
-    optimizer.load_state_dict(loaded["optimizer"])
-    if "opt_param_scheduler" in common:
-        scheduler.load_state_dict(common["opt_param_scheduler"])
-    return int(common.get("iteration", 0)), path
 
 
 def _sharded_keys(path: str) -> set:

@@ -33,6 +33,9 @@ def enable() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")
     # torch.cuda.synchronize() around timers/checkpoint saves: nothing to wait for on CPU.
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    # megatron-core 0.19's DDP grad sync (param_and_grad_buffer.start_grad_sync) has the current
+    # stream wait for CUDA-graph events: on CPU the work is already in order.
+    torch.cuda.current_stream = lambda *args, **kwargs: _HostStream()
 
     from megatron.core.tensor_parallel import random as mpu_random
 
@@ -65,14 +68,54 @@ def enable() -> None:
 
     mpu_random.CudaRNGStatesTracker.add = add
     mpu_random.CudaRNGStatesTracker.fork = fork
+    # Activation recompute (tensor_parallel.checkpoint, --recompute-granularity) saves and restores
+    # the CUDA generator next to the CPU one; on CPU there is none (the CPU one is still restored).
+    mpu_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mpu_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    _schedules_count_tokens_on_cpu()
     # (Router.gating's weight move is DPSLRouter's own concern: it follows the input's device.)
 
 
+class _HostStream:
+    """The current "stream" on a CPU: nothing to wait for."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+
+class _TorchForSchedules:
+    """``torch`` as Megatron's pipeline schedules see it: ``torch.zeros(..., device="cuda")`` (the
+    schedules' token counter, ``total_num_tokens``) is made on the CPU; everything else is torch."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
+def _schedules_count_tokens_on_cpu() -> None:
+    """Megatron's ``forward_backward_pipelining_{with,without}_interleaving`` allocate their token
+    counter with ``device="cuda"`` (megatron-core 0.16 and 0.19); the trainer runs them on CPU for
+    ``--pipeline-model-parallel-size > 1``."""
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchForSchedules()
+
+
 @contextlib.contextmanager
-def llava_construction():
-    """While ``LLaVAModel`` is built (``--llava``): ``CLIPViTModel.__init__`` moves its position ids
-    with ``.cuda()``: a no-op here (everything is on the CPU). Undone on exit. (CLIP's norms without
-    Transformer Engine are the builder's own fix, ``models.vlm.clip_norms_without_te``.)
+def model_construction():
+    """While a model is built: ``.cuda()`` is a no-op (everything is on the CPU). Undone on exit.
+
+    Two Megatron calls need it: ``CLIPViTModel.__init__`` moves its position ids with ``.cuda()``
+    (``--llava``), and under pipeline parallelism with tied embeddings
+    ``LanguageModule.setup_embeddings_and_output_layer`` moves the shared weight with ``.cuda()``
+    before it all-reduces it over the embedding group. (CLIP's norms without Transformer Engine are
+    the builder's own fix, ``models.vlm.clip_norms_without_te``.)
     """
     saved = torch.Tensor.cuda
     torch.Tensor.cuda = lambda self, *args, **kwargs: self

@@ -39,11 +39,19 @@ def config_from_args(args: argparse.Namespace, *, use_cpu_initialization: bool):
     return dpsl_config_from_args(args, **overrides)
 
 
-def build_model(args: argparse.Namespace, config):
-    """A ``GPTModel`` (pre- and post-process: the trainer has no pipeline parallelism)."""
+def build_model(args: argparse.Namespace, config, *, vp_stage: int | None = None):
+    """This pipeline stage's ``GPTModel`` (virtual stage ``vp_stage`` with the interleaved
+    schedule): the embedding on the first stage, the output layer and loss on the last, the stage's
+    share of the layers (all of it without pipeline parallelism)."""
+    from megatron.core import parallel_state
+
     from megatron_dpsl.models.gpt import build_gpt_model
 
     use_te = args.transformer_impl == "transformer_engine"
+    whole = (
+        vp_stage is None
+    )  # one chunk per rank: its stage is the rank's (Megatron-LM's get_model)
+    stage = dict(ignore_virtual=whole, vp_stage=vp_stage)
     return build_gpt_model(
         config,
         spec="layer",
@@ -53,12 +61,36 @@ def build_model(args: argparse.Namespace, config):
         else {"normalization": args.normalization},  # the TE spec has no such argument
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
+        pre_process=parallel_state.is_pipeline_first_stage(**stage),
+        post_process=parallel_state.is_pipeline_last_stage(**stage),
         parallel_output=True,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type,
+        **({} if whole else {"vp_stage": vp_stage}),
     )
+
+
+def build_model_chunks(args: argparse.Namespace, config) -> list:
+    """Megatron-LM's ``get_model``: one ``GPTModel`` per virtual pipeline stage of this rank (one in
+    all without the interleaved schedule); ``LLaVAModel`` with ``--llava`` (one stage).
+
+    On CPU, ``cpu_platform.model_construction`` answers the ``.cuda()`` calls made while building
+    (CLIP's position ids, the tied embedding's move before its all-reduce across stages).
+    """
+    import contextlib
+
+    from megatron_dpsl.train import cpu_platform
+
+    building = (
+        cpu_platform.model_construction if cpu_platform.is_enabled() else contextlib.nullcontext
+    )
+    with building():
+        if args.llava:
+            return [build_llava_model(args, config)]
+        vpp = args.virtual_pipeline_model_parallel_size
+        if vpp is None:
+            return [build_model(args, config)]
+        return [build_model(args, config, vp_stage=v) for v in range(vpp)]
 
 
 def build_llava_model(args: argparse.Namespace, config):
@@ -66,11 +98,9 @@ def build_llava_model(args: argparse.Namespace, config):
     ``--vision-hidden-size``), LLaVA-1.5's two-layer GELU projector and this language model, with
     automatic modality ids (``megatron_dpsl.models.vlm``); ``--freeze-LM`` / ``--freeze-ViT`` as
     Megatron-LM's ``pretrain_vlm``."""
-    import contextlib
-
     from megatron_dpsl.models.vlm import build_llava_model as build
     from megatron_dpsl.models.vlm import clip_vision_config
-    from megatron_dpsl.train import cpu_platform, vlm_data
+    from megatron_dpsl.train import vlm_data
 
     h = args.vision_hidden_size
     vision = clip_vision_config(
@@ -81,22 +111,18 @@ def build_llava_model(args: argparse.Namespace, config):
         num_attention_heads=args.num_attention_heads,
         ffn_hidden_size=4 * h,
     )
-    building = (
-        cpu_platform.llava_construction if cpu_platform.is_enabled() else contextlib.nullcontext
+    model = build(
+        config,
+        vision,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.seq_length,
+        language_spec_kwargs={"normalization": args.normalization},
+        drop_vision_class_token=args.disable_vision_class_token,
+        img_h=vlm_data.IMAGE_SIZE,
+        img_w=vlm_data.IMAGE_SIZE,
+        patch_dim=args.patch_dim,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        language_position_embedding_type=args.position_embedding_type,
     )
-    with building():
-        model = build(
-            config,
-            vision,
-            vocab_size=args.padded_vocab_size,
-            max_sequence_length=args.seq_length,
-            language_spec_kwargs={"normalization": args.normalization},
-            drop_vision_class_token=args.disable_vision_class_token,
-            img_h=vlm_data.IMAGE_SIZE,
-            img_w=vlm_data.IMAGE_SIZE,
-            patch_dim=args.patch_dim,
-            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-            language_position_embedding_type=args.position_embedding_type,
-        )
     model.freeze(args.freeze_LM, args.freeze_ViT, False)
     return model

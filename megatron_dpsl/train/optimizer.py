@@ -11,7 +11,8 @@ optimizer does for this trainer's models:
 * gradients are DDP's ``main_grad`` buffers (``param.grad = param.main_grad``, as
   ``FP32Optimizer``);
 * the global gradient norm of ``get_grad_norm_fp32`` + ``ChainedOptimizer``: squared norms of the
-  dense parameters that are not tensor-parallel duplicates, summed over the model-parallel group,
+  dense parameters that are neither tensor-parallel duplicates nor shared (a tied output layer on
+  the last pipeline stage), summed over the model-parallel group (pipeline stages included),
   plus those of the expert parameters summed over the expert-tensor-model-pipeline group; clipping
   by ``clip_grad / (norm + 1e-6)`` when below 1;
 * ``sharded_state_dict``: the Adam moments as ``ShardedTensor``s keyed like the model parameters
@@ -28,9 +29,10 @@ import torch
 import torch.distributed as dist
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def _param_groups(model_chunks: list[torch.nn.Module], weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    named = itertools.chain.from_iterable(chunk.named_parameters() for chunk in model_chunks)
+    for name, param in named:
         if not param.requires_grad:
             continue
         (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(param)
@@ -53,11 +55,16 @@ def grad_norm_fp32(params: list[torch.nn.Parameter]) -> float:
     ``ChainedOptimizer``) from ``param.grad``; see the module docstring."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
 
     dense_sq = torch.zeros((), dtype=torch.float32)
     expert_sq = torch.zeros((), dtype=torch.float32)
     for p in params:
+        # a tied output layer on the last pipeline stage is the first stage's embedding (shared):
+        # its gradient, all-reduced across the embedding group, counts once
         if p.grad is None or not param_is_not_tensor_parallel_duplicate(p):
+            continue
+        if not param_is_not_shared(p):
             continue
         sq = p.grad.detach().float().pow(2).sum().cpu()
         if getattr(p, "allreduce", True):
@@ -76,11 +83,10 @@ class TorchAdamW:
     """``torch.optim.AdamW`` behind the slice of ``MegatronOptimizer``'s interface the trainer
     uses."""
 
-    def __init__(self, model: torch.nn.Module, args: argparse.Namespace):
-        self.model = model
+    def __init__(self, model_chunks: list[torch.nn.Module], args: argparse.Namespace):
         self.clip_grad = args.clip_grad
         self.optimizer = torch.optim.AdamW(
-            _param_groups(model, args.weight_decay),
+            _param_groups(model_chunks, args.weight_decay),
             lr=args.lr,
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_eps,
@@ -153,9 +159,9 @@ class TorchAdamW:
                     }
 
 
-def build_optimizer(args: argparse.Namespace, ddp_model, unwrapped_model, on_cuda: bool):
+def build_optimizer(args: argparse.Namespace, ddp_chunks: list, model_chunks: list, on_cuda: bool):
     """Megatron's optimizer (``--optimizer-impl megatron``, the default on GPU) or
-    :class:`TorchAdamW`."""
+    :class:`TorchAdamW`, over every model chunk of this rank."""
     impl = args.optimizer_impl
     if impl == "auto":
         impl = "megatron" if on_cuda else "torch"
@@ -179,8 +185,8 @@ def build_optimizer(args: argparse.Namespace, ddp_model, unwrapped_model, on_cud
             params_dtype=torch.float32,
             use_distributed_optimizer=False,
         )
-        return get_megatron_optimizer(config, [ddp_model]), "megatron"
-    return TorchAdamW(unwrapped_model, args), "torch"
+        return get_megatron_optimizer(config, ddp_chunks), "megatron"
+    return TorchAdamW(model_chunks, args), "torch"
 
 
 def build_scheduler(args: argparse.Namespace, optimizer):
@@ -199,4 +205,8 @@ def build_scheduler(args: argparse.Namespace, optimizer):
         end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters,
         wd_incr_style="constant",
+        # on --load, checkpoint.check_schedule has already refused a schedule that differs from
+        # this run's unless one of the two flags says which wins (Megatron-LM's rule)
+        use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
     )

@@ -1,8 +1,10 @@
 """One training step's forward/backward over the micro-batches of a global batch.
 
-On a GPU the trainer calls Megatron's own schedule (``get_forward_backward_func()``: with no
-pipeline parallelism, ``forward_backward_no_pipelining``). On a CPU that schedule cannot run:
-megatron-core 0.16.1 allocates its token counter with ``device="cuda"``.
+On a GPU, and with pipeline stages on any device, the trainer calls Megatron's own schedule
+(``get_forward_backward_func()``: ``forward_backward_no_pipelining``, 1F1B, or interleaved with
+virtual stages); on a CPU ``cpu_platform`` answers the pipelined schedules' one CUDA-only call.
+Without pipeline stages on a CPU the trainer keeps its reproduction of the no-pipelining schedule
+(megatron-core 0.16.1 allocates that schedule's token counter with ``device="cuda"`` too).
 :func:`forward_backward_no_pipelining` reproduces the path this trainer takes through it, step for
 step:
 
@@ -126,9 +128,11 @@ def forward_backward_no_pipelining(
     return forward_data_store
 
 
-def get_forward_backward(on_cuda: bool):
-    """Megatron's schedule on GPU, the CPU reproduction otherwise; both take Megatron's keywords."""
-    if on_cuda:
+def get_forward_backward(on_cuda: bool, pipelined: bool = False):
+    """Megatron's schedule on GPU and with pipeline stages (1F1B, or interleaved with virtual
+    stages; on CPU ``cpu_platform`` makes their token counter on the host), the CPU reproduction of
+    ``forward_backward_no_pipelining`` otherwise; all take Megatron's keywords."""
+    if on_cuda or pipelined:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         return get_forward_backward_func()

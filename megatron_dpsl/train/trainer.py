@@ -42,7 +42,7 @@ class TrainResult:
     """What ``pretrain`` returns (for the quickstart and tests)."""
 
     args: argparse.Namespace
-    model: object  # the unwrapped GPTModel
+    model: object  # the unwrapped GPTModel (this rank's first model chunk under pipelining)
     iteration: int
     train_losses: list[float] = field(default_factory=list)  # lm loss per iteration (DP mean)
     valid_losses: list[tuple] = field(default_factory=list)  # (iteration, lm loss)
@@ -58,6 +58,7 @@ class TrainResult:
     )  # CPU time of this process in each train_step
     optimizer_impl: str = ""
     schedule_impl: str = ""
+    model_chunks: list = field(default_factory=list)  # this rank's unwrapped model chunks
 
 
 @dataclass(kw_only=True)
@@ -67,8 +68,8 @@ class TrainingRun:
 
     args: argparse.Namespace
     device: object  # torch.device
-    model: object  # the unwrapped GPTModel
-    ddp_model: object  # Megatron's DistributedDataParallel around it
+    model_chunks: list  # this rank's unwrapped models: one per virtual pipeline stage (else one)
+    ddp_chunks: list  # Megatron's DistributedDataParallel around each
     optimizer: object
     scheduler: object  # Megatron's OptimizerParamScheduler
     train_sampler: object  # data.BatchSampler
@@ -139,16 +140,38 @@ def initialize_distributed(args: argparse.Namespace):
 
 
 def _set_random_seed(seed: int) -> None:
-    """Megatron-LM's ``_set_random_seed`` (no pipeline parallelism: the offset 100 * pp_rank is
-    0)."""
+    """Megatron-LM's ``_set_random_seed``: each pipeline stage draws from ``seed + 100 *
+    pp_rank``."""
     import numpy as np
     import torch
-    from megatron.core import tensor_parallel
+    from megatron.core import parallel_state, tensor_parallel
 
+    seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _last_stage_mean(total: float, count: int, device) -> float:
+    """``total / count`` of the last pipeline stage (the only one with losses), on every rank of
+    the pipeline group, then averaged over data-parallel ranks."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
+    return _reduce_dp_mean([(t[0] / t[1].clamp(min=1)).item()], device)[0]
+
+
+def data_iterators(sampler, iteration: int, num_chunks: int):
+    """The data iterator Megatron's schedules take: one per model chunk with the interleaved
+    schedule (each chunk reads the whole global batch, its group ids included), else one."""
+    if num_chunks == 1:
+        return sampler.iterator(iteration)
+    return [sampler.iterator(iteration) for _ in range(num_chunks)]
 
 
 def _reduce_dp_mean(values: list[float], device) -> list[float]:
@@ -182,14 +205,17 @@ def _stats_prior(config):
     return torch.ones(config.num_moe_experts, dtype=torch.float64)
 
 
-def evaluate(args, ddp_model, sampler, forward_backward, forward_step, device, stats=None) -> float:
+def evaluate(
+    args, ddp_chunks, sampler, forward_backward, forward_step, device, stats=None
+) -> float:
     """Mean validation lm loss over ``--eval-iters`` global batches (DP mean), Megatron-LM's
     ``evaluate``."""
     import torch
 
     from megatron_dpsl.tracking import moe_tracker
 
-    ddp_model.eval()
+    for chunk in ddp_chunks:
+        chunk.eval()
     if stats is not None:
         stats.reset()
         stats.enabled = True
@@ -198,8 +224,8 @@ def evaluate(args, ddp_model, sampler, forward_backward, forward_step, device, s
         for it in range(args.eval_iters):
             out = forward_backward(
                 forward_step_func=forward_step,
-                data_iterator=sampler.iterator(it),
-                model=[ddp_model],
+                data_iterator=data_iterators(sampler, it, len(ddp_chunks)),
+                model=ddp_chunks,
                 num_microbatches=sampler.num_microbatches,
                 seq_length=args.seq_length,
                 micro_batch_size=args.micro_batch_size,
@@ -211,8 +237,9 @@ def evaluate(args, ddp_model, sampler, forward_backward, forward_step, device, s
         stats.enabled = False
     if args.num_experts is not None:
         moe_tracker.clear_tracker()  # eval-time router losses are not training losses
-    ddp_model.train()
-    return _reduce_dp_mean([total / max(count, 1)], device)[0]
+    for chunk in ddp_chunks:
+        chunk.train()
+    return _last_stage_mean(total, count, device)
 
 
 def initialize(args: argparse.Namespace):
@@ -224,6 +251,7 @@ def initialize(args: argparse.Namespace):
 
     device, backend = initialize_distributed(args)
     validate_args(args, dist.get_world_size())
+    args.batch_p2p_comm = args.batch_p2p_comm and backend == "nccl"  # gloo has no batched p2p
     if (
         backend == "gloo"
         and args.moe_token_dispatcher_type != "allgather"
@@ -242,7 +270,8 @@ def initialize(args: argparse.Namespace):
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=1,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
@@ -253,35 +282,36 @@ def initialize(args: argparse.Namespace):
 
 
 def _build_model(args: argparse.Namespace, device):
-    """The config, the GPTModel on ``device`` and Megatron's DDP around it (wired into the
-    config)."""
+    """The config, this rank's model chunks on ``device`` and Megatron's DDP around each (wired
+    into the config as Megatron-LM's ``get_model`` and ``train`` wire them)."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
 
-    from megatron_dpsl.train.model import build_llava_model, build_model, config_from_args
+    from megatron_dpsl.train.model import build_model_chunks, config_from_args
 
     config = config_from_args(args, use_cpu_initialization=device.type == "cpu")
-    model = (build_llava_model if args.llava else build_model)(args, config).to(device)
-    ddp_model = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
-        model,
-    )
+    chunks = [chunk.to(device) for chunk in build_model_chunks(args, config)]
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+    ddp_chunks = [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0)
+        for index, chunk in enumerate(chunks)
+    ]
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp_model.no_sync
-    return config, model, ddp_model
+    no_sync = [chunk.no_sync for chunk in ddp_chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    return config, chunks, ddp_chunks
 
 
-def _resume(args: argparse.Namespace, model, optimizer, scheduler) -> int:
+def _resume(args: argparse.Namespace, model_chunks, optimizer, scheduler) -> int:
     """Load ``--load`` (if given); returns the iteration to start at."""
     from megatron_dpsl.train import checkpoint
 
     if not args.load:
         return 0
-    iteration, loaded_from = checkpoint.load_checkpoint(args, model, optimizer, scheduler)
+    iteration, loaded_from = checkpoint.load_checkpoint(args, model_chunks, optimizer, scheduler)
     print_rank_0(f" loaded checkpoint from {loaded_from} (resuming at iteration {iteration})")
     if iteration:
         scheduler.step(increment=0)
@@ -364,24 +394,25 @@ def setup(args: argparse.Namespace) -> TrainingRun:
 
     device, backend = initialize(args)
     on_cuda = device.type == "cuda"
-    config, model, ddp_model = _build_model(args, device)
-    optimizer, optimizer_impl = build_optimizer(args, ddp_model, model, on_cuda=on_cuda)
+    config, chunks, ddp_chunks = _build_model(args, device)
+    optimizer, optimizer_impl = build_optimizer(args, ddp_chunks, chunks, on_cuda=on_cuda)
     scheduler = build_scheduler(args, optimizer)
-    iteration = _resume(args, model, optimizer, scheduler)
-    train_sampler, valid_sampler = _samplers(args, device, model)
-    forward_backward = get_forward_backward(on_cuda=on_cuda)
+    iteration = _resume(args, chunks, optimizer, scheduler)
+    train_sampler, valid_sampler = _samplers(args, device, chunks[0])
+    pipelined = args.pipeline_model_parallel_size > 1
+    forward_backward = get_forward_backward(on_cuda=on_cuda, pipelined=pipelined)
     # LLaVA computes each position's modality itself (a forward pre-hook): no group-id context
     llava_step = make_llava_forward_step() if args.llava else None
     forward_step = llava_step or make_forward_step(_group_context(config))
-    stats = RoutingStats(model) if args.num_experts is not None else None
+    stats = RoutingStats(chunks) if args.num_experts is not None else None
     stats_prior = _stats_prior(config) if stats is not None else None
     # a DPSL group prior has one row per token group; the usage table has at least code and prose
     groups = stats is not None and config.moe_dpsl_enabled and config.moe_dpsl_uses_groups
     run = TrainingRun(
         args=args,
         device=device,
-        model=model,
-        ddp_model=ddp_model,
+        model_chunks=chunks,
+        ddp_chunks=ddp_chunks,
         optimizer=optimizer,
         scheduler=scheduler,
         train_sampler=train_sampler,
@@ -394,10 +425,11 @@ def setup(args: argparse.Namespace) -> TrainingRun:
         writer=_open_writer(args),
         result=TrainResult(
             args=args,
-            model=model,
+            model=chunks[0],
+            model_chunks=chunks,
             iteration=iteration,
             optimizer_impl=optimizer_impl,
-            schedule_impl="megatron" if on_cuda else "torch",
+            schedule_impl="megatron" if on_cuda or pipelined else "torch",
         ),
     )
     _print_banner(run, backend)
@@ -412,25 +444,36 @@ def _print_banner(run: TrainingRun, backend: str) -> None:
     print_rank_0(
         f" > megatron-dpsl trainer: world {dist.get_world_size()} ({backend}, "
         f"{run.device.type}) | TP {args.tensor_model_parallel_size}"
-        f" EP {args.expert_model_parallel_size} DP "
+        f" PP {args.pipeline_model_parallel_size}"
+        f"{_virtual_stages(args)} EP {args.expert_model_parallel_size} DP "
         f"{parallel_state.get_data_parallel_world_size()} | micro-batches "
         f"{args.num_microbatches} | "
-        f"parameters on rank 0: {sum(p.numel() for p in run.model.parameters())} | optimizer "
+        f"parameters on rank 0: {_num_parameters(run.model_chunks)} | optimizer "
         f"{result.optimizer_impl} | "
         f"schedule {result.schedule_impl}"
     )
+
+
+def _virtual_stages(args: argparse.Namespace) -> str:
+    vpp = args.virtual_pipeline_model_parallel_size
+    return "" if vpp is None else f" x VPP {vpp}"
+
+
+def _num_parameters(chunks) -> int:
+    return sum(p.numel() for chunk in chunks for p in chunk.parameters())
 
 
 def train_step(run: TrainingRun):
     """One global batch: forward/backward over the micro-batches, optimizer and LR steps; (lm loss,
     grad norm)."""
     args = run.args
-    run.ddp_model.zero_grad_buffer()
+    for chunk in run.ddp_chunks:
+        chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
     out = run.forward_backward(
         forward_step_func=run.forward_step,
-        data_iterator=run.train_sampler.iterator(run.result.iteration),
-        model=[run.ddp_model],
+        data_iterator=data_iterators(run.train_sampler, run.result.iteration, len(run.ddp_chunks)),
+        model=run.ddp_chunks,
         num_microbatches=args.num_microbatches,
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
@@ -439,7 +482,7 @@ def train_step(run: TrainingRun):
     _, grad_norm, _ = run.optimizer.step()
     run.scheduler.step(increment=1)
     run.result.iteration += 1
-    lm_loss = _reduce_dp_mean([sum(float(d["lm loss"]) for d in out) / len(out)], run.device)[0]
+    lm_loss = _last_stage_mean(sum(float(d["lm loss"]) for d in out), len(out), run.device)
     if not math.isfinite(lm_loss):
         raise FloatingPointError(f"lm loss is {lm_loss} at iteration {run.result.iteration}")
     return lm_loss, grad_norm
@@ -515,7 +558,7 @@ def validate(run: TrainingRun) -> None:
     it = run.result.iteration
     loss = evaluate(
         run.args,
-        run.ddp_model,
+        run.ddp_chunks,
         run.valid_sampler,
         run.forward_backward,
         run.forward_step,
@@ -568,7 +611,7 @@ def save(run: TrainingRun) -> None:
     from megatron_dpsl.train import checkpoint
 
     checkpoint.save_checkpoint(
-        run.args, run.result.iteration, run.model, run.optimizer, run.scheduler
+        run.args, run.result.iteration, run.model_chunks, run.optimizer, run.scheduler
     )
     print_rank_0(f" saved checkpoint at iteration {run.result.iteration} to {run.args.save}")
 

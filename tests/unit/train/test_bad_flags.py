@@ -146,7 +146,34 @@ TRAINER_BAD_FLAGS = [
         ["--num-experts", "4", "--moe-router-bias-update-rate", "inf"],
         "--moe-router-bias-update-rate",
     ),
-    (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size"),
+    (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size"),  # world 1
+    (["--pipeline-model-parallel-size", "0"], "--pipeline-model-parallel-size"),
+    (["--num-layers-per-virtual-pipeline-stage", "1"], "--num-layers-per-virtual-pipeline-stage"),
+    (["--num-layers-per-virtual-pipeline-stage", "3"], "--num-layers-per-virtual-pipeline-stage"),
+    (["--num-virtual-stages-per-pipeline-rank", "3"], "--num-virtual-stages-per-pipeline-rank"),
+    (["--num-virtual-stages-per-pipeline-rank", "0"], "--num-virtual-stages-per-pipeline-rank"),
+    (
+        [
+            "--num-layers-per-virtual-pipeline-stage",
+            "1",
+            "--num-virtual-stages-per-pipeline-rank",
+            "2",
+        ],
+        "--num-virtual-stages-per-pipeline-rank",  # argparse: not allowed with the other
+    ),
+    (["--recompute-granularity", "full"], "--recompute-method"),
+    (
+        ["--recompute-granularity", "full", "--recompute-method", "uniform"],
+        "--recompute-num-layers",
+    ),
+    (["--recompute-granularity", "selective", "--recompute-method", "block"], "--recompute-method"),
+    (["--recompute-modules", "moe"], "--recompute-modules"),
+    (["--recompute-granularity", "partial"], "--recompute-granularity"),
+    (["--recompute-num-layers", "0"], "--recompute-num-layers"),
+    (
+        ["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"],
+        "--use-checkpoint-opt_param-scheduler",
+    ),
 ]
 
 

@@ -153,7 +153,21 @@ def test_megatron_flag_names_parse_and_derive():
         ),
         (["--num-experts", "4", "--moe-router-topk", "5"], 1, "--moe-router-topk"),
         (["--context-parallel-size", "2"], 2, "--context-parallel-size"),
-        (["--pipeline-model-parallel-size", "2"], 2, "--pipeline-model-parallel-size"),
+        (["--pipeline-model-parallel-size", "2"], 3, "--pipeline-model-parallel-size"),
+        (["--pipeline-model-parallel-size", "4"], 4, "--pipeline-model-parallel-size"),  # 2 layers
+        (
+            # 2 micro-batches per global batch: the interleaved schedule needs a multiple of PP 4
+            ["--num-layers", "8", "--pipeline-model-parallel-size", "4"]
+            + ["--num-layers-per-virtual-pipeline-stage", "1"],
+            4,
+            "--global-batch-size",
+        ),
+        (
+            ["--llava", "--pipeline-model-parallel-size", "2"],
+            2,
+            "--llava trains on one pipeline stage",
+        ),
+        (["--tensor-model-parallel-size", "3"], 2, "--tensor-model-parallel-size"),
         (["--num-attention-heads", "5"], 1, "--num-attention-heads"),
         (["--seq-length", "64", "--max-position-embeddings", "32"], 1, "--seq-length"),
         (["--tensor-model-parallel-size", "2", "--num-experts", "4"], 2, "--sequence-parallel"),
@@ -259,10 +273,12 @@ def test_routing_stats_hook_records_what_the_routers_saw(ac):
 
     model.eval()
     forward()
-    assert stats._local() == [None, None]  # disabled: nothing recorded
+    assert stats._local() == {}  # disabled: nothing recorded
     stats.enabled = True
     forward()
-    for index, layer in enumerate(stats._local()):
+    local = stats._local()
+    assert sorted(local) == [1, 2]  # keyed by the routers' (global) layer numbers
+    for index, layer in enumerate(local[n] for n in sorted(local)):
         probs, routing_map = seen[index][-1]
         assert torch.equal(layer["probs"], probs) and torch.equal(layer["routing_map"], routing_map)
         # group ids follow the router's s-major flattening of [s, b]
@@ -408,7 +424,7 @@ def test_torch_adamw_param_groups_and_grad_norm():
     from megatron_dpsl.train.optimizer import TorchAdamW
 
     args, config, model = _setup([*TINY, "--weight-decay", "0.1", "--clip-grad", "1e-3"])
-    opt = TorchAdamW(model, args)
+    opt = TorchAdamW([model], args)
     names = {id(p): n for n, p in model.named_parameters()}
     for group in opt.param_groups:
         for p in group["params"]:
@@ -500,6 +516,32 @@ def test_train_log_tensorboard_checkpoint_resume(tmp_path, capsys):
 
     finetuned = _train(tmp_path, "--train-iters", "2", "--load", save, "--finetune")
     assert finetuned.iteration == 2 and len(finetuned.train_losses) == 2  # restarted at 0
+
+
+def test_resume_with_another_schedule_names_the_flag(tmp_path):
+    """Megatron-LM's rule: a resume whose learning-rate schedule differs from the checkpoint's is
+    refused unless a flag says which wins (megatron-core's default kept the checkpoint's
+    silently: one step saved with --train-iters 1, resumed with 3, trained at lr 0)."""
+    save = str(tmp_path / "ckpt")
+    _train(tmp_path, "--train-iters", "1", "--save", save)
+    with pytest.raises(ValueError, match="--lr-decay-iters") as err:
+        _train(tmp_path, "--train-iters", "3", "--load", save)
+    assert "--override-opt_param-scheduler" in str(err.value)
+    loaded = _train(tmp_path, "--train-iters", "1", "--load", save)  # resumes at its end: no step
+    ours = _train(tmp_path, "--train-iters", "3", "--load", save, "--override-opt_param-scheduler")
+    theirs = _train(
+        tmp_path, "--train-iters", "3", "--load", save, "--use-checkpoint-opt_param-scheduler"
+    )
+    assert len(loaded.train_losses) == 0
+    assert len(ours.train_losses) == len(theirs.train_losses) == 2
+
+    def params(result):
+        return [p.detach() for p in result.model.parameters()]
+
+    # this run's schedule (linear decay over 3 iterations: lr 1e-2 x 2/3, then x 1/3) trains; the
+    # checkpoint's (decay over 1 iteration) is at lr 0 from iteration 1 on: nothing moves
+    assert all(torch.equal(a, b) for a, b in zip(params(theirs), params(loaded), strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(params(ours), params(loaded), strict=True))
 
 
 def test_load_rejects_mismatched_model_flags(tmp_path):

@@ -78,7 +78,8 @@ def test_every_method_from_the_command_line(monkeypatch):
 
     def setup(a):  # the trainer's own setup; the hooks only watch the routers it built
         run = real_setup(a)
-        seen["routers"] = [m for m in run.model.modules() if isinstance(m, ACRouter)]
+        (model,) = run.model_chunks  # one stage
+        seen["routers"] = [m for m in model.modules() if isinstance(m, ACRouter)]
         seen["loads"], seen["handles"] = _count_training_loads(seen["routers"])
         return run
 
