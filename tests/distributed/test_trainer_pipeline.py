@@ -11,7 +11,7 @@ checkpoints the pipelined runs wrote (``model`` / ``model0``, ``model1``) load b
 and give the pipelined run's weights bit for bit.
 
 The trainer runs as a user runs it (``pretrain`` on parsed flags; the worker is
-``tests/support/workers/trainer_pipeline_worker.py``): Megatron's own 1F1B and interleaved
+``tests/support/workers/trainer_phases_worker.py``): Megatron's own 1F1B and interleaved
 schedules, DDP and ``finalize_model_grads`` (the embedding-group all-reduce of the tied weight),
 ``dist_checkpointing``; on CPU the package's ``cpu_platform`` makes the schedules' token counter on
 the host. About 40-60 s on 2 shared cores: marked slow (CI's slow suite and its megatron-core 0.19
@@ -26,7 +26,7 @@ import math
 import pytest
 import torch
 from support.common import torchrun
-from support.trainer_argv import SMALL_MOE, TINY
+from support.trainer_argv import GROUP_PRIORS, SMALL_MOE, TINY
 
 from megatron_dpsl.train.arguments import parse_args
 
@@ -47,12 +47,7 @@ BASE = [
     "0.0",
     "--moe-dpsl-coeff",
     "1.0",
-    "--moe-dpsl-alpha-base",
-    "0.75",
-    "--moe-dpsl-alpha-shift",
-    "0.5",
-    "--moe-dpsl-num-groups",
-    "2",
+    *GROUP_PRIORS,
     "--moe-dpsl-log-interval",
     "1",
     "--init-method-std",
@@ -108,7 +103,7 @@ def runs(tmp_path_factory):
     }
     (tmp / "phases.json").write_text(json.dumps(phases))
     proc = torchrun(
-        "trainer_pipeline_worker.py", str(tmp), str(tmp / "phases.json"), nproc=2, timeout=900
+        "trainer_phases_worker.py", str(tmp), str(tmp / "phases.json"), nproc=2, timeout=900
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = {

@@ -38,3 +38,13 @@ TINY = [
 
 SMALL_MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32"]
 """With ``TINY``: 4 experts, top-2, narrow expert FFNs."""
+
+GROUP_PRIORS = [
+    "--moe-dpsl-alpha-base",
+    "0.75",
+    "--moe-dpsl-alpha-shift",
+    "0.5",
+    "--moe-dpsl-num-groups",
+    "2",
+]
+"""DPSL modality priors over the data's two token groups (with ``--moe-dpsl-coeff``)."""

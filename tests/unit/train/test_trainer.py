@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from support.common import REPO, WORKERS, child_env, free_port
-from support.trainer_argv import SMALL_MOE
+from support.trainer_argv import GROUP_PRIORS, SMALL_MOE
 from support.trainer_argv import TINY as TINY_ARGV
 
 from megatron_dpsl.train.arguments import parse_args, validate_args
@@ -35,12 +35,7 @@ MOE = [
     "0.0",
     "--moe-dpsl-coeff",
     "0.1",
-    "--moe-dpsl-alpha-base",
-    "0.75",
-    "--moe-dpsl-alpha-shift",
-    "0.5",
-    "--moe-dpsl-num-groups",
-    "2",
+    *GROUP_PRIORS,
     "--moe-dpsl-log-interval",
     "1",
 ]
@@ -643,7 +638,7 @@ def test_multinode_c10d_two_agents_train_and_agree(tmp_path):
     phases = _phases(str(tmp_path / "ckpt_dp"))
     phases_path = tmp_path / "phases.json"
     phases_path.write_text(json.dumps(phases))
-    worker = str(WORKERS / "trainer_multinode_worker.py")
+    worker = str(WORKERS / "trainer_phases_worker.py")
     procs = [
         subprocess.Popen(
             [

@@ -1,17 +1,20 @@
-"""torchrun worker for tests/distributed/test_trainer_pipeline.py: the embedded trainer under
-pipeline stages.
+"""torchrun worker: the embedded trainer's phases, one after another in one launch.
 
-``PHASES.json`` maps a phase name to a full trainer command line (``--pipeline-model-parallel-size
-2``, with or without virtual stages and recompute); the phases run one after another in this launch
-(one launch: ~15 s of megatron-core import). After each phase every rank writes
-``OUT/{phase}_rank{R}.pt``: its losses, its routing statistics (rank 0) and its stage's parameters
-under the whole model's names (layers by their global number), so the test can put the stages
-together and compare them with a one-process, one-stage reference run.
+``PHASES.json`` maps a phase name to a full trainer command line; the phases run one after another
+in this launch (one launch: ~15 s of megatron-core import). After each phase every rank writes
+``OUT/{phase}_rank{R}.pt``: its losses, its routing statistics (rank 0), its expert- and
+pipeline-parallel ranks and its parameters under the whole model's names (layers by their global
+number), so a test can put the ranks together and compare them with a one-process reference run.
+Used by tests/distributed/test_trainer_pipeline.py (one torchrun, 2 ranks) and
+tests/unit/train/test_trainer.py::test_multinode_c10d_two_agents_train_and_agree (two torchrun
+agents of one process each, joined through the c10d rendezvous on 127.0.0.1):
 
-    torchrun --nproc-per-node 2 tests/support/workers/trainer_pipeline_worker.py OUT PHASES.json
+    torchrun --nproc-per-node 2 tests/support/workers/trainer_phases_worker.py OUT PHASES.json
+    torchrun --nnodes 2 --node-rank N --nproc-per-node 1 --rdzv-backend c10d \
+        --rdzv-endpoint HOST:PORT tests/support/workers/trainer_phases_worker.py OUT PHASES.json
 
-Nothing of the trainer is replaced: it runs Megatron's own schedules on CPU through
-``megatron_dpsl.train.cpu_platform``, as a user's ``torchrun -m megatron_dpsl.train.trainer`` does.
+Nothing of the trainer is replaced: it runs as a user's ``torchrun -m megatron_dpsl.train.trainer``
+does (on CPU through ``megatron_dpsl.train.cpu_platform``).
 """
 
 import json
@@ -57,6 +60,8 @@ if __name__ == "__main__":
             torch.save(
                 {
                     "rank": dist.get_rank(),
+                    "world_size": dist.get_world_size(),
+                    "ep_rank": parallel_state.get_expert_model_parallel_rank(),
                     "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
                     "num_chunks": len(result.model_chunks),
                     "train_losses": result.train_losses,
